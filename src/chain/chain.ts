@@ -1,0 +1,185 @@
+/**
+ * The generic chain I/O loop. A chain is a list of layers, top (depth 0) first. Reads take each
+ * byte from the first layer from the top that holds it: data is read from that layer, a zero
+ * layer stops the search with zeros, and bytes no layer holds read as zero. Block status reports
+ * the same resolution as runs with the depth of the holding layer (what `map` and every job use).
+ *
+ * Cost per request does not grow with depth for cached mappings: the resolution of the backing
+ * part (depth ≥ 1, read-only while the chain is open) is cached per chunk, so a read consults
+ * the top layer and one cached run list, whatever the depth.
+ */
+import type { BackingReader, BlockDriver, Extent, ExtentKind, WriteZeroesOptions } from '../image/driver.js';
+import { Lru } from '../util/lru.js';
+
+export interface Layer {
+  driver: BlockDriver;
+  /** The file name as opened (the overlay-relative join, as QEMU shows it). */
+  filename: string;
+}
+
+/** A run of guest bytes, resolved through the chain. */
+export interface ChainExtent {
+  offset: number;
+  length: number;
+  kind: ExtentKind;
+  /** Depth of the layer that answered (the bottom for bytes no layer holds). */
+  depth: number;
+  hostOffset?: number;
+  compressed?: boolean;
+}
+
+const CHUNK = 4 * 1024 * 1024;
+
+export class Chain {
+  private readonly backingCache = new Lru<number, ChainExtent[]>(4096);
+  /** The backing resolution may be cached while the layers below the top are not written. */
+  cacheBacking = true;
+
+  constructor(readonly layers: Layer[]) {
+    // Each layer reads the layers below it through this chain (for copy-on-write).
+    for (let d = 0; d < layers.length; d++) {
+      layers[d].driver.backing = d + 1 < layers.length ? this.readerFrom(d + 1) : null;
+    }
+  }
+
+  get top(): BlockDriver { return this.layers[0].driver; }
+  get size(): number { return this.top.size; }
+  get depth(): number { return this.layers.length; }
+
+  /** A reader for the guest view of layers [depth..]. */
+  readerFrom(depth: number): BackingReader {
+    const layer = this.layers[depth].driver;
+    return {
+      get size() { return layer.size; },
+      read: (buf, offset) => this.readFrom(depth, buf, offset),
+    };
+  }
+
+  /** Block status resolved from `depth` down, covering [offset, offset+length) within that layer's size. */
+  async statusFrom(depth: number, offset: number, length: number): Promise<ChainExtent[]> {
+    if (depth >= 1 && this.cacheBacking) return this.cachedStatus(depth, offset, length);
+    return this.resolve(depth, offset, length);
+  }
+
+  private async resolve(depth: number, offset: number, length: number): Promise<ChainExtent[]> {
+    const out: ChainExtent[] = [];
+    const layer = this.layers[depth].driver;
+    const end = Math.min(offset + length, layer.size);
+    if (end <= offset) return out;
+    const exts = await layer.blockStatus(offset, end - offset);
+    for (const e of exts) {
+      if (e.kind !== 'unallocated' || depth + 1 >= this.layers.length) {
+        push(out, { ...e, depth });
+        continue;
+      }
+      const below = this.layers[depth + 1].driver;
+      const inBacking = Math.max(0, Math.min(e.offset + e.length, below.size) - e.offset);
+      if (inBacking > 0) for (const x of await this.statusFrom(depth + 1, e.offset, inBacking)) push(out, x);
+      // Past the end of a shorter backing file the guest reads zeros.
+      if (inBacking < e.length) push(out, { offset: e.offset + inBacking, length: e.length - inBacking, kind: 'unallocated', depth: this.layers.length - 1 });
+    }
+    return out;
+  }
+
+  private async cachedStatus(depth: number, offset: number, length: number): Promise<ChainExtent[]> {
+    const out: ChainExtent[] = [];
+    const end = Math.min(offset + length, this.layers[depth].driver.size);
+    for (let c = Math.floor(offset / CHUNK); c * CHUNK < end; c++) {
+      const key = c * 1024 + depth; // depth < 1024 (chain depth limit)
+      let runs = this.backingCache.get(key);
+      if (!runs) {
+        runs = await this.resolve(depth, c * CHUNK, CHUNK);
+        this.backingCache.set(key, runs);
+      }
+      const a = Math.max(offset, c * CHUNK), b = Math.min(end, (c + 1) * CHUNK);
+      // Binary search the first run that ends after a.
+      let lo = 0, hi = runs.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (runs[mid].offset + runs[mid].length <= a) lo = mid + 1;
+        else hi = mid;
+      }
+      for (let i = lo; i < runs.length && runs[i].offset < b; i++) {
+        const r = runs[i];
+        const s = Math.max(a, r.offset), e = Math.min(b, r.offset + r.length);
+        push(out, { ...r, offset: s, length: e - s, ...(r.hostOffset !== undefined ? { hostOffset: r.hostOffset + (s - r.offset) } : {}) });
+      }
+    }
+    return out;
+  }
+
+  /** Drop cached backing resolutions (call after anything below the top changes). */
+  invalidate(): void {
+    this.backingCache.clear();
+  }
+
+  /** Guest-visible block status of the whole chain. */
+  blockStatus(offset: number, length: number): Promise<ChainExtent[]> {
+    return this.statusFrom(0, offset, length);
+  }
+
+  /** Read the guest view of layers [depth..] into buf. */
+  async readFrom(depth: number, buf: Buffer, offset: number): Promise<void> {
+    const exts = await this.statusFrom(depth, offset, buf.length);
+    let covered = 0;
+    const ios: Promise<void>[] = [];
+    for (const x of exts) {
+      const dst = buf.subarray(x.offset - offset, x.offset - offset + x.length);
+      covered = Math.max(covered, x.offset - offset + x.length);
+      if (x.kind !== 'data') dst.fill(0);
+      else ios.push(readExtent(this.layers[x.depth].driver, dst, x));
+    }
+    if (covered < buf.length) buf.fill(0, covered);
+    await Promise.all(ios);
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.readFrom(0, buf, offset);
+  }
+
+  write(buf: Buffer, offset: number): Promise<void> {
+    return this.top.write(buf, offset);
+  }
+
+  writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void> {
+    return this.top.writeZeroes(offset, length, opts);
+  }
+
+  discard(offset: number, length: number): Promise<void> {
+    return this.top.discard(offset, length);
+  }
+
+  flush(): Promise<void> {
+    return this.top.flush();
+  }
+
+  /** Close every layer (top first). */
+  async close(): Promise<void> {
+    let err: unknown = null;
+    for (const l of this.layers) {
+      try {
+        await l.driver.close();
+      } catch (e) {
+        err ??= e;
+      }
+    }
+    if (err) throw err;
+  }
+}
+
+function push(out: ChainExtent[], x: ChainExtent): void {
+  if (x.length <= 0) return;
+  const last = out[out.length - 1];
+  if (last && last.kind === x.kind && last.depth === x.depth && !!last.compressed === !!x.compressed &&
+    last.offset + last.length === x.offset &&
+    ((last.hostOffset === undefined && x.hostOffset === undefined) ||
+      (last.hostOffset !== undefined && x.hostOffset !== undefined && last.hostOffset + last.length === x.hostOffset))) {
+    last.length += x.length;
+  } else out.push(x);
+}
+
+/** Read one resolved data extent from its layer. */
+function readExtent(d: BlockDriver, dst: Buffer, x: Extent): Promise<void> {
+  if (!x.compressed && x.hostOffset !== undefined) return d.storage.read(dst, x.hostOffset);
+  return d.readOwn(dst, x.offset);
+}

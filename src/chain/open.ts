@@ -1,0 +1,132 @@
+/**
+ * Opening images and their backing chains by file name, with QEMU's rules: the backing format
+ * comes from the header (probed only when the header has none, and then only for reading),
+ * relative names resolve against the overlay's directory, loops and excessive depth are refused,
+ * and an optional gate refuses implicit opens outside allowed directories.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { FileStorage } from '../storage/file.js';
+import type { Storage } from '../storage/storage.js';
+import { StorageError } from '../storage/storage.js';
+import type { BlockDriver } from '../image/driver.js';
+import { ImageError } from '../image/errors.js';
+import { Qcow2Image } from '../qcow2/image.js';
+import { RawImage } from '../raw/raw.js';
+import { MAX_CHAIN_DEPTH } from '../qcow2/constants.js';
+import { Chain, type Layer } from './chain.js';
+import { combinePath, plainBackingName } from './resolve.js';
+
+export type ImageFormat = 'qcow2' | 'raw';
+
+export interface OpenOptions {
+  /** Format of the named image; probed when absent. */
+  format?: ImageFormat;
+  /** Open the named image read-only (backing files are always read-only). */
+  readOnly?: boolean;
+  /** Open only the named image, not its backing chain. */
+  noBacking?: boolean;
+  /** Maximum number of images in the chain. */
+  maxDepth?: number;
+  /** Gate for backing files: return false to refuse opening `resolvedPath`. */
+  allowBacking?: (resolvedPath: string) => boolean;
+  /** Diagnostic lines (corruption notices, repairs). */
+  log?: (line: string) => void;
+  /** Do not repair a dirty image on read-write open (check does its own). */
+  noRepair?: boolean;
+}
+
+export const FORMATS: readonly ImageFormat[] = ['qcow2', 'raw'];
+
+export function isFormat(s: string): s is ImageFormat {
+  return (FORMATS as readonly string[]).includes(s);
+}
+
+/** Guess the format from the first bytes, as QEMU's probe does for the formats we know. */
+export async function probeFormat(storage: Storage): Promise<ImageFormat> {
+  const head = Buffer.alloc(512);
+  await storage.read(head, 0);
+  return Qcow2Image.probe(head) ? 'qcow2' : 'raw';
+}
+
+async function openStorage(file: string, readOnly: boolean): Promise<FileStorage> {
+  try {
+    return await FileStorage.open(file, { readOnly });
+  } catch (e) {
+    if (e instanceof StorageError) throw new ImageError(`Could not open '${file}': ${e.message}`, e.code);
+    throw e;
+  }
+}
+
+/** Open one image file with a known or probed format. Errors read "Could not open 'F': reason". */
+export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
+  const storage = await openStorage(file, !!opts.readOnly);
+  try {
+    const fmt = opts.format ?? (await probeFormat(storage));
+    const driver = fmt === 'qcow2'
+      ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair })
+      : await RawImage.open(storage, { readOnly: opts.readOnly });
+    return { driver, probed: !opts.format };
+  } catch (e) {
+    await storage.close().catch(() => {});
+    if (e instanceof ImageError && !e.message.startsWith('Could not open')) {
+      throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
+    }
+    throw e;
+  }
+}
+
+function identity(file: string): string {
+  try {
+    const st = fs.statSync(file);
+    return `${st.dev}:${st.ino}`;
+  } catch {
+    return path.resolve(file);
+  }
+}
+
+/** Open `file` and (unless noBacking) its whole backing chain. */
+export async function openChain(file: string, opts: OpenOptions = {}): Promise<Chain> {
+  const maxDepth = opts.maxDepth ?? MAX_CHAIN_DEPTH;
+  const layers: Layer[] = [];
+  const seen = new Set<string>();
+  try {
+    const top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair });
+    layers.push({ driver: top.driver, filename: file });
+    seen.add(identity(file));
+    let cur = layers[0];
+    let prefix = '';
+    while (!opts.noBacking && cur.driver.backingFile) {
+      const stored = cur.driver.backingFile;
+      const name = combinePath(cur.filename, plainBackingName(stored));
+      prefix += 'Could not open backing file: ';
+      if (layers.length >= maxDepth) throw new ImageError(`Backing chain of '${file}' is deeper than ${maxDepth} images`);
+      const id = identity(name);
+      if (seen.has(id)) throw new ImageError(`Backing file '${stored}' creates an infinite loop.`, 'ELOOP');
+      if (opts.allowBacking && !opts.allowBacking(path.resolve(name))) {
+        throw new ImageError(`Could not open '${file}': ${prefix}Refusing to open '${name}': outside the allowed directories`, 'EACCES');
+      }
+      seen.add(id);
+      const fmtName = cur.driver.backingFormat;
+      let format: ImageFormat | undefined;
+      if (fmtName) {
+        if (!isFormat(fmtName)) throw new ImageError(`Could not open '${file}': ${prefix}Unknown driver '${fmtName}'`);
+        format = fmtName;
+      }
+      let opened;
+      try {
+        opened = await openImage(name, { format, readOnly: true, log: opts.log });
+      } catch (e) {
+        if (e instanceof ImageError) throw new ImageError(`Could not open '${file}': ${prefix}${e.message}`, e.errno);
+        throw e;
+      }
+      const layer = { driver: opened.driver, filename: name };
+      layers.push(layer);
+      cur = layer;
+    }
+  } catch (e) {
+    for (const l of layers) await l.driver.close().catch(() => {});
+    throw e;
+  }
+  return new Chain(layers);
+}

@@ -1,0 +1,55 @@
+/**
+ * The format-driver contract: a driver answers "where does this guest offset live" for its own
+ * layer (block status), reads and writes its own data, and allocates. Backing chains are composed
+ * above drivers (src/chain), which hand each driver a reader for the layers below it for COW.
+ */
+import type { Storage } from '../storage/storage.js';
+
+export type ExtentKind = 'data' | 'zero' | 'unallocated';
+
+/** A run of guest bytes with one status in one layer. */
+export interface Extent {
+  offset: number;
+  length: number;
+  kind: ExtentKind;
+  /** Host offset in the layer's file for data (and preallocated zero) extents, when it is a plain mapping. */
+  hostOffset?: number;
+  /** Data stored compressed (no plain host offset). */
+  compressed?: boolean;
+}
+
+/** Reads the guest view of everything below a layer (used for copy-on-write). */
+export interface BackingReader {
+  readonly size: number;
+  read(buf: Buffer, offset: number): Promise<void>;
+}
+
+export interface WriteZeroesOptions {
+  /** Deallocate where possible (qemu-io `write -z -u`). */
+  mayUnmap?: boolean;
+}
+
+export interface BlockDriver {
+  readonly format: 'qcow2' | 'raw';
+  readonly storage: Storage;
+  readonly readOnly: boolean;
+  /** Guest-visible size in bytes. */
+  readonly size: number;
+  /** Allocation granularity (qcow2 cluster size, or subcluster size with extended L2; 512 for raw). */
+  readonly granularity: number;
+  /** Backing file name as stored in the image, and its format. */
+  readonly backingFile: string | null;
+  readonly backingFormat: string | null;
+  /** The reader for the layers below, attached by the chain (null = reads beyond this layer are zero). */
+  backing: BackingReader | null;
+
+  /** Status of this layer only, covering [offset, offset+length) with maximal runs (may stop early at a bound). */
+  blockStatus(offset: number, length: number): Promise<Extent[]>;
+  /** Reads guest data of this layer for a range whose extents are 'data' or 'zero' (unallocated reads as zero). */
+  readOwn(buf: Buffer, offset: number): Promise<void>;
+  write(buf: Buffer, offset: number): Promise<void>;
+  writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void>;
+  discard(offset: number, length: number): Promise<void>;
+  flush(): Promise<void>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,292 @@
+/**
+ * Consistency check and refcount repair. References are counted from every structure that uses a
+ * cluster (header, L1/L2 tables and data of the active state and of each snapshot, snapshot table,
+ * refcount table and blocks) and compared with the stored refcounts, as `qemu-img check` does.
+ */
+import type { Qcow2Image } from './image.js';
+import { ClusterType, readL1, readL2 } from './entry.js';
+import { TWO32, AUTOCLEAR_BITMAPS } from './constants.js';
+
+export interface CheckResult {
+  corruptions: number;
+  leaks: number;
+  checkErrors: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  totalClusters: number;
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+  imageEndOffset: number;
+  /** Set when refcounts cannot be fixed in place (a referenced cluster has no refcount). */
+  needsRebuild: boolean;
+}
+
+export type FixMode = { leaks: boolean; errors: boolean };
+
+/** Counted references per host cluster, bounded by the file size (past-EOF references are errors). */
+class RefMap {
+  readonly counts: Uint32Array;
+  constructor(readonly nbClusters: number, private readonly cs: number, private readonly report: (l: string) => void, private readonly res: CheckResult) {
+    this.counts = new Uint32Array(nbClusters);
+  }
+  inc(offset: number, size: number): void {
+    if (size <= 0) return;
+    const first = Math.floor(offset / this.cs), last = Math.floor((offset + size - 1) / this.cs);
+    for (let c = first; c <= last; c++) {
+      if (c >= this.nbClusters) {
+        this.report(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${(c * this.cs).toString(16)} size 0x${this.cs.toString(16)}`);
+        this.res.corruptions++;
+        continue;
+      }
+      this.counts[c]++;
+    }
+  }
+}
+
+const hex16 = (hi: number, lo: number): string => (hi * TWO32 + lo).toString(16).padStart(16, '0');
+
+async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset: number, l1Size: number, active: boolean, report: (l: string) => void): Promise<void> {
+  const cs = img.clusterSize;
+  refs.inc(l1Offset, l1Size * 8);
+  const l1 = active ? img.l1 : await img.readL1Table(l1Offset, l1Size);
+  let nextContiguous = 0;
+  for (let i = 0; i < l1Size; i++) {
+    const { offset: l2Off } = readL1(l1, i);
+    if (!l2Off) continue;
+    if (l2Off % cs !== 0) {
+      report(`ERROR l2_offset=${l2Off.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
+      res.corruptions++;
+      continue;
+    }
+    refs.inc(l2Off, cs);
+    if (l2Off >= refs.nbClusters * cs) continue;
+    const t = await img.readTable(l2Off);
+    for (let j = 0; j < img.l2Entries; j++) {
+      const e = readL2(t, j, img.geo);
+      if (e.type === ClusterType.Compressed) {
+        refs.inc(e.cOffset & ~511, e.cLength + (e.cOffset & 511));
+        if (active) {
+          res.allocatedClusters++;
+          res.compressedClusters++;
+          res.fragmentedClusters++;
+        }
+      } else if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
+        if (e.host % cs !== 0) {
+          report(`ERROR offset=${e.host.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+          res.corruptions++;
+          continue;
+        }
+        if (active) {
+          res.allocatedClusters++;
+          if (nextContiguous && e.host !== nextContiguous) res.fragmentedClusters++;
+          nextContiguous = e.host + cs;
+        }
+        refs.inc(e.host, cs);
+      }
+    }
+  }
+}
+
+/** Walk all metadata and count references. */
+async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) => void): Promise<RefMap> {
+  const cs = img.clusterSize;
+  const fileSize = await img.storage.size();
+  const refs = new RefMap(Math.ceil(fileSize / cs), cs, report, res);
+  refs.inc(0, cs);
+  await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report);
+  for (const sn of img.snapshots) await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report);
+  if (img.header.nbSnapshots) {
+    const { serializeSnapshotTable } = await import('./snapshot-table.js');
+    refs.inc(img.header.snapshotsOffset, serializeSnapshotTable(img.snapshots).length);
+  }
+  if ((img.header.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n && img.header.bitmapsExt) {
+    await countBitmaps(img, refs);
+  }
+  const rc = img.refcounts;
+  refs.inc(rc.tableOffset, rc.tableClusters * cs);
+  rc.table.forEach((bo, i) => {
+    if (bo === 0) return;
+    if (bo < 0 || bo % cs !== 0) {
+      report(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+      res.corruptions++;
+      return;
+    }
+    if (bo / cs >= refs.nbClusters) {
+      report(`ERROR refcount block ${i} is outside image`);
+      res.corruptions++;
+      return;
+    }
+    refs.inc(bo, cs);
+  });
+  return refs;
+}
+
+/** Persistent bitmaps: directory, tables and data clusters are referenced. */
+async function countBitmaps(img: Qcow2Image, refs: RefMap): Promise<void> {
+  const ext = img.header.bitmapsExt as Buffer;
+  const dirSize = ext.readUInt32BE(8) * TWO32 + ext.readUInt32BE(12);
+  const dirOff = ext.readUInt32BE(16) * TWO32 + ext.readUInt32BE(20);
+  const nb = ext.readUInt32BE(0);
+  if (dirSize > 1024 * 65535) return;
+  refs.inc(dirOff, dirSize);
+  const dir = Buffer.alloc(dirSize);
+  await img.storage.read(dir, dirOff);
+  let off = 0;
+  for (let i = 0; i < nb && off + 24 <= dir.length; i++) {
+    const tOff = dir.readUInt32BE(off) * TWO32 + dir.readUInt32BE(off + 4);
+    const tSize = dir.readUInt32BE(off + 8);
+    const nameSize = dir.readUInt16BE(off + 18), extra = dir.readUInt32BE(off + 20);
+    if (tSize <= 0x8000000) {
+      refs.inc(tOff, tSize * 8);
+      const t = Buffer.alloc(tSize * 8);
+      await img.storage.read(t, tOff);
+      for (let k = 0; k < tSize; k++) {
+        const d = (t.readUInt32BE(k * 8) & 0x00ffffff) * TWO32 + (t.readUInt32BE(k * 8 + 4) & 0xfffffe00);
+        if (d) refs.inc(d, img.clusterSize);
+      }
+    }
+    off = Math.ceil((off + 24 + extra + nameSize) / 8) * 8;
+  }
+}
+
+/** COPIED flags of the active tables must say "refcount is exactly one". */
+async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string) => void): Promise<void> {
+  const cs = img.clusterSize;
+  const fileClusters = Math.ceil((await img.storage.size()) / cs);
+  for (let i = 0; i < img.header.l1Size; i++) {
+    const hi = img.l1.readUInt32BE(i * 8), lo = img.l1.readUInt32BE(i * 8 + 4);
+    const { offset: l2Off, copied } = readL1(img.l1, i);
+    if (!l2Off || l2Off % cs) continue;
+    const rc = await img.refcounts.get(l2Off / cs);
+    if ((rc === 1) !== copied) {
+      report(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${(hi * TWO32 + lo).toString(16)} refcount=${rc}`);
+      res.corruptions++;
+    }
+    if (l2Off / cs >= fileClusters) continue;
+    const t = await img.readTable(l2Off);
+    for (let j = 0; j < img.l2Entries; j++) {
+      const e = readL2(t, j, img.geo);
+      if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && e.host % cs === 0) {
+        const r = await img.refcounts.get(e.host / cs);
+        if ((r === 1) !== e.copied) {
+          report(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex16(e.hi, e.lo)} refcount=${r}`);
+          res.corruptions++;
+        }
+      }
+    }
+  }
+}
+
+/**
+ * Check the image. With `fix`, leaks (and with errors=true, wrong refcounts) are repaired: in place
+ * when every referenced cluster has a refcount block, otherwise by rebuilding the structure.
+ */
+export async function checkImage(img: Qcow2Image, report: (l: string) => void, fix: FixMode = { leaks: false, errors: false }): Promise<CheckResult> {
+  const res: CheckResult = {
+    corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0,
+    totalClusters: Math.ceil(img.size / img.clusterSize), allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0,
+    imageEndOffset: 0, needsRebuild: false,
+  };
+  const refs = await collect(img, res, report);
+  let highest = -1;
+  const cs = img.clusterSize;
+  const fixes: Array<[number, number]> = [];
+  for (let c = 0; c < refs.nbClusters; c++) {
+    const stored = await img.refcounts.get(c).catch(() => -1);
+    const counted = refs.counts[c];
+    if (stored > 0 || counted > 0) highest = c;
+    if (stored === counted) continue;
+    let fixed = false;
+    if (stored <= 0 && counted > 0) res.needsRebuild = true;
+    else if (stored > counted && fix.leaks) fixed = true;
+    else if (stored < counted && fix.errors) fixed = true;
+    report(`${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${Math.max(0, stored)} reference=${counted}`);
+    if (fixed) {
+      fixes.push([c, counted]);
+      if (stored > counted) res.leaksFixed++;
+      else res.corruptionsFixed++;
+    } else if (stored < counted) res.corruptions++;
+    else res.leaks++;
+  }
+  res.imageEndOffset = (highest + 1) * cs;
+  if (fixes.length && !img.readOnly) {
+    await img.meta.run(async () => {
+      for (const [c, v] of fixes) await img.refcounts.set(c, v);
+    });
+  }
+  if (res.needsRebuild && fix.errors && !img.readOnly) {
+    report('Rebuilding refcount structure');
+    await rebuildRefcounts(img, refs);
+    res.corruptionsFixed += res.corruptions;
+    res.corruptions = 0;
+    res.needsRebuild = false;
+  }
+  await checkCopied(img, res, report);
+  return res;
+}
+
+/**
+ * Write a fresh refcount structure (blocks + table) past the end of the file from the counted
+ * references, then switch the header to it. The old structure becomes unreferenced (free).
+ */
+export async function rebuildRefcounts(img: Qcow2Image, refs: RefMap): Promise<void> {
+  const cs = img.clusterSize;
+  const rc = img.refcounts;
+  const perBlock = rc.perBlock;
+  // Old refcount blocks and table are not part of the new structure.
+  const counts = Uint32Array.from(refs.counts);
+  const drop = (off: number, n: number): void => {
+    for (let k = 0; k < n; k++) {
+      const c = off / cs + k;
+      if (c < counts.length && counts[c] > 0) counts[c]--;
+    }
+  };
+  drop(rc.tableOffset, rc.tableClusters);
+  for (const bo of rc.table) if (bo > 0 && bo % cs === 0) drop(bo, 1);
+  let used = counts.length;
+  while (used > 0 && counts[used - 1] === 0) used--;
+  const start = Math.max(used, refs.nbClusters); // never overwrite the old structure
+  let blocks = 0, tableClusters = 0;
+  for (;;) {
+    const total = start + blocks + tableClusters;
+    const nb = Math.ceil(total / perBlock);
+    const tc = Math.ceil((nb * 8) / cs);
+    if (nb === blocks && tc === tableClusters) break;
+    blocks = nb;
+    tableClusters = tc;
+  }
+  const total = start + blocks + tableClusters;
+  const all = new Uint32Array(total);
+  all.set(counts.subarray(0, start));
+  for (let c = start; c < total; c++) all[c] = 1;
+  const table = Buffer.alloc(tableClusters * cs);
+  const { Refcounts } = await import('./refcount.js');
+  const writer = new Refcounts(img.storage, { clusterBits: img.clusterBits, refcountOrder: img.header.refcountOrder }, 0, 0, []);
+  for (let b = 0; b < blocks; b++) {
+    const buf = Buffer.alloc(cs);
+    for (let k = 0; k < perBlock; k++) {
+      const c = b * perBlock + k;
+      if (c >= total) break;
+      if (all[c]) writer.encodeInto(buf, k, all[c]);
+    }
+    const at = (start + b) * cs;
+    await img.storage.write(buf, at);
+    table.writeUInt32BE(Math.floor(at / TWO32), b * 8);
+    table.writeUInt32BE(at >>> 0, b * 8 + 4);
+  }
+  const tableOff = (start + blocks) * cs;
+  await img.storage.write(table, tableOff);
+  const entries: number[] = [];
+  for (let b = 0; b < (tableClusters * cs) / 8; b++) entries.push(b < blocks ? (start + b) * cs : 0);
+  rc.table = entries;
+  rc.tableOffset = tableOff;
+  rc.tableClusters = tableClusters;
+  rc.dropCache();
+  await rc.onTableMoved(tableOff, tableClusters);
+}
+
+/** Repair on read-write open of a dirty (lazy refcounts) image, as QEMU does automatically. */
+export async function repairRefcounts(img: Qcow2Image, log: (l: string) => void): Promise<void> {
+  await checkImage(img, log, { leaks: true, errors: true });
+}

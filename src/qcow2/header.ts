@@ -1,0 +1,277 @@
+/**
+ * qcow2 header and header extensions: parsing with QEMU's validation (same limits, same messages)
+ * and serialisation in the order QEMU 7.2 writes them, so a rewritten header is byte-identical.
+ */
+import * as C from './constants.js';
+import { ImageError } from '../image/errors.js';
+
+export interface HeaderExtension {
+  type: number;
+  data: Buffer;
+}
+
+export interface Qcow2Header {
+  version: 2 | 3;
+  backingFileOffset: number;
+  backingFileSize: number;
+  clusterBits: number;
+  size: number;
+  cryptMethod: number;
+  l1Size: number;
+  l1TableOffset: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  nbSnapshots: number;
+  snapshotsOffset: number;
+  /** Feature masks; only the low 32 bits carry defined features, the high words are kept for refusal/preservation. */
+  incompatible: bigint;
+  compatible: bigint;
+  autoclear: bigint;
+  refcountOrder: number;
+  headerLength: number;
+  compressionType: number;
+  /** Bytes of the header beyond the fields we know (header_length > 112), preserved on rewrite. */
+  unknownFields: Buffer;
+  backingFile: string | null;
+  backingFormat: string | null;
+  /** Bitmaps extension payload, kept byte for byte. */
+  bitmapsExt: Buffer | null;
+  /** External data file name (refused on open, kept for messages). */
+  dataFile: string | null;
+  /** Extensions we do not interpret, preserved in order. */
+  unknownExtensions: HeaderExtension[];
+  /** The feature name table found in the file (names for unknown bits). */
+  featureNames: Array<{ type: number; bit: number; name: string }>;
+}
+
+const u64 = (b: Buffer, o: number): bigint => b.readBigUInt64BE(o);
+/** Reads a u64 that must be a safe JS number; values above 2^53 are reported as `tooBig`. */
+function safe(v: bigint, what: string): number {
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new ImageError(`${what} invalid`);
+  return Number(v);
+}
+
+/** Parse and validate the header found in the first cluster (`buf` holds at least 2 MiB or the whole file). */
+export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
+  if (buf.length < C.V2_HEADER_LENGTH || buf.readUInt32BE(0) !== C.QCOW2_MAGIC) {
+    throw new ImageError('Image is not in qcow2 format');
+  }
+  const version = buf.readUInt32BE(4);
+  if (version !== 2 && version !== 3) throw new ImageError(`Unsupported qcow2 version ${version}`);
+  const clusterBits = buf.readUInt32BE(20);
+  if (clusterBits < C.MIN_CLUSTER_BITS || clusterBits > C.MAX_CLUSTER_BITS) {
+    throw new ImageError(`Unsupported cluster size: 2^${clusterBits}`);
+  }
+  const clusterSize = 2 ** clusterBits;
+  let incompatible = 0n, compatible = 0n, autoclear = 0n, refcountOrder = 4, headerLength = C.V2_HEADER_LENGTH;
+  let compressionType = 0;
+  let unknownFields = Buffer.alloc(0);
+  if (version === 3) {
+    incompatible = u64(buf, 72);
+    compatible = u64(buf, 80);
+    autoclear = u64(buf, 88);
+    refcountOrder = buf.readUInt32BE(96);
+    headerLength = buf.readUInt32BE(100);
+    if (headerLength < C.V3_MIN_HEADER_LENGTH) throw new ImageError('qcow2 header too short');
+    if (headerLength > clusterSize) throw new ImageError('qcow2 header exceeds cluster size');
+    if (headerLength > 104) compressionType = buf[104];
+    if (headerLength > C.V3_HEADER_LENGTH) unknownFields = Buffer.from(buf.subarray(C.V3_HEADER_LENGTH, headerLength));
+  }
+  const backingFileOffsetBig = u64(buf, 8);
+  if (backingFileOffsetBig > BigInt(clusterSize)) throw new ImageError('Invalid backing file offset');
+  const backingFileOffset = Number(backingFileOffsetBig);
+  const backingFileSize = buf.readUInt32BE(16);
+
+  const h: Qcow2Header = {
+    version, backingFileOffset, backingFileSize, clusterBits,
+    size: 0, cryptMethod: buf.readUInt32BE(32), l1Size: buf.readUInt32BE(36),
+    l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: buf.readUInt32BE(56),
+    nbSnapshots: buf.readUInt32BE(60), snapshotsOffset: 0,
+    incompatible, compatible, autoclear, refcountOrder, headerLength, compressionType, unknownFields,
+    backingFile: null, backingFormat: null, bitmapsExt: null, dataFile: null, unknownExtensions: [], featureNames: [],
+  };
+
+  readExtensions(buf, h, clusterSize);
+
+  const unknownIncompat = incompatible & ~BigInt(C.INCOMPAT_MASK);
+  if (unknownIncompat !== 0n) {
+    const names: string[] = [];
+    let rest = unknownIncompat;
+    for (const f of h.featureNames) {
+      if (f.type === 0 && f.bit >= 5 && (unknownIncompat >> BigInt(f.bit)) & 1n) {
+        names.push(f.name);
+        rest &= ~(1n << BigInt(f.bit));
+      }
+    }
+    if (rest !== 0n) names.push(`Unknown incompatible feature: ${rest.toString(16)}`);
+    throw new ImageError(`Unsupported qcow2 feature(s): ${names.join(', ')}`);
+  }
+  if (refcountOrder > 6) throw new ImageError('Reference count entry width too large; may not exceed 64 bits');
+  if (h.cryptMethod > 2) throw new ImageError(`Unsupported encryption method ${h.cryptMethod}`);
+  if ((Number(incompatible) & C.INCOMPAT_COMPRESSION) !== 0) {
+    if (compressionType === 0) throw new ImageError('qcow2: Compression type incompatible feature bit must not be set');
+  } else if (compressionType !== 0) {
+    throw new ImageError('qcow2: Compression type incompatible feature bit must be set');
+  }
+  if (compressionType > 1) throw new ImageError(`qcow2: unknown compression type: ${compressionType}`);
+  if ((Number(incompatible) & C.INCOMPAT_EXTL2) !== 0 && clusterBits < 14) {
+    throw new ImageError('The cluster size must be at least 16 KiB when using extended L2 entries'.replace('16 KiB', '16384 bytes'));
+  }
+
+  // Virtual size and tables.
+  const sizeBig = u64(buf, 24);
+  const l2Bits = clusterBits - 3 - ((Number(incompatible) & C.INCOMPAT_EXTL2) ? 1 : 0);
+  const entriesPerL1 = 2 ** (clusterBits + l2Bits);
+  // L1 index of the last byte must fit an int (QEMU: "Image is too big").
+  if (sizeBig > BigInt(Number.MAX_SAFE_INTEGER) || Number(sizeBig) / entriesPerL1 > 0x7fffffff) {
+    throw new ImageError('Image is too big');
+  }
+  h.size = Number(sizeBig);
+
+  const rtOff = u64(buf, 48);
+  if (h.refcountTableClusters === 0) throw new ImageError('Image does not contain a reference count table');
+  if (h.refcountTableClusters * clusterSize > C.MAX_REFTABLE_SIZE) throw new ImageError('Reference count table too large');
+  if (rtOff % BigInt(clusterSize) !== 0n || rtOff + BigInt(h.refcountTableClusters * clusterSize) > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new ImageError('Reference count table offset invalid');
+  }
+  h.refcountTableOffset = Number(rtOff);
+
+  if (h.nbSnapshots > C.MAX_SNAPSHOTS) throw new ImageError('Snapshot table too large');
+  const snOff = u64(buf, 64);
+  if (snOff % BigInt(clusterSize) !== 0n || snOff > BigInt(Number.MAX_SAFE_INTEGER)) throw new ImageError('Snapshot table offset invalid');
+  h.snapshotsOffset = Number(snOff);
+
+  if (h.l1Size * 8 > C.MAX_L1_SIZE) throw new ImageError('Active L1 table too large');
+  const l1Off = u64(buf, 40);
+  if (l1Off % BigInt(clusterSize) !== 0n || l1Off + BigInt(h.l1Size * 8) > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new ImageError('Active L1 table offset invalid');
+  }
+  h.l1TableOffset = safe(l1Off, 'Active L1 table offset');
+  if (h.l1Size < Math.ceil(h.size / entriesPerL1)) throw new ImageError('L1 table is too small');
+
+  if (backingFileOffset !== 0) {
+    if (backingFileSize > C.MAX_BACKING_FILE_NAME || backingFileSize > clusterSize - backingFileOffset) {
+      throw new ImageError('Backing file name too long');
+    }
+    h.backingFile = buf.toString('utf8', backingFileOffset, backingFileOffset + backingFileSize);
+  }
+  void fileSize;
+  return h;
+}
+
+function readExtensions(buf: Buffer, h: Qcow2Header, clusterSize: number): void {
+  const end = h.backingFileOffset !== 0 ? h.backingFileOffset : clusterSize;
+  let off = h.headerLength;
+  const seen = new Set<number>();
+  while (off < end) {
+    if (off + 8 > end) throw new ImageError('qcow2_read_extension: ERROR: pread fail from offset ' + off);
+    const type = buf.readUInt32BE(off);
+    const len = buf.readUInt32BE(off + 4);
+    off += 8;
+    if (type === C.EXT_END) return;
+    if (len > end - off) throw new ImageError('Header extension too large');
+    const data = Buffer.from(buf.subarray(off, off + len));
+    off += Math.ceil(len / 8) * 8;
+    if (seen.has(type)) continue;
+    seen.add(type);
+    switch (type) {
+      case C.EXT_BACKING_FORMAT:
+        if (len >= 16) throw new ImageError(`ERROR: ext_backing_format: len=${len} too large (>=16)`);
+        h.backingFormat = data.toString('utf8');
+        break;
+      case C.EXT_FEATURE_TABLE:
+        for (let i = 0; i + 48 <= len; i += 48) {
+          const nameBytes = data.subarray(i + 2, i + 48);
+          const nul = nameBytes.indexOf(0);
+          h.featureNames.push({ type: data[i], bit: data[i + 1], name: nameBytes.toString('utf8', 0, nul < 0 ? 46 : nul) });
+        }
+        break;
+      case C.EXT_BITMAPS:
+        if (len !== 24) throw new ImageError('bitmaps_ext: Invalid extension length');
+        h.bitmapsExt = data;
+        break;
+      case C.EXT_DATA_FILE:
+        h.dataFile = data.toString('utf8');
+        break;
+      case C.EXT_CRYPTO:
+        if (h.cryptMethod !== 2) throw new ImageError('CRYPTO header extension only expected with LUKS encryption method');
+        h.unknownExtensions.push({ type, data });
+        break;
+      default:
+        h.unknownExtensions.push({ type, data });
+    }
+  }
+}
+
+function pushExt(parts: Buffer[], type: number, data: Buffer): void {
+  const head = Buffer.alloc(8);
+  head.writeUInt32BE(type >>> 0, 0);
+  head.writeUInt32BE(data.length, 4);
+  parts.push(head, data, Buffer.alloc((8 - (data.length % 8)) % 8));
+}
+
+/**
+ * Serialise the header into one full cluster, exactly as QEMU's qcow2_update_header lays it out:
+ * fields, extensions (backing format, data file, feature table, bitmaps, unknown), end marker, backing name.
+ * Updates h.headerLength / backingFileOffset / backingFileSize to what was written.
+ */
+export function serializeHeader(h: Qcow2Header): Buffer {
+  const clusterSize = 2 ** h.clusterBits;
+  const out = Buffer.alloc(clusterSize);
+  const headerLength = h.version === 3 ? C.V3_HEADER_LENGTH + h.unknownFields.length : C.V2_HEADER_LENGTH;
+  h.headerLength = headerLength;
+  const parts: Buffer[] = [];
+  for (const e of h.unknownExtensions) if (e.type === C.EXT_CRYPTO) pushExt(parts, e.type, e.data);
+  if (h.backingFormat) pushExt(parts, C.EXT_BACKING_FORMAT, Buffer.from(h.backingFormat, 'utf8'));
+  if (h.dataFile) pushExt(parts, C.EXT_DATA_FILE, Buffer.from(h.dataFile, 'utf8'));
+  if (h.version === 3) {
+    const ft = Buffer.alloc(48 * C.FEATURE_TABLE.length);
+    C.FEATURE_TABLE.forEach(([type, bit, name], i) => {
+      ft[i * 48] = type;
+      ft[i * 48 + 1] = bit;
+      ft.write(name, i * 48 + 2, 'utf8');
+    });
+    pushExt(parts, C.EXT_FEATURE_TABLE, ft);
+  }
+  if (h.bitmapsExt && (h.autoclear & BigInt(C.AUTOCLEAR_BITMAPS)) !== 0n) pushExt(parts, C.EXT_BITMAPS, h.bitmapsExt);
+  for (const e of h.unknownExtensions) if (e.type !== C.EXT_CRYPTO) pushExt(parts, e.type, e.data);
+  parts.push(Buffer.alloc(8)); // end marker
+  const exts = Buffer.concat(parts);
+  let off = headerLength;
+  if (off + exts.length > clusterSize) throw new ImageError('Header extensions do not fit in the first cluster');
+  exts.copy(out, off);
+  off += exts.length;
+  if (h.backingFile) {
+    const name = Buffer.from(h.backingFile, 'utf8');
+    if (off + name.length > clusterSize) throw new ImageError('Backing file name too long');
+    name.copy(out, off);
+    h.backingFileOffset = off;
+    h.backingFileSize = name.length;
+  } else {
+    h.backingFileOffset = 0;
+    h.backingFileSize = 0;
+  }
+  out.writeUInt32BE(C.QCOW2_MAGIC, 0);
+  out.writeUInt32BE(h.version, 4);
+  out.writeBigUInt64BE(BigInt(h.backingFileOffset), 8);
+  out.writeUInt32BE(h.backingFileSize, 16);
+  out.writeUInt32BE(h.clusterBits, 20);
+  out.writeBigUInt64BE(BigInt(h.size), 24);
+  out.writeUInt32BE(h.cryptMethod, 32);
+  out.writeUInt32BE(h.l1Size, 36);
+  out.writeBigUInt64BE(BigInt(h.l1TableOffset), 40);
+  out.writeBigUInt64BE(BigInt(h.refcountTableOffset), 48);
+  out.writeUInt32BE(h.refcountTableClusters, 56);
+  out.writeUInt32BE(h.nbSnapshots, 60);
+  out.writeBigUInt64BE(BigInt(h.snapshotsOffset), 64);
+  if (h.version === 3) {
+    out.writeBigUInt64BE(h.incompatible, 72);
+    out.writeBigUInt64BE(h.compatible, 80);
+    out.writeBigUInt64BE(h.autoclear, 88);
+    out.writeUInt32BE(h.refcountOrder, 96);
+    out.writeUInt32BE(headerLength, 100);
+    out[104] = h.compressionType;
+    h.unknownFields.copy(out, C.V3_HEADER_LENGTH);
+  }
+  return out;
+}

@@ -1,0 +1,794 @@
+/**
+ * The qcow2 format driver: opens and validates an image, maps guest offsets through L1/L2
+ * (standard and extended entries), reads (plain, zero, compressed), and writes with
+ * copy-on-write, allocation and refcounts in QEMU's crash-safe order:
+ *   data and COW → L2 entry → (old cluster's refcount drop);  new cluster's refcount → L2 entry;
+ *   new L2 table contents → L1 entry.
+ * Overlapping guest requests are serialised by a range lock; metadata changes by one mutex.
+ */
+import type { Storage } from '../storage/storage.js';
+import type { BackingReader, BlockDriver, Extent, WriteZeroesOptions } from '../image/driver.js';
+import { CorruptionError, ImageError } from '../image/errors.js';
+import { Mutex, RangeLock } from '../util/mutex.js';
+import * as C from './constants.js';
+import { parseHeader, serializeHeader, type Qcow2Header } from './header.js';
+import { Refcounts } from './refcount.js';
+import { L2Cache } from './l2-cache.js';
+import { ClusterType, readL1, readL2, writeL2, encodeU64, type EntryGeometry, type L2Entry } from './entry.js';
+import { parseSnapshotTable, snapshotTableLength, type Snapshot } from './snapshot-table.js';
+import { decompressCluster, type CompressionType } from './compress.js';
+
+export interface Qcow2OpenOptions {
+  readOnly?: boolean;
+  /** L2 cache capacity in bytes (default 32 MiB, as QEMU's default maximum). */
+  l2CacheBytes?: number;
+  /** Called with diagnostic lines (e.g. refcount repair on a dirty image). */
+  log?: (line: string) => void;
+  /** Skip the automatic refcount rebuild of a dirty image (used by `check`). */
+  noRepair?: boolean;
+}
+
+/** One planned cluster write inside a segment. */
+interface ClusterPlan {
+  index: number; // L2 index
+  guest: number; // guest offset of the cluster
+  old: L2Entry;
+  host: number; // target host cluster (filled after allocation when isNew)
+  isNew: boolean;
+  /** Byte range within the cluster to write (includes COW fill). */
+  wa: number;
+  wb: number;
+  /** Range covered by the guest data. */
+  da: number;
+  db: number;
+  allocBits: number;
+  zeroBits: number;
+}
+
+export class Qcow2Image implements BlockDriver {
+  readonly format = 'qcow2' as const;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly l2Entries: number;
+  readonly extL2: boolean;
+  readonly subclusterSize: number;
+  readonly geo: EntryGeometry;
+  backing: BackingReader | null = null;
+  l1: Buffer;
+  snapshots: Snapshot[] = [];
+  private readonly l2: L2Cache;
+  readonly meta = new Mutex();
+  private readonly ranges = new RangeLock();
+  private dirtySet = false;
+  private closed = false;
+  /** Last decompressed cluster (sequential reads of compressed data hit it repeatedly). */
+  private lastCompressed: { offset: number; data: Buffer } | null = null;
+
+  private constructor(
+    readonly storage: Storage,
+    readonly header: Qcow2Header,
+    readonly refcounts: Refcounts,
+    l1: Buffer,
+    readonly readOnly: boolean,
+    l2CacheBytes: number,
+    private readonly log: (line: string) => void,
+  ) {
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.extL2 = (Number(header.incompatible) & C.INCOMPAT_EXTL2) !== 0;
+    this.l2Entries = this.clusterSize / (this.extL2 ? 16 : 8);
+    this.subclusterSize = this.extL2 ? this.clusterSize / 32 : this.clusterSize;
+    this.geo = { clusterBits: this.clusterBits, extL2: this.extL2, zeroFlag: header.version >= 3 };
+    this.l1 = l1;
+    this.l2 = new L2Cache(storage, this.clusterSize, Math.max(16, Math.floor(l2CacheBytes / this.clusterSize)));
+    refcounts.onTableMoved = async (offset, clusters) => {
+      this.header.refcountTableOffset = offset;
+      this.header.refcountTableClusters = clusters;
+      const b = Buffer.alloc(12);
+      b.writeUInt32BE(Math.floor(offset / C.TWO32), 0);
+      b.writeUInt32BE(offset >>> 0, 4);
+      b.writeUInt32BE(clusters, 8);
+      await this.storage.write(b, 48);
+    };
+  }
+
+  get size(): number { return this.header.size; }
+  get granularity(): number { return this.subclusterSize; }
+  get backingFile(): string | null { return this.header.backingFile; }
+  get backingFormat(): string | null { return this.header.backingFormat; }
+  get version(): number { return this.header.version; }
+  get compressionType(): CompressionType { return this.header.compressionType as CompressionType; }
+  get l2Coverage(): number { return this.l2Entries * this.clusterSize; }
+  get dirty(): boolean { return (Number(this.header.incompatible) & C.INCOMPAT_DIRTY) !== 0; }
+  get corrupt(): boolean { return (Number(this.header.incompatible) & C.INCOMPAT_CORRUPT) !== 0; }
+  get lazyRefcounts(): boolean { return (Number(this.header.compatible) & C.COMPAT_LAZY_REFCOUNTS) !== 0; }
+
+  /** Check whether `buf` (the first bytes of a file) looks like qcow2. */
+  static probe(buf: Buffer): boolean {
+    return buf.length >= 8 && buf.readUInt32BE(0) === C.QCOW2_MAGIC;
+  }
+
+  static async open(storage: Storage, opts: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+    const readOnly = !!opts.readOnly || storage.readOnly;
+    const fileSize = await storage.size();
+    const first = Buffer.alloc(Math.min(2 * 1024 * 1024, Math.max(4096, fileSize)));
+    await storage.read(first, 0);
+    // Header fields first (bounded read), then the full first cluster for extensions.
+    const header = parseHeader(first, fileSize);
+    const cs = 2 ** header.clusterBits;
+    if ((Number(header.incompatible) & C.INCOMPAT_DATA_FILE) !== 0) {
+      throw new ImageError('External data files are not supported by qchain');
+    }
+    if (header.cryptMethod !== 0) throw new ImageError('Encrypted images are not supported by qchain');
+    if (!readOnly && (Number(header.incompatible) & C.INCOMPAT_CORRUPT) !== 0) {
+      throw new ImageError('qcow2: Image is corrupt; cannot be opened read/write');
+    }
+    const l1 = Buffer.alloc(header.l1Size * 8);
+    if (header.l1Size) await storage.read(l1, header.l1TableOffset);
+    const refcounts = await Refcounts.load(storage, { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder },
+      header.refcountTableOffset, header.refcountTableClusters);
+    const img = new Qcow2Image(storage, header, refcounts, l1, readOnly, opts.l2CacheBytes ?? 32 * 1024 * 1024, opts.log ?? (() => {}));
+    await img.loadSnapshots(cs);
+    if (!readOnly) await img.prepareForWriting(!!opts.noRepair);
+    return img;
+  }
+
+  private async loadSnapshots(cs: number): Promise<void> {
+    const n = this.header.nbSnapshots;
+    if (n === 0) return;
+    const fileSize = await this.storage.size();
+    if (this.header.snapshotsOffset >= fileSize) throw new ImageError('Snapshot table offset invalid');
+    // Read in growing steps, bounded by the file and QEMU's 64 MiB table limit.
+    let len = Math.min(n * 48 + 4096, fileSize - this.header.snapshotsOffset, C.MAX_SNAPSHOTS_SIZE);
+    for (;;) {
+      const buf = Buffer.alloc(len);
+      await this.storage.read(buf, this.header.snapshotsOffset);
+      const need = snapshotTableLength(buf, n);
+      if (need >= 0 && need <= len) {
+        this.snapshots = parseSnapshotTable(buf.subarray(0, need), n, cs);
+        return;
+      }
+      const limit = Math.min(fileSize - this.header.snapshotsOffset, C.MAX_SNAPSHOTS_SIZE);
+      if (len >= limit) throw new ImageError('Snapshot table is too big');
+      len = Math.min(limit, len * 4);
+    }
+  }
+
+  /** Read-write open: clear autoclear bits we don't maintain, repair a dirty image. */
+  private async prepareForWriting(noRepair: boolean): Promise<void> {
+    let rewrite = false;
+    if (this.header.autoclear !== 0n) {
+      // We do not maintain persistent bitmaps yet: clearing the bit marks them inconsistent, as the spec requires.
+      this.header.autoclear = 0n;
+      rewrite = true;
+    }
+    if (this.dirty && !noRepair) {
+      const { repairRefcounts } = await import('./check.js');
+      await repairRefcounts(this, this.log);
+      this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
+      rewrite = true;
+    }
+    if (rewrite) await this.writeHeader();
+  }
+
+  /** Rewrite the whole header cluster (fields, extensions, backing name). */
+  async writeHeader(): Promise<void> {
+    const buf = serializeHeader(this.header);
+    await this.storage.write(buf, 0);
+  }
+
+  /** Update the incompatible-features word in place (dirty/corrupt bits). */
+  private async writeIncompat(): Promise<void> {
+    if (this.header.version < 3) return;
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(this.header.incompatible, 0);
+    await this.storage.write(b, 72);
+  }
+
+  /** Record detected corruption: set the corrupt bit on a writable image, then fail the request. */
+  async signalCorruption(msg: string): Promise<never> {
+    if (!this.readOnly && !this.corrupt && this.header.version >= 3) {
+      this.log(`qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`);
+      this.header.incompatible |= BigInt(C.INCOMPAT_CORRUPT);
+      await this.writeIncompat().catch(() => {});
+    } else {
+      this.log(`qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`);
+    }
+    throw new CorruptionError(msg);
+  }
+
+  // ---- mapping -------------------------------------------------------------------------------
+
+  l1Entry(i: number): { offset: number; copied: boolean } {
+    return readL1(this.l1, i);
+  }
+
+  private async validateL2Offset(l1i: number, offset: number): Promise<void> {
+    if (offset % this.clusterSize !== 0) {
+      await this.signalCorruption(`L2 table offset 0x${offset.toString(16)} unaligned (L1 index: 0x${l1i.toString(16)})`);
+    }
+  }
+
+  /** Checks a data entry before it is used; corrupt entries mark the image and fail the I/O. */
+  private async validateEntry(e: L2Entry, l2Offset: number, idx: number): Promise<void> {
+    if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) {
+      await this.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${idx.toString(16)})`);
+    }
+    if (this.extL2 && e.type !== ClusterType.Compressed) {
+      if ((e.allocBits & e.zeroBits) !== 0 || (e.host === 0 && e.allocBits !== 0)) {
+        await this.signalCorruption(`Invalid cluster entry found  (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${idx.toString(16)})`);
+      }
+    }
+  }
+
+  /** Status of this layer only. Runs are merged; data runs carry host offsets. */
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const out: Extent[] = [];
+    const end = Math.min(offset + length, this.size);
+    const push = (e: Extent): void => {
+      const last = out[out.length - 1];
+      if (last && last.kind === e.kind && !!last.compressed === !!e.compressed && last.offset + last.length === e.offset &&
+        ((last.hostOffset === undefined && e.hostOffset === undefined) ||
+          (last.hostOffset !== undefined && e.hostOffset !== undefined && last.hostOffset + last.length === e.hostOffset))) {
+        last.length += e.length;
+      } else out.push(e);
+    };
+    let pos = offset;
+    while (pos < end) {
+      const l1i = Math.floor(pos / this.l2Coverage);
+      const segEnd = Math.min(end, (l1i + 1) * this.l2Coverage);
+      const l1e = l1i < this.header.l1Size ? this.l1Entry(l1i) : { offset: 0, copied: false };
+      if (l1e.offset === 0) {
+        push({ offset: pos, length: segEnd - pos, kind: 'unallocated' });
+        pos = segEnd;
+        continue;
+      }
+      await this.validateL2Offset(l1i, l1e.offset);
+      const table = await this.l2.pin(l1e.offset);
+      try {
+        while (pos < segEnd) {
+          const ci = Math.floor(pos / this.clusterSize);
+          const idx = ci % this.l2Entries;
+          const cStart = ci * this.clusterSize;
+          const cEnd = Math.min(segEnd, cStart + this.clusterSize);
+          const e = readL2(table, idx, this.geo);
+          await this.validateEntry(e, l1e.offset, idx);
+          if (!this.extL2 || e.type === ClusterType.Compressed) {
+            push(this.extentOf(e, pos, cEnd - pos, pos - cStart));
+          } else {
+            // Extended L2: one extent per subcluster run.
+            let p = pos;
+            while (p < cEnd) {
+              const sc = Math.floor((p - cStart) / this.subclusterSize);
+              const scEnd = Math.min(cEnd, cStart + (sc + 1) * this.subclusterSize);
+              const alloc = (e.allocBits >>> sc) & 1;
+              const zero = (e.zeroBits >>> sc) & 1;
+              if (alloc) push({ offset: p, length: scEnd - p, kind: 'data', hostOffset: e.host + (p - cStart) });
+              else if (zero) push({ offset: p, length: scEnd - p, kind: 'zero', ...(e.host ? { hostOffset: e.host + (p - cStart) } : {}) });
+              else push({ offset: p, length: scEnd - p, kind: 'unallocated', ...(e.host ? { hostOffset: e.host + (p - cStart) } : {}) });
+              p = scEnd;
+            }
+          }
+          pos = cEnd;
+        }
+      } finally {
+        this.l2.unpin(l1e.offset);
+      }
+    }
+    return out;
+  }
+
+  private extentOf(e: L2Entry, pos: number, len: number, inner: number): Extent {
+    switch (e.type) {
+      case ClusterType.Normal: return { offset: pos, length: len, kind: 'data', hostOffset: e.host + inner };
+      case ClusterType.Compressed: return { offset: pos, length: len, kind: 'data', compressed: true };
+      case ClusterType.ZeroAlloc: return { offset: pos, length: len, kind: 'zero', hostOffset: e.host + inner };
+      case ClusterType.ZeroPlain: return { offset: pos, length: len, kind: 'zero' };
+      default: return { offset: pos, length: len, kind: 'unallocated' };
+    }
+  }
+
+  // ---- reads ---------------------------------------------------------------------------------
+
+  /** Reads this layer's content; unallocated parts read as zero (the chain fills them from below). */
+  async readOwn(buf: Buffer, offset: number): Promise<void> {
+    const exts = await this.blockStatus(offset, buf.length);
+    await Promise.all(exts.map((x) => this.readExtent(buf.subarray(x.offset - offset, x.offset - offset + x.length), x)));
+    const covered = exts.reduce((a, x) => a + x.length, 0);
+    if (covered < buf.length) buf.fill(0, covered);
+  }
+
+  /** Reads one extent returned by blockStatus into `dst` (which is exactly extent-sized). */
+  async readExtent(dst: Buffer, x: Extent): Promise<void> {
+    if (x.kind !== 'data') {
+      dst.fill(0);
+    } else if (x.compressed) {
+      let p = x.offset;
+      while (p < x.offset + x.length) {
+        const cStart = Math.floor(p / this.clusterSize) * this.clusterSize;
+        const n = Math.min(x.offset + x.length, cStart + this.clusterSize) - p;
+        const data = await this.readCompressedCluster(cStart);
+        data.copy(dst, p - x.offset, p - cStart, p - cStart + n);
+        p += n;
+      }
+    } else {
+      await this.storage.read(dst, x.hostOffset as number);
+    }
+  }
+
+  private async entryFor(guest: number): Promise<{ e: L2Entry; l2Offset: number; idx: number } | null> {
+    const l1i = Math.floor(guest / this.l2Coverage);
+    const l1e = l1i < this.header.l1Size ? this.l1Entry(l1i) : { offset: 0, copied: false };
+    if (!l1e.offset) return null;
+    const idx = Math.floor(guest / this.clusterSize) % this.l2Entries;
+    const t = await this.l2.pin(l1e.offset);
+    try {
+      return { e: readL2(t, idx, this.geo), l2Offset: l1e.offset, idx };
+    } finally {
+      this.l2.unpin(l1e.offset);
+    }
+  }
+
+  /** Decompresses the compressed cluster at guest offset `cStart` (cached one deep). */
+  async readCompressedCluster(cStart: number): Promise<Buffer> {
+    const found = await this.entryFor(cStart);
+    if (!found || found.e.type !== ClusterType.Compressed) throw new ImageError('Input/output error', 'EIO');
+    return this.decompress(found.e);
+  }
+
+  private async decompress(e: L2Entry): Promise<Buffer> {
+    if (this.lastCompressed && this.lastCompressed.offset === e.cOffset) return this.lastCompressed.data;
+    const fileSize = await this.storage.size();
+    if (e.cOffset + e.cLength > fileSize + 512 || e.cLength > this.clusterSize * 2 + 512) {
+      return this.signalCorruption(`Compressed cluster at 0x${e.cOffset.toString(16)} exceeds the end of the file`);
+    }
+    const src = Buffer.alloc(e.cLength);
+    await this.storage.read(src, e.cOffset);
+    let data: Buffer;
+    try {
+      data = await decompressCluster(this.compressionType, src, this.clusterSize);
+    } catch {
+      throw new ImageError('Input/output error', 'EIO');
+    }
+    this.lastCompressed = { offset: e.cOffset, data };
+    return data;
+  }
+
+  // ---- writes --------------------------------------------------------------------------------
+
+  private checkRange(offset: number, length: number): void {
+    if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
+    if (this.closed) throw new ImageError('Image is closed');
+    if (offset < 0 || length < 0 || offset + length > this.size) throw new ImageError('Input/output error', 'EIO');
+  }
+
+  /** Sets the dirty bit before the first write of a lazy-refcounts image (cleared on clean close). */
+  private async markDirty(): Promise<void> {
+    if (this.dirtySet || !this.lazyRefcounts || this.header.version < 3) return;
+    this.dirtySet = true;
+    this.header.incompatible |= BigInt(C.INCOMPAT_DIRTY);
+    await this.writeIncompat();
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    this.checkRange(offset, buf.length);
+    if (buf.length === 0) return;
+    await this.markDirty();
+    const cs = this.clusterSize;
+    const release = await this.ranges.acquire(Math.floor(offset / cs) * cs, Math.ceil((offset + buf.length) / cs) * cs);
+    try {
+      let pos = offset;
+      const end = offset + buf.length;
+      while (pos < end) {
+        const segEnd = Math.min(end, (Math.floor(pos / this.l2Coverage) + 1) * this.l2Coverage);
+        await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos);
+        pos = segEnd;
+      }
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * Returns the L2 table for L1 index `l1i`, ready for modification: allocated if missing, and
+   * copied if shared with a snapshot (L1 entry without COPIED). Pinned; caller unpins.
+   */
+  private async writableL2(l1i: number): Promise<{ offset: number; table: Buffer }> {
+    return this.meta.run(async () => {
+      if (l1i >= this.header.l1Size) throw new ImageError('Input/output error', 'EIO');
+      const cur = this.l1Entry(l1i);
+      if (cur.offset && cur.copied) {
+        await this.validateL2Offset(l1i, cur.offset);
+        return { offset: cur.offset, table: await this.l2.pin(cur.offset) };
+      }
+      const newOff = await this.refcounts.alloc(1);
+      let table: Buffer;
+      if (cur.offset) {
+        await this.validateL2Offset(l1i, cur.offset);
+        const old = await this.l2.pin(cur.offset);
+        table = Buffer.from(old);
+        this.l2.unpin(cur.offset);
+      } else {
+        table = Buffer.alloc(this.clusterSize);
+      }
+      await this.checkOverlap(newOff, 1);
+      await this.storage.write(table, newOff);
+      this.l2.install(newOff, table);
+      // The L1 entry switches only after the new table is on disk.
+      encodeU64(this.l1, l1i * 8, newOff, true);
+      await this.storage.write(this.l1.subarray(l1i * 8, l1i * 8 + 8), this.header.l1TableOffset + l1i * 8);
+      if (cur.offset) {
+        this.l2.forget(cur.offset);
+        await this.refcounts.free(cur.offset, 1);
+      }
+      return { offset: newOff, table };
+    });
+  }
+
+  /** Refuse to hand out a cluster that overlaps the header, L1 or refcount table (metadata overlap check). */
+  private async checkOverlap(host: number, n: number): Promise<void> {
+    const cs = this.clusterSize;
+    const end = host + n * cs;
+    const hit = (a: number, len: number): boolean => a < end && host < a + len;
+    if (hit(0, cs) || hit(this.header.l1TableOffset, Math.max(8, this.header.l1Size * 8)) ||
+      hit(this.refcounts.tableOffset, this.refcounts.tableClusters * cs)) {
+      await this.signalCorruption(`Preventing invalid allocation of cluster at offset 0x${host.toString(16)}`);
+    }
+  }
+
+  /** Whether the layer content of a cluster must be copied (COW) from old state for bytes outside the write. */
+  private async writeSegment(data: Buffer, pos: number): Promise<void> {
+    const cs = this.clusterSize, sc = this.subclusterSize;
+    const l1i = Math.floor(pos / this.l2Coverage);
+    const { offset: l2Off, table } = await this.writableL2(l1i);
+    try {
+      const end = pos + data.length;
+      const plans: ClusterPlan[] = [];
+      for (let c = Math.floor(pos / cs) * cs; c < end; c += cs) {
+        const idx = Math.floor(c / cs) % this.l2Entries;
+        const old = readL2(table, idx, this.geo);
+        await this.validateEntry(old, l2Off, idx);
+        const da = Math.max(pos, c) - c, db = Math.min(end, c + cs) - c;
+        const reuse = (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc) && old.copied;
+        const p: ClusterPlan = { index: idx, guest: c, old, host: reuse ? old.host : 0, isNew: !reuse, wa: 0, wb: cs, da, db, allocBits: 0, zeroBits: 0 };
+        if (!this.extL2) {
+          if (reuse && old.type === ClusterType.Normal) { p.wa = da; p.wb = db; }
+        } else if (old.type === ClusterType.Compressed) {
+          p.allocBits = 0xffffffff;
+        } else {
+          const sa = Math.floor(da / sc), sb = Math.ceil(db / sc);
+          let touched = 0;
+          for (let s = sa; s < sb; s++) touched |= 1 << s;
+          touched >>>= 0;
+          p.allocBits = (old.allocBits | touched) >>> 0;
+          p.zeroBits = (old.zeroBits & ~touched) >>> 0;
+          if (reuse || old.host === 0) {
+            // Write the touched subclusters; keep the rest of the cluster as it is.
+            p.wa = sa * sc;
+            p.wb = Math.min(cs, sb * sc);
+            const headAlloc = (old.allocBits >>> sa) & 1, tailAlloc = (old.allocBits >>> (sb - 1)) & 1;
+            if (reuse && headAlloc && da === p.wa + 0) p.wa = da;
+            if (reuse && headAlloc && tailAlloc) { p.wa = da; p.wb = db; }
+          }
+          // A shared cluster (snapshot) is copied whole, keeping its subcluster bitmap.
+        }
+        plans.push(p);
+      }
+      // Allocate all new clusters of the segment as one contiguous run.
+      const nNew = plans.filter((p) => p.isNew).length;
+      if (nNew > 0) {
+        const base = await this.meta.run(async () => {
+          const off = await this.refcounts.alloc(nNew);
+          await this.checkOverlap(off, nNew);
+          return off;
+        });
+        let k = 0;
+        for (const p of plans) if (p.isNew) p.host = base + cs * k++;
+      }
+      // Build and issue the data writes (COW fill + guest data), merging host-contiguous pieces.
+      const pieces: Array<{ host: number; buf: Buffer }> = [];
+      for (const p of plans) {
+        const needsFill = p.wa < p.da || p.wb > p.db;
+        let piece: Buffer;
+        if (!needsFill) {
+          piece = data.subarray(p.guest + p.da - pos, p.guest + p.db - pos);
+        } else {
+          piece = Buffer.allocUnsafe(p.wb - p.wa);
+          await this.fillOld(piece, p, p.wa);
+          data.copy(piece, p.da - p.wa, p.guest + p.da - pos, p.guest + p.db - pos);
+        }
+        const last = pieces[pieces.length - 1];
+        const host = p.host + p.wa;
+        if (last && last.host + last.buf.length === host) last.buf = Buffer.concat([last.buf, piece]);
+        else pieces.push({ host, buf: piece });
+      }
+      await Promise.all(pieces.map((x) => this.storage.write(x.buf, x.host)));
+      // Only now point the L2 entries at the data, then release what they pointed at before.
+      await this.meta.run(async () => {
+        let lo = Infinity, hi = -1;
+        const frees: L2Entry[] = [];
+        for (const p of plans) {
+          const unchanged = !p.isNew && p.old.type === ClusterType.Normal && (!this.extL2 || (p.old.allocBits === p.allocBits && p.old.zeroBits === p.zeroBits));
+          if (unchanged) continue;
+          writeL2(table, p.index, this.geo, p.host, { copied: true, allocBits: this.extL2 ? p.allocBits : 0, zeroBits: p.zeroBits });
+          lo = Math.min(lo, p.index);
+          hi = Math.max(hi, p.index);
+          if (p.isNew && (p.old.type === ClusterType.Normal || p.old.type === ClusterType.ZeroAlloc || p.old.type === ClusterType.Compressed)) frees.push(p.old);
+        }
+        if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi);
+        for (const e of frees) await this.freeEntryClusters(e);
+      });
+    } finally {
+      this.l2.unpin(l2Off);
+    }
+  }
+
+  /** Fill `dst` with this layer's old view of cluster p (from byte `from`), including backing data where unallocated. */
+  private async fillOld(dst: Buffer, p: ClusterPlan, from: number): Promise<void> {
+    const e = p.old;
+    const g = p.guest + from;
+    switch (e.type) {
+      case ClusterType.Normal:
+        if (!this.extL2) return this.storage.read(dst, e.host + from);
+        break;
+      case ClusterType.Compressed: {
+        const full = await this.decompress(e);
+        full.copy(dst, 0, from, from + dst.length);
+        return;
+      }
+      case ClusterType.ZeroAlloc:
+      case ClusterType.ZeroPlain:
+        dst.fill(0);
+        return;
+      case ClusterType.Unallocated:
+        if (!this.extL2 || e.zeroBits === 0) return this.readBacking(dst, g);
+        break;
+    }
+    // Extended L2: per subcluster: allocated → old data, zero → zeros, unallocated → backing.
+    const sc = this.subclusterSize;
+    let q = 0;
+    while (q < dst.length) {
+      const inner = from + q;
+      const s = Math.floor(inner / sc);
+      const n = Math.min(dst.length - q, (s + 1) * sc - inner);
+      const part = dst.subarray(q, q + n);
+      if ((e.allocBits >>> s) & 1) await this.storage.read(part, e.host + inner);
+      else if ((e.zeroBits >>> s) & 1) part.fill(0);
+      else await this.readBacking(part, p.guest + inner);
+      q += n;
+    }
+  }
+
+  private async readBacking(dst: Buffer, guest: number): Promise<void> {
+    if (!this.backing) {
+      dst.fill(0);
+      return;
+    }
+    const avail = Math.max(0, Math.min(dst.length, this.backing.size - guest));
+    if (avail > 0) await this.backing.read(dst.subarray(0, avail), guest);
+    if (avail < dst.length) dst.fill(0, avail);
+  }
+
+  private async writeL2Range(l2Off: number, table: Buffer, lo: number, hi: number): Promise<void> {
+    const es = this.extL2 ? 16 : 8;
+    // Whole 512-byte sectors, as QEMU writes them.
+    const a = Math.floor((lo * es) / 512) * 512;
+    const b = Math.min(this.clusterSize, Math.ceil(((hi + 1) * es) / 512) * 512);
+    await this.storage.write(table.subarray(a, b), l2Off + a);
+  }
+
+  /** Drop the references an old L2 entry held (must be called after the entry was replaced on disk). */
+  private async freeEntryClusters(e: L2Entry): Promise<void> {
+    if (e.type === ClusterType.Compressed) {
+      const first = Math.floor(e.cOffset / this.clusterSize);
+      const last = Math.floor((e.cOffset + e.cLength - 1) / this.clusterSize);
+      await this.refcounts.update(first, last - first + 1, -1);
+    } else if (e.host) {
+      await this.refcounts.free(e.host, 1);
+    }
+  }
+
+  /**
+   * Zero a range. Whole clusters get the zero flag (v3) or subcluster zero bits (extended L2);
+   * partial clusters are written with zeros. v2 without a zero flag writes zeros where needed.
+   */
+  async writeZeroes(offset: number, length: number, opts: WriteZeroesOptions = {}): Promise<void> {
+    this.checkRange(offset, length);
+    if (length === 0) return;
+    await this.markDirty();
+    const gran = this.extL2 ? this.subclusterSize : this.clusterSize;
+    // The image's last, partial cluster counts as whole.
+    const end = offset + length === this.size ? Math.ceil(this.size / gran) * gran : offset + length;
+    const headEnd = Math.min(end, Math.ceil(offset / gran) * gran);
+    const tailStart = Math.max(headEnd, Math.floor(end / gran) * gran);
+    if (headEnd > offset) await this.write(Buffer.alloc(Math.min(headEnd, offset + length) - offset), offset);
+    if (tailStart > headEnd) await this.zeroAligned(headEnd, tailStart - headEnd, !!opts.mayUnmap, false);
+    if (end > tailStart) await this.write(Buffer.alloc(offset + length - tailStart), tailStart);
+  }
+
+  /** Discard whole clusters: they become zero (v3) or unallocated (v2); partial clusters are ignored. */
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    const cs = this.clusterSize;
+    const a = Math.ceil(offset / cs) * cs;
+    let b = Math.floor((offset + length) / cs) * cs;
+    if (offset + length === this.size) b = Math.ceil(this.size / cs) * cs;
+    if (b <= a) return;
+    await this.markDirty();
+    await this.zeroAligned(a, b - a, true, true);
+  }
+
+  /** Zero or discard a granularity-aligned range by changing entries only. */
+  private async zeroAligned(offset: number, length: number, unmap: boolean, isDiscard: boolean): Promise<void> {
+    const cs = this.clusterSize, sc = this.subclusterSize;
+    const release = await this.ranges.acquire(Math.floor(offset / cs) * cs, Math.ceil((offset + length) / cs) * cs);
+    try {
+      let pos = offset;
+      const end = offset + length;
+      while (pos < end) {
+        const segEnd = Math.min(end, (Math.floor(pos / this.l2Coverage) + 1) * this.l2Coverage);
+        const l1i = Math.floor(pos / this.l2Coverage);
+        if (this.header.version < 3) {
+          // v2: no zero flag. Discard deallocates; zeroing deallocates only if nothing shows through.
+          await this.zeroSegmentV2(pos, segEnd, isDiscard);
+          pos = segEnd;
+          continue;
+        }
+        const { offset: l2Off, table } = await this.writableL2(l1i);
+        const fallback: Array<[number, number]> = [];
+        try {
+          await this.meta.run(async () => {
+            let lo = Infinity, hi = -1;
+            const frees: L2Entry[] = [];
+            for (let c = Math.floor(pos / cs) * cs; c < segEnd; c += cs) {
+              const idx = Math.floor(c / cs) % this.l2Entries;
+              const old = readL2(table, idx, this.geo);
+              const a = Math.max(pos, c) - c, b = Math.min(segEnd, c + cs) - c;
+              if (this.extL2) {
+                if (a === 0 && b === cs) {
+                  const keep = !unmap && old.copied && old.host !== 0 && old.type !== ClusterType.Compressed;
+                  if (isDiscard) writeL2(table, idx, this.geo, 0, { copied: false, allocBits: 0, zeroBits: 0xffffffff });
+                  else writeL2(table, idx, this.geo, keep ? old.host : 0, { copied: keep, allocBits: 0, zeroBits: 0xffffffff });
+                  if (!keep && (old.host || old.type === ClusterType.Compressed)) frees.push(old);
+                } else {
+                  // Subcluster-aligned part of a cluster: set zero bits for those subclusters.
+                  if (old.type === ClusterType.Compressed || (old.host && !old.copied)) {
+                    fallback.push([c + a, b - a]); // shared or compressed: write real zeros instead
+                    continue;
+                  }
+                  let bits = 0;
+                  for (let s = a / sc; s < b / sc; s++) bits |= 1 << s;
+                  bits >>>= 0;
+                  writeL2(table, idx, this.geo, old.host, { copied: old.host ? old.copied : false, allocBits: (old.allocBits & ~bits) >>> 0, zeroBits: (old.zeroBits | bits) >>> 0 });
+                }
+              } else {
+                const keep = !unmap && old.copied && (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc);
+                if (keep) writeL2(table, idx, this.geo, old.host, { copied: true, zero: true });
+                else writeL2(table, idx, this.geo, 0, { copied: false, zero: true });
+                if (!keep && (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc || old.type === ClusterType.Compressed)) frees.push(old);
+              }
+              lo = Math.min(lo, idx);
+              hi = Math.max(hi, idx);
+            }
+            if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi);
+            for (const e of frees) await this.freeEntryClusters(e);
+          });
+        } finally {
+          this.l2.unpin(l2Off);
+        }
+        for (const [o, n] of fallback) await this.writeSegment(Buffer.alloc(n), o);
+        pos = segEnd;
+      }
+    } finally {
+      release();
+    }
+  }
+
+  private async zeroSegmentV2(pos: number, segEnd: number, isDiscard: boolean): Promise<void> {
+    const cs = this.clusterSize;
+    if (!isDiscard) {
+      // No zero flag in v2: write zeros, except where nothing is allocated and nothing shows through.
+      for (let c = pos; c < segEnd; c += cs) {
+        const found = await this.entryFor(c);
+        if (!this.backing && (!found || found.e.type === ClusterType.Unallocated)) continue;
+        await this.writeSegment(Buffer.alloc(Math.min(segEnd, c + cs) - c), c);
+      }
+      return;
+    }
+    const l1i = Math.floor(pos / this.l2Coverage);
+    const l1e = this.l1Entry(l1i);
+    if (!l1e.offset) return;
+    const { offset: l2Off, table } = await this.writableL2(l1i);
+    try {
+      await this.meta.run(async () => {
+        let lo = Infinity, hi = -1;
+        const frees: L2Entry[] = [];
+        for (let c = pos; c < segEnd; c += cs) {
+          const idx = Math.floor(c / cs) % this.l2Entries;
+          const old = readL2(table, idx, this.geo);
+          if (old.type === ClusterType.Unallocated) continue;
+          writeL2(table, idx, this.geo, 0, { copied: false });
+          frees.push(old);
+          lo = Math.min(lo, idx);
+          hi = Math.max(hi, idx);
+        }
+        if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi);
+        for (const e of frees) await this.freeEntryClusters(e);
+      });
+    } finally {
+      this.l2.unpin(l2Off);
+    }
+  }
+
+  /**
+   * Allocate every cluster (metadata) and, for falloc/full, the file space too. Each L2 table is
+   * allocated just before the data clusters it maps, as QEMU lays it out.
+   */
+  async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+    const cs = this.clusterSize;
+    const total = Math.ceil(this.size / cs);
+    let end = 0;
+    for (let l1i = 0; l1i * this.l2Entries < total; l1i++) {
+      const first = l1i * this.l2Entries;
+      const n = Math.min(this.l2Entries, total - first);
+      const { offset: l2Off, table } = await this.writableL2(l1i);
+      try {
+        await this.meta.run(async () => {
+          const base = await this.refcounts.alloc(n);
+          for (let k = 0; k < n; k++) {
+            writeL2(table, k, this.geo, base + k * cs, { copied: true, allocBits: this.extL2 ? 0xffffffff : 0, zeroBits: 0 });
+          }
+          await this.writeL2Range(l2Off, table, 0, n - 1);
+          end = Math.max(end, base + n * cs);
+        });
+      } finally {
+        this.l2.unpin(l2Off);
+      }
+    }
+    if (mode === 'full') {
+      const zero = Buffer.alloc(Math.min(end, 4 * 1024 * 1024));
+      const size = await this.storage.size();
+      for (let p = size; p < end; p += zero.length) await this.storage.write(zero.subarray(0, Math.min(zero.length, end - p)), p);
+    } else if ((await this.storage.size()) < end) {
+      await this.storage.truncate(end);
+    }
+  }
+
+  async flush(): Promise<void> {
+    await this.storage.flush();
+  }
+
+  /** Flush, clear the dirty bit we set, and close the file. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (!this.readOnly) {
+      if (this.dirtySet) {
+        await this.storage.flush();
+        this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
+        await this.writeIncompat();
+      }
+      await this.storage.flush();
+    }
+    await this.storage.close();
+  }
+
+  /** Clusters referenced by the L1 table at `offset` (used by snapshot and check code). */
+  async readL1Table(offset: number, size: number): Promise<Buffer> {
+    const b = Buffer.alloc(size * 8);
+    if (size) await this.storage.read(b, offset);
+    return b;
+  }
+
+  async readTable(offset: number): Promise<Buffer> {
+    const b = Buffer.alloc(this.clusterSize);
+    await this.storage.read(b, offset);
+    return b;
+  }
+
+  /** Forget cached L2 tables (after a rewrite behind the cache, e.g. snapshot apply). */
+  dropCaches(): void {
+    this.l2.clear();
+    this.lastCompressed = null;
+  }
+}

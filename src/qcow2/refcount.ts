@@ -1,0 +1,300 @@
+/**
+ * Refcount table and blocks: reading, updating and allocating host clusters.
+ *
+ * Invariants (crash safety, as QEMU orders them):
+ * - a cluster's refcount is raised on disk before any L2/L1 entry points at it;
+ * - on free, callers drop the reference (L2) first and the refcount afterwards;
+ * - a new refcount block is written before the table entry that points at it, and a grown
+ *   table is written completely before the header switches to it.
+ * So a crash leaves at worst leaked clusters (refcount > references), never a dangling reference.
+ * All mutating methods must be called under the image's metadata mutex.
+ */
+import type { Storage } from '../storage/storage.js';
+import { Lru } from '../util/lru.js';
+import { CorruptionError, ImageError } from '../image/errors.js';
+import { HI_OFFSET_MASK, TWO32 } from './constants.js';
+
+export interface RefcountGeometry {
+  clusterBits: number;
+  refcountOrder: number;
+}
+
+export class Refcounts {
+  readonly clusterSize: number;
+  readonly bits: number;
+  /** refcount entries per block. */
+  readonly perBlock: number;
+  private readonly maxValue: number;
+  /** Reftable entries (block host offsets, 0 = none). */
+  table: number[];
+  tableOffset: number;
+  tableClusters: number;
+  /** Lowest cluster index that might be free (QEMU's free_cluster_index). */
+  private freeHint = 0;
+  private readonly blocks: Lru<number, Buffer>;
+  /** Hook to persist a new reftable location in the header (offset, clusters). */
+  onTableMoved: (offset: number, clusters: number) => Promise<void> = async () => {};
+
+  constructor(
+    private readonly storage: Storage,
+    geo: RefcountGeometry,
+    tableOffset: number,
+    tableClusters: number,
+    table: number[],
+    cacheBlocks = 256,
+  ) {
+    this.clusterSize = 2 ** geo.clusterBits;
+    this.bits = 2 ** geo.refcountOrder;
+    this.perBlock = (this.clusterSize * 8) / this.bits;
+    this.maxValue = this.bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** this.bits - 1;
+    this.tableOffset = tableOffset;
+    this.tableClusters = tableClusters;
+    this.table = table;
+    this.blocks = new Lru(cacheBlocks);
+  }
+
+  /** Load the refcount table from disk (entries validated lazily when blocks are used). */
+  static async load(storage: Storage, geo: RefcountGeometry, offset: number, clusters: number): Promise<Refcounts> {
+    const cs = 2 ** geo.clusterBits;
+    const raw = Buffer.alloc(clusters * cs);
+    await storage.read(raw, offset);
+    const table: number[] = new Array(raw.length / 8);
+    for (let i = 0; i < table.length; i++) {
+      const hi = raw.readUInt32BE(i * 8), lo = raw.readUInt32BE(i * 8 + 4);
+      table[i] = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      if (hi >>> 24 !== 0) table[i] = -1; // offset beyond 2^56: corrupt entry
+    }
+    return new Refcounts(storage, geo, offset, clusters, table);
+  }
+
+  private async block(blockOffset: number): Promise<Buffer> {
+    let b = this.blocks.get(blockOffset);
+    if (!b) {
+      if (blockOffset % this.clusterSize !== 0 || blockOffset < 0) {
+        throw new CorruptionError(`Refblock offset 0x${blockOffset.toString(16)} unaligned`);
+      }
+      b = Buffer.alloc(this.clusterSize);
+      await this.storage.read(b, blockOffset);
+      this.blocks.set(blockOffset, b);
+    }
+    return b;
+  }
+
+  private readEntry(b: Buffer, i: number): number {
+    switch (this.bits) {
+      case 16: return b.readUInt16BE(i * 2);
+      case 32: return b.readUInt32BE(i * 4);
+      case 64: return b.readUInt32BE(i * 8) * TWO32 + b.readUInt32BE(i * 8 + 4);
+      case 8: return b[i];
+      default: {
+        const bit = i * this.bits;
+        return (b[bit >>> 3] >>> (bit & 7)) & ((1 << this.bits) - 1);
+      }
+    }
+  }
+
+  private writeEntry(b: Buffer, i: number, v: number): void {
+    switch (this.bits) {
+      case 16: b.writeUInt16BE(v, i * 2); return;
+      case 32: b.writeUInt32BE(v, i * 4); return;
+      case 64: b.writeUInt32BE(Math.floor(v / TWO32), i * 8); b.writeUInt32BE(v >>> 0, i * 8 + 4); return;
+      case 8: b[i] = v; return;
+      default: {
+        const bit = i * this.bits, mask = ((1 << this.bits) - 1) << (bit & 7);
+        b[bit >>> 3] = (b[bit >>> 3] & ~mask) | ((v << (bit & 7)) & mask);
+      }
+    }
+  }
+
+  /** Encode value `v` as entry `i` of a refcount block buffer (used by the rebuild). */
+  encodeInto(b: Buffer, i: number, v: number): void {
+    this.writeEntry(b, i, v);
+  }
+
+  /** Refcount of the cluster with index `ci` (0 when no block covers it). */
+  async get(ci: number): Promise<number> {
+    const ti = Math.floor(ci / this.perBlock);
+    if (ti >= this.table.length) return 0;
+    const bo = this.table[ti];
+    if (bo === 0) return 0;
+    if (bo < 0) throw new CorruptionError(`Refblock offset invalid in reftable entry ${ti}`);
+    return this.readEntry(await this.block(bo), ci % this.perBlock);
+  }
+
+  /**
+   * Add `delta` to the refcounts of clusters [ci, ci+n). New refcount blocks (and a grown table)
+   * are created as needed. Changed block bytes are written before returning.
+   */
+  async update(ci: number, n: number, delta: number): Promise<void> {
+    let i = ci;
+    const end = ci + n;
+    while (i < end) {
+      const ti = Math.floor(i / this.perBlock);
+      const bo = await this.ensureBlock(ti);
+      const b = await this.block(bo);
+      const first = i % this.perBlock;
+      const last = Math.min(this.perBlock, first + (end - i));
+      for (let k = first; k < last; k++) {
+        const v = this.readEntry(b, k) + delta;
+        if (v < 0 || v > this.maxValue) {
+          throw new CorruptionError(`Refcount of cluster ${ti * this.perBlock + k} would ${v < 0 ? 'drop below zero' : 'overflow'}`);
+        }
+        this.writeEntry(b, k, v);
+        if (v === 0 && ti * this.perBlock + k < this.freeHint) this.freeHint = ti * this.perBlock + k;
+      }
+      await this.writeBlockRange(bo, b, first, last);
+      i += last - first;
+    }
+  }
+
+  /** Set a refcount to an absolute value (repair). */
+  async set(ci: number, v: number): Promise<void> {
+    const cur = await this.get(ci);
+    if (cur !== v) await this.update(ci, 1, v - cur);
+  }
+
+  private async writeBlockRange(bo: number, b: Buffer, first: number, last: number): Promise<void> {
+    // Write whole 512-byte sectors covering the changed entries.
+    const startByte = Math.floor((first * this.bits) / 8 / 512) * 512;
+    const endByte = Math.min(this.clusterSize, Math.ceil(Math.ceil((last * this.bits) / 8) / 512) * 512);
+    await this.storage.write(b.subarray(startByte, endByte), bo + startByte);
+  }
+
+  /** Returns the offset of the block for table index `ti`, creating it (self-describing) if missing. */
+  private async ensureBlock(ti: number): Promise<number> {
+    if (ti < this.table.length && this.table[ti] > 0) return this.table[ti];
+    if (ti < this.table.length && this.table[ti] < 0) throw new CorruptionError(`Refblock offset invalid in reftable entry ${ti}`);
+    if (ti >= this.table.length) {
+      await this.growTable(ti + 1);
+      if (this.table[ti] > 0) return this.table[ti];
+    }
+    // With no block, every cluster of this block's range has refcount 0: put the block at the
+    // first cluster of its own range, so it describes itself (no recursion into other blocks).
+    const bi = ti * this.perBlock;
+    const bo = bi * this.clusterSize;
+    const nb = Buffer.alloc(this.clusterSize);
+    this.writeEntry(nb, 0, 1);
+    await this.storage.write(nb, bo);
+    this.blocks.set(bo, nb);
+    // The table entry goes last: only now is the new block reachable.
+    this.table[ti] = bo;
+    const e = Buffer.alloc(8);
+    e.writeUInt32BE(Math.floor(bo / TWO32), 0);
+    e.writeUInt32BE(bo >>> 0, 4);
+    await this.storage.write(e, this.tableOffset + ti * 8);
+    return bo;
+  }
+
+  /**
+   * Grow the reftable to hold at least `minEntries`, placing the new table (and the refcount
+   * blocks that describe it) past the end of everything allocated, then switch the header to it.
+   */
+  private async growTable(minEntries: number): Promise<void> {
+    const cs = this.clusterSize;
+    const fileClusters = Math.ceil((await this.storage.size()) / cs);
+    let start = Math.max(fileClusters, this.coveredClusters());
+    // The new area: [new blocks for uncovered table indices][new table]. Iterate to a fixed point.
+    let entries = Math.max(minEntries, Math.ceil(this.table.length * 1.5));
+    let tableClusters = 0, newBlocks = 0, areaEnd = 0;
+    for (;;) {
+      tableClusters = Math.ceil((entries * 8) / cs);
+      areaEnd = start + newBlocks + tableClusters;
+      const firstTi = Math.floor(start / this.perBlock), lastTi = Math.floor((areaEnd - 1) / this.perBlock);
+      let need = 0;
+      for (let ti = firstTi; ti <= lastTi; ti++) if (ti >= this.table.length || this.table[ti] === 0) need++;
+      const needEntries = Math.max(entries, lastTi + 1);
+      if (need === newBlocks && needEntries === entries) break;
+      newBlocks = need;
+      entries = needEntries;
+    }
+    if (tableClusters * cs > 8 * 1024 * 1024) throw new ImageError('Reference count table too large');
+    const newTable = this.table.slice();
+    while (newTable.length < (tableClusters * cs) / 8) newTable.push(0);
+    // Lay out the new blocks at the start of the area, in table-index order.
+    const blockBufs = new Map<number, Buffer>();
+    let next = start;
+    const firstTi = Math.floor(start / this.perBlock), lastTi = Math.floor((areaEnd - 1) / this.perBlock);
+    for (let ti = firstTi; ti <= lastTi; ti++) {
+      if (ti < this.table.length && this.table[ti] !== 0) continue;
+      newTable[ti] = next * cs;
+      blockBufs.set(ti, Buffer.alloc(cs));
+      next++;
+    }
+    const tableStart = next;
+    // Count every area cluster: in a new block directly, or in an existing block (written now).
+    for (let c = start; c < areaEnd; c++) {
+      const ti = Math.floor(c / this.perBlock);
+      const nb = blockBufs.get(ti);
+      if (nb) this.writeEntry(nb, c % this.perBlock, 1);
+      else await this.update(c, 1, 1);
+    }
+    for (const [ti, nb] of blockBufs) {
+      await this.storage.write(nb, newTable[ti]);
+      this.blocks.set(newTable[ti], nb);
+    }
+    const raw = Buffer.alloc(tableClusters * cs);
+    newTable.forEach((v, i) => {
+      raw.writeUInt32BE(Math.floor(v / TWO32), i * 8);
+      raw.writeUInt32BE(v >>> 0, i * 8 + 4);
+    });
+    await this.storage.write(raw, tableStart * cs);
+    const oldOffset = this.tableOffset, oldClusters = this.tableClusters;
+    this.table = newTable;
+    this.tableOffset = tableStart * cs;
+    this.tableClusters = tableClusters;
+    await this.onTableMoved(this.tableOffset, tableClusters);
+    // Only after the header points at the new table is the old one released.
+    await this.update(oldOffset / cs, oldClusters, -1);
+    start = 0;
+  }
+
+  /** Number of clusters the current table's blocks can describe. */
+  private coveredClusters(): number {
+    return this.table.length * this.perBlock;
+  }
+
+  /** Index of the first run of `n` free clusters at or after the hint. Does not change refcounts. */
+  async findFree(n: number): Promise<number> {
+    let ci = this.freeHint;
+    let runStart = ci;
+    for (;;) {
+      const ti = Math.floor(ci / this.perBlock);
+      if (ti >= this.table.length) return runStart; // nothing past the table's coverage is in use
+      if (this.table[ti] === 0) {
+        ci = (ti + 1) * this.perBlock; // a missing block: its whole range is free
+      } else if ((await this.get(ci)) === 0) {
+        ci++;
+      } else {
+        if (ci === this.freeHint) this.freeHint = ci + 1;
+        runStart = ++ci;
+        continue;
+      }
+      if (ci - runStart >= n) return runStart;
+    }
+  }
+
+  /** Allocate `n` contiguous clusters (refcount 1, on disk) and return the host offset of the first. */
+  async alloc(n: number): Promise<number> {
+    const ci = await this.findFree(n);
+    await this.update(ci, n, 1);
+    // A new refcount block may have been placed inside the range we chose; if so, retry.
+    for (let k = 0; k < n; k++) {
+      if ((await this.get(ci + k)) !== 1) {
+        await this.update(ci, n, -1);
+        return this.alloc(n);
+      }
+    }
+    return ci * this.clusterSize;
+  }
+
+  /** Drop one reference from each cluster of [offset, offset + n clusters). */
+  async free(offset: number, n: number): Promise<void> {
+    await this.update(offset / this.clusterSize, n, -1);
+  }
+
+  /** Forget cached blocks (after an external rewrite such as a rebuild). */
+  dropCache(): void {
+    this.blocks.clear();
+    this.freeHint = 0;
+  }
+}

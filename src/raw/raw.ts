@@ -1,0 +1,68 @@
+/** The raw format driver: guest offset = host offset, everything allocated, sparse where the file system allows. */
+import type { Storage } from '../storage/storage.js';
+import type { BackingReader, BlockDriver, Extent, WriteZeroesOptions } from '../image/driver.js';
+import { ImageError } from '../image/errors.js';
+
+export class RawImage implements BlockDriver {
+  readonly format = 'raw' as const;
+  readonly granularity = 512;
+  readonly backingFile = null;
+  readonly backingFormat = null;
+  backing: BackingReader | null = null;
+  private closed = false;
+
+  private constructor(readonly storage: Storage, readonly readOnly: boolean, public size: number) {}
+
+  static async open(storage: Storage, opts: { readOnly?: boolean } = {}): Promise<RawImage> {
+    return new RawImage(storage, !!opts.readOnly || storage.readOnly, await storage.size());
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const len = Math.min(length, this.size - offset);
+    return len > 0 ? [{ offset, length: len, kind: 'data', hostOffset: offset }] : [];
+  }
+
+  async readOwn(buf: Buffer, offset: number): Promise<void> {
+    await this.storage.read(buf, offset);
+  }
+
+  async readExtent(dst: Buffer, x: Extent): Promise<void> {
+    await this.storage.read(dst, x.offset);
+  }
+
+  private check(offset: number, length: number): void {
+    if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
+    if (this.closed) throw new ImageError('Image is closed');
+    if (offset < 0 || offset + length > this.size) throw new ImageError('Input/output error', 'EIO');
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    this.check(offset, buf.length);
+    await this.storage.write(buf, offset);
+  }
+
+  async writeZeroes(offset: number, length: number, _opts?: WriteZeroesOptions): Promise<void> {
+    this.check(offset, length);
+    const chunk = Buffer.alloc(Math.min(length, 4 * 1024 * 1024));
+    for (let p = 0; p < length; p += chunk.length) {
+      const n = Math.min(chunk.length, length - p);
+      await this.storage.write(chunk.subarray(0, n), offset + p);
+    }
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.check(offset, length);
+    // Without a punch-hole primitive in Node, discard is a no-op (it is advisory).
+  }
+
+  async flush(): Promise<void> {
+    await this.storage.flush();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (!this.readOnly) await this.storage.flush();
+    await this.storage.close();
+  }
+}

@@ -1,0 +1,112 @@
+import fs from 'node:fs';
+import { Storage, StorageError, errnoText } from './storage.js';
+
+/** Promise wrappers over the callback fs API (faster than FileHandle at small sizes, see docs). */
+function preadFull(fd: number, buf: Buffer, offset: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = (): void => {
+      fs.read(fd, buf, done, buf.length - done, offset + done, (err, n) => {
+        if (err) return reject(err);
+        if (n === 0) return resolve(done);
+        done += n;
+        if (done >= buf.length) return resolve(done);
+        step();
+      });
+    };
+    step();
+  });
+}
+
+function pwriteFull(fd: number, buf: Buffer, offset: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = (): void => {
+      fs.write(fd, buf, done, buf.length - done, offset + done, (err, n) => {
+        if (err) return reject(err);
+        done += n;
+        if (done >= buf.length) return resolve();
+        step();
+      });
+    };
+    step();
+  });
+}
+
+function wrap(name: string, e: unknown): StorageError {
+  const code = (e as NodeJS.ErrnoException).code;
+  return new StorageError(`${name}: ${errnoText(code)}`, code);
+}
+
+export interface FileOpenOptions {
+  readOnly?: boolean;
+  /** Create (or truncate) the file. */
+  create?: boolean;
+}
+
+/** A regular file (or block device) accessed with positional I/O. */
+export class FileStorage implements Storage {
+  private constructor(readonly name: string, private fd: number, readonly readOnly: boolean) {}
+
+  /** Opens `path`; failures carry QEMU's strerror text (e.g. "No such file or directory"). */
+  static async open(path: string, opts: FileOpenOptions = {}): Promise<FileStorage> {
+    const readOnly = !!opts.readOnly;
+    const flags = opts.create ? 'w+' : readOnly ? 'r' : 'r+';
+    try {
+      const fd = await new Promise<number>((res, rej) =>
+        fs.open(path, flags, 0o644, (err, fd) => (err ? rej(err) : res(fd))));
+      const st = fs.fstatSync(fd);
+      if (st.isDirectory()) {
+        fs.closeSync(fd);
+        throw Object.assign(new Error('dir'), { code: 'EISDIR' });
+      }
+      return new FileStorage(path, fd, readOnly);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      throw new StorageError(errnoText(code), code);
+    }
+  }
+
+  async read(buf: Buffer, offset: number): Promise<void> {
+    let n: number;
+    try {
+      n = await preadFull(this.fd, buf, offset);
+    } catch (e) {
+      throw wrap(this.name, e);
+    }
+    if (n < buf.length) buf.fill(0, n);
+  }
+
+  async write(buf: Buffer, offset: number): Promise<void> {
+    if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+    try {
+      await pwriteFull(this.fd, buf, offset);
+    } catch (e) {
+      throw wrap(this.name, e);
+    }
+  }
+
+  async size(): Promise<number> {
+    return new Promise((res, rej) => fs.fstat(this.fd, (err, st) => (err ? rej(wrap(this.name, err)) : res(st.size))));
+  }
+
+  async allocatedSize(): Promise<number> {
+    return new Promise((res, rej) => fs.fstat(this.fd, (err, st) => (err ? rej(wrap(this.name, err)) : res(st.blocks * 512))));
+  }
+
+  async truncate(length: number): Promise<void> {
+    return new Promise((res, rej) => fs.ftruncate(this.fd, length, (err) => (err ? rej(wrap(this.name, err)) : res())));
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return;
+    return new Promise((res, rej) => fs.fdatasync(this.fd, (err) => (err ? rej(wrap(this.name, err)) : res())));
+  }
+
+  async close(): Promise<void> {
+    const fd = this.fd;
+    if (fd < 0) return;
+    this.fd = -1;
+    return new Promise((res, rej) => fs.close(fd, (err) => (err ? rej(wrap(this.name, err)) : res())));
+  }
+}

@@ -1,0 +1,47 @@
+/**
+ * Storage back ends: byte-addressed containers that format drivers sit on.
+ * Every method is positional; many requests may be in flight at once.
+ */
+export interface Storage {
+  /** Human-readable name (file path or "memory:…"), used in messages. */
+  readonly name: string;
+  readonly readOnly: boolean;
+  /** Read up to buf.length bytes at `offset`; bytes past the end read as zero. */
+  read(buf: Buffer, offset: number): Promise<void>;
+  /** Write all of buf at `offset`, growing the container if needed. */
+  write(buf: Buffer, offset: number): Promise<void>;
+  /** Current length in bytes. */
+  size(): Promise<number>;
+  truncate(length: number): Promise<void>;
+  /** Make completed writes durable. */
+  flush(): Promise<void>;
+  /** Bytes actually allocated on the host (st_blocks*512 for files). */
+  allocatedSize(): Promise<number>;
+  close(): Promise<void>;
+}
+
+/** Error raised with a one-line message fit to show a user. */
+export class StorageError extends Error {
+  constructor(message: string, readonly code?: string) {
+    super(message);
+    this.name = 'StorageError';
+  }
+}
+
+/** The strerror text QEMU prints for common errno codes. */
+export function errnoText(code: string | undefined): string {
+  switch (code) {
+    case 'ENOENT': return 'No such file or directory';
+    case 'EACCES': return 'Permission denied';
+    case 'EPERM': return 'Operation not permitted';
+    case 'EISDIR': return 'Is a directory';
+    case 'ENOSPC': return 'No space left on device';
+    case 'EROFS': return 'Read-only file system';
+    case 'EINVAL': return 'Invalid argument';
+    case 'EIO': return 'Input/output error';
+    case 'ENOTDIR': return 'Not a directory';
+    case 'EFBIG': return 'File too large';
+    case 'ELOOP': return 'Too many levels of symbolic links';
+    default: return code ?? 'Unknown error';
+  }
+}

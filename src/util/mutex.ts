@@ -1,0 +1,43 @@
+/** A FIFO async mutex: awaits inside a critical section cannot interleave with another holder. */
+export class Mutex {
+  private tail: Promise<void> = Promise.resolve();
+
+  async lock(): Promise<() => void> {
+    let release!: () => void;
+    const next = new Promise<void>((r) => (release = r));
+    const prev = this.tail;
+    this.tail = prev.then(() => next);
+    await prev;
+    return release;
+  }
+
+  async run<T>(fn: () => Promise<T>): Promise<T> {
+    const release = await this.lock();
+    try {
+      return await fn();
+    } finally {
+      release();
+    }
+  }
+}
+
+/**
+ * Serialises overlapping byte ranges: a request waits for every earlier request whose range
+ * overlaps its own. Non-overlapping requests proceed in parallel.
+ */
+export class RangeLock {
+  private active: Array<{ start: number; end: number; done: Promise<void> }> = [];
+
+  async acquire(start: number, end: number): Promise<() => void> {
+    const waits = this.active.filter((r) => r.start < end && start < r.end).map((r) => r.done);
+    let release!: () => void;
+    const entry = { start, end, done: new Promise<void>((r) => (release = r)) };
+    this.active.push(entry);
+    if (waits.length) await Promise.all(waits);
+    return () => {
+      const i = this.active.indexOf(entry);
+      if (i >= 0) this.active.splice(i, 1);
+      release();
+    };
+  }
+}
