@@ -14,7 +14,8 @@ export class RawImage implements BlockDriver {
   private constructor(readonly storage: Storage, readonly readOnly: boolean, public size: number) {}
 
   static async open(storage: Storage, opts: { readOnly?: boolean } = {}): Promise<RawImage> {
-    return new RawImage(storage, !!opts.readOnly || storage.readOnly, await storage.size());
+    // Like QEMU, the virtual size is the file size rounded up to whole sectors.
+    return new RawImage(storage, !!opts.readOnly || storage.readOnly, Math.ceil((await storage.size()) / 512) * 512);
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {

@@ -1,0 +1,52 @@
+/** Shared helpers for the benchmarks: timing commands, building test chains. */
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const QCHAIN = path.join(ROOT, 'bin/qchain.js');
+
+export function sh(cmd: string, args: string[], cwd?: string): string {
+  const r = spawnSync(cmd, args, { cwd, encoding: 'utf8', maxBuffer: 1 << 28 });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status}): ${r.stderr}`);
+  return r.stdout;
+}
+
+/** Wall-clock seconds of the best of `reps` runs (page cache warm; `before` runs untimed each time). */
+export function timeBest(cmd: string, args: string[], reps: number, before?: () => void, cwd?: string): number {
+  let best = Infinity;
+  for (let i = 0; i < reps; i++) {
+    before?.();
+    const t0 = process.hrtime.bigint();
+    sh(cmd, args, cwd);
+    const t = Number(process.hrtime.bigint() - t0) / 1e9;
+    best = Math.min(best, t);
+  }
+  return best;
+}
+
+/** Peak resident set size (KiB) of a command, via GNU time if present, else /proc polling is skipped. */
+export function peakRssKiB(cmd: string, args: string[], cwd?: string): number | null {
+  if (!fs.existsSync('/usr/bin/time')) return null;
+  const r = spawnSync('/usr/bin/time', ['-f', '%M', cmd, ...args], { cwd, encoding: 'utf8', maxBuffer: 1 << 28 });
+  if (r.status !== 0) throw new Error(`${cmd} failed: ${r.stderr}`);
+  const lines = r.stderr.trim().split('\n');
+  return Number(lines[lines.length - 1]);
+}
+
+export function benchDir(name: string): string {
+  const base = process.env.QCHAIN_BENCH_DIR ?? os.tmpdir();
+  const dir = fs.mkdtempSync(path.join(base, `qchain-bench-${name}-`));
+  return dir;
+}
+
+export function fmtRatio(ours: number, theirs: number): string {
+  return `${(ours / theirs).toFixed(2)}×`;
+}
+
+export function table(rows: string[][]): string {
+  const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  return rows.map((r) => '| ' + r.map((c, i) => c.padEnd(w[i])).join(' | ') + ' |').join('\n');
+}

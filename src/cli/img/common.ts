@@ -1,0 +1,83 @@
+/** Shared pieces of the `qchain img` commands: argument parsing, opening, error text. */
+import { getopt, GetoptError, qemuImgGetoptMessage, type LongOption, type ParsedOption } from '../util/getopt.js';
+import { CliError, UsageError } from '../util/errors.js';
+import { ImageError } from '../../image/errors.js';
+import { openChain, isFormat, type ImageFormat, type OpenOptions } from '../../chain/open.js';
+import type { Chain } from '../../chain/chain.js';
+import type { CliContext } from '../context.js';
+
+export const PROG = 'qemu-img';
+
+export interface Parsed {
+  opts: ParsedOption[];
+  rest: string[];
+}
+
+/** getopt with qemu-img's error messages. */
+export function parseArgs(argv: string[], short: string, long: LongOption[]): Parsed {
+  try {
+    return getopt(argv, short, long);
+  } catch (e) {
+    if (e instanceof GetoptError) throw new UsageError(qemuImgGetoptMessage(e));
+    throw e;
+  }
+}
+
+export const HELP: LongOption = { name: 'help', hasArg: 'no', val: 'h' };
+export const OBJECT: LongOption = { name: 'object', hasArg: 'required', val: 'OBJECT' };
+export const IMAGE_OPTS: LongOption = { name: 'image-opts', hasArg: 'no', val: 'IMAGE_OPTS' };
+export const FORCE_SHARE: LongOption = { name: 'force-share', hasArg: 'no', val: 'U' };
+export const OUTPUT: LongOption = { name: 'output', hasArg: 'required', val: 'OUTPUT' };
+export const FORMAT: LongOption = { name: 'format', hasArg: 'required', val: 'f' };
+
+/** Validates a `-f`/`-O` format name. */
+export function formatArg(name: string): ImageFormat {
+  if (!isFormat(name)) throw new CliError(`Unknown file format '${name}'`);
+  return name;
+}
+
+export function outputArg(v: string): 'human' | 'json' {
+  if (v === 'human' || v === 'json') return v;
+  throw new UsageError(`--output must be used with human or json as argument.`);
+}
+
+/** Open a chain, turning library errors into one-line CLI errors. */
+export async function open(file: string, opts: OpenOptions, ctx: CliContext): Promise<Chain> {
+  try {
+    return await openChain(file, { log: (l) => ctx.stderr.write(`${l}\n`), ...opts });
+  } catch (e) {
+    throw asCliError(e);
+  }
+}
+
+export function asCliError(e: unknown): Error {
+  if (e instanceof CliError) return e;
+  if (e instanceof ImageError) return new CliError(e.message);
+  if (e instanceof Error) return new CliError(e.message);
+  return new CliError(String(e));
+}
+
+/** Exactly one positional file argument (qemu-img: "Expecting one image file name"). */
+export function oneFile(rest: string[]): string {
+  if (rest.length < 1) throw new UsageError('Expecting one image file name');
+  if (rest.length > 1) throw new UsageError(`Expecting one image file name`);
+  return rest[0];
+}
+
+/** Stable JSON printing as QEMU's qobject pretty printer (4-space indent). */
+export function qemuJson(v: unknown): string {
+  return JSON.stringify(v, null, 4);
+}
+
+/** strerror text for an errno code carried by library errors. */
+export function errnoMessage(code: string | undefined): string {
+  switch (code) {
+    case 'EIO': return 'Input/output error';
+    case 'EINVAL': return 'Invalid argument';
+    case 'EACCES': return 'Permission denied';
+    case 'ENOSPC': return 'No space left on device';
+    case 'EPERM': return 'Operation not permitted';
+    case 'ENOTSUP': return 'Operation not supported';
+    default: return code ?? 'Input/output error';
+  }
+}

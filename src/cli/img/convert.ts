@@ -1,0 +1,141 @@
+/** `qemu-img convert`: flatten what the guest sees into a new (or existing) image. */
+import type { CliContext } from '../context.js';
+import { CliError, UsageError } from '../util/errors.js';
+import { accumulateOptions, hasHelpOption, parseOptString, parseOptionSize, parseSize } from '../util/options.js';
+import { ProgressPrinter } from '../util/progress.js';
+import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, asCliError, formatArg, open, parseArgs } from './common.js';
+import type { Chain } from '../../chain/chain.js';
+import type { ImageFormat } from '../../chain/open.js';
+import { FileStorage } from '../../storage/file.js';
+import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2CreateOptions } from '../../qcow2/create.js';
+import { copyChains } from '../../ops/copy.js';
+
+export async function convertMain(argv: string[], ctx: CliContext): Promise<number> {
+  const { opts, rest } = parseArgs(argv, ':hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:', [HELP, OBJECT, IMAGE_OPTS,
+    { name: 'target-image-opts', hasArg: 'no', val: 'TIO' }, { name: 'salvage', hasArg: 'no', val: 'SALVAGE' },
+    { name: 'target-is-zero', hasArg: 'no', val: 'TIZ' }, { name: 'bitmaps', hasArg: 'no', val: 'BITMAPS' },
+    { name: 'skip-broken-bitmaps', hasArg: 'no', val: 'SBB' }, FORCE_SHARE]);
+  let srcFmt: ImageFormat | undefined, outFmt: ImageFormat = 'raw';
+  let backing: string | undefined, backingFmt: string | undefined, optstr: string | undefined;
+  let compress = false, progress = false, noCreate = false, targetIsZero = false;
+  let sparse = 4096, parallel = 8, outOfOrder = false;
+  for (const o of opts) {
+    const a = o.arg as string;
+    switch (o.opt) {
+      case 'h': ctx.stdout.write('usage: qchain img convert [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename\n'); return 0;
+      case 'f': srcFmt = formatArg(a); break;
+      case 'O': outFmt = formatArg(a); break;
+      case 'B': backing = a; break;
+      case 'F': backingFmt = a; break;
+      case 'c': compress = true; break;
+      case 'o': optstr = accumulateOptions(optstr, a); break;
+      case 'S': {
+        let v: number;
+        try {
+          v = parseSize(a, { name: 'buffer size for sparse output' });
+        } catch {
+          throw new CliError('Invalid buffer size for sparse output specified');
+        }
+        if (v % 512 !== 0 || v > 2 ** 31) throw new CliError('Invalid buffer size for sparse output specified');
+        sparse = v;
+        break;
+      }
+      case 'p': progress = true; break;
+      case 'q': progress = false; break;
+      case 'n': noCreate = true; break;
+      case 'm': {
+        const n = Number(a);
+        if (!Number.isInteger(n) || n < 1 || n > 16) throw new CliError('Invalid number of coroutines. Allowed number of coroutines is between 1 and 16');
+        parallel = n;
+        break;
+      }
+      case 'TIZ': targetIsZero = true; break;
+      case 'W': outOfOrder = true; break;
+      case 'l': throw new CliError('Converting from an internal snapshot (-l) is not supported yet');
+      case 'IMAGE_OPTS': case 'TIO': throw new UsageError('--image-opts is not supported by qchain');
+      default: break; // -C, -W, -t, -T, -U, -r, --salvage, --bitmaps: accepted, no effect here
+    }
+  }
+  if (optstr !== undefined && hasHelpOption(optstr)) {
+    const { createMain } = await import('./create.js');
+    return createMain(['-f', outFmt, '-o', optstr], ctx);
+  }
+  if (rest.length < 2) throw new UsageError('Expecting at least one source and one target');
+  if (compress) throw new CliError('Compressed output (-c) is not supported yet');
+  if (backing !== undefined && !backingFmt) throw new CliError('Use of backing file requires explicit backing format');
+  if (targetIsZero && !noCreate) throw new CliError('--target-is-zero requires use of -n flag');
+  const target = rest[rest.length - 1];
+  const srcNames = rest.slice(0, -1);
+  if (backing !== undefined && srcNames.length > 1) throw new CliError('Specifying backing image makes no sense when concatenating multiple input images');
+
+  const sources: Chain[] = [];
+  let dst: Chain | null = null;
+  const bar = new ProgressPrinter(progress, ctx.stdout, 1.0, ctx.stderr);
+  try {
+    for (const s of srcNames) sources.push(await open(s, { format: srcFmt, readOnly: true }, ctx));
+    const total = sources.reduce((a, c) => a + c.size, 0);
+    if (!noCreate) await createTarget(target, outFmt, total, optstr, backing, backingFmt);
+    try {
+      dst = await open(target, { format: outFmt, readOnly: false }, ctx);
+    } catch (e) {
+      throw new CliError(asCliError(e).message);
+    }
+    if (noCreate && dst.size < total) throw new CliError(`${target}: error while converting ${outFmt}: target image is too small`);
+    if (progress) bar.print(0, 100);
+    await copyChains(sources, dst.top, {
+      sparseSize: sparse,
+      topOnly: backing !== undefined,
+      parallel,
+      targetIsZero: (!noCreate && backing === undefined) || targetIsZero,
+      outOfOrder,
+      allocateAll: sparse === 0 && !noCreate,
+      onProgress: (f) => bar.print(f * 100, 0),
+    });
+    await dst.flush();
+    if (progress) {
+      bar.print(100, 0);
+      bar.end();
+    }
+  } catch (e) {
+    const msg = asCliError(e).message;
+    if (e instanceof CliError || msg.startsWith('Could not open') || msg.includes(': error while')) throw e instanceof CliError ? e : new CliError(msg);
+    throw new CliError(`error while writing at byte 0: ${msg}`);
+  } finally {
+    for (const s of sources) await s.close().catch(() => {});
+    if (dst) await dst.close().catch(() => {});
+  }
+  return 0;
+}
+
+async function createTarget(file: string, fmt: ImageFormat, size: number, optstr: string | undefined, backing?: string, backingFmt?: string): Promise<void> {
+  const kv = new Map<string, string>(optstr ? parseOptString(optstr) : []);
+  const st = await FileStorage.open(file, { create: true }).catch((e: Error) => { throw new CliError(`${file}: error while converting ${fmt}: ${e.message}`); });
+  try {
+    if (fmt === 'raw') {
+      await st.truncate(Math.ceil(size / 512) * 512);
+      return;
+    }
+    const compat = kv.get('compat');
+    const o: Qcow2CreateOptions = {
+      size,
+      version: compat === '0.10' || compat === 'v2' ? 2 : 3,
+      clusterSize: kv.has('cluster_size') ? Number(parseOptionSize('cluster_size', kv.get('cluster_size') as string)) : undefined,
+      refcountBits: kv.has('refcount_bits') ? Number(kv.get('refcount_bits')) : undefined,
+      lazyRefcounts: kv.get('lazy_refcounts') === 'on',
+      extendedL2: kv.get('extended_l2') === 'on',
+      compressionType: kv.get('compression_type') as 'zlib' | 'zstd' | undefined,
+      backingFile: backing ?? kv.get('backing_file') ?? null,
+      backingFormat: backingFmt ?? kv.get('backing_fmt') ?? null,
+      preallocation: (kv.get('preallocation') ?? 'off') as Preallocation,
+    };
+    try {
+      validateCreateOptions(o);
+    } catch (e) {
+      throw new CliError(`${file}: error while converting qcow2: ${asCliError(e).message}`);
+    }
+    const img = await createQcow2(st, o);
+    await img.close();
+  } finally {
+    await st.close().catch(() => {});
+  }
+}

@@ -1,0 +1,217 @@
+/** `qemu-img create`: new qcow2 or raw images, with backing files and creation options. */
+import fs from 'node:fs';
+import type { CliContext } from '../context.js';
+import { CliError, UsageError } from '../util/errors.js';
+import { accumulateOptions, escapeOptValue, hasHelpOption, parseOptString, parseSize, parseOptionSize } from '../util/options.js';
+import { HELP, OBJECT, PROG, asCliError, formatArg, open, parseArgs } from './common.js';
+import { FileStorage } from '../../storage/file.js';
+import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2CreateOptions } from '../../qcow2/create.js';
+import { combinePath } from '../../chain/resolve.js';
+import { ImageError } from '../../image/errors.js';
+import type { ImageFormat } from '../../chain/open.js';
+
+const QCOW2_OPTS = ['size', 'compat', 'backing_file', 'backing_fmt', 'data_file', 'data_file_raw', 'encryption', 'encrypt.format',
+  'cluster_size', 'extended_l2', 'preallocation', 'lazy_refcounts', 'refcount_bits', 'compression_type', 'nocow'];
+const RAW_OPTS = ['size', 'preallocation'];
+
+const QCOW2_HELP = `Supported options:
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  cluster_size=<size>    - qcow2 cluster size
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  compression_type=<str> - Compression method used for image cluster compression
+  extended_l2=<bool (on/off)> - Extended L2 tables
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+`;
+const RAW_HELP = `Supported options:
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size
+`;
+
+function bool(name: string, v: string): boolean {
+  if (v === 'on') return true;
+  if (v === 'off') return false;
+  throw new CliError(`Parameter '${name}' expects 'on' or 'off'`);
+}
+
+export async function createMain(argv: string[], ctx: CliContext): Promise<number> {
+  const { opts, rest } = parseArgs(argv, ':F:b:f:ho:qu', [HELP, OBJECT]);
+  let fmt: ImageFormat = 'raw';
+  let backing: string | undefined, backingFmt: string | undefined, optstr: string | undefined;
+  let quiet = false, unsafe = false;
+  for (const o of opts) {
+    switch (o.opt) {
+      case 'h': ctx.stdout.write(`usage: qchain img create [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]\n`); return 0;
+      case 'F': backingFmt = o.arg; break;
+      case 'b': backing = o.arg; break;
+      case 'f': fmt = formatArg(o.arg as string); break;
+      case 'o': optstr = accumulateOptions(optstr, o.arg as string); break;
+      case 'q': quiet = true; break;
+      case 'u': unsafe = true; break;
+      case 'OBJECT': throw new CliError('--object is not supported by qchain');
+    }
+  }
+  if (optstr !== undefined && hasHelpOption(optstr)) {
+    ctx.stdout.write(fmt === 'qcow2' ? QCOW2_HELP : RAW_HELP);
+    return 0;
+  }
+  if (rest.length < 1) throw new UsageError('Expecting image file name');
+  const file = rest[0];
+  if (rest.length > 2) throw new UsageError(`Unexpected argument: ${rest[2]}`);
+  // Option values: -o pairs, then -b/-F shorthands.
+  const kv = new Map<string, string>();
+  for (const [k, v] of optstr ? parseOptString(optstr) : []) {
+    if (!(fmt === 'qcow2' ? QCOW2_OPTS : RAW_OPTS).includes(k)) throw new CliError(`Invalid parameter '${k}'`);
+    kv.set(k, v);
+  }
+  if (backing !== undefined) kv.set('backing_file', backing);
+  if (backingFmt !== undefined) kv.set('backing_fmt', backingFmt);
+  let size: number | undefined;
+  if (rest[1] !== undefined) {
+    size = parseSize(rest[1]);
+    kv.set('size', String(size));
+  } else if (kv.has('size')) {
+    size = Number(parseOptionSize('size', kv.get('size') as string));
+  }
+  const backingFile = kv.get('backing_file');
+  if (backingFile !== undefined && backingFile === file) {
+    throw new CliError('Error: Trying to create an image with the same filename as the backing file');
+  }
+  // The size defaults to the backing file's (which is then opened to validate it).
+  const fail = (msg: string): never => { throw new CliError(`${file}: ${msg}`); };
+  if (fmt === 'raw' && backingFile !== undefined) throw new CliError(`${file}: Backing file not supported for file format 'raw'`);
+  if (size === undefined && backingFile === undefined) throw new UsageError('Image creation needs a size parameter');
+  if (backingFile !== undefined && !kv.get('backing_fmt')) {
+    ctx.stderr.write(`${PROG}: ${file}: Backing file specified without backing format\n`);
+    // qemu-img 7.2 then names the format it would have detected (without a trailing newline).
+    const detected = await detectFormat(combinePath(file, backingFile));
+    if (detected) ctx.stderr.write(`Detected format of ${detected}.`);
+    return 1;
+  }
+  if (backingFile !== undefined && !unsafe) {
+    const bpath = combinePath(file, backingFile);
+    const bfmt = formatArg(kv.get('backing_fmt') as string);
+    let chain;
+    try {
+      chain = await open(bpath, { format: bfmt, readOnly: true }, ctx);
+    } catch (e) {
+      let msg = asCliError(e).message;
+      // qemu-img names the file only for errors of the file itself, not of its format.
+      const prefix = `Could not open '${bpath}': `;
+      if (msg.startsWith(prefix) && !/^(No such file or directory|Permission denied|Is a directory)$/.test(msg.slice(prefix.length))) {
+        msg = msg.slice(prefix.length);
+      }
+      ctx.stderr.write(`${PROG}: ${file}: ${msg}\nCould not open backing image.\n`);
+      return 1;
+    }
+    if (size === undefined) size = chain.size;
+    await chain.close();
+  } else if (size === undefined) {
+    return fail('Image creation needs a size parameter');
+  }
+  printFormatting(ctx, quiet, file, fmt, kv, size as number);
+  try {
+    await createImage(file, fmt, size as number, kv);
+  } catch (e) {
+    throw new CliError(`${file}: ${asCliError(e).message}`);
+  }
+  return 0;
+}
+
+async function detectFormat(path: string): Promise<string | null> {
+  try {
+    const fd = fs.openSync(path, 'r');
+    const b = Buffer.alloc(4);
+    fs.readSync(fd, b, 0, 4, 0);
+    fs.closeSync(fd);
+    return b.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+  } catch {
+    return null;
+  }
+}
+
+/** The `Formatting '…', fmt=… k=v …` line, keys in qemu-img's order. */
+function printFormatting(ctx: CliContext, quiet: boolean, file: string, fmt: ImageFormat, kv: Map<string, string>, size: number | undefined): void {
+  if (quiet) return;
+  const parts: string[] = [];
+  const add = (k: string, v: string | undefined): void => {
+    if (v !== undefined) parts.push(`${k}=${escapeOptValue(v)}`);
+  };
+  const sz = size !== undefined ? String(size) : kv.get('size');
+  if (fmt === 'raw') {
+    add('size', sz);
+    add('preallocation', kv.get('preallocation'));
+  } else {
+    add('cluster_size', kv.get('cluster_size') !== undefined ? String(parseOptionSize('cluster_size', kv.get('cluster_size') as string)) : '65536');
+    add('extended_l2', kv.get('extended_l2') ?? 'off');
+    add('preallocation', kv.get('preallocation'));
+    add('compression_type', kv.get('compression_type') ?? 'zlib');
+    add('size', sz ?? '0');
+    add('compat', kv.get('compat'));
+    add('backing_file', kv.get('backing_file'));
+    add('backing_fmt', kv.get('backing_fmt'));
+    add('data_file', kv.get('data_file'));
+    add('data_file_raw', kv.get('data_file_raw'));
+    add('encryption', kv.get('encryption'));
+    add('lazy_refcounts', kv.get('lazy_refcounts') ?? 'off');
+    add('refcount_bits', kv.get('refcount_bits') ?? '16');
+    add('nocow', kv.get('nocow'));
+  }
+  ctx.stdout.write(`Formatting '${file}', fmt=${fmt} ${parts.join(' ')}\n`);
+}
+
+async function createImage(file: string, fmt: ImageFormat, size: number, kv: Map<string, string>): Promise<void> {
+  const prealloc = (kv.get('preallocation') ?? 'off') as Preallocation;
+  if (!['off', 'metadata', 'falloc', 'full'].includes(prealloc) || (fmt === 'raw' && prealloc === 'metadata')) {
+    throw new ImageError(`Invalid parameter '${prealloc}'`);
+  }
+  if (fmt === 'raw') {
+    const st = await FileStorage.open(file, { create: true });
+    try {
+      const rounded = Math.ceil(size / 512) * 512;
+      if (prealloc === 'full') {
+        const z = Buffer.alloc(Math.min(rounded, 4 * 1024 * 1024));
+        for (let p = 0; p < rounded; p += z.length) await st.write(z.subarray(0, Math.min(z.length, rounded - p)), p);
+      }
+      await st.truncate(rounded);
+    } finally {
+      await st.close();
+    }
+    return;
+  }
+  if (kv.has('data_file') || kv.get('data_file_raw') === 'on') throw new ImageError('External data files are not supported by qchain');
+  if (kv.has('encryption') || kv.has('encrypt.format')) throw new ImageError('Encrypted images are not supported by qchain');
+  const compat = kv.get('compat');
+  let version: 2 | 3 = 3;
+  if (compat === '0.10' || compat === 'v2') version = 2;
+  else if (compat !== undefined && compat !== '1.1' && compat !== 'v3') throw new ImageError(`Invalid compatibility level: '${compat}'`);
+  const ct = kv.get('compression_type');
+  if (ct !== undefined && ct !== 'zlib' && ct !== 'zstd') throw new ImageError(`Parameter 'compression-type' does not accept value '${ct}'`);
+  const o: Qcow2CreateOptions = {
+    size,
+    version,
+    clusterSize: kv.has('cluster_size') ? Number(parseOptionSize('cluster_size', kv.get('cluster_size') as string)) : undefined,
+    refcountBits: kv.has('refcount_bits') ? Number(kv.get('refcount_bits')) : undefined,
+    lazyRefcounts: kv.has('lazy_refcounts') ? bool('lazy_refcounts', kv.get('lazy_refcounts') as string) : false,
+    extendedL2: kv.has('extended_l2') ? bool('extended_l2', kv.get('extended_l2') as string) : false,
+    compressionType: ct as 'zlib' | 'zstd' | undefined,
+    backingFile: kv.get('backing_file') ?? null,
+    backingFormat: kv.get('backing_fmt') ?? null,
+    preallocation: prealloc,
+  };
+  if (o.backingFile && o.backingFile.length > 1023) {
+    throw new ImageError(`Could not assign backing file '${o.backingFile}' with format '${o.backingFormat}': Invalid argument`);
+  }
+  validateCreateOptions(o); // before the file is touched
+  const st = await FileStorage.open(file, { create: true });
+  try {
+    const img = await createQcow2(st, o);
+    await img.close();
+  } catch (e) {
+    await st.close().catch(() => {});
+    throw e;
+  }
+}

@@ -1,0 +1,58 @@
+/** `qchain img`: the qemu-img command line. */
+import type { CliContext } from '../context.js';
+import { CliError, UsageError, reportError } from '../util/errors.js';
+import { PROG } from './common.js';
+
+const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) => Promise<number>>> = {
+  create: async () => (await import('./create.js')).createMain,
+  info: async () => (await import('./info.js')).infoMain,
+  map: async () => (await import('./map.js')).mapMain,
+  check: async () => (await import('./check.js')).checkMain,
+  convert: async () => (await import('./convert.js')).convertMain,
+  snapshot: async () => (await import('./snapshot.js')).snapshotMain,
+  bench: async () => (await import('./bench.js')).benchMain,
+};
+
+const HELP = `qchain img - the qemu-img command line, implemented without QEMU
+usage: qchain img [standard options] command [command options]
+
+Command syntax:
+  bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-o offset] [--pattern=N] [-q] [-s buffer_size] [-S step_size] [-w] filename
+  check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
+  create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
+  map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  snapshot [-q] [-l | -c snapshot] filename
+
+Supported formats: qcow2 raw
+Messages, JSON and exit codes are those of qemu-img 7.2.
+`;
+
+export async function imgMain(argv: string[], ctx: CliContext): Promise<number> {
+  const [cmd, ...rest] = argv;
+  if (cmd === undefined) {
+    ctx.stderr.write(`${PROG}: Not enough arguments\nTry '${PROG} --help' for more information\n`);
+    return 1;
+  }
+  if (cmd === '-h' || cmd === '--help') {
+    ctx.stdout.write(HELP);
+    return 0;
+  }
+  if (cmd === '-V' || cmd === '--version') {
+    ctx.stdout.write('qchain img (qemu-img 7.2 compatible)\n');
+    return 0;
+  }
+  const loader = COMMANDS[cmd];
+  if (!loader) {
+    ctx.stderr.write(`${PROG}: Command not found: ${cmd}\n`);
+    return 1;
+  }
+  try {
+    return await (await loader())(rest, ctx);
+  } catch (e) {
+    if (e instanceof UsageError) return reportError(PROG, e, ctx.stderr);
+    if (e instanceof CliError) return reportError(PROG, e, ctx.stderr);
+    return reportError(PROG, new CliError(e instanceof Error ? e.message : String(e)), ctx.stderr);
+  }
+}

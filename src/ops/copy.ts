@@ -1,0 +1,170 @@
+/**
+ * The copy engine: copies the guest view of source chains into a target, skipping ranges the
+ * source reports as unallocated or zero (block status) and, with a sparse size, all-zero runs
+ * inside data. Several requests are in flight; each is a large aligned buffer.
+ */
+import type { Chain, ChainExtent } from '../chain/chain.js';
+import type { BlockDriver } from '../image/driver.js';
+
+export interface CopyOptions {
+  /** Minimum run of zero bytes inside data to leave unwritten (qemu-img -S; 0 = write all data). */
+  sparseSize?: number;
+  /** Only copy what the top layer of each source holds (qemu-img convert -B). */
+  topOnly?: boolean;
+  /** Requests in flight (qemu-img -m, default 8). */
+  parallel?: number;
+  /** Bytes per request. */
+  chunkSize?: number;
+  /** The target reads as zero already (fresh image), so zero ranges need no writes. */
+  targetIsZero?: boolean;
+  /** Write every byte, allocating the target fully (-S 0 on a fresh target). */
+  allocateAll?: boolean;
+  /** Allow writes to complete in any order (qemu-img -W); by default target writes are issued in order. */
+  outOfOrder?: boolean;
+  /** Progress callback: fraction done in [0, 1]. */
+  onProgress?: (done: number) => void;
+}
+
+interface Job {
+  seq: number;
+  src: Chain;
+  srcOffset: number;
+  dstOffset: number;
+  length: number;
+  kind: 'data' | 'zero';
+}
+
+function isZero(b: Buffer, from: number, to: number): boolean {
+  // Compare 8 bytes at a time where aligned (no per-byte loop on the hot path for big runs).
+  let i = from;
+  while (i < to && (i & 7)) if (b[i++]) return false;
+  const end8 = to - ((to - i) & 7);
+  for (; i < end8; i += 8) if (b.readUInt32LE(i) !== 0 || b.readUInt32LE(i + 4) !== 0) return false;
+  for (; i < to; i++) if (b[i]) return false;
+  return true;
+}
+
+/** Split a data buffer into runs to write, leaving zero runs of at least `sparse` bytes (aligned) out. */
+export function nonZeroRuns(b: Buffer, sparse: number): Array<[number, number]> {
+  if (sparse <= 0) return [[0, b.length]];
+  const runs: Array<[number, number]> = [];
+  let runStart = -1;
+  for (let p = 0; p < b.length; p += sparse) {
+    const q = Math.min(b.length, p + sparse);
+    if (isZero(b, p, q)) {
+      if (runStart >= 0) {
+        runs.push([runStart, p]);
+        runStart = -1;
+      }
+    } else if (runStart < 0) runStart = p;
+  }
+  if (runStart >= 0) runs.push([runStart, b.length]);
+  return runs;
+}
+
+/** Copy the concatenation of `sources` into `target` starting at offset 0. */
+export async function copyChains(sources: Chain[], target: BlockDriver, opts: CopyOptions = {}): Promise<void> {
+  const chunk = opts.chunkSize ?? 2 * 1024 * 1024;
+  const parallel = Math.max(1, opts.parallel ?? 8);
+  const sparse = opts.sparseSize ?? 4096;
+  const total = sources.reduce((a, s) => a + s.size, 0) || 1;
+  let done = 0;
+  const report = (n: number): void => {
+    done += n;
+    opts.onProgress?.(Math.min(1, done / total));
+  };
+
+  // Produce jobs lazily from block status, chunk by chunk, so memory stays bounded.
+  let seq = 0;
+  async function* jobs(): AsyncGenerator<Job> {
+    let base = 0;
+    for (const src of sources) {
+      const STEP = 256 * chunk;
+      for (let pos = 0; pos < src.size; pos += STEP) {
+        const len = Math.min(STEP, src.size - pos);
+        let exts: ChainExtent[];
+        if (opts.topOnly) {
+          exts = (await src.top.blockStatus(pos, len)).map((x) => ({ ...x, depth: 0 }));
+        } else exts = await src.blockStatus(pos, len);
+        for (const x of exts) {
+          const kind = x.kind === 'data' ? 'data' : 'zero';
+          if (kind === 'zero' && (opts.targetIsZero || (opts.topOnly && x.kind === 'unallocated')) && !opts.allocateAll) {
+            report(x.length);
+            continue;
+          }
+          for (let p = x.offset; p < x.offset + x.length;) {
+            // Align request ends to the chunk grid so requests map onto whole target clusters.
+            const next = Math.min(x.offset + x.length, (Math.floor(p / chunk) + 1) * chunk);
+            yield { seq: seq++, src, srcOffset: p, dstOffset: base + p, length: next - p, kind };
+            p = next;
+          }
+        }
+      }
+      base += src.size;
+    }
+  }
+
+  const it = jobs();
+  let failure: unknown = null;
+  // In-order mode: job n writes only after job n-1's writes finished (reads still overlap), so a
+  // fresh target is laid out sequentially, as qemu-img does without -W.
+  const turns = new Map<number, () => void>();
+  let current = 0;
+  const waitTurn = (n: number): Promise<void> => {
+    if (opts.outOfOrder || n === current) return Promise.resolve();
+    return new Promise((r) => turns.set(n, r));
+  };
+  const endTurn = (n: number): void => {
+    if (opts.outOfOrder) return;
+    current = n + 1;
+    const next = turns.get(current);
+    if (next) {
+      turns.delete(current);
+      next();
+    }
+  };
+  const worker = async (): Promise<void> => {
+    const buf = Buffer.allocUnsafe(chunk);
+    for (;;) {
+      if (failure) return;
+      const r = await it.next();
+      if (r.done) return;
+      const j = r.value;
+      if (j.kind === 'zero') {
+        await waitTurn(j.seq);
+        try {
+          if (opts.allocateAll) await target.write(Buffer.alloc(j.length), j.dstOffset);
+          else await target.writeZeroes(j.dstOffset, j.length);
+        } finally {
+          endTurn(j.seq);
+        }
+        report(j.length);
+        continue;
+      }
+      const b = buf.subarray(0, j.length);
+      await j.src.read(b, j.srcOffset);
+      await waitTurn(j.seq);
+      try {
+        await writeData(j, b);
+      } finally {
+        endTurn(j.seq);
+      }
+      report(j.length);
+    }
+  };
+  const writeData = async (j: Job, b: Buffer): Promise<void> => {
+      const runs = opts.allocateAll ? [[0, b.length] as [number, number]] : nonZeroRuns(b, sparse);
+      for (const [a, e] of runs) await target.write(b.subarray(a, e), j.dstOffset + a);
+      // Zero holes inside data need writing only when the target is not known to be zero.
+      if (!opts.targetIsZero) {
+        let prev = 0;
+        for (const [a, e] of [...runs, [b.length, b.length] as [number, number]]) {
+          if (a > prev) await target.writeZeroes(j.dstOffset + prev, a - prev);
+          prev = e;
+        }
+      }
+  };
+  // Async generators serialise next() calls, so workers share the job stream safely.
+  await Promise.all(Array.from({ length: parallel }, () => worker().catch((e) => { failure ??= e; })));
+  if (failure) throw failure;
+}

@@ -1,0 +1,116 @@
+/**
+ * Test helpers for the QEMU oracle: locating qemu-img/qemu-io, running them and qchain, scratch
+ * folders. In CI (CI=true) a missing QEMU tool fails the test instead of skipping it.
+ */
+import { execFile, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+export const QCHAIN = path.join(ROOT, 'bin/qchain.js');
+
+function which(cmd: string): string | null {
+  for (const dir of (process.env.PATH ?? '').split(':')) {
+    const p = path.join(dir, cmd);
+    try {
+      fs.accessSync(p, fs.constants.X_OK);
+      return p;
+    } catch {
+      /* keep looking */
+    }
+  }
+  return null;
+}
+
+export const QEMU_IMG = which('qemu-img');
+export const QEMU_IO = which('qemu-io');
+
+/**
+ * Options for an oracle test: skipped when QEMU is missing locally; in CI the test runs anyway
+ * and fails on the first QEMU call, so a missing install never passes silently.
+ */
+export function oracle(): { skip?: string } {
+  if (QEMU_IMG && QEMU_IO) return {};
+  if (process.env.CI) return {};
+  return { skip: 'qemu-img/qemu-io not installed (CI installs them)' };
+}
+
+export interface RunResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run a command, never throwing on a non-zero exit. */
+export function run(cmd: string, args: string[], opts: { cwd?: string; input?: string; timeout?: number } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(cmd, args, { cwd: opts.cwd, maxBuffer: 256 * 1024 * 1024, timeout: opts.timeout ?? 120_000, encoding: 'utf8' }, (err, stdout, stderr) => {
+      if (err && typeof (err as NodeJS.ErrnoException).code === 'string') return reject(new Error(`${cmd}: ${err.message}`));
+      resolve({ code: err ? ((err as { code?: number }).code ?? 1) : 0, stdout, stderr });
+    });
+    if (opts.input !== undefined) child.stdin?.end(opts.input);
+    else child.stdin?.end();
+  });
+}
+
+export function qemuImg(args: string[], cwd?: string): Promise<RunResult> {
+  if (!QEMU_IMG) throw new Error('qemu-img is not installed');
+  return run(QEMU_IMG, args, { cwd });
+}
+
+export function qemuIo(args: string[], cwd?: string): Promise<RunResult> {
+  if (!QEMU_IO) throw new Error('qemu-io is not installed');
+  return run(QEMU_IO, args, { cwd });
+}
+
+export function qchain(args: string[], cwd?: string, input?: string): Promise<RunResult> {
+  return run(process.execPath, [QCHAIN, ...args], { cwd, input });
+}
+
+/** Synchronous qemu-img that throws on failure (for setup steps). */
+export function qemuImgSync(args: string[], cwd?: string): string {
+  if (!QEMU_IMG) throw new Error('qemu-img is not installed');
+  return execFileSync(QEMU_IMG, args, { cwd, encoding: 'utf8' });
+}
+
+export function qemuIoSync(args: string[], cwd?: string): string {
+  if (!QEMU_IO) throw new Error('qemu-io is not installed');
+  return execFileSync(QEMU_IO, args, { cwd, encoding: 'utf8' });
+}
+
+/** A fresh scratch folder, removed when the process exits. */
+export function scratch(prefix = 'qchain-test-'): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/** qemu-io's timing line normalised with QEMU's iotests filter. */
+export function filterTiming(s: string): string {
+  return s.replace(/[0-9]* ops; [0-9/:. sec]* \([0-9/.inf]* [EPTGMKiBbytes]*\/sec and [0-9/.inf]* ops\/sec\)/g, 'X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)');
+}
+
+/** The guest view of an image as raw bytes, as QEMU reads it. */
+export async function qemuRawView(file: string, fmt?: string): Promise<Buffer> {
+  const out = path.join(path.dirname(file), `.view-${path.basename(file)}-${process.pid}-${Math.random().toString(36).slice(2)}.raw`);
+  const args = ['convert', ...(fmt ? ['-f', fmt] : []), '-O', 'raw', file, out];
+  const r = await qemuImg(args);
+  if (r.code !== 0) throw new Error(`qemu-img convert failed: ${r.stderr}`);
+  const b = fs.readFileSync(out);
+  fs.unlinkSync(out);
+  return b;
+}
+
+/** Seeded PRNG (mulberry32) for reproducible random tests. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
