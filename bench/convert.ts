@@ -25,11 +25,11 @@ for (let i = 1; i < 4; i++) sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b',
 for (let layer = 0; layer < 4; layer++) {
   const cmds: string[] = [];
   for (let off = layer * MiB; off < size; off += 8 * MiB) {
-    cmds.push('-c', `write -P 0x${(0x11 * (layer + 1)).toString(16)} ${off} ${MiB}`);
+    cmds.push('-c', `write -q -P 0x${(0x11 * (layer + 1)).toString(16)} ${off} ${MiB}`);
     // A second extent at a layer-dependent stride, so upper layers also overwrite lower ones.
-    if ((off / MiB) % 3 === 0) cmds.push('-c', `write -P 0x${(0x21 + layer).toString(16)} ${off + 4 * MiB} ${MiB / 2}`);
+    if ((off / MiB) % 3 === 0) cmds.push('-c', `write -q -P 0x${(0x21 + layer).toString(16)} ${off + 4 * MiB} ${MiB / 2}`);
   }
-  for (let i = 0; i < cmds.length; i += 2000) sh('qemu-io', ['-q', ...cmds.slice(i, i + 2000), `l${layer}.qcow2`], dir);
+  for (let i = 0; i < cmds.length; i += 2000) sh('qemu-io', [...cmds.slice(i, i + 2000), `l${layer}.qcow2`], dir);
 }
 const top = path.join(dir, 'l3.qcow2');
 const out = (n: string): string => path.join(dir, n);

@@ -224,7 +224,8 @@ export function serializeHeader(h: Qcow2Header): Buffer {
   for (const e of h.unknownExtensions) if (e.type === C.EXT_CRYPTO) pushExt(parts, e.type, e.data);
   if (h.backingFormat) pushExt(parts, C.EXT_BACKING_FORMAT, Buffer.from(h.backingFormat, 'utf8'));
   if (h.dataFile) pushExt(parts, C.EXT_DATA_FILE, Buffer.from(h.dataFile, 'utf8'));
-  if (h.version === 3) {
+  // QEMU 7.2 writes the feature name table only for clusters of 8 KiB and more (observed).
+  if (h.version === 3 && clusterSize >= 8192) {
     const ft = Buffer.alloc(48 * C.FEATURE_TABLE.length);
     C.FEATURE_TABLE.forEach(([type, bit, name], i) => {
       ft[i * 48] = type;

@@ -139,7 +139,9 @@ export class Qcow2Image implements BlockDriver {
     const fileSize = await this.storage.size();
     if (this.header.snapshotsOffset >= fileSize) throw new ImageError('Snapshot table offset invalid');
     // Read in growing steps, bounded by the file and QEMU's 64 MiB table limit.
-    let len = Math.min(n * 48 + 4096, fileSize - this.header.snapshotsOffset, C.MAX_SNAPSHOTS_SIZE);
+    // Entries are padded to 8 bytes; the last one's padding may lie past the end of the file.
+    const limit = Math.min(fileSize - this.header.snapshotsOffset + 8, C.MAX_SNAPSHOTS_SIZE);
+    let len = Math.min(n * 48 + 4096, limit);
     for (;;) {
       const buf = Buffer.alloc(len);
       await this.storage.read(buf, this.header.snapshotsOffset);
@@ -148,7 +150,6 @@ export class Qcow2Image implements BlockDriver {
         this.snapshots = parseSnapshotTable(buf.subarray(0, need), n, cs);
         return;
       }
-      const limit = Math.min(fileSize - this.header.snapshotsOffset, C.MAX_SNAPSHOTS_SIZE);
       if (len >= limit) throw new ImageError('Snapshot table is too big');
       len = Math.min(limit, len * 4);
     }
@@ -736,7 +737,8 @@ export class Qcow2Image implements BlockDriver {
         await this.meta.run(async () => {
           const base = await this.refcounts.alloc(n);
           for (let k = 0; k < n; k++) {
-            writeL2(table, k, this.geo, base + k * cs, { copied: true, allocBits: this.extL2 ? 0xffffffff : 0, zeroBits: 0 });
+            // Extended L2: the clusters are reserved but their subclusters stay unallocated (as QEMU does).
+            writeL2(table, k, this.geo, base + k * cs, { copied: true, allocBits: 0, zeroBits: 0 });
           }
           await this.writeL2Range(l2Off, table, 0, n - 1);
           end = Math.max(end, base + n * cs);
@@ -745,7 +747,9 @@ export class Qcow2Image implements BlockDriver {
         this.l2.unpin(l2Off);
       }
     }
-    if (mode === 'full') {
+    // Without fallocate in Node, falloc reserves space the portable way: by writing zeros (as
+    // posix_fallocate does on file systems without fallocate).
+    if (mode === 'full' || mode === 'falloc') {
       const zero = Buffer.alloc(Math.min(end, 4 * 1024 * 1024));
       const size = await this.storage.size();
       for (let p = size; p < end; p += zero.length) await this.storage.write(zero.subarray(0, Math.min(zero.length, end - p)), p);

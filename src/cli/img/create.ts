@@ -78,12 +78,11 @@ export async function createMain(argv: string[], ctx: CliContext): Promise<numbe
   }
   const backingFile = kv.get('backing_file');
   if (backingFile !== undefined && backingFile === file) {
-    throw new CliError('Error: Trying to create an image with the same filename as the backing file');
+    throw new CliError(`${file}: Error: Trying to create an image with the same filename as the backing file`);
   }
   // The size defaults to the backing file's (which is then opened to validate it).
   const fail = (msg: string): never => { throw new CliError(`${file}: ${msg}`); };
   if (fmt === 'raw' && backingFile !== undefined) throw new CliError(`${file}: Backing file not supported for file format 'raw'`);
-  if (size === undefined && backingFile === undefined) throw new UsageError('Image creation needs a size parameter');
   if (backingFile !== undefined && !kv.get('backing_fmt')) {
     ctx.stderr.write(`${PROG}: ${file}: Backing file specified without backing format\n`);
     // qemu-img 7.2 then names the format it would have detected (without a trailing newline).
@@ -172,7 +171,7 @@ async function createImage(file: string, fmt: ImageFormat, size: number, kv: Map
     const st = await FileStorage.open(file, { create: true });
     try {
       const rounded = Math.ceil(size / 512) * 512;
-      if (prealloc === 'full') {
+      if (prealloc === 'full' || prealloc === 'falloc') {
         const z = Buffer.alloc(Math.min(rounded, 4 * 1024 * 1024));
         for (let p = 0; p < rounded; p += z.length) await st.write(z.subarray(0, Math.min(z.length, rounded - p)), p);
       }
