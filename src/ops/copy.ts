@@ -34,13 +34,14 @@ interface Job {
   kind: 'data' | 'zero';
 }
 
-function isZero(b: Buffer, from: number, to: number): boolean {
-  // Compare 8 bytes at a time where aligned (no per-byte loop on the hot path for big runs).
-  let i = from;
-  while (i < to && (i & 7)) if (b[i++]) return false;
-  const end8 = to - ((to - i) & 7);
-  for (; i < end8; i += 8) if (b.readUInt32LE(i) !== 0 || b.readUInt32LE(i + 4) !== 0) return false;
-  for (; i < to; i++) if (b[i]) return false;
+const ZEROS = Buffer.alloc(1024 * 1024);
+
+/** Whether b[from, to) is all zero: native memcmp against a zero buffer, no per-byte JS loop. */
+export function isZero(b: Buffer, from: number, to: number): boolean {
+  for (let p = from; p < to; p += ZEROS.length) {
+    const n = Math.min(ZEROS.length, to - p);
+    if (!b.subarray(p, p + n).equals(ZEROS.subarray(0, n))) return false;
+  }
   return true;
 }
 

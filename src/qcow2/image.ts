@@ -487,7 +487,7 @@ export class Qcow2Image implements BlockDriver {
         for (const p of plans) if (p.isNew) p.host = base + cs * k++;
       }
       // Build and issue the data writes (COW fill + guest data), merging host-contiguous pieces.
-      const pieces: Array<{ host: number; buf: Buffer }> = [];
+      const pieces: Array<{ host: number; bufs: Buffer[]; len: number }> = [];
       for (const p of plans) {
         const needsFill = p.wa < p.da || p.wb > p.db;
         let piece: Buffer;
@@ -500,10 +500,16 @@ export class Qcow2Image implements BlockDriver {
         }
         const last = pieces[pieces.length - 1];
         const host = p.host + p.wa;
-        if (last && last.host + last.buf.length === host) last.buf = Buffer.concat([last.buf, piece]);
-        else pieces.push({ host, buf: piece });
+        if (last && last.host + last.len === host) {
+          // Consecutive slices of the caller's buffer merge back into one slice.
+          const prev = last.bufs[last.bufs.length - 1];
+          if (prev.buffer === piece.buffer && prev.byteOffset + prev.length === piece.byteOffset) {
+            last.bufs[last.bufs.length - 1] = Buffer.from(prev.buffer, prev.byteOffset, prev.length + piece.length);
+          } else last.bufs.push(piece);
+          last.len += piece.length;
+        } else pieces.push({ host, bufs: [piece], len: piece.length });
       }
-      await Promise.all(pieces.map((x) => this.storage.write(x.buf, x.host)));
+      await Promise.all(pieces.map((x) => (x.bufs.length === 1 ? this.storage.write(x.bufs[0], x.host) : this.storage.writev(x.bufs, x.host))));
       // Only now point the L2 entries at the data, then release what they pointed at before.
       await this.meta.run(async () => {
         let lo = Infinity, hi = -1;

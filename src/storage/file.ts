@@ -33,6 +33,29 @@ function pwriteFull(fd: number, buf: Buffer, offset: number): Promise<void> {
   });
 }
 
+function pwritevFull(fd: number, bufs: Buffer[], offset: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let list = bufs.filter((b) => b.length > 0);
+    let pos = offset;
+    const step = (): void => {
+      if (list.length === 0) return resolve();
+      // IOV_MAX is 1024 on Linux.
+      const batch = list.slice(0, 1024);
+      fs.writev(fd, batch, pos, (err, n) => {
+        if (err) return reject(err);
+        pos += n;
+        // Drop fully written buffers; trim a partially written one.
+        let k = 0;
+        while (k < list.length && n >= list[k].length) n -= list[k++].length;
+        list = list.slice(k);
+        if (n > 0 && list.length) list[0] = list[0].subarray(n);
+        step();
+      });
+    };
+    step();
+  });
+}
+
 function wrap(name: string, e: unknown): StorageError {
   const code = (e as NodeJS.ErrnoException).code;
   return new StorageError(`${name}: ${errnoText(code)}`, code);
@@ -81,6 +104,15 @@ export class FileStorage implements Storage {
     if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
     try {
       await pwriteFull(this.fd, buf, offset);
+    } catch (e) {
+      throw wrap(this.name, e);
+    }
+  }
+
+  async writev(bufs: Buffer[], offset: number): Promise<void> {
+    if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+    try {
+      await pwritevFull(this.fd, bufs, offset);
     } catch (e) {
       throw wrap(this.name, e);
     }

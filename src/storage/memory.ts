@@ -35,6 +35,14 @@ export class MemoryStorage implements Storage {
     this.len = Math.max(this.len, offset + buf.length);
   }
 
+  async writev(bufs: Buffer[], offset: number): Promise<void> {
+    let p = offset;
+    for (const b of bufs) {
+      await this.write(b, p);
+      p += b.length;
+    }
+  }
+
   async size(): Promise<number> { return this.len; }
   async allocatedSize(): Promise<number> { return this.len; }
 

@@ -10,6 +10,8 @@ export interface Storage {
   read(buf: Buffer, offset: number): Promise<void>;
   /** Write all of buf at `offset`, growing the container if needed. */
   write(buf: Buffer, offset: number): Promise<void>;
+  /** Write several buffers back to back starting at `offset` (one request where possible). */
+  writev(bufs: Buffer[], offset: number): Promise<void>;
   /** Current length in bytes. */
   size(): Promise<number>;
   truncate(length: number): Promise<void>;
