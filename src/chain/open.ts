@@ -66,6 +66,13 @@ export async function openImage(file: string, opts: { format?: ImageFormat; read
     const driver = fmt === 'qcow2'
       ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair })
       : await RawImage.open(storage, { readOnly: opts.readOnly });
+    if (driver instanceof RawImage && !opts.format && !driver.readOnly) {
+      // A probed raw image must never become something else through guest writes.
+      driver.restrictBlock0 = true;
+      opts.log?.(`WARNING: Image format was not specified for '${file}' and probing guessed raw.\n` +
+        '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
+        "         Specify the 'raw' format explicitly to remove the restrictions.");
+    }
     return { driver, probed: !opts.format };
   } catch (e) {
     await storage.close().catch(() => {});

@@ -9,6 +9,8 @@ export class RawImage implements BlockDriver {
   readonly backingFile = null;
   readonly backingFormat = null;
   backing: BackingReader | null = null;
+  /** Set when the format was probed: writes must not turn sector 0 into another format's header. */
+  restrictBlock0 = false;
   private closed = false;
 
   private constructor(readonly storage: Storage, readonly readOnly: boolean, public size: number) {}
@@ -39,6 +41,12 @@ export class RawImage implements BlockDriver {
 
   async write(buf: Buffer, offset: number): Promise<void> {
     this.check(offset, buf.length);
+    if (this.restrictBlock0 && offset < 512) {
+      const first = Buffer.alloc(512);
+      await this.storage.read(first, 0);
+      buf.copy(first, offset, 0, Math.min(buf.length, 512 - offset));
+      if (first.readUInt32BE(0) === 0x514649fb) throw new ImageError('Operation not permitted', 'EPERM');
+    }
     await this.storage.write(buf, offset);
   }
 
