@@ -54,6 +54,12 @@ for (const [name, build] of Object.entries(builders)) {
     }
     // We only read: the files must still be clean for QEMU.
     for (const f of img.qcow2Files) await assertQemuCheckClean(f, what);
+    if (name.startsWith('compressed')) {
+      // Make sure the image really holds compressed clusters (the point of the test).
+      const r = await qemuImg(['check', img.top]);
+      const m = /([0-9.]+)% compressed clusters/.exec(r.stdout);
+      assert.ok(m && Number(m[1]) > 0, `${what} expected compressed clusters: ${r.stdout}`);
+    }
   });
 }
 

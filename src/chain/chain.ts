@@ -76,7 +76,7 @@ export class Chain {
       const inBacking = Math.max(0, Math.min(e.offset + e.length, below.size) - e.offset);
       if (inBacking > 0) for (const x of await this.statusFrom(depth + 1, e.offset, inBacking)) push(out, x);
       // Past the end of a shorter backing file the guest reads zeros.
-      if (inBacking < e.length) push(out, { offset: e.offset + inBacking, length: e.length - inBacking, kind: 'unallocated', depth: this.layers.length - 1 });
+      if (inBacking < e.length) push(out, { offset: e.offset + inBacking, length: e.length - inBacking, kind: 'unallocated', depth });
     }
     return out;
   }

@@ -60,6 +60,7 @@ export class Qcow2Image implements BlockDriver {
   readonly meta = new Mutex();
   private readonly ranges = new RangeLock();
   private dirtySet = false;
+  private dirtyWrite: Promise<void> | null = null;
   private closed = false;
   /** Last decompressed cluster (sequential reads of compressed data hit it repeatedly). */
   private lastCompressed: { offset: number; data: Buffer } | null = null;
@@ -364,29 +365,43 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Sets the dirty bit before the first write of a lazy-refcounts image (cleared on clean close). */
-  private async markDirty(): Promise<void> {
-    if (this.dirtySet || !this.lazyRefcounts || this.header.version < 3) return;
-    this.dirtySet = true;
-    this.header.incompatible |= BigInt(C.INCOMPAT_DIRTY);
-    await this.writeIncompat();
+  private markDirty(): Promise<void> {
+    if (!this.lazyRefcounts || this.header.version < 3) return Promise.resolve();
+    if (!this.dirtyWrite) {
+      this.dirtySet = true;
+      this.header.incompatible |= BigInt(C.INCOMPAT_DIRTY);
+      this.dirtyWrite = this.writeIncompat();
+    }
+    return this.dirtyWrite;
   }
 
   async write(buf: Buffer, offset: number): Promise<void> {
     this.checkRange(offset, buf.length);
     if (buf.length === 0) return;
-    await this.markDirty();
-    const cs = this.clusterSize;
-    const release = await this.ranges.acquire(Math.floor(offset / cs) * cs, Math.ceil((offset + buf.length) / cs) * cs);
+    // Take the range lock before any await, so overlapping requests keep their issue order.
+    const release = await this.lockClusters(offset, buf.length);
     try {
-      let pos = offset;
-      const end = offset + buf.length;
-      while (pos < end) {
-        const segEnd = Math.min(end, (Math.floor(pos / this.l2Coverage) + 1) * this.l2Coverage);
-        await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos);
-        pos = segEnd;
-      }
+      await this.markDirty();
+      await this.writeUnlocked(buf, offset);
     } finally {
       release();
+    }
+  }
+
+  /** Registers a cluster-rounded range lock synchronously and resolves when it is held. */
+  private lockClusters(offset: number, length: number): Promise<() => void> {
+    const cs = this.clusterSize;
+    return this.ranges.acquire(Math.floor(offset / cs) * cs, Math.ceil((offset + length) / cs) * cs);
+  }
+
+  /** write() for callers holding the range lock. */
+  private async writeUnlocked(buf: Buffer, offset: number): Promise<void> {
+    let pos = offset;
+    const end = offset + buf.length;
+    while (pos < end) {
+      const segEnd = Math.min(end, (Math.floor(pos / this.l2Coverage) + 1) * this.l2Coverage);
+      await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos);
+      pos = segEnd;
     }
   }
 
@@ -478,13 +493,13 @@ export class Qcow2Image implements BlockDriver {
       // Allocate all new clusters of the segment as one contiguous run.
       const nNew = plans.filter((p) => p.isNew).length;
       if (nNew > 0) {
-        const base = await this.meta.run(async () => {
-          const off = await this.refcounts.alloc(nNew);
-          await this.checkOverlap(off, nNew);
-          return off;
+        const hosts = await this.meta.run(async () => {
+          const list = await this.refcounts.allocMany(nNew);
+          for (const h of list) await this.checkOverlap(h, 1);
+          return list;
         });
         let k = 0;
-        for (const p of plans) if (p.isNew) p.host = base + cs * k++;
+        for (const p of plans) if (p.isNew) p.host = hosts[k++];
       }
       // Build and issue the data writes (COW fill + guest data), merging host-contiguous pieces.
       const pieces: Array<{ host: number; bufs: Buffer[]; len: number }> = [];
@@ -602,15 +617,20 @@ export class Qcow2Image implements BlockDriver {
   async writeZeroes(offset: number, length: number, opts: WriteZeroesOptions = {}): Promise<void> {
     this.checkRange(offset, length);
     if (length === 0) return;
-    await this.markDirty();
     const gran = this.extL2 ? this.subclusterSize : this.clusterSize;
     // The image's last, partial cluster counts as whole.
     const end = offset + length === this.size ? Math.ceil(this.size / gran) * gran : offset + length;
-    const headEnd = Math.min(end, Math.ceil(offset / gran) * gran);
-    const tailStart = Math.max(headEnd, Math.floor(end / gran) * gran);
-    if (headEnd > offset) await this.write(Buffer.alloc(Math.min(headEnd, offset + length) - offset), offset);
-    if (tailStart > headEnd) await this.zeroAligned(headEnd, tailStart - headEnd, !!opts.mayUnmap, false);
-    if (end > tailStart) await this.write(Buffer.alloc(offset + length - tailStart), tailStart);
+    const release = await this.lockClusters(offset, end - offset);
+    try {
+      await this.markDirty();
+      const headEnd = Math.min(end, Math.ceil(offset / gran) * gran);
+      const tailStart = Math.max(headEnd, Math.floor(end / gran) * gran);
+      if (headEnd > offset) await this.writeUnlocked(Buffer.alloc(Math.min(headEnd, offset + length) - offset), offset);
+      if (tailStart > headEnd) await this.zeroAligned(headEnd, tailStart - headEnd, !!opts.mayUnmap, false);
+      if (end > tailStart) await this.writeUnlocked(Buffer.alloc(offset + length - tailStart), tailStart);
+    } finally {
+      release();
+    }
   }
 
   /** Discard whole clusters: they become zero (v3) or unallocated (v2); partial clusters are ignored. */
@@ -621,15 +641,19 @@ export class Qcow2Image implements BlockDriver {
     let b = Math.floor((offset + length) / cs) * cs;
     if (offset + length === this.size) b = Math.ceil(this.size / cs) * cs;
     if (b <= a) return;
-    await this.markDirty();
-    await this.zeroAligned(a, b - a, true, true);
+    const release = await this.lockClusters(a, b - a);
+    try {
+      await this.markDirty();
+      await this.zeroAligned(a, b - a, true, true);
+    } finally {
+      release();
+    }
   }
 
-  /** Zero or discard a granularity-aligned range by changing entries only. */
+  /** Zero or discard a granularity-aligned range by changing entries only (caller holds the range lock). */
   private async zeroAligned(offset: number, length: number, unmap: boolean, isDiscard: boolean): Promise<void> {
     const cs = this.clusterSize, sc = this.subclusterSize;
-    const release = await this.ranges.acquire(Math.floor(offset / cs) * cs, Math.ceil((offset + length) / cs) * cs);
-    try {
+    {
       let pos = offset;
       const end = offset + length;
       while (pos < end) {
@@ -686,8 +710,6 @@ export class Qcow2Image implements BlockDriver {
         for (const [o, n] of fallback) await this.writeSegment(Buffer.alloc(n), o);
         pos = segEnd;
       }
-    } finally {
-      release();
     }
   }
 
@@ -741,13 +763,13 @@ export class Qcow2Image implements BlockDriver {
       const { offset: l2Off, table } = await this.writableL2(l1i);
       try {
         await this.meta.run(async () => {
-          const base = await this.refcounts.alloc(n);
+          const hosts = await this.refcounts.allocMany(n);
           for (let k = 0; k < n; k++) {
             // Extended L2: the clusters are reserved but their subclusters stay unallocated (as QEMU does).
-            writeL2(table, k, this.geo, base + k * cs, { copied: true, allocBits: 0, zeroBits: 0 });
+            writeL2(table, k, this.geo, hosts[k], { copied: true, allocBits: 0, zeroBits: 0 });
+            end = Math.max(end, hosts[k] + cs);
           }
           await this.writeL2Range(l2Off, table, 0, n - 1);
-          end = Math.max(end, base + n * cs);
         });
       } finally {
         this.l2.unpin(l2Off);

@@ -287,6 +287,22 @@ export class Refcounts {
     return ci * this.clusterSize;
   }
 
+  /**
+   * Allocate `n` clusters as a few contiguous runs and return each cluster's host offset.
+   * Runs are capped at half a refcount block's span: new blocks sit at the start of the range
+   * they describe, so a longer contiguous run could never be found.
+   */
+  async allocMany(n: number): Promise<number[]> {
+    const maxRun = Math.max(1, Math.floor(this.perBlock / 2));
+    const out: number[] = [];
+    while (out.length < n) {
+      const k = Math.min(maxRun, n - out.length);
+      const base = await this.alloc(k);
+      for (let i = 0; i < k; i++) out.push(base + i * this.clusterSize);
+    }
+    return out;
+  }
+
   /** Drop one reference from each cluster of [offset, offset + n clusters). */
   async free(offset: number, n: number): Promise<void> {
     await this.update(offset / this.clusterSize, n, -1);

@@ -145,6 +145,26 @@ export async function applyToChain(chain: Chain, op: Op): Promise<void> {
   }
 }
 
+/**
+ * Await `p`, but give up after `ms`: then `onTimeout` runs (e.g. close the chain, so an engine
+ * stuck in a loop fails on its closed file instead of growing it forever) and the test fails.
+ */
+export async function withTimeout<T>(p: Promise<T>, ms: number, what: string, onTimeout: () => Promise<unknown>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      reject(new Error(`${what}: no completion after ${ms} ms (engine hang?)`));
+      void onTimeout().catch(() => {});
+    }, ms);
+  });
+  p.catch(() => {}); // a late rejection (after the timeout closed the chain) is not unhandled
+  try {
+    return await Promise.race([p, t]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** Assert two buffers are equal; on mismatch report the first differing offset and a window. */
 export function assertSameBytes(actual: Buffer, expected: Buffer, what: string): void {
   if (actual.length !== expected.length) {

@@ -40,6 +40,10 @@ export interface OpenRequest {
   unmap: boolean;
   /** -U */
   forceShare: boolean;
+  /** Linux native AIO (-k, -i native): needs O_DIRECT (-n, -t none/directsync). */
+  nativeAio?: boolean;
+  /** The cache mode bypasses the host page cache (-n, -t none, -t directsync). */
+  directCache?: boolean;
   /** `-o key=value` options other than driver (refused: the drivers take no options here). */
   extraOptions?: Array<[string, string]>;
 }
@@ -84,14 +88,16 @@ export class IoSession {
   snapshot = false;
   /** The format was probed as raw (writes to block 0 are restricted). */
   probedRaw = false;
-  /** Explicitly requested format (for reopen). */
-  requestedFormat: ImageFormat | undefined;
   /** The device was ejected by a fatal corruption event: every request fails with ENOMEDIUM. */
   ejected = false;
   /** `quit` was given. */
   quit = false;
   /** A corruption event was reported (QEMU reports only the first one). */
   private corruptionReported = false;
+  /** Completions of asynchronous requests that failed at submission (reported at the next poll). */
+  private aioFailed: Array<() => void> = [];
+  /** Asynchronous requests in flight (they complete when the requests are drained). */
+  private aioInFlight: Array<{ read: boolean; run: () => Promise<void> }> = [];
 
   constructor(readonly stdout: Sink, readonly stderr: Sink) {}
 
@@ -120,11 +126,6 @@ export class IoSession {
     }
     this.stderr.write(line + '\n');
   };
-
-  get top(): BlockDriver {
-    if (!this.chain) throw new IoErrno('ENOMEDIUM');
-    return this.chain.top;
-  }
 
   /** `blk_getlength()`. */
   length(): number {
@@ -158,7 +159,11 @@ export class IoSession {
     }
     if (req.forceShare && !req.readOnly) return fail('force-share=on can only be used with read-only images');
     if (req.copyOnRead && req.readOnly) return fail("Can't use copy-on-read on read-only device");
+    if (req.nativeAio && !req.directCache) {
+      return fail('aio=native was specified, but it requires cache.direct=on, which was not specified.');
+    }
     const file = req.file;
+    if (file === '') return fail("The 'file' block driver requires a file name");
     let chain: Chain;
     try {
       chain = await openChain(file, { format, readOnly: req.readOnly || req.snapshot, log: this.log });
@@ -184,20 +189,16 @@ export class IoSession {
     this.copyOnRead = req.copyOnRead;
     this.unmap = req.unmap;
     this.snapshot = req.snapshot;
-    this.requestedFormat = format;
     this.ejected = false;
     this.corruptionReported = false;
-    this.probedRaw = format === undefined && chain.layers[req.snapshot ? 1 : 0].driver.format === 'raw';
-    if (this.probedRaw && !req.readOnly && !req.snapshot) {
-      this.err(`WARNING: Image format was not specified for '${file}' and probing guessed raw.\n` +
-        '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
-        "         Specify the 'raw' format explicitly to remove the restrictions.\n");
-    }
+    this.probedRaw = format === undefined && !req.snapshot && chain.top.format === 'raw';
+    // (The warning about a probed raw image comes from the engine, through the log callback.)
     return true;
   }
 
   /** Close the image (flushes, clears the dirty bit). Errors are reported and returned as false. */
   async close(): Promise<boolean> {
+    await this.drain();
     const chain = this.chain;
     this.chain = null;
     this.ejected = false;
@@ -217,6 +218,7 @@ export class IoSession {
    * one is closed, so a failure leaves the image as it was.
    */
   async reopen(readOnly: boolean): Promise<boolean> {
+    await this.drain();
     const chain = this.chain;
     if (!chain) return false;
     if (readOnly === this.readOnly) {
@@ -232,7 +234,6 @@ export class IoSession {
       await chain.flush();
       next = await openChain(this.filename, { format: chain.top.format, readOnly, log: this.log });
     } catch (e) {
-      if (errnoOf(e) === null && !(e instanceof Error)) throw e;
       this.report(openFailureReason(this.filename, e));
       return false;
     }
@@ -241,6 +242,54 @@ export class IoSession {
     if (readOnly && this.copyOnRead) this.copyOnRead = false;
     await chain.close().catch(() => {});
     return true;
+  }
+
+  // ---- asynchronous requests -------------------------------------------------------------------
+
+  /**
+   * Submit an asynchronous request (aio_read / aio_write). The request is checked now; a request
+   * that fails the check completes at the next event loop iteration (`poll`, i.e. while a later
+   * synchronous request waits), and so does a read; a write completes when the requests are
+   * drained (aio_flush, sleep, close, exit). This is how qemu-io's completions usually interleave
+   * with later commands (in QEMU it depends on timing).
+   */
+  submitAio(offset: bigint | number, bytes: number, anyLength: boolean, read: boolean, onError: (errno: string) => void, run: () => Promise<void>): void {
+    try {
+      if (!this.chain || this.ejected) throw new IoErrno('ENOMEDIUM');
+      if (anyLength) this.checkLarge(offset, bytes);
+      else this.check(offset, bytes);
+    } catch (e) {
+      const code = errnoOf(e);
+      if (code === null) throw e;
+      this.aioFailed.push(() => onError(code));
+      return;
+    }
+    this.aioInFlight.push({ read, run });
+  }
+
+  /**
+   * One event loop iteration: the completions of failed requests (newest first, as QEMU runs
+   * its bottom halves), then the asynchronous reads in flight.
+   */
+  async poll(): Promise<void> {
+    const failed = this.aioFailed;
+    this.aioFailed = [];
+    for (let i = failed.length - 1; i >= 0; i--) failed[i]();
+    const reads = this.aioInFlight.filter((r) => r.read);
+    if (reads.length === 0) return;
+    this.aioInFlight = this.aioInFlight.filter((r) => !r.read);
+    for (const r of reads) await r.run();
+  }
+
+  /** Complete every asynchronous request (`blk_drain_all()`). */
+  async drain(): Promise<void> {
+    const failed = this.aioFailed;
+    this.aioFailed = [];
+    for (let i = failed.length - 1; i >= 0; i--) failed[i]();
+    while (this.aioInFlight.length > 0) {
+      const r = this.aioInFlight.shift() as { run: () => Promise<void> };
+      await r.run();
+    }
   }
 
   // ---- requests --------------------------------------------------------------------------------
@@ -260,6 +309,7 @@ export class IoSession {
     const off = this.check(offset, bytes);
     const buf = Buffer.alloc(bytes);
     if (bytes === 0) return buf;
+    await this.poll();
     const chain = this.chain as Chain;
     if (this.copyOnRead) await this.copyOnReadRange(off, bytes);
     await chain.read(buf, off);
@@ -299,6 +349,7 @@ export class IoSession {
   async write(offset: bigint | number, data: Buffer): Promise<void> {
     const off = this.check(offset, data.length);
     if (data.length === 0) return;
+    await this.poll();
     const chain = this.chain as Chain;
     if (this.probedRaw && off < PROBE_SIZE) {
       // raw_co_pwritev(): a write must not make block 0 probe as another format.
@@ -316,9 +367,10 @@ export class IoSession {
     if (bytes < 0) throw new IoErrno('EIO');
     const off = this.checkLarge(offset, bytes);
     if (bytes === 0) return;
+    await this.poll();
     const chain = this.chain;
     if (noFallback && !(await this.zeroesWithoutFallback(off, bytes))) throw new IoErrno('ENOTSUP');
-    await chain.writeZeroes(off, bytes, { mayUnmap: mayUnmap && this.unmap });
+    await chain.writeZeroes(off, bytes, { mayUnmap });
   }
 
   /** Bounds check for requests that may exceed MAX_REQUEST (zero writes with -n). */
@@ -388,6 +440,7 @@ export class IoSession {
   async discard(offset: bigint | number, bytes: number): Promise<void> {
     const off = this.check(offset, bytes);
     if (bytes === 0 || !this.unmap) return;
+    await this.poll();
     await (this.chain as Chain).discard(off, bytes);
   }
 
@@ -402,6 +455,7 @@ export class IoSession {
    */
   async topStatus(offset: number, end: number): Promise<StatusResult> {
     if (!this.chain || this.ejected) throw new IoErrno('ENOMEDIUM');
+    await this.poll();
     const top = this.chain.top;
     const extents: Extent[] = [];
     const gran = Math.max(512, top.granularity);
