@@ -325,13 +325,11 @@ const CASES: Case[] = [
   // ---- known engine differences ----
   {
     name: 'qcow2 v3: a partial zero write on an unallocated cluster makes the whole cluster a zero cluster',
-    todo: 'engine: writeZeroes allocates a data cluster for the partial head/tail instead of zeroing the whole cluster when the rest already reads as zero',
     setup: (d) => createQcow2(d),
     args: [...c('write -z 0 4k', 'write -z 1M 4k', 'write -P 1 2M 64k', 'write -z -n 2M 64k', 'write -z -n 2052k 4k', 'map'), 't.img'],
   },
   {
     name: 'qcow2 v2 without backing: zero writes deallocate',
-    todo: 'engine: v2 zero writes keep (or allocate) data clusters where QEMU leaves the clusters unallocated',
     setup: (d) => createQcow2(d, ['-o', 'compat=0.10']),
     args: [...c('write -P 1 0 256k', 'write -z 0 64k', 'write -z -u 128k 64k', 'write -z 1M 4k', 'map'), 't.img'],
   },
@@ -343,7 +341,6 @@ const CASES: Case[] = [
   },
   {
     name: 'probed raw: only a real format header in block 0 is refused',
-    todo: 'engine: RawImage refuses any write that puts the qcow2 magic at offset 0; QEMU also requires a version >= 2 (qcow2) or 1 (qcow)',
     setup: async (d) => {
       await createRaw(d);
       await createQcow2(d, [], '4M', 'q.img');

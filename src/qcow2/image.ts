@@ -106,7 +106,8 @@ export class Qcow2Image implements BlockDriver {
 
   /** Check whether `buf` (the first bytes of a file) looks like qcow2. */
   static probe(buf: Buffer): boolean {
-    return buf.length >= 8 && buf.readUInt32BE(0) === C.QCOW2_MAGIC;
+    // QEMU's probe also requires version >= 2 (version 1 is the old qcow format, 0 probes as raw).
+    return buf.length >= 8 && buf.readUInt32BE(0) === C.QCOW2_MAGIC && buf.readUInt32BE(4) >= 2;
   }
 
   static async open(storage: Storage, opts: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
@@ -623,14 +624,26 @@ export class Qcow2Image implements BlockDriver {
     const release = await this.lockClusters(offset, end - offset);
     try {
       await this.markDirty();
-      const headEnd = Math.min(end, Math.ceil(offset / gran) * gran);
-      const tailStart = Math.max(headEnd, Math.floor(end / gran) * gran);
-      if (headEnd > offset) await this.writeUnlocked(Buffer.alloc(Math.min(headEnd, offset + length) - offset), offset);
+      // As QEMU: a partial head/tail cluster whose other bytes already read as zero is zeroed whole.
+      let a = offset, b = end;
+      const headStart = Math.floor(offset / gran) * gran;
+      if (a > headStart && (await this.readsZero(headStart, a - headStart))) a = headStart;
+      const tailEnd = Math.min(Math.ceil(end / gran) * gran, Math.ceil(this.size / gran) * gran);
+      if (b < tailEnd && (await this.readsZero(b, tailEnd - b))) b = tailEnd;
+      const headEnd = Math.min(b, Math.ceil(a / gran) * gran);
+      const tailStart = Math.max(headEnd, Math.floor(b / gran) * gran);
+      if (headEnd > a) await this.writeUnlocked(Buffer.alloc(headEnd - a), a);
       if (tailStart > headEnd) await this.zeroAligned(headEnd, tailStart - headEnd, !!opts.mayUnmap, false);
-      if (end > tailStart) await this.writeUnlocked(Buffer.alloc(offset + length - tailStart), tailStart);
+      if (b > tailStart) await this.writeUnlocked(Buffer.alloc(b - tailStart), tailStart);
     } finally {
       release();
     }
+  }
+
+  /** Whether this layer's range reads as zero without looking below it (zero, or unallocated with no backing). */
+  private async readsZero(offset: number, length: number): Promise<boolean> {
+    const exts = await this.blockStatus(offset, length);
+    return exts.every((x) => x.kind === 'zero' || (x.kind === 'unallocated' && !this.backing));
   }
 
   /** Discard whole clusters: they become zero (v3) or unallocated (v2); partial clusters are ignored. */
@@ -715,15 +728,12 @@ export class Qcow2Image implements BlockDriver {
 
   private async zeroSegmentV2(pos: number, segEnd: number, isDiscard: boolean): Promise<void> {
     const cs = this.clusterSize;
-    if (!isDiscard) {
-      // No zero flag in v2: write zeros, except where nothing is allocated and nothing shows through.
-      for (let c = pos; c < segEnd; c += cs) {
-        const found = await this.entryFor(c);
-        if (!this.backing && (!found || found.e.type === ClusterType.Unallocated)) continue;
-        await this.writeSegment(Buffer.alloc(Math.min(segEnd, c + cs) - c), c);
-      }
+    if (!isDiscard && this.backing) {
+      // No zero flag in v2: zeros must hide the backing data, so they are written out.
+      for (let c = pos; c < segEnd; c += cs) await this.writeSegment(Buffer.alloc(Math.min(segEnd, c + cs) - c), c);
       return;
     }
+    // Without a backing file an unallocated cluster reads as zero: deallocate (as QEMU does).
     const l1i = Math.floor(pos / this.l2Coverage);
     const l1e = this.l1Entry(l1i);
     if (!l1e.offset) return;

@@ -45,7 +45,8 @@ export class RawImage implements BlockDriver {
       const first = Buffer.alloc(512);
       await this.storage.read(first, 0);
       buf.copy(first, offset, 0, Math.min(buf.length, 512 - offset));
-      if (first.readUInt32BE(0) === 0x514649fb) throw new ImageError('Operation not permitted', 'EPERM');
+      // qcow2 (version >= 2) or qcow (version 1) header: the next probe would not say raw.
+      if (first.readUInt32BE(0) === 0x514649fb && first.readUInt32BE(4) >= 1) throw new ImageError('Operation not permitted', 'EPERM');
     }
     await this.storage.write(buf, offset);
   }
