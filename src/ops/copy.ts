@@ -87,7 +87,16 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
         if (opts.topOnly) {
           exts = (await src.top.blockStatus(pos, len)).map((x) => ({ ...x, depth: 0 }));
         } else exts = await src.blockStatus(pos, len);
+        // Neighbouring runs of the same kind merge whatever layer holds them: one read through
+        // the chain serves them all, so requests stay large.
+        const merged: Array<{ offset: number; length: number; kind: ChainExtent['kind'] }> = [];
         for (const x of exts) {
+          const last = merged[merged.length - 1];
+          const k = x.kind === 'data' ? 'data' : x.kind === 'zero' || !opts.topOnly ? 'zero' : 'unallocated';
+          if (last && last.kind === k && last.offset + last.length === x.offset) last.length += x.length;
+          else merged.push({ offset: x.offset, length: x.length, kind: k });
+        }
+        for (const x of merged) {
           const kind = x.kind === 'data' ? 'data' : 'zero';
           if (kind === 'zero' && (opts.targetIsZero || (opts.topOnly && x.kind === 'unallocated')) && !opts.allocateAll) {
             report(x.length);
