@@ -153,7 +153,10 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
     if (backingFileSize > C.MAX_BACKING_FILE_NAME || backingFileSize > clusterSize - backingFileOffset) {
       throw new ImageError('Backing file name too long');
     }
-    h.backingFile = buf.toString('utf8', backingFileOffset, backingFileOffset + backingFileSize);
+    const raw = buf.subarray(backingFileOffset, backingFileOffset + backingFileSize);
+    const nul = raw.indexOf(0);
+    // QEMU treats the name as a C string: it ends at the first NUL byte.
+    h.backingFile = raw.toString('utf8', 0, nul < 0 ? raw.length : nul);
   }
   void fileSize;
   return h;
@@ -177,7 +180,7 @@ function readExtensions(buf: Buffer, h: Qcow2Header, clusterSize: number): void 
     switch (type) {
       case C.EXT_BACKING_FORMAT:
         if (len >= 16) throw new ImageError(`ERROR: ext_backing_format: len=${len} too large (>=16)`);
-        h.backingFormat = data.toString('utf8');
+        h.backingFormat = data.toString('utf8', 0, data.indexOf(0) < 0 ? data.length : data.indexOf(0));
         break;
       case C.EXT_FEATURE_TABLE:
         for (let i = 0; i + 48 <= len; i += 48) {

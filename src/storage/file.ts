@@ -91,6 +91,11 @@ export class FileStorage implements Storage {
   }
 
   async read(buf: Buffer, offset: number): Promise<void> {
+    // Offsets past 2^53 lie far beyond any real file: they read as zero, like any read past EOF.
+    if (!Number.isSafeInteger(offset + buf.length) || offset < 0) {
+      buf.fill(0);
+      return;
+    }
     let n: number;
     try {
       n = await preadFull(this.fd, buf, offset);
