@@ -32,6 +32,8 @@ export interface OpenOptions {
   allowBacking?: (resolvedPath: string) => boolean;
   /** Diagnostic lines (corruption notices, repairs). */
   log?: (line: string) => void;
+  /** Name the file once in errors about the file itself (qemu-img create's backing check does). */
+  singleFilePrefix?: boolean;
   /** Do not repair a dirty image on read-write open (check does its own). */
   noRepair?: boolean;
 }
@@ -98,7 +100,18 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
   const layers: Layer[] = [];
   const seen = new Set<string>();
   try {
-    const top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair });
+    let top;
+    try {
+      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair });
+    } catch (e) {
+      // qemu-img names the file twice when the file itself cannot be opened (the block layer and
+      // the protocol driver both prefix it); format errors are named once.
+      if (e instanceof ImageError && e.errno && e.errno !== 'EIO' && e.message.startsWith(`Could not open '${file}': `) &&
+        !opts.singleFilePrefix) {
+        throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
+      }
+      throw e;
+    }
     layers.push({ driver: top.driver, filename: file });
     seen.add(identity(file));
     let cur = layers[0];

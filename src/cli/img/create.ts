@@ -95,7 +95,7 @@ export async function createMain(argv: string[], ctx: CliContext): Promise<numbe
     const bfmt = formatArg(kv.get('backing_fmt') as string);
     let chain;
     try {
-      chain = await open(bpath, { format: bfmt, readOnly: true }, ctx);
+      chain = await open(bpath, { format: bfmt, readOnly: true, singleFilePrefix: true }, ctx);
     } catch (e) {
       let msg = asCliError(e).message;
       // qemu-img names the file only for errors of the file itself, not of its format.
