@@ -115,7 +115,7 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
   }
   if (compressionType > 1) throw new ImageError(`qcow2: unknown compression type: ${compressionType}`);
   if ((Number(incompatible) & C.INCOMPAT_EXTL2) !== 0 && clusterBits < 14) {
-    throw new ImageError('The cluster size must be at least 16 KiB when using extended L2 entries'.replace('16 KiB', '16384 bytes'));
+    throw new ImageError('The cluster size must be at least 16384 bytes when using extended L2 entries');
   }
 
   // Virtual size and tables.

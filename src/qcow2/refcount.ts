@@ -192,7 +192,7 @@ export class Refcounts {
   private async growTable(minEntries: number): Promise<void> {
     const cs = this.clusterSize;
     const fileClusters = Math.ceil((await this.storage.size()) / cs);
-    let start = Math.max(fileClusters, this.coveredClusters());
+    const start = Math.max(fileClusters, this.coveredClusters());
     // The new area: [new blocks for uncovered table indices][new table]. Iterate to a fixed point.
     let entries = Math.max(minEntries, Math.ceil(this.table.length * 1.5));
     let tableClusters = 0, newBlocks = 0, areaEnd = 0;
@@ -245,7 +245,6 @@ export class Refcounts {
     await this.onTableMoved(this.tableOffset, tableClusters);
     // Only after the header points at the new table is the old one released.
     await this.update(oldOffset / cs, oldClusters, -1);
-    start = 0;
   }
 
   /** Number of clusters the current table's blocks can describe. */

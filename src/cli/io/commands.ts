@@ -294,14 +294,9 @@ async function readF(s: IoSession, argv: string[]): Promise<number> {
   });
   if (typeof rest === 'number') return rest;
   if (rest.length !== 2) return usage(s, READ);
-  const offset = cvt(s, rest[0]);
-  if (offset === null) return EINVAL;
-  const count = cvt(s, rest[1]);
-  if (count === null) return EINVAL;
-  if (count > BigInt(MAX_REQUEST)) {
-    s.out(`length cannot exceed ${MAX_REQUEST}, given ${rest[1]}\n`);
-    return EINVAL;
-  }
+  const range = offsetAndCount(s, rest);
+  if (range === null) return EINVAL;
+  const { offset, count } = range;
   if (!P && (lflag || sflag)) return usage(s, READ);
   if (!lflag) patCount = count - patOff;
   if (patCount < 0n || patCount + patOff > count) {
@@ -412,14 +407,9 @@ async function writeF(s: IoSession, argv: string[]): Promise<number> {
     s.out('Only one of -z, -P, and -s can be specified at the same time\n');
     return EINVAL;
   }
-  const offset = cvt(s, rest[0]);
-  if (offset === null) return EINVAL;
-  const count = cvt(s, rest[1]);
-  if (count === null) return EINVAL;
-  if (count > BigInt(MAX_REQUEST) && !noFallback) {
-    s.out(`length cannot exceed ${MAX_REQUEST} without -n, given ${rest[1]}\n`);
-    return EINVAL;
-  }
+  const range = offsetAndCount(s, rest, noFallback, ' without -n');
+  if (range === null) return EINVAL;
+  const { offset, count } = range;
   if ((b || c) && (notSectorAligned(s, offset, 'offset') || notSectorAligned(s, count, 'count'))) return EINVAL;
   let buf: Buffer | null = null;
   if (!z) {
@@ -574,6 +564,22 @@ async function aioWriteF(s: IoSession, argv: string[]): Promise<number> {
   return 0;
 }
 
+/**
+ * Parses the `off len` pair of read/write/discard; a length above MAX_REQUEST is refused (with
+ * qemu-io's message) unless `allowLong`. Returns null after printing the error.
+ */
+function offsetAndCount(s: IoSession, rest: string[], allowLong = false, qualifier = ''): { offset: bigint; count: bigint } | null {
+  const offset = cvt(s, rest[0]);
+  if (offset === null) return null;
+  const count = cvt(s, rest[1]);
+  if (count === null) return null;
+  if (count > BigInt(MAX_REQUEST) && !allowLong) {
+    s.out(`length cannot exceed ${MAX_REQUEST}${qualifier}, given ${rest[1]}\n`);
+    return null;
+  }
+  return { offset, count };
+}
+
 async function discardF(s: IoSession, argv: string[]): Promise<number> {
   let C = false, q = false;
   const rest = parseOptions(s, DISCARD, argv, 'Cq', (o) => {
@@ -583,14 +589,9 @@ async function discardF(s: IoSession, argv: string[]): Promise<number> {
   });
   if (typeof rest === 'number') return rest;
   if (rest.length !== 2) return usage(s, DISCARD);
-  const offset = cvt(s, rest[0]);
-  if (offset === null) return EINVAL;
-  const bytes = cvt(s, rest[1]);
-  if (bytes === null) return EINVAL;
-  if (bytes > BigInt(MAX_REQUEST)) {
-    s.out(`length cannot exceed ${MAX_REQUEST}, given ${rest[1]}\n`);
-    return EINVAL;
-  }
+  const range = offsetAndCount(s, rest);
+  if (range === null) return EINVAL;
+  const { offset, count: bytes } = range;
   const t = await timed(s, 'discard', () => s.discard(offset, Number(bytes)));
   if (t === null) return -5;
   if (!q) s.out(formatIoReport('discard', Number(offset), Number(bytes), Number(bytes), 1, t, C));
