@@ -335,7 +335,6 @@ const CASES: Case[] = [
   },
   {
     name: 'raw discard punches a hole (reads back as zero)',
-    todo: 'engine: RawImage.discard is a no-op, QEMU deallocates and the range reads as zero',
     setup: (d) => createRaw(d, '1M'),
     args: ['-f', 'raw', ...c('write -P 5 0 64k', 'discard 0 64k', 'read -P 0 0 64k'), 't.img'],
   },

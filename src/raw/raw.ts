@@ -53,6 +53,9 @@ export class RawImage implements BlockDriver {
 
   async writeZeroes(offset: number, length: number, _opts?: WriteZeroesOptions): Promise<void> {
     this.check(offset, length);
+    if (length === 0) return;
+    // Like QEMU's file driver, zeroing deallocates where the host can punch holes.
+    if (this.storage.punchHole) return this.storage.punchHole(offset, length);
     const chunk = Buffer.alloc(Math.min(length, 4 * 1024 * 1024));
     for (let p = 0; p < length; p += chunk.length) {
       const n = Math.min(chunk.length, length - p);
@@ -62,7 +65,9 @@ export class RawImage implements BlockDriver {
 
   async discard(offset: number, length: number): Promise<void> {
     this.check(offset, length);
-    // Without a punch-hole primitive in Node, discard is a no-op (it is advisory).
+    // Discard punches a hole where the host supports it (as qemu-io's file driver does); it is
+    // advisory, so without the primitive it does nothing.
+    if (this.storage.punchHole && length > 0) await this.storage.punchHole(offset, length);
   }
 
   async flush(): Promise<void> {

@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import { Storage, StorageError, errnoText } from './storage.js';
+import { nativeFs } from './native.js';
 
 /** Promise wrappers over the callback fs API (faster than FileHandle at small sizes, see docs). */
 function preadFull(fd: number, buf: Buffer, offset: number): Promise<number> {
@@ -122,6 +123,20 @@ export class FileStorage implements Storage {
       throw wrap(this.name, e);
     }
   }
+
+  /** Present only where the native hole-punching primitive loaded. */
+  readonly punchHole = nativeFs()
+    ? async (offset: number, length: number): Promise<void> => {
+      if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+      const end = Math.min(offset + length, await this.size());
+      if (end <= offset) return;
+      try {
+        await (nativeFs() as NonNullable<ReturnType<typeof nativeFs>>).trim(this.fd, offset, end - offset);
+      } catch (e) {
+        throw wrap(this.name, e);
+      }
+    }
+    : undefined;
 
   async size(): Promise<number> {
     return new Promise((res, rej) => fs.fstat(this.fd, (err, st) => (err ? rej(wrap(this.name, err)) : res(st.size))));

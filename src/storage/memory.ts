@@ -35,6 +35,12 @@ export class MemoryStorage implements Storage {
     this.len = Math.max(this.len, offset + buf.length);
   }
 
+  async punchHole(offset: number, length: number): Promise<void> {
+    if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+    const end = Math.min(this.len, offset + length);
+    if (end > offset) this.buf.fill(0, offset, end);
+  }
+
   async writev(bufs: Buffer[], offset: number): Promise<void> {
     let p = offset;
     for (const b of bufs) {

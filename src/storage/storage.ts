@@ -17,6 +17,11 @@ export interface Storage {
   truncate(length: number): Promise<void>;
   /** Make completed writes durable. */
   flush(): Promise<void>;
+  /**
+   * Make [offset, offset+length) read as zero and give its space back where the host allows
+   * (hole punching); the length of the container is unchanged. Absent when not supported.
+   */
+  punchHole?(offset: number, length: number): Promise<void>;
   /** Bytes actually allocated on the host (st_blocks*512 for files). */
   allocatedSize(): Promise<number>;
   close(): Promise<void>;
