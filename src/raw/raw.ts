@@ -21,8 +21,26 @@ export class RawImage implements BlockDriver {
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    const len = Math.min(length, this.size - offset);
-    return len > 0 ? [{ offset, length: len, kind: 'data', hostOffset: offset }] : [];
+    const end = Math.min(offset + length, this.size);
+    if (end <= offset) return [];
+    const { seekData, seekHole } = this.storage;
+    if (!seekData || !seekHole) return [{ offset, length: end - offset, kind: 'data', hostOffset: offset }];
+    // Holes of a sparse file read as zero (QEMU's file driver reports them as zero, offset valid).
+    const out: Extent[] = [];
+    const push = (a: number, b: number, kind: 'data' | 'zero'): void => {
+      if (b > a) out.push({ offset: a, length: b - a, kind, hostOffset: a });
+    };
+    let pos = offset;
+    while (pos < end) {
+      let data = seekData.call(this.storage, pos);
+      if (data < 0 || data > end) data = end;
+      push(pos, data, 'zero');
+      if (data >= end) break;
+      const hole = Math.min(end, Math.max(data + 1, seekHole.call(this.storage, data)));
+      push(data, hole, 'data');
+      pos = hole;
+    }
+    return out;
   }
 
   async readOwn(buf: Buffer, offset: number): Promise<void> {

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { Storage, StorageError, errnoText } from './storage.js';
-import { nativeFs } from './native.js';
+import { SEEK_DATA, SEEK_HOLE, nativeFs, nativeSeek } from './native.js';
 
 /** Promise wrappers over the callback fs API (faster than FileHandle at small sizes, see docs). */
 function preadFull(fd: number, buf: Buffer, offset: number): Promise<number> {
@@ -137,6 +137,19 @@ export class FileStorage implements Storage {
       }
     }
     : undefined;
+
+  readonly seekData = nativeSeek() ? (offset: number): number => this.seek(offset, SEEK_DATA) : undefined;
+  readonly seekHole = nativeSeek() ? (offset: number): number => this.seek(offset, SEEK_HOLE) : undefined;
+
+  private seek(offset: number, whence: number): number {
+    try {
+      return (nativeSeek() as NonNullable<ReturnType<typeof nativeSeek>>).seekSync(this.fd, offset, whence);
+    } catch (e) {
+      // ENXIO: no data (or no hole) at or after offset, i.e. offset is at or past the end.
+      if ((e as NodeJS.ErrnoException).code === 'ENXIO') return whence === SEEK_DATA ? -1 : offset;
+      throw wrap(this.name, e);
+    }
+  }
 
   async size(): Promise<number> {
     return new Promise((res, rej) => fs.fstat(this.fd, (err, st) => (err ? rej(wrap(this.name, err)) : res(st.size))));

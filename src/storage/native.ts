@@ -1,7 +1,8 @@
 /**
- * Optional native file primitives Node lacks (hole punching now; OFD byte-range locks later),
- * from the prebuilt `fs-native-extensions` addon. Loaded lazily; when it cannot load on a
- * platform, callers fall back to portable behaviour (writing zeros).
+ * Optional native file primitives Node lacks: hole punching and OFD byte-range locks (prebuilt
+ * `fs-native-extensions` addon), lseek SEEK_DATA/SEEK_HOLE (prebuilt `fs-ext-extra-prebuilt`).
+ * Loaded lazily; when one cannot load on a platform, callers fall back to portable behaviour
+ * (writing zeros, reporting everything as data).
  */
 import { createRequire } from 'node:module';
 
@@ -24,3 +25,23 @@ export function nativeFs(): NativeFs | null {
   }
   return cached;
 }
+
+export interface NativeSeek {
+  seekSync(fd: number, offset: number, whence: number): number;
+}
+
+let seekCached: NativeSeek | null | undefined;
+
+export function nativeSeek(): NativeSeek | null {
+  if (seekCached === undefined) {
+    try {
+      seekCached = createRequire(import.meta.url)('fs-ext-extra-prebuilt') as NativeSeek;
+    } catch {
+      seekCached = null;
+    }
+  }
+  return seekCached;
+}
+
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;

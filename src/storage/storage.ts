@@ -22,6 +22,13 @@ export interface Storage {
    * (hole punching); the length of the container is unchanged. Absent when not supported.
    */
   punchHole?(offset: number, length: number): Promise<void>;
+  /**
+   * Sparse-file queries (lseek SEEK_DATA / SEEK_HOLE): the first data byte at or after `offset`
+   * (-1 when only holes follow), and the first hole byte at or after `offset` (end of file counts
+   * as a hole). Absent when the host cannot tell.
+   */
+  seekData?(offset: number): number;
+  seekHole?(offset: number): number;
   /** Bytes actually allocated on the host (st_blocks*512 for files). */
   allocatedSize(): Promise<number>;
   close(): Promise<void>;
