@@ -40,3 +40,22 @@ test('raw discard and write -z -u give space back like qemu-io, contents equal',
   assert.ok(sizes[1] <= 5 * MiB, `qchain left ${sizes[1]} bytes allocated`);
   assert.ok(Math.abs(sizes[0] - sizes[1]) <= 64 * 1024, `allocated ${sizes[0]} vs ${sizes[1]}`);
 });
+
+test('raw map reports holes as zero runs, as qemu-img map does', oracle(), async () => {
+  const dir = scratch();
+  const f = path.join(dir, 'sparse.raw');
+  assert.equal((await qemuImg(['create', '-q', '-f', 'raw', f, '64M'])).code, 0);
+  assert.equal((await qemuIo(['-f', 'raw', '-c', 'write -P 1 0 1M', '-c', 'write -P 2 5M 3M', '-c', 'write 63M 4k', f])).code, 0);
+  for (const extra of [[], ['--output=json'], ['--output=json', '--start-offset=2M', '--max-length=5M']]) {
+    const q = await qemuImg(['map', '-f', 'raw', ...extra, f]);
+    const m = await qchain(['img', 'map', '-f', 'raw', ...extra, f]);
+    assert.equal(m.stdout, q.stdout, extra.join(' '));
+    assert.equal(m.code, q.code);
+  }
+  // A raw base under a qcow2 overlay: holes resolve through the chain.
+  const top = path.join(dir, 'top.qcow2');
+  assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', '-b', f, '-F', 'raw', top])).code, 0);
+  const q = await qemuImg(['map', '--output=json', top]);
+  const m = await qchain(['img', 'map', '--output=json', top]);
+  assert.equal(m.stdout, q.stdout);
+});
