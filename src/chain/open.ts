@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { FileStorage } from '../storage/file.js';
+import type { LockMode } from '../storage/lock.js';
 import type { Storage } from '../storage/storage.js';
 import { StorageError } from '../storage/storage.js';
 import type { BlockDriver } from '../image/driver.js';
@@ -36,6 +37,10 @@ export interface OpenOptions {
   singleFilePrefix?: boolean;
   /** Do not repair a dirty image on read-write open (check does its own). */
   noRepair?: boolean;
+  /** Share every permission with other openers (qemu-img -U); only for read-only opens. */
+  forceShare?: boolean;
+  /** Take no image locks at all (default: QEMU-compatible locks). */
+  noLock?: boolean;
 }
 
 export const FORMATS: readonly ImageFormat[] = ['qcow2', 'raw'];
@@ -51,18 +56,20 @@ export async function probeFormat(storage: Storage): Promise<ImageFormat> {
   return Qcow2Image.probe(head) ? 'qcow2' : 'raw';
 }
 
-async function openStorage(file: string, readOnly: boolean): Promise<FileStorage> {
+async function openStorage(file: string, readOnly: boolean, lock: LockMode): Promise<FileStorage> {
   try {
-    return await FileStorage.open(file, { readOnly });
+    return await FileStorage.open(file, { readOnly, lock });
   } catch (e) {
+    // Lock conflicts are named by the caller (QEMU prefixes them once, or not at all for backing files).
+    if (e instanceof StorageError && e.code === 'ELOCKED') throw new ImageError(e.message, e.code);
     if (e instanceof StorageError) throw new ImageError(`Could not open '${file}': ${e.message}`, e.code);
     throw e;
   }
 }
 
 /** Open one image file with a known or probed format. Errors read "Could not open 'F': reason". */
-export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
-  const storage = await openStorage(file, !!opts.readOnly);
+export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; lock?: LockMode } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
+  const storage = await openStorage(file, !!opts.readOnly, opts.lock ?? (opts.readOnly ? 'read' : 'write'));
   try {
     const fmt = opts.format ?? (await probeFormat(storage));
     const driver = fmt === 'qcow2'
@@ -78,7 +85,7 @@ export async function openImage(file: string, opts: { format?: ImageFormat; read
     return { driver, probed: !opts.format };
   } catch (e) {
     await storage.close().catch(() => {});
-    if (e instanceof ImageError && !e.message.startsWith('Could not open')) {
+    if (e instanceof ImageError && !e.message.startsWith('Could not open') && e.errno !== 'ELOCKED') {
       throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
     }
     throw e;
@@ -97,13 +104,16 @@ function identity(file: string): string {
 /** Open `file` and (unless noBacking) its whole backing chain. */
 export async function openChain(file: string, opts: OpenOptions = {}): Promise<Chain> {
   const maxDepth = opts.maxDepth ?? MAX_CHAIN_DEPTH;
+  const lockFor = (readOnly: boolean): LockMode =>
+    opts.noLock ? 'none' : readOnly ? (opts.forceShare ? 'shared' : 'read') : 'write';
   const layers: Layer[] = [];
   const seen = new Set<string>();
   try {
     let top;
     try {
-      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair });
+      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, lock: lockFor(!!opts.readOnly) });
     } catch (e) {
+      if (e instanceof ImageError && e.errno === 'ELOCKED') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
       // qemu-img names the file twice when the file itself cannot be opened (the block layer and
       // the protocol driver both prefix it); format errors are named once.
       if (e instanceof ImageError && e.errno && e.errno !== 'EIO' && e.message.startsWith(`Could not open '${file}': `) &&
@@ -135,7 +145,7 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
       }
       let opened;
       try {
-        opened = await openImage(name, { format, readOnly: true, log: opts.log });
+        opened = await openImage(name, { format, readOnly: true, log: opts.log, lock: lockFor(true) });
       } catch (e) {
         if (e instanceof ImageError) throw new ImageError(`Could not open '${file}': ${prefix}${e.message}`, e.errno);
         throw e;
@@ -149,4 +159,19 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
     throw e;
   }
   return new Chain(layers);
+}
+
+/** Take the locks of an open chain (opened with noLock): the top for its mode, the rest read-only. */
+export function relockChain(chain: Chain, opts: { readOnly: boolean; forceShare?: boolean }): void {
+  chain.layers.forEach((l, depth) => {
+    const st = l.driver.storage;
+    if (!(st instanceof FileStorage)) return;
+    const ro = depth > 0 || opts.readOnly;
+    try {
+      st.lock(ro ? (opts.forceShare ? 'shared' : 'read') : 'write');
+    } catch (e) {
+      if (e instanceof StorageError) throw new ImageError(depth === 0 ? `Could not open '${l.filename}': ${e.message}` : `Could not open backing file: ${e.message}`, e.code);
+      throw e;
+    }
+  });
 }

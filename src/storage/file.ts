@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import { Storage, StorageError, errnoText } from './storage.js';
 import { SEEK_DATA, SEEK_HOLE, nativeFs, nativeSeek } from './native.js';
+import { lockImage, type LockMode } from './lock.js';
 
 /** Promise wrappers over the callback fs API (faster than FileHandle at small sizes, see docs). */
 function preadFull(fd: number, buf: Buffer, offset: number): Promise<number> {
@@ -64,8 +65,10 @@ function wrap(name: string, e: unknown): StorageError {
 
 export interface FileOpenOptions {
   readOnly?: boolean;
-  /** Create (or truncate) the file. */
+  /** Create (or truncate) the file. The file is truncated only after the lock is held. */
   create?: boolean;
+  /** Image lock to take (QEMU-compatible byte-range locks); default none. */
+  lock?: LockMode;
 }
 
 /** A regular file (or block device) accessed with positional I/O. */
@@ -75,7 +78,7 @@ export class FileStorage implements Storage {
   /** Opens `path`; failures carry QEMU's strerror text (e.g. "No such file or directory"). */
   static async open(path: string, opts: FileOpenOptions = {}): Promise<FileStorage> {
     const readOnly = !!opts.readOnly;
-    const flags = opts.create ? 'w+' : readOnly ? 'r' : 'r+';
+    const flags = opts.create ? fs.constants.O_RDWR | fs.constants.O_CREAT : readOnly ? 'r' : 'r+';
     try {
       const fd = await new Promise<number>((res, rej) =>
         fs.open(path, flags, 0o644, (err, fd) => (err ? rej(err) : res(fd))));
@@ -84,11 +87,24 @@ export class FileStorage implements Storage {
         fs.closeSync(fd);
         throw Object.assign(new Error('dir'), { code: 'EISDIR' });
       }
+      try {
+        lockImage(fd, path, opts.lock ?? 'none');
+      } catch (e) {
+        fs.closeSync(fd);
+        throw e;
+      }
+      if (opts.create && st.isFile()) fs.ftruncateSync(fd, 0);
       return new FileStorage(path, fd, readOnly);
     } catch (e) {
+      if (e instanceof StorageError) throw e;
       const code = (e as NodeJS.ErrnoException).code;
       throw new StorageError(errnoText(code), code);
     }
+  }
+
+  /** Take the image locks for `mode` on a file opened without locks; throws on a conflict with another opener. */
+  lock(mode: LockMode): void {
+    lockImage(this.fd, this.name, mode);
   }
 
   async read(buf: Buffer, offset: number): Promise<void> {

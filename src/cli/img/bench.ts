@@ -17,6 +17,7 @@ export async function benchMain(argv: string[], ctx: CliContext): Promise<number
     if (!Number.isInteger(n) || n <= 0) throw new CliError(`Invalid ${what} specified`);
     return n;
   };
+  let forceShare = false;
   for (const o of opts) {
     const a = o.arg as string;
     switch (o.opt) {
@@ -24,6 +25,7 @@ export async function benchMain(argv: string[], ctx: CliContext): Promise<number
       case 'c': count = num(a, 'request count'); break;
       case 'd': depth = num(a, 'queue depth'); break;
       case 'f': fmt = formatArg(a); break;
+      case 'U': forceShare = true; break;
       case 'o': offset = parseSize(a, { name: 'offset' }); break;
       case 's': bufsize = parseSize(a, { name: 'buffer size' }); break;
       case 'S': step = parseSize(a, { name: 'step size' }); break;
@@ -36,7 +38,7 @@ export async function benchMain(argv: string[], ctx: CliContext): Promise<number
   }
   const file = oneFile(rest);
   if (!step) step = bufsize;
-  const chain = await open(file, { format: fmt, readOnly: !write }, ctx);
+  const chain = await open(file, { format: fmt, readOnly: !write, forceShare }, ctx);
   try {
     const size = chain.size;
     if (!quiet) {

@@ -46,10 +46,12 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
   const { opts, rest } = parseArgs(argv, ':hf:r:T:qU', [HELP, FORMAT, { name: 'repair', hasArg: 'required', val: 'r' }, OUTPUT, OBJECT, IMAGE_OPTS, FORCE_SHARE]);
   let fmt: ImageFormat | undefined, output: 'human' | 'json' = 'human', quiet = false;
   let fix: FixMode | null = null;
+  let forceShare = false;
   for (const o of opts) {
     switch (o.opt) {
       case 'h': ctx.stdout.write('usage: qchain img check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n'); return 0;
       case 'f': fmt = formatArg(o.arg as string); break;
+      case 'U': forceShare = true; break;
       case 'r':
         if (o.arg === 'leaks') fix = { leaks: true, errors: false };
         else if (o.arg === 'all') fix = { leaks: true, errors: true };
@@ -61,7 +63,7 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
     }
   }
   const file = oneFile(rest);
-  const chain = await open(file, { format: fmt, readOnly: !fix, noBacking: true, noRepair: true }, ctx);
+  const chain = await open(file, { format: fmt, readOnly: !fix, noBacking: true, noRepair: true, forceShare }, ctx);
   const report = (l: string): void => { ctx.stderr.write(`${l}\n`); };
   try {
     const img = chain.top;

@@ -19,11 +19,13 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   let backing: string | undefined, backingFmt: string | undefined, optstr: string | undefined;
   let compress = false, progress = false, noCreate = false, targetIsZero = false;
   let sparse = 4096, parallel = 8, outOfOrder = false;
+  let forceShare = false;
   for (const o of opts) {
     const a = o.arg as string;
     switch (o.opt) {
       case 'h': ctx.stdout.write('usage: qchain img convert [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename\n'); return 0;
       case 'f': srcFmt = formatArg(a); break;
+      case 'U': forceShare = true; break;
       case 'O': outFmt = formatArg(a); break;
       case 'B': backing = a; break;
       case 'F': backingFmt = a; break;
@@ -72,7 +74,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   let dst: Chain | null = null;
   const bar = new ProgressPrinter(progress, ctx.stdout, 1.0, ctx.stderr);
   try {
-    for (const s of srcNames) sources.push(await open(s, { format: srcFmt, readOnly: true }, ctx));
+    for (const s of srcNames) sources.push(await open(s, { format: srcFmt, readOnly: true, forceShare }, ctx));
     const total = sources.reduce((a, c) => a + c.size, 0);
     if (!noCreate) await createTarget(target, outFmt, total, optstr, backing, backingFmt);
     try {
@@ -109,7 +111,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
 
 async function createTarget(file: string, fmt: ImageFormat, size: number, optstr: string | undefined, backing?: string, backingFmt?: string): Promise<void> {
   const kv = new Map<string, string>(optstr ? parseOptString(optstr) : []);
-  const st = await FileStorage.open(file, { create: true }).catch((e: Error) => { throw new CliError(`${file}: error while converting ${fmt}: ${e.message}`); });
+  const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new CliError(`${file}: error while converting ${fmt}: ${e.message}`); });
   try {
     if (fmt === 'raw') {
       await st.truncate(Math.ceil(size / 512) * 512);

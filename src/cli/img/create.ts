@@ -168,7 +168,7 @@ async function createImage(file: string, fmt: ImageFormat, size: number, kv: Map
     throw new ImageError(`Invalid parameter '${prealloc}'`);
   }
   if (fmt === 'raw') {
-    const st = await FileStorage.open(file, { create: true });
+    const st = await FileStorage.open(file, { create: true, lock: 'write' });
     try {
       const rounded = Math.ceil(size / 512) * 512;
       if (prealloc === 'full' || prealloc === 'falloc') {
@@ -205,7 +205,7 @@ async function createImage(file: string, fmt: ImageFormat, size: number, kv: Map
     throw new ImageError(`Could not assign backing file '${o.backingFile}' with format '${o.backingFormat}': Invalid argument`);
   }
   validateCreateOptions(o); // before the file is touched
-  const st = await FileStorage.open(file, { create: true });
+  const st = await FileStorage.open(file, { create: true, lock: 'write' });
   try {
     const img = await createQcow2(st, o);
     await img.close();

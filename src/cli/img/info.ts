@@ -90,17 +90,19 @@ export function humanInfo(info: Record<string, unknown>, d: BlockDriver): string
 export async function infoMain(argv: string[], ctx: CliContext): Promise<number> {
   const { opts, rest } = parseArgs(argv, ':f:hU', [HELP, FORMAT, OUTPUT, { name: 'backing-chain', hasArg: 'no', val: 'CHAIN' }, OBJECT, IMAGE_OPTS, FORCE_SHARE]);
   let fmt: ImageFormat | undefined, output: 'human' | 'json' = 'human', chainMode = false;
+  let forceShare = false;
   for (const o of opts) {
     switch (o.opt) {
       case 'h': ctx.stdout.write('usage: qchain img info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n'); return 0;
       case 'f': fmt = formatArg(o.arg as string); break;
+      case 'U': forceShare = true; break;
       case 'OUTPUT': output = outputArg(o.arg as string); break;
       case 'CHAIN': chainMode = true; break;
       case 'IMAGE_OPTS': throw new UsageError('--image-opts is not supported by qchain');
     }
   }
   const file = oneFile(rest);
-  const chain: Chain = await open(file, { format: fmt, readOnly: true, noBacking: !chainMode, noRepair: true }, ctx);
+  const chain: Chain = await open(file, { format: fmt, readOnly: true, noBacking: !chainMode, noRepair: true, forceShare }, ctx);
   try {
     const infos: Record<string, unknown>[] = [];
     for (const l of chain.layers) infos.push(await imageInfo(l.driver, l.filename));

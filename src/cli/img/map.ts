@@ -64,10 +64,12 @@ export async function mapMain(argv: string[], ctx: CliContext): Promise<number> 
     { name: 'start-offset', hasArg: 'required', val: 'START' }, { name: 'max-length', hasArg: 'required', val: 'MAXLEN' }]);
   let fmt: ImageFormat | undefined, output: 'human' | 'json' = 'human';
   let start = 0, maxLen = Number.MAX_SAFE_INTEGER;
+  let forceShare = false;
   for (const o of opts) {
     switch (o.opt) {
       case 'h': ctx.stdout.write('usage: qchain img map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename\n'); return 0;
       case 'f': fmt = formatArg(o.arg as string); break;
+      case 'U': forceShare = true; break;
       case 'OUTPUT': output = outputArg(o.arg as string); break;
       case 'START': start = parseSize(o.arg as string, { name: 'start offset' }); break;
       case 'MAXLEN': maxLen = parseSize(o.arg as string, { name: 'max length' }); break;
@@ -75,7 +77,7 @@ export async function mapMain(argv: string[], ctx: CliContext): Promise<number> 
     }
   }
   const file = oneFile(rest);
-  const chain = await open(file, { format: fmt, readOnly: true }, ctx);
+  const chain = await open(file, { format: fmt, readOnly: true, forceShare }, ctx);
   try {
     if (output === 'json') {
       let first = true;

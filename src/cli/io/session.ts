@@ -10,7 +10,7 @@
 import path from 'node:path';
 import type { Sink } from '../context.js';
 import { Chain } from '../../chain/chain.js';
-import { openChain, type ImageFormat } from '../../chain/open.js';
+import { openChain, relockChain, type ImageFormat } from '../../chain/open.js';
 import type { BlockDriver, Extent } from '../../image/driver.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { createQcow2 } from '../../qcow2/create.js';
@@ -166,7 +166,7 @@ export class IoSession {
     if (file === '') return fail("The 'file' block driver requires a file name");
     let chain: Chain;
     try {
-      chain = await openChain(file, { format, readOnly: req.readOnly || req.snapshot, log: this.log });
+      chain = await openChain(file, { format, readOnly: req.readOnly || req.snapshot, log: this.log, forceShare: req.forceShare });
     } catch (e) {
       return fail(openFailureReason(file, e));
     }
@@ -232,15 +232,23 @@ export class IoSession {
     let next: Chain;
     try {
       await chain.flush();
-      next = await openChain(this.filename, { format: chain.top.format, readOnly, log: this.log });
+      // The new chain takes its locks once the old one has let go of them (same-process OFD
+      // locks of two open files conflict like any others).
+      next = await openChain(this.filename, { format: chain.top.format, readOnly, log: this.log, noLock: true });
     } catch (e) {
       this.report(openFailureReason(this.filename, e));
       return false;
     }
+    await chain.close().catch(() => {});
     this.chain = next;
     this.readOnly = readOnly;
+    try {
+      relockChain(next, { readOnly });
+    } catch (e) {
+      this.report(openFailureReason(this.filename, e));
+      return false;
+    }
     if (readOnly && this.copyOnRead) this.copyOnRead = false;
-    await chain.close().catch(() => {});
     return true;
   }
 

@@ -43,9 +43,12 @@ export class UsageError extends CliError {
   }
 }
 
-/** `program: msg\n` for every line of `msg` (QEMU's `error_report()` format). */
+/** Hint lines QEMU appends to an error without the program prefix (error_append_hint). */
+const HINT_LINE = /^Is another process using the image \[.*\]\?$/;
+
+/** `program: msg\n` for every line of `msg` (QEMU's `error_report()` format); hint lines unprefixed. */
 export function formatError(program: string, msg: string): string {
-  return msg.split('\n').map((line) => `${program}: ${line}\n`).join('');
+  return msg.split('\n').map((line) => (HINT_LINE.test(line) ? `${line}\n` : `${program}: ${line}\n`)).join('');
 }
 
 /** `program: warning: msg\n` (QEMU's `warn_report()` format). */
