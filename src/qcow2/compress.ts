@@ -33,11 +33,7 @@
  * i.e. strictly smaller than the cluster.
  */
 import zlib from 'node:zlib';
-import {
-  init as zstdInit,
-  compress as zstdCompress,
-  decompress as zstdDecompress,
-} from '@bokuweb/zstd-wasm';
+import type * as ZstdWasm from '@bokuweb/zstd-wasm';
 
 export const COMPRESSION_ZLIB = 0;
 export const COMPRESSION_ZSTD = 1;
@@ -62,6 +58,8 @@ const ZSTD_BLOCK_SIZE_MAX = 128 * 1024;
 // zstd wasm initialisation (once, lazily)
 
 let zstdReady: Promise<void> | null = null;
+/** The codec, loaded on first use (the wasm module costs start-up time most commands never need). */
+let zstd: typeof ZstdWasm | null = null;
 
 /**
  * Initialise the zstd wasm module. Idempotent; called implicitly by the
@@ -69,7 +67,10 @@ let zstdReady: Promise<void> | null = null;
  */
 export function initZstd(): Promise<void> {
   if (zstdReady === null) {
-    zstdReady = zstdInit().catch((err: unknown) => {
+    zstdReady = import('@bokuweb/zstd-wasm').then(async (m) => {
+      await m.init();
+      zstd = m;
+    }).catch((err: unknown) => {
       zstdReady = null;
       throw err;
     });
@@ -154,7 +155,7 @@ export async function compressCluster(type: CompressionType, data: Buffer): Prom
     });
   } else {
     await initZstd();
-    const u8 = zstdCompress(data, ZSTD_LEVEL);
+    const u8 = (zstd as typeof ZstdWasm).compress(data, ZSTD_LEVEL);
     out = Buffer.from(u8.buffer, u8.byteOffset, u8.byteLength);
   }
   // QEMU's output buffer is cluster_size - 1 bytes.
@@ -341,7 +342,7 @@ function zstdDecodeCluster(src: Buffer, clusterSize: number): Buffer {
         throw new Error(`zstd frame content size ${frame.contentSize} exceeds the ${remaining} bytes left in the cluster`);
       }
       // The binding throws if the frame decodes to more than the capacity.
-      const part = zstdDecompress(src.subarray(pos, pos + frame.length), { defaultHeapSize: remaining });
+      const part = (zstd as typeof ZstdWasm).decompress(src.subarray(pos, pos + frame.length), { defaultHeapSize: remaining });
       if (part.length > remaining) throw new Error('zstd frame overflows the cluster');
       if (part.length > 0) parts.push(part);
       produced += part.length;

@@ -140,22 +140,29 @@ export class FileStorage implements Storage {
     }
   }
 
-  /** Present only where the native hole-punching primitive loaded. */
-  readonly punchHole = nativeFs()
-    ? async (offset: number, length: number): Promise<void> => {
+  /** Present only where the native hole-punching primitive loads (loaded on first use). */
+  get punchHole(): ((offset: number, length: number) => Promise<void>) | undefined {
+    const nfs = nativeFs();
+    if (!nfs) return undefined;
+    return async (offset: number, length: number): Promise<void> => {
       if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
       const end = Math.min(offset + length, await this.size());
       if (end <= offset) return;
       try {
-        await (nativeFs() as NonNullable<ReturnType<typeof nativeFs>>).trim(this.fd, offset, end - offset);
+        await nfs.trim(this.fd, offset, end - offset);
       } catch (e) {
         throw wrap(this.name, e);
       }
-    }
-    : undefined;
+    };
+  }
 
-  readonly seekData = nativeSeek() ? (offset: number): number => this.seek(offset, SEEK_DATA) : undefined;
-  readonly seekHole = nativeSeek() ? (offset: number): number => this.seek(offset, SEEK_HOLE) : undefined;
+  get seekData(): ((offset: number) => number) | undefined {
+    return nativeSeek() ? (offset: number): number => this.seek(offset, SEEK_DATA) : undefined;
+  }
+
+  get seekHole(): ((offset: number) => number) | undefined {
+    return nativeSeek() ? (offset: number): number => this.seek(offset, SEEK_HOLE) : undefined;
+  }
 
   private seek(offset: number, whence: number): number {
     try {
