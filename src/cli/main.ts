@@ -10,6 +10,7 @@ const USAGE = `qchain - qcow2 backing-chain management (qemu-img / qemu-io compa
 Usage:
   qchain img <command> [options...]   the qemu-img command line (create, info, map, check, convert)
   qchain io [options...] [-c cmd]... file   the qemu-io command line
+  qchain daemon [options] [file]       the storage daemon: NBD exports of open chains (qemu-storage-daemon)
   qchain demo                          build the seed walk-through chain in a temporary folder and show it
   qchain --help | --version
 
@@ -24,6 +25,7 @@ export async function main(argv: string[], ctx: CliContext = processContext): Pr
       case 'img': return await (await import('./img/main.js')).imgMain(rest, ctx);
       case 'io': return await (await import('./io/main.js')).ioMain(rest, ctx);
       case 'demo': return await (await import('./demo.js')).demoMain(rest, ctx);
+      case 'daemon': return await (await import('./daemon/main.js')).daemonMain(rest, ctx);
       case '--version': case '-V': ctx.stdout.write(`qchain ${await version()}\n`); return 0;
       case undefined: case '-h': case '--help': ctx.stdout.write(USAGE); return cmd === undefined ? 1 : 0;
       default:

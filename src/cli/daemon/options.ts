@@ -1,0 +1,141 @@
+/**
+ * qemu-storage-daemon's command line for the parts qchain implements: --blockdev, --nbd-server,
+ * --export, plus a short form (--nbd PATH file). Option values are QEMU keyval strings
+ * ("a=b,c=d", a literal comma written ",,").
+ */
+import { UsageError } from '../util/errors.js';
+
+export function parseKeyval(s: string): Map<string, string> {
+  const out = new Map<string, string>();
+  let i = 0;
+  while (i < s.length) {
+    let key = '';
+    while (i < s.length && s[i] !== '=' && s[i] !== ',') key += s[i++];
+    if (s[i] !== '=') throw new UsageError(`Expected '=' after parameter '${key}'`);
+    i++;
+    let val = '';
+    for (;;) {
+      if (i >= s.length) break;
+      if (s[i] === ',') {
+        if (s[i + 1] === ',') {
+          val += ',';
+          i += 2;
+          continue;
+        }
+        i++;
+        break;
+      }
+      val += s[i++];
+    }
+    if (out.has(key)) throw new UsageError(`Parameter '${key}' given more than once`);
+    out.set(key, val);
+  }
+  return out;
+}
+
+export interface BlockdevSpec { driver: string; nodeName: string; filename?: string; file?: string; backing?: string | null; readOnly: boolean; discard: boolean }
+export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[] }
+export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+
+export interface DaemonOptions {
+  blockdevs: BlockdevSpec[];
+  nbdServers: AddrSpec[];
+  exports: ExportSpec[];
+  pidfile?: string;
+}
+
+function bool(key: string, v: string | undefined, def: boolean): boolean {
+  if (v === undefined) return def;
+  if (v === 'on' || v === 'true' || v === 'yes') return true;
+  if (v === 'off' || v === 'false' || v === 'no') return false;
+  throw new UsageError(`Parameter '${key}' expects 'on' or 'off'`);
+}
+
+/** QEMU's discard option: "unmap"/"on" passes discards down, "ignore"/"off" (the default) drops them. */
+function discardOpt(v: string | undefined): boolean {
+  if (v === undefined || v === 'ignore' || v === 'off') return false;
+  if (v === 'unmap' || v === 'on') return true;
+  throw new UsageError(`Invalid discard option '${v}'`);
+}
+
+function addr(kv: Map<string, string>): AddrSpec {
+  const type = kv.get('addr.type');
+  if (type === 'unix') {
+    const path = kv.get('addr.path');
+    if (!path) throw new UsageError("Parameter 'addr.path' is missing");
+    return { type, path };
+  }
+  if (type === 'inet') {
+    const port = Number(kv.get('addr.port'));
+    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new UsageError("Parameter 'addr.port' expects a port number");
+    return { type, host: kv.get('addr.host') ?? '127.0.0.1', port };
+  }
+  throw new UsageError(`Parameter 'addr.type' does not accept value '${type ?? ''}'`);
+}
+
+export function parseDaemonArgs(argv: string[]): DaemonOptions {
+  const o: DaemonOptions = { blockdevs: [], nbdServers: [], exports: [] };
+  const positional: string[] = [];
+  let shortNbd: AddrSpec | null = null;
+  let shortName = '';
+  let shortWritable = true;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const eq = a.indexOf('=');
+    const [flag, inline] = a.startsWith('--') && eq > 0 ? [a.slice(0, eq), a.slice(eq + 1)] : [a, undefined];
+    const value = (): string => {
+      if (inline !== undefined) return inline;
+      if (i + 1 >= argv.length) throw new UsageError(`option '${flag}' requires an argument`);
+      return argv[++i];
+    };
+    switch (flag) {
+      case '--blockdev': {
+        const kv = parseKeyval(value());
+        const driver = kv.get('driver');
+        const nodeName = kv.get('node-name');
+        if (!driver) throw new UsageError("Parameter 'driver' is missing");
+        if (!nodeName) throw new UsageError('A block device must be given a node-name');
+        const backing = kv.has('backing') ? (kv.get('backing') === 'null' ? null : kv.get('backing')) : undefined;
+        o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')) });
+        break;
+      }
+      case '--nbd-server': o.nbdServers.push(addr(parseKeyval(value()))); break;
+      case '--export': {
+        const kv = parseKeyval(value());
+        if (kv.get('type') !== 'nbd') throw new UsageError(`Parameter 'type' does not accept value '${kv.get('type') ?? ''}'`);
+        const id = kv.get('id'), nodeName = kv.get('node-name');
+        if (!id) throw new UsageError("Parameter 'id' is missing");
+        if (!nodeName) throw new UsageError("Parameter 'node-name' is missing");
+        o.exports.push({
+          id, nodeName, name: kv.get('name') ?? nodeName, writable: bool('writable', kv.get('writable'), false),
+          allocationDepth: bool('allocation-depth', kv.get('allocation-depth'), false),
+          bitmaps: [...kv.entries()].filter(([k]) => k.startsWith('bitmaps.')).map(([, v]) => v),
+        });
+        break;
+      }
+      case '--pidfile': o.pidfile = value(); break;
+      // Short form.
+      case '--nbd': shortNbd = { type: 'unix', path: value() }; break;
+      case '--nbd-tcp': {
+        const v = value();
+        const c = v.lastIndexOf(':');
+        shortNbd = { type: 'inet', host: c > 0 ? v.slice(0, c) : '127.0.0.1', port: Number(c >= 0 ? v.slice(c + 1) : v) };
+        break;
+      }
+      case '--name': shortName = value(); break;
+      case '--read-only': case '-r': shortWritable = false; break;
+      default:
+        if (a.startsWith('-')) throw new UsageError(`unrecognized option '${a}'`);
+        positional.push(a);
+    }
+  }
+  if (positional.length > 1) throw new UsageError('Expecting one image file name');
+  if (positional.length === 1) {
+    o.blockdevs.push({ driver: 'auto', nodeName: 'disk0', filename: positional[0], readOnly: !shortWritable, discard: true });
+    if (shortNbd) o.nbdServers.push(shortNbd);
+    o.exports.push({ id: 'export0', nodeName: 'disk0', name: shortName, writable: shortWritable, allocationDepth: true, bitmaps: [] });
+  } else if (shortNbd) {
+    throw new UsageError('--nbd needs an image file name');
+  }
+  return o;
+}

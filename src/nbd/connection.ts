@@ -1,0 +1,248 @@
+/**
+ * One NBD client: fixed-newstyle option haggling, then transmission with many requests in
+ * flight and replies sent as each completes (out of order). Replies are written whole, with no
+ * await between their parts, so they never interleave. A malformed request or oversized
+ * payload ends this client's connection only.
+ */
+import type { Socket } from 'node:net';
+import * as P from './protocol.js';
+import { ClosedError, SocketReader } from './reader.js';
+import type { NbdExport } from './export.js';
+import { handshake, type Negotiated } from './handshake.js';
+import type { ChainExtent } from '../chain/chain.js';
+
+/** Requests executing at once per connection; header reading pauses beyond this. */
+const MAX_IN_FLIGHT = 64;
+/** Extents per block-status chunk at most (a reply may cover less than asked). */
+const MAX_EXTENTS = 65536;
+
+export interface ConnectionLog {
+  (line: string): void;
+}
+
+export class NbdConnection {
+  private readonly reader: SocketReader;
+  private inFlight = 0;
+  private slotWaiter: (() => void) | null = null;
+  private idle: (() => void) | null = null;
+
+  constructor(private readonly socket: Socket, private readonly exports: (name: string) => NbdExport | undefined,
+    private readonly listExports: () => NbdExport[], private readonly log: ConnectionLog = () => {}) {
+    this.reader = new SocketReader(socket);
+    socket.setNoDelay(true);
+    socket.on('error', () => {});
+  }
+
+  async run(): Promise<void> {
+    try {
+      const n = await handshake(this.reader, this.socket, this.exports, this.listExports);
+      if (n) await this.transmission(n);
+    } catch (e) {
+      if (!(e instanceof ClosedError)) this.log(`NBD client dropped: ${e instanceof Error ? e.message : String(e)}`);
+    } finally {
+      await this.drained();
+      this.socket.destroySoon?.();
+      this.socket.end();
+    }
+  }
+
+  private drained(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((r) => { this.idle = r; });
+  }
+
+  private async transmission(n: Negotiated): Promise<void> {
+    for (;;) {
+      if (this.inFlight >= MAX_IN_FLIGHT) await new Promise<void>((r) => { this.slotWaiter = r; });
+      const h = await this.reader.read(28);
+      if (h.readUInt32BE(0) !== P.REQUEST_MAGIC) throw new Error('bad request magic');
+      const flags = h.readUInt16BE(4), type = h.readUInt16BE(6);
+      const handle = h.subarray(8, 16);
+      const offset = Number(h.readBigUInt64BE(16));
+      const length = h.readUInt32BE(24);
+      let payload: Buffer | null = null;
+      if (type === P.CMD_WRITE) {
+        // The payload must be consumed to stay in sync; one larger than the limit ends the client.
+        if (length > P.MAX_BUFFER) throw new Error(`write of ${length} bytes exceeds the maximum`);
+        payload = await this.reader.read(length);
+      }
+      if (type === P.CMD_DISC) return;
+      this.inFlight++;
+      void this.execute(n, { flags, type, handle, offset, length, payload }).finally(() => {
+        this.inFlight--;
+        const w = this.slotWaiter;
+        this.slotWaiter = null;
+        w?.();
+        if (this.inFlight === 0) this.idle?.();
+      });
+    }
+  }
+
+  private async execute(n: Negotiated, r: Request): Promise<void> {
+    const exp = n.export;
+    const chain = exp.chain();
+    const size = chain.size;
+    try {
+      const known = P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_DF | P.CMD_FLAG_REQ_ONE | P.CMD_FLAG_FAST_ZERO;
+      if (r.flags & ~known) return this.error(n, r, P.EINVAL, `unsupported flags 0x${r.flags.toString(16)} (got 0x${r.flags.toString(16)})`);
+      if (r.type > P.CMD_BLOCK_STATUS || r.type === P.CMD_DISC) return this.error(n, r, P.EINVAL, `invalid request type (${r.type}) received`);
+      const ranged = r.type !== P.CMD_FLUSH;
+      if (ranged && (!Number.isSafeInteger(r.offset) || r.offset + r.length > size)) {
+        return this.error(n, r, P.EINVAL, `operation past EOF; From: ${r.offset}, Len: ${r.length}, Size: ${size}`);
+      }
+      const writes = r.type === P.CMD_WRITE || r.type === P.CMD_TRIM || r.type === P.CMD_WRITE_ZEROES;
+      if (writes && !exp.writable) return this.error(n, r, P.EPERM, 'export is read-only');
+      switch (r.type) {
+        case P.CMD_READ: return await this.read(n, r);
+        case P.CMD_WRITE:
+          await chain.write(r.payload as Buffer, r.offset);
+          if (r.flags & P.CMD_FLAG_FUA) await chain.flush();
+          return this.ok(r);
+        case P.CMD_WRITE_ZEROES:
+          await chain.writeZeroes(r.offset, r.length, { mayUnmap: !(r.flags & P.CMD_FLAG_NO_HOLE) });
+          if (r.flags & P.CMD_FLAG_FUA) await chain.flush();
+          return this.ok(r);
+        case P.CMD_TRIM:
+          if (exp.discard) await chain.discard(r.offset, r.length);
+          if (r.flags & P.CMD_FLAG_FUA) await chain.flush();
+          return this.ok(r);
+        case P.CMD_FLUSH:
+          await chain.flush();
+          return this.ok(r);
+        case P.CMD_CACHE:
+          return this.ok(r);
+        case P.CMD_BLOCK_STATUS:
+          return await this.blockStatus(n, r);
+      }
+    } catch (e) {
+      this.error(n, r, P.EIO, e instanceof Error ? e.message : String(e));
+    }
+  }
+
+  private ok(r: Request): void {
+    const b = Buffer.alloc(16);
+    b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+    r.handle.copy(b, 8);
+    this.socket.write(b);
+  }
+
+  /** An error reply: a structured ERROR chunk when negotiated, else a simple reply. */
+  private error(n: Negotiated, r: Request, code: number, msg: string): void {
+    if (!n.structured) {
+      const b = Buffer.alloc(16);
+      b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+      b.writeUInt32BE(code, 4);
+      r.handle.copy(b, 8);
+      this.socket.write(b);
+      return;
+    }
+    const m = Buffer.from(msg.slice(0, 4096), 'utf8');
+    const p = Buffer.alloc(6 + m.length);
+    p.writeUInt32BE(code, 0);
+    p.writeUInt16BE(m.length, 4);
+    m.copy(p, 6);
+    this.chunk(r, P.REPLY_FLAG_DONE, P.REPLY_TYPE_ERROR, [p]);
+  }
+
+  private chunk(r: Request, flags: number, type: number, parts: Buffer[]): void {
+    const h = Buffer.alloc(20);
+    h.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
+    h.writeUInt16BE(flags, 4);
+    h.writeUInt16BE(type, 6);
+    r.handle.copy(h, 8);
+    h.writeUInt32BE(parts.reduce((a, b) => a + b.length, 0), 16);
+    this.socket.cork();
+    this.socket.write(h);
+    for (const p of parts) this.socket.write(p);
+    this.socket.uncork();
+  }
+
+  private async read(n: Negotiated, r: Request): Promise<void> {
+    if (r.length > P.MAX_BUFFER) return this.error(n, r, P.EINVAL, `len (${r.length}) is larger than max len (${P.MAX_BUFFER})`);
+    const chain = n.export.chain();
+    const buf = Buffer.allocUnsafe(r.length);
+    if (!n.structured) {
+      await chain.read(buf, r.offset);
+      const h = Buffer.alloc(16);
+      h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+      r.handle.copy(h, 8);
+      this.socket.cork();
+      this.socket.write(h);
+      this.socket.write(buf);
+      this.socket.uncork();
+      return;
+    }
+    if (r.length === 0) return this.chunk(r, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, []);
+    const exts = r.flags & P.CMD_FLAG_DF ? null : await chain.blockStatus(r.offset, r.length);
+    await chain.read(buf, r.offset);
+    // Data and hole segments (DF: one data chunk); each chunk is sent whole, the last with DONE.
+    const segs: Array<{ off: number; len: number; data: boolean }> = [];
+    if (!exts) segs.push({ off: r.offset, len: r.length, data: true });
+    else {
+      for (const x of exts) {
+        const data = x.kind === 'data';
+        const last = segs[segs.length - 1];
+        if (last && last.data === data && last.off + last.len === x.offset) last.len += x.length;
+        else segs.push({ off: x.offset, len: x.length, data });
+      }
+      const covered = segs.reduce((a, s) => a + s.len, 0);
+      if (covered < r.length) segs.push({ off: r.offset + covered, len: r.length - covered, data: false });
+    }
+    segs.forEach((s, i) => {
+      const done = i === segs.length - 1 ? P.REPLY_FLAG_DONE : 0;
+      const o = Buffer.alloc(s.data ? 8 : 12);
+      o.writeBigUInt64BE(BigInt(s.off), 0);
+      if (s.data) this.chunk(r, done, P.REPLY_TYPE_OFFSET_DATA, [o, buf.subarray(s.off - r.offset, s.off - r.offset + s.len)]);
+      else {
+        o.writeUInt32BE(s.len, 8);
+        this.chunk(r, done, P.REPLY_TYPE_OFFSET_HOLE, [o]);
+      }
+    });
+  }
+
+  private async blockStatus(n: Negotiated, r: Request): Promise<void> {
+    if (!n.structured || n.contexts.length === 0) return this.error(n, r, P.EINVAL, 'no meta contexts negotiated');
+    if (r.length === 0) return this.error(n, r, P.EINVAL, 'block status of zero length');
+    const chain = n.export.chain();
+    const one = (r.flags & P.CMD_FLAG_REQ_ONE) !== 0;
+    let exts: ChainExtent[] | null = null;
+    const parts: Buffer[][] = [];
+    for (const ctx of n.contexts) {
+      let runs: Array<[number, number]>;
+      if (ctx.kind === 'bitmap') {
+        runs = (ctx.bitmap?.status(r.offset, r.length) ?? []).map(([, len, d]) => [len, d ? P.STATE_DIRTY : 0]);
+      } else {
+        exts ??= await chain.blockStatus(r.offset, r.length);
+        runs = exts.map((x) => [x.length, ctx.kind === 'base'
+          ? (x.kind === 'data' ? 0 : P.STATE_HOLE | P.STATE_ZERO)
+          : (x.kind === 'unallocated' ? 0 : x.depth + 1)]);
+      }
+      const merged: Array<[number, number]> = [];
+      for (const [len, f] of runs) {
+        const last = merged[merged.length - 1];
+        if (last && last[1] === f && last[0] + len <= 0xffffffff) last[0] += len;
+        else merged.push([len, f]);
+        if (merged.length >= (one ? 1 : MAX_EXTENTS)) break;
+      }
+      if (merged.length === 0) merged.push([r.length, ctx.kind === 'base' ? P.STATE_HOLE | P.STATE_ZERO : 0]);
+      if (one) merged[0][0] = Math.min(merged[0][0], r.length);
+      const p = Buffer.alloc(4 + merged.length * 8);
+      p.writeUInt32BE(ctx.id, 0);
+      merged.forEach(([len, f], i) => {
+        p.writeUInt32BE(len, 4 + i * 8);
+        p.writeUInt32BE(f >>> 0, 8 + i * 8);
+      });
+      parts.push([p]);
+    }
+    parts.forEach((p, i) => this.chunk(r, i === parts.length - 1 ? P.REPLY_FLAG_DONE : 0, P.REPLY_TYPE_BLOCK_STATUS, p));
+  }
+}
+
+interface Request {
+  flags: number;
+  type: number;
+  handle: Buffer;
+  offset: number;
+  length: number;
+  payload: Buffer | null;
+}

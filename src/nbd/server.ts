@@ -1,0 +1,55 @@
+/** The NBD server: listens on Unix or TCP sockets and serves a set of named exports. */
+import net from 'node:net';
+import fs from 'node:fs';
+import type { NbdExport } from './export.js';
+import { NbdConnection } from './connection.js';
+
+export type NbdAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+
+export class NbdServer {
+  readonly exports = new Map<string, NbdExport>();
+  private readonly servers: net.Server[] = [];
+  private readonly sockets = new Set<net.Socket>();
+
+  constructor(private readonly log: (line: string) => void = () => {}) {}
+
+  addExport(e: NbdExport): void {
+    if (this.exports.has(e.name)) throw new Error(`Block export id '${e.name}' is already in use`);
+    this.exports.set(e.name, e);
+  }
+
+  removeExport(name: string): boolean {
+    return this.exports.delete(name);
+  }
+
+  /** Listen on `addr`; Unix sockets are created with mode 0600, TCP binds where told (loopback by default). */
+  async listen(addr: NbdAddress): Promise<void> {
+    const srv = net.createServer((sock) => {
+      this.sockets.add(sock);
+      sock.on('close', () => this.sockets.delete(sock));
+      const c = new NbdConnection(sock, (n) => this.exports.get(n), () => [...this.exports.values()], this.log);
+      void c.run();
+    });
+    await new Promise<void>((resolve, reject) => {
+      srv.once('error', reject);
+      if (addr.type === 'unix') {
+        fs.rmSync(addr.path, { force: true });
+        const old = process.umask(0o177);
+        srv.listen(addr.path, () => {
+          process.umask(old);
+          resolve();
+        });
+      } else {
+        srv.listen(addr.port, addr.host, () => resolve());
+      }
+    });
+    this.servers.push(srv);
+  }
+
+  /** Stop listening and drop every client. */
+  async close(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+    this.servers.length = 0;
+  }
+}
