@@ -38,6 +38,8 @@ export interface ExportSpec { id: string; nodeName: string; name: string; writab
 export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
 
 export interface DaemonOptions {
+  /** QMP monitor socket paths (--chardev socket,... with --monitor chardev=..., or --qmp PATH). */
+  monitors: string[];
   blockdevs: BlockdevSpec[];
   nbdServers: AddrSpec[];
   exports: ExportSpec[];
@@ -74,7 +76,8 @@ function addr(kv: Map<string, string>): AddrSpec {
 }
 
 export function parseDaemonArgs(argv: string[]): DaemonOptions {
-  const o: DaemonOptions = { blockdevs: [], nbdServers: [], exports: [] };
+  const o: DaemonOptions = { monitors: [], blockdevs: [], nbdServers: [], exports: [] };
+  const chardevs = new Map<string, string>();
   const positional: string[] = [];
   let shortNbd: AddrSpec | null = null;
   let shortName = '';
@@ -114,6 +117,29 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
         break;
       }
       case '--pidfile': o.pidfile = value(); break;
+      case '--chardev': {
+        const v = value();
+        const comma = v.indexOf(',');
+        const backend = comma < 0 ? v : v.slice(0, comma);
+        const kv = parseKeyval(comma < 0 ? '' : v.slice(comma + 1));
+        if (backend !== 'socket') throw new UsageError(`chardev backend '${backend}' is not supported (use socket)`);
+        const id = kv.get('id'), path = kv.get('path');
+        if (!id) throw new UsageError("Parameter 'id' is missing");
+        if (!path) throw new UsageError('chardev: socket: no path given (only unix sockets are supported)');
+        if (!bool('server', kv.get('server'), false)) throw new UsageError('chardev: only server=on sockets are supported');
+        chardevs.set(id, path);
+        break;
+      }
+      case '--monitor': {
+        const v = value();
+        const kv = v.includes('=') ? parseKeyval(v) : new Map([['chardev', v]]);
+        const id = kv.get('chardev') ?? '';
+        const path = chardevs.get(id);
+        if (path === undefined) throw new UsageError(`chardev "${id}" not found`);
+        o.monitors.push(path);
+        break;
+      }
+      case '--qmp': o.monitors.push(value()); break;
       // Short form.
       case '--nbd': shortNbd = { type: 'unix', path: value() }; break;
       case '--nbd-tcp': {

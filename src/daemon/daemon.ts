@@ -1,0 +1,219 @@
+/**
+ * The storage daemon: the block graph, the NBD server and its exports, and the QMP commands
+ * that change them. Front ends (the `qchain daemon` command line, QMP) call into this.
+ */
+import { BlockGraph, QmpError, backingNameFor, formatArg, type BlockNode, type FormatNode } from './graph.js';
+import { NbdServer, type NbdAddress } from '../nbd/server.js';
+import { CommandError, VERSION, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
+import { imageInfo } from '../cli/img/info.js';
+import { FileStorage } from '../storage/file.js';
+import { createQcow2 } from '../qcow2/create.js';
+
+export interface ExportEntry {
+  id: string;
+  /** The node the export serves; moves to the overlay on an external snapshot. */
+  nodeName: string;
+  name: string;
+  writable: boolean;
+  allocationDepth: boolean;
+  description?: string;
+}
+
+export class Daemon {
+  readonly graph: BlockGraph;
+  readonly nbd: NbdServer;
+  readonly exports = new Map<string, ExportEntry>();
+  private nbdRunning = false;
+  /** Emits a QMP event (wired to the monitor by the front end). */
+  emit: (name: string, data?: Record<string, unknown>) => void = () => {};
+
+  constructor(readonly log: (line: string) => void) {
+    this.graph = new BlockGraph(log);
+    this.nbd = new NbdServer(log);
+  }
+
+  async startNbd(addr: NbdAddress): Promise<void> {
+    if (this.nbdRunning) throw new QmpError('NBD server already running');
+    await this.nbd.listen(addr);
+    this.nbdRunning = true;
+  }
+
+  async stopNbd(): Promise<void> {
+    if (!this.nbdRunning) throw new QmpError('NBD server not running');
+    await this.nbd.close();
+    this.nbdRunning = false;
+  }
+
+  addExport(e: ExportEntry): void {
+    if (this.exports.has(e.id)) throw new QmpError(`Block export id '${e.id}' is already in use`);
+    const node = this.graph.formatNode(e.nodeName);
+    if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export a read-only node as writable');
+    if (!this.nbdRunning) throw new QmpError('NBD server not running');
+    if ([...this.exports.values()].some((x) => x.name === e.name)) throw new QmpError(`NBD server already has export named '${e.name}'`);
+    this.exports.set(e.id, e);
+    this.nbd.addExport({
+      name: e.name, description: e.description, writable: e.writable, allocationDepth: e.allocationDepth,
+      get discard() { return node.discard; },
+      chain: () => this.graph.chain(this.graph.formatNode(e.nodeName)),
+    });
+  }
+
+  deleteExport(id: string): void {
+    const e = this.exports.get(id);
+    if (!e) throw new QmpError(`Export '${id}' is not found`);
+    this.exports.delete(id);
+    this.nbd.removeExport(e.name);
+    this.emit('BLOCK_EXPORT_DELETED', { id });
+  }
+
+  /** Who uses a node, for blockdev-del's refusal. */
+  private userOf(n: BlockNode): string | null {
+    for (const e of this.exports.values()) if (e.nodeName === n.name) return `node is used by export '${e.id}'`;
+    return null;
+  }
+
+  private checkNoOverlay(node: FormatNode): void {
+    const p = this.graph.parentsOf(node).find((x) => x.backing === node);
+    if (p) throw new QmpError(`Node '${node.name}' is busy: node is used as backing hd of '${p.name}'`);
+  }
+
+  /** Put `overlay` on top of `node`: it takes node as backing, and every export of node moves up. */
+  private attachOverlay(node: FormatNode, overlay: FormatNode): void {
+    overlay.backing = node;
+    for (const e of this.exports.values()) if (e.nodeName === node.name) e.nodeName = overlay.name;
+    this.graph.changed();
+  }
+
+  async snapshotSync(a: Args): Promise<void> {
+    const device = optStr(a, 'device'), nodeName = optStr(a, 'node-name');
+    const ref = nodeName ?? device;
+    if (!ref) throw new QmpError('Cannot find device= nor node_name=');
+    const node = this.graph.formatNode(ref);
+    const file = str(a, 'snapshot-file');
+    const overlayName = optStr(a, 'snapshot-node-name');
+    const format = optStr(a, 'format') ?? 'qcow2';
+    const mode = optStr(a, 'mode') ?? 'absolute-paths';
+    if (format !== 'qcow2' && format !== 'raw') throw new QmpError(`Unknown driver '${format}'`);
+    if (overlayName && this.graph.nodes.has(overlayName)) throw new QmpError(`Duplicate nodes with node-name='${overlayName}'`);
+    this.checkNoOverlay(node);
+    if (mode === 'absolute-paths') {
+      if (format !== 'qcow2') throw new QmpError("Format 'raw' does not support backing files");
+      const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
+      try {
+        const img = await createQcow2(st, { size: node.driver.size, version: 3, backingFile: backingNameFor(node), backingFormat: node.format });
+        await img.close();
+      } catch (e) {
+        await st.close().catch(() => {});
+        throw new QmpError(e instanceof Error ? e.message : String(e));
+      }
+    } else if (mode !== 'existing') {
+      throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
+    }
+    const overlay = await this.graph.addFormat({ name: overlayName ?? `#block${Date.now() % 100000}`, format: formatArg(format), file, fileIsNode: false, backing: null });
+    this.attachOverlay(node, overlay);
+  }
+
+  snapshot(a: Args): void {
+    const node = this.graph.formatNode(str(a, 'node'));
+    const overlay = this.graph.formatNode(str(a, 'overlay'));
+    this.checkNoOverlay(node);
+    if (overlay.backing) throw new QmpError(`The overlay already has a backing image`);
+    if (overlay.driver.readOnly) throw new QmpError(`The overlay '${overlay.name}' is not writable`);
+    this.attachOverlay(node, overlay);
+  }
+
+  async blockdevAdd(a: Args): Promise<void> {
+    const driver = str(a, 'driver');
+    const name = optStr(a, 'node-name');
+    const discard = (optStr(a, 'discard') ?? 'ignore') === 'unmap';
+    const readOnly = optBool(a, 'read-only', false);
+    if (driver === 'file') {
+      this.graph.addFile(name, str(a, 'filename'), discard);
+      return;
+    }
+    const fmt = formatArg(driver);
+    const f = a.file;
+    let file: string, fileIsNode: boolean;
+    if (typeof f === 'string') { file = f; fileIsNode = true; }
+    else if (f && typeof f === 'object' && (f as Args).driver === 'file') { file = str(f as Args, 'filename'); fileIsNode = false; }
+    else throw new QmpError("Parameter 'file' is missing");
+    const b = a.backing;
+    if (b !== undefined && b !== null && typeof b !== 'string') throw new QmpError("Invalid parameter type for 'backing', expected: string");
+    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard });
+  }
+
+  /** The QMP command table. */
+  commands(): Map<string, Handler> {
+    const c = new Map<string, Handler>();
+    c.set('query-version', () => VERSION);
+    c.set('query-block', () => []);
+    c.set('query-block-jobs', () => []);
+    c.set('query-jobs', () => []);
+    c.set('query-block-exports', () => [...this.exports.values()].map((e) => ({ 'node-name': e.nodeName, 'shutting-down': false, type: 'nbd', id: e.id })));
+    c.set('query-named-block-nodes', async () => this.namedNodes());
+    c.set('blockdev-add', (a) => this.blockdevAdd(a));
+    c.set('blockdev-del', (a) => this.graph.remove(str(a, 'node-name'), (n) => this.userOf(n)));
+    c.set('nbd-server-start', (a) => this.startNbd(parseAddr(a.addr)));
+    c.set('nbd-server-stop', () => this.stopNbd());
+    c.set('block-export-add', (a) => {
+      if (str(a, 'type') !== 'nbd') throw new CommandError(`Parameter 'type' does not accept value '${String(a.type)}'`);
+      const bitmaps = a.bitmaps;
+      if (Array.isArray(bitmaps) && bitmaps.length) throw new CommandError(`Bitmap '${String(bitmaps[0])}' is not found`);
+      const nodeName = str(a, 'node-name');
+      this.addExport({
+        id: str(a, 'id'), nodeName, name: optStr(a, 'name') ?? nodeName, writable: optBool(a, 'writable', false),
+        allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'),
+      });
+    });
+    c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
+    c.set('blockdev-snapshot-sync', (a) => this.snapshotSync(a));
+    c.set('blockdev-snapshot', (a) => this.snapshot(a));
+    c.set('quit', () => {
+      for (const id of [...this.exports.keys()]) this.deleteExport(id);
+    });
+    return c;
+  }
+
+  private async namedNodes(): Promise<unknown[]> {
+    const out: unknown[] = [];
+    for (const n of this.graph.nodes.values()) {
+      if (n.kind === 'file') continue;
+      const image = await imageInfo(n.driver, n.filename);
+      const entry = {
+        iops_rd: 0, detect_zeroes: 'off', image, iops_wr: 0, ro: n.driver.readOnly, 'node-name': n.name,
+        backing_file_depth: 0, drv: n.format, iops: 0, bps_wr: 0, write_threshold: 0,
+        ...(n.driver.backingFile ? { backing_file: n.driver.backingFile } : {}),
+        encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file: n.filename,
+      };
+      out.push(entry);
+      if (n.fileNode) {
+        out.push({
+          iops_rd: 0, detect_zeroes: 'off', image: { 'virtual-size': await n.driver.storage.size(), filename: n.filename, format: 'file', 'actual-size': await n.driver.storage.allocatedSize(), 'dirty-flag': false },
+          iops_wr: 0, ro: n.driver.readOnly, 'node-name': n.fileNode, backing_file_depth: 0, drv: 'file', iops: 0, bps_wr: 0,
+          write_threshold: 0, encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file: n.filename,
+        });
+      }
+    }
+    return out;
+  }
+
+  async shutdown(): Promise<void> {
+    if (this.nbdRunning) await this.stopNbd();
+    await this.graph.closeAll();
+  }
+}
+
+/** nbd-server-start's address: flat ({type, path}) or legacy ({type, data: {...}}). */
+export function parseAddr(v: unknown): NbdAddress {
+  if (!v || typeof v !== 'object') throw new CommandError("Parameter 'addr' is missing");
+  const a = v as Args;
+  const type = str(a, 'type');
+  const d = (a.data && typeof a.data === 'object' ? a.data : a) as Args;
+  if (type === 'unix') return { type, path: str(d, 'path') };
+  if (type === 'inet') {
+    const port = Number(str(d, 'port'));
+    if (!Number.isInteger(port)) throw new CommandError(`Parameter 'port' expects a port number`);
+    return { type, host: optStr(d, 'host') ?? '127.0.0.1', port };
+  }
+  throw new CommandError(`Parameter 'type' does not accept value '${type}'`);
+}

@@ -1,0 +1,181 @@
+/**
+ * The daemon's block graph: protocol (file) nodes and format nodes by node name, each format
+ * node with its backing node. The chain seen through a node is the node and its backing nodes,
+ * top first. Exports and jobs refer to nodes by name and look their chain up on every use, so
+ * replacing the active node (external snapshot, pivot) moves every user at once.
+ */
+import type { BlockDriver } from '../image/driver.js';
+import { Chain, type Layer } from '../chain/chain.js';
+import { openChain, openImage, isFormat, type ImageFormat } from '../chain/open.js';
+import { ImageError } from '../image/errors.js';
+
+export class QmpError extends Error {
+  constructor(message: string, readonly errorClass = 'GenericError') {
+    super(message);
+  }
+}
+
+export interface FileNode {
+  kind: 'file';
+  name: string;
+  filename: string;
+  discard: boolean;
+}
+
+export interface FormatNode {
+  kind: 'format';
+  name: string;
+  format: ImageFormat;
+  driver: BlockDriver;
+  /** File name as opened (the overlay-relative join for implicit backing nodes). */
+  filename: string;
+  /** The protocol node it sits on, if one was named. */
+  fileNode: string | null;
+  backing: FormatNode | null;
+  /** Opened implicitly as part of a chain ("#blockNNN" names). */
+  implicit: boolean;
+  discard: boolean;
+}
+
+export type BlockNode = FileNode | FormatNode;
+
+export class BlockGraph {
+  readonly nodes = new Map<string, BlockNode>();
+  private implicitSeq = 100;
+  private chains = new Map<FormatNode, Chain>();
+
+  constructor(private readonly log: (line: string) => void = () => {}) {}
+
+  node(name: string): BlockNode {
+    const n = this.nodes.get(name);
+    if (!n) throw new QmpError(`Cannot find device='${name}' nor node-name='${name}'`);
+    return n;
+  }
+
+  formatNode(name: string): FormatNode {
+    const n = this.node(name);
+    if (n.kind !== 'format') throw new QmpError(`Node '${name}' is not a format node`);
+    return n;
+  }
+
+  private checkNewName(name: string | undefined): string {
+    if (!name) throw new QmpError('A block device must be given a node-name');
+    if (!/^[A-Za-z][A-Za-z0-9_.+-]{0,127}$/.test(name)) throw new QmpError('Invalid node-name: \'' + name + '\'');
+    if (this.nodes.has(name)) throw new QmpError(`Duplicate nodes with node-name='${name}'`);
+    return name;
+  }
+
+  addFile(name: string | undefined, filename: string, discard = false): FileNode {
+    const n: FileNode = { kind: 'file', name: this.checkNewName(name), filename, discard };
+    this.nodes.set(n.name, n);
+    return n;
+  }
+
+  /**
+   * Add a format node over `file` (a file node name or a file name). `backing`: undefined opens
+   * the chain named in the header (implicit nodes), null opens no backing, a name attaches that node.
+   */
+  async addFormat(opts: { name: string | undefined; format: ImageFormat | 'auto'; file: string; fileIsNode: boolean;
+    backing?: string | null; readOnly?: boolean; discard?: boolean }): Promise<FormatNode> {
+    const name = this.checkNewName(opts.name);
+    let filename = opts.file, fileNode: string | null = null, discard = !!opts.discard;
+    if (opts.fileIsNode) {
+      const f = this.node(opts.file);
+      if (f.kind !== 'file') throw new QmpError(`Node '${opts.file}' is not a protocol node`);
+      filename = f.filename;
+      fileNode = f.name;
+      discard ||= f.discard;
+    }
+    const format = opts.format === 'auto' ? undefined : opts.format;
+    const below = typeof opts.backing === 'string' ? this.formatNode(opts.backing) : null;
+    try {
+      if (opts.backing === undefined) {
+        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log });
+        // The top becomes the named node, the rest implicit read-only nodes.
+        let under: FormatNode | null = null;
+        for (let d = chain.layers.length - 1; d >= 0; d--) {
+          const l = chain.layers[d];
+          const n: FormatNode = {
+            kind: 'format', name: d === 0 ? name : `#block${this.implicitSeq++}`, format: l.driver.format, driver: l.driver,
+            filename: l.filename, fileNode: d === 0 ? fileNode : null, backing: under, implicit: d > 0, discard: d === 0 && discard,
+          };
+          this.nodes.set(n.name, n);
+          under = n;
+        }
+        return under as FormatNode;
+      }
+      const top = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log });
+      const n: FormatNode = { kind: 'format', name, format: top.driver.format, driver: top.driver, filename, fileNode, backing: below, implicit: false, discard };
+      this.nodes.set(name, n);
+      this.changed();
+      return n;
+    } catch (e) {
+      if (e instanceof ImageError) throw new QmpError(e.message);
+      throw e;
+    }
+  }
+
+  /** The chain seen through a format node (cached until the graph changes). */
+  chain(node: FormatNode): Chain {
+    let c = this.chains.get(node);
+    if (!c) {
+      const layers: Layer[] = [];
+      for (let n: FormatNode | null = node; n; n = n.backing) layers.push({ driver: n.driver, filename: n.filename });
+      c = new Chain(layers);
+      this.chains.set(node, c);
+    }
+    return c;
+  }
+
+  /** Forget cached chains (after any change of backing links). */
+  changed(): void {
+    this.chains = new Map();
+  }
+
+  /** Format nodes that use `node` as their backing node. */
+  parentsOf(node: BlockNode): FormatNode[] {
+    return [...this.nodes.values()].filter((n): n is FormatNode => n.kind === 'format' && (n.backing === node || n.fileNode === node.name));
+  }
+
+  /** Remove a node nobody uses; implicit backing nodes that become unused go with it. */
+  async remove(name: string, inUse: (n: BlockNode) => string | null): Promise<void> {
+    const n = this.nodes.get(name);
+    if (!n) throw new QmpError(`Failed to find node with node-name='${name}'`);
+    if (n.kind === 'format' && n.implicit) throw new QmpError(`Node ${name} is not owned by the monitor`);
+    const parent = this.parentsOf(n)[0];
+    if (parent) throw new QmpError(`Node '${name}' is busy: node is used as ${parent.fileNode === n.name ? 'file' : 'backing hd'} of '${parent.name}'`);
+    const user = inUse(n);
+    if (user) throw new QmpError(`Node '${name}' is busy: ${user}`);
+    this.nodes.delete(name);
+    if (n.kind === 'format') {
+      await n.driver.flush().catch(() => {});
+      await n.driver.close();
+      for (let b = n.backing; b && b.implicit && this.parentsOf(b).length === 0; b = b.backing) {
+        this.nodes.delete(b.name);
+        await b.driver.close();
+      }
+    }
+    this.changed();
+  }
+
+  /** Flush and close every image (daemon shutdown). */
+  async closeAll(): Promise<void> {
+    for (const n of this.nodes.values()) {
+      if (n.kind !== 'format') continue;
+      await n.driver.flush().catch(() => {});
+      await n.driver.close().catch((e: unknown) => this.log(`qemu-storage-daemon: ${e instanceof Error ? e.message : String(e)}`));
+    }
+    this.nodes.clear();
+    this.changed();
+  }
+}
+
+export function formatArg(v: unknown): ImageFormat | 'auto' {
+  if (typeof v !== 'string' || (!isFormat(v) && v !== 'auto')) throw new QmpError(`Invalid parameter value for 'driver': '${String(v)}'`);
+  return v;
+}
+
+/** The backing name an overlay created for `node` records: the node's file name as it was opened (QEMU's bs->filename). */
+export function backingNameFor(node: FormatNode): string {
+  return node.filename;
+}

@@ -1,0 +1,158 @@
+/**
+ * The QMP monitor: greeting, capabilities negotiation, one JSON object per command with the
+ * reply ending in CRLF, `id` echoed verbatim, errors as {"error": {"class", "desc"}}, and
+ * asynchronous events (with timestamps) broadcast to the connected client. Like
+ * qemu-storage-daemon's monitor chardev, one client is served at a time; the next one is
+ * greeted when the previous one leaves.
+ */
+import net from 'node:net';
+import fs from 'node:fs';
+import { JsonStream } from './framing.js';
+
+export const VERSION = { qemu: { micro: 0, minor: 2, major: 7 }, package: 'qchain' };
+
+export class CommandError extends Error {
+  constructor(message: string, readonly errorClass = 'GenericError') {
+    super(message);
+  }
+}
+
+export type Args = Record<string, unknown>;
+export type Handler = (args: Args, session: QmpSession) => Promise<unknown> | unknown;
+
+export class QmpSession {
+  negotiated = false;
+  constructor(readonly socket: net.Socket) {}
+  send(obj: unknown): void {
+    if (!this.socket.destroyed) this.socket.write(`${JSON.stringify(obj)}\r\n`);
+  }
+}
+
+export class QmpServer {
+  private readonly servers: net.Server[] = [];
+  private current: QmpSession | null = null;
+  private readonly waiting: net.Socket[] = [];
+  /** Called after a `quit` reply has been sent. */
+  onQuit: () => void = () => {};
+
+  constructor(private readonly commands: Map<string, Handler>) {}
+
+  /** Emit an event to the connected client (if any). */
+  event(name: string, data?: Record<string, unknown>): void {
+    const now = Date.now();
+    const ev: Record<string, unknown> = { timestamp: { seconds: Math.floor(now / 1000), microseconds: (now % 1000) * 1000 + Math.floor(Math.random() * 1000) }, event: name };
+    if (data) ev.data = data;
+    if (this.current?.negotiated) this.current.send(ev);
+  }
+
+  async listen(p: string): Promise<void> {
+    const srv = net.createServer((sock) => {
+      sock.on('error', () => {});
+      if (this.current) this.waiting.push(sock);
+      else this.serve(sock);
+    });
+    fs.rmSync(p, { force: true });
+    await new Promise<void>((resolve, reject) => {
+      srv.once('error', reject);
+      const old = process.umask(0o177);
+      srv.listen(p, () => {
+        process.umask(old);
+        resolve();
+      });
+    });
+    this.servers.push(srv);
+  }
+
+  private serve(sock: net.Socket): void {
+    const s = new QmpSession(sock);
+    this.current = s;
+    s.send({ QMP: { version: VERSION, capabilities: ['oob'] } });
+    const stream = new JsonStream();
+    let chain = Promise.resolve();
+    sock.setEncoding('utf8');
+    sock.on('data', (chunk: string) => {
+      for (const f of stream.push(chunk)) {
+        // Commands run one after another, in arrival order.
+        chain = chain.then(() => this.dispatch(s, f));
+      }
+    });
+    sock.on('close', () => {
+      if (this.current === s) this.current = null;
+      const next = this.waiting.shift();
+      if (next && !next.destroyed) this.serve(next);
+    });
+  }
+
+  private async dispatch(s: QmpSession, f: { value: unknown } | { error: string }): Promise<void> {
+    if ('error' in f) return s.send({ error: { class: 'GenericError', desc: f.error } });
+    const msg = f.value;
+    if (typeof msg !== 'object' || msg === null || Array.isArray(msg)) {
+      return s.send({ error: { class: 'GenericError', desc: 'QMP input must be a JSON object' } });
+    }
+    const m = msg as Record<string, unknown>;
+    const idPart = 'id' in m ? { id: m.id } : {};
+    const reply = (body: Record<string, unknown>): void => s.send({ ...body, ...idPart });
+    const fail = (cls: string, desc: string): void => s.send({ ...idPart, error: { class: cls, desc } });
+    for (const k of Object.keys(m)) {
+      if (!['execute', 'arguments', 'id', 'exec-oob', 'control'].includes(k)) return fail('GenericError', `QMP input member '${k}' is unexpected`);
+    }
+    if ('exec-oob' in m) return fail('GenericError', 'QMP input member \'exec-oob\' is unexpected');
+    const cmd = m.execute;
+    if (cmd === undefined) return fail('GenericError', "QMP input lacks member 'execute'");
+    if (typeof cmd !== 'string') return fail('GenericError', "QMP input member 'execute' must be a string");
+    const args = m.arguments ?? {};
+    if (typeof args !== 'object' || args === null || Array.isArray(args)) return fail('GenericError', "QMP input member 'arguments' must be an object");
+    if (!s.negotiated) {
+      if (cmd !== 'qmp_capabilities') return fail('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
+      s.negotiated = true;
+      return reply({ return: {} });
+    }
+    if (cmd === 'qmp_capabilities') return fail('CommandNotFound', 'Capabilities negotiation is already complete, command ignored');
+    const h = this.commands.get(cmd);
+    if (!h) return fail('CommandNotFound', `The command ${cmd} has not been found`);
+    try {
+      const ret = await h(args as Args, s);
+      reply({ return: ret ?? {} });
+      if (cmd === 'quit') {
+        s.socket.end();
+        this.onQuit();
+      }
+    } catch (e) {
+      if (e instanceof CommandError) return fail(e.errorClass, e.message);
+      const cls = (e as { errorClass?: unknown }).errorClass;
+      fail(typeof cls === 'string' ? cls : 'GenericError', e instanceof Error ? e.message : String(e));
+    }
+  }
+
+  async close(): Promise<void> {
+    this.current?.socket.destroy();
+    for (const w of this.waiting) w.destroy();
+    await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+  }
+}
+
+/** Argument accessors with QEMU's messages for missing and mistyped members. */
+export function str(a: Args, key: string): string {
+  const v = a[key];
+  if (v === undefined) throw new CommandError(`Parameter '${key}' is missing`);
+  if (typeof v !== 'string') throw new CommandError(`Invalid parameter type for '${key}', expected: string`);
+  return v;
+}
+
+export function optStr(a: Args, key: string): string | undefined {
+  return a[key] === undefined ? undefined : str(a, key);
+}
+
+export function optBool(a: Args, key: string, def: boolean): boolean {
+  const v = a[key];
+  if (v === undefined) return def;
+  if (typeof v !== 'boolean') throw new CommandError(`Invalid parameter type for '${key}', expected: boolean`);
+  return v;
+}
+
+export function optInt(a: Args, key: string): number | undefined {
+  const v = a[key];
+  if (v === undefined) return undefined;
+  if (typeof v !== 'number' || !Number.isInteger(v)) throw new CommandError(`Invalid parameter type for '${key}', expected: integer`);
+  return v;
+}

@@ -1,0 +1,118 @@
+/**
+ * QMP against qemu-storage-daemon: both daemons are started with the same command line and
+ * driven by the same command sequence; replies and events must match (timestamps and the
+ * version's package string aside), and the NBD export must follow external snapshots.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { QCHAIN, oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
+import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+
+const QSD = '/usr/bin/qemu-storage-daemon';
+
+async function waitFor(p: string, child: ChildProcess): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (fs.existsSync(p)) return;
+    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`no ${p}`);
+}
+
+/** Drop what legitimately differs: timestamps and the version's package string. */
+function norm(m: QmpMessage): unknown {
+  const c = JSON.parse(JSON.stringify(m)) as Record<string, unknown>;
+  delete c.timestamp;
+  if (c.QMP) (c.QMP as { version: unknown }).version = 'V';
+  const r = c.return as Record<string, unknown> | undefined;
+  if (r && typeof r === 'object' && 'package' in r) return { return: 'V', id: c.id };
+  return c;
+}
+
+async function setup(dir: string): Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
+  await qemuIo(['-c', 'write -P 0xaa 0 1M', 'base.qcow2'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
+  await qemuIo(['-c', 'write -P 0xbb 1M 1M', 'mid.qcow2'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  await qemuIo(['-c', 'write -P 0xcc 2M 1M', 'top.qcow2'], dir);
+}
+
+const ARGS = [
+  '--blockdev', 'driver=file,node-name=base-file,filename=base.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=base,file=base-file',
+  '--blockdev', 'driver=file,node-name=mid-file,filename=mid.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=mid,file=mid-file,backing=base',
+  '--blockdev', 'driver=file,node-name=top-file,filename=top.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=top,file=top-file,backing=mid',
+  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
+  '--export', 'type=nbd,id=exp0,node-name=top,name=vda,writable=on,allocation-depth=on',
+  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
+  '--monitor', 'chardev=qmp0',
+];
+
+async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unknown[]; depthMap: string; chain: string }> {
+  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
+    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+  try {
+    await waitFor(path.join(dir, 'qmp.sock'), child);
+    await waitFor(path.join(dir, 'nbd.sock'), child);
+    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+    await q.waitFor((m) => 'QMP' in m);
+    await q.execute('query-block-jobs', undefined, 'c1');
+    await q.execute('qmp_capabilities', undefined, 'c2');
+    await q.execute('qmp_capabilities', undefined, 'c3');
+    await q.execute('query-version', undefined, 'c4');
+    await q.execute('query-block-jobs', undefined, 'c5');
+    await q.execute('query-jobs', undefined, 'c6');
+    await q.execute('query-block-exports', undefined, 'c7');
+    await q.execute('query-block', undefined, { any: ['json', 1] });
+    q.sendRaw('{"execute": "no-such-command"}\r\n');
+    q.sendRaw('{"execute": "query-jobs", "id": 1}{"execute": "query-block", "id": 2}\r\n');
+    await q.waitFor((m) => m.id === 2);
+    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: 'top-file' }, 'dup');
+    await q.execute('blockdev-del', { 'node-name': 'mid' }, 'busy');
+    await q.execute('blockdev-del', { 'node-name': 'nosuch' }, 'nosuch');
+    await q.execute('block-export-del', { id: 'nosuch' }, 'noexp');
+    await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: 'nbd2.sock' } } }, 'again');
+    await q.execute('blockdev-snapshot-sync', { 'node-name': 'top', 'snapshot-file': 'snap1.qcow2', 'snapshot-node-name': 'snap1', format: 'qcow2' }, 'c9');
+    await q.execute('query-block-exports', undefined, 'c10');
+    const w = await qemuIo(['-f', 'raw', '-c', 'write -q -P 0xd1 4M 64k', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`]);
+    assert.equal(w.code, 0, w.stderr);
+    const depth = await run('nbdinfo', ['--map=qemu:allocation-depth', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`]);
+    // The libvirt way: create the overlay file with qemu-img, add it with backing null, snapshot.
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'snap1.qcow2', '-F', 'qcow2', 'snap2.qcow2'], dir);
+    await q.execute('blockdev-add', { driver: 'file', 'node-name': 'snap2-file', filename: 'snap2.qcow2' }, 'c13');
+    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'snap2', file: 'snap2-file', backing: null }, 'c16');
+    await q.execute('blockdev-snapshot', { node: 'snap1', overlay: 'snap2' }, 'c17');
+    await q.execute('blockdev-snapshot', { node: 'snap1', overlay: 'snap2' }, 'c17b');
+    await q.execute('query-block-exports', undefined, 'c18');
+    await q.execute('block-export-add', { type: 'nbd', id: 'exp1', 'node-name': 'mid', name: 'old' }, 'c19');
+    await q.execute('block-export-del', { id: 'exp1' }, 'c20');
+    await q.execute('quit', undefined, 'q');
+    await new Promise((r) => child.once('exit', r));
+    const chain = await qemuImg(['info', '--backing-chain', 'snap2.qcow2'], dir);
+    return { log: q.received.map(norm), depthMap: depth.stdout, chain: chain.stdout.split('\n').filter((l) => /^(image|backing file):/.test(l)).join('\n') };
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
+describe('QMP monitor vs qemu-storage-daemon', oracle(), () => {
+  test('greeting, negotiation, errors, exports, external snapshots: same replies and events', async () => {
+    const root = scratch('qchain-qmp-');
+    const res: Record<string, Awaited<ReturnType<typeof session>>> = {};
+    for (const tool of ['qemu', 'qchain'] as const) {
+      const dir = path.join(root, tool);
+      await setup(dir);
+      res[tool] = await session(tool, dir);
+    }
+    assert.deepEqual(res.qchain.log, res.qemu.log);
+    assert.equal(res.qchain.depthMap, res.qemu.depthMap);
+    assert.equal(res.qchain.chain, res.qemu.chain);
+  });
+});
