@@ -10,6 +10,22 @@
  */
 import type { BackingReader, BlockDriver, Extent, ExtentKind, WriteZeroesOptions } from '../image/driver.js';
 import { Lru } from '../util/lru.js';
+import { RangeLock } from '../util/mutex.js';
+
+const gates = new WeakMap<BlockDriver, RangeLock>();
+
+/**
+ * The guest-write gate of a top layer: guest writes through a chain hold it for their range, so a
+ * job that must check-then-write a range of the same layer (stream) can exclude them meanwhile.
+ */
+export function writeGate(d: BlockDriver): RangeLock {
+  let g = gates.get(d);
+  if (!g) {
+    g = new RangeLock();
+    gates.set(d, g);
+  }
+  return g;
+}
 
 export interface Layer {
   driver: BlockDriver;
@@ -138,15 +154,24 @@ export class Chain {
   }
 
   write(buf: Buffer, offset: number): Promise<void> {
-    return this.top.write(buf, offset);
+    return this.gated(offset, buf.length, () => this.top.write(buf, offset));
   }
 
   writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void> {
-    return this.top.writeZeroes(offset, length, opts);
+    return this.gated(offset, length, () => this.top.writeZeroes(offset, length, opts));
   }
 
   discard(offset: number, length: number): Promise<void> {
-    return this.top.discard(offset, length);
+    return this.gated(offset, length, () => this.top.discard(offset, length));
+  }
+
+  private async gated(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
+    const release = await writeGate(this.top).acquire(offset, offset + length);
+    try {
+      await fn();
+    } finally {
+      release();
+    }
   }
 
   flush(): Promise<void> {

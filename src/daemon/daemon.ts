@@ -7,6 +7,7 @@ import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { CommandError, VERSION, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import { imageInfo } from '../cli/img/info.js';
 import { FileStorage } from '../storage/file.js';
+import { JobManager } from '../jobs/manager.js';
 import { createQcow2 } from '../qcow2/create.js';
 
 export interface ExportEntry {
@@ -24,12 +25,14 @@ export class Daemon {
   readonly nbd: NbdServer;
   readonly exports = new Map<string, ExportEntry>();
   private nbdRunning = false;
+  readonly jobs: JobManager;
   /** Emits a QMP event (wired to the monitor by the front end). */
   emit: (name: string, data?: Record<string, unknown>) => void = () => {};
 
   constructor(readonly log: (line: string) => void) {
     this.graph = new BlockGraph(log);
     this.nbd = new NbdServer(log);
+    this.jobs = new JobManager(this.graph, { emit: (n, d) => this.emit(n, d) });
   }
 
   async startNbd(addr: NbdAddress): Promise<void> {
@@ -68,6 +71,7 @@ export class Daemon {
 
   /** Who uses a node, for blockdev-del's refusal. */
   private userOf(n: BlockNode): string | null {
+    if (this.jobs.jobOn(n.name)) return 'in use';
     for (const e of this.exports.values()) if (e.nodeName === n.name) return `node is used by export '${e.id}'`;
     return null;
   }
@@ -147,8 +151,6 @@ export class Daemon {
     const c = new Map<string, Handler>();
     c.set('query-version', () => VERSION);
     c.set('query-block', () => []);
-    c.set('query-block-jobs', () => []);
-    c.set('query-jobs', () => []);
     c.set('query-block-exports', () => [...this.exports.values()].map((e) => ({ 'node-name': e.nodeName, 'shutting-down': false, type: 'nbd', id: e.id })));
     c.set('query-named-block-nodes', async () => this.namedNodes());
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
@@ -168,6 +170,7 @@ export class Daemon {
     c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
     c.set('blockdev-snapshot-sync', (a) => this.snapshotSync(a));
     c.set('blockdev-snapshot', (a) => this.snapshot(a));
+    for (const [name, h] of this.jobs.commands()) c.set(name, h);
     c.set('quit', () => {
       for (const id of [...this.exports.keys()]) this.deleteExport(id);
     });

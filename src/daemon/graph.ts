@@ -8,6 +8,7 @@ import type { BlockDriver } from '../image/driver.js';
 import { Chain, type Layer } from '../chain/chain.js';
 import { openChain, openImage, isFormat, type ImageFormat } from '../chain/open.js';
 import { ImageError } from '../image/errors.js';
+import { FileStorage } from '../storage/file.js';
 
 export class QmpError extends Error {
   constructor(message: string, readonly errorClass = 'GenericError') {
@@ -127,6 +128,38 @@ export class BlockGraph {
     return c;
   }
 
+  /** Make `base` the backing node of `node`; implicit nodes nobody uses any more are closed. */
+  relink(node: FormatNode, base: FormatNode | null): void {
+    const dropped: FormatNode[] = [];
+    for (let b = node.backing; b && b !== base; b = b.backing) dropped.push(b);
+    node.backing = base;
+    for (const d of dropped) {
+      if (d.implicit && this.parentsOf(d).length === 0) {
+        this.nodes.delete(d.name);
+        void d.driver.close().catch(() => {});
+      }
+    }
+    this.changed();
+  }
+
+  /** Reopen a format node read-only or read-write (the new handle takes the locks once the old one is closed). */
+  async reopen(node: FormatNode, readOnly: boolean): Promise<void> {
+    if (node.driver.readOnly === readOnly) return;
+    await node.driver.flush();
+    let next;
+    try {
+      next = await openImage(node.filename, { format: node.format, readOnly, log: this.log, lock: 'none' });
+    } catch (e) {
+      throw new QmpError(e instanceof Error ? e.message : String(e));
+    }
+    const old = node.driver;
+    node.driver = next.driver;
+    this.changed();
+    await old.close();
+    const st = next.driver.storage;
+    if (st instanceof FileStorage) st.lock(readOnly ? 'read' : 'write');
+  }
+
   /** Forget cached chains (after any change of backing links). */
   changed(): void {
     this.chains = new Map();
@@ -142,9 +175,10 @@ export class BlockGraph {
     const n = this.nodes.get(name);
     if (!n) throw new QmpError(`Failed to find node with node-name='${name}'`);
     if (n.kind === 'format' && n.implicit) throw new QmpError(`Node ${name} is not owned by the monitor`);
+    const user = inUse(n);
+    if (user === 'in use') throw new QmpError(`Node ${name} is in use`);
     const parent = this.parentsOf(n)[0];
     if (parent) throw new QmpError(`Node '${name}' is busy: node is used as ${parent.fileNode === n.name ? 'file' : 'backing hd'} of '${parent.name}'`);
-    const user = inUse(n);
     if (user) throw new QmpError(`Node '${name}' is busy: ${user}`);
     this.nodes.delete(name);
     if (n.kind === 'format') {

@@ -1,0 +1,48 @@
+/**
+ * block-commit of an intermediate part of a chain: copy what the layers [top, base) hold into
+ * the base, then make the base the backing file of the top's overlay. The base is reopened
+ * read-write for the copy and read-only again afterwards. (Active commit, with READY and
+ * pivot, builds on the same copy step.)
+ */
+import type { Job } from './job.js';
+import { JOB_CHUNK, copyLayers } from './copy.js';
+import type { BlockGraph, FormatNode } from '../daemon/graph.js';
+import { setBackingLink } from './backing-link.js';
+
+export interface CommitPlan {
+  /** The node whose chain is committed (the export's active node). */
+  device: FormatNode;
+  /** The highest layer to commit and the node above it, whose backing link changes. */
+  top: FormatNode;
+  overlay: FormatNode;
+  base: FormatNode;
+  backingFile?: string;
+}
+
+export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
+  const work = async (job: Job): Promise<void> => {
+    job.len = p.top.driver.size;
+    if (p.base.driver.size < p.top.driver.size) {
+      throw new Error(`Top image is larger than base image (${p.top.driver.size} > ${p.base.driver.size}); growing the base is not supported yet`);
+    }
+    await graph.reopen(p.base, false);
+    const buf = Buffer.allocUnsafe(JOB_CHUNK);
+    for (let off = 0; off < job.len; off += JOB_CHUNK) {
+      await job.checkpoint();
+      const n = Math.min(JOB_CHUNK, job.len - off);
+      const chain = graph.chain(p.device);
+      const t = chain.layers.findIndex((l) => l.driver === p.top.driver);
+      const b = chain.layers.findIndex((l) => l.driver === p.base.driver);
+      const copied = await copyLayers(chain, t, b, p.base.driver, off, n, buf);
+      job.offset = off + n;
+      await job.checkpoint(copied);
+    }
+    await p.base.driver.flush();
+  };
+  const prepare = async (): Promise<void> => {
+    await setBackingLink(p.overlay.driver, p.backingFile ?? p.base.filename, p.base.format);
+    graph.relink(p.overlay, p.base);
+    await graph.reopen(p.base, true);
+  };
+  return { work, prepare };
+}

@@ -1,0 +1,27 @@
+/**
+ * The copy step every job shares: for one chunk of the guest range, copy what the layers
+ * [fromDepth, toDepth) of a chain hold into a target driver (data as data, zero as zero),
+ * skipping what they do not hold. Returns the bytes actually copied (for the rate limit).
+ */
+import type { Chain } from '../chain/chain.js';
+import type { BlockDriver } from '../image/driver.js';
+
+export const JOB_CHUNK = 1024 * 1024;
+
+export async function copyLayers(chain: Chain, fromDepth: number, toDepth: number, target: BlockDriver,
+  offset: number, length: number, buf: Buffer): Promise<number> {
+  let copied = 0;
+  const exts = await chain.statusFrom(fromDepth, offset, length);
+  for (const x of exts) {
+    if (x.depth >= toDepth || x.kind === 'unallocated') continue;
+    if (x.kind === 'zero') {
+      await target.writeZeroes(x.offset, x.length);
+    } else {
+      const b = buf.subarray(0, x.length);
+      await chain.readFrom(fromDepth, b, x.offset);
+      await target.write(b, x.offset);
+    }
+    copied += x.length;
+  }
+  return copied;
+}

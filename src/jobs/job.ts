@@ -1,0 +1,205 @@
+/**
+ * A block job: status changes through the declarative table, QMP events for every change,
+ * progress (offset/len), a rate limit, and pause/cancel points between units of work. The work
+ * itself (stream, commit, ...) is a function that calls `checkpoint()` between chunks.
+ */
+import { canTransition, verbAllowed, type JobStatus, type JobVerb } from './state.js';
+import { QmpError } from '../daemon/graph.js';
+
+export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create';
+
+export interface JobEvents {
+  emit(name: string, data: Record<string, unknown>): void;
+}
+
+export class CancelledError extends Error {
+  constructor() {
+    super('job cancelled');
+  }
+}
+
+export interface JobOptions {
+  id: string;
+  type: JobType;
+  /** The node whose users see the job as busy. */
+  nodes: string[];
+  speed?: number;
+  autoFinalize?: boolean;
+  autoDismiss?: boolean;
+}
+
+export class Job {
+  readonly id: string;
+  readonly type: JobType;
+  readonly nodes: string[];
+  status: JobStatus = 'undefined';
+  len = 0;
+  offset = 0;
+  speed: number;
+  readonly autoFinalize: boolean;
+  readonly autoDismiss: boolean;
+  error: string | undefined;
+  private pauseWanted = false;
+  private cancelled = false;
+  private wake: (() => void) | null = null;
+  private finalizeGo: (() => void) | null = null;
+  /** Rate limit: bytes allowed since `rateStart`. */
+  private rateStart = Date.now();
+  private rateBytes = 0;
+
+  constructor(opts: JobOptions, private readonly events: JobEvents, private readonly onGone: (j: Job) => void) {
+    this.id = opts.id;
+    this.type = opts.type;
+    this.nodes = opts.nodes;
+    this.speed = opts.speed ?? 0;
+    this.autoFinalize = opts.autoFinalize ?? true;
+    this.autoDismiss = opts.autoDismiss ?? true;
+  }
+
+  private to(s: JobStatus): void {
+    if (!canTransition(this.status, s)) throw new Error(`job ${this.id}: invalid transition ${this.status} -> ${s}`);
+    this.status = s;
+    this.events.emit('JOB_STATUS_CHANGE', { status: s, id: this.id });
+    if (s === 'null') this.onGone(this);
+  }
+
+  private legacy(name: string, extra: Record<string, unknown> = {}): void {
+    this.events.emit(name, { device: this.id, len: this.len, offset: this.offset, speed: this.speed, type: this.type, ...extra });
+  }
+
+  checkVerb(verb: JobVerb): void {
+    if (!verbAllowed(this.status, verb)) throw new QmpError(`Job '${this.id}' in state '${this.status}' cannot accept command verb '${verb}'`);
+  }
+
+  /**
+   * Start: created and running are announced before the command returns; the work runs after.
+   * `prepare` runs at the pending stage (graph changes); `abort` undoes on failure or cancel.
+   */
+  start(work: (job: Job) => Promise<void>, prepare: () => Promise<void>): void {
+    this.to('created');
+    this.to('running');
+    setImmediate(() => void this.run(work, prepare));
+  }
+
+  private async run(work: (job: Job) => Promise<void>, prepare: () => Promise<void>): Promise<void> {
+    try {
+      await work(this);
+      if (this.cancelled) return;
+      this.to('waiting');
+      this.to('pending');
+      if (!this.autoFinalize) {
+        this.events.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
+        await new Promise<void>((r) => { this.finalizeGo = r; });
+        if (this.cancelled) return;
+      }
+      await prepare();
+      this.legacy('BLOCK_JOB_COMPLETED');
+      this.conclude();
+    } catch (e) {
+      if (this.cancelled || e instanceof CancelledError) return;
+      this.error = e instanceof Error ? e.message : String(e);
+      this.to('aborting');
+      this.legacy('BLOCK_JOB_COMPLETED', { error: this.error });
+      this.conclude();
+    }
+  }
+
+  private conclude(): void {
+    this.to('concluded');
+    if (this.autoDismiss) this.to('null');
+  }
+
+  /** Between units of work: honour pause and cancel, and the rate limit for `bytes` just done. */
+  async checkpoint(bytes = 0): Promise<void> {
+    if (this.cancelled) throw new CancelledError();
+    if (bytes && this.speed > 0) {
+      this.rateBytes += bytes;
+      // Sleep in slices until the bytes done are within the allowance; a new speed (or cancel,
+      // or pause) wakes the sleep and is taken into account at once.
+      for (;;) {
+        if (this.cancelled || this.speed <= 0) break;
+        const wait = this.rateStart + (this.rateBytes / this.speed) * 1000 - Date.now();
+        if (wait <= 0) break;
+        await this.sleep(Math.min(wait, 100));
+      }
+      if (Date.now() - this.rateStart > 1000 && this.rateBytes > 0) {
+        this.rateStart = Date.now();
+        this.rateBytes = 0;
+      }
+    }
+    while (this.pauseWanted && !this.cancelled) await this.sleep(1000);
+    if (this.cancelled) throw new CancelledError();
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((r) => {
+      const t = setTimeout(() => { this.wake = null; r(); }, ms);
+      this.wake = () => { clearTimeout(t); this.wake = null; r(); };
+    });
+  }
+
+  pause(): void {
+    this.checkVerb('pause');
+    this.pauseWanted = true;
+    if (this.status === 'running') this.to('paused');
+    else if (this.status === 'ready') this.to('standby');
+  }
+
+  resume(): void {
+    this.checkVerb('resume');
+    this.pauseWanted = false;
+    if (this.status === 'paused') this.to('running');
+    else if (this.status === 'standby') this.to('ready');
+    this.wake?.();
+  }
+
+  setSpeed(speed: number): void {
+    this.checkVerb('set-speed');
+    if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
+    this.speed = speed;
+    this.rateStart = Date.now();
+    this.rateBytes = 0;
+    this.wake?.();
+  }
+
+  /** Cancel: the job stops at its next checkpoint; its events are emitted now, as QEMU's are. */
+  cancel(): void {
+    this.checkVerb('cancel');
+    this.cancelled = true;
+    this.pauseWanted = false;
+    this.wake?.();
+    this.finalizeGo?.();
+    this.to('aborting');
+    this.legacy('BLOCK_JOB_CANCELLED');
+    this.conclude();
+  }
+
+  finalize(): void {
+    this.checkVerb('finalize');
+    this.finalizeGo?.();
+  }
+
+  dismiss(): void {
+    this.checkVerb('dismiss');
+    this.to('null');
+  }
+
+  get busy(): boolean {
+    return this.status === 'running' && !this.pauseWanted;
+  }
+
+  blockJobInfo(): Record<string, unknown> {
+    return {
+      'auto-finalize': this.autoFinalize, 'io-status': 'ok', device: this.id, 'auto-dismiss': this.autoDismiss, busy: false,
+      len: this.len, offset: this.offset, status: this.status, paused: this.pauseWanted, speed: this.speed,
+      ready: this.status === 'ready' || this.status === 'standby', type: this.type, ...(this.error ? { error: this.error } : {}),
+    };
+  }
+
+  jobInfo(): Record<string, unknown> {
+    return {
+      'current-progress': this.offset, status: this.status, 'total-progress': this.len, type: this.type, id: this.id,
+      ...(this.error ? { error: this.error } : {}),
+    };
+  }
+}

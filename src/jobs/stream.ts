@@ -1,0 +1,58 @@
+/**
+ * block-stream: copy into the top what the layers between it and the base hold, then make the
+ * base the top's backing file. Guest writes to the top may run concurrently: each chunk is
+ * copied under the top's write gate and only where the top still holds nothing.
+ */
+import type { Job } from './job.js';
+import { JOB_CHUNK } from './copy.js';
+import type { BlockGraph, FormatNode } from '../daemon/graph.js';
+import { setBackingLink } from './backing-link.js';
+import { writeGate } from '../chain/chain.js';
+
+export interface StreamPlan {
+  top: FormatNode;
+  /** The new backing node (null: stream everything, the top becomes standalone). */
+  base: FormatNode | null;
+  backingFile?: string;
+}
+
+export function streamWork(graph: BlockGraph, p: StreamPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
+  const work = async (job: Job): Promise<void> => {
+    const top = p.top.driver;
+    job.len = top.size;
+    const buf = Buffer.allocUnsafe(JOB_CHUNK);
+    for (let off = 0; off < top.size; off += JOB_CHUNK) {
+      await job.checkpoint();
+      const n = Math.min(JOB_CHUNK, top.size - off);
+      const chain = graph.chain(p.top);
+      const baseDepth = p.base ? chain.layers.findIndex((l) => l.driver === p.base?.driver) : chain.layers.length;
+      const release = await writeGate(top).acquire(off, off + n);
+      let copied = 0;
+      try {
+        for (const own of await top.blockStatus(off, n)) {
+          if (own.kind !== 'unallocated') continue;
+          for (const x of await chain.statusFrom(1, own.offset, own.length)) {
+            if (x.depth >= baseDepth || x.kind === 'unallocated') continue;
+            if (x.kind === 'zero') await top.writeZeroes(x.offset, x.length);
+            else {
+              const b = buf.subarray(0, x.length);
+              await chain.readFrom(1, b, x.offset);
+              await top.write(b, x.offset);
+            }
+            copied += x.length;
+          }
+        }
+      } finally {
+        release();
+      }
+      job.offset = off + n;
+      await job.checkpoint(copied);
+    }
+  };
+  const prepare = async (): Promise<void> => {
+    const name = p.base ? (p.backingFile ?? p.base.filename) : null;
+    await setBackingLink(p.top.driver, name, p.base ? p.base.format : null);
+    graph.relink(p.top, p.base);
+  };
+  return { work, prepare };
+}
