@@ -1,0 +1,204 @@
+/**
+ * Compressed cluster writes, as QEMU's qcow2_co_pwritev_compressed_part/_task do them.
+ *
+ * Rules (QEMU 7.2):
+ * - the offset is cluster-aligned and the length a whole number of clusters, except that the
+ *   request may end at the (unaligned) end of the image; the last cluster is then zero-padded
+ *   before compression. Anything else fails with EINVAL.
+ * - a cluster whose compressed form is not strictly smaller than a cluster is written
+ *   uncompressed through the normal write path (which may overwrite allocated clusters);
+ * - a compressed cluster may only replace an entry without a host offset (unallocated or a plain
+ *   zero cluster), otherwise EIO ("Compression can't overwrite anything").
+ *
+ * Space comes from qcow2_alloc_bytes: compressed streams are packed at byte granularity into the
+ * "current" host cluster; a stream that does not fit continues into the next cluster if the next
+ * free cluster directly follows, otherwise starts in a fresh one. Every host cluster a stream
+ * touches gets one reference per stream. A cluster whose refcount is at the maximum (or that was
+ * freed meanwhile) is not continued.
+ *
+ * Crash safety: refcounts are raised first (allocation), then the compressed bytes are written,
+ * then the L2 entries point at them. A crash in between leaks clusters, never loses data.
+ *
+ * Compression runs on a worker pool (one per image, created on first use) in a prepare step that
+ * needs no lock, so a caller can compress many requests in parallel and commit them in order.
+ */
+import { ImageError } from '../image/errors.js';
+import { CompressPool } from './compress-pool.js';
+import { ClusterType, readL2, writeCompressedL2 } from './entry.js';
+import type { Qcow2Image } from './image.js';
+
+/** A request whose clusters have been compressed (null = write that cluster uncompressed). */
+export interface PreparedCompressed {
+  offset: number;
+  data: Buffer;
+  streams: Array<Buffer | null>;
+}
+
+/** Per-image state: the worker pool and qcow2_alloc_bytes' free_byte_offset. */
+interface State {
+  pool: CompressPool | null;
+  /** Next free byte in the partly used host cluster (0 = none). */
+  freeByte: number;
+}
+
+const states = new WeakMap<Qcow2Image, State>();
+
+function stateOf(img: Qcow2Image): State {
+  let s = states.get(img);
+  if (!s) {
+    s = { pool: null, freeByte: 0 };
+    states.set(img, s);
+  }
+  return s;
+}
+
+function poolOf(img: Qcow2Image): CompressPool {
+  const s = stateOf(img);
+  s.pool ??= new CompressPool();
+  return s.pool;
+}
+
+/** Stop the image's compression workers (called on close). */
+export async function closeCompressedWriter(img: Qcow2Image): Promise<void> {
+  const s = states.get(img);
+  if (s?.pool) await s.pool.close();
+  states.delete(img);
+}
+
+/** Validate a compressed request as QEMU does (EINVAL for unaligned requests). */
+function checkAlignment(img: Qcow2Image, offset: number, length: number): void {
+  const cs = img.clusterSize;
+  if (offset % cs !== 0) throw new ImageError('Invalid argument', 'EINVAL');
+  if (length % cs !== 0 && offset + length !== img.size) throw new ImageError('Invalid argument', 'EINVAL');
+}
+
+/** Compress every cluster of the request (the last one zero-padded when the image ends inside it). */
+export async function prepareCompressed(img: Qcow2Image, data: Buffer, offset: number): Promise<PreparedCompressed> {
+  img.checkRange(offset, data.length);
+  checkAlignment(img, offset, data.length);
+  const cs = img.clusterSize;
+  const pool = poolOf(img);
+  const jobs: Array<Promise<Buffer | null>> = [];
+  for (let p = 0; p < data.length; p += cs) {
+    let cluster = data.subarray(p, Math.min(data.length, p + cs));
+    if (cluster.length < cs) {
+      const padded = Buffer.alloc(cs);
+      cluster.copy(padded);
+      cluster = padded;
+    }
+    jobs.push(pool.compress(img.compressionType, cluster));
+  }
+  return { offset, data, streams: await Promise.all(jobs) };
+}
+
+/** Write a prepared request: compressed streams packed into host clusters, the rest uncompressed. */
+export async function commitCompressed(img: Qcow2Image, req: PreparedCompressed): Promise<void> {
+  const { offset, data, streams } = req;
+  img.checkRange(offset, data.length);
+  if (data.length === 0) return;
+  const cs = img.clusterSize;
+  const release = await img.lockClusters(offset, data.length);
+  try {
+    await img.markDirty();
+    // Clusters are handled in guest order, one L2 table at a time.
+    let k = 0;
+    while (k < streams.length) {
+      const guest = offset + k * cs;
+      const l1i = Math.floor(guest / img.l2Coverage);
+      let n = 0;
+      while (k + n < streams.length && Math.floor((offset + (k + n) * cs) / img.l2Coverage) === l1i) n++;
+      await commitTable(img, req, k, n, l1i);
+      k += n;
+    }
+  } finally {
+    release();
+  }
+}
+
+/** Clusters [k, k+n) of the request, all mapped by L2 table `l1i`. */
+async function commitTable(img: Qcow2Image, req: PreparedCompressed, k: number, n: number, l1i: number): Promise<void> {
+  const cs = img.clusterSize;
+  // Uncompressible clusters go through the normal write path first.
+  for (let i = k; i < k + n; i++) {
+    if (req.streams[i] !== null) continue;
+    const a = i * cs;
+    await img.writeUnlocked(req.data.subarray(a, Math.min(req.data.length, a + cs)), req.offset + a);
+  }
+  const idxs: number[] = [];
+  for (let i = k; i < k + n; i++) if (req.streams[i] !== null) idxs.push(i);
+  if (idxs.length === 0) return;
+  const { offset: l2Off, table } = await img.writableL2(l1i);
+  try {
+    const entryIndex = (i: number): number => Math.floor((req.offset + i * cs) / cs) % img.l2Entries;
+    for (const i of idxs) {
+      const old = readL2(table, entryIndex(i), img.geo);
+      await img.validateEntry(old, l2Off, entryIndex(i));
+      // Compression can't overwrite anything: the entry must have no host offset.
+      if (old.type === ClusterType.Compressed || old.host !== 0) throw new ImageError('Input/output error', 'EIO');
+    }
+    // Allocation raises the refcounts (on disk) before anything points at the bytes.
+    const hosts = await img.meta.run(async () => {
+      const out: number[] = [];
+      for (const i of idxs) out.push(await allocBytes(img, (req.streams[i] as Buffer).length));
+      return out;
+    });
+    // Data next, merged into one write per host-contiguous run.
+    let runStart = 0;
+    for (let j = 1; j <= idxs.length; j++) {
+      const prev = hosts[j - 1] + (req.streams[idxs[j - 1]] as Buffer).length;
+      if (j < idxs.length && hosts[j] === prev) continue;
+      const bufs = idxs.slice(runStart, j).map((i) => req.streams[i] as Buffer);
+      await (bufs.length === 1 ? img.storage.write(bufs[0], hosts[runStart]) : img.storage.writev(bufs, hosts[runStart]));
+      runStart = j;
+    }
+    // Finally the L2 entries (compressed entries never carry COPIED; extended L2 bitmaps are 0).
+    await img.meta.run(async () => {
+      let lo = Infinity, hi = -1;
+      idxs.forEach((i, j) => {
+        const idx = entryIndex(i);
+        writeCompressedL2(table, idx, img.geo, hosts[j], (req.streams[i] as Buffer).length);
+        lo = Math.min(lo, idx);
+        hi = Math.max(hi, idx);
+      });
+      img.lastCompressed = null;
+      await img.writeL2Range(l2Off, table, lo, hi);
+    });
+  } finally {
+    img.l2.unpin(l2Off);
+  }
+}
+
+/**
+ * qcow2_alloc_bytes: reserve `size` bytes (0 < size < cluster size) for one compressed stream
+ * and count the reference in every host cluster it touches. Caller holds the metadata mutex.
+ */
+async function allocBytes(img: Qcow2Image, size: number): Promise<number> {
+  const cs = img.clusterSize;
+  const rc = img.refcounts;
+  const st = stateOf(img);
+  const max = rc.bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** rc.bits - 1;
+  let off = st.freeByte;
+  if (off) {
+    const cur = await rc.get(Math.floor(off / cs));
+    if (cur === 0 || cur >= max) off = 0;
+  }
+  const freeInCluster = off ? cs - (off % cs) : 0;
+  if (!off || freeInCluster < size) {
+    const fresh = await rc.alloc(1); // refcount 1: this stream's reference to the new cluster
+    await img.checkOverlap(fresh, 1);
+    if (off && Math.ceil(off / cs) * cs === fresh) {
+      await rc.update(Math.floor(off / cs), 1, 1); // the stream also uses the rest of the old one
+    } else {
+      off = fresh;
+    }
+  } else {
+    await rc.update(Math.floor(off / cs), 1, 1);
+  }
+  st.freeByte = (off + size) % cs === 0 ? 0 : off + size;
+  return off;
+}
+
+/** Compress and write `data` at `offset` (whole clusters, or up to the end of the image). */
+export async function writeCompressed(img: Qcow2Image, data: Buffer, offset: number): Promise<void> {
+  await commitCompressed(img, await prepareCompressed(img, data, offset));
+}
