@@ -139,6 +139,8 @@ async function createTarget(file: string, fmt: ImageFormat, size: number, optstr
       preallocation: (kv.get('preallocation') ?? 'off') as Preallocation,
     };
     try {
+      const ct = kv.get('compression_type');
+      if (ct !== undefined && ct !== 'zlib' && ct !== 'zstd') throw new Error(`Parameter 'compression-type' does not accept value '${ct}'`);
       validateCreateOptions(o);
     } catch (e) {
       throw new CliError(`${file}: error while converting qcow2: ${asCliError(e).message}`);
