@@ -118,11 +118,13 @@ export async function commitCompressed(img: Qcow2Image, req: PreparedCompressed)
 /** Clusters [k, k+n) of the request, all mapped by L2 table `l1i`. */
 async function commitTable(img: Qcow2Image, req: PreparedCompressed, k: number, n: number, l1i: number): Promise<void> {
   const cs = img.clusterSize;
-  // Uncompressible clusters go through the normal write path first.
+  // Uncompressible clusters go through the normal write path first, a contiguous run at a time.
   for (let i = k; i < k + n; i++) {
     if (req.streams[i] !== null) continue;
-    const a = i * cs;
-    await img.writeUnlocked(req.data.subarray(a, Math.min(req.data.length, a + cs)), req.offset + a);
+    let j = i + 1;
+    while (j < k + n && req.streams[j] === null) j++;
+    await img.writeUnlocked(req.data.subarray(i * cs, Math.min(req.data.length, j * cs)), req.offset + i * cs);
+    i = j;
   }
   const idxs: number[] = [];
   for (let i = k; i < k + n; i++) if (req.streams[i] !== null) idxs.push(i);
@@ -137,11 +139,7 @@ async function commitTable(img: Qcow2Image, req: PreparedCompressed, k: number, 
       if (old.type === ClusterType.Compressed || old.host !== 0) throw new ImageError('Input/output error', 'EIO');
     }
     // Allocation raises the refcounts (on disk) before anything points at the bytes.
-    const hosts = await img.meta.run(async () => {
-      const out: number[] = [];
-      for (const i of idxs) out.push(await allocBytes(img, (req.streams[i] as Buffer).length));
-      return out;
-    });
+    const hosts = await img.meta.run(() => allocStreams(img, idxs.map((i) => (req.streams[i] as Buffer).length)));
     // Data next, merged into one write per host-contiguous run.
     let runStart = 0;
     for (let j = 1; j <= idxs.length; j++) {
@@ -166,6 +164,83 @@ async function commitTable(img: Qcow2Image, req: PreparedCompressed, k: number, 
   } finally {
     img.l2.unpin(l2Off);
   }
+}
+
+/**
+ * Where qcow2_alloc_bytes would put `sizes`, if the new clusters it takes are the run starting
+ * at cluster index `base` (contiguous with the partly used cluster or not). Returns the stream
+ * offsets, the references each new cluster gets, the references added to the partly used
+ * cluster, and the next free byte.
+ */
+function layout(cs: number, max: number, start: number, startRc: number, base: number, sizes: number[]):
+  { offsets: number[]; counts: number[]; startAdds: number; next: number } {
+  const offsets: number[] = [];
+  const counts: number[] = [];
+  let off = start, startAdds = 0;
+  const refOf = (ci: number): number => (start && ci === Math.floor(start / cs) ? startRc + startAdds : counts[ci - base]);
+  const addRef = (ci: number): void => {
+    if (start && ci === Math.floor(start / cs)) startAdds++;
+    else counts[ci - base] = (counts[ci - base] ?? 0) + 1;
+  };
+  for (const size of sizes) {
+    if (off && refOf(Math.floor(off / cs)) >= max) off = 0;
+    const free = off ? cs - (off % cs) : 0;
+    if (!off || free < size) {
+      const fresh = base + counts.length;
+      counts.push(0);
+      if (off && Math.ceil(off / cs) === fresh) addRef(Math.floor(off / cs));
+      else off = fresh * cs;
+      addRef(fresh);
+    } else addRef(Math.floor(off / cs));
+    offsets.push(off);
+    off = (off + size) % cs === 0 ? 0 : off + size;
+  }
+  return { offsets, counts, startAdds, next: off };
+}
+
+/**
+ * qcow2_alloc_bytes for a batch of streams, with one cluster allocation and one refcount update
+ * per touched range. Caller holds the metadata mutex.
+ */
+async function allocStreams(img: Qcow2Image, sizes: number[]): Promise<number[]> {
+  const cs = img.clusterSize;
+  const rc = img.refcounts;
+  const st = stateOf(img);
+  const max = rc.bits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** rc.bits - 1;
+  // Per stream when counts cannot be shared, or the run would be too long to find in one piece.
+  const maxRun = Math.max(1, Math.floor(rc.perBlock / 2));
+  const total = sizes.reduce((x, y) => x + y, 0);
+  if (max < 2 || Math.ceil(total / cs) + 1 > maxRun) {
+    const out: number[] = [];
+    for (const size of sizes) out.push(await allocBytes(img, size));
+    return out;
+  }
+  let start = st.freeByte, startRc = 0;
+  if (start) {
+    startRc = await rc.get(Math.floor(start / cs));
+    if (startRc === 0 || startRc >= max) start = 0;
+  }
+  // The run may or may not directly follow the partly used cluster: plan for both, allocate the larger.
+  const near = start ? Math.ceil(start / cs) : -1;
+  const far = layout(cs, max, start, startRc, Number.MAX_SAFE_INTEGER / cs / 2, sizes);
+  let plan = far;
+  let base = -1;
+  if (far.counts.length > 0) {
+    base = (await rc.alloc(far.counts.length)) / cs;
+    await img.checkOverlap(base * cs, far.counts.length);
+    if (base === near) {
+      plan = layout(cs, max, start, startRc, base, sizes);
+      const unused = far.counts.length - plan.counts.length;
+      if (unused > 0) await rc.free((base + plan.counts.length) * cs, unused);
+    } else {
+      plan = layout(cs, max, start, startRc, base, sizes);
+    }
+    // alloc() counted one reference per new cluster; add the rest.
+    if (plan.counts.some((c) => c !== 1)) await rc.addEach(base, plan.counts.map((c) => c - 1));
+  }
+  if (plan.startAdds > 0) await rc.update(Math.floor(start / cs), 1, plan.startAdds);
+  st.freeByte = plan.next;
+  return plan.offsets;
 }
 
 /**

@@ -147,6 +147,33 @@ export class Refcounts {
     }
   }
 
+  /**
+   * Add deltas[k] to the refcount of cluster ci + k, for a contiguous run; each refcount block
+   * range is written once. Zero deltas leave their entries alone.
+   */
+  async addEach(ci: number, deltas: number[]): Promise<void> {
+    let i = 0;
+    while (i < deltas.length) {
+      const ti = Math.floor((ci + i) / this.perBlock);
+      const bo = await this.ensureBlock(ti);
+      const b = await this.block(bo);
+      const first = (ci + i) % this.perBlock;
+      const last = Math.min(this.perBlock, first + (deltas.length - i));
+      for (let k = first; k < last; k++) {
+        const d = deltas[i + k - first];
+        if (d === 0) continue;
+        const v = this.readEntry(b, k) + d;
+        if (v < 0 || v > this.maxValue) {
+          throw new CorruptionError(`Refcount of cluster ${ti * this.perBlock + k} would ${v < 0 ? 'drop below zero' : 'overflow'}`);
+        }
+        this.writeEntry(b, k, v);
+        if (v === 0 && ti * this.perBlock + k < this.freeHint) this.freeHint = ti * this.perBlock + k;
+      }
+      await this.writeBlockRange(bo, b, first, last);
+      i += last - first;
+    }
+  }
+
   /** Set a refcount to an absolute value (repair). */
   async set(ci: number, v: number): Promise<void> {
     const cur = await this.get(ci);
