@@ -7,7 +7,7 @@
  * Overlapping guest requests are serialised by a range lock; metadata changes by one mutex.
  */
 import type { Storage } from '../storage/storage.js';
-import type { BackingReader, BlockDriver, Extent, WriteZeroesOptions } from '../image/driver.js';
+import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteZeroesOptions } from '../image/driver.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { Mutex, RangeLock } from '../util/mutex.js';
 import * as C from './constants.js';
@@ -601,7 +601,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Drop the references an old L2 entry held (must be called after the entry was replaced on disk). */
-  private async freeEntryClusters(e: L2Entry): Promise<void> {
+  /** @internal */ async freeEntryClusters(e: L2Entry): Promise<void> {
     if (e.type === ClusterType.Compressed) {
       const first = Math.floor(e.cOffset / this.clusterSize);
       const last = Math.floor((e.cOffset + e.cLength - 1) / this.clusterSize);
@@ -794,6 +794,11 @@ export class Qcow2Image implements BlockDriver {
     } else if ((await this.storage.size()) < end) {
       await this.storage.truncate(end);
     }
+  }
+
+  /** Change the virtual size (qemu-img resize, qemu-io truncate); see resize.ts. */
+  async resize(size: number, opts: ResizeOptions = {}): Promise<void> {
+    await (await import('./resize.js')).resizeQcow2(this, size, opts);
   }
 
   /** Compressed write of whole clusters (qemu-io `write -c`, convert -c); see compressed-write.ts. */

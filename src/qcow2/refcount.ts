@@ -334,6 +334,52 @@ export class Refcounts {
     await this.update(offset / this.clusterSize, n, -1);
   }
 
+  /**
+   * qcow2_shrink_reftable: unhook refcount blocks that count nothing but themselves. The whole
+   * table is rewritten first; a dropped block's own reference disappears with it. Blocks
+   * counted by another block are kept (dropping them would leak their cluster).
+   */
+  async dropUnusedBlocks(): Promise<void> {
+    const keep = this.table.slice();
+    for (let ti = 0; ti < this.table.length; ti++) {
+      const bo = this.table[ti];
+      if (bo <= 0) continue;
+      const ci = bo / this.clusterSize;
+      if (Math.floor(ci / this.perBlock) !== ti) continue;
+      const b = Buffer.from(await this.block(bo));
+      this.writeEntry(b, ci % this.perBlock, 0);
+      if (b.equals(Buffer.alloc(b.length))) keep[ti] = 0;
+    }
+    if (keep.every((v, i) => v === this.table[i])) return;
+    const raw = Buffer.alloc(this.tableClusters * this.clusterSize);
+    keep.forEach((v, i) => {
+      if (v <= 0) return;
+      raw.writeUInt32BE(Math.floor(v / TWO32), i * 8);
+      raw.writeUInt32BE(v >>> 0, i * 8 + 4);
+    });
+    await this.storage.write(raw, this.tableOffset);
+    for (let ti = 0; ti < keep.length; ti++) {
+      if (keep[ti] === 0 && this.table[ti] > 0) {
+        this.blocks.delete(this.table[ti]);
+        this.table[ti] = 0;
+      }
+    }
+    this.freeHint = 0;
+  }
+
+  /** qcow2_get_last_cluster: the highest cluster index below `clusters` with a refcount, or -1. */
+  async lastUsedCluster(clusters: number): Promise<number> {
+    for (let ci = clusters - 1; ci >= 0; ci--) {
+      const ti = Math.floor(ci / this.perBlock);
+      if (ti >= this.table.length || this.table[ti] === 0) {
+        ci = ti * this.perBlock; // a block-less range is all free
+        continue;
+      }
+      if ((await this.get(ci)) > 0) return ci;
+    }
+    return -1;
+  }
+
   /** Forget cached blocks (after an external rewrite such as a rebuild). */
   dropCache(): void {
     this.blocks.clear();
