@@ -10,7 +10,7 @@
  */
 import type { Chain, ChainExtent } from '../chain/chain.js';
 import { Qcow2Image } from '../qcow2/image.js';
-import { commitCompressed, prepareCompressed, type PreparedCompressed } from '../qcow2/compressed-write.js';
+import { prepareCompressed, reserveCompressed, type PreparedCompressed } from '../qcow2/compressed-write.js';
 import { isZero, type CopyOptions } from './copy.js';
 
 type Kind = 'data' | 'zero' | 'unallocated';
@@ -190,13 +190,20 @@ export async function copyChainsCompressed(sources: Chain[], target: Qcow2Image,
         endTurn(j.seq);
         throw e;
       }
+      // In turn: allocation (so the layout follows guest order); after it, data and L2 entries
+      // may overlap with the next request's allocation.
       await waitTurn(j.seq);
+      const finishers: Array<() => Promise<void>> = [];
       try {
-        for (const p of prepared) await commitCompressed(target, p);
+        for (const p of prepared) finishers.push(await reserveCompressed(target, p));
         if (!zeroInit) for (const [o, n] of zeros) await target.writeZeroes(o, n);
+      } catch (e) {
+        for (const f of finishers) await f().catch(() => {});
+        throw e;
       } finally {
         endTurn(j.seq);
       }
+      for (const f of finishers) await f();
       report(j.length);
     }
   };

@@ -93,32 +93,54 @@ export async function prepareCompressed(img: Qcow2Image, data: Buffer, offset: n
 
 /** Write a prepared request: compressed streams packed into host clusters, the rest uncompressed. */
 export async function commitCompressed(img: Qcow2Image, req: PreparedCompressed): Promise<void> {
+  const finish = await reserveCompressed(img, req);
+  await finish();
+}
+
+/**
+ * First half of a commit, the part that must run in request order for a reproducible layout:
+ * take the range lock, write the uncompressible clusters, allocate space for the streams
+ * (refcounts on disk). Returns the second half, which writes the streams and then the L2
+ * entries and releases the lock; it may overlap with the next request's first half.
+ */
+export async function reserveCompressed(img: Qcow2Image, req: PreparedCompressed): Promise<() => Promise<void>> {
   const { offset, data, streams } = req;
   img.checkRange(offset, data.length);
-  if (data.length === 0) return;
+  if (data.length === 0) return async () => {};
   const cs = img.clusterSize;
   const release = await img.lockClusters(offset, data.length);
+  const finishers: Array<() => Promise<void>> = [];
+  const finishAll = async (): Promise<void> => {
+    try {
+      for (const f of finishers) await f();
+    } finally {
+      release();
+    }
+  };
   try {
     await img.markDirty();
     // Clusters are handled in guest order, one L2 table at a time.
     let k = 0;
     while (k < streams.length) {
-      const guest = offset + k * cs;
-      const l1i = Math.floor(guest / img.l2Coverage);
+      const l1i = Math.floor((offset + k * cs) / img.l2Coverage);
       let n = 0;
       while (k + n < streams.length && Math.floor((offset + (k + n) * cs) / img.l2Coverage) === l1i) n++;
-      await commitTable(img, req, k, n, l1i);
+      const f = await reserveTable(img, req, k, n, l1i);
+      if (f) finishers.push(f);
       k += n;
     }
-  } finally {
-    release();
+  } catch (e) {
+    // What was reserved is completed (it is valid data), then the error is reported.
+    await finishAll().catch(() => {});
+    throw e;
   }
+  return finishAll;
 }
 
-/** Clusters [k, k+n) of the request, all mapped by L2 table `l1i`. */
-async function commitTable(img: Qcow2Image, req: PreparedCompressed, k: number, n: number, l1i: number): Promise<void> {
+/** Clusters [k, k+n) of the request, all mapped by L2 table `l1i`: reserve now, finish later. */
+async function reserveTable(img: Qcow2Image, req: PreparedCompressed, k: number, n: number, l1i: number): Promise<(() => Promise<void>) | null> {
   const cs = img.clusterSize;
-  // Uncompressible clusters go through the normal write path first, a contiguous run at a time.
+  // Uncompressible clusters go through the normal write path, a contiguous run at a time.
   for (let i = k; i < k + n; i++) {
     if (req.streams[i] !== null) continue;
     let j = i + 1;
@@ -128,10 +150,11 @@ async function commitTable(img: Qcow2Image, req: PreparedCompressed, k: number, 
   }
   const idxs: number[] = [];
   for (let i = k; i < k + n; i++) if (req.streams[i] !== null) idxs.push(i);
-  if (idxs.length === 0) return;
+  if (idxs.length === 0) return null;
   const { offset: l2Off, table } = await img.writableL2(l1i);
+  const entryIndex = (i: number): number => Math.floor((req.offset + i * cs) / cs) % img.l2Entries;
+  let hosts: number[];
   try {
-    const entryIndex = (i: number): number => Math.floor((req.offset + i * cs) / cs) % img.l2Entries;
     for (const i of idxs) {
       const old = readL2(table, entryIndex(i), img.geo);
       await img.validateEntry(old, l2Off, entryIndex(i));
@@ -139,31 +162,40 @@ async function commitTable(img: Qcow2Image, req: PreparedCompressed, k: number, 
       if (old.type === ClusterType.Compressed || old.host !== 0) throw new ImageError('Input/output error', 'EIO');
     }
     // Allocation raises the refcounts (on disk) before anything points at the bytes.
-    const hosts = await img.meta.run(() => allocStreams(img, idxs.map((i) => (req.streams[i] as Buffer).length)));
-    // Data next, merged into one write per host-contiguous run.
-    let runStart = 0;
-    for (let j = 1; j <= idxs.length; j++) {
-      const prev = hosts[j - 1] + (req.streams[idxs[j - 1]] as Buffer).length;
-      if (j < idxs.length && hosts[j] === prev) continue;
-      const bufs = idxs.slice(runStart, j).map((i) => req.streams[i] as Buffer);
-      await (bufs.length === 1 ? img.storage.write(bufs[0], hosts[runStart]) : img.storage.writev(bufs, hosts[runStart]));
-      runStart = j;
-    }
-    // Finally the L2 entries (compressed entries never carry COPIED; extended L2 bitmaps are 0).
-    await img.meta.run(async () => {
-      let lo = Infinity, hi = -1;
-      idxs.forEach((i, j) => {
-        const idx = entryIndex(i);
-        writeCompressedL2(table, idx, img.geo, hosts[j], (req.streams[i] as Buffer).length);
-        lo = Math.min(lo, idx);
-        hi = Math.max(hi, idx);
-      });
-      img.lastCompressed = null;
-      await img.writeL2Range(l2Off, table, lo, hi);
-    });
-  } finally {
+    hosts = await img.meta.run(() => allocStreams(img, idxs.map((i) => (req.streams[i] as Buffer).length)));
+  } catch (e) {
     img.l2.unpin(l2Off);
+    throw e;
   }
+  return async () => {
+    try {
+      // Data first, one write per host-contiguous run.
+      let runStart = 0;
+      for (let j = 1; j <= idxs.length; j++) {
+        const prev = hosts[j - 1] + (req.streams[idxs[j - 1]] as Buffer).length;
+        if (j < idxs.length && hosts[j] === prev) continue;
+        const bufs = idxs.slice(runStart, j).map((i) => req.streams[i] as Buffer);
+        await (bufs.length === 1 ? img.storage.write(bufs[0], hosts[runStart]) : img.storage.writev(bufs, hosts[runStart]));
+        runStart = j;
+      }
+      // Then the L2 entries (compressed entries never carry COPIED; extended L2 bitmaps are 0).
+      // An entry is set in memory only once its data is written, so any sector write of this
+      // table (ours or a neighbour's) only ever exposes written data.
+      await img.meta.run(async () => {
+        let lo = Infinity, hi = -1;
+        idxs.forEach((i, j) => {
+          const idx = entryIndex(i);
+          writeCompressedL2(table, idx, img.geo, hosts[j], (req.streams[i] as Buffer).length);
+          lo = Math.min(lo, idx);
+          hi = Math.max(hi, idx);
+        });
+        img.lastCompressed = null;
+        await img.writeL2Range(l2Off, table, lo, hi);
+      });
+    } finally {
+      img.l2.unpin(l2Off);
+    }
+  };
 }
 
 /**
