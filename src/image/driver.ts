@@ -29,6 +29,12 @@ export interface WriteZeroesOptions {
   mayUnmap?: boolean;
 }
 
+/** Options of a resize (qemu-img resize --shrink / --preallocation). */
+export interface ResizeOptions {
+  shrink?: boolean;
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+}
+
 export interface BlockDriver {
   readonly format: 'qcow2' | 'raw';
   readonly storage: Storage;
@@ -52,4 +58,6 @@ export interface BlockDriver {
   discard(offset: number, length: number): Promise<void>;
   flush(): Promise<void>;
   close(): Promise<void>;
+  /** Change the guest-visible size (shrinking only with opts.shrink). */
+  resize?(size: number, opts?: ResizeOptions): Promise<void>;
 }

@@ -7,7 +7,7 @@
  * Overlapping guest requests are serialised by a range lock; metadata changes by one mutex.
  */
 import type { Storage } from '../storage/storage.js';
-import type { BackingReader, BlockDriver, Extent, WriteZeroesOptions } from '../image/driver.js';
+import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteZeroesOptions } from '../image/driver.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { Mutex, RangeLock } from '../util/mutex.js';
 import * as C from './constants.js';
@@ -56,14 +56,14 @@ export class Qcow2Image implements BlockDriver {
   backing: BackingReader | null = null;
   l1: Buffer;
   snapshots: Snapshot[] = [];
-  private readonly l2: L2Cache;
+  /** @internal */ readonly l2: L2Cache;
   readonly meta = new Mutex();
   private readonly ranges = new RangeLock();
   private dirtySet = false;
   private dirtyWrite: Promise<void> | null = null;
   private closed = false;
   /** Last decompressed cluster (sequential reads of compressed data hit it repeatedly). */
-  private lastCompressed: { offset: number; data: Buffer } | null = null;
+  /** @internal */ lastCompressed: { offset: number; data: Buffer } | null = null;
 
   private constructor(
     readonly storage: Storage,
@@ -213,7 +213,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Checks a data entry before it is used; corrupt entries mark the image and fail the I/O. */
-  private async validateEntry(e: L2Entry, l2Offset: number, idx: number): Promise<void> {
+  /** @internal */ async validateEntry(e: L2Entry, l2Offset: number, idx: number): Promise<void> {
     if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) {
       await this.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${idx.toString(16)})`);
     }
@@ -359,14 +359,14 @@ export class Qcow2Image implements BlockDriver {
 
   // ---- writes --------------------------------------------------------------------------------
 
-  private checkRange(offset: number, length: number): void {
+  /** @internal */ checkRange(offset: number, length: number): void {
     if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
     if (this.closed) throw new ImageError('Image is closed');
     if (offset < 0 || length < 0 || offset + length > this.size) throw new ImageError('Input/output error', 'EIO');
   }
 
   /** Sets the dirty bit before the first write of a lazy-refcounts image (cleared on clean close). */
-  private markDirty(): Promise<void> {
+  /** @internal */ markDirty(): Promise<void> {
     if (!this.lazyRefcounts || this.header.version < 3) return Promise.resolve();
     if (!this.dirtyWrite) {
       this.dirtySet = true;
@@ -390,13 +390,13 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Registers a cluster-rounded range lock synchronously and resolves when it is held. */
-  private lockClusters(offset: number, length: number): Promise<() => void> {
+  /** @internal */ lockClusters(offset: number, length: number): Promise<() => void> {
     const cs = this.clusterSize;
     return this.ranges.acquire(Math.floor(offset / cs) * cs, Math.ceil((offset + length) / cs) * cs);
   }
 
   /** write() for callers holding the range lock. */
-  private async writeUnlocked(buf: Buffer, offset: number): Promise<void> {
+  /** @internal */ async writeUnlocked(buf: Buffer, offset: number): Promise<void> {
     let pos = offset;
     const end = offset + buf.length;
     while (pos < end) {
@@ -410,7 +410,7 @@ export class Qcow2Image implements BlockDriver {
    * Returns the L2 table for L1 index `l1i`, ready for modification: allocated if missing, and
    * copied if shared with a snapshot (L1 entry without COPIED). Pinned; caller unpins.
    */
-  private async writableL2(l1i: number): Promise<{ offset: number; table: Buffer }> {
+  /** @internal */ async writableL2(l1i: number): Promise<{ offset: number; table: Buffer }> {
     return this.meta.run(async () => {
       if (l1i >= this.header.l1Size) throw new ImageError('Input/output error', 'EIO');
       const cur = this.l1Entry(l1i);
@@ -443,7 +443,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Refuse to hand out a cluster that overlaps the header, L1 or refcount table (metadata overlap check). */
-  private async checkOverlap(host: number, n: number): Promise<void> {
+  /** @internal */ async checkOverlap(host: number, n: number): Promise<void> {
     const cs = this.clusterSize;
     const end = host + n * cs;
     const hit = (a: number, len: number): boolean => a < end && host < a + len;
@@ -592,7 +592,7 @@ export class Qcow2Image implements BlockDriver {
     if (avail < dst.length) dst.fill(0, avail);
   }
 
-  private async writeL2Range(l2Off: number, table: Buffer, lo: number, hi: number): Promise<void> {
+  /** @internal */ async writeL2Range(l2Off: number, table: Buffer, lo: number, hi: number): Promise<void> {
     const es = this.extL2 ? 16 : 8;
     // Whole 512-byte sectors, as QEMU writes them.
     const a = Math.floor((lo * es) / 512) * 512;
@@ -601,7 +601,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Drop the references an old L2 entry held (must be called after the entry was replaced on disk). */
-  private async freeEntryClusters(e: L2Entry): Promise<void> {
+  /** @internal */ async freeEntryClusters(e: L2Entry): Promise<void> {
     if (e.type === ClusterType.Compressed) {
       const first = Math.floor(e.cOffset / this.clusterSize);
       const last = Math.floor((e.cOffset + e.cLength - 1) / this.clusterSize);
@@ -796,6 +796,17 @@ export class Qcow2Image implements BlockDriver {
     }
   }
 
+  /** Change the virtual size (qemu-img resize, qemu-io truncate); see resize.ts. */
+  async resize(size: number, opts: ResizeOptions = {}): Promise<void> {
+    await (await import('./resize.js')).resizeQcow2(this, size, opts);
+  }
+
+  /** Compressed write of whole clusters (qemu-io `write -c`, convert -c); see compressed-write.ts. */
+  async writeCompressed(buf: Buffer, offset: number): Promise<void> {
+    const cw = await import('./compressed-write.js');
+    await cw.writeCompressed(this, buf, offset);
+  }
+
   async flush(): Promise<void> {
     await this.storage.flush();
   }
@@ -804,6 +815,7 @@ export class Qcow2Image implements BlockDriver {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    await (await import('./compressed-write.js')).closeCompressedWriter(this);
     if (!this.readOnly) {
       if (this.dirtySet) {
         await this.storage.flush();

@@ -147,6 +147,33 @@ export class Refcounts {
     }
   }
 
+  /**
+   * Add deltas[k] to the refcount of cluster ci + k, for a contiguous run; each refcount block
+   * range is written once. Zero deltas leave their entries alone.
+   */
+  async addEach(ci: number, deltas: number[]): Promise<void> {
+    let i = 0;
+    while (i < deltas.length) {
+      const ti = Math.floor((ci + i) / this.perBlock);
+      const bo = await this.ensureBlock(ti);
+      const b = await this.block(bo);
+      const first = (ci + i) % this.perBlock;
+      const last = Math.min(this.perBlock, first + (deltas.length - i));
+      for (let k = first; k < last; k++) {
+        const d = deltas[i + k - first];
+        if (d === 0) continue;
+        const v = this.readEntry(b, k) + d;
+        if (v < 0 || v > this.maxValue) {
+          throw new CorruptionError(`Refcount of cluster ${ti * this.perBlock + k} would ${v < 0 ? 'drop below zero' : 'overflow'}`);
+        }
+        this.writeEntry(b, k, v);
+        if (v === 0 && ti * this.perBlock + k < this.freeHint) this.freeHint = ti * this.perBlock + k;
+      }
+      await this.writeBlockRange(bo, b, first, last);
+      i += last - first;
+    }
+  }
+
   /** Set a refcount to an absolute value (repair). */
   async set(ci: number, v: number): Promise<void> {
     const cur = await this.get(ci);
@@ -305,6 +332,52 @@ export class Refcounts {
   /** Drop one reference from each cluster of [offset, offset + n clusters). */
   async free(offset: number, n: number): Promise<void> {
     await this.update(offset / this.clusterSize, n, -1);
+  }
+
+  /**
+   * qcow2_shrink_reftable: unhook refcount blocks that count nothing but themselves. The whole
+   * table is rewritten first; a dropped block's own reference disappears with it. Blocks
+   * counted by another block are kept (dropping them would leak their cluster).
+   */
+  async dropUnusedBlocks(): Promise<void> {
+    const keep = this.table.slice();
+    for (let ti = 0; ti < this.table.length; ti++) {
+      const bo = this.table[ti];
+      if (bo <= 0) continue;
+      const ci = bo / this.clusterSize;
+      if (Math.floor(ci / this.perBlock) !== ti) continue;
+      const b = Buffer.from(await this.block(bo));
+      this.writeEntry(b, ci % this.perBlock, 0);
+      if (b.equals(Buffer.alloc(b.length))) keep[ti] = 0;
+    }
+    if (keep.every((v, i) => v === this.table[i])) return;
+    const raw = Buffer.alloc(this.tableClusters * this.clusterSize);
+    keep.forEach((v, i) => {
+      if (v <= 0) return;
+      raw.writeUInt32BE(Math.floor(v / TWO32), i * 8);
+      raw.writeUInt32BE(v >>> 0, i * 8 + 4);
+    });
+    await this.storage.write(raw, this.tableOffset);
+    for (let ti = 0; ti < keep.length; ti++) {
+      if (keep[ti] === 0 && this.table[ti] > 0) {
+        this.blocks.delete(this.table[ti]);
+        this.table[ti] = 0;
+      }
+    }
+    this.freeHint = 0;
+  }
+
+  /** qcow2_get_last_cluster: the highest cluster index below `clusters` with a refcount, or -1. */
+  async lastUsedCluster(clusters: number): Promise<number> {
+    for (let ci = clusters - 1; ci >= 0; ci--) {
+      const ti = Math.floor(ci / this.perBlock);
+      if (ti >= this.table.length || this.table[ti] === 0) {
+        ci = ti * this.perBlock; // a block-less range is all free
+        continue;
+      }
+      if ((await this.get(ci)) > 0) return ci;
+    }
+    return -1;
   }
 
   /** Forget cached blocks (after an external rewrite such as a rebuild). */

@@ -1,6 +1,6 @@
 /** The raw format driver: guest offset = host offset, everything allocated, sparse where the file system allows. */
 import type { Storage } from '../storage/storage.js';
-import type { BackingReader, BlockDriver, Extent, WriteZeroesOptions } from '../image/driver.js';
+import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteZeroesOptions } from '../image/driver.js';
 import { ImageError } from '../image/errors.js';
 
 export class RawImage implements BlockDriver {
@@ -86,6 +86,22 @@ export class RawImage implements BlockDriver {
     // Discard punches a hole where the host supports it (as qemu-io's file driver does); it is
     // advisory, so without the primitive it does nothing.
     if (this.storage.punchHole && length > 0) await this.storage.punchHole(offset, length);
+  }
+
+  /** Truncate or extend the file to exactly `size` bytes (falloc/full write zeros over the new area). */
+  async resize(size: number, opts: ResizeOptions = {}): Promise<void> {
+    if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
+    const prealloc = opts.preallocation ?? 'off';
+    if (prealloc === 'metadata') throw new ImageError('Unsupported preallocation mode: metadata', 'ENOTSUP');
+    const old = await this.storage.size();
+    if (size < this.size && !opts.shrink) throw new ImageError('Use the --shrink option to perform a shrink operation.', 'EINVAL');
+    if (size < old && prealloc !== 'off') throw new ImageError("Preallocation can't be used for shrinking an image", 'EINVAL');
+    await this.storage.truncate(size);
+    if (size > old && prealloc !== 'off') {
+      const zero = Buffer.alloc(Math.min(size - old, 4 * 1024 * 1024));
+      for (let p = old; p < size; p += zero.length) await this.storage.write(zero.subarray(0, Math.min(zero.length, size - p)), p);
+    }
+    this.size = Math.ceil(size / 512) * 512;
   }
 
   async flush(): Promise<void> {

@@ -8,7 +8,9 @@ import type { Chain } from '../../chain/chain.js';
 import type { ImageFormat } from '../../chain/open.js';
 import { FileStorage } from '../../storage/file.js';
 import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2CreateOptions } from '../../qcow2/create.js';
-import { copyChains } from '../../ops/copy.js';
+import { copyChains, type CopyOptions } from '../../ops/copy.js';
+import { copyChainsCompressed } from '../../ops/copy-compressed.js';
+import { Qcow2Image } from '../../qcow2/image.js';
 
 export async function convertMain(argv: string[], ctx: CliContext): Promise<number> {
   const { opts, rest } = parseArgs(argv, ':hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:', [HELP, OBJECT, IMAGE_OPTS,
@@ -23,7 +25,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   for (const o of opts) {
     const a = o.arg as string;
     switch (o.opt) {
-      case 'h': ctx.stdout.write('usage: qchain img convert [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename\n'); return 0;
+      case 'h': ctx.stdout.write('usage: qchain img convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename\n'); return 0;
       case 'f': srcFmt = formatArg(a); break;
       case 'U': forceShare = true; break;
       case 'O': outFmt = formatArg(a); break;
@@ -63,8 +65,12 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
     return createMain(['-f', outFmt, '-o', optstr], ctx);
   }
   if (rest.length < 2) throw new UsageError('Expecting at least one source and one target');
-  if (compress) throw new CliError('Compressed output (-c) is not supported yet');
   if (backing !== undefined && !backingFmt) throw new CliError('Use of backing file requires explicit backing format');
+  if (compress) {
+    const prealloc = optstr !== undefined ? new Map(parseOptString(optstr)).get('preallocation') : undefined;
+    if (!noCreate && outFmt !== 'qcow2') throw new CliError('Compression not supported for this file format');
+    if (prealloc !== undefined && prealloc !== 'off') throw new CliError('Compression and preallocation not supported at the same time');
+  }
   if (targetIsZero && !noCreate) throw new CliError('--target-is-zero requires use of -n flag');
   const target = rest[rest.length - 1];
   const srcNames = rest.slice(0, -1);
@@ -83,8 +89,12 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       throw new CliError(asCliError(e).message);
     }
     if (noCreate && dst.size < total) throw new CliError(`${target}: error while converting ${outFmt}: target image is too small`);
+    if (compress && !(dst.top instanceof Qcow2Image)) throw new CliError('Compression not supported for this file format');
     if (progress) bar.print(0, 100);
-    await copyChains(sources, dst.top, {
+    const copy = compress
+      ? (s: Chain[], _t: unknown, o: CopyOptions) => copyChainsCompressed(s, dst!.top as Qcow2Image, o)
+      : copyChains;
+    await copy(sources, dst.top, {
       sparseSize: sparse,
       topOnly: backing !== undefined,
       parallel,
@@ -131,6 +141,8 @@ async function createTarget(file: string, fmt: ImageFormat, size: number, optstr
       preallocation: (kv.get('preallocation') ?? 'off') as Preallocation,
     };
     try {
+      const ct = kv.get('compression_type');
+      if (ct !== undefined && ct !== 'zlib' && ct !== 'zstd') throw new Error(`Parameter 'compression-type' does not accept value '${ct}'`);
       validateCreateOptions(o);
     } catch (e) {
       throw new CliError(`${file}: error while converting qcow2: ${asCliError(e).message}`);

@@ -10,6 +10,7 @@ const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) =
   check: async () => (await import('./check.js')).checkMain,
   convert: async () => (await import('./convert.js')).convertMain,
   snapshot: async () => (await import('./snapshot.js')).snapshotMain,
+  resize: async () => (await import('./resize.js')).resizeMain,
   bench: async () => (await import('./bench.js')).benchMain,
 };
 
@@ -23,6 +24,7 @@ Command syntax:
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
   snapshot [-q] [-l | -c snapshot] filename
 
 Supported formats: qcow2 raw

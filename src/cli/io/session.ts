@@ -502,24 +502,12 @@ export class IoSession {
     return failed ? { extents, errorAt: failed.at, error: failed.error } : { extents };
   }
 
-  /** Resize the image (`truncate`); raw only, the qcow2 driver has no resize. */
+  /** Resize the image (`truncate`: blk_truncate without --shrink's guard). */
   async truncate(size: number, prealloc: 'off' | 'metadata' | 'falloc' | 'full'): Promise<void> {
     if (!this.chain || this.ejected) throw new IoErrno('ENOMEDIUM');
-    const top = this.chain.top as BlockDriver & { resize?: (size: number, prealloc?: string) => Promise<void> };
-    if (top instanceof RawImage) {
-      if (prealloc === 'metadata') throw new Error('Unsupported preallocation mode: metadata');
-      const old = top.size;
-      await top.storage.truncate(size);
-      if (size > old && prealloc !== 'off') {
-        const zero = Buffer.alloc(Math.min(size - old, 4 * 1024 * 1024));
-        for (let p = old; p < size; p += zero.length) await top.storage.write(zero.subarray(0, Math.min(zero.length, size - p)), p);
-      }
-      top.size = size;
-      this.chain.invalidate();
-      return;
-    }
+    const top = this.chain.top;
     if (typeof top.resize === 'function') {
-      await top.resize(size, prealloc);
+      await top.resize(size, { shrink: true, preallocation: prealloc });
       this.chain.invalidate();
       return;
     }

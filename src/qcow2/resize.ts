@@ -1,0 +1,222 @@
+/**
+ * qcow2 resize, following qcow2_co_truncate (QEMU 7.2).
+ *
+ * Grow: the L1 table is enlarged to exactly cover the new size (qcow2_grow_l1_table: a new
+ * table is allocated and written, then the header is switched to it, then the old one is
+ * freed). When the backing file is longer than the old size, the new area is zeroed (zero
+ * clusters), so the backing data beyond the old end does not show through; v2 images cannot
+ * do that and fail as QEMU does. Preallocation allocates the new clusters.
+ *
+ * Shrink: clusters from the first whole cluster past the new end are discarded (L2 entries
+ * cleared first, then their clusters freed); L1 entries past the new end are zeroed on disk
+ * and their L2 tables freed (the header's l1_size stays, as in QEMU); refcount blocks that
+ * count only themselves are unhooked; the file is cut after the last used cluster.
+ *
+ * The new size goes into the header last, so a crash before leaves the old size with, at
+ * worst, leaked clusters.
+ */
+import type { ResizeOptions } from '../image/driver.js';
+import { ImageError } from '../image/errors.js';
+import { ClusterType, readL1, readL2, writeL2, type L2Entry } from './entry.js';
+import type { Qcow2Image } from './image.js';
+
+/** QCOW_MAX_L1_SIZE: 32 MiB of L1 entries. */
+const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
+
+export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOptions = {}): Promise<void> {
+  const prealloc = opts.preallocation ?? 'off';
+  if (img.readOnly) throw new ImageError('Permission denied', 'EACCES');
+  if (!Number.isSafeInteger(size) || size < 0) throw new ImageError('Failed to grow the L1 table: File too large', 'EFBIG');
+  if (size % 512 !== 0) throw new ImageError('The new size must be a multiple of 512', 'EINVAL');
+  if (img.snapshots.length > 0 && img.version < 3) {
+    throw new ImageError("Can't resize a v2 image which has snapshots", 'ENOTSUP');
+  }
+  const old = img.size;
+  if (size < old && !opts.shrink) throw new ImageError('Use the --shrink option to perform a shrink operation.', 'EINVAL');
+  const newL1 = Math.ceil(size / img.l2Coverage);
+  if (size < old) {
+    if (prealloc !== 'off') throw new ImageError("Preallocation can't be used for shrinking an image", 'EINVAL');
+    await shrink(img, size, newL1);
+  } else {
+    await growL1(img, newL1);
+    if (prealloc !== 'off') await preallocateRange(img, old, size, prealloc);
+    const backingLen = img.backing?.size ?? 0;
+    if (size > old && backingLen > old) {
+      // The block layer asks for zeroes when the backing file would show through the new area.
+      if (img.version < 3) throw new ImageError('Failed to zero out new clusters: Operation not supported', 'ENOTSUP');
+      img.header.size = size;
+      try {
+        await img.writeZeroes(old, size - old);
+      } catch (e) {
+        img.header.size = old;
+        throw e;
+      }
+    }
+  }
+  await img.flush();
+  const b = Buffer.alloc(8);
+  b.writeUInt32BE(Math.floor(size / 2 ** 32), 0);
+  b.writeUInt32BE(size >>> 0, 4);
+  await img.storage.write(b, 24);
+  await img.storage.flush();
+  img.header.size = size;
+  img.lastCompressed = null;
+}
+
+/** qcow2_grow_l1_table(exact): a new table of exactly `entries` entries, then the header, then free the old. */
+async function growL1(img: Qcow2Image, entries: number): Promise<void> {
+  const h = img.header;
+  if (entries <= h.l1Size) return;
+  if (entries > MAX_L1_ENTRIES) throw new ImageError('Failed to grow the L1 table: File too large', 'EFBIG');
+  const cs = img.clusterSize;
+  await img.meta.run(async () => {
+    const bytes = entries * 8;
+    const n = Math.ceil(bytes / cs);
+    const off = await img.refcounts.alloc(n);
+    await img.checkOverlap(off, n);
+    const table = Buffer.alloc(bytes);
+    img.l1.copy(table, 0, 0, h.l1Size * 8);
+    await img.storage.write(table, off);
+    await img.storage.flush();
+    const hdr = Buffer.alloc(12);
+    hdr.writeUInt32BE(entries, 0);
+    hdr.writeUInt32BE(Math.floor(off / 2 ** 32), 4);
+    hdr.writeUInt32BE(off >>> 0, 8);
+    await img.storage.write(hdr, 36);
+    await img.storage.flush();
+    const oldOff = h.l1TableOffset, oldSize = h.l1Size;
+    h.l1TableOffset = off;
+    h.l1Size = entries;
+    img.l1 = table;
+    if (oldSize > 0) await img.refcounts.free(oldOff, Math.ceil((oldSize * 8) / cs));
+  });
+}
+
+/** Discard everything past the new end, drop L2 tables past it, unhook empty refcount blocks, cut the file. */
+async function shrink(img: Qcow2Image, size: number, newL1: number): Promise<void> {
+  const cs = img.clusterSize;
+  const from = Math.ceil(size / cs) * cs;
+  // The L2 table holding the new end keeps its table; its entries past the end are cleared.
+  // (QEMU's discard allocates that table if it was missing; we do the same, for the same layout.)
+  if (from < img.size && from % img.l2Coverage !== 0) {
+    const l1i = Math.floor(from / img.l2Coverage);
+    if (l1i < img.header.l1Size) await clearEntries(img, l1i, from, Math.min(img.size, (l1i + 1) * img.l2Coverage));
+  }
+  await img.meta.run(async () => {
+    const h = img.header;
+    if (newL1 < h.l1Size) {
+      // L1 entries first (on disk), then the references they held.
+      await img.storage.write(Buffer.alloc((h.l1Size - newL1) * 8), h.l1TableOffset + newL1 * 8);
+      await img.storage.flush();
+    }
+    for (let i = h.l1Size - 1; i >= newL1; i--) {
+      const e = readL1(img.l1, i);
+      img.l1.fill(0, i * 8, i * 8 + 8);
+      if (!e.offset) continue;
+      // Whether or not the table is shared with a snapshot, the active view held one reference
+      // to it and one to each cluster it maps.
+      const table = Buffer.from(await img.l2.pin(e.offset));
+      img.l2.unpin(e.offset);
+      img.l2.forget(e.offset);
+      for (let k = 0; k < img.l2Entries; k++) {
+        const x = readL2(table, k, img.geo);
+        if (hasClusters(x)) await img.freeEntryClusters(x);
+      }
+      await img.refcounts.free(e.offset, 1);
+    }
+    await img.refcounts.dropUnusedBlocks();
+    const fileSize = await img.storage.size();
+    const last = await img.refcounts.lastUsedCluster(Math.ceil(fileSize / cs));
+    if (last >= 0 && (last + 1) * cs < fileSize) await img.storage.truncate((last + 1) * cs);
+  });
+}
+
+function hasClusters(e: L2Entry): boolean {
+  return e.type === ClusterType.Compressed || e.host !== 0;
+}
+
+/** Full discard of [from, to) inside one L2 table: entries become 0, then their clusters are freed. */
+async function clearEntries(img: Qcow2Image, l1i: number, from: number, to: number): Promise<void> {
+  const cs = img.clusterSize;
+  const { offset: l2Off, table } = await img.writableL2(l1i);
+  try {
+    await img.meta.run(async () => {
+      const frees: L2Entry[] = [];
+      let lo = Infinity, hi = -1;
+      for (let c = from; c < to; c += cs) {
+        const idx = Math.floor(c / cs) % img.l2Entries;
+        const old = readL2(table, idx, img.geo);
+        if (old.hi === 0 && old.lo === 0 && old.allocBits === 0 && old.zeroBits === 0) continue;
+        writeL2(table, idx, img.geo, 0, { copied: false, allocBits: 0, zeroBits: 0 });
+        if (hasClusters(old)) frees.push(old);
+        lo = Math.min(lo, idx);
+        hi = Math.max(hi, idx);
+      }
+      if (hi >= 0) await img.writeL2Range(l2Off, table, lo, hi);
+      for (const e of frees) await img.freeEntryClusters(e);
+    });
+  } finally {
+    img.l2.unpin(l2Off);
+  }
+}
+
+/**
+ * Allocate the clusters of [old, size) that have none (preallocate_co / the falloc and full
+ * branch): entries become normal allocated clusters; for falloc and full the clusters are
+ * written with zeros first (Node has no fallocate). With extended L2 the subclusters stay unallocated,
+ * as for metadata preallocation at create time.
+ */
+async function preallocateRange(img: Qcow2Image, old: number, size: number, mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+  const cs = img.clusterSize;
+  let end = 0;
+  const first = Math.floor(old / cs), last = Math.ceil(size / cs);
+  // falloc/full: the data clusters first, as one area after everything in use (QEMU's allocation_start).
+  const dataHosts = mode === 'metadata' ? [] : await img.meta.run(() => img.refcounts.allocMany(last - first));
+  for (let c = first; c < last;) {
+    const l1i = Math.floor((c * cs) / img.l2Coverage);
+    const stop = Math.min(last, (l1i + 1) * img.l2Entries);
+    const { offset: l2Off, table } = await img.writableL2(l1i);
+    try {
+      await img.meta.run(async () => {
+        const todo: number[] = [];
+        for (let ci = c; ci < stop; ci++) {
+          const e = readL2(table, ci % img.l2Entries, img.geo);
+          if (e.type === ClusterType.Unallocated && e.host === 0 && e.zeroBits === 0) todo.push(ci);
+          else if (mode !== 'metadata') await img.refcounts.free(dataHosts[ci - first], 1); // already has a cluster
+        }
+        const hosts = mode === 'metadata' ? await img.refcounts.allocMany(todo.length) : todo.map((ci) => dataHosts[ci - first]);
+        let lo = Infinity, hi = -1;
+        todo.forEach((ci, j) => {
+          const idx = ci % img.l2Entries;
+          writeL2(table, idx, img.geo, hosts[j], { copied: true, allocBits: 0, zeroBits: 0 });
+          end = Math.max(end, hosts[j] + cs);
+          lo = Math.min(lo, idx);
+          hi = Math.max(hi, idx);
+        });
+        // falloc/full: the clusters hold zeros before an entry points at them.
+        if (mode !== 'metadata') await zeroClusters(img, hosts);
+        if (hi >= 0) await img.writeL2Range(l2Off, table, lo, hi);
+      });
+    } finally {
+      img.l2.unpin(l2Off);
+    }
+    c = stop;
+  }
+  const fileSize = await img.storage.size();
+  if (fileSize < end) await img.storage.truncate(end);
+}
+
+/** Write zeros over the given clusters, one write per contiguous run (at most 4 MiB each). */
+async function zeroClusters(img: Qcow2Image, hosts: number[]): Promise<void> {
+  const cs = img.clusterSize;
+  const sorted = [...hosts].sort((a, b) => a - b);
+  const zero = Buffer.alloc(Math.min(4 * 1024 * 1024, Math.max(cs, sorted.length * cs)));
+  let i = 0;
+  while (i < sorted.length) {
+    let j = i + 1;
+    while (j < sorted.length && sorted[j] === sorted[j - 1] + cs) j++;
+    const start = sorted[i], len = (j - i) * cs;
+    for (let p = 0; p < len; p += zero.length) await img.storage.write(zero.subarray(0, Math.min(zero.length, len - p)), start + p);
+    i = j;
+  }
+}
