@@ -176,3 +176,81 @@ describe('QMP block jobs vs qemu-storage-daemon', oracle(), () => {
     assert.ok(views.qchain.equals(views.qemu));
   });
 });
+
+function jobEvent(id: string, status: string): (m: QmpMessage) => boolean {
+  return (m) => m.event === 'JOB_STATUS_CHANGE' && (m.data as { id: string }).id === id && (m.data as { status: string }).status === status;
+}
+
+/** Active commit with pivot, blockdev-mirror with a write while READY, drive-mirror soft and forced cancel. */
+async function mirrorSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unknown[] }> {
+  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
+    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+  const nbd = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
+  try {
+    await waitFor(path.join(dir, 'qmp.sock'), child);
+    await waitFor(path.join(dir, 'nbd.sock'), child);
+    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+    await q.waitFor((m) => 'QMP' in m);
+    await q.execute('qmp_capabilities', undefined, 'c0');
+    await q.execute('blockdev-snapshot-sync', { 'node-name': 'top', 'snapshot-file': 'snap3.qcow2', 'snapshot-node-name': 'snap3', format: 'qcow2' }, 'c31');
+    assert.equal((await qemuIo(['-f', 'raw', '-c', 'write -q -P 0xd3 6M 128k', nbd])).code, 0);
+    await q.execute('block-commit', { 'job-id': 'commit1', device: 'snap3', 'base-node': 'top', 'auto-dismiss': false }, 'c32');
+    await q.waitFor(jobEvent('commit1', 'ready'));
+    await q.execute('query-block-jobs', undefined, 'c33');
+    await q.execute('job-finalize', { id: 'commit1' }, 'c34');
+    await q.execute('job-complete', { id: 'commit1' }, 'c35');
+    await q.waitFor(jobEvent('commit1', 'concluded'));
+    await q.execute('job-dismiss', { id: 'commit1' }, 'c36');
+    await q.execute('query-block-exports', undefined, 'c37');
+    // blockdev-mirror into a pre-created target.
+    await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '64M'], dir);
+    await q.execute('blockdev-add', { driver: 'file', 'node-name': 'tgt-file', filename: 'tgt.qcow2' }, 'c6');
+    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: 'tgt-file', backing: null }, 'c7');
+    await q.execute('blockdev-mirror', { 'job-id': 'mirror0', device: 'top', target: 'tgt', sync: 'full', 'auto-dismiss': false }, 'c8');
+    await q.waitFor(jobEvent('mirror0', 'ready'));
+    await q.execute('query-block-jobs', undefined, 'c9');
+    assert.equal((await qemuIo(['-f', 'raw', '-c', 'write -q -P 0xe1 9M 64k', nbd])).code, 0);
+    await q.execute('job-complete', { id: 'mirror0' }, 'c11');
+    await q.waitFor(jobEvent('mirror0', 'concluded'));
+    await q.execute('job-dismiss', { id: 'mirror0' }, 'c12');
+    await q.execute('query-block-exports', undefined, 'c13');
+    // drive-mirror: READY then a soft cancel completes without pivot (a point-in-time copy).
+    await q.execute('drive-mirror', { 'job-id': 'mirror1', device: 'tgt', target: 'tgt2.qcow2', format: 'qcow2', sync: 'full', mode: 'absolute-paths' }, 'c14');
+    await q.waitFor(jobEvent('mirror1', 'ready'));
+    await q.execute('block-job-cancel', { device: 'mirror1' }, 'c15');
+    await q.waitFor(jobEvent('mirror1', 'null'));
+    await q.execute('query-block-exports', undefined, 'c16');
+    await q.execute('drive-mirror', { 'job-id': 'm5', device: 'tgt', target: 'tgt5.qcow2', format: 'qcow2', sync: 'full', 'node-name': 'tgt5' }, 'c4');
+    await q.waitFor(jobEvent('m5', 'ready'));
+    await q.execute('job-cancel', { id: 'm5', force: true }, 'c4b');
+    await q.execute('block-job-cancel', { device: 'm5', force: true }, 'c5');
+    await q.waitFor(jobEvent('m5', 'null'));
+    await q.execute('quit', undefined, 'q');
+    await new Promise((r) => child.once('exit', r));
+    const msgs = q.received.map(norm) as Array<Record<string, unknown>>;
+    return { log: [...msgs.filter((m) => !('event' in m)), ...msgs.filter((m) => 'event' in m)] };
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
+describe('QMP mirror and active commit vs qemu-storage-daemon', oracle(), () => {
+  test('READY, complete with pivot, soft and forced cancel: same events, replies and images', async () => {
+    const root = scratch('qchain-qmp-mirror-');
+    const res: Record<string, unknown[]> = {};
+    const views: Record<string, Buffer[]> = {};
+    for (const tool of ['qemu', 'qchain'] as const) {
+      const dir = path.join(root, tool);
+      await setup(dir);
+      res[tool] = (await mirrorSession(tool, dir)).log;
+      views[tool] = [];
+      for (const f of ['top.qcow2', 'tgt.qcow2', 'tgt2.qcow2']) {
+        views[tool].push(await qemuRawView(path.join(dir, f)));
+        const c = await qemuImg(['check', path.join(dir, f)]);
+        assert.equal(c.code, 0, `${tool} ${f}: ${c.stdout}`);
+      }
+    }
+    assert.deepEqual(res.qchain, res.qemu);
+    views.qchain.forEach((v, i) => assert.ok(v.equals(views.qemu[i]), `view ${i}`));
+  });
+});

@@ -14,6 +14,19 @@ import { RangeLock } from '../util/mutex.js';
 
 const gates = new WeakMap<BlockDriver, RangeLock>();
 
+const watchers = new WeakMap<BlockDriver, Set<(offset: number, length: number) => void>>();
+
+/** Observe guest writes (data, zeroes, discards) made through any chain whose top is `d`. */
+export function watchWrites(d: BlockDriver, fn: (offset: number, length: number) => void): () => void {
+  let set = watchers.get(d);
+  if (!set) {
+    set = new Set();
+    watchers.set(d, set);
+  }
+  set.add(fn);
+  return () => set?.delete(fn);
+}
+
 /**
  * The guest-write gate of a top layer: guest writes through a chain hold it for their range, so a
  * job that must check-then-write a range of the same layer (stream) can exclude them meanwhile.
@@ -166,10 +179,14 @@ export class Chain {
   }
 
   private async gated(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
-    const release = await writeGate(this.top).acquire(offset, offset + length);
+    const top = this.top;
+    const release = await writeGate(top).acquire(offset, offset + length);
     try {
       await fn();
     } finally {
+      // Watchers (a mirror's dirty bitmap) learn of the write while the gate is still held.
+      const w = watchers.get(top);
+      if (w) for (const f of w) f(offset, length);
       release();
     }
   }

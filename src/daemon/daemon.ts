@@ -8,10 +8,12 @@ import { CommandError, VERSION, optBool, optStr, str, type Args, type Handler } 
 import { imageInfo } from '../cli/img/info.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
+import { Drain } from './drain.js';
 import { createQcow2 } from '../qcow2/create.js';
 
 export interface ExportEntry {
   id: string;
+  drain?: Drain;
   /** The node the export serves; moves to the overlay on an external snapshot. */
   nodeName: string;
   name: string;
@@ -32,7 +34,10 @@ export class Daemon {
   constructor(readonly log: (line: string) => void) {
     this.graph = new BlockGraph(log);
     this.nbd = new NbdServer(log);
-    this.jobs = new JobManager(this.graph, { emit: (n, d) => this.emit(n, d) });
+    this.jobs = new JobManager(this.graph, { emit: (n, d) => this.emit(n, d) }, {
+      drain: (node) => this.drainNode(node),
+      moveExports: (from, to) => this.moveExports(from, to),
+    });
   }
 
   async startNbd(addr: NbdAddress): Promise<void> {
@@ -53,11 +58,14 @@ export class Daemon {
     if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export a read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
     if ([...this.exports.values()].some((x) => x.name === e.name)) throw new QmpError(`NBD server already has export named '${e.name}'`);
-    this.exports.set(e.id, e);
+    const drain = new Drain();
+    this.exports.set(e.id, { ...e, drain });
+    const entry = this.exports.get(e.id) as ExportEntry;
     this.nbd.addExport({
+      enter: () => drain.enter(),
       name: e.name, description: e.description, writable: e.writable, allocationDepth: e.allocationDepth,
       get discard() { return node.discard; },
-      chain: () => this.graph.chain(this.graph.formatNode(e.nodeName)),
+      chain: () => this.graph.chain(this.graph.formatNode(entry.nodeName)),
     });
   }
 
@@ -67,6 +75,18 @@ export class Daemon {
     this.exports.delete(id);
     this.nbd.removeExport(e.name);
     this.emit('BLOCK_EXPORT_DELETED', { id });
+  }
+
+  /** Hold guest I/O on every export of `node`; resolves with the function that resumes it. */
+  async drainNode(node: string): Promise<() => void> {
+    const opens: Array<() => void> = [];
+    for (const e of this.exports.values()) if (e.nodeName === node && e.drain) opens.push(await e.drain.drain());
+    return () => opens.forEach((o) => o());
+  }
+
+  /** Every export of `from` now serves `to` (pivot). */
+  moveExports(from: string, to: string): void {
+    for (const e of this.exports.values()) if (e.nodeName === from) e.nodeName = to;
   }
 
   /** Who uses a node, for blockdev-del's refusal. */
@@ -113,7 +133,7 @@ export class Daemon {
     } else if (mode !== 'existing') {
       throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
     }
-    const overlay = await this.graph.addFormat({ name: overlayName ?? `#block${Date.now() % 100000}`, format: formatArg(format), file, fileIsNode: false, backing: null });
+    const overlay = await this.graph.addFormat({ name: overlayName ?? this.graph.implicitName(), format: formatArg(format), file, fileIsNode: false, backing: null });
     this.attachOverlay(node, overlay);
   }
 
@@ -146,6 +166,44 @@ export class Daemon {
     await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard });
   }
 
+  /** drive-mirror: create (or open, mode=existing) the target image, add it as a node, mirror into it. */
+  async driveMirror(a: Args): Promise<void> {
+    const device = this.graph.formatNode(str(a, 'device'));
+    const file = str(a, 'target');
+    const sync = str(a, 'sync');
+    const format = optStr(a, 'format') ?? device.format;
+    const mode = optStr(a, 'mode') ?? 'absolute-paths';
+    if (format !== 'qcow2' && format !== 'raw') throw new QmpError(`Unknown driver '${format}'`);
+    const withBacking = sync !== 'full' && device.backing !== null;
+    if (mode === 'absolute-paths') {
+      const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
+      try {
+        if (format === 'raw') {
+          if (withBacking) throw new QmpError("Format 'raw' does not support backing files");
+          await st.truncate(device.driver.size);
+          await st.close();
+        } else {
+          const b = withBacking ? device.backing as FormatNode : null;
+          const img = await createQcow2(st, { size: device.driver.size, version: 3, backingFile: b ? b.filename : null, backingFormat: b ? b.format : null });
+          await img.close();
+        }
+      } catch (e) {
+        await st.close().catch(() => {});
+        throw e instanceof QmpError ? e : new QmpError(e instanceof Error ? e.message : String(e));
+      }
+    } else if (mode !== 'existing') {
+      throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
+    }
+    const name = optStr(a, 'node-name') ?? this.graph.implicitName();
+    const target = await this.graph.addFormat({ name, format: formatArg(format), file, fileIsNode: false, backing: null });
+    try {
+      this.jobs.mirror(a, target);
+    } catch (e) {
+      await this.graph.remove(target.name, () => null).catch(() => {});
+      throw e;
+    }
+  }
+
   /** The QMP command table. */
   commands(): Map<string, Handler> {
     const c = new Map<string, Handler>();
@@ -170,6 +228,7 @@ export class Daemon {
     c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
     c.set('blockdev-snapshot-sync', (a) => this.snapshotSync(a));
     c.set('blockdev-snapshot', (a) => this.snapshot(a));
+    c.set('drive-mirror', (a) => this.driveMirror(a));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);
     c.set('quit', () => {
       for (const id of [...this.exports.keys()]) this.deleteExport(id);

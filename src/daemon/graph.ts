@@ -47,6 +47,11 @@ export class BlockGraph {
 
   constructor(private readonly log: (line: string) => void = () => {}) {}
 
+  /** A fresh "#blockNNN" name for a node the user did not name. */
+  implicitName(): string {
+    return `#block${this.implicitSeq++}`;
+  }
+
   node(name: string): BlockNode {
     const n = this.nodes.get(name);
     if (!n) throw new QmpError(`Cannot find device='${name}' nor node-name='${name}'`);
@@ -61,7 +66,7 @@ export class BlockGraph {
 
   private checkNewName(name: string | undefined): string {
     if (!name) throw new QmpError('A block device must be given a node-name');
-    if (!/^[A-Za-z][A-Za-z0-9_.+-]{0,127}$/.test(name)) throw new QmpError('Invalid node-name: \'' + name + '\'');
+    if (!name.startsWith('#block') && !/^[A-Za-z][A-Za-z0-9_.+-]{0,127}$/.test(name)) throw new QmpError('Invalid node-name: \'' + name + '\'');
     if (this.nodes.has(name)) throw new QmpError(`Duplicate nodes with node-name='${name}'`);
     return name;
   }

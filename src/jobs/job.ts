@@ -41,6 +41,10 @@ export class Job {
   error: string | undefined;
   private pauseWanted = false;
   private cancelled = false;
+  /** job-complete was asked (mirror/active commit: pivot). */
+  completeRequested = false;
+  /** block-job-cancel without force on a ready mirror: finish without pivot. */
+  softCancelled = false;
   private wake: (() => void) | null = null;
   private finalizeGo: (() => void) | null = null;
   /** Rate limit: bytes allowed since `rateStart`. */
@@ -85,6 +89,7 @@ export class Job {
     try {
       await work(this);
       if (this.cancelled) return;
+      this.pauseWanted = false;
       this.to('waiting');
       this.to('pending');
       if (!this.autoFinalize) {
@@ -138,6 +143,34 @@ export class Job {
     });
   }
 
+  /** The copy caught up: announce READY (mirror, active commit). */
+  markReady(): void {
+    this.to('ready');
+    this.legacy('BLOCK_JOB_READY');
+  }
+
+  /** Wait until something happens (new work, a verb); returns at once if already woken. */
+  idle(ms = 1000): Promise<void> {
+    return this.sleep(ms);
+  }
+
+  /** Wake an idle job (new dirty data to copy). */
+  kick(): void {
+    this.wake?.();
+  }
+
+  complete(): void {
+    this.checkVerb('complete');
+    this.completeRequested = true;
+    if (this.status === 'standby') this.resume();
+    this.wake?.();
+  }
+
+  /** When the job's work is over: leaving READY for the final stages. */
+  get finishing(): boolean {
+    return this.completeRequested || this.softCancelled || this.cancelled;
+  }
+
   pause(): void {
     this.checkVerb('pause');
     this.pauseWanted = true;
@@ -163,8 +196,16 @@ export class Job {
   }
 
   /** Cancel: the job stops at its next checkpoint; its events are emitted now, as QEMU's are. */
-  cancel(): void {
+  cancel(force = true): void {
     this.checkVerb('cancel');
+    if (!force && (this.status === 'ready' || this.status === 'standby')) {
+      // A ready mirror cancelled softly completes without pivoting (a point-in-time copy).
+      this.softCancelled = true;
+      this.pauseWanted = false;
+      if (this.status === 'standby') this.to('ready');
+      this.wake?.();
+      return;
+    }
     this.cancelled = true;
     this.pauseWanted = false;
     this.wake?.();

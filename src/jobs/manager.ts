@@ -5,14 +5,21 @@
 import { Job, type JobEvents } from './job.js';
 import { streamWork } from './stream.js';
 import { commitWork } from './commit.js';
+import { mirrorWork } from './mirror.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
-import { optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
+import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import type { JobVerb } from './state.js';
+
+/** What jobs need from the daemon: draining a node's exports and moving them (pivot). */
+export interface JobHost {
+  drain(node: string): Promise<() => void>;
+  moveExports(from: string, to: string): void;
+}
 
 export class JobManager {
   readonly jobs = new Map<string, Job>();
 
-  constructor(private readonly graph: BlockGraph, private readonly events: JobEvents) {}
+  constructor(private readonly graph: BlockGraph, private readonly events: JobEvents, private readonly host: JobHost) {}
 
   /** The job holding `node`, if any. */
   jobOn(node: string): Job | undefined {
@@ -83,14 +90,61 @@ export class JobManager {
       top = t;
     }
     if (!layers.includes(top)) throw new QmpError("Top image file not found");
-    if (top === device) throw new QmpError('Active commit (committing the active layer) is not supported by qchain yet');
     const base = this.findBelow(top, a, 'base', 'base-node') ?? layers[layers.length - 1];
     if (base === top) throw new QmpError('Base node is the same as the top node');
+    if (top === device) return this.activeCommit(a, device, base);
     const overlay = layers[layers.indexOf(top) - 1];
     const nodes = layers.slice(layers.indexOf(top), layers.indexOf(base) + 1).map((n) => n.name);
     const job = this.common(a, device, 'commit', [device.name, ...nodes]);
     const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, backingFile: optStr(a, 'backing-file') });
     job.start(work, prepare);
+  }
+
+  /** Active commit: mirror the layers above the base into it; on completion the base becomes the active node. */
+  private activeCommit(a: Args, device: FormatNode, base: FormatNode): void {
+    const layers = this.chainNodes(device);
+    const nodes = layers.slice(0, layers.indexOf(base) + 1).map((n) => n.name);
+    const job = this.common(a, device, 'commit', nodes);
+    const work = mirrorWork(this.graph, {
+      source: device, target: base, initial: 'allocated',
+      depth: (chain) => chain.layers.findIndex((l) => l.driver === base.driver),
+      drain: () => this.host.drain(device.name),
+      pivot: async () => {
+        this.host.moveExports(device.name, base.name);
+        this.graph.changed();
+      },
+    });
+    job.start(async (j) => {
+      if (base.driver.size < device.driver.size) throw new Error('Top image is larger than base image; growing the base is not supported yet');
+      await this.graph.reopen(base, false);
+      await work(j);
+    }, async () => {});
+  }
+
+  /** blockdev-mirror / drive-mirror: copy the device's chain (sync full/top/none) into a target, then pivot on completion. */
+  mirror(a: Args, target: FormatNode): void {
+    const device = this.graph.formatNode(str(a, 'device'));
+    const sync = str(a, 'sync');
+    if (!['full', 'top', 'none'].includes(sync)) throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
+    if (target === device) throw new QmpError("Can't mirror node into itself");
+    if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
+    const granularity = optInt(a, 'granularity');
+    if (granularity !== undefined && (granularity < 512 || granularity > 64 * 1024 * 1024 || (granularity & (granularity - 1)) !== 0)) {
+      throw new QmpError('Granularity must be a power of 2 between 512 and 64M');
+    }
+    const job = this.common(a, device, 'mirror', [device.name, target.name]);
+    const work = mirrorWork(this.graph, {
+      source: device, target, granularity,
+      depth: (chain) => (sync === 'full' ? chain.layers.length : sync === 'top' ? 1 : 0),
+      initial: sync === 'full' ? 'all' : sync === 'top' ? 'allocated' : 'none',
+      drain: () => this.host.drain(device.name),
+      pivot: async () => {
+        if (sync !== 'full' && !target.backing && device.backing) target.backing = device.backing;
+        this.host.moveExports(device.name, target.name);
+        this.graph.changed();
+      },
+    });
+    job.start(work, async () => {});
   }
 
   private byId(id: string): Job {
@@ -105,14 +159,14 @@ export class JobManager {
     return j;
   }
 
-  private verb(j: Job, v: JobVerb): void {
+  private verb(j: Job, v: JobVerb, force = true): void {
     switch (v) {
-      case 'cancel': return j.cancel();
+      case 'cancel': return j.cancel(force);
       case 'pause': return j.pause();
       case 'resume': return j.resume();
       case 'finalize': return j.finalize();
       case 'dismiss': return j.dismiss();
-      case 'complete': j.checkVerb('complete'); return;
+      case 'complete': return j.complete();
       case 'set-speed': return;
     }
   }
@@ -126,11 +180,12 @@ export class JobManager {
       ['block-job-set-speed', (a) => this.byDevice(str(a, 'device')).setSpeed(optInt(a, 'speed') ?? 0)],
     ];
     for (const v of ['cancel', 'pause', 'resume', 'complete', 'finalize', 'dismiss'] as const) {
-      out.push([`job-${v}`, (a) => this.verb(this.byId(str(a, 'id')), v)]);
+      out.push([`job-${v}`, (a) => this.verb(this.byId(str(onlyArgs(a, ['id']), 'id')), v)]);
     }
     for (const v of ['cancel', 'pause', 'resume', 'complete'] as const) {
-      out.push([`block-job-${v}`, (a) => this.verb(this.byDevice(str(a, 'device')), v)]);
+      out.push([`block-job-${v}`, (a) => this.verb(this.byDevice(str(onlyArgs(a, v === 'cancel' ? ['device', 'force'] : ['device']), 'device')), v, v === 'cancel' ? optBool(a, 'force', false) : true)]);
     }
+    out.push(['blockdev-mirror', (a) => this.mirror(a, this.graph.formatNode(str(a, 'target')))]);
     out.push(['block-job-finalize', (a) => this.verb(this.byId(str(a, 'id')), 'finalize')]);
     out.push(['block-job-dismiss', (a) => this.verb(this.byId(str(a, 'id')), 'dismiss')]);
     return out;

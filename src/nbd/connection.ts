@@ -79,6 +79,16 @@ export class NbdConnection {
   }
 
   private async execute(n: Negotiated, r: Request): Promise<void> {
+    // Requests run inside the export's "entered" section, so the daemon can drain them (pivot).
+    const leave = n.export.enter ? await n.export.enter() : null;
+    try {
+      await this.executeEntered(n, r);
+    } finally {
+      leave?.();
+    }
+  }
+
+  private async executeEntered(n: Negotiated, r: Request): Promise<void> {
     const exp = n.export;
     const chain = exp.chain();
     const size = chain.size;

@@ -19,6 +19,11 @@ export interface NbdExport {
   allocationDepth: boolean;
   /** The chain currently behind the export. */
   chain(): Chain;
+  /**
+   * Called before each request; the returned function after it. Lets the daemon hold new
+   * requests and wait for running ones (a drained section around a graph change).
+   */
+  enter?(): Promise<() => void>;
   /** Exported dirty bitmaps by name. */
   bitmaps?: Map<string, DirtyBitmapView>;
 }

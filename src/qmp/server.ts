@@ -156,3 +156,9 @@ export function optInt(a: Args, key: string): number | undefined {
   if (typeof v !== 'number' || !Number.isInteger(v)) throw new CommandError(`Invalid parameter type for '${key}', expected: integer`);
   return v;
 }
+
+/** Refuse members a command does not declare, as QEMU's generated visitors do. */
+export function onlyArgs(a: Args, allowed: readonly string[]): Args {
+  for (const k of Object.keys(a)) if (!allowed.includes(k)) throw new CommandError(`Parameter '${k}' is unexpected`);
+  return a;
+}

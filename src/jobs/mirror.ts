@@ -1,0 +1,106 @@
+/**
+ * The mirror loop, shared by active commit and drive/blockdev-mirror: copy what the source
+ * chain's layers [0, toDepth) hold into a target, then keep copying what guests write (a dirty
+ * bitmap fed by the source's write watcher) until the job is completed. READY is announced
+ * whenever the target has caught up. Completion drains the source's exports, copies the last
+ * dirty granules and pivots inside the drained section, so no guest write is lost or split.
+ */
+import type { Job } from './job.js';
+import { copyLayers } from './copy.js';
+import type { BlockGraph, FormatNode } from '../daemon/graph.js';
+import { watchWrites, writeGate, type Chain } from '../chain/chain.js';
+
+export interface MirrorPlan {
+  source: FormatNode;
+  target: FormatNode;
+  /** How many layers of the source chain to copy (active commit: down to the base, exclusive). */
+  depth: (chain: Chain) => number;
+  /** Initial work: 'allocated' (what the copied layers hold), 'all' (the whole disk, sync=full), 'none' (sync=none). */
+  initial: 'allocated' | 'all' | 'none';
+  granularity?: number;
+  /** Graph change at completion (inside the drained section). */
+  pivot: () => Promise<void>;
+  /** Hold and release guest I/O on the source's exports. */
+  drain: () => Promise<() => void>;
+}
+
+const MAX_RUN = 1024 * 1024;
+
+export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Promise<void> {
+  return async (job: Job): Promise<void> => {
+    const size = p.source.driver.size;
+    const g = p.granularity ?? 64 * 1024;
+    const n = Math.ceil(size / g);
+    const dirty = new Uint8Array(n);
+    let dirtyCount = 0;
+    const mark = (offset: number, length: number): void => {
+      for (let i = Math.floor(offset / g); i < Math.min(n, Math.ceil((offset + length) / g)); i++) {
+        if (!dirty[i]) {
+          dirty[i] = 1;
+          dirtyCount++;
+          job.len += g;
+        }
+      }
+      job.kick();
+    };
+    const unwatch = watchWrites(p.source.driver, mark);
+    const buf = Buffer.allocUnsafe(MAX_RUN);
+    try {
+      job.len = 0;
+      if (p.initial === 'all') mark(0, size);
+      else if (p.initial === 'allocated') {
+        // What the copied layers hold is the initial work.
+        const chain = graph.chain(p.source);
+        const d = p.depth(chain);
+        for (let off = 0; off < size; off += 64 * MAX_RUN) {
+          for (const x of await chain.statusFrom(0, off, Math.min(64 * MAX_RUN, size - off))) {
+            if (x.depth < d && x.kind !== 'unallocated') mark(x.offset, x.length);
+          }
+        }
+      }
+      let cursor = 0;
+      /** Copy one run of dirty granules starting at or after the cursor; false when none is left. */
+      const copyNext = async (): Promise<boolean> => {
+        if (dirtyCount === 0) return false;
+        let i = cursor;
+        for (let k = 0; k < n && !dirty[i]; k++) i = (i + 1) % n;
+        let j = i;
+        while (j < n && dirty[j] && (j - i + 1) * g <= MAX_RUN) j++;
+        for (let k = i; k < j; k++) dirty[k] = 0;
+        dirtyCount -= j - i;
+        cursor = j % n;
+        const off = i * g, len = Math.min(size, j * g) - off;
+        const chain = graph.chain(p.source);
+        const release = await writeGate(p.source.driver).acquire(off, off + len);
+        let copied = 0;
+        try {
+          copied = await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, len, buf);
+        } finally {
+          release();
+        }
+        job.offset += (j - i) * g;
+        await job.checkpoint(copied);
+        return true;
+      };
+      for (;;) {
+        await job.checkpoint();
+        if (await copyNext()) continue;
+        if (job.status === 'running') job.markReady();
+        if (job.finishing) break;
+        await job.idle();
+      }
+      if (job.softCancelled) return;
+      // Completion: no guest I/O from here to the pivot.
+      const undrain = await p.drain();
+      try {
+        while (await copyNext()) { /* the last dirty granules */ }
+        await p.target.driver.flush();
+        await p.pivot();
+      } finally {
+        undrain();
+      }
+    } finally {
+      unwatch();
+    }
+  };
+}
