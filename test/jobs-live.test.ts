@@ -114,6 +114,7 @@ describe('live jobs under guest writes (qchain daemon)', oracle(), () => {
         await c.start(q, dir);
         const w = await qemuIo(['-f', 'raw', ...writes.flatMap((x) => ['-c', x]), `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`]);
         assert.equal(w.code, 0, w.stderr);
+        assert.doesNotMatch(w.stdout + w.stderr, /failed/, 'every guest request succeeded');
         await q.execute('block-job-set-speed', { device: 'j', speed: 0 });
         if (c.ready) {
           await q.waitFor(jobEvent('j', 'ready'), 60000);
@@ -139,4 +140,49 @@ describe('live jobs under guest writes (qchain daemon)', oracle(), () => {
       }
     });
   });
+});
+
+describe('point-in-time backup under guest writes (qchain daemon)', oracle(), () => {
+  for (const sync of ['full', 'top'] as const) {
+    test(`drive-backup sync=${sync}: the target shows the disk as it was at the start; the guest keeps every write`, async () => {
+      const root = scratch('qchain-backup-');
+      const dir = path.join(root, 'live'), ref = path.join(root, 'ref');
+      await buildChain(dir);
+      fs.cpSync(dir, ref, { recursive: true });
+      const before = await qemuRawView(path.join(ref, 'top.qcow2'));
+      const writes = randomWrites(7, 150);
+      const r = await qemuIo([...writes.flatMap((w) => ['-c', w]), 'top.qcow2'], ref);
+      assert.equal(r.code, 0, r.stderr);
+      const expectActive = await qemuRawView(path.join(ref, 'top.qcow2'));
+      const child = spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+      try {
+        await waitFor(path.join(dir, 'qmp.sock'), child);
+        const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+        await q.waitFor((m) => 'QMP' in m);
+        await q.execute('qmp_capabilities');
+        const ret = await q.execute('drive-backup', { 'job-id': 'j', device: 'top', target: 'backup.qcow2', format: 'qcow2', sync, speed: 4 * M });
+        assert.ok('return' in ret, JSON.stringify(ret));
+        const w = await qemuIo(['-f', 'raw', ...writes.flatMap((x) => ['-c', x]), `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`]);
+        assert.equal(w.code, 0, w.stderr);
+        assert.doesNotMatch(w.stdout + w.stderr, /failed/, 'every guest request succeeded');
+        await q.execute('block-job-set-speed', { device: 'j', speed: 0 });
+        const done = await q.waitFor((m) => m.event === 'BLOCK_JOB_COMPLETED', 60000);
+        assert.equal((done.data as { error?: string }).error, undefined);
+        await q.execute('quit');
+        await new Promise((res) => child.once('exit', res));
+      } finally {
+        if (child.exitCode === null) child.kill('SIGKILL');
+      }
+      assert.ok((await qemuRawView(path.join(dir, 'top.qcow2'))).equals(expectActive), 'the guest kept every write');
+      // sync=full: the whole point-in-time view; sync=top: only the top layer, over the same backing chain.
+      const backup = await qemuRawView(path.join(dir, 'backup.qcow2'));
+      if (!backup.equals(before)) {
+        let i = 0;
+        while (i < backup.length && backup[i] === before[i]) i++;
+        assert.fail(`the backup is not the point-in-time view: first difference at ${i} (${backup[i]} vs ${before[i]}), lengths ${backup.length}/${before.length}`);
+      }
+      const ck = await qemuImg(['check', path.join(dir, 'backup.qcow2')]);
+      assert.equal(ck.code, 0, ck.stdout);
+    });
+  }
 });

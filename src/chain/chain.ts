@@ -27,6 +27,23 @@ export function watchWrites(d: BlockDriver, fn: (offset: number, length: number)
   return () => set?.delete(fn);
 }
 
+type BeforeWrite = (offset: number, length: number) => Promise<void>;
+const interceptors = new WeakMap<BlockDriver, Set<BeforeWrite>>();
+
+/**
+ * Run `fn` before every guest write through a chain whose top is `d`, with the write's range
+ * gated (copy-before-write for backups). `fn` must not take the same gate.
+ */
+export function beforeWrites(d: BlockDriver, fn: BeforeWrite): () => void {
+  let set = interceptors.get(d);
+  if (!set) {
+    set = new Set();
+    interceptors.set(d, set);
+  }
+  set.add(fn);
+  return () => set?.delete(fn);
+}
+
 /**
  * The guest-write gate of a top layer: guest writes through a chain hold it for their range, so a
  * job that must check-then-write a range of the same layer (stream) can exclude them meanwhile.
@@ -182,6 +199,8 @@ export class Chain {
     const top = this.top;
     const release = await writeGate(top).acquire(offset, offset + length);
     try {
+      const before = interceptors.get(top);
+      if (before) for (const b of before) await b(offset, length);
       await fn();
     } finally {
       // Watchers (a mirror's dirty bitmap) learn of the write while the gate is still held.

@@ -36,6 +36,7 @@ export class Daemon {
     this.nbd = new NbdServer(log);
     this.jobs = new JobManager(this.graph, { emit: (n, d) => this.emit(n, d) }, {
       drain: (node) => this.drainNode(node),
+      drainAll: () => this.drainAll(),
       moveExports: (from, to) => this.moveExports(from, to),
     });
   }
@@ -81,6 +82,13 @@ export class Daemon {
   async drainNode(node: string): Promise<() => void> {
     const opens: Array<() => void> = [];
     for (const e of this.exports.values()) if (e.nodeName === node && e.drain) opens.push(await e.drain.drain());
+    return () => opens.forEach((o) => o());
+  }
+
+  /** Hold guest I/O on every export (around reopening a node that chains read through). */
+  async drainAll(): Promise<() => void> {
+    const opens: Array<() => void> = [];
+    for (const e of this.exports.values()) if (e.drain) opens.push(await e.drain.drain());
     return () => opens.forEach((o) => o());
   }
 
@@ -166,8 +174,8 @@ export class Daemon {
     await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard });
   }
 
-  /** drive-mirror: create (or open, mode=existing) the target image, add it as a node, mirror into it. */
-  async driveMirror(a: Args): Promise<void> {
+  /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
+  async driveJob(a: Args, start: (a: Args, target: FormatNode) => void): Promise<void> {
     const device = this.graph.formatNode(str(a, 'device'));
     const file = str(a, 'target');
     const sync = str(a, 'sync');
@@ -197,7 +205,7 @@ export class Daemon {
     const name = optStr(a, 'node-name') ?? this.graph.implicitName();
     const target = await this.graph.addFormat({ name, format: formatArg(format), file, fileIsNode: false, backing: null });
     try {
-      this.jobs.mirror(a, target);
+      start(a, target);
     } catch (e) {
       await this.graph.remove(target.name, () => null).catch(() => {});
       throw e;
@@ -228,7 +236,8 @@ export class Daemon {
     c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
     c.set('blockdev-snapshot-sync', (a) => this.snapshotSync(a));
     c.set('blockdev-snapshot', (a) => this.snapshot(a));
-    c.set('drive-mirror', (a) => this.driveMirror(a));
+    c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t)));
+    c.set('drive-backup', (a) => this.driveJob(a, (x, t) => this.jobs.backup(x, t)));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);
     c.set('quit', () => {
       for (const id of [...this.exports.keys()]) this.deleteExport(id);

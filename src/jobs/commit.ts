@@ -17,6 +17,8 @@ export interface CommitPlan {
   overlay: FormatNode;
   base: FormatNode;
   backingFile?: string;
+  /** Reopen a node read-only or read-write with guest I/O drained. */
+  reopen: (node: FormatNode, readOnly: boolean) => Promise<void>;
 }
 
 export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
@@ -25,7 +27,7 @@ export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job)
     if (p.base.driver.size < p.top.driver.size) {
       throw new Error(`Top image is larger than base image (${p.top.driver.size} > ${p.base.driver.size}); growing the base is not supported yet`);
     }
-    await graph.reopen(p.base, false);
+    await p.reopen(p.base, false);
     const buf = Buffer.allocUnsafe(JOB_CHUNK);
     for (let off = 0; off < job.len; off += JOB_CHUNK) {
       await job.checkpoint();
@@ -42,7 +44,7 @@ export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job)
   const prepare = async (): Promise<void> => {
     await setBackingLink(p.overlay.driver, p.backingFile ?? p.base.filename, p.base.format);
     graph.relink(p.overlay, p.base);
-    await graph.reopen(p.base, true);
+    await p.reopen(p.base, true);
   };
   return { work, prepare };
 }

@@ -6,6 +6,7 @@ import { Job, type JobEvents } from './job.js';
 import { streamWork } from './stream.js';
 import { commitWork } from './commit.js';
 import { mirrorWork } from './mirror.js';
+import { backupWork } from './backup.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
 import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import type { JobVerb } from './state.js';
@@ -13,6 +14,7 @@ import type { JobVerb } from './state.js';
 /** What jobs need from the daemon: draining a node's exports and moving them (pivot). */
 export interface JobHost {
   drain(node: string): Promise<() => void>;
+  drainAll(): Promise<() => void>;
   moveExports(from: string, to: string): void;
 }
 
@@ -96,8 +98,18 @@ export class JobManager {
     const overlay = layers[layers.indexOf(top) - 1];
     const nodes = layers.slice(layers.indexOf(top), layers.indexOf(base) + 1).map((n) => n.name);
     const job = this.common(a, device, 'commit', [device.name, ...nodes]);
-    const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, backingFile: optStr(a, 'backing-file') });
+    const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
     job.start(work, prepare);
+  }
+
+  /** Reopen a node with no guest request in flight (old handles may be in use by running requests). */
+  private async reopen(node: FormatNode, readOnly: boolean): Promise<void> {
+    const undrain = await this.host.drainAll();
+    try {
+      await this.graph.reopen(node, readOnly);
+    } finally {
+      undrain();
+    }
   }
 
   /** Active commit: mirror the layers above the base into it; on completion the base becomes the active node. */
@@ -116,7 +128,7 @@ export class JobManager {
     });
     job.start(async (j) => {
       if (base.driver.size < device.driver.size) throw new Error('Top image is larger than base image; growing the base is not supported yet');
-      await this.graph.reopen(base, false);
+      await this.reopen(base, false);
       await work(j);
     }, async () => {});
   }
@@ -145,6 +157,18 @@ export class JobManager {
       },
     });
     job.start(work, async () => {});
+  }
+
+  /** blockdev-backup / drive-backup (sync full or top) into a target node. */
+  backup(a: Args, target: FormatNode): void {
+    const device = this.graph.formatNode(str(a, 'device'));
+    const sync = str(a, 'sync');
+    if (sync === 'incremental' || sync === 'bitmap') throw new QmpError(`Bitmap backups (sync=${sync}) are not supported by qchain yet`);
+    if (sync !== 'full' && sync !== 'top') throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
+    if (target === device) throw new QmpError("Can't back up node into itself");
+    if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
+    const job = this.common(a, device, 'backup', [device.name, target.name]);
+    job.start(backupWork(this.graph, { source: device, target, depth: (chain) => (sync === 'full' ? chain.layers.length : 1) }), async () => {});
   }
 
   private byId(id: string): Job {
@@ -186,6 +210,7 @@ export class JobManager {
       out.push([`block-job-${v}`, (a) => this.verb(this.byDevice(str(onlyArgs(a, v === 'cancel' ? ['device', 'force'] : ['device']), 'device')), v, v === 'cancel' ? optBool(a, 'force', false) : true)]);
     }
     out.push(['blockdev-mirror', (a) => this.mirror(a, this.graph.formatNode(str(a, 'target')))]);
+    out.push(['blockdev-backup', (a) => this.backup(a, this.graph.formatNode(str(a, 'target')))]);
     out.push(['block-job-finalize', (a) => this.verb(this.byId(str(a, 'id')), 'finalize')]);
     out.push(['block-job-dismiss', (a) => this.verb(this.byId(str(a, 'id')), 'dismiss')]);
     return out;
