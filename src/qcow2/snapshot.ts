@@ -1,9 +1,9 @@
 /**
  * Internal snapshots: creation, lookup, and the snapshot table write. Creating one adds a
  * reference to every L2 table and data cluster the active L1 table reaches (clearing their
- * COPIED flags, so later writes copy on write). Order: referenced clusters' refcounts and
- * flags → snapshot L1 copy → snapshot table → header; a crash in between leaves leaked clusters
- * (and COPIED flags that disagree with refcounts until the image is repaired) at worst.
+ * COPIED flags, so later writes copy on write). Order (QEMU's): snapshot L1 copy → referenced
+ * clusters' refcounts and flags → snapshot table → header; a crash in between leaves leaked
+ * clusters (and COPIED flags that disagree with refcounts until the image is repaired) at worst.
  */
 import type { Qcow2Image } from './image.js';
 import { readL1, encodeU64 } from './entry.js';
@@ -25,19 +25,18 @@ export async function createSnapshot(img: Qcow2Image, opts: CreateSnapshotOption
   const cs = img.clusterSize;
   return img.meta.run(async () => {
     const h = img.header;
-    try {
-      // 1. References and COPIED flags of the active tables (active L1 rewritten last).
-      await updateSnapshotRefcount(img, img.l1, h.l1Size, h.l1TableOffset, 1);
-    } finally {
-      img.dropCaches();
-    }
-    // 2. The snapshot's own copy of the L1 table.
+    // 1. The snapshot's own copy of the L1 table (allocated first, as QEMU does).
     const l1Clusters = Math.ceil((h.l1Size * 8) / cs);
     const copy = Buffer.from(img.l1.subarray(0, h.l1Size * 8));
     for (let i = 0; i < h.l1Size; i++) encodeU64(copy, i * 8, readL1(copy, i).offset, false);
     const l1Off = h.l1Size ? await img.refcounts.alloc(l1Clusters) : 0;
     if (h.l1Size) await img.storage.write(copy, l1Off);
-    await img.storage.flush();
+    try {
+      // 2. References and COPIED flags of the active tables (active L1 rewritten last, synced).
+      await updateSnapshotRefcount(img, img.l1, h.l1Size, h.l1TableOffset, 1);
+    } finally {
+      img.dropCaches();
+    }
     // 3. New snapshot table, then the header, then release the old table.
     const now = Date.now();
     const date = opts.date ?? { sec: Math.floor(now / 1000), nsec: (now % 1000) * 1e6 };

@@ -1,26 +1,23 @@
 /** `qemu-img snapshot`: internal snapshots (-l list, -c create, -a apply, -d delete). */
 import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
-import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, errnoMessage, formatArg, oneFile, open, parseArgs } from './common.js';
+import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, errnoMessage, oneFile, open, parseArgs } from './common.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { createSnapshot } from '../../qcow2/snapshot.js';
 import { applySnapshot, deleteSnapshot } from '../../qcow2/snapshot-manage.js';
 import { ImageError } from '../../image/errors.js';
 import { snapshotRow } from './info.js';
-import type { ImageFormat } from '../../chain/open.js';
 
 /** errno numbers qemu-img prints for a failed create ("%d (%s)"). */
 const ERRNO: Record<string, number> = { EIO: 5, EACCES: 13, ENOSPC: 28, EINVAL: 22, EFBIG: 27, ENOTSUP: 95, ENOENT: 2 };
 
 export async function snapshotMain(argv: string[], ctx: CliContext): Promise<number> {
-  const { opts, rest } = parseArgs(argv, ':la:c:d:f:hqU', [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE]);
+  const { opts, rest } = parseArgs(argv, ':la:c:d:hqU', [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE]);
   let action: { op: 'l' | 'a' | 'c' | 'd'; name: string } | null = null;
-  let fmt: ImageFormat | undefined;
   let forceShare = false;
   for (const o of opts) {
     switch (o.opt) {
       case 'h': ctx.stdout.write('usage: qchain img snapshot [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename\n'); return 0;
-      case 'f': fmt = formatArg(o.arg as string); break;
       case 'U': forceShare = true; break;
       case 'l': case 'a': case 'c': case 'd':
         if (action) throw new UsageError("Cannot mix '-l', '-a', '-c', '-d'");
@@ -33,7 +30,7 @@ export async function snapshotMain(argv: string[], ctx: CliContext): Promise<num
   if (forceShare && action.op !== 'l') {
     throw new CliError(`Could not open '${file}': force-share=on can only be used with read-only images`);
   }
-  const chain = await open(file, { format: fmt, readOnly: action.op === 'l', noBacking: true }, ctx);
+  const chain = await open(file, { readOnly: action.op === 'l', noBacking: true }, ctx);
   try {
     const img = chain.top;
     const name = action.name;
@@ -54,7 +51,11 @@ export async function snapshotMain(argv: string[], ctx: CliContext): Promise<num
         }
         break;
       case 'a':
-        if (!(img instanceof Qcow2Image)) throw new CliError(`Could not apply snapshot '${name}': Block driver does not support snapshots`);
+        if (!(img instanceof Qcow2Image)) {
+          // QEMU's fallback to the protocol layer reopens the image (the probed-raw warning comes twice).
+          await (await open(file, { readOnly: false, noBacking: true }, ctx)).close();
+          throw new CliError(`Could not apply snapshot '${name}': Block driver does not support snapshots`);
+        }
         try {
           await applySnapshot(img, name);
         } catch (e) {
