@@ -301,15 +301,25 @@ describe('seeded random differential (snapshot ops interleaved with I/O)', oracl
 
 // ---------------------------------------------------------------------------------------------
 
-/** Run qchain with `args`, SIGKILL after `delay` ms (if still running); resolves with the exit code or null. */
-function runAndKill(args: string[], delay: number): Promise<number | null> {
+/**
+ * Run qchain with `args` on `file` and SIGKILL it at the `killAt`-th change event of the file
+ * (inotify, one per write or so), or never with killAt 0. Resolves with the exit code (null if
+ * killed) and the number of change events seen.
+ */
+function runAndKill(args: string[], file: string, killAt: number): Promise<{ code: number | null; events: number }> {
   return new Promise((resolve, reject) => {
+    let events = 0;
     const child = spawn(process.execPath, [QCHAIN, ...args], { stdio: ['ignore', 'ignore', 'ignore'] });
-    const timer = setTimeout(() => child.kill('SIGKILL'), delay);
+    const watcher = fs.watch(file, () => {
+      if (++events === killAt) child.kill('SIGKILL');
+    });
     child.on('error', reject);
     child.on('close', (code) => {
-      clearTimeout(timer);
-      resolve(code);
+      // Late events of a finished run still count (the probe run measures them all).
+      setTimeout(() => {
+        watcher.close();
+        resolve({ code, events });
+      }, 50);
     });
   });
 }
@@ -339,11 +349,12 @@ describe('crash safety (SIGKILL during qchain img snapshot -c / -d)', oracle(), 
     qemuIoSync([...writes, f]);
     const active = await qemuRawView(f);
     const snaps = new Map<string, Buffer>();
-    // Duration of an undisturbed run, to spread the kills over it.
+    // Change events of undisturbed runs, to spread the kills over them.
     const probe = twin(f);
-    const t0 = Date.now();
-    await ok(qchain(['img', 'snapshot', '-c', 'probe', probe]), 'probe run');
-    const dur = Date.now() - t0;
+    const created = await runAndKill(['img', 'snapshot', '-c', 'probe', probe], probe, 0);
+    assert.equal(created.code, 0);
+    const deleted = await runAndKill(['img', 'snapshot', '-d', 'probe', probe], probe, 0);
+    assert.equal(deleted.code, 0);
     const r = rng(77);
     let made = 0;
     let killed = 0;
@@ -351,13 +362,15 @@ describe('crash safety (SIGKILL during qchain img snapshot -c / -d)', oracle(), 
       const del = snaps.size > 0 && r() < 0.45;
       const name = del ? [...snaps.keys()][randInt(r, 0, snaps.size - 1)] : `k${++made}`;
       const args = ['img', 'snapshot', del ? '-d' : '-c', name, f];
-      const delay = randInt(r, Math.floor(dur * 0.3), Math.floor(dur * 1.05));
-      const code = await runAndKill(args, delay);
+      const total = (del ? deleted : created).events;
+      const killAt = randInt(r, 1, Math.max(1, total));
+      const { code } = await runAndKill(args, f, killAt);
       if (code === null) killed++;
-      const ctx = `iteration ${it}: ${args.slice(2, 4).join(' ')} killed after ${delay} ms of ~${dur} (${code === null ? 'killed' : `exit ${code}`})`;
+      const ctx = `iteration ${it}: ${args.slice(2, 4).join(' ')} killed at change event ${killAt} of ~${total} (${code === null ? 'killed' : `exit ${code}`})`;
       const chk = await qemuImg(['check', f]);
       assert.ok([0, 2, 3].includes(chk.code), `check exit ${chk.code} (${ctx}): ${chk.stdout}${chk.stderr}`);
       assertOnlyHarmless(chk.stderr + chk.stdout, ctx);
+      if (process.env.QCHAIN_DEBUG) console.log(ctx, chk.code, (chk.stderr.match(/^ERROR/gm) ?? []).length, 'errors');
       // The snapshot table switched atomically: the snapshot is there or not, never half.
       const listed = snapshotNames(await list(f));
       if (listed.includes(name) && !del) snaps.set(name, active);
@@ -369,7 +382,7 @@ describe('crash safety (SIGKILL during qchain img snapshot -c / -d)', oracle(), 
       assert.ok((await qemuRawView(f)).equals(active), `active view (${ctx})`);
     }
     for (const [n, v] of snaps) assert.ok((await snapshotView(f, n)).equals(v), `snapshot ${n} content`);
-    assert.ok(killed >= 4, `only ${killed} runs were killed mid-way`);
+    assert.ok(killed >= 8, `only ${killed} runs were killed mid-way`);
   });
 });
 

@@ -5,7 +5,7 @@
  *
  * Refcounts count paths: a data cluster reached through an L2 table shared by two L1 tables has
  * refcount 2. Order per L2 table: data refcounts → the table (only if a flag changed) → the
- * table's own refcount; the L1 table's flags last (never for addend -1: that table is dropped).
+ * table's own refcount → its L1 entry's flag (never for addend -1: that table is being dropped).
  * Callers drop the image's caches afterwards (tables are read and written here directly).
  */
 import type { Qcow2Image } from './image.js';
@@ -85,11 +85,11 @@ export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size
     const want = copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0;
     if (want !== hi) {
       l1.writeUInt32BE(want, i * 8);
+      // Written at once (QEMU writes the table at the end): at a crash, at most this one L2
+      // table's entries disagree with their refcounts.
+      if (addend >= 0 && l1Offset !== null) await img.storage.write(l1.subarray(i * 8, i * 8 + 8), l1Offset + i * 8);
       l1Changed = true;
     }
   }
-  if (addend >= 0 && l1Changed && l1Offset !== null) {
-    await img.storage.write(l1.subarray(0, l1Size * 8), l1Offset);
-    await img.storage.flush();
-  }
+  if (l1Changed && addend >= 0 && l1Offset !== null) await img.storage.flush();
 }
