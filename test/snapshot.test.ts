@@ -136,11 +136,11 @@ describe('QEMU-made snapshots applied and deleted by qchain', oracle(), () => {
     test(cfg.name, async () => {
       const f = qemuSnapshotted(path.join(ROOT, `q-${cfg.name.replace(/\W+/g, '_')}`), cfg);
       const g = twin(f);
-      const steps: string[][] = [['-a', 's1'], ['-a', '2'], ['-d', 's1'], ['-a', 's2'], ['-d', 's2']];
-      for (const s of steps) {
+      const steps: string[][] = [['-a', 's1'], ['-d', 's1'], ['-a', '2'], ['-d', 's2']];
+      for (const [i, s] of steps.entries()) {
         await ok(qchain(['img', 'snapshot', ...s, f]), `qchain ${s.join(' ')}`);
         await ok(qemuImg(['snapshot', ...s, g]), `qemu-img ${s.join(' ')}`);
-        await assertSame(f, g, `${cfg.name}: after ${s.join(' ')}`);
+        await assertSame(f, g, `${cfg.name}: after ${s.join(' ')}`, i < 2, true);
       }
     });
   }
@@ -161,6 +161,29 @@ describe('QEMU-made snapshots applied and deleted by qchain', oracle(), () => {
       await ok(qemuImg(['snapshot', '-a', s, g]), `qemu-img -a ${s}`);
       await assertSame(f, g, `after -a ${s}`, false, true);
     }
+  });
+
+  test('apply grows an active L1 table smaller than the snapshot\'s', async () => {
+    const dir = path.join(ROOT, 'grow-l1');
+    fs.mkdirSync(dir);
+    const f = path.join(dir, 'g.qcow2');
+    qemuImgSync(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', f, '64M']);
+    qemuIoSync(['-c', 'write -P 3 0 1M', '-c', 'write -P 4 40M 64k', f]);
+    qemuImgSync(['snapshot', '-c', 'big', f]);
+    qemuImgSync(['resize', '-q', '--shrink', f, '4M']);
+    // QEMU never shrinks the L1 table; cut it to the 2 entries 4 MiB needs (the rest are zero).
+    const fd = fs.openSync(f, 'r+');
+    const n = Buffer.alloc(4);
+    n.writeUInt32BE(2);
+    fs.writeSync(fd, n, 0, 4, 36);
+    fs.closeSync(fd);
+    await assertClean(f, 'crafted');
+    const g = twin(f);
+    await ok(qchain(['img', 'snapshot', '-a', 'big', f]), 'qchain -a big');
+    await ok(qemuImg(['snapshot', '-a', 'big', g]), 'qemu-img -a big');
+    await assertSame(f, g, 'after -a big', true, true);
+    const hdr = (x: string): string => fs.readFileSync(x).subarray(24, 48).toString('hex');
+    assert.equal(hdr(f), hdr(g), 'size, L1 size and L1 offset in the header');
   });
 });
 
@@ -218,20 +241,18 @@ describe('"under the hood" walk-through', oracle(), () => {
     await step('write 0xff', ['io', '-c', `write -P 0xff ${sizeOf - K * K} 512`, 'wrapper.qcow2'], null, 'wrapper.qcow2');
     assert.equal(await list(path.join(A, 'base.qcow2')), await list(path.join(B, 'base.qcow2')));
     await step('apply one', ['img', 'snapshot', '-a', 'one', 'base.qcow2'], ['snapshot', '-a', 'one', 'base.qcow2'], 'base.qcow2');
-    const view = await qemuRawView(path.join(A, 'base.qcow2'));
     const at = sizeOf - K * K - 512;
-    assert.ok(view.subarray(at, at + 512).equals(Buffer.alloc(512, 1)), 'first write restored');
-    assert.ok(view.subarray(at + 512, at + 1024).equals(Buffer.alloc(512)), 'second write gone');
-    const top = await qemuRawView(path.join(A, 'wrapper.qcow2'));
-    assert.ok(top.subarray(at + 512, at + 1024).equals(Buffer.alloc(512, 0xff)), 'overlay data kept');
-    await assertSame(path.join(A, 'base.qcow2'), path.join(B, 'base.qcow2'), 'after apply');
+    const base = await qemuIo(['-r', '-c', `read -P 0x01 ${at} 512`, '-c', `read -P 0 ${at + 512} 512`, 'base.qcow2'], A);
+    assert.doesNotMatch(base.stdout, /fail/i, `first write restored, second gone: ${base.stdout}`);
+    const top = await qemuIo(['-r', '-c', `read -P 0xff ${at + 512} 512`, '-c', `read -P 0x01 ${at} 512`, 'wrapper.qcow2'], A);
+    assert.doesNotMatch(top.stdout, /fail/i, `overlay data over the restored base: ${top.stdout}`);
+    await assertSame(path.join(A, 'base.qcow2'), path.join(B, 'base.qcow2'), 'after apply', false, true);
   });
 });
 
 // ---------------------------------------------------------------------------------------------
 
 const RSIZE = 4 * K * K;
-const STEPS = 6;
 
 function randInt(r: () => number, lo: number, hi: number): number {
   return lo + Math.floor(r() * (hi - lo + 1));
@@ -247,12 +268,12 @@ function ioOp(r: () => number): string {
   return `discard ${off} ${len}`;
 }
 
-const RANDOM_CONFIGS: Array<Config & { seed: number }> = [
-  { name: '64k', opts: 'cluster_size=65536', seed: 11 },
-  { name: '4k refcount_bits=2', opts: 'cluster_size=4096,refcount_bits=2', seed: 12 },
-  { name: 'extended_l2 64k refcount_bits=8', opts: 'cluster_size=65536,extended_l2=on,refcount_bits=8', seed: 13 },
-  { name: 'v2 16k', opts: 'compat=0.10,cluster_size=16384', seed: 14 },
-  { name: '512b refcount_bits=1', opts: 'cluster_size=512,refcount_bits=1', seed: 15 },
+const RANDOM_CONFIGS: Array<Config & { seed: number; steps: number }> = [
+  { name: '64k', opts: 'cluster_size=65536', seed: 11, steps: 6 },
+  { name: '4k refcount_bits=2', opts: 'cluster_size=4096,refcount_bits=2', seed: 12, steps: 5 },
+  { name: 'extended_l2 64k refcount_bits=8', opts: 'cluster_size=65536,extended_l2=on,refcount_bits=8', seed: 13, steps: 5 },
+  { name: 'v2 16k', opts: 'compat=0.10,cluster_size=16384', seed: 14, steps: 4 },
+  { name: '512b refcount_bits=1', opts: 'cluster_size=512,refcount_bits=1', seed: 15, steps: 2 },
 ];
 
 describe('seeded random differential (snapshot ops interleaved with I/O)', oracle(), () => {
@@ -268,7 +289,7 @@ describe('seeded random differential (snapshot ops interleaved with I/O)', oracl
       const names: string[] = [];
       let made = 0;
       const log: string[] = [];
-      for (let i = 0; i < STEPS; i++) {
+      for (let i = 0; i < cfg.steps; i++) {
         const ops = Array.from({ length: randInt(r, 1, 4) }, () => ioOp(r));
         const io = ops.flatMap((o) => ['-c', o]);
         log.push(...ops);
@@ -293,7 +314,7 @@ describe('seeded random differential (snapshot ops interleaved with I/O)', oracl
         assert.equal(sa.stderr, sb.stderr, `stderr (${log.join('; ')})`);
         if (sb.code !== 0 && args[0] === '-c') names.pop();
         // No map comparison: the write path allocates differently from QEMU when free space is fragmented.
-        await assertSame(f, g, `${cfg.name} seed ${cfg.seed}: ${log.join('; ')}`, i === STEPS - 1, false);
+        await assertSame(f, g, `${cfg.name} seed ${cfg.seed}: ${log.join('; ')}`, i === cfg.steps - 1, false);
       }
     });
   }
@@ -358,7 +379,7 @@ describe('crash safety (SIGKILL during qchain img snapshot -c / -d)', oracle(), 
     const r = rng(77);
     let made = 0;
     let killed = 0;
-    for (let it = 0; it < 16; it++) {
+    for (let it = 0; it < 12; it++) {
       const del = snaps.size > 0 && r() < 0.45;
       const name = del ? [...snaps.keys()][randInt(r, 0, snaps.size - 1)] : `k${++made}`;
       const args = ['img', 'snapshot', del ? '-d' : '-c', name, f];
@@ -382,7 +403,7 @@ describe('crash safety (SIGKILL during qchain img snapshot -c / -d)', oracle(), 
       assert.ok((await qemuRawView(f)).equals(active), `active view (${ctx})`);
     }
     for (const [n, v] of snaps) assert.ok((await snapshotView(f, n)).equals(v), `snapshot ${n} content`);
-    assert.ok(killed >= 8, `only ${killed} runs were killed mid-way`);
+    assert.ok(killed >= 6, `only ${killed} runs were killed mid-way`);
   });
 });
 
@@ -412,11 +433,11 @@ describe('error paths match qemu-img', oracle(), () => {
       const ref = path.join(dir, 'ref');
       fs.rmSync(ref, { recursive: true, force: true });
       fs.mkdirSync(ref);
-      for (const n of ['e.qcow2', 'r.raw', 'o.qcow2']) fs.copyFileSync(path.join(dir, n), path.join(ref, n));
+      for (const n of ['e.qcow2', 'r.raw', 'o.qcow2'].filter((x) => c.includes(x))) fs.copyFileSync(path.join(dir, n), path.join(ref, n));
       const ours = path.join(dir, 'ours');
       fs.rmSync(ours, { recursive: true, force: true });
       fs.mkdirSync(ours);
-      for (const n of ['e.qcow2', 'r.raw', 'o.qcow2']) fs.copyFileSync(path.join(dir, n), path.join(ours, n));
+      for (const n of ['e.qcow2', 'r.raw', 'o.qcow2'].filter((x) => c.includes(x))) fs.copyFileSync(path.join(dir, n), path.join(ours, n));
       const [a, b] = await Promise.all([qchain(['img', 'snapshot', ...c], ours), qemuImg(['snapshot', ...c], ref)]);
       assert.equal(a.code, b.code, `exit code of snapshot ${c.join(' ')}: ${a.stderr}`);
       assert.equal(a.stderr, b.stderr, `stderr of snapshot ${c.join(' ')}`);
