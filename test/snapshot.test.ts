@@ -421,7 +421,21 @@ describe('error paths match qemu-img', oracle(), () => {
     qemuIoSync(['-c', 'write 0 64k', 'o.qcow2'], dir);
     qemuImgSync(['snapshot', '-c', 'x', 'o.qcow2'], dir);
     qemuImgSync(['snapshot', '-c', 'y', 'o.qcow2'], dir);
+    // A snapshot whose L1 table lies past EOF (7.2 reads it as zeros and goes on).
+    qemuImgSync(['create', '-q', '-f', 'qcow2', 'eof.qcow2', '1M'], dir);
+    qemuIoSync(['-c', 'write 0 64k', 'eof.qcow2'], dir);
+    qemuImgSync(['snapshot', '-c', 's1', 'eof.qcow2'], dir);
+    {
+      const fd = fs.openSync(path.join(dir, 'eof.qcow2'), 'r+');
+      const h = Buffer.alloc(72);
+      fs.readSync(fd, h, 0, 72, 0);
+      const at = Buffer.alloc(8);
+      at.writeUInt32BE(0x10000000, 4);
+      fs.writeSync(fd, at, 0, 8, Number(h.readBigUInt64BE(64)));
+      fs.closeSync(fd);
+    }
     const cases: string[][] = [
+      ['-a', 's1', 'eof.qcow2'], ['-d', 's1', 'eof.qcow2'],
       ['-a', 'nope', 'e.qcow2'], ['-d', 'nope', 'e.qcow2'], ['-d', '2', 'e.qcow2'],
       ['-a', 'x', 'r.raw'], ['-d', 'x', 'r.raw'], ['-c', 'x', 'r.raw'], ['-l', 'r.raw'],
       ['-a', 'x', '-f', 'raw', 'r.raw'],
@@ -433,17 +447,19 @@ describe('error paths match qemu-img', oracle(), () => {
       const ref = path.join(dir, 'ref');
       fs.rmSync(ref, { recursive: true, force: true });
       fs.mkdirSync(ref);
-      for (const n of ['e.qcow2', 'r.raw', 'o.qcow2'].filter((x) => c.includes(x))) fs.copyFileSync(path.join(dir, n), path.join(ref, n));
+      for (const n of ['e.qcow2', 'r.raw', 'o.qcow2', 'eof.qcow2'].filter((x) => c.includes(x))) fs.copyFileSync(path.join(dir, n), path.join(ref, n));
       const ours = path.join(dir, 'ours');
       fs.rmSync(ours, { recursive: true, force: true });
       fs.mkdirSync(ours);
-      for (const n of ['e.qcow2', 'r.raw', 'o.qcow2'].filter((x) => c.includes(x))) fs.copyFileSync(path.join(dir, n), path.join(ours, n));
+      for (const n of ['e.qcow2', 'r.raw', 'o.qcow2', 'eof.qcow2'].filter((x) => c.includes(x))) fs.copyFileSync(path.join(dir, n), path.join(ours, n));
       const [a, b] = await Promise.all([qchain(['img', 'snapshot', ...c], ours), qemuImg(['snapshot', ...c], ref)]);
       assert.equal(a.code, b.code, `exit code of snapshot ${c.join(' ')}: ${a.stderr}`);
       assert.equal(a.stderr, b.stderr, `stderr of snapshot ${c.join(' ')}`);
       assert.equal(a.stdout.replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, 'D'), b.stdout.replace(/\d{4}-\d\d-\d\d \d\d:\d\d:\d\d/g, 'D'), `stdout of snapshot ${c.join(' ')}`);
       if (fs.existsSync(path.join(ours, c[c.length - 1])) && c[c.length - 1].endsWith('.qcow2')) {
         assert.equal(await list(path.join(ours, c[c.length - 1])), await list(path.join(ref, c[c.length - 1])), `list after ${c.join(' ')}`);
+        const [ca, cb] = await Promise.all([qemuImg(['check', path.join(ours, c[c.length - 1])]), qemuImg(['check', path.join(ref, c[c.length - 1])])]);
+        assert.equal(ca.stdout + ca.stderr, cb.stdout + cb.stderr, `check after ${c.join(' ')}`);
       }
     }
   });

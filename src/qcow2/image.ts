@@ -72,7 +72,7 @@ export class Qcow2Image implements BlockDriver {
     l1: Buffer,
     readonly readOnly: boolean,
     l2CacheBytes: number,
-    private readonly log: (line: string) => void,
+    readonly log: (line: string) => void,
   ) {
     this.clusterBits = header.clusterBits;
     this.clusterSize = 2 ** header.clusterBits;

@@ -14,7 +14,7 @@
 import type { Qcow2Image } from './image.js';
 import { ImageError } from '../image/errors.js';
 import { HI_COPIED } from './constants.js';
-import { updateSnapshotRefcount } from './snapshot-refcount.js';
+import { bump, updateSnapshotRefcount } from './snapshot-refcount.js';
 import { findSnapshot, findSnapshotByIdOrName, validateSnapshotL1, writeSnapshotTable } from './snapshot.js';
 import { growL1Table, l1EntriesFor, writeVirtualSize } from './l1-table.js';
 import type { Snapshot } from './snapshot-table.js';
@@ -26,7 +26,7 @@ export async function applySnapshot(img: Qcow2Image, idOrName: string): Promise<
     const idx = findSnapshotByIdOrName(img.snapshots, idOrName);
     if (idx < 0) throw new ImageError('No such file or directory', 'ENOENT');
     const sn = img.snapshots[idx];
-    await validateSnapshotL1(img, sn);
+    validateSnapshotL1(img, sn);
     const h = img.header;
     try {
       // The virtual size becomes the snapshot's (as QEMU's truncate before the switch).
@@ -67,19 +67,45 @@ export async function deleteSnapshot(img: Qcow2Image, id: string | null, name: s
     const idx = findSnapshot(img.snapshots, id, name);
     if (idx < 0) throw new ImageError("Can't find the snapshot", 'ENOENT');
     const sn = img.snapshots[idx];
-    await validateSnapshotL1(img, sn);
+    validateSnapshotL1(img, sn);
     const cs = img.clusterSize;
+    // Each stage fails with QEMU's words around the cause.
+    const stage = async (what: string, fn: () => Promise<void>): Promise<void> => {
+      try {
+        await fn();
+      } catch (e) {
+        const errno = e instanceof ImageError ? e.errno ?? 'EIO' : 'EIO';
+        throw new ImageError(`${what}: ${e instanceof ImageError && e.message === errnoText(errno) ? e.message : errnoText(errno)}`, errno);
+      }
+    };
     try {
-      await writeSnapshotTable(img, img.snapshots.filter((_, i) => i !== idx));
+      await stage('Failed to remove snapshot from snapshot list', () => writeSnapshotTable(img, img.snapshots.filter((_, i) => i !== idx)));
       // Unreachable now: from here on a failure only leaks clusters.
-      const l1 = Buffer.alloc(sn.l1Size * 8);
-      if (sn.l1Size) await img.storage.read(l1, sn.l1TableOffset);
-      await updateSnapshotRefcount(img, l1, sn.l1Size, null, -1);
-      if (sn.l1Size) await img.refcounts.update(sn.l1TableOffset / cs, Math.ceil((sn.l1Size * 8) / cs), -1);
-      await updateSnapshotRefcount(img, img.l1, img.header.l1Size, img.header.l1TableOffset, 0);
+      await stage('Failed to free the cluster and L1 table', async () => {
+        const l1 = Buffer.alloc(sn.l1Size * 8);
+        if (sn.l1Size) await img.storage.read(l1, sn.l1TableOffset);
+        await updateSnapshotRefcount(img, l1, sn.l1Size, null, -1);
+      });
+      // As qcow2_free_clusters: a failure is reported and the deletion goes on.
+      if (sn.l1Size) {
+        await bump(img, sn.l1TableOffset / cs, Math.ceil((sn.l1Size * 8) / cs), -1)
+          .catch((e: unknown) => img.log(`qcow2_free_clusters failed: ${errnoText(e instanceof ImageError ? e.errno ?? 'EIO' : 'EIO')}`));
+      }
+      await stage('Failed to update snapshot status in disk', () => updateSnapshotRefcount(img, img.l1, img.header.l1Size, img.header.l1TableOffset, 0));
     } finally {
       img.dropCaches();
     }
     return sn;
   });
+}
+
+/** strerror() of the errno names the engine uses. */
+function errnoText(errno: string): string {
+  switch (errno) {
+    case 'EINVAL': return 'Invalid argument';
+    case 'ENOSPC': return 'No space left on device';
+    case 'EFBIG': return 'File too large';
+    case 'EACCES': return 'Permission denied';
+    default: return 'Input/output error';
+  }
 }

@@ -13,13 +13,13 @@ import { ClusterType, readL1, readL2 } from './entry.js';
 import { HI_COPIED } from './constants.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 
-/** Runs `update`, reporting a refcount overflow as QEMU does (EINVAL) and dropping half-applied cached blocks. */
-async function bump(img: Qcow2Image, ci: number, n: number, addend: number): Promise<void> {
+/** Runs `update`, reporting a refcount over- or underflow as QEMU does (EINVAL) and dropping half-applied cached blocks. */
+export async function bump(img: Qcow2Image, ci: number, n: number, addend: number): Promise<void> {
   try {
     await img.refcounts.update(ci, n, addend);
   } catch (e) {
     img.refcounts.dropCache();
-    if (e instanceof CorruptionError && /overflow/.test(e.message)) throw new ImageError('Invalid argument', 'EINVAL');
+    if (e instanceof CorruptionError && /overflow|below zero/.test(e.message)) throw new ImageError('Invalid argument', 'EINVAL');
     throw e;
   }
 }
