@@ -17,6 +17,10 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import { Qcow2Image } from '../src/qcow2/image.js';
+import { FileStorage } from '../src/storage/file.js';
+import { createSnapshot } from '../src/qcow2/snapshot.js';
+import { applySnapshot, deleteSnapshot } from '../src/qcow2/snapshot-manage.js';
 import { QCHAIN, oracle, qchain, qemuImg, qemuImgSync, qemuIo, qemuIoSync, qemuRawView, rng, scratch } from './helpers/qemu.js';
 
 const ROOT = scratch('qchain-snapshot-');
@@ -184,6 +188,40 @@ describe('QEMU-made snapshots applied and deleted by qchain', oracle(), () => {
     await assertSame(f, g, 'after -a big', true, true);
     const hdr = (x: string): string => fs.readFileSync(x).subarray(24, 48).toString('hex');
     assert.equal(hdr(f), hdr(g), 'size, L1 size and L1 offset in the header');
+  });
+});
+
+describe('library use in one process (no stale caches)', oracle(), () => {
+  test('create, write, apply, write, delete on one open image', async () => {
+    const dir = path.join(ROOT, 'lib');
+    fs.mkdirSync(dir);
+    const f = path.join(dir, 'l.qcow2');
+    qemuImgSync(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,extended_l2=off', f, '8M']);
+    qemuIoSync(['-c', 'write -P 0x11 0 2M', '-c', 'write -c -P 0x12 4M 64k', f]);
+    const g = twin(f);
+    const img = await Qcow2Image.open(await FileStorage.open(f));
+    const pat = (v: number, n: number): Buffer => Buffer.alloc(n, v);
+    await createSnapshot(img, { name: 'a' });
+    await img.write(pat(0x21, 3 * K * K), 512 * K); // COW over shared tables and clusters
+    await createSnapshot(img, { name: 'b' });
+    await img.write(pat(0x22, 64 * K), 4 * K * K); // over the compressed cluster
+    await applySnapshot(img, 'a');
+    const back = Buffer.alloc(2 * K * K);
+    await img.readOwn(back, 0);
+    assert.ok(back.equals(pat(0x11, 2 * K * K)), 'snapshot a read back through the same handle');
+    await img.write(pat(0x23, 100 * K), 1000 * K); // the cached tables must be the applied ones
+    await deleteSnapshot(img, null, 'b');
+    await img.write(pat(0x24, 8 * K), 8 * K);
+    await img.close();
+    const q = (args: string[]): string => qemuImgSync(['snapshot', ...args, g]);
+    q(['-c', 'a']);
+    qemuIoSync(['-c', `write -P 0x21 ${512 * K} ${3 * K * K}`, g]);
+    q(['-c', 'b']);
+    qemuIoSync(['-c', `write -P 0x22 ${4 * K * K} ${64 * K}`, g]);
+    q(['-a', 'a']);
+    qemuIoSync(['-c', `write -P 0x23 ${1000 * K} ${100 * K}`, '-c', `write -P 0x24 ${8 * K} ${8 * K}`, g]);
+    q(['-d', 'b']);
+    await assertSame(f, g, 'library sequence', true, false);
   });
 });
 
