@@ -72,7 +72,7 @@ export class Qcow2Image implements BlockDriver {
     l1: Buffer,
     readonly readOnly: boolean,
     l2CacheBytes: number,
-    private readonly log: (line: string) => void,
+    readonly log: (line: string) => void,
   ) {
     this.clusterBits = header.clusterBits;
     this.clusterSize = 2 ** header.clusterBits;
@@ -688,6 +688,8 @@ export class Qcow2Image implements BlockDriver {
               const idx = Math.floor(c / cs) % this.l2Entries;
               const old = readL2(table, idx, this.geo);
               const a = Math.max(pos, c) - c, b = Math.min(segEnd, c + cs) - c;
+              // As QEMU: discarding an unallocated cluster without a backing file leaves its entry alone.
+              if (isDiscard && !this.backing && old.type !== ClusterType.Compressed && old.type !== ClusterType.Normal && old.type !== ClusterType.ZeroAlloc) continue;
               if (this.extL2) {
                 if (a === 0 && b === cs) {
                   const keep = !unmap && old.copied && old.host !== 0 && old.type !== ClusterType.Compressed;

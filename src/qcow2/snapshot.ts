@@ -1,64 +1,16 @@
 /**
- * Internal snapshots. Creating one copies the active L1 table and adds one reference to every
- * L2 table and data cluster it reaches (their COPIED flags are cleared, so later writes copy on
- * write). Order: referenced clusters' refcounts and flags → snapshot L1 copy → snapshot table →
- * header; a crash in between leaves leaked clusters at worst.
+ * Internal snapshots: creation, lookup, and the snapshot table write. Creating one adds a
+ * reference to every L2 table and data cluster the active L1 table reaches (clearing their
+ * COPIED flags, so later writes copy on write). Order (QEMU's): snapshot L1 copy → referenced
+ * clusters' refcounts and flags → snapshot table → header; a crash in between leaves leaked
+ * clusters (and COPIED flags that disagree with refcounts until the image is repaired) at worst.
  */
 import type { Qcow2Image } from './image.js';
-import { ClusterType, readL1, readL2, encodeU64 } from './entry.js';
+import { readL1, encodeU64 } from './entry.js';
 import { serializeSnapshotTable, type Snapshot } from './snapshot-table.js';
-import { HI_COPIED } from './constants.js';
+import { MAX_L1_SIZE, MAX_SNAPSHOTS } from './constants.js';
 import { ImageError } from '../image/errors.js';
-
-/** Add `delta` to the refcount of everything reachable from an L1 table, fixing active COPIED flags. */
-async function updateReachable(img: Qcow2Image, l1: Buffer, l1Size: number, delta: number, active: boolean): Promise<void> {
-  const cs = img.clusterSize;
-  const rc = img.refcounts;
-  for (let i = 0; i < l1Size; i++) {
-    const { offset: l2Off } = readL1(l1, i);
-    if (!l2Off) continue;
-    const t = await img.readTable(l2Off);
-    let runStart = -1, runLen = 0;
-    const flush = async (): Promise<void> => {
-      if (runLen) await rc.update(runStart, runLen, delta);
-      runStart = -1;
-      runLen = 0;
-    };
-    let changed = false;
-    for (let j = 0; j < img.l2Entries; j++) {
-      const e = readL2(t, j, img.geo);
-      let first = -1, n = 0;
-      if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
-        first = e.host / cs;
-        n = 1;
-      } else if (e.type === ClusterType.Compressed) {
-        first = Math.floor(e.cOffset / cs);
-        n = Math.floor((e.cOffset + e.cLength - 1) / cs) - first + 1;
-      }
-      if (n === 0) continue;
-      if (runLen && runStart + runLen === first) runLen += n;
-      else {
-        await flush();
-        runStart = first;
-        runLen = n;
-      }
-      if (active && e.copied && delta > 0) {
-        const off = img.extL2 ? j * 16 : j * 8;
-        t.writeUInt32BE((t.readUInt32BE(off) & ~HI_COPIED) >>> 0, off);
-        changed = true;
-      }
-    }
-    await flush();
-    await rc.update(l2Off / cs, 1, delta);
-    if (changed) await img.storage.write(t, l2Off);
-    if (active && delta > 0) {
-      const hi = l1.readUInt32BE(i * 8);
-      if (hi & HI_COPIED) {
-        l1.writeUInt32BE((hi & ~HI_COPIED) >>> 0, i * 8);
-      }
-    }
-  }
-}
+import { updateSnapshotRefcount } from './snapshot-refcount.js';
 
 export interface CreateSnapshotOptions {
   name: string;
@@ -69,31 +21,55 @@ export interface CreateSnapshotOptions {
 /** Create an internal snapshot of the active state (qemu-img snapshot -c). */
 export async function createSnapshot(img: Qcow2Image, opts: CreateSnapshotOptions): Promise<Snapshot> {
   if (img.readOnly) throw new ImageError('Permission denied', 'EACCES');
+  if (img.snapshots.length >= MAX_SNAPSHOTS) throw new ImageError('File too large', 'EFBIG');
   const cs = img.clusterSize;
   return img.meta.run(async () => {
     const h = img.header;
-    // 1. References and COPIED flags of the active tables.
-    await updateReachable(img, img.l1, h.l1Size, 1, true);
-    if (h.l1Size) await img.storage.write(img.l1, h.l1TableOffset);
-    img.dropCaches();
-    // 2. The snapshot's own copy of the L1 table.
+    // 1. The snapshot's own copy of the L1 table (allocated first, as QEMU does).
     const l1Clusters = Math.ceil((h.l1Size * 8) / cs);
-    const copy = Buffer.from(img.l1);
+    const copy = Buffer.from(img.l1.subarray(0, h.l1Size * 8));
     for (let i = 0; i < h.l1Size; i++) encodeU64(copy, i * 8, readL1(copy, i).offset, false);
     const l1Off = h.l1Size ? await img.refcounts.alloc(l1Clusters) : 0;
     if (h.l1Size) await img.storage.write(copy, l1Off);
+    try {
+      // 2. References and COPIED flags of the active tables (active L1 rewritten last, synced).
+      await updateSnapshotRefcount(img, img.l1, h.l1Size, h.l1TableOffset, 1);
+    } finally {
+      img.dropCaches();
+    }
     // 3. New snapshot table, then the header, then release the old table.
     const now = Date.now();
     const date = opts.date ?? { sec: Math.floor(now / 1000), nsec: (now % 1000) * 1e6 };
-    const id = String(img.snapshots.reduce((m, s) => Math.max(m, Number(s.id) || 0), 0) + 1);
+    const id = String(img.snapshots.reduce((m, s) => Math.max(m, parseInt(s.id, 10) || 0), 0) + 1);
     const sn: Snapshot = {
       l1TableOffset: l1Off, l1Size: h.l1Size, id, name: opts.name, dateSec: date.sec, dateNsec: date.nsec,
       vmClockNsec: 0, vmStateSize: 0, extraUnknown: Buffer.alloc(0), diskSize: h.size, icount: 0,
     };
-    const list = [...img.snapshots, sn];
-    await writeSnapshotTable(img, list);
+    await writeSnapshotTable(img, [...img.snapshots, sn]);
     return sn;
   });
+}
+
+/** Index of a snapshot by id and/or name (QEMU's find_snapshot_by_id_and_name), or -1. */
+export function findSnapshot(list: readonly Snapshot[], id: string | null, name: string | null): number {
+  if (id !== null && name !== null) return list.findIndex((s) => s.id === id && s.name === name);
+  if (id !== null) return list.findIndex((s) => s.id === id);
+  if (name !== null) return list.findIndex((s) => s.name === name);
+  return -1;
+}
+
+/** By id first, then by name (QEMU's find_snapshot_by_id_or_name, used by apply). */
+export function findSnapshotByIdOrName(list: readonly Snapshot[], idOrName: string): number {
+  const i = findSnapshot(list, idOrName, null);
+  return i >= 0 ? i : findSnapshot(list, null, idOrName);
+}
+
+/** QEMU 7.2's qcow2_validate_table for a snapshot's L1 table (a table past EOF reads as zeros). */
+export function validateSnapshotL1(img: Qcow2Image, sn: Snapshot): void {
+  if (sn.l1Size * 8 > MAX_L1_SIZE) throw new ImageError('Snapshot L1 table too large', 'EFBIG');
+  if (sn.l1TableOffset % img.clusterSize !== 0 || sn.l1TableOffset + sn.l1Size * 8 > Number.MAX_SAFE_INTEGER) {
+    throw new ImageError('Snapshot L1 table offset invalid', 'EINVAL');
+  }
 }
 
 /** Write a snapshot table in new clusters, point the header at it, free the old one. */
@@ -105,9 +81,11 @@ export async function writeSnapshotTable(img: Qcow2Image, list: Snapshot[]): Pro
   const table = serializeSnapshotTable(list);
   const off = table.length ? await img.refcounts.alloc(Math.ceil(table.length / cs)) : 0;
   if (table.length) await img.storage.write(table, off);
+  await img.storage.flush();
   h.snapshotsOffset = off;
   h.nbSnapshots = list.length;
   await img.writeHeader();
+  await img.storage.flush();
   img.snapshots = list;
   if (oldLen) await img.refcounts.update(oldOff / cs, Math.ceil(oldLen / cs), -1);
 }

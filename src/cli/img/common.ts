@@ -78,6 +78,9 @@ export function errnoMessage(code: string | undefined): string {
     case 'ENOSPC': return 'No space left on device';
     case 'EPERM': return 'Operation not permitted';
     case 'ENOTSUP': return 'Operation not supported';
+    case 'ENOENT': return 'No such file or directory';
+    case 'EFBIG': return 'File too large';
+    case 'ERANGE': return 'Numerical result out of range';
     default: return code ?? 'Input/output error';
   }
 }

@@ -1,0 +1,95 @@
+/**
+ * The walk shared by snapshot create/apply/delete (QEMU's qcow2_update_snapshot_refcount): add
+ * `addend` (+1, 0 or -1) to the refcount of every L2 table and data cluster an L1 table reaches,
+ * and recompute COPIED (set exactly when the refcount is 1) on its L2 and L1 entries.
+ *
+ * Refcounts count paths: a data cluster reached through an L2 table shared by two L1 tables has
+ * refcount 2. Order per L2 table: data refcounts → the table (only if a flag changed) → the
+ * table's own refcount → its L1 entry's flag (never for addend -1: that table is being dropped).
+ * Callers drop the image's caches afterwards (tables are read and written here directly).
+ */
+import type { Qcow2Image } from './image.js';
+import { ClusterType, readL1, readL2 } from './entry.js';
+import { HI_COPIED } from './constants.js';
+import { CorruptionError, ImageError } from '../image/errors.js';
+
+/** Runs `update`, reporting a refcount over- or underflow as QEMU does (EINVAL) and dropping half-applied cached blocks. */
+export async function bump(img: Qcow2Image, ci: number, n: number, addend: number): Promise<void> {
+  try {
+    await img.refcounts.update(ci, n, addend);
+  } catch (e) {
+    img.refcounts.dropCache();
+    if (e instanceof CorruptionError && /overflow|below zero/.test(e.message)) throw new ImageError('Invalid argument', 'EINVAL');
+    throw e;
+  }
+}
+
+/** Where the L1 table lives on disk (its flags are written back there when they change), or null. */
+export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size: number, l1Offset: number | null, addend: -1 | 0 | 1): Promise<void> {
+  const cs = img.clusterSize;
+  const rc = img.refcounts;
+  const es = img.extL2 ? 16 : 8;
+  let l1Changed = false;
+  for (let i = 0; i < l1Size; i++) {
+    const { offset: l2Off } = readL1(l1, i);
+    if (!l2Off) continue;
+    if (l2Off % cs !== 0) {
+      await img.signalCorruption(`L2 table offset 0x${l2Off.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
+    }
+    const t = await img.readTable(l2Off);
+    // 1. Data refcounts, merged into runs of contiguous clusters.
+    if (addend !== 0) {
+      let runStart = -1, runLen = 0;
+      for (let j = 0; j < img.l2Entries; j++) {
+        const e = readL2(t, j, img.geo);
+        let first = -1, n = 0;
+        if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
+          if (e.host % cs !== 0) {
+            await img.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Off.toString(16)}, L2 index: 0x${j.toString(16)})`);
+          }
+          first = e.host / cs;
+          n = 1;
+        } else if (e.type === ClusterType.Compressed) {
+          first = Math.floor(e.cOffset / cs);
+          n = Math.floor((e.cOffset + e.cLength - 1) / cs) - first + 1;
+        }
+        if (n === 0) continue;
+        if (runLen && runStart + runLen === first) {
+          runLen += n;
+          continue;
+        }
+        if (runLen) await bump(img, runStart, runLen, addend);
+        runStart = first;
+        runLen = n;
+      }
+      if (runLen) await bump(img, runStart, runLen, addend);
+    }
+    // 2. COPIED flags from the refcounts now on disk.
+    let changed = false;
+    for (let j = 0; j < img.l2Entries; j++) {
+      const e = readL2(t, j, img.geo);
+      let copied = false;
+      if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) copied = (await rc.get(e.host / cs)) === 1;
+      const hi = t.readUInt32BE(j * es);
+      const want = copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0;
+      if (want !== hi) {
+        t.writeUInt32BE(want, j * es);
+        changed = true;
+      }
+    }
+    if (changed) await img.storage.write(t, l2Off);
+    // 3. The table's own refcount, then its L1 entry's flag.
+    if (addend !== 0) await bump(img, l2Off / cs, 1, addend);
+    const copied = (await rc.get(l2Off / cs)) === 1;
+    const hi = l1.readUInt32BE(i * 8);
+    const want = copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0;
+    if (want !== hi) {
+      l1.writeUInt32BE(want, i * 8);
+      // Written at once (QEMU writes the table at the end): at a crash, at most this one L2
+      // table's entries disagree with their refcounts.
+      if (addend >= 0 && l1Offset !== null) await img.storage.write(l1.subarray(i * 8, i * 8 + 8), l1Offset + i * 8);
+      l1Changed = true;
+    }
+  }
+  if (l1Changed && addend >= 0 && l1Offset !== null) await img.storage.flush();
+}
