@@ -29,6 +29,11 @@ export interface WriteZeroesOptions {
   mayUnmap?: boolean;
 }
 
+export interface ResizeOptions {
+  shrink?: boolean;
+  preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
+}
+
 export interface BlockDriver {
   readonly format: 'qcow2' | 'raw';
   readonly storage: Storage;
@@ -50,6 +55,8 @@ export interface BlockDriver {
   write(buf: Buffer, offset: number): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
+  /** Change the guest-visible size (not every driver implements it). */
+  resize?(size: number, opts?: ResizeOptions): Promise<void>;
   flush(): Promise<void>;
   close(): Promise<void>;
 }
