@@ -1,11 +1,11 @@
 /** `qemu-img rebase`: change an image's backing file, copying what differs (safe) or not (-u). */
 import type { CliContext } from '../context.js';
-import { CliError, UsageError } from '../util/errors.js';
+import { CliError, UsageError, reportError } from '../util/errors.js';
 import { ProgressPrinter } from '../util/progress.js';
-import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, asCliError, open, parseArgs } from './common.js';
+import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, open, parseArgs } from './common.js';
 import { QEMU_FORMATS, imageFormat, validCacheMode } from './chainops-common.js';
 import type { Chain } from '../../chain/chain.js';
-import { isFormat } from '../../chain/open.js';
+import { isFormat, openChain } from '../../chain/open.js';
 import { findBackingImage } from '../../chain/find-backing.js';
 import { combinePath } from '../../chain/resolve.js';
 import { ImageError } from '../../image/errors.js';
@@ -54,10 +54,10 @@ export async function rebaseMain(argv: string[], ctx: CliContext): Promise<numbe
         if (depth !== null) next = { chain, depth };
         else {
           try {
-            if (backingFmt !== undefined && !isFormat(backingFmt)) throw new ImageError(`Could not open '${real}': Unknown driver '${backingFmt}'`);
-            other = await open(real, { format: backingFmt as 'qcow2' | 'raw' | undefined, readOnly: true, singleFilePrefix: true }, ctx);
+            if (backingFmt !== undefined && !isFormat(backingFmt)) throw new ImageError(`Unknown driver '${backingFmt}'`);
+            other = await openChain(real, { format: backingFmt as 'qcow2' | 'raw' | undefined, readOnly: true, singleFilePrefix: true, log: (l) => ctx.stderr.write(`${l}\n`) });
           } catch (e) {
-            throw new CliError(`Could not open new backing file '${backing}': ${asCliError(e).message}`);
+            throw new CliError(`Could not open new backing file '${backing}': ${newBackingError(e, real)}`);
           }
           next = { chain: other, depth: 0 };
         }
@@ -77,10 +77,26 @@ export async function rebaseMain(argv: string[], ctx: CliContext): Promise<numbe
       throw new CliError(`Could not change the backing file to '${backing}': ${asCliError(e).message}`);
     }
     bar.print(100, 0);
+  } catch (e) {
+    // qemu-img reports the error before ending the progress line.
+    return reportError(PROG, asCliError(e), ctx.stderr);
   } finally {
     bar.end();
     if (other) await other.close().catch(() => {});
     if (chain) await chain.close().catch(() => {});
   }
   return 0;
+}
+
+/**
+ * The reason QEMU gives when the new backing file cannot be opened: the file name prefix is
+ * kept only for errors of the file itself (missing, unreadable), not for format or chain errors.
+ */
+function newBackingError(e: unknown, real: string): string {
+  const msg = asCliError(e).message;
+  const prefix = `Could not open '${real}': `;
+  if (!msg.startsWith(prefix)) return msg;
+  const rest = msg.slice(prefix.length);
+  const fileError = e instanceof ImageError && e.errno !== undefined && !rest.startsWith('Could not open backing file: ');
+  return fileError ? msg : rest;
 }
