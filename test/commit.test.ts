@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qchain, qemuImg, qemuImgSync, qemuIoSync, scratch } from './helpers/qemu.js';
-import { CLUSTER, backingOf, buildChain, check, copyDir, letters, qchainImg, views, type Layer } from './helpers/chains.js';
+import { CLUSTER, backingOf, buildChain, check, copyDir, letters, mapShape, qchainImg, views, type Layer } from './helpers/chains.js';
 import { openChain } from '../src/chain/open.js';
 import { deletionCost } from '../src/ops/plan.js';
 import { Qcow2Image } from '../src/qcow2/image.js';
@@ -98,8 +98,7 @@ test('commit of a v2 top uses the discard path (view and check as qemu-img)', or
   const { q, c, rq, rc } = await sideBySide(layers, ['commit', 'top.qcow2']);
   assert.equal(rc.code, rq.code, rc.stderr);
   await sameViews(q, c, ['base.qcow2', 'top.qcow2']);
-  const map = (d: string) => qemuImgSync(['map', '--output=json', 'top.qcow2'], d).replace(/"offset": \d+/g, '');
-  assert.equal(map(c), map(q));
+  assert.deepEqual(mapShape(c, 'top.qcow2'), mapShape(q, 'top.qcow2'));
   assert.equal((await check(path.join(c, 'top.qcow2'))).code, 0);
 });
 

@@ -101,3 +101,11 @@ export async function qchainImg(args: string[], cwd: string): Promise<{ code: nu
     process.chdir(before);
   }
 }
+
+/** `qemu-img map` of an image as one entry per cluster (depth/zero/data), independent of host layout. */
+export function mapShape(dir: string, file: string, cluster = CLUSTER): string[] {
+  const m = JSON.parse(qemuImgSync(['map', '--output=json', file], dir)) as Array<{ start: number; length: number; depth: number; zero: boolean; data: boolean }>;
+  const out: string[] = [];
+  for (const e of m) for (let p = e.start; p < e.start + e.length; p += cluster) out.push(`${p / cluster}:${e.depth}${e.zero ? 'z' : ''}${e.data ? 'd' : ''}`);
+  return out;
+}
