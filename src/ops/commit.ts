@@ -30,24 +30,29 @@ export interface CommitOptions {
 interface Range { offset: number; length: number }
 interface Job extends Range { kind: 'data' | 'zero' }
 
-/** Ranges of [0, size) allocated above `baseDepth`, widened to `gran` and merged. */
-export async function dirtyRanges(chain: Chain, baseDepth: number, gran: number): Promise<Range[]> {
+/**
+ * Ranges of [0, size) allocated above `baseDepth`, widened to `gran` and merged, window by
+ * window (64 MiB windows are multiples of `gran`, so no range crosses one; memory stays bounded).
+ */
+export async function* dirtyRanges(chain: Chain, baseDepth: number, gran: number): AsyncGenerator<Range> {
   const size = chain.size;
-  const out: Range[] = [];
-  const WINDOW = 1024 * 1024 * 1024;
+  const WINDOW = 64 * 1024 * 1024;
   for (let pos = 0; pos < size; pos += WINDOW) {
+    let cur: Range | null = null;
     for (const x of await chain.statusFrom(0, pos, Math.min(WINDOW, size - pos))) {
       // Bytes past the end of a short intermediate layer count as allocated (zeros) in it.
       const above = x.depth < baseDepth && (x.kind !== 'unallocated' || x.depth + 1 < baseDepth);
       if (!above) continue;
       const a = Math.floor(x.offset / gran) * gran;
       const b = Math.min(size, Math.ceil((x.offset + x.length) / gran) * gran);
-      const last = out[out.length - 1];
-      if (last && last.offset + last.length >= a) last.length = Math.max(last.length, b - last.offset);
-      else out.push({ offset: a, length: b - a });
+      if (cur && cur.offset + cur.length >= a) cur.length = Math.max(cur.length, b - cur.offset);
+      else {
+        if (cur) yield cur;
+        cur = { offset: a, length: b - a };
+      }
     }
+    if (cur) yield cur;
   }
-  return out;
 }
 
 /** Copy granularity for a base: its cluster size clamped to [4 KiB, 64 KiB] (64 KiB for raw). */
@@ -73,12 +78,13 @@ export async function commit(chain: Chain, baseDepth: number, opts: CommitOption
       if (!base.resize) throw new ImageError(`Cannot grow '${chain.layers[baseDepth].filename}': its driver cannot resize`, 'ENOTSUP');
       await base.resize(top.size);
     }
-    const ranges = await dirtyRanges(chain, baseDepth, commitGranularity(chain, baseDepth));
-    const total = ranges.reduce((a, r) => a + r.length, 0);
+    const gran = commitGranularity(chain, baseDepth);
+    let total = 0;
+    for await (const r of dirtyRanges(chain, baseDepth, gran)) total += r.length;
     let done = 0;
     opts.onProgress?.(0, total);
     async function* jobs(): AsyncGenerator<Job> {
-      for (const r of ranges) {
+      for await (const r of dirtyRanges(chain, baseDepth, gran)) {
         for (const x of await chain.statusFrom(0, r.offset, r.length)) {
           const kind = x.kind === 'data' ? 'data' : 'zero';
           for (let p = x.offset; p < x.offset + x.length;) {

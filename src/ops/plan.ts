@@ -17,18 +17,16 @@ export interface DeletionCost {
   cheaper: 'pull' | 'commit' | 'equal';
 }
 
-/** Allocated (data or zero) runs of one layer, clipped to `size`. */
-async function allocated(d: BlockDriver, size: number): Promise<Array<[number, number]>> {
+/** Allocated (data or zero) runs of one layer within [from, to). */
+async function allocated(d: BlockDriver, from: number, to: number): Promise<Array<[number, number]>> {
   const out: Array<[number, number]> = [];
-  const STEP = 1024 * 1024 * 1024;
-  const end = Math.min(size, d.size);
-  for (let p = 0; p < end; p += STEP) {
-    for (const x of await d.blockStatus(p, Math.min(STEP, end - p))) {
-      if (x.kind === 'unallocated') continue;
-      const last = out[out.length - 1];
-      if (last && last[1] === x.offset) last[1] = x.offset + x.length;
-      else out.push([x.offset, x.offset + x.length]);
-    }
+  const end = Math.min(to, d.size);
+  if (end <= from) return out;
+  for (const x of await d.blockStatus(from, end - from)) {
+    if (x.kind === 'unallocated') continue;
+    const last = out[out.length - 1];
+    if (last && last[1] === x.offset) last[1] = x.offset + x.length;
+    else out.push([x.offset, x.offset + x.length]);
   }
   return out;
 }
@@ -57,9 +55,13 @@ function minus(a: Array<[number, number]>, b: Array<[number, number]>): number {
 export async function deletionCost(chain: Chain, lower: number): Promise<DeletionCost> {
   if (lower < 1 || lower >= chain.depth) throw new RangeError(`no layer pair above depth ${lower}`);
   const b = chain.layers[lower].driver, c = chain.layers[lower - 1].driver;
-  const cAlloc = await allocated(c, c.size);
-  const bAlloc = await allocated(b, c.size);
-  const pullBytes = minus(bAlloc, cAlloc);
-  const commitBytes = total(cAlloc);
+  let pullBytes = 0, commitBytes = 0;
+  // Window by window, so memory stays bounded whatever the image size.
+  const WINDOW = 64 * 1024 * 1024;
+  for (let p = 0; p < c.size; p += WINDOW) {
+    const cAlloc = await allocated(c, p, p + WINDOW);
+    pullBytes += minus(await allocated(b, p, Math.min(c.size, p + WINDOW)), cAlloc);
+    commitBytes += total(cAlloc);
+  }
   return { pullBytes, commitBytes, cheaper: pullBytes < commitBytes ? 'pull' : commitBytes < pullBytes ? 'commit' : 'equal' };
 }

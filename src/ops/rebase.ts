@@ -71,7 +71,7 @@ export async function rebaseCopy(chain: Chain, next: ChainView | null, opts: Reb
 
   // Candidate chunks: unallocated in the image, split at the chunk grid and at the old backing's end.
   async function* chunks(): AsyncGenerator<{ offset: number; length: number }> {
-    const WINDOW = 256 * chunk;
+    const WINDOW = 32 * chunk;
     for (let pos = 0; pos < size; pos += WINDOW) {
       const len = Math.min(WINDOW, size - pos);
       for (const e of await top.blockStatus(pos, len)) {
