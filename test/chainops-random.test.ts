@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuImgSync, qemuIoSync, rng, scratch } from './helpers/qemu.js';
-import { check, copyDir, letters, qchainImg, views } from './helpers/chains.js';
+import { check, copyDir, letters, mapShape, qchainImg, views } from './helpers/chains.js';
 
 const K = 1024;
 
@@ -98,6 +98,11 @@ test('random chains: commit/rebase by qchain and qemu-img give identical views, 
         if (fs.readFileSync(path.join(c, n)).equals(fs.readFileSync(path.join(src, n)))) continue;
         const ck = await check(path.join(c, n));
         assert.equal(ck.code, 0, `${what}: check ${n}: ${ck.out}`);
+      }
+      if (op[0] === 'rebase') {
+        // Same sectors allocated in the rebased image (host layout aside).
+        const f = op[op.length - 1];
+        assert.deepEqual(mapShape(c, f, 512), mapShape(q, f, 512), `${what}: allocation in ${f}`);
       }
       for (const d of [q, c]) fs.rmSync(d, { recursive: true, force: true });
     }

@@ -6,7 +6,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { oracle, qemuImg, qemuImgSync, scratch } from './helpers/qemu.js';
+import { oracle, qemuImg, qemuImgSync, rng, scratch } from './helpers/qemu.js';
+import { differingRuns } from '../src/ops/rebase.js';
 import { backingOf, buildChain, check, copyDir, letters, mapShape, qchainImg, views, type Layer } from './helpers/chains.js';
 
 type Run = { code: number; stdout: string; stderr: string };
@@ -178,4 +179,30 @@ test('rebase errors: message and exit status as qemu-img', oracle(), async () =>
   assert.equal(rc.code, 0, rc.stderr);
   const j = JSON.parse(qemuImgSync(['info', '--output=json', 'top.qcow2'], w)) as Record<string, string>;
   assert.equal(j['backing-filename-format'], 'raw');
+});
+
+test('differingRuns: every differing sector is covered; spans start and end on differing sectors of one unit', () => {
+  const r = rng(5);
+  for (let iter = 0; iter < 200; iter++) {
+    const n = 512 * (1 + Math.floor(r() * 400)) - (r() < 0.2 ? 100 : 0);
+    const x = Buffer.alloc(n, 1), y = Buffer.alloc(n, 1);
+    for (let k = Math.floor(r() * 6); k > 0; k--) {
+      const a = Math.floor(r() * n), len = Math.min(n - a, 1 + Math.floor(r() * 20000));
+      y.fill(2, a, a + len);
+    }
+    const unit = [512, 4096, 65536, 2 * 1024 * 1024][Math.floor(r() * 4)];
+    const runs = differingRuns(x, y, unit);
+    const differs = (s: number): boolean => !x.subarray(s, Math.min(n, s + 512)).equals(y.subarray(s, Math.min(n, s + 512)));
+    const covered = (s: number): boolean => runs.some(([a, b]) => a <= s && s < b);
+    for (let s = 0; s < n; s += 512) if (differs(s)) assert.ok(covered(s), `sector ${s} not covered (unit ${unit})`);
+    const u = Math.min(65536, unit);
+    for (const [a, b] of runs) {
+      // Each run is a union of per-unit spans, each from a differing sector to a differing sector.
+      for (let ua = Math.floor(a / u) * u; ua < b; ua += u) {
+        const s = Math.max(a, ua), e = Math.min(b, ua + u);
+        assert.ok(differs(s), `span start ${s} does not differ`);
+        assert.ok(differs(Math.floor((e - 1) / 512) * 512), `span end ${e} does not differ`);
+      }
+    }
+  }
 });

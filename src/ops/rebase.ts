@@ -31,22 +31,35 @@ export interface RebaseCopyOptions {
 const SECTOR = 512;
 const BLOCK = 64 * 1024;
 
-/** Runs [a, b) of 512-byte sectors where `x` and `y` differ (the last sector may be short). */
-export function differingRuns(x: Buffer, y: Buffer): Array<[number, number]> {
+/**
+ * Byte runs to write so that `x` (the old view) lands where it differs from `y`: within each
+ * allocation unit of `unit` bytes (≥ 512) that differs, the span from its first to its last
+ * differing 512-byte sector. The same units get allocated as when writing only the differing
+ * sectors (as QEMU does), with the same content, in far fewer compares and writes.
+ */
+export function differingRuns(x: Buffer, y: Buffer, unit = SECTOR): Array<[number, number]> {
   const runs: Array<[number, number]> = [];
   if (x.equals(y)) return runs;
   const n = x.length;
-  const add = (a: number, b: number): void => {
-    const last = runs[runs.length - 1];
-    if (last && last[1] === a) last[1] = b;
-    else runs.push([a, b]);
-  };
+  const u = Math.min(BLOCK, Math.max(SECTOR, unit));
+  const same = (s: number, e: number): boolean => x.subarray(s, e).equals(y.subarray(s, e));
   for (let p = 0; p < n; p += BLOCK) {
     const q = Math.min(n, p + BLOCK);
-    if (x.subarray(p, q).equals(y.subarray(p, q))) continue;
-    for (let s = p; s < q; s += SECTOR) {
-      const e = Math.min(q, s + SECTOR);
-      if (!x.subarray(s, e).equals(y.subarray(s, e))) add(s, e);
+    if (same(p, q)) continue;
+    for (let ua = p; ua < q; ua += u) {
+      const ub = Math.min(q, ua + u);
+      if (same(ua, ub)) continue;
+      let first = ua;
+      while (same(first, Math.min(ub, first + SECTOR))) first += SECTOR;
+      let last = ub;
+      for (;;) {
+        const s = Math.floor((last - 1 - ua) / SECTOR) * SECTOR + ua;
+        if (!same(s, last)) break;
+        last = s;
+      }
+      const prev = runs[runs.length - 1];
+      if (prev && prev[1] === first) prev[1] = last;
+      else runs.push([first, last]);
     }
   }
   return runs;
@@ -114,7 +127,7 @@ export async function rebaseCopy(chain: Chain, next: ChainView | null, opts: Reb
       else await chain.readFrom(1, a, c.offset);
       if (inNew < c.length) b.fill(0, inNew);
       if (inNew > 0 && next) await next.chain.readFrom(next.depth, b.subarray(0, inNew), c.offset);
-      for (const [s, e] of differingRuns(a, b)) {
+      for (const [s, e] of differingRuns(a, b, top.granularity)) {
         if (beyondOld) await top.writeZeroes(c.offset + s, e - s);
         else await top.write(a.subarray(s, e), c.offset + s);
       }
