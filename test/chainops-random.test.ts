@@ -77,7 +77,7 @@ function randomOps(r: () => number, names: string[], sizes: number[]): string[][
 
 test('random chains: commit/rebase by qchain and qemu-img give identical views, check clean', oracle(), async () => {
   const root = scratch();
-  for (const seed of [11, 22, 33, 44, 55]) {
+  for (const seed of [11, 22, 33, 44]) {
     const r = rng(seed);
     const src = path.join(root, `s${seed}`);
     fs.mkdirSync(src);
