@@ -193,3 +193,27 @@ test('deletionCost: pulling B into C vs committing C into B, from the layers\' m
     await chain.close();
   }
 });
+
+test('commit of a top with an internal snapshot: discard path, snapshot kept (as qemu-img)', oracle(), async () => {
+  const dir = scratch();
+  const src = path.join(dir, 'src');
+  fs.mkdirSync(src);
+  buildChain(src, [{ name: 'base.qcow2', row: 'AAAA' }, { name: 'top.qcow2', row: 'BB--' }]);
+  qemuImgSync(['snapshot', '-c', 's1', 'top.qcow2'], src);
+  qemuIoSync(['-c', `write -P 0x43 ${CLUSTER / 2} ${CLUSTER * 2}`, 'top.qcow2'], src);
+  const q = path.join(dir, 'q'), c = path.join(dir, 'c');
+  copyDir(src, q);
+  copyDir(src, c);
+  assert.equal((await qemuImg(['commit', 'top.qcow2'], q)).code, 0);
+  const rc = await qchainImg(['commit', 'top.qcow2'], c);
+  assert.equal(rc.code, 0, rc.stderr);
+  await sameViews(q, c, ['base.qcow2', 'top.qcow2']);
+  assert.deepEqual(mapShape(c, 'top.qcow2'), mapShape(q, 'top.qcow2'));
+  assert.equal((await check(path.join(c, 'top.qcow2'))).code, 0);
+  const snap = async (d: string): Promise<Buffer> => {
+    const out = path.join(d, 's1.raw');
+    assert.equal((await qemuImg(['convert', '-l', 's1', '-O', 'raw', 'top.qcow2', out], d)).code, 0);
+    return fs.readFileSync(out);
+  };
+  assert.ok((await snap(c)).equals(await snap(q)), 'snapshot s1 content kept');
+});
