@@ -124,9 +124,12 @@ export async function rebaseCopy(chain: Chain, next: ChainView | null, opts: Reb
     try {
       const a = bufs[0].subarray(0, c.length), b = bufs[1].subarray(0, c.length);
       if (beyondOld) a.fill(0);
-      else await chain.readFrom(1, a, c.offset);
       if (inNew < c.length) b.fill(0, inNew);
-      if (inNew > 0 && next) await next.chain.readFrom(next.depth, b.subarray(0, inNew), c.offset);
+      // Both views are read at once (independent reads).
+      await Promise.all([
+        beyondOld ? null : chain.readFrom(1, a, c.offset),
+        inNew > 0 && next ? next.chain.readFrom(next.depth, b.subarray(0, inNew), c.offset) : null,
+      ]);
       for (const [s, e] of differingRuns(a, b, top.granularity)) {
         if (beyondOld) await top.writeZeroes(c.offset + s, e - s);
         else await top.write(a.subarray(s, e), c.offset + s);
