@@ -81,7 +81,7 @@ test('random chains: commit/rebase by qchain and qemu-img give identical views, 
   const root = scratch();
   // QCHAIN_RANDOM_SEEDS=first:count runs more seeds locally.
   const env = /^(\d+):(\d+)$/.exec(process.env.QCHAIN_RANDOM_SEEDS ?? '');
-  const seeds = env ? Array.from({ length: Number(env[2]) }, (_, i) => Number(env[1]) + i) : [11, 22, 33, 44];
+  const seeds = env ? Array.from({ length: Number(env[2]) }, (_, i) => Number(env[1]) + i) : [11, 22, 33];
   for (const seed of seeds) {
     const r = rng(seed);
     const src = path.join(root, `s${seed}`);
