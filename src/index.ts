@@ -15,3 +15,7 @@ export { Chain, type ChainExtent, type Layer } from './chain/chain.js';
 export { openChain, openImage, probeFormat, type OpenOptions, type ImageFormat } from './chain/open.js';
 export { copyChains, type CopyOptions } from './ops/copy.js';
 export { copyChainsCompressed } from './ops/copy-compressed.js';
+export { commit, type CommitOptions } from './ops/commit.js';
+export { rebaseCopy, changeBackingFile, type ChainView, type RebaseCopyOptions } from './ops/rebase.js';
+export { deletionCost, type DeletionCost } from './ops/plan.js';
+export { findBackingImage } from './chain/find-backing.js';

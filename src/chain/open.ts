@@ -23,8 +23,10 @@ export type ImageFormat = 'qcow2' | 'raw';
 export interface OpenOptions {
   /** Format of the named image; probed when absent. */
   format?: ImageFormat;
-  /** Open the named image read-only (backing files are always read-only). */
+  /** Open the named image read-only (backing files are read-only unless listed in writableDepths). */
   readOnly?: boolean;
+  /** Depths (1 = the named image's backing file, ...) to open read-write, e.g. a commit's base. */
+  writableDepths?: ReadonlySet<number>;
   /** Open only the named image, not its backing chain. */
   noBacking?: boolean;
   /** Maximum number of images in the chain. */
@@ -145,7 +147,8 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
       }
       let opened;
       try {
-        opened = await openImage(name, { format, readOnly: true, log: opts.log, lock: lockFor(true) });
+        const writable = !!opts.writableDepths?.has(layers.length);
+        opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable) });
       } catch (e) {
         if (e instanceof ImageError) throw new ImageError(`Could not open '${file}': ${prefix}${e.message}`, e.errno);
         throw e;

@@ -842,6 +842,100 @@ export class Qcow2Image implements BlockDriver {
     return b;
   }
 
+  /**
+   * Point the image at another backing file (null = standalone), as qcow2_change_backing_file:
+   * the header cluster is rewritten with the new name and backing-format extension. Data
+   * written before is flushed first, so the new pointer never reaches the disk ahead of it.
+   */
+  async changeBackingFile(name: string | null, format: string | null): Promise<void> {
+    if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
+    if (name !== null && Buffer.byteLength(name, 'utf8') > 1023) throw new ImageError('Invalid argument', 'EINVAL');
+    const before = { file: this.header.backingFile, fmt: this.header.backingFormat };
+    this.header.backingFile = name;
+    this.header.backingFormat = name === null ? null : format;
+    let buf: Buffer;
+    try {
+      buf = serializeHeader(this.header);
+    } catch {
+      this.header.backingFile = before.file;
+      this.header.backingFormat = before.fmt;
+      serializeHeader(this.header);
+      throw new ImageError('No space left on device', 'ENOSPC');
+    }
+    await this.storage.flush();
+    await this.storage.write(buf, 0);
+    await this.storage.flush();
+  }
+
+  /**
+   * Drop every cluster of the active layer, as QEMU's qcow2_make_empty. v3 images without
+   * snapshots or bitmaps are rebuilt from scratch (make_completely_empty: header, reftable,
+   * one refblock, zeroed L1, file truncated), with the dirty bit set meanwhile so a crash is
+   * repaired on the next read-write open. Otherwise every cluster is fully discarded
+   * (entries become unallocated; L2 entry written before the refcount drop).
+   */
+  async makeEmpty(): Promise<void> {
+    if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
+    const cs = this.clusterSize;
+    const l1Clusters = Math.ceil(this.header.l1Size / (cs / 8));
+    if (this.header.version >= 3 && this.snapshots.length === 0 && !this.header.bitmapsExt &&
+      3 + l1Clusters <= this.refcounts.perBlock) {
+      await this.meta.run(async () => {
+        this.header.incompatible |= BigInt(C.INCOMPAT_DIRTY);
+        await this.writeIncompat();
+        await this.storage.flush();
+        const zeros = Buffer.alloc(cs);
+        for (let i = 0; i < l1Clusters; i++) await this.storage.write(zeros, this.header.l1TableOffset + i * cs);
+        for (let i = 0; i < 2 + l1Clusters; i++) await this.storage.write(zeros, (1 + i) * cs);
+        const ptrs = Buffer.alloc(20);
+        ptrs.writeBigUInt64BE(BigInt(3 * cs), 0);
+        ptrs.writeBigUInt64BE(BigInt(cs), 8);
+        ptrs.writeUInt32BE(1, 16);
+        await this.storage.write(ptrs, 40);
+        await this.storage.flush();
+        this.header.l1TableOffset = 3 * cs;
+        this.header.refcountTableOffset = cs;
+        this.header.refcountTableClusters = 1;
+        this.l1 = Buffer.alloc(this.header.l1Size * 8);
+        this.l2.clear();
+        this.lastCompressed = null;
+        const entry = Buffer.alloc(8);
+        entry.writeBigUInt64BE(BigInt(2 * cs), 0);
+        await this.storage.write(entry, cs);
+        await this.storage.flush();
+        await this.refcounts.reload(cs, 1);
+        await this.refcounts.update(0, 3 + l1Clusters, 1);
+        await this.storage.flush();
+        this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
+        this.dirtySet = false;
+        this.dirtyWrite = null;
+        await this.writeHeader();
+        await this.storage.truncate((3 + l1Clusters) * cs);
+      });
+      return;
+    }
+    await this.markDirty();
+    for (let l1i = 0; l1i < this.header.l1Size; l1i++) {
+      if (!this.l1Entry(l1i).offset) continue;
+      const { offset: l2Off, table } = await this.writableL2(l1i);
+      try {
+        await this.meta.run(async () => {
+          const frees: L2Entry[] = [];
+          for (let idx = 0; idx < this.l2Entries; idx++) {
+            const old = readL2(table, idx, this.geo);
+            if (old.hi === 0 && old.lo === 0 && old.zeroBits === 0 && old.allocBits === 0) continue;
+            writeL2(table, idx, this.geo, 0, { copied: false, allocBits: 0, zeroBits: 0 });
+            if (old.host || old.type === ClusterType.Compressed) frees.push(old);
+          }
+          await this.writeL2Range(l2Off, table, 0, this.l2Entries - 1);
+          for (const e of frees) await this.freeEntryClusters(e);
+        });
+      } finally {
+        this.l2.unpin(l2Off);
+      }
+    }
+  }
+
   /** Forget cached L2 tables (after a rewrite behind the cache, e.g. snapshot apply). */
   dropCaches(): void {
     this.l2.clear();

@@ -67,6 +67,16 @@ export class Refcounts {
     return new Refcounts(storage, geo, offset, clusters, table);
   }
 
+  /** Re-read the table from a new location and forget cached blocks (after the image was rebuilt on disk). */
+  async reload(offset: number, clusters: number): Promise<void> {
+    const fresh = await Refcounts.load(this.storage, { clusterBits: Math.log2(this.clusterSize), refcountOrder: Math.log2(this.bits) }, offset, clusters);
+    this.table = fresh.table;
+    this.tableOffset = offset;
+    this.tableClusters = clusters;
+    this.blocks.clear();
+    this.freeHint = 0;
+  }
+
   private async block(blockOffset: number): Promise<Buffer> {
     let b = this.blocks.get(blockOffset);
     if (!b) {

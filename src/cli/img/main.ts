@@ -8,9 +8,11 @@ const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) =
   info: async () => (await import('./info.js')).infoMain,
   map: async () => (await import('./map.js')).mapMain,
   check: async () => (await import('./check.js')).checkMain,
+  commit: async () => (await import('./commit.js')).commitMain,
   convert: async () => (await import('./convert.js')).convertMain,
   snapshot: async () => (await import('./snapshot.js')).snapshotMain,
   resize: async () => (await import('./resize.js')).resizeMain,
+  rebase: async () => (await import('./rebase.js')).rebaseMain,
   bench: async () => (await import('./bench.js')).benchMain,
 };
 
@@ -20,12 +22,14 @@ usage: qchain img [standard options] command [command options]
 Command syntax:
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-o offset] [--pattern=N] [-q] [-s buffer_size] [-S step_size] [-w] filename
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  rebase [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-U] -b backing_file [-F backing_fmt] filename
   resize [-f fmt] [--preallocation=prealloc] [-q] [--shrink] filename [+ | -]size
-  snapshot [-q] [-l | -c snapshot] filename
+  snapshot [-q] [-l | -a snapshot | -c snapshot | -d snapshot] filename
 
 Supported formats: qcow2 raw
 Messages, JSON and exit codes are those of qemu-img 7.2.

@@ -1,0 +1,43 @@
+/**
+ * Commit a top with 1 GiB of data (1 MiB extents every other MiB over a 2 GiB disk, on top of a
+ * base that is half full) into its base: `qchain img commit` vs `qemu-img commit`, both on fresh
+ * copies each run, including emptying the top. Results are compared (guest views identical).
+ * Usage: node dist/bench/commit.js [--dirty-gib N] [--reps N]
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { QCHAIN, benchDir, fmtRatio, sh, table, timeBest } from './util.js';
+
+const args = process.argv.slice(2);
+const opt = (name: string, def: number): number => {
+  const i = args.indexOf(name);
+  return i >= 0 ? Number(args[i + 1]) : def;
+};
+const MiB = 1024 ** 2;
+const dirtyGiB = opt('--dirty-gib', 1);
+const reps = opt('--reps', 2);
+const dir = benchDir('commit');
+const size = 2 * dirtyGiB * 1024 * MiB;
+
+sh('qemu-img', ['create', '-q', '-f', 'qcow2', 'base.qcow2', `${size}`], dir);
+sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+const fill = (file: string, first: number, pat: number): void => {
+  const cmds: string[] = [];
+  for (let off = first * MiB; off < size; off += 2 * MiB) cmds.push('-c', `write -q -P 0x${pat.toString(16)} ${off} ${MiB}`);
+  for (let i = 0; i < cmds.length; i += 2000) sh('qemu-io', [...cmds.slice(i, i + 2000), file], dir);
+};
+fill('base.qcow2', 0, 0x11); // base: even MiBs
+fill('top.qcow2', 1, 0x22); // top: odd MiBs (1 GiB dirty), so the base allocates as it goes
+for (const f of ['base.qcow2', 'top.qcow2']) fs.copyFileSync(path.join(dir, f), path.join(dir, `orig-${f}`));
+const restore = (sub: string) => (): void => {
+  fs.mkdirSync(path.join(dir, sub), { recursive: true });
+  for (const f of ['base.qcow2', 'top.qcow2']) fs.copyFileSync(path.join(dir, `orig-${f}`), path.join(dir, sub, f));
+};
+
+const q = timeBest('qemu-img', ['commit', 'top.qcow2'], reps, restore('q'), path.join(dir, 'q'));
+const c = timeBest(process.execPath, [QCHAIN, 'img', 'commit', 'top.qcow2'], reps, restore('c'), path.join(dir, 'c'));
+const cmp = sh('qemu-img', ['compare', path.join(dir, 'q/base.qcow2'), path.join(dir, 'c/base.qcow2')]);
+if (!cmp.includes('identical')) throw new Error(`results differ: ${cmp}`);
+console.log(`commit: ${dirtyGiB} GiB dirty top into its base (${2 * dirtyGiB} GiB virtual), best of ${reps}`);
+console.log(table([['qemu-img commit (s)', 'qchain img commit (s)', 'qchain / qemu-img'], [q.toFixed(2), c.toFixed(2), fmtRatio(c, q)]]));
+fs.rmSync(dir, { recursive: true, force: true });
