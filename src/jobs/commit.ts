@@ -24,10 +24,8 @@ export interface CommitPlan {
 export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
   const work = async (job: Job): Promise<void> => {
     job.len = p.top.driver.size;
-    if (p.base.driver.size < p.top.driver.size) {
-      throw new Error(`Top image is larger than base image (${p.top.driver.size} > ${p.base.driver.size}); growing the base is not supported yet`);
-    }
     await p.reopen(p.base, false);
+    await growBase(p.base, p.top.driver.size);
     const buf = Buffer.allocUnsafe(JOB_CHUNK);
     for (let off = 0; off < job.len; off += JOB_CHUNK) {
       await job.checkpoint();
@@ -47,4 +45,11 @@ export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job)
     await p.reopen(p.base, true);
   };
   return { work, prepare };
+}
+
+/** A base smaller than what is committed into it grows first, as QEMU's commit does. */
+export async function growBase(base: FormatNode, size: number): Promise<void> {
+  if (base.driver.size >= size) return;
+  if (!base.driver.resize) throw new Error(`Cannot grow the base image '${base.filename}' to ${size} bytes`);
+  await base.driver.resize(size);
 }

@@ -4,7 +4,7 @@
  */
 import { Job, type JobEvents } from './job.js';
 import { streamWork } from './stream.js';
-import { commitWork } from './commit.js';
+import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
 import { backupWork } from './backup.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
@@ -127,8 +127,8 @@ export class JobManager {
       },
     });
     job.start(async (j) => {
-      if (base.driver.size < device.driver.size) throw new Error('Top image is larger than base image; growing the base is not supported yet');
       await this.reopen(base, false);
+      await growBase(base, device.driver.size);
       await work(j);
     }, async () => {});
   }
