@@ -254,3 +254,47 @@ describe('QMP mirror and active commit vs qemu-storage-daemon', oracle(), () => 
     views.qchain.forEach((v, i) => assert.ok(v.equals(views.qemu[i]), `view ${i}`));
   });
 });
+
+/** The libvirt way of taking an external snapshot: blockdev-create jobs, blockdev-add, blockdev-snapshot. */
+async function createSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unknown[]; chain: string }> {
+  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
+    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+  try {
+    await waitFor(path.join(dir, 'qmp.sock'), child);
+    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+    await q.waitFor((m) => 'QMP' in m);
+    await q.execute('qmp_capabilities', undefined, 'c0');
+    await q.execute('blockdev-create', { 'job-id': 'create-snap2-file', options: { driver: 'file', filename: 'snap2.qcow2', size: 0 } }, 'c11');
+    await q.waitFor(jobEvent('create-snap2-file', 'concluded'));
+    await q.execute('query-block-jobs', undefined, 'c11b');
+    await q.execute('job-dismiss', { id: 'create-snap2-file' }, 'c12');
+    await q.execute('blockdev-add', { driver: 'file', 'node-name': 'snap2-file', filename: 'snap2.qcow2' }, 'c13');
+    await q.execute('blockdev-create', { 'job-id': 'create-snap2', options: { driver: 'qcow2', file: 'snap2-file', size: 67108864, 'backing-file': 'top.qcow2', 'backing-fmt': 'qcow2' } }, 'c14');
+    await q.waitFor(jobEvent('create-snap2', 'concluded'));
+    await q.execute('job-dismiss', { id: 'create-snap2' }, 'c15');
+    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'snap2', file: 'snap2-file', backing: null }, 'c16');
+    await q.execute('blockdev-snapshot', { node: 'top', overlay: 'snap2' }, 'c17');
+    await q.execute('query-block-exports', undefined, 'c18');
+    await q.execute('quit', undefined, 'q');
+    await new Promise((r) => child.once('exit', r));
+    const chain = await qemuImg(['info', '--backing-chain', 'snap2.qcow2'], dir);
+    const msgs = q.received.map(norm) as Array<Record<string, unknown>>;
+    return { log: [...msgs.filter((m) => !('event' in m)), ...msgs.filter((m) => 'event' in m)], chain: chain.stdout.split('\n').filter((l) => /^(image|backing file):/.test(l)).join('\n') };
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
+describe('QMP blockdev-create vs qemu-storage-daemon', oracle(), () => {
+  test('create jobs, blockdev-add with backing null, blockdev-snapshot: same events and chain', async () => {
+    const root = scratch('qchain-qmp-create-');
+    const res: Record<string, Awaited<ReturnType<typeof createSession>>> = {};
+    for (const tool of ['qemu', 'qchain'] as const) {
+      const dir = path.join(root, tool);
+      await setup(dir);
+      res[tool] = await createSession(tool, dir);
+    }
+    assert.deepEqual(res.qchain.log, res.qemu.log);
+    assert.equal(res.qchain.chain, res.qemu.chain);
+  });
+});

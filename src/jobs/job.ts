@@ -68,6 +68,8 @@ export class Job {
   }
 
   private legacy(name: string, extra: Record<string, unknown> = {}): void {
+    // Only block jobs have the legacy BLOCK_JOB_* events (blockdev-create has none).
+    if (this.type === 'create') return;
     this.events.emit(name, { device: this.id, len: this.len, offset: this.offset, speed: this.speed, type: this.type, ...extra });
   }
 
@@ -93,7 +95,7 @@ export class Job {
       this.to('waiting');
       this.to('pending');
       if (!this.autoFinalize) {
-        this.events.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
+        if (this.type !== 'create') this.events.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
         await new Promise<void>((r) => { this.finalizeGo = r; });
         if (this.cancelled) return;
       }

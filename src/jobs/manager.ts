@@ -10,6 +10,8 @@ import { backupWork } from './backup.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
 import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import type { JobVerb } from './state.js';
+import { FileStorage } from '../storage/file.js';
+import { createQcow2 } from '../qcow2/create.js';
 
 /** What jobs need from the daemon: draining a node's exports and moving them (pivot). */
 export interface JobHost {
@@ -171,6 +173,64 @@ export class JobManager {
     job.start(backupWork(this.graph, { source: device, target, depth: (chain) => (sync === 'full' ? chain.layers.length : 1) }), async () => {});
   }
 
+  /** blockdev-create: a job that creates an image file (driver file) or formats one (qcow2/raw). */
+  create(a: Args): void {
+    const id = str(a, 'job-id');
+    const o = a.options;
+    if (!o || typeof o !== 'object') throw new QmpError("Parameter 'options' is missing");
+    const opts = o as Args;
+    const driver = str(opts, 'driver');
+    const size = optInt(opts, 'size');
+    if (size === undefined) throw new QmpError("Parameter 'size' is missing");
+    let work: () => Promise<void>;
+    if (driver === 'file') {
+      const filename = str(opts, 'filename');
+      work = async () => {
+        const st = await FileStorage.open(filename, { create: true, lock: 'write' });
+        try {
+          await st.truncate(size);
+        } finally {
+          await st.close();
+        }
+      };
+    } else if (driver === 'qcow2' || driver === 'raw') {
+      const fileNode = this.graph.node(str(opts, 'file'));
+      if (fileNode.kind !== 'file') throw new QmpError(`Node '${fileNode.name}' is not a protocol node`);
+      const version = optStr(opts, 'version');
+      if (version !== undefined && version !== 'v2' && version !== 'v3') throw new QmpError(`Parameter 'version' does not accept value '${version}'`);
+      work = async () => {
+        const st = await FileStorage.open(fileNode.filename, { create: true, lock: 'write' });
+        try {
+          if (driver === 'raw') await st.truncate(size);
+          else {
+            const img = await createQcow2(st, {
+              size, version: version === 'v2' ? 2 : 3, clusterSize: optInt(opts, 'cluster-size'),
+              backingFile: optStr(opts, 'backing-file') ?? null, backingFormat: optStr(opts, 'backing-fmt') ?? null,
+              lazyRefcounts: optBool(opts, 'lazy-refcounts', false), refcountBits: optInt(opts, 'refcount-bits'),
+              extendedL2: optBool(opts, 'extended-l2', false),
+            });
+            await img.close();
+            return;
+          }
+        } catch (e) {
+          await st.close().catch(() => {});
+          throw e;
+        }
+        await st.close();
+      };
+    } else {
+      throw new QmpError(`Driver '${driver}' does not support image creation`);
+    }
+    if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
+    const job = new Job({ id, type: 'create', nodes: [], autoDismiss: false }, this.events, (j) => this.jobs.delete(j.id));
+    this.jobs.set(id, job);
+    job.start(async (j) => {
+      j.len = 1;
+      await work();
+      j.offset = 1;
+    }, async () => {});
+  }
+
   private byId(id: string): Job {
     const j = this.jobs.get(id);
     if (!j) throw new QmpError('Job not found');
@@ -199,6 +259,7 @@ export class JobManager {
     const out: Array<[string, Handler]> = [
       ['block-stream', (a) => this.stream(a)],
       ['block-commit', (a) => this.commit(a)],
+      ['blockdev-create', (a) => this.create(a)],
       ['query-jobs', () => [...this.jobs.values()].map((j) => j.jobInfo())],
       ['query-block-jobs', () => [...this.jobs.values()].filter((j) => j.type !== 'create').map((j) => j.blockJobInfo())],
       ['block-job-set-speed', (a) => this.byDevice(str(a, 'device')).setSpeed(optInt(a, 'speed') ?? 0)],
