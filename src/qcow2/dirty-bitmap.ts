@@ -1,0 +1,150 @@
+/**
+ * An in-memory dirty bitmap: bit n covers guest bytes [n*g, (n+1)*g), LSB first in each byte,
+ * exactly as serialised on disk. Stored sparsely in chunks of one bitmap cluster each (the unit of
+ * the bitmap table), so memory follows the dirty area, not the image size; a clean chunk is null.
+ * Invariant: bits past the image's last granule are always zero.
+ */
+export class DirtyBitmap {
+  readonly granularity: number;
+  /** Number of bits (granules) in the bitmap. */
+  readonly nbits: number;
+  /** Bits per chunk: one cluster of serialised bitmap. */
+  readonly chunkBits: number;
+  readonly chunks: Array<Uint8Array | null>;
+
+  constructor(readonly size: number, readonly granularityBits: number, readonly chunkBytes: number) {
+    this.granularity = 2 ** granularityBits;
+    this.nbits = Math.ceil(size / this.granularity);
+    this.chunkBits = chunkBytes * 8;
+    this.chunks = new Array(Math.ceil(this.nbits / this.chunkBits)).fill(null);
+  }
+
+  /** Guest bytes covered by one chunk. */
+  get chunkCoverage(): number {
+    return this.chunkBits * this.granularity;
+  }
+
+  private chunk(i: number): Uint8Array {
+    let c = this.chunks[i];
+    if (!c) c = this.chunks[i] = new Uint8Array(this.chunkBytes);
+    return c;
+  }
+
+  /** Marks guest range [offset, offset+length) dirty (whole granules, clipped to the image). */
+  set(offset: number, length: number): void {
+    if (length <= 0 || offset >= this.size) return;
+    const first = Math.floor(offset / this.granularity);
+    const last = Math.min(this.nbits - 1, Math.floor((Math.min(offset + length, this.size) - 1) / this.granularity));
+    this.setBits(first, last + 1);
+  }
+
+  /** Sets bits [a, b). */
+  setBits(a: number, b: number): void {
+    while (a < b) {
+      const ci = Math.floor(a / this.chunkBits);
+      const base = ci * this.chunkBits;
+      const end = Math.min(b, base + this.chunkBits);
+      fillBits(this.chunk(ci), a - base, end - base, true);
+      a = end;
+    }
+  }
+
+  /** Clears every bit. */
+  clear(): void {
+    this.chunks.fill(null);
+  }
+
+  /** Installs the serialised content of chunk `i` (a bitmap cluster read from disk). */
+  loadChunk(i: number, data: Uint8Array | 'ones'): void {
+    if (data === 'ones') {
+      const base = i * this.chunkBits;
+      this.setBits(base, Math.min(this.nbits, base + this.chunkBits));
+      return;
+    }
+    const c = new Uint8Array(this.chunkBytes);
+    c.set(data.subarray(0, this.chunkBytes));
+    // Bits beyond the image are not part of the bitmap.
+    const valid = Math.min(this.chunkBits, this.nbits - i * this.chunkBits);
+    if (valid < this.chunkBits) fillBits(c, valid, this.chunkBits, false);
+    this.chunks[i] = isZero(c) ? null : c;
+  }
+
+  /** Serialised chunk `i`, or null when it is all zeros (stored as a 0 table entry). */
+  serializeChunk(i: number): Uint8Array | null {
+    const c = this.chunks[i];
+    return c && !isZero(c) ? c : null;
+  }
+
+  /** ORs `src` (same size, any granularity) into this bitmap, as hbitmap_merge does. */
+  merge(src: DirtyBitmap): void {
+    if (src.granularityBits === this.granularityBits && src.chunkBytes === this.chunkBytes) {
+      src.chunks.forEach((sc, i) => {
+        if (!sc) return;
+        const d = this.chunk(i);
+        const dw = new Uint32Array(d.buffer, d.byteOffset, d.length >>> 2);
+        const sw = new Uint32Array(sc.buffer, sc.byteOffset, sc.length >>> 2);
+        for (let k = 0; k < dw.length; k++) dw[k] |= sw[k];
+      });
+      return;
+    }
+    for (const [off, len] of src.dirtyRanges()) this.set(off, len);
+  }
+
+  /** Dirty guest ranges [offset, length], merged, clipped to the image size. */
+  dirtyRanges(): Array<[number, number]> {
+    const out: Array<[number, number]> = [];
+    let runStart = -1;
+    const flush = (endBit: number): void => {
+      if (runStart < 0) return;
+      const a = runStart * this.granularity;
+      out.push([a, Math.min(this.size, endBit * this.granularity) - a]);
+      runStart = -1;
+    };
+    this.chunks.forEach((c, ci) => {
+      const base = ci * this.chunkBits;
+      if (!c) {
+        flush(base);
+        return;
+      }
+      for (let byte = 0; byte < c.length; byte++) {
+        const v = c[byte];
+        const bit0 = base + byte * 8;
+        if (v === 0) { flush(bit0); continue; }
+        if (v === 0xff) { if (runStart < 0) runStart = bit0; continue; }
+        for (let k = 0; k < 8; k++) {
+          if ((v >>> k) & 1) { if (runStart < 0) runStart = bit0 + k; } else flush(bit0 + k);
+        }
+      }
+    });
+    flush(this.nbits);
+    return out;
+  }
+
+  /** Whether any bit is set. */
+  isEmpty(): boolean {
+    return this.chunks.every((c) => !c || isZero(c));
+  }
+}
+
+function isZero(c: Uint8Array): boolean {
+  const w = new Uint32Array(c.buffer, c.byteOffset, c.length >>> 2);
+  for (let k = 0; k < w.length; k++) if (w[k] !== 0) return false;
+  return true;
+}
+
+/** Sets or clears bits [a, b) of `c`, whole bytes with fill(). */
+function fillBits(c: Uint8Array, a: number, b: number, on: boolean): void {
+  if (a >= b) return;
+  const fa = Math.ceil(a / 8), fb = Math.floor(b / 8);
+  const edge = (byte: number, lo: number, hi: number): void => {
+    const mask = ((1 << (hi - lo)) - 1) << lo;
+    c[byte] = on ? c[byte] | mask : c[byte] & ~mask;
+  };
+  if (fa > fb) {
+    edge(Math.floor(a / 8), a % 8, b % 8 || 8);
+    return;
+  }
+  if (a % 8) edge(Math.floor(a / 8), a % 8, 8);
+  if (fb > fa) c.fill(on ? 0xff : 0, fa, fb);
+  if (b % 8) edge(fb, 0, b % 8);
+}
