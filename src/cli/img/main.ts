@@ -11,6 +11,7 @@ const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) =
   convert: async () => (await import('./convert.js')).convertMain,
   snapshot: async () => (await import('./snapshot.js')).snapshotMain,
   bench: async () => (await import('./bench.js')).benchMain,
+  bitmap: async () => (await import('./bitmap.js')).bitmapMain,
 };
 
 const HELP = `qchain img - the qemu-img command line, implemented without QEMU
@@ -18,6 +19,7 @@ usage: qchain img [standard options] command [command options]
 
 Command syntax:
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-o offset] [--pattern=N] [-q] [-s buffer_size] [-S step_size] [-w] filename
+  bitmap (--add [-g granularity] | --remove | --clear | --enable | --disable | --merge source [-b source_file [-F source_fmt]])... [-f fmt] filename bitmap
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
   convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
