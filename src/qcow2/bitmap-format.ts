@@ -97,8 +97,11 @@ export function parseBitmapDirectory(dir: Buffer, nbBitmaps: number, clusterSize
     const granularityBits = dir[off + 17];
     const nameSize = dir.readUInt16BE(off + 18);
     const extra = dir.readUInt32BE(off + 20);
+    // QEMU computes the entry size in a C int: a huge extra_data_size wraps around (and a
+    // negative size points backwards), so such entries fail on the extra data, not the bounds.
+    const wrapped = (DIR_ENTRY_HEADER + nameSize + extra) | 0;
+    if (wrapped > 0 && off + Math.ceil(wrapped / 8) * 8 > dir.length) throw broken();
     const size = dirEntrySize(nameSize, extra);
-    if (off + size > dir.length) throw broken();
     if (extra !== 0) throw new ImageError('Bitmap extra data is not supported');
     const raw = dir.subarray(off + DIR_ENTRY_HEADER, off + DIR_ENTRY_HEADER + nameSize);
     const nul = raw.indexOf(0);

@@ -56,7 +56,7 @@ export class Qcow2Bitmaps {
   /** Node name used in messages, as QEMU's generated "#blockNNN". */
   readonly nodeName = `#block1${String(Math.floor(Math.random() * 100)).padStart(2, '0')}`;
 
-  private constructor(private readonly img: Qcow2Image) {}
+  private constructor(private readonly img: Qcow2Image, private readonly log: (line: string) => void) {}
 
   get clusterSize(): number {
     return this.img.clusterSize;
@@ -86,7 +86,7 @@ export class Qcow2Bitmaps {
    * `log` receives QEMU's warning when a program without bitmap support has touched the image.
    */
   static async open(img: Qcow2Image, log: (line: string) => void): Promise<Qcow2Bitmaps> {
-    const set = new Qcow2Bitmaps(img);
+    const set = new Qcow2Bitmaps(img, log);
     const h = img.header;
     if (!h.bitmapsExt) return set;
     if ((h.autoclear & BigInt(C.AUTOCLEAR_BITMAPS)) === 0n) {
@@ -377,7 +377,26 @@ export class Qcow2Bitmaps {
     await this.syncHeader();
     this.ext = next;
     this.dir = list.map((e) => ({ ...e }));
-    if (old && old.dirSize > 0) await this.img.refcounts.free(old.dirOffset, Math.ceil(old.dirSize / cs));
+    if (old && old.dirSize > 0) await this.free(old.dirOffset, Math.ceil(old.dirSize / cs));
+  }
+
+  /**
+   * Drops one reference from each of `n` clusters. A range holding a cluster without a reference
+   * (a hostile table pointing anywhere) is left alone and reported, as qcow2_free_clusters does.
+   */
+  private async free(offset: number, n: number): Promise<void> {
+    const rc = this.img.refcounts;
+    const first = offset / this.img.clusterSize;
+    for (let i = first; i < first + n; i++) {
+      const ti = Math.floor(i / rc.perBlock);
+      const count = await rc.get(i).catch(() => 0);
+      if (count === 0) {
+        // QEMU first allocates a missing refcount block (EAGAIN), else finds the count at zero (EINVAL).
+        this.log(`qcow2_free_clusters failed: ${ti >= rc.table.length || rc.table[ti] === 0 ? 'Resource temporarily unavailable' : 'Invalid argument'}`);
+        return;
+      }
+    }
+    await rc.free(offset, n);
   }
 
   /** Frees a bitmap's data clusters and then its table (free_bitmap_clusters). */
@@ -385,7 +404,7 @@ export class Qcow2Bitmaps {
     const cs = this.img.clusterSize;
     const table = parseBitmapTable(await this.readBytes(e.tableOffset, e.tableSize * 8), cs);
     if (!table) return;
-    for (const v of table) if (v !== ENTRY_ZEROS && v !== ENTRY_ONES) await this.img.refcounts.free(v, 1);
-    await this.img.refcounts.free(e.tableOffset, Math.ceil((e.tableSize * 8) / cs));
+    for (const v of table) if (v !== ENTRY_ZEROS && v !== ENTRY_ONES) await this.free(v, 1);
+    await this.free(e.tableOffset, Math.ceil((e.tableSize * 8) / cs));
   }
 }
