@@ -831,8 +831,10 @@ export class Qcow2Image implements BlockDriver {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    let failed: unknown = null;
     if (!this.readOnly) {
-      if (this.bitmaps) await this.bitmaps.store();
+      // A bitmap that cannot be stored stays in use on disk; the image is still closed cleanly.
+      if (this.bitmaps) await this.bitmaps.store().catch((e: unknown) => { failed = e; });
       if (this.dirtySet) {
         await this.storage.flush();
         this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
@@ -841,6 +843,7 @@ export class Qcow2Image implements BlockDriver {
       await this.storage.flush();
     }
     await this.storage.close();
+    if (failed) throw failed;
   }
 
   /** Clusters referenced by the L1 table at `offset` (used by snapshot and check code). */
