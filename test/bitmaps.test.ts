@@ -57,6 +57,7 @@ test('info lists bitmaps made by qemu-img exactly as qemu-img does (human and JS
   qemuImgSync(['bitmap', '--add', 'a.qcow2', 'b0'], dir);
   qemuImgSync(['bitmap', '--add', '-g', '512', '--disable', 'a.qcow2', 'b1'], dir);
   qemuImgSync(['bitmap', '--add', '-g', '2G', 'a.qcow2', 'huge granule'], dir);
+  qemuImgSync(['bitmap', '--add', 'a.qcow2', 'é☃"\\x😀'], dir); // JSON escapes as QEMU's (\u00E9...)
   qemuIoSync(['-c', 'write 0 1', '-c', 'write 3M 100k', 'a.qcow2'], dir);
   for (const fmt of [[], ['--output=json']]) {
     const q = await qemuImg(['info', ...fmt, 'a.qcow2'], dir);

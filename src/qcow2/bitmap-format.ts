@@ -29,6 +29,8 @@ export interface BitmapsExt {
 /** One bitmap directory entry (extra data is refused, as QEMU does). */
 export interface BitmapEntry {
   name: string;
+  /** The name's bytes as found on disk (kept so a rewrite preserves names that are not UTF-8). */
+  nameBytes?: Buffer;
   tableOffset: number;
   tableSize: number;
   flags: number;
@@ -109,7 +111,7 @@ export function parseBitmapDirectory(dir: Buffer, nbBitmaps: number, clusterSize
     if (!entryValid({ tableOffset, tableSize, flags, type, granularityBits, nameSize }, clusterSize, imageSize)) {
       throw new ImageError(`Bitmap '${name}' doesn't satisfy the constraints`);
     }
-    out.push({ name, tableOffset, tableSize, flags, granularityBits });
+    out.push({ name, nameBytes: Buffer.from(raw), tableOffset, tableSize, flags, granularityBits });
     off += size;
   }
   if (out.length !== nbBitmaps) throw new ImageError('Less bitmaps found than specified in header extension');
@@ -118,7 +120,7 @@ export function parseBitmapDirectory(dir: Buffer, nbBitmaps: number, clusterSize
 
 /** Serialises a directory (bitmap_list_store); entries must satisfy the same constraints. */
 export function serializeBitmapDirectory(entries: BitmapEntry[], clusterSize: number, imageSize: number): Buffer {
-  const names = entries.map((e) => Buffer.from(e.name, 'utf8'));
+  const names = entries.map((e) => e.nameBytes ?? Buffer.from(e.name, 'utf8'));
   const size = names.reduce((a, n) => a + dirEntrySize(n.length), 0);
   if (size === 0 || size > MAX_DIRECTORY_SIZE) throw new ImageError('Bitmap directory is too large');
   const dir = Buffer.alloc(size);

@@ -76,7 +76,9 @@ export function oneFile(rest: string[]): string {
 export function qemuJson(v: unknown): string {
   // QEMU prints an empty list or dict open, with the closing bracket on its own line.
   return JSON.stringify(v, null, 4).replace(/^( *)(.*)(\[\]|\{\})(,?)$/gm, (_m, ind: string, pre: string, br: string, comma: string) =>
-    `${ind}${pre}${br[0]}\n${ind}${br[1]}${comma}`);
+    `${ind}${pre}${br[0]}\n${ind}${br[1]}${comma}`)
+    // QEMU escapes every character outside printable ASCII as \uXXXX (upper-case hex).
+    .replace(/[\u007f-\uffff]|\\u00[01][0-9a-f]/g, (c) => (c.length === 1 ? `\\u${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}` : c.toUpperCase().replace('\\U', '\\u')));
 }
 
 /** strerror text for an errno code carried by library errors. */
