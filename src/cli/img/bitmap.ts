@@ -4,13 +4,13 @@
  * still closed cleanly, so earlier actions are kept, as qemu-img does.
  */
 import type { CliContext } from '../context.js';
-import { UsageError } from '../util/errors.js';
+import { CliError, UsageError } from '../util/errors.js';
 import { parseSizeBig } from '../util/options.js';
-import { HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, formatArg, open, parseArgs } from './common.js';
+import { HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, open, parseArgs } from './common.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { BitmapError, Qcow2Bitmaps } from '../../qcow2/bitmaps.js';
 import type { Chain } from '../../chain/chain.js';
-import type { ImageFormat } from '../../chain/open.js';
+import { isFormat, type ImageFormat } from '../../chain/open.js';
 
 type Action = { op: 'add' | 'remove' | 'clear' | 'enable' | 'disable' } | { op: 'merge'; src: string };
 
@@ -26,13 +26,13 @@ export async function bitmapMain(argv: string[], ctx: CliContext): Promise<numbe
     { name: 'source-format', hasArg: 'required', val: 'F' },
   ]);
   const actions: Action[] = [];
-  let fmt: ImageFormat | undefined, srcFmt: string | undefined, srcFile: string | undefined;
+  let fmt: string | undefined, srcFmt: string | undefined, srcFile: string | undefined;
   let granularity = 0n;
   for (const o of opts) {
     switch (o.opt) {
       case 'h': ctx.stdout.write(USAGE); return 0;
       case 'b': srcFile = o.arg as string; break;
-      case 'f': fmt = formatArg(o.arg as string); break;
+      case 'f': fmt = o.arg as string; break;
       case 'F': srcFmt = o.arg as string; break;
       case 'g': granularity = parseSizeBig(o.arg as string, { name: 'granularity' }); break;
       case 'ADD': actions.push({ op: 'add' }); break;
@@ -56,11 +56,11 @@ export async function bitmapMain(argv: string[], ctx: CliContext): Promise<numbe
   const [filename, name] = rest;
 
   // The bitmaps live in this image alone: no backing chain is opened.
-  const chain = await open(filename, { format: fmt, readOnly: false, noBacking: true }, ctx);
+  const chain = await open(filename, { format: driver(filename, fmt), readOnly: false, noBacking: true }, ctx);
   let src: Chain | null = null;
   let status = 0;
   try {
-    if (srcFile !== undefined) src = await open(srcFile, { format: srcFmt !== undefined ? formatArg(srcFmt) : undefined, readOnly: true, noBacking: true }, ctx);
+    if (srcFile !== undefined) src = await open(srcFile, { format: driver(srcFile, srcFmt), readOnly: true, noBacking: true }, ctx);
     const set = bitmapsOf(chain);
     const srcSet = src ? bitmapsOf(src) : set;
     for (const a of actions) {
@@ -84,6 +84,13 @@ export async function bitmapMain(argv: string[], ctx: CliContext): Promise<numbe
     }
   }
   return status;
+}
+
+/** A -f/-F format is looked up when the image is opened (qemu-img's img_open message). */
+function driver(file: string, fmt: string | undefined): ImageFormat | undefined {
+  if (fmt === undefined) return undefined;
+  if (!isFormat(fmt)) throw new CliError(`Could not open '${file}': Unknown driver '${fmt}'`);
+  return fmt;
 }
 
 /** The image's bitmaps; formats without persistent bitmaps have none (and cannot add any). */
