@@ -106,13 +106,16 @@ export class DirtyBitmap {
         flush(base);
         return;
       }
-      for (let byte = 0; byte < c.length; byte++) {
-        const v = c[byte];
-        const bit0 = base + byte * 8;
-        if (v === 0) { flush(bit0); continue; }
-        if (v === 0xff) { if (runStart < 0) runStart = bit0; continue; }
-        for (let k = 0; k < 8; k++) {
-          if ((v >>> k) & 1) { if (runStart < 0) runStart = bit0 + k; } else flush(bit0 + k);
+      // Whole 32-bit words of zeros or ones are skipped; only mixed words are read bit by bit.
+      const words = new Uint32Array(c.buffer, c.byteOffset, c.length >>> 2);
+      for (let w = 0; w < words.length; w++) {
+        const v = words[w];
+        const bit0 = base + w * 32;
+        if (v === 0) { if (runStart >= 0) flush(bit0); continue; }
+        if (v === 0xffffffff) { if (runStart < 0) runStart = bit0; continue; }
+        // Mixed word: its bytes in file order (independent of the host's byte order).
+        for (let k = 0; k < 32; k++) {
+          if ((c[w * 4 + (k >>> 3)] >>> (k & 7)) & 1) { if (runStart < 0) runStart = bit0 + k; } else if (runStart >= 0) flush(bit0 + k);
         }
       }
     });
