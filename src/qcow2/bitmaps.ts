@@ -45,6 +45,9 @@ export class BitmapError extends ImageError {
   }
 }
 
+/** Non-zero chunks loaded from disk across all bitmaps (2^22 chunks: at least 2 GiB of bitmap data). */
+const MAX_LOADED_CHUNKS = 1 << 22;
+
 const INCONSISTENT_HINT = 'Try block-dirty-bitmap-remove to delete this bitmap from disk\n';
 
 export class Qcow2Bitmaps {
@@ -53,6 +56,9 @@ export class Qcow2Bitmaps {
   private ext: { dirSize: number; dirOffset: number } | null = null;
   /** In-memory bitmaps, in QEMU's list order (newest first). */
   private mem: MemBitmap[] = [];
+  /** Bitmap data clusters read so far (by file offset; ENTRY_ONES for all-ones), shared by chunks. */
+  private readonly clusterCache = new Map<number, Uint8Array>();
+  private loadedChunks = 0;
   /** Node name used in messages, as QEMU's generated "#blockNNN". */
   readonly nodeName = `#block1${String(Math.floor(Math.random() * 100)).padStart(2, '0')}`;
 
@@ -135,25 +141,32 @@ export class Qcow2Bitmaps {
     return t;
   }
 
-  /** Loads a bitmap's content from its on-disk table (load_bitmap_data). */
+  /**
+   * Loads a bitmap's content from its on-disk table (load_bitmap_data). Data clusters are read
+   * once per image and shared (copy on write) by every chunk that names them, and the chunks held
+   * by all bitmaps are capped, so memory stays bounded by the file whatever the tables claim.
+   */
   private async loadData(b: MemBitmap): Promise<DirtyBitmap> {
     const e = this.dir.find((x) => x.name === b.name);
     const bm = new DirtyBitmap(this.img.size, b.granularityBits, this.img.clusterSize);
     if (!e) return bm;
     const table = await this.readTable(e);
-    const cluster = Buffer.alloc(this.img.clusterSize);
-    for (let i = 0; i < table.length && i < bm.chunks.length; i++) {
+    const fileSize = await this.img.storage.size();
+    for (let i = 0; i < table.length && i < bm.nchunks; i++) {
       const v = table[i];
       if (v === ENTRY_ZEROS) continue;
-      if (v === ENTRY_ONES) {
-        bm.loadChunk(i, 'ones');
-        continue;
+      if (++this.loadedChunks > MAX_LOADED_CHUNKS) throw new ImageError(`Could not read bitmap '${b.name}' from image: Cannot allocate memory`);
+      let data = this.clusterCache.get(v);
+      if (!data) {
+        data = new Uint8Array(this.img.clusterSize);
+        if (v === ENTRY_ONES) data.fill(0xff);
+        else {
+          const n = Math.max(0, Math.min(data.length, fileSize - v));
+          if (n > 0) await this.img.storage.read(Buffer.from(data.buffer, 0, n), v);
+        }
+        this.clusterCache.set(v, data);
       }
-      cluster.fill(0);
-      const fileSize = await this.img.storage.size();
-      const n = Math.max(0, Math.min(cluster.length, fileSize - v));
-      if (n > 0) await this.img.storage.read(cluster.subarray(0, n), v);
-      bm.loadChunk(i, cluster);
+      bm.loadChunk(i, data);
     }
     return bm;
   }
@@ -175,6 +188,8 @@ export class Qcow2Bitmaps {
       b.data = await this.loadData(b);
       b.readOnly = false;
     }
+    // Loaded chunks keep the buffers they share; the lookup table is no longer needed.
+    this.clusterCache.clear();
     for (const e of this.dir) {
       if (!(e.flags & FLAG_IN_USE)) {
         e.flags |= FLAG_IN_USE;
@@ -339,8 +354,8 @@ export class Qcow2Bitmaps {
   /** Writes a bitmap's non-zero chunks to new clusters, then its table (store_bitmap). */
   private async storeData(bm: DirtyBitmap): Promise<{ offset: number; size: number }> {
     const cs = this.img.clusterSize;
-    const offsets = new Array<number>(bm.chunks.length).fill(0);
-    for (let i = 0; i < bm.chunks.length; i++) {
+    const offsets = new Array<number>(bm.nchunks).fill(0);
+    for (let i = 0; i < bm.nchunks; i++) {
       const c = bm.serializeChunk(i);
       if (!c) continue;
       const off = await this.img.refcounts.alloc(1);

@@ -1,7 +1,9 @@
 /**
  * An in-memory dirty bitmap: bit n covers guest bytes [n*g, (n+1)*g), LSB first in each byte,
  * exactly as serialised on disk. Stored sparsely in chunks of one bitmap cluster each (the unit of
- * the bitmap table), so memory follows the dirty area, not the image size; a clean chunk is null.
+ * the bitmap table): a clean chunk takes no memory, and chunks loaded from the same data cluster
+ * (or all-ones entries) share one buffer until written (copy on write), so memory follows the
+ * distinct dirty data, not the image size or what a table claims.
  * Invariant: bits past the image's last granule are always zero.
  */
 export class DirtyBitmap {
@@ -10,23 +12,36 @@ export class DirtyBitmap {
   readonly nbits: number;
   /** Bits per chunk: one cluster of serialised bitmap. */
   readonly chunkBits: number;
-  readonly chunks: Array<Uint8Array | null>;
+  /** Number of chunks (= bitmap table entries). */
+  readonly nchunks: number;
+  private readonly chunks = new Map<number, Uint8Array>();
+  /** Chunks whose buffer is shared and must be copied before a change. */
+  private readonly shared = new Set<number>();
 
   constructor(readonly size: number, readonly granularityBits: number, readonly chunkBytes: number) {
     this.granularity = 2 ** granularityBits;
     this.nbits = Math.ceil(size / this.granularity);
     this.chunkBits = chunkBytes * 8;
-    this.chunks = new Array(Math.ceil(this.nbits / this.chunkBits)).fill(null);
+    this.nchunks = Math.ceil(this.nbits / this.chunkBits);
   }
 
-  /** Guest bytes covered by one chunk. */
-  get chunkCoverage(): number {
-    return this.chunkBits * this.granularity;
+  /** Number of chunks holding memory (loaded or dirtied). */
+  get allocatedChunks(): number {
+    return this.chunks.size;
   }
 
+  /** Chunk `i`, writable (allocated or unshared first). */
   private chunk(i: number): Uint8Array {
-    let c = this.chunks[i];
-    if (!c) c = this.chunks[i] = new Uint8Array(this.chunkBytes);
+    let c = this.chunks.get(i);
+    if (c && this.shared.has(i)) {
+      c = c.slice();
+      this.chunks.set(i, c);
+      this.shared.delete(i);
+    }
+    if (!c) {
+      c = new Uint8Array(this.chunkBytes);
+      this.chunks.set(i, c);
+    }
     return c;
   }
 
@@ -51,40 +66,47 @@ export class DirtyBitmap {
 
   /** Clears every bit. */
   clear(): void {
-    this.chunks.fill(null);
+    this.chunks.clear();
+    this.shared.clear();
   }
 
-  /** Installs the serialised content of chunk `i` (a bitmap cluster read from disk). */
-  loadChunk(i: number, data: Uint8Array | 'ones'): void {
-    if (data === 'ones') {
-      const base = i * this.chunkBits;
-      this.setBits(base, Math.min(this.nbits, base + this.chunkBits));
+  /**
+   * Installs the serialised content of chunk `i` (a bitmap cluster read from disk). The buffer is
+   * kept and may be shared with other chunks and bitmaps: the caller must not change it afterwards.
+   */
+  loadChunk(i: number, data: Uint8Array): void {
+    const valid = Math.min(this.chunkBits, this.nbits - i * this.chunkBits);
+    let c = data.length === this.chunkBytes ? data : Uint8Array.from(data.subarray(0, this.chunkBytes));
+    if (valid < this.chunkBits) {
+      // Bits beyond the image are not part of the bitmap: the last chunk gets its own copy.
+      c = c === data ? c.slice() : c;
+      fillBits(c, valid, this.chunkBits, false);
+    }
+    if (isZero(c)) {
+      this.chunks.delete(i);
+      this.shared.delete(i);
       return;
     }
-    const c = new Uint8Array(this.chunkBytes);
-    c.set(data.subarray(0, this.chunkBytes));
-    // Bits beyond the image are not part of the bitmap.
-    const valid = Math.min(this.chunkBits, this.nbits - i * this.chunkBits);
-    if (valid < this.chunkBits) fillBits(c, valid, this.chunkBits, false);
-    this.chunks[i] = isZero(c) ? null : c;
+    this.chunks.set(i, c);
+    if (c === data) this.shared.add(i);
+    else this.shared.delete(i);
   }
 
   /** Serialised chunk `i`, or null when it is all zeros (stored as a 0 table entry). */
   serializeChunk(i: number): Uint8Array | null {
-    const c = this.chunks[i];
+    const c = this.chunks.get(i);
     return c && !isZero(c) ? c : null;
   }
 
   /** ORs `src` (same size, any granularity) into this bitmap, as hbitmap_merge does. */
   merge(src: DirtyBitmap): void {
     if (src.granularityBits === this.granularityBits && src.chunkBytes === this.chunkBytes) {
-      src.chunks.forEach((sc, i) => {
-        if (!sc) return;
+      for (const [i, sc] of src.chunks) {
         const d = this.chunk(i);
         const dw = new Uint32Array(d.buffer, d.byteOffset, d.length >>> 2);
         const sw = new Uint32Array(sc.buffer, sc.byteOffset, sc.length >>> 2);
         for (let k = 0; k < dw.length; k++) dw[k] |= sw[k];
-      });
+      }
       return;
     }
     for (const [off, len] of src.dirtyRanges()) this.set(off, len);
@@ -100,12 +122,13 @@ export class DirtyBitmap {
       out.push([a, Math.min(this.size, endBit * this.granularity) - a]);
       runStart = -1;
     };
-    this.chunks.forEach((c, ci) => {
+    let prev = -2;
+    for (const ci of [...this.chunks.keys()].sort((x, y) => x - y)) {
+      const c = this.chunks.get(ci) as Uint8Array;
       const base = ci * this.chunkBits;
-      if (!c) {
-        flush(base);
-        return;
-      }
+      // A missing chunk is clean: a run open at the end of the previous one stops there.
+      if (prev !== ci - 1) flush((prev + 1) * this.chunkBits);
+      prev = ci;
       // Whole 32-bit words of zeros or ones are skipped; only mixed words are read bit by bit.
       const words = new Uint32Array(c.buffer, c.byteOffset, c.length >>> 2);
       for (let w = 0; w < words.length; w++) {
@@ -118,14 +141,15 @@ export class DirtyBitmap {
           if ((c[w * 4 + (k >>> 3)] >>> (k & 7)) & 1) { if (runStart < 0) runStart = bit0 + k; } else if (runStart >= 0) flush(bit0 + k);
         }
       }
-    });
+    }
     flush(this.nbits);
     return out;
   }
 
-  /** Whether any bit is set. */
+  /** Whether no bit is set. */
   isEmpty(): boolean {
-    return this.chunks.every((c) => !c || isZero(c));
+    for (const c of this.chunks.values()) if (!isZero(c)) return false;
+    return true;
   }
 }
 
