@@ -152,9 +152,10 @@ export const ENTRY_ONES = 1;
  * reserved bits, an unaligned offset, or the all-ones bit next to an offset makes the whole table
  * invalid (QEMU's check_table_entry: EINVAL) and yields null.
  */
-export function parseBitmapTable(buf: Buffer, clusterSize: number): Float64Array | null {
-  const n = buf.length / 8;
-  const out = new Float64Array(n);
+export function parseBitmapTable(buf: Buffer, clusterSize: number, entries = buf.length / 8): Float64Array | null {
+  // Entries past `buf` (past the end of the file) read as zero: valid, all-zero clusters.
+  const n = Math.min(entries, Math.floor(buf.length / 8));
+  const out = new Float64Array(entries);
   for (let i = 0; i < n; i++) {
     const hi = buf.readUInt32BE(i * 8), lo = buf.readUInt32BE(i * 8 + 4);
     // Reserved: bits 56..63 and 1..8 (mask 0xff000000000001fe).

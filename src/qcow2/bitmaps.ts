@@ -107,8 +107,10 @@ export class Qcow2Bitmaps {
     set.ext = { dirSize: ext.dirSize, dirOffset: ext.dirOffset };
     set.dir = parseBitmapDirectory(await set.readBytes(ext.dirOffset, ext.dirSize), ext.nbBitmaps, img.clusterSize, img.size);
     const checked = new Set<string>();
+    const names = new Set<string>();
     for (const e of set.dir) {
-      if (set.find(e.name)) throw new ImageError(`Bitmap already exists: ${e.name}`);
+      if (names.has(e.name)) throw new ImageError(`Bitmap already exists: ${e.name}`);
+      names.add(e.name);
       const inUse = (e.flags & FLAG_IN_USE) !== 0;
       if (!inUse) {
         // Identical tables are validated once: a hostile directory cannot multiply the reads.
@@ -129,14 +131,20 @@ export class Qcow2Bitmaps {
   /** Reads `length` bytes at `offset`; the part past the end of the file stays zero, unread. */
   private async readBytes(offset: number, length: number): Promise<Buffer> {
     const buf = Buffer.alloc(length);
-    const fileSize = await this.img.storage.size();
-    const n = Math.max(0, Math.min(length, fileSize - offset));
+    const n = await this.inFile(offset, length);
     if (n > 0) await this.img.storage.read(buf.subarray(0, n), offset);
     return buf;
   }
 
+  /** How many of `length` bytes at `offset` lie inside the file. */
+  private async inFile(offset: number, length: number): Promise<number> {
+    return Math.max(0, Math.min(length, (await this.img.storage.size()) - offset));
+  }
+
+  /** Reads and checks a bitmap table; only its part inside the file is read (the rest is zeros). */
   private async readTable(e: { name: string; tableOffset: number; tableSize: number }): Promise<Float64Array> {
-    const t = parseBitmapTable(await this.readBytes(e.tableOffset, e.tableSize * 8), this.img.clusterSize);
+    const n = Math.ceil((await this.inFile(e.tableOffset, e.tableSize * 8)) / 8) * 8;
+    const t = parseBitmapTable(await this.readBytes(e.tableOffset, n), this.img.clusterSize, e.tableSize);
     if (!t) throw new ImageError(`Could not read bitmap_table table from image for bitmap '${e.name}': Invalid argument`);
     return t;
   }
@@ -417,7 +425,8 @@ export class Qcow2Bitmaps {
   /** Frees a bitmap's data clusters and then its table (free_bitmap_clusters). */
   private async freeBitmapClusters(e: BitmapEntry): Promise<void> {
     const cs = this.img.clusterSize;
-    const table = parseBitmapTable(await this.readBytes(e.tableOffset, e.tableSize * 8), cs);
+    const n = Math.ceil((await this.inFile(e.tableOffset, e.tableSize * 8)) / 8) * 8;
+    const table = parseBitmapTable(await this.readBytes(e.tableOffset, n), cs, e.tableSize);
     if (!table) return;
     for (const v of table) if (v !== ENTRY_ZEROS && v !== ENTRY_ONES) await this.free(v, 1);
     await this.free(e.tableOffset, Math.ceil((e.tableSize * 8) / cs));
