@@ -10,6 +10,8 @@ export { createQcow2, type Qcow2CreateOptions, type Preallocation } from './qcow
 export { checkImage, type CheckResult } from './qcow2/check.js';
 export { createSnapshot } from './qcow2/snapshot.js';
 export { applySnapshot, deleteSnapshot } from './qcow2/snapshot-manage.js';
+export { Qcow2Bitmaps, BitmapError, type BitmapInfo, type MemBitmap } from './qcow2/bitmaps.js';
+export { DirtyBitmap } from './qcow2/dirty-bitmap.js';
 export { RawImage } from './raw/raw.js';
 export { Chain, type ChainExtent, type Layer } from './chain/chain.js';
 export { openChain, openImage, probeFormat, type OpenOptions, type ImageFormat } from './chain/open.js';

@@ -80,14 +80,6 @@ const KNOWN_DIFFERENCES: Record<string, Known> = {
     'qemu map/io succeed (header read as an L1 with reserved bits); we fail map and io; check report differs',
   'size 2^55 with l1_size 1':
     'qemu "L1 table is too small"; we "Image is too big" (checks run in a different order)',
-  'bitmaps extension all zero (autoclear bit clear)':
-    'qemu warns "a program lacking bitmap support modified this file..."; we print no warning',
-  'bitmaps extension nb_bitmaps 0 with autoclear bit':
-    'qemu fails "found bitmaps extension with zero bitmaps"; we succeed',
-  'bitmaps extension nb_bitmaps 0xffffffff, directory beyond EOF':
-    'qemu fails "bitmaps_ext: Image has 4294967295 bitmaps, exceeding the QEMU supported maximum"; we succeed',
-  'bitmaps extension directory size 64 MiB beyond EOF':
-    'qemu fails "Bitmap \'\' doesn\'t satisfy the constraints"; we succeed (check: exit 2 with 1024 region lines)',
   'data-file extension naming /etc/passwd':
     'check: qemu checks it (exit 3, leaked clusters); we refuse "External data files are not supported by qchain"',
   'L1 entry unaligned L2 offset':

@@ -4,6 +4,7 @@
  */
 import * as C from './constants.js';
 import { ImageError } from '../image/errors.js';
+import { parseBitmapsExt } from './bitmap-format.js';
 
 export interface HeaderExtension {
   type: number;
@@ -191,6 +192,8 @@ function readExtensions(buf: Buffer, h: Qcow2Header, clusterSize: number): void 
         break;
       case C.EXT_BITMAPS:
         if (len !== 24) throw new ImageError('bitmaps_ext: Invalid extension length');
+        // Its fields are checked only while the autoclear bit says the extension is valid.
+        if ((h.autoclear & BigInt(C.AUTOCLEAR_BITMAPS)) !== 0n) parseBitmapsExt(data, clusterSize);
         h.bitmapsExt = data;
         break;
       case C.EXT_DATA_FILE:
@@ -237,7 +240,8 @@ export function serializeHeader(h: Qcow2Header): Buffer {
     });
     pushExt(parts, C.EXT_FEATURE_TABLE, ft);
   }
-  if (h.bitmapsExt && (h.autoclear & BigInt(C.AUTOCLEAR_BITMAPS)) !== 0n) pushExt(parts, C.EXT_BITMAPS, h.bitmapsExt);
+  // Present only while valid: a read-write open drops an extension whose autoclear bit is off.
+  if (h.bitmapsExt) pushExt(parts, C.EXT_BITMAPS, h.bitmapsExt);
   for (const e of h.unknownExtensions) if (e.type !== C.EXT_CRYPTO) pushExt(parts, e.type, e.data);
   parts.push(Buffer.alloc(8)); // end marker
   const exts = Buffer.concat(parts);

@@ -17,6 +17,7 @@ import { L2Cache } from './l2-cache.js';
 import { ClusterType, readL1, readL2, writeL2, encodeU64, type EntryGeometry, type L2Entry } from './entry.js';
 import { parseSnapshotTable, snapshotTableLength, type Snapshot } from './snapshot-table.js';
 import { decompressCluster, type CompressionType } from './compress.js';
+import { Qcow2Bitmaps } from './bitmaps.js';
 
 export interface Qcow2OpenOptions {
   readOnly?: boolean;
@@ -56,6 +57,10 @@ export class Qcow2Image implements BlockDriver {
   backing: BackingReader | null = null;
   l1: Buffer;
   snapshots: Snapshot[] = [];
+  /** Persistent dirty bitmaps (validated on every open; loaded and tracking on read-write opens). */
+  bitmaps: Qcow2Bitmaps | null = null;
+  /** Called with (offset, length) of every guest write, zero write and discard (dirty tracking). */
+  readonly writeTrackers: Array<(offset: number, length: number) => void> = [];
   /** @internal */ readonly l2: L2Cache;
   readonly meta = new Mutex();
   private readonly ranges = new RangeLock();
@@ -131,6 +136,7 @@ export class Qcow2Image implements BlockDriver {
       header.refcountTableOffset, header.refcountTableClusters);
     const img = new Qcow2Image(storage, header, refcounts, l1, readOnly, opts.l2CacheBytes ?? 32 * 1024 * 1024, opts.log ?? (() => {}));
     await img.loadSnapshots(cs);
+    img.bitmaps = await Qcow2Bitmaps.open(img, img.log);
     if (!readOnly) await img.prepareForWriting(!!opts.noRepair);
     return img;
   }
@@ -157,12 +163,20 @@ export class Qcow2Image implements BlockDriver {
     }
   }
 
-  /** Read-write open: clear autoclear bits we don't maintain, repair a dirty image. */
+  /**
+   * Read-write open: clear autoclear bits we don't maintain, drop a bitmaps extension that is no
+   * longer valid, repair a dirty image, then load the bitmaps and mark them in use.
+   */
   private async prepareForWriting(noRepair: boolean): Promise<void> {
     let rewrite = false;
-    if (this.header.autoclear !== 0n) {
-      // We do not maintain persistent bitmaps yet: clearing the bit marks them inconsistent, as the spec requires.
-      this.header.autoclear = 0n;
+    const bitmapsBit = BigInt(C.AUTOCLEAR_BITMAPS);
+    if ((this.header.autoclear & ~bitmapsBit) !== 0n) {
+      // Clearing a bit we do not maintain tells its owner the data is stale, as the spec requires.
+      this.header.autoclear &= bitmapsBit;
+      rewrite = true;
+    }
+    if (this.header.bitmapsExt && (this.header.autoclear & bitmapsBit) === 0n) {
+      this.header.bitmapsExt = null;
       rewrite = true;
     }
     if (this.dirty && !noRepair) {
@@ -172,6 +186,15 @@ export class Qcow2Image implements BlockDriver {
       rewrite = true;
     }
     if (rewrite) await this.writeHeader();
+    if (this.bitmaps) {
+      await this.bitmaps.activate();
+      this.writeTrackers.push(this.bitmaps.track);
+    }
+  }
+
+  /** Reports a completed guest write/zero/discard range to the dirty trackers. */
+  private tracked(offset: number, length: number): void {
+    for (const t of this.writeTrackers) t(offset, length);
   }
 
   /** Rewrite the whole header cluster (fields, extensions, backing name). */
@@ -384,6 +407,7 @@ export class Qcow2Image implements BlockDriver {
     try {
       await this.markDirty();
       await this.writeUnlocked(buf, offset);
+      this.tracked(offset, buf.length);
     } finally {
       release();
     }
@@ -635,6 +659,7 @@ export class Qcow2Image implements BlockDriver {
       if (headEnd > a) await this.writeUnlocked(Buffer.alloc(headEnd - a), a);
       if (tailStart > headEnd) await this.zeroAligned(headEnd, tailStart - headEnd, !!opts.mayUnmap, false);
       if (b > tailStart) await this.writeUnlocked(Buffer.alloc(b - tailStart), tailStart);
+      this.tracked(offset, length);
     } finally {
       release();
     }
@@ -649,6 +674,8 @@ export class Qcow2Image implements BlockDriver {
   /** Discard whole clusters: they become zero (v3) or unallocated (v2); partial clusters are ignored. */
   async discard(offset: number, length: number): Promise<void> {
     this.checkRange(offset, length);
+    // The whole request counts as written, even the partial clusters left alone (as QEMU).
+    this.tracked(offset, length);
     const cs = this.clusterSize;
     const a = Math.ceil(offset / cs) * cs;
     let b = Math.floor((offset + length) / cs) * cs;
@@ -807,6 +834,7 @@ export class Qcow2Image implements BlockDriver {
   async writeCompressed(buf: Buffer, offset: number): Promise<void> {
     const cw = await import('./compressed-write.js');
     await cw.writeCompressed(this, buf, offset);
+    this.tracked(offset, buf.length);
   }
 
   async flush(): Promise<void> {
@@ -818,7 +846,10 @@ export class Qcow2Image implements BlockDriver {
     if (this.closed) return;
     this.closed = true;
     await (await import('./compressed-write.js')).closeCompressedWriter(this);
+    let failed: unknown = null;
     if (!this.readOnly) {
+      // A bitmap that cannot be stored stays in use on disk; the image is still closed cleanly.
+      if (this.bitmaps) await this.bitmaps.store().catch((e: unknown) => { failed = e; });
       if (this.dirtySet) {
         await this.storage.flush();
         this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
@@ -827,6 +858,7 @@ export class Qcow2Image implements BlockDriver {
       await this.storage.flush();
     }
     await this.storage.close();
+    if (failed) throw failed;
   }
 
   /** Clusters referenced by the L1 table at `offset` (used by snapshot and check code). */

@@ -44,10 +44,18 @@ export function outputArg(v: string): 'human' | 'json' {
 /** Open a chain, turning library errors into one-line CLI errors. */
 export async function open(file: string, opts: OpenOptions, ctx: CliContext): Promise<Chain> {
   try {
-    return await openChain(file, { log: (l) => ctx.stderr.write(`${l}\n`), ...opts });
+    return await openChain(file, { log: (l) => ctx.stderr.write(engineLine(l)), ...opts });
   } catch (e) {
     throw asCliError(e);
   }
+}
+
+/**
+ * An engine diagnostic as qemu-img prints it: plain lines end with a newline; warnings get the
+ * program prefix and are printed verbatim (QEMU's warn_report + error_printf, no final newline).
+ */
+export function engineLine(l: string): string {
+  return l.startsWith('warning: ') ? `${PROG}: ${l}` : `${l}\n`;
 }
 
 export function asCliError(e: unknown): Error {
@@ -66,7 +74,11 @@ export function oneFile(rest: string[]): string {
 
 /** Stable JSON printing as QEMU's qobject pretty printer (4-space indent). */
 export function qemuJson(v: unknown): string {
-  return JSON.stringify(v, null, 4);
+  // QEMU prints an empty list or dict open, with the closing bracket on its own line.
+  return JSON.stringify(v, null, 4).replace(/^( *)(.*)(\[\]|\{\})(,?)$/gm, (_m, ind: string, pre: string, br: string, comma: string) =>
+    `${ind}${pre}${br[0]}\n${ind}${br[1]}${comma}`)
+    // QEMU escapes every character outside printable ASCII as \uXXXX (upper-case hex).
+    .replace(/[\u007f-\uffff]|\\u00[01][0-9a-f]/g, (c) => (c.length === 1 ? `\\u${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}` : c.toUpperCase().replace('\\U', '\\u')));
 }
 
 /** strerror text for an errno code carried by library errors. */

@@ -7,6 +7,7 @@ import type { Chain } from '../../chain/chain.js';
 import type { BlockDriver } from '../../image/driver.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import type { Snapshot } from '../../qcow2/snapshot-table.js';
+import type { BitmapInfo } from '../../qcow2/bitmaps.js';
 import { fullBackingName } from '../../chain/resolve.js';
 import type { ImageFormat } from '../../chain/open.js';
 
@@ -21,8 +22,13 @@ export async function imageInfo(d: BlockDriver, filename: string): Promise<Recor
   o.format = d.format;
   o['actual-size'] = await d.storage.allocatedSize();
   if (d instanceof Qcow2Image) {
+    const bitmaps = d.bitmaps?.info() ?? [];
     const data: Record<string, unknown> = d.version >= 3
-      ? { compat: '1.1', 'compression-type': d.compressionType === 1 ? 'zstd' : 'zlib', 'lazy-refcounts': d.lazyRefcounts, 'refcount-bits': 2 ** d.header.refcountOrder, corrupt: d.corrupt, 'extended-l2': d.extL2 }
+      ? {
+        compat: '1.1', 'compression-type': d.compressionType === 1 ? 'zstd' : 'zlib', 'lazy-refcounts': d.lazyRefcounts,
+        ...(bitmaps.length ? { bitmaps: bitmaps.map((b) => ({ flags: b.flags, name: b.name, granularity: b.granularity })) } : {}),
+        'refcount-bits': 2 ** d.header.refcountOrder, corrupt: d.corrupt, 'extended-l2': d.extL2,
+      }
       : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
     o['format-specific'] = { type: 'qcow2', data };
   }
@@ -82,9 +88,23 @@ export function humanInfo(info: Record<string, unknown>, d: BlockDriver): string
   if (fs) {
     lines.push('Format specific information:');
     const names: Record<string, string> = { compat: 'compat', 'compression-type': 'compression type', 'lazy-refcounts': 'lazy refcounts', 'refcount-bits': 'refcount bits', corrupt: 'corrupt', 'extended-l2': 'extended l2' };
-    for (const [k, v] of Object.entries(fs.data)) lines.push(`    ${names[k] ?? k}: ${v}`);
+    for (const [k, v] of Object.entries(fs.data)) {
+      if (k === 'bitmaps') lines.push('    bitmaps:', ...humanBitmaps(v as BitmapInfo[]));
+      else lines.push(`    ${names[k] ?? k}: ${v}`);
+    }
   }
   return lines.join('\n') + '\n';
+}
+
+/** The bitmaps list as QEMU's human dump prints a list of objects (indices, nested lists). */
+function humanBitmaps(list: BitmapInfo[]): string[] {
+  const out: string[] = [];
+  list.forEach((b, i) => {
+    out.push(`        [${i}]:`, '            flags:');
+    b.flags.forEach((f, j) => out.push(`                [${j}]: ${f}`));
+    out.push(`            name: ${b.name}`, `            granularity: ${b.granularity}`);
+  });
+  return out;
 }
 
 export async function infoMain(argv: string[], ctx: CliContext): Promise<number> {

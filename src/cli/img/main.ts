@@ -14,6 +14,7 @@ const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) =
   resize: async () => (await import('./resize.js')).resizeMain,
   rebase: async () => (await import('./rebase.js')).rebaseMain,
   bench: async () => (await import('./bench.js')).benchMain,
+  bitmap: async () => (await import('./bitmap.js')).bitmapMain,
 };
 
 const HELP = `qchain img - the qemu-img command line, implemented without QEMU
@@ -21,6 +22,7 @@ usage: qchain img [standard options] command [command options]
 
 Command syntax:
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-o offset] [--pattern=N] [-q] [-s buffer_size] [-S step_size] [-w] filename
+  bitmap (--add [-g granularity] | --remove | --clear | --enable | --disable | --merge source [-b source_file [-F source_fmt]])... [-f fmt] filename bitmap
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
   commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] filename
   convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename

@@ -124,7 +124,8 @@ export class IoSession {
       line = line.replace(/\b0x0+(?![0-9a-fA-F])/g, '0');
       if (line.startsWith('qcow2: Marking image as corrupt')) this.ejected = true;
     }
-    this.stderr.write(line + '\n');
+    // Warnings carry their own line ends (QEMU's warn_report + error_printf).
+    this.stderr.write(line.startsWith('warning: ') ? `qemu-io: ${line}` : line + '\n');
   };
 
   /** `blk_getlength()`. */
