@@ -11,18 +11,23 @@ const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) =
   convert: async () => (await import('./convert.js')).convertMain,
   snapshot: async () => (await import('./snapshot.js')).snapshotMain,
   bench: async () => (await import('./bench.js')).benchMain,
+  compare: async () => (await import('./compare.js')).compareMain,
 };
 
 const HELP = `qchain img - the qemu-img command line, implemented without QEMU
 usage: qchain img [standard options] command [command options]
 
 Command syntax:
+  amend [-p] [-q] [-f fmt] [-t cache] [--force] -o options filename
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=N] [-o offset] [--pattern=N] [-q] [-s buffer_size] [-S step_size] [-w] filename
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename
+  compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2
   convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
+  dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename
   map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename
+  measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | [-f fmt] [-l snapshot_param] filename]
   snapshot [-q] [-l | -c snapshot] filename
 
 Supported formats: qcow2 raw
