@@ -6,6 +6,7 @@ import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, asCliError, open, parseArgs } fr
 import type { Chain } from '../../chain/chain.js';
 import { isFormat, type ImageFormat } from '../../chain/open.js';
 import { compareChains, CompareError } from '../../ops/compare.js';
+import { StatusError } from '../../ops/status.js';
 
 const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe'];
 
@@ -53,6 +54,7 @@ export async function compareMain(argv: string[], ctx: CliContext): Promise<numb
     }
   } catch (e) {
     if (e instanceof CompareError) throw new CliError(e.message, e.exitCode);
+    if (e instanceof StatusError) throw new CliError(e.message, 3);
     if (e instanceof CliError) throw e;
     throw new CliError(asCliError(e).message, 4);
   } finally {

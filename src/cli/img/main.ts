@@ -12,6 +12,7 @@ const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) =
   snapshot: async () => (await import('./snapshot.js')).snapshotMain,
   bench: async () => (await import('./bench.js')).benchMain,
   compare: async () => (await import('./compare.js')).compareMain,
+  measure: async () => (await import('./measure.js')).measureMain,
 };
 
 const HELP = `qchain img - the qemu-img command line, implemented without QEMU
