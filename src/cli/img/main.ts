@@ -13,6 +13,7 @@ const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) =
   bench: async () => (await import('./bench.js')).benchMain,
   compare: async () => (await import('./compare.js')).compareMain,
   measure: async () => (await import('./measure.js')).measureMain,
+  dd: async () => (await import('./dd.js')).ddMain,
 };
 
 const HELP = `qchain img - the qemu-img command line, implemented without QEMU
