@@ -15,7 +15,7 @@ async function same(dir: string, args: string[], fresh = false): Promise<void> {
   const qa = args.map((a) => a.replace('OUT', 'qo')), ca = args.map((a) => a.replace('OUT', 'co'));
   const q = await qemuImg(['dd', ...qa], dir);
   const c = fresh ? await qchain(['img', 'dd', ...ca], dir) : await qchainImgInProcess(['dd', ...ca], dir);
-  const norm = (s: string): string => s.replace(/\bco(?=[.'\s]|$)/g, 'qo');
+  const norm = (s: string): string => s.replace(/\bco(?=[.':\s]|$)/g, 'qo');
   assert.deepEqual({ code: c.code, stdout: c.stdout, stderr: norm(c.stderr) }, { code: q.code, stdout: q.stdout, stderr: q.stderr }, `dd ${args.join(' ')}`);
   for (const f of fs.readdirSync(dir).filter((n) => n.startsWith('qo'))) {
     const g = f.replace('qo', 'co');
