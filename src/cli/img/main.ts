@@ -14,6 +14,7 @@ const COMMANDS: Record<string, () => Promise<(argv: string[], ctx: CliContext) =
   compare: async () => (await import('./compare.js')).compareMain,
   measure: async () => (await import('./measure.js')).measureMain,
   dd: async () => (await import('./dd.js')).ddMain,
+  amend: async () => (await import('./amend.js')).amendMain,
 };
 
 const HELP = `qchain img - the qemu-img command line, implemented without QEMU
