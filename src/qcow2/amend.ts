@@ -255,7 +255,7 @@ async function changeRefcountOrder(img: Qcow2Image, order: number, status: Amend
   const walk = async (index: number, totalWalks: number, fill: boolean): Promise<boolean> => {
     let allocated = false;
     let nb = 0, k = 0, empty = true;
-    let buf: Buffer | null = fill ? Buffer.alloc(cs) : null;
+    const buf: Buffer | null = fill ? Buffer.alloc(cs) : null;
     for (let ti = 0; ti < img.refcounts.table.length; ti++) {
       const old = img.refcounts;
       status('refcount', index * old.table.length + ti, totalWalks * old.table.length);
@@ -266,8 +266,9 @@ async function changeRefcountOrder(img: Qcow2Image, order: number, status: Amend
           if (await finish(nb, buf, empty)) allocated = true;
           nb++;
           k = 0;
+          // Reuse the block buffer; only one that received values needs clearing.
+          if (buf && !empty) buf.fill(0);
           empty = true;
-          if (fill) buf = Buffer.alloc(cs);
         }
         if (bo === 0) {
           // No refblock: every refcount in its range is 0.
