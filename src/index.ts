@@ -13,3 +13,7 @@ export { RawImage } from './raw/raw.js';
 export { Chain, type ChainExtent, type Layer } from './chain/chain.js';
 export { openChain, openImage, probeFormat, type OpenOptions, type ImageFormat } from './chain/open.js';
 export { copyChains, type CopyOptions } from './ops/copy.js';
+export { compareChains, CompareError, type CompareOptions, type CompareResult, type CompareOutcome } from './ops/compare.js';
+export { ddCopy } from './ops/dd.js';
+export { measureQcow2, preallocSize, type MeasureOptions, type MeasureResult } from './qcow2/measure.js';
+export { amendQcow2, type AmendOptions, type AmendStatus } from './qcow2/amend.js';
