@@ -106,7 +106,11 @@ export class StatusCursor {
   private fetched: number;
   private readonly sparse = new Map<number, Uint8Array | null>();
 
-  constructor(private readonly chain: Chain, private readonly name: string, start: number) {
+  /**
+   * @param rawHoles find holes in sparse raw files (costs a scan of the file; only needed when
+   *   the exact runs matter: strict compare, progress, measure)
+   */
+  constructor(private readonly chain: Chain, private readonly name: string, start: number, private readonly rawHoles = true) {
     this.fetched = start;
   }
 
@@ -132,7 +136,7 @@ export class StatusCursor {
     const bottom = this.chain.depth - 1, bottomSize = this.chain.layers[bottom].driver.size;
     let pos = from;
     const refined: ChainExtent[] = [];
-    for (const x of exts) refined.push(...(await refineRaw(this.chain, x, this.sparse)));
+    for (const x of exts) refined.push(...(this.rawHoles ? await refineRaw(this.chain, x, this.sparse) : [x]));
     for (const x of refined) {
       if (x.offset + x.length <= pos) continue;
       const flags = flagsOf(this.chain, x);
