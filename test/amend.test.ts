@@ -109,6 +109,9 @@ test('amend: help, refused options and bad operands give qemu-img messages and s
     ['-o', 'lazy_refcounts=maybe'], ['-o', 'compat=0.10,refcount_bits=8'], ['-o', 'preallocation=full'], ['-o', 'data_file=x'],
     ['-o', 'data_file_raw=on'], ['-o', 'encrypt.format=luks'], ['-o', 'encrypt.keyslot=1'], ['-t', 'bogus', '-o', 'compat=v2'],
     ['-o', 'size=abc'], ['-o', 'cluster_size=abc'], ['-o', 'nocow=on'], ['-o', ','], ['-o', 'compat=v2', '-f', 'raw'], ['-o', 'size=4M'],
+    // Several bad options: the one QEMU checks first is reported.
+    ['-o', 'refcount_bits=3,encrypt.keyslot=1'], ['-o', 'compat=bad,data_file=x'], ['-o', 'data_file=x,refcount_bits=3'], ['-o', 'refcount_bits=3,compat=bad'],
+    ['-o', 'data_file_raw=off,lazy_refcounts=on'],
   ];
   for (const c of cases) await sideBySide(dir, 'am.qcow2', c, true);
   for (const c of [['-f', 'qcow2', '-o', 'help'], ['-f', 'raw', '-o', 'help'], ['-f', 'foo', '-o', 'help'], [], ['am.qcow2'], ['-o', 'compat=v2'],

@@ -68,6 +68,15 @@ test('measure from images: sparse raw, qcow2 chains, zero/compressed clusters, b
     }
   }
   await same(dir, ['-f', 'raw', '-O', 'qcow2', 'top.qcow2']);
+  // -l: what an internal snapshot holds (the image changed after the snapshot was taken).
+  fs.copyFileSync(path.join(dir, 'base.qcow2'), path.join(dir, 'snap.qcow2'));
+  qemuImgSync(['snapshot', '-c', 's1', 'snap.qcow2'], dir);
+  io('qcow2', 'snap.qcow2', 'write -P 5 4M 2M', 'discard 0 1M');
+  for (const l of ['s1', '1', '2', 'nope', 'snapshot.id=1', 'snapshot.name=s1', 'snapshot.id=1,snapshot.name=x', 'snapshot.foo=1', 'snapshot.name=']) {
+    await same(dir, ['-O', 'qcow2', '-l', l, 'snap.qcow2']);
+  }
+  await same(dir, ['-O', 'qcow2', 'snap.qcow2']);
+  await same(dir, ['-l', 's1', 'full.raw']);
 });
 
 test('measure: bad operands and options give qemu-img messages and status', oracle(), async () => {

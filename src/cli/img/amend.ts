@@ -73,25 +73,26 @@ function amendOptions(optstr: string): AmendOptions {
   }
   const kv = new Map(pairs);
   const o: AmendOptions = {};
-  // Checked in the order of QEMU's option list.
+  // Checked in the order of QEMU's amend option list (encryption first, then the common options).
+  // qchain images never have encryption or an external data file, so those options always fail.
+  if ([...kv.keys()].some((k) => k.startsWith('encrypt.'))) throw new CliError("Can't amend encryption options - encryption not present");
+  if (kv.has('size')) o.size = Number(parseOptionSize('size', kv.get('size') as string));
   if (kv.has('compat')) {
     const c = kv.get('compat') as string;
     if (c === '0.10' || c === 'v2') o.version = 2;
     else if (c === '1.1' || c === 'v3') o.version = 3;
     else throw new CliError(`Unknown compatibility level ${c}`);
   }
-  if (kv.has('size')) o.size = Number(parseOptionSize('size', kv.get('size') as string));
   if (kv.has('backing_file')) o.backingFile = kv.get('backing_file');
   if (kv.has('backing_fmt')) o.backingFormat = kv.get('backing_fmt');
-  if ([...kv.keys()].some((k) => k.startsWith('encrypt.'))) o.encryption = true;
+  if (kv.has('data_file')) throw new CliError('data-file can only be set for images that use an external data file');
+  if (kv.get('data_file_raw') === 'on') throw new CliError('data-file-raw cannot be set on existing images');
   if (kv.has('lazy_refcounts')) o.lazyRefcounts = kv.get('lazy_refcounts') === 'on';
   if (kv.has('refcount_bits')) {
     const n = Number(kv.get('refcount_bits'));
     if (!(n > 0 && n <= 64 && Number.isInteger(Math.log2(n)))) throw new CliError('Refcount width must be a power of two and may not exceed 64 bits');
     o.refcountBits = n;
   }
-  if (kv.has('data_file')) o.dataFile = kv.get('data_file');
-  if (kv.get('data_file_raw') === 'on') o.dataFileRaw = true;
   return o;
 }
 

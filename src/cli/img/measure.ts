@@ -64,6 +64,33 @@ async function sourceBitmaps(chain: Chain): Promise<Array<{ name: string; granul
   return out;
 }
 
+/**
+ * `-l`: measure what an internal snapshot holds (bdrv_snapshot_load_tmp): the top image reads
+ * through the snapshot's L1 table (read-only), with the current virtual size.
+ */
+async function loadSnapshotTmp(chain: Chain, param: string): Promise<void> {
+  let id: string | undefined, name: string | undefined;
+  if (param.startsWith('snapshot.')) {
+    for (const [k, v] of parseOptString(param)) {
+      if (k === 'snapshot.id') id = v;
+      else if (k === 'snapshot.name') name = v;
+      else throw new CliError(`Invalid parameter '${k}'\nFailed in parsing snapshot param '${param}'`);
+    }
+  }
+  const img = chain.top;
+  if (!(img instanceof Qcow2Image)) {
+    throw new CliError(`Failed to load snapshot: Block format '${img.format}' used by device '' does not support temporarily loading internal snapshots`);
+  }
+  const find = (i?: string, n?: string) => img.snapshots.find((s) => (i === undefined || s.id === i) && (n === undefined || s.name === n) && (i !== undefined || n !== undefined));
+  // A plain parameter is an ID first, then a name.
+  const sn = param.startsWith('snapshot.') ? find(id, name) : (find(param, undefined) ?? find(undefined, param));
+  if (!sn) throw new CliError("Failed to load snapshot: Can't find snapshot");
+  img.l1 = await img.readL1Table(sn.l1TableOffset, sn.l1Size);
+  img.header.l1Size = sn.l1Size;
+  img.dropCaches();
+  chain.invalidate();
+}
+
 /** qcow2 option checks in qcow2_measure()'s order, with its messages. */
 function qcow2Params(kv: Map<string, string>): { clusterSize: number; version: number; refcountBits: number; extendedL2: boolean; preallocation: 'off' | 'metadata' | 'falloc' | 'full' } {
   const extendedL2 = kv.get('extended_l2') === 'on';
@@ -126,12 +153,7 @@ export async function measureMain(argv: string[], ctx: CliContext): Promise<numb
     if (filename !== undefined) {
       if (fmt !== undefined && !isFormat(fmt)) throw new CliError(`Could not open '${filename}': Unknown driver '${fmt}'`);
       chain = await open(filename, { format: fmt as ImageFormat | undefined, readOnly: true }, ctx);
-      if (snapshot !== undefined) {
-        const top = chain.top;
-        const snaps = top instanceof Qcow2Image ? top.snapshots : [];
-        if (!snaps.some((s) => s.id === snapshot || s.name === snapshot)) throw new CliError("Failed to load snapshot: Can't find snapshot");
-        throw new CliError('Measuring an internal snapshot (-l) is not supported by qchain');
-      }
+      if (snapshot !== undefined) await loadSnapshotTmp(chain, snapshot);
     }
     if (!isFormat(outFmt)) throw new CliError(`Unknown file format '${outFmt}'`);
     const kv = optstr !== undefined ? parseCreateOpts(optstr, outFmt) : new Map<string, string>();
