@@ -178,3 +178,10 @@ test('amend: kill -9 during refcount width changes and downgrades leaves a consi
   }
   assert.ok(kills >= 5, `only ${kills} runs were interrupted (calibrated ${full} ms)`);
 });
+
+test('amend: L2 entries for expanded zero clusters encode host offsets above 2 GiB and 4 GiB', async () => {
+  const { dataEntry } = await import('../src/qcow2/amend.js');
+  assert.deepEqual(dataEntry(0x80010000, true), [0x80000000, 0x80010000]);
+  assert.deepEqual(dataEntry(5 * 2 ** 32 + 0xfffe0000, false), [5, 0xfffe0000]);
+  assert.deepEqual(dataEntry(0x10000, false), [0, 0x10000]);
+});

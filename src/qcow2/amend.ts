@@ -131,8 +131,9 @@ async function downgrade(img: Qcow2Image, status: AmendStatus): Promise<void> {
 const COPIED_HI = C.HI_COPIED;
 
 /** Host L2 entry words for a plain data cluster at `host`. */
-function dataEntry(host: number, copied: boolean): [number, number] {
-  return [((Math.floor(host / C.TWO32) & C.HI_OFFSET_MASK) | (copied ? COPIED_HI : 0)) >>> 0, (host >>> 0) & C.LO_OFFSET_MASK];
+export function dataEntry(host: number, copied: boolean): [number, number] {
+  // `>>> 0` after each bitwise step: JS bit operations yield signed 32-bit values.
+  return [((Math.floor(host / C.TWO32) & C.HI_OFFSET_MASK) | (copied ? COPIED_HI : 0)) >>> 0, ((host >>> 0) & C.LO_OFFSET_MASK) >>> 0];
 }
 
 /**
