@@ -21,3 +21,7 @@ export { commit, type CommitOptions } from './ops/commit.js';
 export { rebaseCopy, changeBackingFile, type ChainView, type RebaseCopyOptions } from './ops/rebase.js';
 export { deletionCost, type DeletionCost } from './ops/plan.js';
 export { findBackingImage } from './chain/find-backing.js';
+export { compareChains, CompareError, type CompareOptions, type CompareResult, type CompareOutcome } from './ops/compare.js';
+export { ddCopy } from './ops/dd.js';
+export { measureQcow2, preallocSize, type MeasureOptions, type MeasureResult } from './qcow2/measure.js';
+export { amendQcow2, type AmendOptions, type AmendStatus } from './qcow2/amend.js';

@@ -73,7 +73,7 @@ export class Qcow2Image implements BlockDriver {
   private constructor(
     readonly storage: Storage,
     readonly header: Qcow2Header,
-    readonly refcounts: Refcounts,
+    public refcounts: Refcounts,
     l1: Buffer,
     readonly readOnly: boolean,
     l2CacheBytes: number,
@@ -87,6 +87,12 @@ export class Qcow2Image implements BlockDriver {
     this.geo = { clusterBits: this.clusterBits, extL2: this.extL2, zeroFlag: header.version >= 3 };
     this.l1 = l1;
     this.l2 = new L2Cache(storage, this.clusterSize, Math.max(16, Math.floor(l2CacheBytes / this.clusterSize)));
+    this.useRefcounts(refcounts);
+  }
+
+  /** Adopt a refcount structure; a table it moves is recorded in the header. (Amend swaps widths.) */
+  useRefcounts(refcounts: Refcounts): void {
+    this.refcounts = refcounts;
     refcounts.onTableMoved = async (offset, clusters) => {
       this.header.refcountTableOffset = offset;
       this.header.refcountTableClusters = clusters;

@@ -5,7 +5,7 @@
  * - `print(delta, max)`: if `max == 0`, `delta` is the absolute percentage;
  *   otherwise `current += delta / 100 * max`.  The value is capped at 100.
  * - A line `    (%3.2f/100%)\r` is written (and flushed) when
- *   `current > lastPrint + minSkip`, or `current == 100`, or `current == 0`
+ *   `current > lastPrint + minSkip`, `current < lastPrint - minSkip`, `current == 100` or `current == 0`
  *   (so `0.00` and `100.00` may be printed several times).  qemu-img uses
  *   `minSkip` 1.0 for convert/commit/amend and 2.0 for compare/rebase.
  * - `end()` writes `\n`.
@@ -75,7 +75,8 @@ export class ProgressPrinter {
       current = 100;
     }
     this.currentValue = current;
-    if (current > f32(this.lastPrint + this.minSkip) || current === 100 || current === 0) {
+    // QEMU also prints when the value went back by more than minSkip (amend's per-operation progress).
+    if (current > f32(this.lastPrint + this.minSkip) || current < f32(this.lastPrint - this.minSkip) || current === 100 || current === 0) {
       this.lastPrint = this.currentValue;
       if (this.enabled) {
         this.out.write(`${formatProgress(this.currentValue)}\r`);
