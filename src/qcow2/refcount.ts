@@ -172,6 +172,11 @@ export class Refcounts {
     // first cluster of its own range, so it describes itself (no recursion into other blocks).
     const bi = ti * this.perBlock;
     const bo = bi * this.clusterSize;
+    // Only a corrupt table lacks the block covering the header or the table itself: never write there.
+    const hitsTable = bo < this.tableOffset + this.tableClusters * this.clusterSize && this.tableOffset < bo + this.clusterSize;
+    if (bo === 0 || hitsTable) {
+      throw new CorruptionError(`Preventing invalid write on metadata (overlaps with ${bo === 0 ? 'qcow2_header' : 'refcount table'})`);
+    }
     const nb = Buffer.alloc(this.clusterSize);
     this.writeEntry(nb, 0, 1);
     await this.storage.write(nb, bo);
@@ -274,16 +279,17 @@ export class Refcounts {
 
   /** Allocate `n` contiguous clusters (refcount 1, on disk) and return the host offset of the first. */
   async alloc(n: number): Promise<number> {
-    const ci = await this.findFree(n);
-    await this.update(ci, n, 1);
-    // A new refcount block may have been placed inside the range we chose; if so, retry.
-    for (let k = 0; k < n; k++) {
-      if ((await this.get(ci + k)) !== 1) {
-        await this.update(ci, n, -1);
-        return this.alloc(n);
-      }
+    // A new refcount block may be placed inside the range we chose; then retry. Each retry moves
+    // past a new block, so a range that will not settle means the refcounts are inconsistent.
+    for (let attempt = 0; attempt < 64; attempt++) {
+      const ci = await this.findFree(n);
+      await this.update(ci, n, 1);
+      let ok = true;
+      for (let k = 0; k < n && ok; k++) ok = (await this.get(ci + k)) === 1;
+      if (ok) return ci * this.clusterSize;
+      await this.update(ci, n, -1);
     }
-    return ci * this.clusterSize;
+    throw new CorruptionError('Cannot allocate clusters: inconsistent refcounts');
   }
 
   /**

@@ -1,0 +1,23 @@
+/**
+ * Regression cases found by the fuzzer (test/fuzz.test.ts), replayed in CI through every command.
+ * Each entry is a self-contained recipe: a corpus shape, the file patched, and byte patches (or a
+ * new file length), so it does not depend on the mutation generator staying the same. `why` says
+ * what went wrong before the fix.
+ */
+import type { Recipe } from './helpers/fuzz.js';
+
+export interface Regression extends Recipe {
+  why: string;
+}
+
+export const REGRESSIONS: Regression[] = [
+  {
+    why: 'write with the refcount table past EOF: a refcount block was written over the header, then allocation looped forever',
+    shape: 'compressed-v2-512', target: 'c.qcow2', patches: [{ truncate: 512 }], off: 65536, len: 4096,
+  },
+  {
+    why: 'convert: a read error (bad compressed cluster) left the in-order writers waiting; exit 0 with a short output',
+    shape: 'compressed-zlib', target: 'c.qcow2', off: 77925, len: 1,
+    patches: [{ off: 16440, hex: '4000000000003000' }, { off: 17576, hex: '0000000000000000' }, { off: 16720, hex: '740000000000539d' }],
+  },
+];

@@ -1,0 +1,83 @@
+/**
+ * Structure-aware fuzzing of hostile qcow2 input (helpers/fuzz*.ts). Seeded, so every run checks
+ * the same cases; each failure prints its seed and a recipe for test/fuzz-regressions.ts.
+ *
+ *   - in-process: FUZZ_INPROC iterations, every command run through the CLI entry point in worker
+ *     threads (heap capped, killed after the time limit);
+ *   - CLI: FUZZ_CLI iterations through real `node bin/qchain.js` children (heap capped, peak RSS
+ *     measured), so the process paths are covered too;
+ *   - regressions: every recipe of fuzz-regressions.ts, in-process, plus a CLI pass over them.
+ *
+ * Long mode: QCHAIN_FUZZ=N runs N in-process iterations (QCHAIN_FUZZ_CLI=M CLI iterations, default
+ * N/20) from seed QCHAIN_FUZZ_SEED (default: time based), printing progress, the iterations run and
+ * each failure with its seed: `QCHAIN_FUZZ=5000 node --test dist/test/fuzz.test.js` or
+ * `npm run fuzz`.
+ */
+import { test, describe as suite, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { oracle, scratch } from './helpers/qemu.js';
+import { buildCorpus, fuzz, runCase, describe, failureKey, CliRunner, InProcRunner, type CaseResult } from './helpers/fuzz.js';
+import type { Shape } from './helpers/fuzz-corpus.js';
+import { REGRESSIONS } from './fuzz-regressions.js';
+
+const LONG = Number(process.env.QCHAIN_FUZZ ?? 0);
+const INPROC = LONG > 0 ? LONG : 60;
+const CLI = LONG > 0 ? Number(process.env.QCHAIN_FUZZ_CLI ?? Math.ceil(LONG / 20)) : 4;
+const SEED = Number(process.env.QCHAIN_FUZZ_SEED ?? (LONG > 0 ? Date.now() % 1_000_000_000 : 20_261_123));
+
+const seeds = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => from + i);
+
+function report(kind: string, bad: CaseResult[], n: number): string {
+  const keys = new Map<string, number>();
+  for (const c of bad) for (const f of c.failures) keys.set(failureKey(f), (keys.get(failureKey(f)) ?? 0) + 1);
+  return [`${kind}: ${n} iterations, ${bad.length} failing`, ...[...keys].map(([k, v]) => `  ${v} x ${k}`), ...bad.slice(0, 20).map(describe)].join('\n');
+}
+
+suite('fuzz: hostile qcow2 images', oracle(), () => {
+  let shapes: Map<string, Shape>;
+  let tmp: string;
+  let inproc: InProcRunner;
+  before(() => {
+    tmp = scratch('qchain-fuzz-');
+    shapes = buildCorpus(`${tmp}/corpus`);
+    inproc = new InProcRunner(2);
+  });
+  after(async () => { await inproc?.close(); });
+
+  test(`in-process: ${INPROC} seeded iterations from seed ${SEED}`, { timeout: LONG ? 0 : 120_000 }, async (t) => {
+    let done = 0;
+    const t0 = Date.now();
+    const bad = await fuzz({
+      seeds: seeds(SEED, INPROC), shapes, runner: inproc, work: `${tmp}/inproc`, lanes: 2,
+      onResult: (r) => {
+        done++;
+        if (LONG && r.failures.length) process.stderr.write(`${describe(r)}\n`);
+        if (LONG && done % 100 === 0) process.stderr.write(`# fuzz: ${done}/${INPROC} iterations, ${((Date.now() - t0) / 1000).toFixed(0)} s\n`);
+      },
+    });
+    const msg = report('in-process', bad, done);
+    t.diagnostic(msg.split('\n')[0]);
+    if (LONG) process.stderr.write(`${msg}\n`);
+    assert.equal(bad.length, 0, msg);
+  });
+
+  test(`CLI: ${CLI} seeded iterations from seed ${SEED + 1_000_000}`, { timeout: LONG ? 0 : 120_000 }, async (t) => {
+    const cli = new CliRunner(tmp);
+    let done = 0;
+    const bad = await fuzz({
+      seeds: seeds(SEED + 1_000_000, CLI), shapes, runner: cli, work: `${tmp}/cli`, lanes: 2,
+      onResult: (r) => { done++; if (LONG && r.failures.length) process.stderr.write(`${describe(r)}\n`); },
+    });
+    const msg = report('CLI', bad, done);
+    t.diagnostic(msg.split('\n')[0]);
+    if (LONG) process.stderr.write(`${msg}\n`);
+    assert.equal(bad.length, 0, msg);
+  });
+
+  for (const [i, reg] of REGRESSIONS.entries()) {
+    test(`regression ${i}: ${reg.why}`, async () => {
+      const failures = await runCase(reg, shapes, inproc, `${tmp}/reg${i}`);
+      assert.deepEqual(failures, [], describe({ recipe: reg, notes: [reg.why], failures, runs: 0 }));
+    });
+  }
+});
