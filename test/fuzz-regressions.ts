@@ -20,4 +20,14 @@ export const REGRESSIONS: Regression[] = [
     shape: 'compressed-zlib', target: 'c.qcow2', off: 77925, len: 1,
     patches: [{ off: 16440, hex: '4000000000003000' }, { off: 17576, hex: '0000000000000000' }, { off: 16720, hex: '740000000000539d' }],
   },
+  {
+    why: 'header size not a multiple of 512: guest size must round down to whole sectors as in QEMU (convert output was longer than qemu-img\'s)',
+    shape: 'compressed-v2-512', target: 'c.qcow2', off: 50820, len: 57567,
+    patches: [{ off: 36, hex: '0000748c' }, { off: 24, hex: '000000000003ffff' }],
+  },
+  {
+    why: 'write over compressed clusters whose descriptor points past any refcount table: freeing grew the table without bound (hang); QEMU reports "qcow2_free_clusters failed" and goes on',
+    shape: 'compressed-v2-512', target: 'c.qcow2', off: 0, len: 65536,
+    patches: [{ off: 1038, hex: '0001' }, { off: 1544, hex: '0000000000000ff8' }, { off: 1888, hex: 'ff' }, { off: 1480, hex: '08' }],
+  },
 ];

@@ -19,6 +19,7 @@ import { oracle, scratch } from './helpers/qemu.js';
 import { buildCorpus, fuzz, runCase, describe, failureKey, CliRunner, InProcRunner, type CaseResult } from './helpers/fuzz.js';
 import type { Shape } from './helpers/fuzz-corpus.js';
 import { REGRESSIONS } from './fuzz-regressions.js';
+import { SOFT_WHY } from './helpers/fuzz-oracle.js';
 
 const LONG = Number(process.env.QCHAIN_FUZZ ?? 0);
 const INPROC = LONG > 0 ? LONG : 60;
@@ -27,10 +28,11 @@ const SEED = Number(process.env.QCHAIN_FUZZ_SEED ?? (LONG > 0 ? Date.now() % 1_0
 
 const seeds = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => from + i);
 
-function report(kind: string, bad: CaseResult[], n: number): string {
+function report(kind: string, bad: CaseResult[], n: number, soft: number): string {
   const keys = new Map<string, number>();
   for (const c of bad) for (const f of c.failures) keys.set(failureKey(f), (keys.get(failureKey(f)) ?? 0) + 1);
-  return [`${kind}: ${n} iterations, ${bad.length} failing`, ...[...keys].map(([k, v]) => `  ${v} x ${k}`), ...bad.slice(0, 20).map(describe)].join('\n');
+  return [`${kind}: ${n} iterations, ${bad.length} failing, ${soft} known parity gaps seen (${SOFT_WHY})`,
+    ...[...keys].map(([k, v]) => `  ${v} x ${k}`), ...bad.slice(0, 20).map(describe)].join('\n');
 }
 
 suite('fuzz: hostile qcow2 images', oracle(), () => {
@@ -46,16 +48,18 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
 
   test(`in-process: ${INPROC} seeded iterations from seed ${SEED}`, { timeout: LONG ? 0 : 120_000 }, async (t) => {
     let done = 0;
+    let soft = 0;
     const t0 = Date.now();
     const bad = await fuzz({
       seeds: seeds(SEED, INPROC), shapes, runner: inproc, work: `${tmp}/inproc`, lanes: 2,
       onResult: (r) => {
         done++;
+        if (r.soft?.length) soft++;
         if (LONG && r.failures.length) process.stderr.write(`${describe(r)}\n`);
         if (LONG && done % 100 === 0) process.stderr.write(`# fuzz: ${done}/${INPROC} iterations, ${((Date.now() - t0) / 1000).toFixed(0)} s\n`);
       },
     });
-    const msg = report('in-process', bad, done);
+    const msg = report('in-process', bad, done, soft);
     t.diagnostic(msg.split('\n')[0]);
     if (LONG) process.stderr.write(`${msg}\n`);
     assert.equal(bad.length, 0, msg);
@@ -64,11 +68,12 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
   test(`CLI: ${CLI} seeded iterations from seed ${SEED + 1_000_000}`, { timeout: LONG ? 0 : 120_000 }, async (t) => {
     const cli = new CliRunner(tmp);
     let done = 0;
+    let soft = 0;
     const bad = await fuzz({
       seeds: seeds(SEED + 1_000_000, CLI), shapes, runner: cli, work: `${tmp}/cli`, lanes: 2,
-      onResult: (r) => { done++; if (LONG && r.failures.length) process.stderr.write(`${describe(r)}\n`); },
+      onResult: (r) => { done++; if (r.soft?.length) soft++; if (LONG && r.failures.length) process.stderr.write(`${describe(r)}\n`); },
     });
-    const msg = report('CLI', bad, done);
+    const msg = report('CLI', bad, done, soft);
     t.diagnostic(msg.split('\n')[0]);
     if (LONG) process.stderr.write(`${msg}\n`);
     assert.equal(bad.length, 0, msg);
@@ -76,7 +81,7 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
 
   for (const [i, reg] of REGRESSIONS.entries()) {
     test(`regression ${i}: ${reg.why}`, async () => {
-      const failures = await runCase(reg, shapes, inproc, `${tmp}/reg${i}`);
+      const failures = (await runCase(reg, shapes, inproc, `${tmp}/reg${i}`)).filter((f) => !f.soft);
       assert.deepEqual(failures, [], describe({ recipe: reg, notes: [reg.why], failures, runs: 0 }));
     });
   }

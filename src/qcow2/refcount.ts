@@ -126,6 +126,14 @@ export class Refcounts {
    * are created as needed. Changed block bytes are written before returning.
    */
   async update(ci: number, n: number, delta: number): Promise<void> {
+    if (delta < 0) {
+      // A decrement never creates blocks: a cluster no block covers has refcount 0 (QEMU: EINVAL,
+      // or EFBIG past the largest refcount table).
+      for (let ti = Math.floor(ci / this.perBlock); ti <= Math.floor((ci + n - 1) / this.perBlock); ti++) {
+        if (ti >= (8 * 1024 * 1024) / 8) throw new ImageError('File too large', 'EFBIG');
+        if (ti >= this.table.length || this.table[ti] === 0) throw new ImageError('Invalid argument', 'EINVAL');
+      }
+    }
     let i = ci;
     const end = ci + n;
     while (i < end) {
@@ -199,6 +207,7 @@ export class Refcounts {
     const fileClusters = Math.ceil((await this.storage.size()) / cs);
     const start = Math.max(fileClusters, this.coveredClusters());
     // The new area: [new blocks for uncovered table indices][new table]. Iterate to a fixed point.
+    if (minEntries * 8 > 8 * 1024 * 1024) throw new ImageError('Reference count table too large');
     let entries = Math.max(minEntries, Math.ceil(this.table.length * 1.5));
     let tableClusters = 0, newBlocks = 0, areaEnd = 0;
     for (;;) {

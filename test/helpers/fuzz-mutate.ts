@@ -33,12 +33,9 @@ export class Image {
   constructor(public buf: Buffer) {}
 
   write(off: number, data: Buffer): void {
-    if (off < 0) return;
-    if (off + data.length > this.buf.length) {
-      const grown = Buffer.alloc(off + data.length);
-      this.buf.copy(grown);
-      this.buf = grown;
-    }
+    // Patches stay inside the file (truncate() is what changes its length).
+    if (off < 0 || off >= this.buf.length) return;
+    data = data.subarray(0, this.buf.length - off);
     data.copy(this.buf, off);
     this.patches.push({ off, hex: data.toString('hex') });
   }
