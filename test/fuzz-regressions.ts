@@ -8,6 +8,8 @@ import type { Recipe } from './helpers/fuzz.js';
 
 export interface Regression extends Recipe {
   why: string;
+  /** Also require `qchain img check` to print exactly what `qemu-img check` prints (and exit alike). */
+  checkParity?: boolean;
 }
 
 export const REGRESSIONS: Regression[] = [
@@ -29,5 +31,21 @@ export const REGRESSIONS: Regression[] = [
     why: 'write over compressed clusters whose descriptor points past any refcount table: freeing grew the table without bound (hang); QEMU reports "qcow2_free_clusters failed" and goes on',
     shape: 'compressed-v2-512', target: 'c.qcow2', off: 0, len: 65536,
     patches: [{ off: 1038, hex: '0001' }, { off: 1544, hex: '0000000000000ff8' }, { off: 1888, hex: 'ff' }, { off: 1480, hex: '08' }],
+  },
+  {
+    why: 'check: L1 entry with reserved bits set is a corruption (QEMU "ERROR found L1 entry with reserved bits set"); "-r all" ended clean',
+    shape: 'lazy-dirty', target: 'a.qcow2', patches: [{ off: 12288, hex: 'c000000000004000' }], checkParity: true,
+  },
+  {
+    why: 'check: L2 entry with reserved bits set is a corruption (QEMU "ERROR found l2 entry with reserved bits set")',
+    shape: 'chain-raw-backing', target: 'top.qcow2', patches: [{ off: 16408, hex: '80000000000061fe' }], checkParity: true,
+  },
+  {
+    why: 'check: extended L2 entry whose subclusters are both allocated and zero is a corruption',
+    shape: 'extl2-64k', target: 'a.qcow2', patches: [{ off: 262168, hex: 'ffffffffffffffff' }], checkParity: true,
+  },
+  {
+    why: 'check: OFLAG_COPIED messages print the entry without zero padding, as QEMU',
+    shape: 'v3-4k', target: 'a.qcow2', patches: [{ off: 16384, hex: '0000000000005000' }], checkParity: true,
   },
 ];

@@ -15,8 +15,8 @@
  */
 import { test, describe as suite, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { oracle, scratch } from './helpers/qemu.js';
-import { buildCorpus, fuzz, runCase, describe, failureKey, CliRunner, InProcRunner, type CaseResult } from './helpers/fuzz.js';
+import { oracle, scratch, qemuImg } from './helpers/qemu.js';
+import { buildCorpus, fuzz, runCase, materialiseCase, describe, failureKey, CliRunner, InProcRunner, type CaseResult } from './helpers/fuzz.js';
 import type { Shape } from './helpers/fuzz-corpus.js';
 import { REGRESSIONS } from './fuzz-regressions.js';
 import { SOFT_WHY } from './helpers/fuzz-oracle.js';
@@ -83,6 +83,13 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
     test(`regression ${i}: ${reg.why}`, async () => {
       const failures = (await runCase(reg, shapes, inproc, `${tmp}/reg${i}`)).filter((f) => !f.soft);
       assert.deepEqual(failures, [], describe({ recipe: reg, notes: [reg.why], failures, runs: 0 }));
+      if (reg.checkParity) {
+        const dir = `${tmp}/reg${i}-check`;
+        const file = materialiseCase(reg, shapes, dir);
+        const q = await qemuImg(['check', file]);
+        const m = await inproc.run(['img', 'check', file]);
+        assert.deepEqual({ code: m.code, stdout: m.stdout, stderr: m.stderr }, { code: q.code, stdout: q.stdout, stderr: q.stderr });
+      }
     });
   }
 });

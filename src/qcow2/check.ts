@@ -44,7 +44,8 @@ class RefMap {
   }
 }
 
-const hex16 = (hi: number, lo: number): string => (hi * TWO32 + lo).toString(16).padStart(16, '0');
+/** A 64-bit entry from its two halves as QEMU's PRIx64 (no padding). */
+const hex = (hi: number, lo: number): string => ((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)).toString(16);
 
 async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset: number, l1Size: number, active: boolean, report: (l: string) => void): Promise<void> {
   const cs = img.clusterSize;
@@ -53,6 +54,12 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
   let nextContiguous = 0;
   for (let i = 0; i < l1Size; i++) {
     const { offset: l2Off } = readL1(l1, i);
+    const l1Hi = l1.readUInt32BE(i * 8), l1Lo = l1.readUInt32BE(i * 8 + 4);
+    // QEMU's L1E_RESERVED_MASK (0x7f000000000001ff).
+    if ((l1Hi & 0x7f000000) !== 0 || (l1Lo & 0x1ff) !== 0) {
+      report(`ERROR found L1 entry with reserved bits set: ${hex(l1Hi, l1Lo)}`);
+      res.corruptions++;
+    }
     if (!l2Off) continue;
     if (l2Off % cs !== 0) {
       report(`ERROR l2_offset=${l2Off.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
@@ -64,6 +71,25 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
     const t = await img.readTable(l2Off);
     for (let j = 0; j < img.l2Entries; j++) {
       const e = readL2(t, j, img.geo);
+      const bitmapBits = (e.allocBits | e.zeroBits) !== 0;
+      // QEMU's L2E_STD_RESERVED_MASK (0x3f000000000001fe), for standard descriptors.
+      if (e.type !== ClusterType.Compressed && ((e.hi & 0x3f000000) !== 0 || (e.lo & 0x1fe) !== 0)) {
+        report(`ERROR found l2 entry with reserved bits set: ${hex(e.hi, e.lo)}`);
+        res.corruptions++;
+      }
+      if (e.type === ClusterType.Compressed && bitmapBits) {
+        report(`ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${hex(e.hi, e.lo)}`);
+        res.corruptions++;
+        continue;
+      }
+      if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.allocBits & e.zeroBits) !== 0) {
+        res.corruptions++;
+        report(`ERROR offset=${e.host.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+      }
+      if (e.type === ClusterType.Unallocated && e.allocBits !== 0) {
+        res.corruptions++;
+        report('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+      }
       if (e.type === ClusterType.Compressed) {
         refs.inc(e.cOffset & ~511, e.cLength + (e.cOffset & 511));
         if (active) {
@@ -160,7 +186,7 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
     if (!l2Off || l2Off % cs) continue;
     const rc = await img.refcounts.get(l2Off / cs);
     if ((rc === 1) !== copied) {
-      report(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${(hi * TWO32 + lo).toString(16)} refcount=${rc}`);
+      report(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(hi, lo)} refcount=${rc}`);
       res.corruptions++;
     }
     if (l2Off / cs >= fileClusters) continue;
@@ -170,7 +196,7 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
       if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && e.host % cs === 0) {
         const r = await img.refcounts.get(e.host / cs);
         if ((r === 1) !== e.copied) {
-          report(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex16(e.hi, e.lo)} refcount=${r}`);
+          report(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex(e.hi, e.lo)} refcount=${r}`);
           res.corruptions++;
         }
       }

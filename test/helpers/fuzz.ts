@@ -57,6 +57,14 @@ function materialise(recipe: Recipe, shape: Shape, dir: string): void {
   }
 }
 
+/** Lay a recipe out in `dir` and return the path of the file the commands open. */
+export function materialiseCase(recipe: Recipe, shapes: Map<string, Shape>, dir: string): string {
+  const shape = shapes.get(recipe.shape);
+  if (!shape) throw new Error(`unknown shape ${recipe.shape}`);
+  materialise(recipe, shape, dir);
+  return path.join(dir, shape.entry);
+}
+
 /** Run the command matrix on one recipe; every command writing gets a private copy of the files. */
 export async function runCase(recipe: Recipe, shapes: Map<string, Shape>, runner: Runner, work: string, commands: CommandSpec[] = availableCommands(), onRun?: (spec: CommandSpec, r: RunResult) => void): Promise<Failure[]> {
   const shape = shapes.get(recipe.shape);
