@@ -41,7 +41,7 @@ type Verifier = (c: VerifyCtx) => Promise<string | null>;
 
 /** Verifiers whose disagreement is a known parity gap, reported but not failing (see SOFT_WHY). */
 export const SOFT: ReadonlySet<string> = new Set(['check-repair']);
-export const SOFT_WHY = 'qchain check does not detect every error qemu-img check reports (reserved bits in L1/L2/reftable entries, subcluster bitmap consistency, refcount overflow, refcount blocks at offsets beyond the table), so "-r all" can end clean where qemu still finds errors';
+export const SOFT_WHY = 'qchain check -r all still differs from QEMU on some errors (reserved bits in refcount table entries, refcount blocks shared with other data, refcount overflow with narrow refcounts, corruptions counted as fixed after a rebuild), so it can end clean where qemu-img check still finds errors';
 
 const firstLines = (s: string): string => s.split('\n').slice(0, 3).join(' | ');
 
