@@ -22,8 +22,10 @@ import { REGRESSIONS } from './fuzz-regressions.js';
 import { SOFT_WHY } from './helpers/fuzz-oracle.js';
 
 const LONG = Number(process.env.QCHAIN_FUZZ ?? 0);
-const INPROC = LONG > 0 ? LONG : 60;
-const CLI = LONG > 0 ? Number(process.env.QCHAIN_FUZZ_CLI ?? Math.ceil(LONG / 20)) : 4;
+const INPROC = LONG > 0 ? LONG : 48;
+const CLI = LONG > 0 ? Number(process.env.QCHAIN_FUZZ_CLI ?? Math.ceil(LONG / 20)) : 3;
+/** One lane in CI (about one core, next to the timing-sensitive suites); two in long mode. */
+const LANES = LONG > 0 ? 2 : 1;
 const SEED = Number(process.env.QCHAIN_FUZZ_SEED ?? (LONG > 0 ? Date.now() % 1_000_000_000 : 20_261_123));
 
 const seeds = (from: number, n: number): number[] => Array.from({ length: n }, (_, i) => from + i);
@@ -42,7 +44,7 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
   before(() => {
     tmp = scratch('qchain-fuzz-');
     shapes = buildCorpus(`${tmp}/corpus`);
-    inproc = new InProcRunner(2);
+    inproc = new InProcRunner(LANES);
   });
   after(async () => { await inproc?.close(); });
 
@@ -51,7 +53,7 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
     let soft = 0;
     const t0 = Date.now();
     const bad = await fuzz({
-      seeds: seeds(SEED, INPROC), shapes, runner: inproc, work: `${tmp}/inproc`, lanes: 2,
+      seeds: seeds(SEED, INPROC), shapes, runner: inproc, work: `${tmp}/inproc`, lanes: LANES,
       onResult: (r) => {
         done++;
         if (r.soft?.length) soft++;
@@ -70,7 +72,7 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
     let done = 0;
     let soft = 0;
     const bad = await fuzz({
-      seeds: seeds(SEED + 1_000_000, CLI), shapes, runner: cli, work: `${tmp}/cli`, lanes: 2,
+      seeds: seeds(SEED + 1_000_000, CLI), shapes, runner: cli, work: `${tmp}/cli`, lanes: LANES,
       onResult: (r) => { done++; if (r.soft?.length) soft++; if (LONG && r.failures.length) process.stderr.write(`${describe(r)}\n`); },
     });
     const msg = report('CLI', bad, done, soft);
