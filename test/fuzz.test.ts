@@ -2,11 +2,13 @@
  * Structure-aware fuzzing of hostile qcow2 input (helpers/fuzz*.ts). Seeded, so every run checks
  * the same cases; each failure prints its seed and a recipe for test/fuzz-regressions.ts.
  *
- *   - in-process: FUZZ_INPROC iterations, every command run through the CLI entry point in worker
- *     threads (heap capped, killed after the time limit);
- *   - CLI: FUZZ_CLI iterations through real `node bin/qchain.js` children (heap capped, peak RSS
- *     measured), so the process paths are covered too;
- *   - regressions: every recipe of fuzz-regressions.ts, in-process, plus a CLI pass over them.
+ *   - in-process: 48 iterations, every command of the matrix run through the CLI entry point in
+ *     a worker thread (heap capped, terminated after the time limit);
+ *   - CLI: 3 iterations through real `node bin/qchain.js` children (heap capped, peak RSS
+ *     measured, a never-settling main() caught), so the process paths are covered too;
+ *   - both: QEMU judges what qchain reported as done (fuzz-oracle.ts);
+ *   - regressions: every recipe of fuzz-regressions.ts through the whole matrix (in-process),
+ *     and, where marked, `img check` output identical to qemu-img's.
  *
  * Long mode: QCHAIN_FUZZ=N runs N in-process iterations (QCHAIN_FUZZ_CLI=M CLI iterations, default
  * N/20) from seed QCHAIN_FUZZ_SEED (default: time based), printing progress, the iterations run and
