@@ -48,4 +48,16 @@ export const REGRESSIONS: Regression[] = [
     why: 'check: OFLAG_COPIED messages print the entry without zero padding, as QEMU',
     shape: 'v3-4k', target: 'a.qcow2', patches: [{ off: 16384, hex: '0000000000005000' }], checkParity: true,
   },
+  {
+    why: 'check: refcount table entry with reserved bits set (QEMU "ERROR refcount table entry 0 has reserved bits set", then a rebuild with -r all)',
+    shape: 'v3-4k', target: 'a.qcow2', patches: [{ off: 4096, hex: '0000000000002001' }], checkParity: true,
+  },
+  {
+    why: 'check: two refcount table entries sharing a block (QEMU "ERROR refcount block 1 refcount=2")',
+    shape: 'v3-4k', target: 'a.qcow2', patches: [{ off: 4104, hex: '0000000000002000' }], checkParity: true,
+  },
+  {
+    why: 'check: refcount block offset past 2^56 is "outside image", not "not cluster aligned"',
+    shape: 'v3-4k', target: 'a.qcow2', patches: [{ off: 4104, hex: '0200000000002000' }], checkParity: true,
+  },
 ];

@@ -83,6 +83,17 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
     assert.equal(bad.length, 0, msg);
   });
 
+  test('every corpus image: qchain img check prints what qemu-img check prints', async () => {
+    for (const shape of shapes.values()) {
+      for (const f of shape.targets) {
+        const file = `${shape.dir}/${f}`;
+        const q = await qemuImg(['check', file]);
+        const m = await inproc.run(['img', 'check', file]);
+        assert.deepEqual({ code: m.code, stdout: m.stdout, stderr: m.stderr }, { code: q.code, stdout: q.stdout, stderr: q.stderr }, `${shape.name}/${f}`);
+      }
+    }
+  });
+
   for (const [i, reg] of REGRESSIONS.entries()) {
     test(`regression ${i}: ${reg.why}`, async () => {
       const failures = (await runCase(reg, shapes, inproc, `${tmp}/reg${i}`)).filter((f) => !f.soft);

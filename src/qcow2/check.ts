@@ -51,7 +51,6 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
   const cs = img.clusterSize;
   refs.inc(l1Offset, l1Size * 8);
   const l1 = active ? img.l1 : await img.readL1Table(l1Offset, l1Size);
-  let nextContiguous = 0;
   for (let i = 0; i < l1Size; i++) {
     const { offset: l2Off } = readL1(l1, i);
     const l1Hi = l1.readUInt32BE(i * 8), l1Lo = l1.readUInt32BE(i * 8 + 4);
@@ -69,6 +68,8 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
     refs.inc(l2Off, cs);
     if (l2Off >= refs.nbClusters * cs) continue;
     const t = await img.readTable(l2Off);
+    // Fragmentation is counted within each L2 table, as QEMU's check_refcounts_l2.
+    let nextContiguous = 0;
     for (let j = 0; j < img.l2Entries; j++) {
       const e = readL2(t, j, img.geo);
       const bitmapBits = (e.allocBits | e.zeroBits) !== 0;
@@ -131,19 +132,37 @@ async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) =>
   }
   const rc = img.refcounts;
   refs.inc(rc.tableOffset, rc.tableClusters * cs);
+  // Refcount blocks, in QEMU's order of checks (check_refblocks); each of these needs a rebuild.
+  const raw = Buffer.alloc(rc.table.length * 8);
+  await img.storage.read(raw, rc.tableOffset);
   rc.table.forEach((bo, i) => {
-    if (bo === 0) return;
-    if (bo < 0 || bo % cs !== 0) {
-      report(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+    if ((raw.readUInt32BE(i * 8 + 4) & 0x1ff) !== 0) {
+      report(`ERROR refcount table entry ${i} has reserved bits set`);
       res.corruptions++;
+      res.needsRebuild = true;
       return;
     }
-    if (bo / cs >= refs.nbClusters) {
+    if (bo === 0) return;
+    const beyond = raw.readUInt32BE(i * 8) >>> 24 !== 0; // offset >= 2^56
+    if (!beyond && (bo < 0 || bo % cs !== 0)) {
+      report(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+      res.corruptions++;
+      res.needsRebuild = true;
+      return;
+    }
+    if (beyond || bo / cs >= refs.nbClusters) {
       report(`ERROR refcount block ${i} is outside image`);
       res.corruptions++;
+      res.needsRebuild = true;
       return;
     }
     refs.inc(bo, cs);
+    const n = refs.counts[bo / cs];
+    if (n !== 1) {
+      report(`ERROR refcount block ${i} refcount=${n}`);
+      res.corruptions++;
+      res.needsRebuild = true;
+    }
   });
   return refs;
 }

@@ -44,6 +44,7 @@ const DATA = ['write -P 0x11 0 96k', 'write -P 0x22 200k 8k', 'write -z 300k 64k
 const RECIPES: Recipe[] = [
   { name: 'v2-64k', entry: 'a.qcow2', targets: ['a.qcow2'], size: 2 << 20, steps: [C('a.qcow2', '2M', 'compat=0.10'), W('a.qcow2', ...DATA)] },
   { name: 'v3-4k', entry: 'a.qcow2', targets: ['a.qcow2'], size: 2 << 20, steps: [C('a.qcow2', '2M', 'cluster_size=4096'), W('a.qcow2', ...DATA, 'write -P 0x44 1900k 100k')] },
+  { name: 'v3-4k-two-l2', entry: 'a.qcow2', targets: ['a.qcow2'], size: 8 << 20, steps: [C('a.qcow2', '8M', 'cluster_size=4096'), W('a.qcow2', 'write -P 0x11 0 100k', 'write -P 0x22 5M 64k')] },
   { name: 'v3-512', entry: 'a.qcow2', targets: ['a.qcow2'], size: 1 << 20, steps: [C('a.qcow2', '1M', 'cluster_size=512'), W('a.qcow2', 'write -P 0x11 0 20k', 'write -P 0x22 300k 3k', 'write -z 600k 4k', 'write -P 0x33 900k 1k')] },
   { name: 'v2-512', entry: 'a.qcow2', targets: ['a.qcow2'], size: 1 << 20, steps: [C('a.qcow2', '1M', 'compat=0.10,cluster_size=512'), W('a.qcow2', 'write -P 0x11 0 20k', 'write -P 0x22 700k 3k')] },
   { name: 'extl2-64k', entry: 'a.qcow2', targets: ['a.qcow2'], size: 2 << 20, steps: [C('a.qcow2', '2M', 'extended_l2=on'), W('a.qcow2', 'write -P 0x11 0 4k', 'write -P 0x22 70k 6k', 'write -z 130k 2k', 'write -P 0x33 1M 64k', 'write -z 1100k 64k')] },
