@@ -60,4 +60,8 @@ export const REGRESSIONS: Regression[] = [
     why: 'check: refcount block offset past 2^56 is "outside image", not "not cluster aligned"',
     shape: 'v3-4k', target: 'a.qcow2', patches: [{ off: 4104, hex: '0200000000002000' }], checkParity: true,
   },
+  {
+    why: 'check: compressed L2 entry with the copied flag (QEMU "ERROR: coffset=0x502c: copied flag must never be set for compressed clusters")',
+    shape: 'compressed-zlib', target: 'c.qcow2', patches: [{ off: 16400, hex: 'c00000000000502c' }], checkParity: true,
+  },
 ];

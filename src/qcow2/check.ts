@@ -92,6 +92,10 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
         report('ERROR: Unallocated cluster has non-zero subcluster allocation map');
       }
       if (e.type === ClusterType.Compressed) {
+        if ((e.hi & 0x80000000) !== 0) { // readL2 drops the flag for compressed entries
+          report(`ERROR: coffset=0x${e.cOffset.toString(16)}: copied flag must never be set for compressed clusters`);
+          res.corruptions++;
+        }
         refs.inc(e.cOffset & ~511, e.cLength + (e.cOffset & 511));
         if (active) {
           res.allocatedClusters++;

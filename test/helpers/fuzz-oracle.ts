@@ -41,7 +41,7 @@ type Verifier = (c: VerifyCtx) => Promise<string | null>;
 
 /** Verifiers whose disagreement is a known parity gap, reported but not failing (see SOFT_WHY). */
 export const SOFT: ReadonlySet<string> = new Set(['check-repair']);
-export const SOFT_WHY = 'qchain check -r all still differs from QEMU on some errors (refcount overflow with narrow refcounts, corruptions counted as fixed after a rebuild, compressed entries with the copied flag), so it can end clean where qemu-img check still finds errors';
+export const SOFT_WHY = 'qchain check -r all still differs from QEMU on some errors (refcount overflow with narrow refcounts, corruptions counted as fixed after a rebuild), so it can end clean where qemu-img check still finds errors';
 
 const firstLines = (s: string): string => s.split('\n').slice(0, 3).join(' | ');
 
