@@ -10,6 +10,8 @@ export interface Regression extends Recipe {
   why: string;
   /** Also require `qchain img check` to print exactly what `qemu-img check` prints (and exit alike). */
   checkParity?: boolean;
+  /** Replay through CLI children (peak RSS measured) instead of in-process. */
+  cli?: boolean;
 }
 
 export const REGRESSIONS: Regression[] = [
@@ -63,5 +65,11 @@ export const REGRESSIONS: Regression[] = [
   {
     why: 'check: compressed L2 entry with the copied flag (QEMU "ERROR: coffset=0x502c: copied flag must never be set for compressed clusters")',
     shape: 'compressed-zlib', target: 'c.qcow2', patches: [{ off: 16400, hex: 'c00000000000502c' }], checkParity: true,
+  },
+  {
+    why: 'check: a flipped bitmap table size (up to 2^27 entries) allocated 1 GiB and printed 260k lines (6 s, 580 MiB RSS); QEMU bounds it by 512 MiB of bitmap data',
+    shape: 'bitmaps', target: 'a.qcow2', off: 327680, len: 65536, cli: true,
+    patches: [{ off: 13556, hex: '40' }, { off: 14639, hex: 'a8' }, { off: 26481, hex: '10' }, { off: 5867, hex: '02' }, { off: 25507, hex: '40' }, { off: 9759, hex: '80' },
+      { off: 176168, hex: '04' }, { off: 10663, hex: '97' }, { off: 8346, hex: '8d' }, { off: 12305, hex: '08' }, { off: 173144, hex: '02' }],
   },
 ];

@@ -96,7 +96,8 @@ suite('fuzz: hostile qcow2 images', oracle(), () => {
 
   for (const [i, reg] of REGRESSIONS.entries()) {
     test(`regression ${i}: ${reg.why}`, async () => {
-      const failures = (await runCase(reg, shapes, inproc, `${tmp}/reg${i}`)).filter((f) => !f.soft);
+      const runner = reg.cli ? new CliRunner(tmp) : inproc;
+      const failures = (await runCase(reg, shapes, runner, `${tmp}/reg${i}`)).filter((f) => !f.soft);
       assert.deepEqual(failures, [], describe({ recipe: reg, notes: [reg.why], failures, runs: 0 }));
       if (reg.checkParity) {
         const dir = `${tmp}/reg${i}-check`;

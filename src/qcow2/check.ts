@@ -178,6 +178,7 @@ async function countBitmaps(img: Qcow2Image, refs: RefMap): Promise<void> {
   const dirOff = ext.readUInt32BE(16) * TWO32 + ext.readUInt32BE(20);
   const nb = ext.readUInt32BE(0);
   if (dirSize > 1024 * 65535) return;
+  const fileSize = await img.storage.size();
   refs.inc(dirOff, dirSize);
   const dir = Buffer.alloc(dirSize);
   await img.storage.read(dir, dirOff);
@@ -186,11 +187,14 @@ async function countBitmaps(img: Qcow2Image, refs: RefMap): Promise<void> {
     const tOff = dir.readUInt32BE(off) * TWO32 + dir.readUInt32BE(off + 4);
     const tSize = dir.readUInt32BE(off + 8);
     const nameSize = dir.readUInt16BE(off + 18), extra = dir.readUInt32BE(off + 20);
-    if (tSize <= 0x8000000) {
+    // QEMU's directory entry constraints (BME_MAX_PHYS_SIZE, aligned non-zero table) bound the
+    // table; only the part inside the file is read.
+    if (tSize * img.clusterSize <= 0x20000000 && tOff !== 0 && tOff % img.clusterSize === 0) {
       refs.inc(tOff, tSize * 8);
-      const t = Buffer.alloc(tSize * 8);
+      const n = Math.max(0, Math.min(tSize, Math.floor((fileSize - tOff) / 8)));
+      const t = Buffer.alloc(n * 8);
       await img.storage.read(t, tOff);
-      for (let k = 0; k < tSize; k++) {
+      for (let k = 0; k < n; k++) {
         const d = (t.readUInt32BE(k * 8) & 0x00ffffff) * TWO32 + (t.readUInt32BE(k * 8 + 4) & 0xfffffe00);
         if (d) refs.inc(d, img.clusterSize);
       }
