@@ -152,7 +152,15 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
         continue;
       }
       const b = buf.subarray(0, j.length);
-      await j.src.read(b, j.srcOffset);
+      try {
+        await j.src.read(b, j.srcOffset);
+      } catch (e) {
+        // Pass the turn on, or the jobs queued behind this one would wait forever.
+        failure ??= new Error(`error while reading at byte ${j.dstOffset}: ${e instanceof Error ? e.message : String(e)}`);
+        await waitTurn(j.seq);
+        endTurn(j.seq);
+        return;
+      }
       await waitTurn(j.seq);
       try {
         await writeData(j, b);

@@ -44,15 +44,21 @@ class RefMap {
   }
 }
 
-const hex16 = (hi: number, lo: number): string => (hi * TWO32 + lo).toString(16).padStart(16, '0');
+/** A 64-bit entry from its two halves as QEMU's PRIx64 (no padding). */
+const hex = (hi: number, lo: number): string => ((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)).toString(16);
 
 async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset: number, l1Size: number, active: boolean, report: (l: string) => void): Promise<void> {
   const cs = img.clusterSize;
   refs.inc(l1Offset, l1Size * 8);
   const l1 = active ? img.l1 : await img.readL1Table(l1Offset, l1Size);
-  let nextContiguous = 0;
   for (let i = 0; i < l1Size; i++) {
     const { offset: l2Off } = readL1(l1, i);
+    const l1Hi = l1.readUInt32BE(i * 8), l1Lo = l1.readUInt32BE(i * 8 + 4);
+    // QEMU's L1E_RESERVED_MASK (0x7f000000000001ff).
+    if ((l1Hi & 0x7f000000) !== 0 || (l1Lo & 0x1ff) !== 0) {
+      report(`ERROR found L1 entry with reserved bits set: ${hex(l1Hi, l1Lo)}`);
+      res.corruptions++;
+    }
     if (!l2Off) continue;
     if (l2Off % cs !== 0) {
       report(`ERROR l2_offset=${l2Off.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
@@ -62,9 +68,34 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
     refs.inc(l2Off, cs);
     if (l2Off >= refs.nbClusters * cs) continue;
     const t = await img.readTable(l2Off);
+    // Fragmentation is counted within each L2 table, as QEMU's check_refcounts_l2.
+    let nextContiguous = 0;
     for (let j = 0; j < img.l2Entries; j++) {
       const e = readL2(t, j, img.geo);
+      const bitmapBits = (e.allocBits | e.zeroBits) !== 0;
+      // QEMU's L2E_STD_RESERVED_MASK (0x3f000000000001fe), for standard descriptors.
+      if (e.type !== ClusterType.Compressed && ((e.hi & 0x3f000000) !== 0 || (e.lo & 0x1fe) !== 0)) {
+        report(`ERROR found l2 entry with reserved bits set: ${hex(e.hi, e.lo)}`);
+        res.corruptions++;
+      }
+      if (e.type === ClusterType.Compressed && bitmapBits) {
+        report(`ERROR compressed cluster ${j} with non-zero subcluster allocation bitmap, entry=0x${hex(e.hi, e.lo)}`);
+        res.corruptions++;
+        continue;
+      }
+      if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.allocBits & e.zeroBits) !== 0) {
+        res.corruptions++;
+        report(`ERROR offset=${e.host.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+      }
+      if (e.type === ClusterType.Unallocated && e.allocBits !== 0) {
+        res.corruptions++;
+        report('ERROR: Unallocated cluster has non-zero subcluster allocation map');
+      }
       if (e.type === ClusterType.Compressed) {
+        if ((e.hi & 0x80000000) !== 0) { // readL2 drops the flag for compressed entries
+          report(`ERROR: coffset=0x${e.cOffset.toString(16)}: copied flag must never be set for compressed clusters`);
+          res.corruptions++;
+        }
         refs.inc(e.cOffset & ~511, e.cLength + (e.cOffset & 511));
         if (active) {
           res.allocatedClusters++;
@@ -105,19 +136,37 @@ async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) =>
   }
   const rc = img.refcounts;
   refs.inc(rc.tableOffset, rc.tableClusters * cs);
+  // Refcount blocks, in QEMU's order of checks (check_refblocks); each of these needs a rebuild.
+  const raw = Buffer.alloc(rc.table.length * 8);
+  await img.storage.read(raw, rc.tableOffset);
   rc.table.forEach((bo, i) => {
-    if (bo === 0) return;
-    if (bo < 0 || bo % cs !== 0) {
-      report(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+    if ((raw.readUInt32BE(i * 8 + 4) & 0x1ff) !== 0) {
+      report(`ERROR refcount table entry ${i} has reserved bits set`);
       res.corruptions++;
+      res.needsRebuild = true;
       return;
     }
-    if (bo / cs >= refs.nbClusters) {
+    if (bo === 0) return;
+    const beyond = raw.readUInt32BE(i * 8) >>> 24 !== 0; // offset >= 2^56
+    if (!beyond && (bo < 0 || bo % cs !== 0)) {
+      report(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+      res.corruptions++;
+      res.needsRebuild = true;
+      return;
+    }
+    if (beyond || bo / cs >= refs.nbClusters) {
       report(`ERROR refcount block ${i} is outside image`);
       res.corruptions++;
+      res.needsRebuild = true;
       return;
     }
     refs.inc(bo, cs);
+    const n = refs.counts[bo / cs];
+    if (n !== 1) {
+      report(`ERROR refcount block ${i} refcount=${n}`);
+      res.corruptions++;
+      res.needsRebuild = true;
+    }
   });
   return refs;
 }
@@ -129,6 +178,7 @@ async function countBitmaps(img: Qcow2Image, refs: RefMap): Promise<void> {
   const dirOff = ext.readUInt32BE(16) * TWO32 + ext.readUInt32BE(20);
   const nb = ext.readUInt32BE(0);
   if (dirSize > 1024 * 65535) return;
+  const fileSize = await img.storage.size();
   refs.inc(dirOff, dirSize);
   const dir = Buffer.alloc(dirSize);
   await img.storage.read(dir, dirOff);
@@ -137,11 +187,14 @@ async function countBitmaps(img: Qcow2Image, refs: RefMap): Promise<void> {
     const tOff = dir.readUInt32BE(off) * TWO32 + dir.readUInt32BE(off + 4);
     const tSize = dir.readUInt32BE(off + 8);
     const nameSize = dir.readUInt16BE(off + 18), extra = dir.readUInt32BE(off + 20);
-    if (tSize <= 0x8000000) {
+    // QEMU's directory entry constraints (BME_MAX_PHYS_SIZE, aligned non-zero table) bound the
+    // table; only the part inside the file is read.
+    if (tSize * img.clusterSize <= 0x20000000 && tOff !== 0 && tOff % img.clusterSize === 0) {
       refs.inc(tOff, tSize * 8);
-      const t = Buffer.alloc(tSize * 8);
+      const n = Math.max(0, Math.min(tSize, Math.floor((fileSize - tOff) / 8)));
+      const t = Buffer.alloc(n * 8);
       await img.storage.read(t, tOff);
-      for (let k = 0; k < tSize; k++) {
+      for (let k = 0; k < n; k++) {
         const d = (t.readUInt32BE(k * 8) & 0x00ffffff) * TWO32 + (t.readUInt32BE(k * 8 + 4) & 0xfffffe00);
         if (d) refs.inc(d, img.clusterSize);
       }
@@ -160,7 +213,7 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
     if (!l2Off || l2Off % cs) continue;
     const rc = await img.refcounts.get(l2Off / cs);
     if ((rc === 1) !== copied) {
-      report(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${(hi * TWO32 + lo).toString(16)} refcount=${rc}`);
+      report(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(hi, lo)} refcount=${rc}`);
       res.corruptions++;
     }
     if (l2Off / cs >= fileClusters) continue;
@@ -170,7 +223,7 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
       if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && e.host % cs === 0) {
         const r = await img.refcounts.get(e.host / cs);
         if ((r === 1) !== e.copied) {
-          report(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex16(e.hi, e.lo)} refcount=${r}`);
+          report(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex(e.hi, e.lo)} refcount=${r}`);
           res.corruptions++;
         }
       }

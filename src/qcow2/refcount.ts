@@ -136,6 +136,14 @@ export class Refcounts {
    * are created as needed. Changed block bytes are written before returning.
    */
   async update(ci: number, n: number, delta: number): Promise<void> {
+    if (delta < 0) {
+      // A decrement never creates blocks: a cluster no block covers has refcount 0 (QEMU: EINVAL,
+      // or EFBIG past the largest refcount table).
+      for (let ti = Math.floor(ci / this.perBlock); ti <= Math.floor((ci + n - 1) / this.perBlock); ti++) {
+        if (ti >= (8 * 1024 * 1024) / 8) throw new ImageError('File too large', 'EFBIG');
+        if (ti >= this.table.length || this.table[ti] === 0) throw new ImageError('Invalid argument', 'EINVAL');
+      }
+    }
     let i = ci;
     const end = ci + n;
     while (i < end) {
@@ -209,6 +217,11 @@ export class Refcounts {
     // first cluster of its own range, so it describes itself (no recursion into other blocks).
     const bi = ti * this.perBlock;
     const bo = bi * this.clusterSize;
+    // Only a corrupt table lacks the block covering the header or the table itself: never write there.
+    const hitsTable = bo < this.tableOffset + this.tableClusters * this.clusterSize && this.tableOffset < bo + this.clusterSize;
+    if (bo === 0 || hitsTable) {
+      throw new CorruptionError(`Preventing invalid write on metadata (overlaps with ${bo === 0 ? 'qcow2_header' : 'refcount table'})`);
+    }
     const nb = Buffer.alloc(this.clusterSize);
     this.writeEntry(nb, 0, 1);
     await this.storage.write(nb, bo);
@@ -231,6 +244,7 @@ export class Refcounts {
     const fileClusters = Math.ceil((await this.storage.size()) / cs);
     const start = Math.max(fileClusters, this.coveredClusters());
     // The new area: [new blocks for uncovered table indices][new table]. Iterate to a fixed point.
+    if (minEntries * 8 > 8 * 1024 * 1024) throw new ImageError('Reference count table too large');
     let entries = Math.max(minEntries, Math.ceil(this.table.length * 1.5));
     let tableClusters = 0, newBlocks = 0, areaEnd = 0;
     for (;;) {
@@ -311,16 +325,17 @@ export class Refcounts {
 
   /** Allocate `n` contiguous clusters (refcount 1, on disk) and return the host offset of the first. */
   async alloc(n: number): Promise<number> {
-    const ci = await this.findFree(n);
-    await this.update(ci, n, 1);
-    // A new refcount block may have been placed inside the range we chose; if so, retry.
-    for (let k = 0; k < n; k++) {
-      if ((await this.get(ci + k)) !== 1) {
-        await this.update(ci, n, -1);
-        return this.alloc(n);
-      }
+    // A new refcount block may be placed inside the range we chose; then retry. Each retry moves
+    // past a new block, so a range that will not settle means the refcounts are inconsistent.
+    for (let attempt = 0; attempt < 64; attempt++) {
+      const ci = await this.findFree(n);
+      await this.update(ci, n, 1);
+      let ok = true;
+      for (let k = 0; k < n && ok; k++) ok = (await this.get(ci + k)) === 1;
+      if (ok) return ci * this.clusterSize;
+      await this.update(ci, n, -1);
     }
-    return ci * this.clusterSize;
+    throw new CorruptionError('Cannot allocate clusters: inconsistent refcounts');
   }
 
   /**

@@ -110,7 +110,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
     }
   } catch (e) {
     const msg = asCliError(e).message;
-    if (e instanceof CliError || msg.startsWith('Could not open') || msg.includes(': error while')) throw e instanceof CliError ? e : new CliError(msg);
+    if (e instanceof CliError || msg.startsWith('Could not open') || msg.includes(': error while') || msg.startsWith('error while reading')) throw e instanceof CliError ? e : new CliError(msg);
     throw new CliError(`error while writing at byte 0: ${msg}`);
   } finally {
     for (const s of sources) await s.close().catch(() => {});
