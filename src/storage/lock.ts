@@ -46,11 +46,22 @@ export function lockImage(fd: number, name: string, mode: LockMode): void {
   }
   // A byte is "held by someone else" when /proc/locks lists more holders of it than our own
   // lock (QEMU asks F_OFD_GETLK, which Node cannot; a write-lock probe would need a writable fd).
-  const held = lockHolders(fd);
-  const othersHold = (b: number): boolean => (held.get(b) ?? 0) > (mine.includes(b) ? 1 : 0);
-  for (const i of hold) if (othersHold(SHARED_BASE + i)) fail(`Failed to get "${PERM_NAMES[i]}" lock`);
-  for (const i of unshared) if (othersHold(PERM_BASE + i)) fail(`Failed to get shared "${PERM_NAMES[i]}" lock`);
+  // A lock of a file description closed an instant ago can still be listed; a conflict is
+  // only reported when it persists over a few short re-reads (about 50 ms in all).
+  let conflict: string | null = null;
+  for (let attempt = 0; attempt < 6; attempt++) {
+    if (attempt) Atomics.wait(SLEEP, 0, 0, 10);
+    const held = lockHolders(fd);
+    const othersHold = (b: number): boolean => (held.get(b) ?? 0) > (mine.includes(b) ? 1 : 0);
+    conflict = null;
+    for (const i of hold) if (!conflict && othersHold(SHARED_BASE + i)) conflict = `Failed to get "${PERM_NAMES[i]}" lock`;
+    for (const i of unshared) if (!conflict && othersHold(PERM_BASE + i)) conflict = `Failed to get shared "${PERM_NAMES[i]}" lock`;
+    if (!conflict) return;
+  }
+  fail(conflict as string);
 }
+
+const SLEEP = new Int32Array(new SharedArrayBuffer(4));
 
 /** Number of locks per byte in QEMU's ranges on the file behind `fd`, from /proc/locks. */
 function lockHolders(fd: number): Map<number, number> {
