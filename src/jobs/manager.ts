@@ -77,7 +77,15 @@ export class JobManager {
     const between = layers.slice(0, base ? layers.indexOf(base) : layers.length).map((n) => n.name);
     const job = this.common(a, top, 'stream', between);
     const { work, prepare } = streamWork(this.graph, { top, base, backingFile: optStr(a, 'backing-file') });
-    job.start(work, prepare);
+    // The backing link changes with the top's exports drained (no request sees half a change).
+    job.start(work, async () => {
+      const undrain = await this.host.drain(top.name);
+      try {
+        await prepare();
+      } finally {
+        undrain();
+      }
+    });
   }
 
   commit(a: Args): void {
