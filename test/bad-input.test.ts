@@ -146,60 +146,6 @@ const KNOWN_DIFFERENCES: Record<string, Known> = {
     'qemu "Reference count table offset invalid"; we "Image is too big"',
   '1 PiB sparse image (2Mi L1 entries beyond EOF)':
     'check: we print one "region exceeding the end of the file" line per cluster (hundreds to 80k lines); qemu one line per table',
-  'qemu-img create -f qcow2 x.qcow2 9223372036854775807':
-    'qemu "Could not resize image: Image size cannot be negative"; we "Invalid image size specified"',
-  'qemu-img create -f qcow2 -o size=1Q x.qcow2':
-    'qemu prefixes the file name ("x.qcow2: Parameter ..."); we print the message without it',
-  'qemu-img create -f qcow2 -o cluster_size=abc x.qcow2 1M':
-    'qemu prefixes the file name ("x.qcow2: Parameter ..."); we print the message without it',
-  'qemu-img create -f qcow2 -o cluster_size=-1 x.qcow2 1M':
-    'qemu prefixes the file name ("x.qcow2: Parameter ..."); we print the message without it',
-  'qemu-img create -f qcow2 -o compat=2.0 x.qcow2 1M':
-    'qemu "Parameter \'version\' does not accept value \'2.0\'"; we "Invalid compatibility level: \'2.0\'"',
-  'qemu-img create -f qcow2 -o extended_l2=maybe x.qcow2 1M':
-    'we print "Formatting \'x.qcow2\', ..." on stdout before failing; qemu prints nothing',
-  'qemu-img create -f qcow2 -o "lazy_refcounts=yes please" x.qcow2 1M':
-    'we print "Formatting \'x.qcow2\', ..." on stdout before failing; qemu prints nothing',
-  'qemu-img create -f qcow2 -o preallocation=bogus x.qcow2 1M':
-    'qemu "Parameter \'preallocation\' does not accept value \'bogus\'"; we "Invalid parameter \'bogus\'"',
-  'qemu-img create -f qcow2 -o data_file_raw=on x.qcow2 1M':
-    'qemu "data-file-raw requires data-file"; we "External data files are not supported by qchain"',
-  'qemu-img create -f qcow2 -o foo=1 x.qcow2 1M':
-    'qemu prefixes the file name ("x.qcow2: Parameter ..."); we print the message without it',
-  'qemu-img create -f qcow2 -o cluster_size x.qcow2 1M':
-    'qemu prefixes the file name ("x.qcow2: Parameter ..."); we print the message without it',
-  'qemu-img create -f qcow2 -o cluster_size=64k,, x.qcow2 1M':
-    'qemu prefixes the file name ("x.qcow2: Parameter ..."); we print the message without it',
-  'qemu-img create -f vmdk x.img 1M':
-    'qemu "x.img: Unknown file format \'vmdk\'"; we omit the "x.img: " prefix',
-  'qemu-img create -f nosuchfmt x.img 1M':
-    'qemu "x.img: Unknown file format \'nosuchfmt\'"; we omit the "x.img: " prefix',
-  'qemu-img create -f qcow2 -b ok.qcow2 -F nosuchfmt x.qcow2':
-    'qemu "x.qcow2: Unknown driver \'nosuchfmt\'"; we "Unknown file format \'nosuchfmt\'"',
-  'qemu-img create -f qcow2 nodir/x.qcow2 1M':
-    'qemu "Could not create \'nodir/x.qcow2\': No such file or directory"; we "nodir/x.qcow2: No such file or directory"',
-  'qemu-img create -f qcow2 adir 1M':
-    'qemu "adir: Could not create \'adir\': Is a directory"; we "adir: Is a directory"',
-  'qemu-img info --output=xml ok.qcow2':
-    'we add "Try \'qemu-img --help\' for more information"; qemu prints only the --output line',
-  'qemu-img info -f nosuchfmt ok.qcow2':
-    'qemu "Could not open \'ok.qcow2\': Unknown driver \'nosuchfmt\'"; we "Unknown file format \'nosuchfmt\'"',
-  'qemu-img info ""':
-    'qemu "The \'file\' block driver requires a file name"; we "No such file or directory"',
-  'qemu-img check --output=xml ok.qcow2':
-    'we add "Try \'qemu-img --help\' for more information"; qemu prints only the --output line',
-  'qemu-img map --output=xml ok.qcow2':
-    'we add "Try \'qemu-img --help\' for more information"; qemu prints only the --output line',
-  'qemu-img convert':
-    'qemu "Must specify image file name"; we "Expecting at least one source and one target"',
-  'qemu-img convert ok.qcow2':
-    'qemu "Must specify image file name"; we "Expecting at least one source and one target"',
-  'qemu-img convert -O qcow2 -o foo=1 ok.qcow2 out.qcow2':
-    'qemu fails "Invalid parameter \'foo\'"; we ignore the option and succeed',
-  'qemu-img convert -O qcow2 -S -1 ok.qcow2 out.qcow2':
-    'qemu\'s message continues "You may use k, M, G, T, P or E suffixes..."; we stop after "specified"',
-  'qemu-img bogus':
-    'qemu adds "Try \'qemu-img --help\' for more information"; we print only "Command not found: bogus"',
 };
 
 // ------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ export async function probeFormat(storage: Storage): Promise<ImageFormat> {
 }
 
 async function openStorage(file: string, readOnly: boolean, lock: LockMode): Promise<FileStorage> {
+  if (file === '') throw new ImageError("Could not open '': The 'file' block driver requires a file name");
   try {
     return await FileStorage.open(file, { readOnly, lock });
   } catch (e) {

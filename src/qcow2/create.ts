@@ -52,10 +52,12 @@ export function validateCreateOptions(o: Qcow2CreateOptions): Required<Omit<Qcow
     throw new ImageError('Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)');
   }
   if (o.backingFile && !o.backingFormat) throw new ImageError('Backing file specified without backing format');
-  if (o.size < 0 || !Number.isSafeInteger(o.size)) throw new ImageError('Invalid image size specified');
+  if (o.size < 0) throw new ImageError('Invalid image size specified');
   const l2Entries = clusterSize / (o.extendedL2 ? 16 : 8);
   const l1Size = Math.ceil(o.size / (clusterSize * l2Entries));
-  if (l1Size * 8 > C.MAX_L1_SIZE) throw new ImageError('The image size is too large (try using a larger cluster size)');
+  if (l1Size * 8 > C.MAX_L1_SIZE) throw new ImageError("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+  // Guest offsets are exact JavaScript integers: qchain's own limit, below QEMU's (2^61 with 2 MiB clusters).
+  if (!Number.isSafeInteger(Math.ceil(o.size / 512) * 512)) throw new ImageError('Image sizes above 8 PiB (2^53 bytes) are not supported by qchain');
   return {
     size: Math.ceil(o.size / 512) * 512, clusterSize, version, refcountBits, lazyRefcounts: !!o.lazyRefcounts, extendedL2: !!o.extendedL2,
     compressionType, backingFile: o.backingFile ?? null, backingFormat: o.backingFormat ?? null, preallocation: o.preallocation ?? 'off',

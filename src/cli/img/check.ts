@@ -2,7 +2,7 @@
 import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { formatFixed } from '../util/printf.js';
-import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, PROG, formatArg, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
+import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, PROG, sourceFormat, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { checkImage, type CheckResult, type FixMode } from '../../qcow2/check.js';
 import type { ImageFormat } from '../../chain/open.js';
@@ -44,13 +44,13 @@ function humanResult(r: CheckResult): string {
 
 export async function checkMain(argv: string[], ctx: CliContext): Promise<number> {
   const { opts, rest } = parseArgs(argv, ':hf:r:T:qU', [HELP, FORMAT, { name: 'repair', hasArg: 'required', val: 'r' }, OUTPUT, OBJECT, IMAGE_OPTS, FORCE_SHARE]);
-  let fmt: ImageFormat | undefined, output: 'human' | 'json' = 'human', quiet = false;
+  let fmt: string | undefined, output: 'human' | 'json' = 'human', quiet = false;
   let fix: FixMode | null = null;
   let forceShare = false;
   for (const o of opts) {
     switch (o.opt) {
       case 'h': ctx.stdout.write('usage: qchain img check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-U] filename\n'); return 0;
-      case 'f': fmt = formatArg(o.arg as string); break;
+      case 'f': fmt = o.arg as string; break;
       case 'U': forceShare = true; break;
       case 'r':
         if (o.arg === 'leaks') fix = { leaks: true, errors: false };
@@ -63,7 +63,7 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
     }
   }
   const file = oneFile(rest);
-  const chain = await open(file, { format: fmt, readOnly: !fix, noBacking: true, noRepair: true, forceShare }, ctx);
+  const chain = await open(file, { format: sourceFormat(file, fmt), readOnly: !fix, noBacking: true, noRepair: true, forceShare }, ctx);
   const report = (l: string): void => { ctx.stderr.write(`${l}\n`); };
   try {
     const img = chain.top;

@@ -36,9 +36,18 @@ export function formatArg(name: string): ImageFormat {
   return name;
 }
 
+/**
+ * A source image's `-f` name, checked when the image is opened (qemu-img names the file:
+ * "Could not open 'x': Unknown driver 'y'").
+ */
+export function sourceFormat(file: string, name: string | undefined): ImageFormat | undefined {
+  if (name !== undefined && !isFormat(name)) throw new CliError(`Could not open '${file}': Unknown driver '${name}'`);
+  return name;
+}
+
 export function outputArg(v: string): 'human' | 'json' {
   if (v === 'human' || v === 'json') return v;
-  throw new UsageError(`--output must be used with human or json as argument.`);
+  throw new CliError(`--output must be used with human or json as argument.`);
 }
 
 /** Open a chain, turning library errors into one-line CLI errors. */

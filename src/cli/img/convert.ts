@@ -33,17 +33,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       case 'F': backingFmt = a; break;
       case 'c': compress = true; break;
       case 'o': optstr = accumulateOptions(optstr, a); break;
-      case 'S': {
-        let v: number;
-        try {
-          v = parseSize(a, { name: 'buffer size for sparse output' });
-        } catch {
-          throw new CliError('Invalid buffer size for sparse output specified');
-        }
-        if (v % 512 !== 0 || v > 2 ** 31) throw new CliError('Invalid buffer size for sparse output specified');
-        sparse = v;
-        break;
-      }
+      case 'S': sparse = sparseSizeArg(a); break;
       case 'p': progress = true; break;
       case 'q': progress = false; break;
       case 'n': noCreate = true; break;
@@ -64,7 +54,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
     const { createMain } = await import('./create.js');
     return createMain(['-f', outFmt, '-o', optstr], ctx);
   }
-  if (rest.length < 2) throw new UsageError('Expecting at least one source and one target');
+  if (rest.length < 2) throw new CliError('Must specify image file name');
   if (backing !== undefined && !backingFmt) throw new CliError('Use of backing file requires explicit backing format');
   if (compress) {
     const prealloc = optstr !== undefined ? new Map(parseOptString(optstr)).get('preallocation') : undefined;
@@ -72,6 +62,9 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
     if (prealloc !== undefined && prealloc !== 'off') throw new CliError('Compression and preallocation not supported at the same time');
   }
   if (targetIsZero && !noCreate) throw new CliError('--target-is-zero requires use of -n flag');
+  const { parseCreateOptions } = await import('./create.js');
+  if (noCreate && optstr !== undefined) throw new CliError('-o has no effect when skipping image creation');
+  parseCreateOptions(outFmt, optstr);
   const target = rest[rest.length - 1];
   const srcNames = rest.slice(0, -1);
   if (backing !== undefined && srcNames.length > 1) throw new CliError('Specifying backing image makes no sense when concatenating multiple input images');
@@ -152,4 +145,19 @@ async function createTarget(file: string, fmt: ImageFormat, size: number, optstr
   } finally {
     await st.close().catch(() => {});
   }
+}
+
+/** `-S`: qemu-img's sparse detection size (a multiple of 512 up to 16 MiB; 0 disables). */
+function sparseSizeArg(a: string): number {
+  let v: number;
+  try {
+    v = parseSize(a, { name: 'buffer size for sparse output' });
+  } catch {
+    throw new CliError('Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for\n' +
+      'kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.');
+  }
+  if (v % 512 !== 0 || v > 16 * 1024 * 1024) {
+    throw new CliError('Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).');
+  }
+  return v;
 }

@@ -2,7 +2,7 @@
 import type { CliContext } from '../context.js';
 import { UsageError } from '../util/errors.js';
 import { sizeToStr } from '../util/human.js';
-import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, formatArg, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
+import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, sourceFormat, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
 import type { Chain } from '../../chain/chain.js';
 import type { BlockDriver } from '../../image/driver.js';
 import { Qcow2Image } from '../../qcow2/image.js';
@@ -109,12 +109,12 @@ function humanBitmaps(list: BitmapInfo[]): string[] {
 
 export async function infoMain(argv: string[], ctx: CliContext): Promise<number> {
   const { opts, rest } = parseArgs(argv, ':f:hU', [HELP, FORMAT, OUTPUT, { name: 'backing-chain', hasArg: 'no', val: 'CHAIN' }, OBJECT, IMAGE_OPTS, FORCE_SHARE]);
-  let fmt: ImageFormat | undefined, output: 'human' | 'json' = 'human', chainMode = false;
+  let fmt: string | undefined, output: 'human' | 'json' = 'human', chainMode = false;
   let forceShare = false;
   for (const o of opts) {
     switch (o.opt) {
       case 'h': ctx.stdout.write('usage: qchain img info [-f fmt] [--output=ofmt] [--backing-chain] [-U] filename\n'); return 0;
-      case 'f': fmt = formatArg(o.arg as string); break;
+      case 'f': fmt = o.arg as string; break;
       case 'U': forceShare = true; break;
       case 'OUTPUT': output = outputArg(o.arg as string); break;
       case 'CHAIN': chainMode = true; break;
@@ -122,7 +122,7 @@ export async function infoMain(argv: string[], ctx: CliContext): Promise<number>
     }
   }
   const file = oneFile(rest);
-  const chain: Chain = await open(file, { format: fmt, readOnly: true, noBacking: !chainMode, noRepair: true, forceShare }, ctx);
+  const chain: Chain = await open(file, { format: sourceFormat(file, fmt), readOnly: true, noBacking: !chainMode, noRepair: true, forceShare }, ctx);
   try {
     const infos: Record<string, unknown>[] = [];
     for (const l of chain.layers) infos.push(await imageInfo(l.driver, l.filename));

@@ -61,7 +61,7 @@ export async function imgMain(argv: string[], ctx: CliContext): Promise<number> 
   }
   const loader = COMMANDS[cmd];
   if (!loader) {
-    ctx.stderr.write(`${PROG}: Command not found: ${cmd}\n`);
+    ctx.stderr.write(`${PROG}: Command not found: ${cmd}\nTry '${PROG} --help' for more information\n`);
     return 1;
   }
   try {

@@ -2,7 +2,7 @@
 import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { parseSize } from '../util/options.js';
-import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, formatArg, oneFile, open, outputArg, parseArgs } from './common.js';
+import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, sourceFormat, oneFile, open, outputArg, parseArgs } from './common.js';
 import type { Chain, ChainExtent } from '../../chain/chain.js';
 import type { ImageFormat } from '../../chain/open.js';
 
@@ -62,13 +62,13 @@ const hex = (n: number): string => (n === 0 ? '0' : `0x${n.toString(16)}`);
 export async function mapMain(argv: string[], ctx: CliContext): Promise<number> {
   const { opts, rest } = parseArgs(argv, ':f:hU', [HELP, FORMAT, OUTPUT, OBJECT, IMAGE_OPTS, FORCE_SHARE,
     { name: 'start-offset', hasArg: 'required', val: 'START' }, { name: 'max-length', hasArg: 'required', val: 'MAXLEN' }]);
-  let fmt: ImageFormat | undefined, output: 'human' | 'json' = 'human';
+  let fmt: string | undefined, output: 'human' | 'json' = 'human';
   let start = 0, maxLen = Number.MAX_SAFE_INTEGER;
   let forceShare = false;
   for (const o of opts) {
     switch (o.opt) {
       case 'h': ctx.stdout.write('usage: qchain img map [-f fmt] [--start-offset=offset] [--max-length=len] [--output=ofmt] [-U] filename\n'); return 0;
-      case 'f': fmt = formatArg(o.arg as string); break;
+      case 'f': fmt = o.arg as string; break;
       case 'U': forceShare = true; break;
       case 'OUTPUT': output = outputArg(o.arg as string); break;
       case 'START': start = parseSize(o.arg as string, { name: 'start offset' }); break;
@@ -77,7 +77,7 @@ export async function mapMain(argv: string[], ctx: CliContext): Promise<number> 
     }
   }
   const file = oneFile(rest);
-  const chain = await open(file, { format: fmt, readOnly: true, forceShare }, ctx);
+  const chain = await open(file, { format: sourceFormat(file, fmt), readOnly: true, forceShare }, ctx);
   try {
     if (output === 'json') {
       let first = true;
