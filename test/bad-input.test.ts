@@ -116,24 +116,6 @@ const KNOWN_DIFFERENCES: Record<string, Known> = {
     'check: "region exceeding the end of the file" lines differ from qemu\'s (we report whole clusters, qemu the exact table size)',
   'v2 image truncated to 72 bytes':
     'check: "region exceeding the end of the file" lines differ from qemu\'s (we report whole clusters, qemu the exact table size)',
-  'directory instead of a file':
-    'qemu "\'file\' driver requires \'img.qcow2\' to be a regular file"; we "Is a directory"',
-  'missing backing file':
-    'check: qemu fails "Could not open backing file", we succeed; info --backing-chain: qemu names the backing file directly, we nest it under the overlay',
-  'backing loop a -> b -> a':
-    'check: qemu hangs (expected failure "... creates an infinite loop"); we succeed',
-  'backing self loop':
-    'check: qemu hangs (expected failure "... creates an infinite loop"); we succeed',
-  'backing file is a directory':
-    'check: qemu fails, we succeed; qemu "\'file\' driver requires \'sub\' to be a regular file", we "Could not open \'sub\': Is a directory"',
-  'backing file is garbage (format qcow2)':
-    'check: qemu fails, we succeed; qemu "Could not open backing file: Image is not in qcow2 format", we add "Could not open \'base.qcow2\': "',
-  'backing file with a bad header':
-    'check: qemu fails, we succeed; qemu "Could not open backing file: Active L1 table too large", we add "Could not open \'base.qcow2\': "',
-  'backing name with a NUL byte':
-    'qemu cuts the name at the NUL ("Could not open \'base\': No such file or directory"); we keep it; check succeeds where qemu fails',
-  'deep chain of 40 overlays, last one missing':
-    'check: qemu fails on the missing c40.qcow2, we succeed; info --backing-chain: qemu names c40.qcow2 directly, we nest 40 levels',
   'l1_size 4Mi entries at an offset beyond EOF':
     'check: we print one "region exceeding the end of the file" line per cluster (hundreds to 80k lines); qemu one line per table',
   'refcount_table_clusters 128 (8 MiB) beyond EOF':

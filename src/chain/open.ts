@@ -64,7 +64,7 @@ async function openStorage(file: string, readOnly: boolean, lock: LockMode): Pro
     return await FileStorage.open(file, { readOnly, lock });
   } catch (e) {
     // Lock conflicts are named by the caller (QEMU prefixes them once, or not at all for backing files).
-    if (e instanceof StorageError && e.code === 'ELOCKED') throw new ImageError(e.message, e.code);
+    if (e instanceof StorageError && (e.code === 'ELOCKED' || e.code === 'ENOTREG')) throw new ImageError(e.message, e.code);
     if (e instanceof StorageError) throw new ImageError(`Could not open '${file}': ${e.message}`, e.code);
     throw e;
   }
@@ -117,6 +117,7 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
       top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, lock: lockFor(!!opts.readOnly) });
     } catch (e) {
       if (e instanceof ImageError && e.errno === 'ELOCKED') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
+      if (e instanceof ImageError && e.errno === 'ENOTREG') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
       // qemu-img names the file twice when the file itself cannot be opened (the block layer and
       // the protocol driver both prefix it); format errors are named once.
       if (e instanceof ImageError && e.errno && e.errno !== 'EIO' && e.message.startsWith(`Could not open '${file}': `) &&
@@ -151,7 +152,12 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
         const writable = !!opts.writableDepths?.has(layers.length);
         opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable) });
       } catch (e) {
-        if (e instanceof ImageError) throw new ImageError(`Could not open '${file}': ${prefix}${e.message}`, e.errno);
+        if (e instanceof ImageError) {
+          // A backing file's format errors are not named again (its file errors are).
+          const own = `Could not open '${name}': `;
+          const msg = !e.errno && e.message.startsWith(own) ? e.message.slice(own.length) : e.message;
+          throw new ImageError(`Could not open '${file}': ${prefix}${msg}`, e.errno);
+        }
         throw e;
       }
       const layer = { driver: opened.driver, filename: name };

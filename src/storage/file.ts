@@ -85,7 +85,7 @@ export class FileStorage implements Storage {
       const st = fs.fstatSync(fd);
       if (st.isDirectory()) {
         fs.closeSync(fd);
-        throw Object.assign(new Error('dir'), { code: 'EISDIR' });
+        throw new StorageError(`'file' driver requires '${path}' to be a regular file`, 'ENOTREG');
       }
       try {
         lockImage(fd, path, opts.lock ?? 'none');

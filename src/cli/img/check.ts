@@ -63,7 +63,7 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
     }
   }
   const file = oneFile(rest);
-  const chain = await open(file, { format: sourceFormat(file, fmt), readOnly: !fix, noBacking: true, noRepair: true, forceShare }, ctx);
+  const chain = await open(file, { format: sourceFormat(file, fmt), readOnly: !fix, noRepair: true, forceShare }, ctx);
   const report = (l: string): void => { ctx.stderr.write(`${l}\n`); };
   try {
     const img = chain.top;

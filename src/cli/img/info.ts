@@ -1,14 +1,14 @@
 /** `qemu-img info`: human and JSON descriptions identical to qemu-img 7.2's. */
 import type { CliContext } from '../context.js';
-import { UsageError } from '../util/errors.js';
+import { CliError, UsageError } from '../util/errors.js';
 import { sizeToStr } from '../util/human.js';
-import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, sourceFormat, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
+import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, sourceFormat, asCliError, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
 import type { Chain } from '../../chain/chain.js';
 import type { BlockDriver } from '../../image/driver.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import type { Snapshot } from '../../qcow2/snapshot-table.js';
 import type { BitmapInfo } from '../../qcow2/bitmaps.js';
-import { fullBackingName } from '../../chain/resolve.js';
+import { combinePath, fullBackingName, plainBackingName } from '../../chain/resolve.js';
 import type { ImageFormat } from '../../chain/open.js';
 
 /** The ImageInfo object, keys in the order qemu-img 7.2 prints them. */
@@ -122,14 +122,37 @@ export async function infoMain(argv: string[], ctx: CliContext): Promise<number>
     }
   }
   const file = oneFile(rest);
-  const chain: Chain = await open(file, { format: sourceFormat(file, fmt), readOnly: true, noBacking: !chainMode, noRepair: true, forceShare }, ctx);
-  try {
-    const infos: Record<string, unknown>[] = [];
-    for (const l of chain.layers) infos.push(await imageInfo(l.driver, l.filename));
-    if (output === 'json') ctx.stdout.write(qemuJson(chainMode ? infos : infos[0]) + '\n');
-    else ctx.stdout.write(chain.layers.map((l, i) => humanInfo(infos[i], l.driver)).join('\n'));
-  } finally {
-    await chain.close();
+  // Each image of the chain is opened on its own (as qemu-img does), so an error names the image
+  // that fails, and a loop is reported when a name comes back.
+  const infos: Record<string, unknown>[] = [];
+  const texts: string[] = [];
+  const seen = new Set<string>();
+  let name = file;
+  let format = sourceFormat(file, fmt);
+  for (;;) {
+    if (seen.has(name)) throw new CliError(`Backing file '${name}' creates an infinite loop.`);
+    seen.add(name);
+    const chain: Chain = await open(name, { format, readOnly: true, noBacking: true, noRepair: true, forceShare }, ctx);
+    let next: string | null;
+    let nextFormat: string | null;
+    try {
+      const info = await imageInfo(chain.top, name);
+      infos.push(info);
+      texts.push(humanInfo(info, chain.top));
+      next = chain.top.backingFile ?? null;
+      nextFormat = chain.top.backingFormat ?? null;
+    } finally {
+      await chain.close();
+    }
+    if (!chainMode || !next) break;
+    try {
+      name = combinePath(name, plainBackingName(next));
+    } catch (e) {
+      throw new CliError(`Could not open '${next}': ${asCliError(e).message}`);
+    }
+    format = nextFormat === null ? undefined : sourceFormat(name, nextFormat);
   }
+  if (output === 'json') ctx.stdout.write(qemuJson(chainMode ? infos : infos[0]) + '\n');
+  else ctx.stdout.write(texts.join('\n'));
   return 0;
 }
