@@ -24,23 +24,27 @@ export interface CheckResult {
 
 export type FixMode = { leaks: boolean; errors: boolean };
 
-/** Counted references per host cluster, bounded by the file size (past-EOF references are errors). */
+/**
+ * Counted references per host cluster of the file. As QEMU's inc_refcounts: the last cluster may
+ * be semi-allocated, so a region may reach less than one cluster past the end of the file; a
+ * region reaching further is one corruption, reported once with its exact offset and size, and
+ * counts nothing.
+ */
 class RefMap {
   readonly counts: Uint32Array;
-  constructor(readonly nbClusters: number, private readonly cs: number, private readonly report: (l: string) => void, private readonly res: CheckResult) {
-    this.counts = new Uint32Array(nbClusters);
+  constructor(readonly nbClusters: number, private readonly fileLen: number, private readonly cs: number,
+    private readonly report: (l: string) => void, private readonly res: CheckResult) {
+    this.counts = new Uint32Array(nbClusters + 1);
   }
   inc(offset: number, size: number): void {
     if (size <= 0) return;
-    const first = Math.floor(offset / this.cs), last = Math.floor((offset + size - 1) / this.cs);
-    for (let c = first; c <= last; c++) {
-      if (c >= this.nbClusters) {
-        this.report(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${(c * this.cs).toString(16)} size 0x${this.cs.toString(16)}`);
-        this.res.corruptions++;
-        continue;
-      }
-      this.counts[c]++;
+    if (offset + size - this.fileLen >= this.cs) {
+      this.report(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${size.toString(16)}`);
+      this.res.corruptions++;
+      return;
     }
+    const first = Math.floor(offset / this.cs), last = Math.floor((offset + size - 1) / this.cs);
+    for (let c = first; c <= last && c < this.counts.length; c++) this.counts[c]++;
   }
 }
 
@@ -123,7 +127,7 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
 async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) => void): Promise<RefMap> {
   const cs = img.clusterSize;
   const fileSize = await img.storage.size();
-  const refs = new RefMap(Math.ceil(fileSize / cs), cs, report, res);
+  const refs = new RefMap(Math.ceil(fileSize / cs), fileSize, cs, report, res);
   refs.inc(0, cs);
   await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report);
   for (const sn of img.snapshots) await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report);
