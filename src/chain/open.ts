@@ -39,6 +39,8 @@ export interface OpenOptions {
   singleFilePrefix?: boolean;
   /** Do not repair a dirty image on read-write open (check does its own). */
   noRepair?: boolean;
+  /** Metadata only: no guest data will be read (QEMU's BDRV_O_NO_IO; `info`). */
+  noIo?: boolean;
   /** Share every permission with other openers (qemu-img -U); only for read-only opens. */
   forceShare?: boolean;
   /** Take no image locks at all (default: QEMU-compatible locks). */
@@ -71,12 +73,12 @@ async function openStorage(file: string, readOnly: boolean, lock: LockMode): Pro
 }
 
 /** Open one image file with a known or probed format. Errors read "Could not open 'F': reason". */
-export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; lock?: LockMode } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
+export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; noIo?: boolean; lock?: LockMode } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
   const storage = await openStorage(file, !!opts.readOnly, opts.lock ?? (opts.readOnly ? 'read' : 'write'));
   try {
     const fmt = opts.format ?? (await probeFormat(storage));
     const driver = fmt === 'qcow2'
-      ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair })
+      ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo })
       : await RawImage.open(storage, { readOnly: opts.readOnly });
     if (driver instanceof RawImage && !opts.format && !driver.readOnly) {
       // A probed raw image must never become something else through guest writes.
@@ -114,7 +116,7 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
   try {
     let top;
     try {
-      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, lock: lockFor(!!opts.readOnly) });
+      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, lock: lockFor(!!opts.readOnly) });
     } catch (e) {
       if (e instanceof ImageError && e.errno === 'ELOCKED') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
       if (e instanceof ImageError && e.errno === 'ENOTREG') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);

@@ -94,6 +94,14 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
 
   readExtensions(buf, h, clusterSize);
 
+  // QEMU's validate_compression_type(), before the feature bits are looked at.
+  if (compressionType > 1) throw new ImageError(`qcow2: unknown compression type: ${compressionType}`);
+  if (((incompatible & BigInt(C.INCOMPAT_COMPRESSION)) !== 0n)) {
+    if (compressionType === 0) throw new ImageError('qcow2: Compression type incompatible feature bit must not be set');
+  } else if (compressionType !== 0) {
+    throw new ImageError('qcow2: Compression type incompatible feature bit must be set');
+  }
+
   const unknownIncompat = incompatible & ~BigInt(C.INCOMPAT_MASK);
   if (unknownIncompat !== 0n) {
     const names: string[] = [];
@@ -108,26 +116,10 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
     throw new ImageError(`Unsupported qcow2 feature(s): ${names.join(', ')}`);
   }
   if (refcountOrder > 6) throw new ImageError('Reference count entry width too large; may not exceed 64 bits');
-  if (h.cryptMethod > 2) throw new ImageError(`Unsupported encryption method ${h.cryptMethod}`);
-  if ((Number(incompatible) & C.INCOMPAT_COMPRESSION) !== 0) {
-    if (compressionType === 0) throw new ImageError('qcow2: Compression type incompatible feature bit must not be set');
-  } else if (compressionType !== 0) {
-    throw new ImageError('qcow2: Compression type incompatible feature bit must be set');
-  }
-  if (compressionType > 1) throw new ImageError(`qcow2: unknown compression type: ${compressionType}`);
-  if ((Number(incompatible) & C.INCOMPAT_EXTL2) !== 0 && clusterBits < 14) {
+  if (h.cryptMethod > 2) throw new ImageError(`Unsupported encryption method ${h.cryptMethod | 0}`);
+  if (((incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n) && clusterBits < 14) {
     throw new ImageError('The cluster size must be at least 16384 bytes when using extended L2 entries');
   }
-
-  // Virtual size and tables.
-  const sizeBig = u64(buf, 24);
-  const l2Bits = clusterBits - 3 - ((Number(incompatible) & C.INCOMPAT_EXTL2) ? 1 : 0);
-  const entriesPerL1 = 2 ** (clusterBits + l2Bits);
-  // L1 index of the last byte must fit an int (QEMU: "Image is too big").
-  if (sizeBig > BigInt(Number.MAX_SAFE_INTEGER) || Number(sizeBig) / entriesPerL1 > 0x7fffffff) {
-    throw new ImageError('Image is too big');
-  }
-  h.size = Number(sizeBig);
 
   const rtOff = u64(buf, 48);
   if (h.refcountTableClusters === 0) throw new ImageError('Image does not contain a reference count table');
@@ -148,7 +140,16 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
     throw new ImageError('Active L1 table offset invalid');
   }
   h.l1TableOffset = safe(l1Off, 'Active L1 table offset');
-  if (h.l1Size < Math.ceil(h.size / entriesPerL1)) throw new ImageError('L1 table is too small');
+  // Virtual size (QEMU's order: after the tables are validated).
+  const sizeBig = u64(buf, 24);
+  const l2Bits = clusterBits - 3 - ((incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n ? 1 : 0);
+  const entriesPerL1 = 2 ** (clusterBits + l2Bits);
+  // L1 index of the last byte must fit an int (QEMU: "Image is too big").
+  if (Number(sizeBig) / entriesPerL1 > 0x7fffffff) throw new ImageError('Image is too big');
+  if (h.l1Size < Math.ceil(Number(sizeBig) / entriesPerL1)) throw new ImageError('L1 table is too small');
+  // Guest offsets are exact JavaScript integers (qchain's own limit, 8 PiB).
+  if (sizeBig > BigInt(Number.MAX_SAFE_INTEGER)) throw new ImageError('Image is too big');
+  h.size = Number(sizeBig);
 
   if (backingFileOffset !== 0) {
     if (backingFileSize > C.MAX_BACKING_FILE_NAME || backingFileSize > clusterSize - backingFileOffset) {

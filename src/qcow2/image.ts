@@ -27,6 +27,8 @@ export interface Qcow2OpenOptions {
   log?: (line: string) => void;
   /** Skip the automatic refcount rebuild of a dirty image (used by `check`). */
   noRepair?: boolean;
+  /** Metadata only, no guest data will be read (QEMU's BDRV_O_NO_IO, used by `info`). */
+  noIo?: boolean;
 }
 
 /** One planned cluster write inside a segment. */
@@ -81,7 +83,7 @@ export class Qcow2Image implements BlockDriver {
   ) {
     this.clusterBits = header.clusterBits;
     this.clusterSize = 2 ** header.clusterBits;
-    this.extL2 = (Number(header.incompatible) & C.INCOMPAT_EXTL2) !== 0;
+    this.extL2 = ((header.incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n);
     this.l2Entries = this.clusterSize / (this.extL2 ? 16 : 8);
     this.subclusterSize = this.extL2 ? this.clusterSize / 32 : this.clusterSize;
     this.geo = { clusterBits: this.clusterBits, extL2: this.extL2, zeroFlag: header.version >= 3 };
@@ -112,9 +114,9 @@ export class Qcow2Image implements BlockDriver {
   get version(): number { return this.header.version; }
   get compressionType(): CompressionType { return this.header.compressionType as CompressionType; }
   get l2Coverage(): number { return this.l2Entries * this.clusterSize; }
-  get dirty(): boolean { return (Number(this.header.incompatible) & C.INCOMPAT_DIRTY) !== 0; }
-  get corrupt(): boolean { return (Number(this.header.incompatible) & C.INCOMPAT_CORRUPT) !== 0; }
-  get lazyRefcounts(): boolean { return (Number(this.header.compatible) & C.COMPAT_LAZY_REFCOUNTS) !== 0; }
+  get dirty(): boolean { return ((this.header.incompatible & BigInt(C.INCOMPAT_DIRTY)) !== 0n); }
+  get corrupt(): boolean { return ((this.header.incompatible & BigInt(C.INCOMPAT_CORRUPT)) !== 0n); }
+  get lazyRefcounts(): boolean { return ((this.header.compatible & BigInt(C.COMPAT_LAZY_REFCOUNTS)) !== 0n); }
 
   /** Check whether `buf` (the first bytes of a file) looks like qcow2. */
   static probe(buf: Buffer): boolean {
@@ -130,11 +132,12 @@ export class Qcow2Image implements BlockDriver {
     // Header fields first (bounded read), then the full first cluster for extensions.
     const header = parseHeader(first, fileSize);
     const cs = 2 ** header.clusterBits;
-    if ((Number(header.incompatible) & C.INCOMPAT_DATA_FILE) !== 0) {
-      throw new ImageError('External data files are not supported by qchain');
+    if (!opts.noIo && (header.incompatible & BigInt(C.INCOMPAT_DATA_FILE)) !== 0n) {
+      throw new ImageError(header.dataFile === null ? "'data-file' is required for this image" : 'External data files are not supported by qchain');
     }
+    if (!opts.noIo && (header.autoclear & BigInt(C.AUTOCLEAR_DATA_FILE_RAW)) !== 0n) throw new ImageError('data-file-raw requires a data file');
     if (header.cryptMethod !== 0) throw new ImageError('Encrypted images are not supported by qchain');
-    if (!readOnly && (Number(header.incompatible) & C.INCOMPAT_CORRUPT) !== 0) {
+    if (!readOnly && ((header.incompatible & BigInt(C.INCOMPAT_CORRUPT)) !== 0n)) {
       throw new ImageError('qcow2: Image is corrupt; cannot be opened read/write');
     }
     const l1 = Buffer.alloc(header.l1Size * 8);

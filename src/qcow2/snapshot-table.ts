@@ -65,6 +65,8 @@ export function snapshotTableLength(buf: Buffer, count: number): number {
     if (off + 40 > buf.length) return -1;
     const idLen = buf.readUInt16BE(off + 12), nameLen = buf.readUInt16BE(off + 14);
     const extraSize = buf.readUInt32BE(off + 36);
+    // QEMU checks each entry's extra data size as soon as its fixed part is read.
+    if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) throw new ImageError(`Too much extra metadata in snapshot table entry ${i}`);
     off = Math.ceil((off + 40 + extraSize + idLen + nameLen) / 8) * 8;
   }
   return off;

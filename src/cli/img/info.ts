@@ -6,6 +6,7 @@ import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, sourceFormat, as
 import type { Chain } from '../../chain/chain.js';
 import type { BlockDriver } from '../../image/driver.js';
 import { Qcow2Image } from '../../qcow2/image.js';
+import { AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE } from '../../qcow2/constants.js';
 import type { Snapshot } from '../../qcow2/snapshot-table.js';
 import type { BitmapInfo } from '../../qcow2/bitmaps.js';
 import { combinePath, fullBackingName, plainBackingName } from '../../chain/resolve.js';
@@ -27,7 +28,10 @@ export async function imageInfo(d: BlockDriver, filename: string): Promise<Recor
       ? {
         compat: '1.1', 'compression-type': d.compressionType === 1 ? 'zstd' : 'zlib', 'lazy-refcounts': d.lazyRefcounts,
         ...(bitmaps.length ? { bitmaps: bitmaps.map((b) => ({ flags: b.flags, name: b.name, granularity: b.granularity })) } : {}),
-        'refcount-bits': 2 ** d.header.refcountOrder, corrupt: d.corrupt, 'extended-l2': d.extL2,
+        'refcount-bits': 2 ** d.header.refcountOrder,
+        ...(d.header.dataFile !== null ? { 'data-file': d.header.dataFile } : {}),
+        ...((d.header.incompatible & BigInt(INCOMPAT_DATA_FILE)) !== 0n ? { 'data-file-raw': (d.header.autoclear & BigInt(AUTOCLEAR_DATA_FILE_RAW)) !== 0n } : {}),
+        corrupt: d.corrupt, 'extended-l2': d.extL2,
       }
       : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
     o['format-specific'] = { type: 'qcow2', data };
@@ -87,7 +91,7 @@ export function humanInfo(info: Record<string, unknown>, d: BlockDriver): string
   const fs = info['format-specific'] as { data: Record<string, unknown> } | undefined;
   if (fs) {
     lines.push('Format specific information:');
-    const names: Record<string, string> = { compat: 'compat', 'compression-type': 'compression type', 'lazy-refcounts': 'lazy refcounts', 'refcount-bits': 'refcount bits', corrupt: 'corrupt', 'extended-l2': 'extended l2' };
+    const names: Record<string, string> = { compat: 'compat', 'compression-type': 'compression type', 'lazy-refcounts': 'lazy refcounts', 'refcount-bits': 'refcount bits', corrupt: 'corrupt', 'extended-l2': 'extended l2', 'data-file': 'data file', 'data-file-raw': 'data file raw' };
     for (const [k, v] of Object.entries(fs.data)) {
       if (k === 'bitmaps') lines.push('    bitmaps:', ...humanBitmaps(v as BitmapInfo[]));
       else lines.push(`    ${names[k] ?? k}: ${v}`);
@@ -132,7 +136,7 @@ export async function infoMain(argv: string[], ctx: CliContext): Promise<number>
   for (;;) {
     if (seen.has(name)) throw new CliError(`Backing file '${name}' creates an infinite loop.`);
     seen.add(name);
-    const chain: Chain = await open(name, { format, readOnly: true, noBacking: true, noRepair: true, forceShare }, ctx);
+    const chain: Chain = await open(name, { format, readOnly: true, noBacking: true, noRepair: true, noIo: true, forceShare }, ctx);
     let next: string | null;
     let nextFormat: string | null;
     try {
