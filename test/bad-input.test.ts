@@ -86,10 +86,6 @@ const KNOWN_DIFFERENCES: Record<string, Known> = {
     'qemu opens it (check exit 2 flags the entry); we refuse "Snapshot L1 table too large"',
   'snapshot L1 offset unaligned':
     'qemu opens it (check exit 2 flags the entry); we refuse "Snapshot L1 table offset invalid"',
-  'snapshot extra_data_size 0xffffffff':
-    'qemu "Too much extra metadata in snapshot table entry 0"; we "Snapshot table is too big"',
-  'snapshot extra_data_size 2048':
-    'qemu "Too much extra metadata in snapshot table entry 0"; we "Snapshot table is too big"',
   'snapshot id/name sizes 0xffff':
     'qemu opens it (check exit 2); we refuse "Snapshot table is too big"',
   'nb_snapshots 2 with one entry':

@@ -22,6 +22,11 @@ function u64(b: Buffer, o: number): number {
   return b.readUInt32BE(o) * 0x100000000 + b.readUInt32BE(o + 4);
 }
 
+/** QEMU's error with its hint line (check reports it as a failed snapshot table read, EFBIG). */
+function tooMuchExtra(i: number): ImageError {
+  return new ImageError(`Too much extra metadata in snapshot table entry ${i}\nYou can force-remove this extra metadata with qemu-img check -r all`);
+}
+
 export function parseSnapshotTable(buf: Buffer, count: number, clusterSize: number): Snapshot[] {
   const out: Snapshot[] = [];
   let off = 0;
@@ -31,9 +36,7 @@ export function parseSnapshotTable(buf: Buffer, count: number, clusterSize: numb
     const l1Size = buf.readUInt32BE(off + 8);
     const idLen = buf.readUInt16BE(off + 12), nameLen = buf.readUInt16BE(off + 14);
     const extraSize = buf.readUInt32BE(off + 36);
-    if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) {
-      throw new ImageError(`Too much extra metadata in snapshot table entry ${i}`);
-    }
+    if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) throw tooMuchExtra(i);
     const extraOff = off + 40;
     const end = extraOff + extraSize + idLen + nameLen;
     if (end > buf.length || end > MAX_SNAPSHOTS_SIZE) throw new ImageError('Snapshot table is too big');
@@ -66,7 +69,7 @@ export function snapshotTableLength(buf: Buffer, count: number): number {
     const idLen = buf.readUInt16BE(off + 12), nameLen = buf.readUInt16BE(off + 14);
     const extraSize = buf.readUInt32BE(off + 36);
     // QEMU checks each entry's extra data size as soon as its fixed part is read.
-    if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) throw new ImageError(`Too much extra metadata in snapshot table entry ${i}`);
+    if (extraSize > MAX_SNAPSHOT_EXTRA_DATA) throw tooMuchExtra(i);
     off = Math.ceil((off + 40 + extraSize + idLen + nameLen) / 8) * 8;
   }
   return off;

@@ -2,7 +2,7 @@
 import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { formatFixed } from '../util/printf.js';
-import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, PROG, sourceFormat, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
+import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, PROG, asCliError, sourceFormat, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { checkImage, type CheckResult, type FixMode } from '../../qcow2/check.js';
 import type { ImageFormat } from '../../chain/open.js';
@@ -63,7 +63,16 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
     }
   }
   const file = oneFile(rest);
-  const chain = await open(file, { format: sourceFormat(file, fmt), readOnly: !fix, noRepair: true, forceShare }, ctx);
+  let chain;
+  try {
+    chain = await open(file, { format: sourceFormat(file, fmt), readOnly: !fix, noRepair: true, forceShare }, ctx);
+  } catch (e) {
+    // QEMU's check opens without the snapshot table and then fails reading it (EFBIG).
+    const m = /^Could not open '.*?': (Too much extra metadata in snapshot table entry \d+)\n(.*)$/s.exec(asCliError(e).message);
+    if (!m) throw e;
+    ctx.stderr.write(`${PROG}: ERROR failed to read the snapshot table: ${m[1]}\n${m[2]}\n`);
+    throw new CliError('Check failed: File too large');
+  }
   const report = (l: string): void => { ctx.stderr.write(`${l}\n`); };
   try {
     const img = chain.top;

@@ -44,7 +44,7 @@ export class UsageError extends CliError {
 }
 
 /** Hint lines QEMU appends to an error without the program prefix (error_append_hint). */
-const HINT_LINE = /^(Is another process using the image \[.*\]\?|Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-|and exabytes, respectively\.|Could not open backing image\.)$/;
+const HINT_LINE = /^(Is another process using the image \[.*\]\?|Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-|and exabytes, respectively\.|Could not open backing image\.|You can force-remove this extra metadata with qemu-img check -r all)$/;
 
 /** `program: msg\n` for every line of `msg` (QEMU's `error_report()` format); hint lines unprefixed. */
 export function formatError(program: string, msg: string): string {
