@@ -30,10 +30,15 @@ export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job)
     for (let off = 0; off < job.len; off += JOB_CHUNK) {
       await job.checkpoint();
       const n = Math.min(JOB_CHUNK, job.len - off);
-      const chain = graph.chain(p.device);
-      const t = chain.layers.findIndex((l) => l.driver === p.top.driver);
-      const b = chain.layers.findIndex((l) => l.driver === p.base.driver);
-      const copied = await copyLayers(chain, t, b, p.base.driver, off, n, buf);
+      let copied = 0;
+      const copy = async (): Promise<void> => {
+        const chain = graph.chain(p.device);
+        const t = chain.layers.findIndex((l) => l.driver === p.top.driver);
+        const b = chain.layers.findIndex((l) => l.driver === p.base.driver);
+        copied = await copyLayers(chain, t, b, p.base.driver, off, n, buf);
+      };
+      // An ignored error retries the chunk, as QEMU's commit does.
+      while (await job.guarded(copy, job.onWriteError)) await job.checkpoint();
       job.offset = off + n;
       await job.checkpoint(copied);
     }

@@ -10,6 +10,7 @@ import { backupWork } from './backup.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
 import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import type { JobVerb } from './state.js';
+import { onErrorArg, type OnError } from './errors.js';
 import { FileStorage } from '../storage/file.js';
 import { createQcow2 } from '../qcow2/create.js';
 
@@ -31,7 +32,7 @@ export class JobManager {
     return undefined;
   }
 
-  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[]): Job {
+  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report']): Job {
     const id = optStr(a, 'job-id') ?? device.name;
     for (const n of nodes) {
       const busy = this.jobOn(n);
@@ -40,7 +41,7 @@ export class JobManager {
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
-    const job = new Job({ id, type, nodes, speed, autoFinalize: optBool(a, 'auto-finalize', true), autoDismiss: optBool(a, 'auto-dismiss', true) },
+    const job = new Job({ id, type, nodes, speed, autoFinalize: optBool(a, 'auto-finalize', true), autoDismiss: optBool(a, 'auto-dismiss', true), onReadError: policies[0], onWriteError: policies[1] },
       this.events, (j) => this.jobs.delete(j.id));
     this.jobs.set(id, job);
     return job;
@@ -75,7 +76,8 @@ export class JobManager {
     const base = this.findBelow(top, a, 'base', 'base-node') ?? null;
     const layers = this.chainNodes(top);
     const between = layers.slice(0, base ? layers.indexOf(base) : layers.length).map((n) => n.name);
-    const job = this.common(a, top, 'stream', between);
+    const onError = onErrorArg(a, 'on-error');
+    const job = this.common(a, top, 'stream', between, [onError, onError]);
     const { work, prepare } = streamWork(this.graph, { top, base, backingFile: optStr(a, 'backing-file') });
     // The backing link changes with the top's exports drained (no request sees half a change).
     job.start(work, async () => {
@@ -107,7 +109,8 @@ export class JobManager {
     if (top === device) return this.activeCommit(a, device, base);
     const overlay = layers[layers.indexOf(top) - 1];
     const nodes = layers.slice(layers.indexOf(top), layers.indexOf(base) + 1).map((n) => n.name);
-    const job = this.common(a, device, 'commit', [device.name, ...nodes]);
+    const onError = onErrorArg(a, 'on-error');
+    const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError]);
     const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
     job.start(work, prepare);
   }
@@ -126,7 +129,8 @@ export class JobManager {
   private activeCommit(a: Args, device: FormatNode, base: FormatNode): void {
     const layers = this.chainNodes(device);
     const nodes = layers.slice(0, layers.indexOf(base) + 1).map((n) => n.name);
-    const job = this.common(a, device, 'commit', nodes);
+    const onError = onErrorArg(a, 'on-error');
+    const job = this.common(a, device, 'commit', nodes, [onError, onError]);
     const work = mirrorWork(this.graph, {
       source: device, target: base, initial: 'allocated',
       depth: (chain) => chain.layers.findIndex((l) => l.driver === base.driver),
@@ -154,7 +158,7 @@ export class JobManager {
     if (granularity !== undefined && (granularity < 512 || granularity > 64 * 1024 * 1024 || (granularity & (granularity - 1)) !== 0)) {
       throw new QmpError('Granularity must be a power of 2 between 512 and 64M');
     }
-    const job = this.common(a, device, 'mirror', [device.name, target.name]);
+    const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
     const work = mirrorWork(this.graph, {
       source: device, target, granularity,
       depth: (chain) => (sync === 'full' ? chain.layers.length : sync === 'top' ? 1 : 0),
@@ -177,8 +181,8 @@ export class JobManager {
     if (sync !== 'full' && sync !== 'top') throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
     if (target === device) throw new QmpError("Can't back up node into itself");
     if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
-    const job = this.common(a, device, 'backup', [device.name, target.name]);
-    job.start(backupWork(this.graph, { source: device, target, depth: (chain) => (sync === 'full' ? chain.layers.length : 1) }), async () => {});
+    const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
+    job.start(backupWork(this.graph, { source: device, target, depth: (chain) => (sync === 'full' ? chain.layers.length : 1) }), async () => {}, true);
   }
 
   /** blockdev-create: a job that creates an image file (driver file) or formats one (qcow2/raw). */
