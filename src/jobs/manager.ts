@@ -33,11 +33,13 @@ export class JobManager {
   }
 
   private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report']): Job {
-    const id = optStr(a, 'job-id') ?? device.name;
+    // Without job-id QEMU takes the device's BlockBackend name, which the storage daemon's nodes lack: ''.
+    const id = optStr(a, 'job-id') ?? '';
     for (const n of nodes) {
       const busy = this.jobOn(n);
       if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
     }
+    if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(id)) throw new QmpError(`Invalid job ID '${id}'`);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
@@ -74,6 +76,7 @@ export class JobManager {
   stream(a: Args): void {
     const top = this.graph.formatNode(str(a, 'device'));
     const base = this.findBelow(top, a, 'base', 'base-node') ?? null;
+    if (!base && optStr(a, 'backing-file') !== undefined) throw new QmpError('backing file specified, but streaming the entire chain');
     const layers = this.chainNodes(top);
     const between = layers.slice(0, base ? layers.indexOf(base) : layers.length).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
@@ -90,29 +93,61 @@ export class JobManager {
     });
   }
 
-  commit(a: Args): void {
+  async commit(a: Args): Promise<void> {
     const device = this.graph.formatNode(str(a, 'device'));
-    if (this.graph.parentsOf(device).some((p) => p.backing === device)) throw new QmpError('Need a root block node');
+    // A node under a job has the job as a parent in QEMU's graph: not a root node either.
+    if (this.graph.parentsOf(device).some((p) => p.backing === device) || this.jobOn(device.name)) throw new QmpError('Need a root block node');
     const layers = this.chainNodes(device);
     const topName = optStr(a, 'top-node'), topFile = optStr(a, 'top');
     if (topName !== undefined && topFile !== undefined) throw new QmpError("'top' and 'top-node' cannot be specified at the same time");
     let top = device;
-    if (topName !== undefined) top = this.graph.formatNode(topName);
-    else if (topFile !== undefined) {
+    if (topName !== undefined) {
+      top = this.graph.formatNode(topName);
+      if (!layers.includes(top)) throw new QmpError(`'${topName}' is not in this backing file chain`);
+    } else if (topFile !== undefined) {
       const t = layers.find((x) => x.filename === topFile);
       if (!t) throw new QmpError(`Top image file ${topFile} not found`);
       top = t;
     }
-    if (!layers.includes(top)) throw new QmpError("Top image file not found");
-    const base = this.findBelow(top, a, 'base', 'base-node') ?? layers[layers.length - 1];
-    if (base === top) throw new QmpError('Base node is the same as the top node');
-    if (top === device) return this.activeCommit(a, device, base);
+    const base = this.commitBase(a, top) ?? layers[layers.length - 1];
+    if (base === top) throw new QmpError('cannot commit an image into itself');
+    if (top === device) {
+      if (optStr(a, 'backing-file') !== undefined) throw new QmpError("'backing-file' specified, but 'top' is the active layer");
+      return this.activeCommit(a, device, base);
+    }
     const overlay = layers[layers.indexOf(top) - 1];
     const nodes = layers.slice(layers.indexOf(top), layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
     const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError]);
-    const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
+    // QEMU reopens a read-only base read-write before block-commit returns.
+    const baseWasReadOnly = base.driver.readOnly;
+    if (baseWasReadOnly) {
+      try {
+        await this.reopen(base, false);
+      } catch (e) {
+        this.jobs.delete(job.id);
+        throw e;
+      }
+    }
+    const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, baseWasReadOnly, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
     job.start(work, prepare);
+  }
+
+  /** block-commit's base: by node name anywhere in the chain from the top (the top itself included), or by file name below it. */
+  private commitBase(a: Args, top: FormatNode): FormatNode | undefined {
+    const byName = optStr(a, 'base-node'), byFile = optStr(a, 'base');
+    if (byName !== undefined && byFile !== undefined) throw new QmpError("'base' and 'base-node' cannot be specified at the same time");
+    if (byName !== undefined) {
+      const n = this.graph.formatNode(byName);
+      if (!this.chainNodes(top).includes(n)) throw new QmpError(`'${byName}' is not in this backing file chain`);
+      return n;
+    }
+    if (byFile !== undefined) {
+      const n = this.chainNodes(top).slice(1).find((x) => x.filename === byFile);
+      if (!n) throw new QmpError(`Can't find '${byFile}' in the backing chain`);
+      return n;
+    }
+    return undefined;
   }
 
   /** Reopen a node with no guest request in flight (old handles may be in use by running requests). */
