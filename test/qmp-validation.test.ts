@@ -91,6 +91,12 @@ const SCRIPT: Step[] = [
   // qchain announces the cancel before its copy loop has stopped and the base is reopened.
   ['wait-ro', 'base'],
   ['nodes'],
+  // Active commit: the base is read-write before the command returns, and stays so once cancelled.
+  ['block-commit', { device: 'top', 'job-id': 'a1', speed: 1 }],
+  ['nodes'],
+  ['job-cancel', { id: 'a1' }],
+  ['wait-event', 'a1', 'null'],
+  ['nodes'],
   // block_resize
   ['block_resize', { 'node-name': 'r', size: 2 * M }],
   ['block_resize', { 'node-name': 'r', size: M }],

@@ -161,7 +161,7 @@ export class JobManager {
   }
 
   /** Active commit: mirror the layers above the base into it; on completion the base becomes the active node. */
-  private activeCommit(a: Args, device: FormatNode, base: FormatNode): void {
+  private async activeCommit(a: Args, device: FormatNode, base: FormatNode): Promise<void> {
     const layers = this.chainNodes(device);
     const nodes = layers.slice(0, layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
@@ -175,8 +175,18 @@ export class JobManager {
         this.graph.changed();
       },
     });
+    // As for an intermediate commit, the base is read-write before block-commit returns.
+    if (base.driver.readOnly) {
+      try {
+        await this.reopen(base, false);
+      } catch (e) {
+        this.jobs.delete(job.id);
+        throw e;
+      }
+    }
+    // Unlike an intermediate commit, a cancelled or failed active commit leaves the base
+    // read-write (as qemu-storage-daemon 7.2 does).
     job.start(async (j) => {
-      await this.reopen(base, false);
       await growBase(base, device.driver.size);
       await work(j);
     }, async () => {});
