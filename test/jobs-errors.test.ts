@@ -204,6 +204,23 @@ const SCENARIOS: Scenario[] = [
     },
     after: (dir) => sameView(path.join(dir, 'mid.qcow2'), path.join(dir, 'base.qcow2')),
   },
+  {
+    name: 'mirror: on-target-error=ignore goes on and completes once writes succeed',
+    setup: async (dir) => {
+      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
+      await writeData(dir, 'src.qcow2', ['write -P 0x5a 0 8M']);
+    },
+    blockdevs: qcow2Node('src'),
+    script: async ({ q, unlimit }) => {
+      await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'ignore' }, 'm');
+      await nth(q, isEvent('BLOCK_JOB_ERROR'));
+      await unlimit();
+      await nth(q, isEvent('BLOCK_JOB_READY'));
+      await q.execute('job-complete', { id: 'j' }, 'c');
+      await nth(q, status('null'));
+    },
+    after: (dir) => sameView(path.join(dir, 'src.qcow2'), path.join(dir, 'tgt.qcow2')),
+  },
 ];
 
 /** Events and replies with what legitimately differs removed. */
