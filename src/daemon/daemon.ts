@@ -10,6 +10,7 @@ import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
 import { Drain } from './drain.js';
 import { createQcow2 } from '../qcow2/create.js';
+import { blockResize } from './resize.js';
 
 export interface ExportEntry {
   id: string;
@@ -236,6 +237,9 @@ export class Daemon {
     c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
     c.set('blockdev-snapshot-sync', (a) => this.snapshotSync(a));
     c.set('blockdev-snapshot', (a) => this.snapshot(a));
+    c.set('block_resize', (a) => blockResize({
+      graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),
+    }, a));
     c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t)));
     c.set('drive-backup', (a) => this.driveJob(a, (x, t) => this.jobs.backup(x, t)));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);

@@ -31,7 +31,13 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): (job: Job) => Prom
       done[i] = 1;
       const off = i * G, len = Math.min(G, size - off);
       // Guest writes copy their granules concurrently with the job loop: one buffer per copy.
-      const copied = await copyLayers(chain, 0, depth, p.target.driver, off, len, Buffer.allocUnsafe(len));
+      let copied: number;
+      try {
+        copied = await copyLayers(chain, 0, depth, p.target.driver, off, len, Buffer.allocUnsafe(len));
+      } catch (e) {
+        done[i] = 0;
+        throw e;
+      }
       job.offset += len;
       return copied;
     };
@@ -42,13 +48,17 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): (job: Job) => Prom
       for (let i = 0; i < n; i++) {
         await job.checkpoint();
         if (done[i]) continue;
-        const release = await writeGate(p.source.driver).acquire(i * G, Math.min(size, (i + 1) * G));
         let copied = 0;
-        try {
-          copied = await copyGranule(i);
-        } finally {
-          release();
-        }
+        const copy = async (): Promise<void> => {
+          const release = await writeGate(p.source.driver).acquire(i * G, Math.min(size, (i + 1) * G));
+          try {
+            copied = await copyGranule(i);
+          } finally {
+            release();
+          }
+        };
+        // An ignored error retries the granule, as QEMU's backup does.
+        while (await job.guarded(copy)) await job.checkpoint();
         await job.checkpoint(copied);
       }
       await p.target.driver.flush();

@@ -1,7 +1,8 @@
 /**
  * block-commit of an intermediate part of a chain: copy what the layers [top, base) hold into
- * the base, then make the base the backing file of the top's overlay. The base is reopened
- * read-write for the copy and read-only again afterwards. (Active commit, with READY and
+ * the base, then make the base the backing file of the top's overlay. A read-only base is
+ * reopened read-write (by the caller, before the job starts) and read-only again when the job
+ * ends, whether it completed, failed or was cancelled. (Active commit, with READY and
  * pivot, builds on the same copy step.)
  */
 import type { Job } from './job.js';
@@ -17,6 +18,8 @@ export interface CommitPlan {
   overlay: FormatNode;
   base: FormatNode;
   backingFile?: string;
+  /** The base was read-only and has been reopened read-write for the job: it goes back when the job ends. */
+  baseWasReadOnly: boolean;
   /** Reopen a node read-only or read-write with guest I/O drained. */
   reopen: (node: FormatNode, readOnly: boolean) => Promise<void>;
 }
@@ -24,16 +27,29 @@ export interface CommitPlan {
 export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
   const work = async (job: Job): Promise<void> => {
     job.len = p.top.driver.size;
-    await p.reopen(p.base, false);
+    try {
+      await copyAll(job);
+    } catch (e) {
+      // A failed or cancelled commit leaves the base as it found it (QEMU's commit_abort).
+      if (p.baseWasReadOnly) await p.reopen(p.base, true).catch(() => {});
+      throw e;
+    }
+  };
+  const copyAll = async (job: Job): Promise<void> => {
     await growBase(p.base, p.top.driver.size);
     const buf = Buffer.allocUnsafe(JOB_CHUNK);
     for (let off = 0; off < job.len; off += JOB_CHUNK) {
       await job.checkpoint();
       const n = Math.min(JOB_CHUNK, job.len - off);
-      const chain = graph.chain(p.device);
-      const t = chain.layers.findIndex((l) => l.driver === p.top.driver);
-      const b = chain.layers.findIndex((l) => l.driver === p.base.driver);
-      const copied = await copyLayers(chain, t, b, p.base.driver, off, n, buf);
+      let copied = 0;
+      const copy = async (): Promise<void> => {
+        const chain = graph.chain(p.device);
+        const t = chain.layers.findIndex((l) => l.driver === p.top.driver);
+        const b = chain.layers.findIndex((l) => l.driver === p.base.driver);
+        copied = await copyLayers(chain, t, b, p.base.driver, off, n, buf);
+      };
+      // An ignored error retries the chunk, as QEMU's commit does.
+      while (await job.guarded(copy, job.onWriteError)) await job.checkpoint();
       job.offset = off + n;
       await job.checkpoint(copied);
     }
@@ -42,7 +58,7 @@ export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job)
   const prepare = async (): Promise<void> => {
     await setBackingLink(p.overlay.driver, p.backingFile ?? p.base.filename, p.base.format);
     graph.relink(p.overlay, p.base);
-    await p.reopen(p.base, true);
+    if (p.baseWasReadOnly) await p.reopen(p.base, true);
   };
   return { work, prepare };
 }

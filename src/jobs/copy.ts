@@ -5,21 +5,22 @@
  */
 import type { Chain } from '../chain/chain.js';
 import type { BlockDriver } from '../image/driver.js';
+import { tagged } from './errors.js';
 
 export const JOB_CHUNK = 1024 * 1024;
 
 export async function copyLayers(chain: Chain, fromDepth: number, toDepth: number, target: BlockDriver,
   offset: number, length: number, buf: Buffer): Promise<number> {
   let copied = 0;
-  const exts = await chain.statusFrom(fromDepth, offset, length);
+  const exts = await tagged('read', () => chain.statusFrom(fromDepth, offset, length));
   for (const x of exts) {
     if (x.depth >= toDepth || x.kind === 'unallocated') continue;
     if (x.kind === 'zero') {
-      await target.writeZeroes(x.offset, x.length);
+      await tagged('write', () => target.writeZeroes(x.offset, x.length));
     } else {
       const b = buf.subarray(0, x.length);
-      await chain.readFrom(fromDepth, b, x.offset);
-      await target.write(b, x.offset);
+      await tagged('read', () => chain.readFrom(fromDepth, b, x.offset));
+      await tagged('write', () => target.write(b, x.offset));
     }
     copied += x.length;
   }

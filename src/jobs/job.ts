@@ -5,6 +5,7 @@
  */
 import { canTransition, verbAllowed, type JobStatus, type JobVerb } from './state.js';
 import { QmpError } from '../daemon/graph.js';
+import { JobIoError, actionFor, jobErrorText, type ErrorAction, type OnError } from './errors.js';
 
 export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create';
 
@@ -26,6 +27,9 @@ export interface JobOptions {
   speed?: number;
   autoFinalize?: boolean;
   autoDismiss?: boolean;
+  /** Error policies for failed reads (source) and writes (target). */
+  onReadError?: OnError;
+  onWriteError?: OnError;
 }
 
 export class Job {
@@ -39,6 +43,10 @@ export class Job {
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
   error: string | undefined;
+  /** query-block-jobs' io-status: set when an error stopped the job, reset on resume. */
+  ioStatus: 'ok' | 'failed' | 'nospace' = 'ok';
+  readonly onReadError: OnError;
+  readonly onWriteError: OnError;
   private pauseWanted = false;
   private cancelled = false;
   /** job-complete was asked (mirror/active commit: pivot). */
@@ -58,6 +66,8 @@ export class Job {
     this.speed = opts.speed ?? 0;
     this.autoFinalize = opts.autoFinalize ?? true;
     this.autoDismiss = opts.autoDismiss ?? true;
+    this.onReadError = opts.onReadError ?? 'report';
+    this.onWriteError = opts.onWriteError ?? 'report';
   }
 
   private to(s: JobStatus): void {
@@ -81,9 +91,14 @@ export class Job {
    * Start: created and running are announced before the command returns; the work runs after.
    * `prepare` runs at the pending stage (graph changes); `abort` undoes on failure or cancel.
    */
-  start(work: (job: Job) => Promise<void>, prepare: () => Promise<void>): void {
+  start(work: (job: Job) => Promise<void>, prepare: () => Promise<void>, drainedStart = false): void {
     this.to('created');
     this.to('running');
+    // Jobs QEMU starts inside a transaction's drained section (backup) pause and resume at once.
+    if (drainedStart) {
+      this.to('paused');
+      this.to('running');
+    }
     setImmediate(() => void this.run(work, prepare));
   }
 
@@ -104,7 +119,7 @@ export class Job {
       this.conclude();
     } catch (e) {
       if (this.cancelled || e instanceof CancelledError) return;
-      this.error = e instanceof Error ? e.message : String(e);
+      this.error = jobErrorText(e);
       this.to('aborting');
       this.legacy('BLOCK_JOB_COMPLETED', { error: this.error });
       this.conclude();
@@ -145,6 +160,41 @@ export class Job {
     });
   }
 
+  /**
+   * QEMU's block_job_error_action: BLOCK_JOB_ERROR for every error, and for `stop` a pause the
+   * user must resume (io-status tells why). Returns the action taken.
+   */
+  errorAction(e: JobIoError, policy?: OnError): ErrorAction {
+    const action = actionFor(policy ?? (e.operation === 'read' ? this.onReadError : this.onWriteError), e.code);
+    if (this.type !== 'create') this.events.emit('BLOCK_JOB_ERROR', { device: this.id, operation: e.operation, action });
+    if (action === 'stop') {
+      if (!this.pauseWanted) this.pause(false);
+      if (this.ioStatus === 'ok') this.ioStatus = e.code === 'ENOSPC' ? 'nospace' : 'failed';
+    }
+    return action;
+  }
+
+  /**
+   * One unit of I/O under the job's error policies: a reported error fails the job, a stop
+   * pauses it and retries after resume, an ignored error is returned (the caller decides what
+   * skipping means: QEMU's commit and backup retry, stream goes on and fails at the end).
+   * Resolves with null once the unit succeeded.
+   */
+  async guarded(fn: () => Promise<void>, policy?: OnError): Promise<JobIoError | null> {
+    for (;;) {
+      try {
+        await fn();
+        return null;
+      } catch (e) {
+        if (!(e instanceof JobIoError)) throw e;
+        const action = this.errorAction(e, policy);
+        if (action === 'report') throw e;
+        if (action === 'ignore') return e;
+        await this.checkpoint();
+      }
+    }
+  }
+
   /** The copy caught up: announce READY (mirror, active commit). */
   markReady(): void {
     this.to('ready');
@@ -173,8 +223,8 @@ export class Job {
     return this.completeRequested || this.softCancelled || this.cancelled;
   }
 
-  pause(): void {
-    this.checkVerb('pause');
+  pause(verb = true): void {
+    if (verb) this.checkVerb('pause');
     this.pauseWanted = true;
     if (this.status === 'running') this.to('paused');
     else if (this.status === 'ready') this.to('standby');
@@ -183,6 +233,7 @@ export class Job {
   resume(): void {
     this.checkVerb('resume');
     this.pauseWanted = false;
+    this.ioStatus = 'ok';
     if (this.status === 'paused') this.to('running');
     else if (this.status === 'standby') this.to('ready');
     this.wake?.();
@@ -233,7 +284,7 @@ export class Job {
 
   blockJobInfo(): Record<string, unknown> {
     return {
-      'auto-finalize': this.autoFinalize, 'io-status': 'ok', device: this.id, 'auto-dismiss': this.autoDismiss, busy: false,
+      'auto-finalize': this.autoFinalize, 'io-status': this.ioStatus, device: this.id, 'auto-dismiss': this.autoDismiss, busy: false,
       len: this.len, offset: this.offset, status: this.status, paused: this.pauseWanted, speed: this.speed,
       ready: this.status === 'ready' || this.status === 'standby', type: this.type, ...(this.error ? { error: this.error } : {}),
     };

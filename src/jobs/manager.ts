@@ -10,6 +10,7 @@ import { backupWork } from './backup.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
 import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import type { JobVerb } from './state.js';
+import { onErrorArg, type OnError } from './errors.js';
 import { FileStorage } from '../storage/file.js';
 import { createQcow2 } from '../qcow2/create.js';
 
@@ -31,16 +32,18 @@ export class JobManager {
     return undefined;
   }
 
-  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[]): Job {
-    const id = optStr(a, 'job-id') ?? device.name;
+  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report']): Job {
+    // Without job-id QEMU takes the device's BlockBackend name, which the storage daemon's nodes lack: ''.
+    const id = optStr(a, 'job-id') ?? '';
     for (const n of nodes) {
       const busy = this.jobOn(n);
       if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
     }
+    if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(id)) throw new QmpError(`Invalid job ID '${id}'`);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
-    const job = new Job({ id, type, nodes, speed, autoFinalize: optBool(a, 'auto-finalize', true), autoDismiss: optBool(a, 'auto-dismiss', true) },
+    const job = new Job({ id, type, nodes, speed, autoFinalize: optBool(a, 'auto-finalize', true), autoDismiss: optBool(a, 'auto-dismiss', true), onReadError: policies[0], onWriteError: policies[1] },
       this.events, (j) => this.jobs.delete(j.id));
     this.jobs.set(id, job);
     return job;
@@ -73,9 +76,11 @@ export class JobManager {
   stream(a: Args): void {
     const top = this.graph.formatNode(str(a, 'device'));
     const base = this.findBelow(top, a, 'base', 'base-node') ?? null;
+    if (!base && optStr(a, 'backing-file') !== undefined) throw new QmpError('backing file specified, but streaming the entire chain');
     const layers = this.chainNodes(top);
     const between = layers.slice(0, base ? layers.indexOf(base) : layers.length).map((n) => n.name);
-    const job = this.common(a, top, 'stream', between);
+    const onError = onErrorArg(a, 'on-error');
+    const job = this.common(a, top, 'stream', between, [onError, onError]);
     const { work, prepare } = streamWork(this.graph, { top, base, backingFile: optStr(a, 'backing-file') });
     // The backing link changes with the top's exports drained (no request sees half a change).
     job.start(work, async () => {
@@ -88,28 +93,61 @@ export class JobManager {
     });
   }
 
-  commit(a: Args): void {
+  async commit(a: Args): Promise<void> {
     const device = this.graph.formatNode(str(a, 'device'));
-    if (this.graph.parentsOf(device).some((p) => p.backing === device)) throw new QmpError('Need a root block node');
+    // A node under a job has the job as a parent in QEMU's graph: not a root node either.
+    if (this.graph.parentsOf(device).some((p) => p.backing === device) || this.jobOn(device.name)) throw new QmpError('Need a root block node');
     const layers = this.chainNodes(device);
     const topName = optStr(a, 'top-node'), topFile = optStr(a, 'top');
     if (topName !== undefined && topFile !== undefined) throw new QmpError("'top' and 'top-node' cannot be specified at the same time");
     let top = device;
-    if (topName !== undefined) top = this.graph.formatNode(topName);
-    else if (topFile !== undefined) {
+    if (topName !== undefined) {
+      top = this.graph.formatNode(topName);
+      if (!layers.includes(top)) throw new QmpError(`'${topName}' is not in this backing file chain`);
+    } else if (topFile !== undefined) {
       const t = layers.find((x) => x.filename === topFile);
       if (!t) throw new QmpError(`Top image file ${topFile} not found`);
       top = t;
     }
-    if (!layers.includes(top)) throw new QmpError("Top image file not found");
-    const base = this.findBelow(top, a, 'base', 'base-node') ?? layers[layers.length - 1];
-    if (base === top) throw new QmpError('Base node is the same as the top node');
-    if (top === device) return this.activeCommit(a, device, base);
+    const base = this.commitBase(a, top) ?? layers[layers.length - 1];
+    if (base === top) throw new QmpError('cannot commit an image into itself');
+    if (top === device) {
+      if (optStr(a, 'backing-file') !== undefined) throw new QmpError("'backing-file' specified, but 'top' is the active layer");
+      return this.activeCommit(a, device, base);
+    }
     const overlay = layers[layers.indexOf(top) - 1];
     const nodes = layers.slice(layers.indexOf(top), layers.indexOf(base) + 1).map((n) => n.name);
-    const job = this.common(a, device, 'commit', [device.name, ...nodes]);
-    const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
+    const onError = onErrorArg(a, 'on-error');
+    const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError]);
+    // QEMU reopens a read-only base read-write before block-commit returns.
+    const baseWasReadOnly = base.driver.readOnly;
+    if (baseWasReadOnly) {
+      try {
+        await this.reopen(base, false);
+      } catch (e) {
+        this.jobs.delete(job.id);
+        throw e;
+      }
+    }
+    const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, baseWasReadOnly, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
     job.start(work, prepare);
+  }
+
+  /** block-commit's base: by node name anywhere in the chain from the top (the top itself included), or by file name below it. */
+  private commitBase(a: Args, top: FormatNode): FormatNode | undefined {
+    const byName = optStr(a, 'base-node'), byFile = optStr(a, 'base');
+    if (byName !== undefined && byFile !== undefined) throw new QmpError("'base' and 'base-node' cannot be specified at the same time");
+    if (byName !== undefined) {
+      const n = this.graph.formatNode(byName);
+      if (!this.chainNodes(top).includes(n)) throw new QmpError(`'${byName}' is not in this backing file chain`);
+      return n;
+    }
+    if (byFile !== undefined) {
+      const n = this.chainNodes(top).slice(1).find((x) => x.filename === byFile);
+      if (!n) throw new QmpError(`Can't find '${byFile}' in the backing chain`);
+      return n;
+    }
+    return undefined;
   }
 
   /** Reopen a node with no guest request in flight (old handles may be in use by running requests). */
@@ -123,10 +161,11 @@ export class JobManager {
   }
 
   /** Active commit: mirror the layers above the base into it; on completion the base becomes the active node. */
-  private activeCommit(a: Args, device: FormatNode, base: FormatNode): void {
+  private async activeCommit(a: Args, device: FormatNode, base: FormatNode): Promise<void> {
     const layers = this.chainNodes(device);
     const nodes = layers.slice(0, layers.indexOf(base) + 1).map((n) => n.name);
-    const job = this.common(a, device, 'commit', nodes);
+    const onError = onErrorArg(a, 'on-error');
+    const job = this.common(a, device, 'commit', nodes, [onError, onError]);
     const work = mirrorWork(this.graph, {
       source: device, target: base, initial: 'allocated',
       depth: (chain) => chain.layers.findIndex((l) => l.driver === base.driver),
@@ -136,8 +175,18 @@ export class JobManager {
         this.graph.changed();
       },
     });
+    // As for an intermediate commit, the base is read-write before block-commit returns.
+    if (base.driver.readOnly) {
+      try {
+        await this.reopen(base, false);
+      } catch (e) {
+        this.jobs.delete(job.id);
+        throw e;
+      }
+    }
+    // Unlike an intermediate commit, a cancelled or failed active commit leaves the base
+    // read-write (as qemu-storage-daemon 7.2 does).
     job.start(async (j) => {
-      await this.reopen(base, false);
       await growBase(base, device.driver.size);
       await work(j);
     }, async () => {});
@@ -154,7 +203,7 @@ export class JobManager {
     if (granularity !== undefined && (granularity < 512 || granularity > 64 * 1024 * 1024 || (granularity & (granularity - 1)) !== 0)) {
       throw new QmpError('Granularity must be a power of 2 between 512 and 64M');
     }
-    const job = this.common(a, device, 'mirror', [device.name, target.name]);
+    const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
     const work = mirrorWork(this.graph, {
       source: device, target, granularity,
       depth: (chain) => (sync === 'full' ? chain.layers.length : sync === 'top' ? 1 : 0),
@@ -177,8 +226,8 @@ export class JobManager {
     if (sync !== 'full' && sync !== 'top') throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
     if (target === device) throw new QmpError("Can't back up node into itself");
     if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
-    const job = this.common(a, device, 'backup', [device.name, target.name]);
-    job.start(backupWork(this.graph, { source: device, target, depth: (chain) => (sync === 'full' ? chain.layers.length : 1) }), async () => {});
+    const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
+    job.start(backupWork(this.graph, { source: device, target, depth: (chain) => (sync === 'full' ? chain.layers.length : 1) }), async () => {}, true);
   }
 
   /** blockdev-create: a job that creates an image file (driver file) or formats one (qcow2/raw). */

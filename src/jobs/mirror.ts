@@ -9,6 +9,7 @@ import type { Job } from './job.js';
 import { copyLayers } from './copy.js';
 import type { BlockGraph, FormatNode } from '../daemon/graph.js';
 import { watchWrites, writeGate, type Chain } from '../chain/chain.js';
+import { JobIoError } from './errors.js';
 
 export interface MirrorPlan {
   source: FormatNode;
@@ -60,7 +61,7 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
       }
       let cursor = 0;
       /** Copy one run of dirty granules starting at or after the cursor; false when none is left. */
-      const copyNext = async (): Promise<boolean> => {
+      const copyNext = async (final = false): Promise<boolean> => {
         if (dirtyCount === 0) return false;
         let i = cursor;
         for (let k = 0; k < n && !dirty[i]; k++) i = (i + 1) % n;
@@ -73,10 +74,21 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
         const chain = graph.chain(p.source);
         const release = await writeGate(p.source.driver).acquire(off, off + len);
         let copied = 0;
+        let failed: JobIoError | null = null;
         try {
           copied = await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, len, buf);
+        } catch (e) {
+          if (!(e instanceof JobIoError) || final) throw e;
+          failed = e;
         } finally {
           release();
+        }
+        if (failed) {
+          // The range is dirty again; the policy decides whether the job fails, pauses or goes on.
+          job.len -= (j - i) * g;
+          mark(off, len);
+          if (job.errorAction(failed) === 'report') throw failed;
+          return true;
         }
         job.offset += (j - i) * g;
         await job.checkpoint(copied);
@@ -93,7 +105,7 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
       // Completion: no guest I/O from here to the pivot.
       const undrain = await p.drain();
       try {
-        while (await copyNext()) { /* the last dirty granules */ }
+        while (await copyNext(true)) { /* the last dirty granules */ }
         await p.target.driver.flush();
         await p.pivot();
       } finally {

@@ -8,6 +8,7 @@ import { JOB_CHUNK } from './copy.js';
 import type { BlockGraph, FormatNode } from '../daemon/graph.js';
 import { setBackingLink } from './backing-link.js';
 import { writeGate } from '../chain/chain.js';
+import { tagged, type JobIoError } from './errors.js';
 
 export interface StreamPlan {
   top: FormatNode;
@@ -21,33 +22,19 @@ export function streamWork(graph: BlockGraph, p: StreamPlan): { work: (job: Job)
     const top = p.top.driver;
     job.len = top.size;
     const buf = Buffer.allocUnsafe(JOB_CHUNK);
+    /** An error the policy ignored: the copy goes on, the job fails at the end (QEMU's stream). */
+    let ignored: JobIoError | null = null;
     for (let off = 0; off < top.size; off += JOB_CHUNK) {
       await job.checkpoint();
       const n = Math.min(JOB_CHUNK, top.size - off);
-      const chain = graph.chain(p.top);
-      const baseDepth = p.base ? chain.layers.findIndex((l) => l.driver === p.base?.driver) : chain.layers.length;
-      const release = await writeGate(top).acquire(off, off + n);
       let copied = 0;
-      try {
-        for (const own of await top.blockStatus(off, n)) {
-          if (own.kind !== 'unallocated') continue;
-          for (const x of await chain.statusFrom(1, own.offset, own.length)) {
-            if (x.depth >= baseDepth || x.kind === 'unallocated') continue;
-            if (x.kind === 'zero') await top.writeZeroes(x.offset, x.length);
-            else {
-              const b = buf.subarray(0, x.length);
-              await chain.readFrom(1, b, x.offset);
-              await top.write(b, x.offset);
-            }
-            copied += x.length;
-          }
-        }
-      } finally {
-        release();
-      }
+      // QEMU's stream copies by copy-on-read: every failure is reported as a read error.
+      const failed = await job.guarded(() => tagged('read', async () => { copied = await streamChunk(graph, p, off, n, buf); }), job.onReadError);
+      ignored ??= failed;
       job.offset = off + n;
       await job.checkpoint(copied);
     }
+    if (ignored) throw ignored;
   };
   const prepare = async (): Promise<void> => {
     const name = p.base ? (p.backingFile ?? p.base.filename) : null;
@@ -55,4 +42,31 @@ export function streamWork(graph: BlockGraph, p: StreamPlan): { work: (job: Job)
     graph.relink(p.top, p.base);
   };
   return { work, prepare };
+}
+
+/** Copy into the top what the layers above the base hold in one chunk, where the top holds nothing. */
+async function streamChunk(graph: BlockGraph, p: StreamPlan, off: number, n: number, buf: Buffer): Promise<number> {
+  const top = p.top.driver;
+  const chain = graph.chain(p.top);
+  const baseDepth = p.base ? chain.layers.findIndex((l) => l.driver === p.base?.driver) : chain.layers.length;
+  const release = await writeGate(top).acquire(off, off + n);
+  let copied = 0;
+  try {
+    for (const own of await top.blockStatus(off, n)) {
+      if (own.kind !== 'unallocated') continue;
+      for (const x of await chain.statusFrom(1, own.offset, own.length)) {
+        if (x.depth >= baseDepth || x.kind === 'unallocated') continue;
+        if (x.kind === 'zero') await top.writeZeroes(x.offset, x.length);
+        else {
+          const b = buf.subarray(0, x.length);
+          await chain.readFrom(1, b, x.offset);
+          await top.write(b, x.offset);
+        }
+        copied += x.length;
+      }
+    }
+  } finally {
+    release();
+  }
+  return copied;
 }

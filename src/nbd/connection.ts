@@ -13,6 +13,10 @@ import type { ChainExtent } from '../chain/chain.js';
 
 /** Requests executing at once per connection; header reading pauses beyond this. */
 const MAX_IN_FLIGHT = 64;
+/** Payload bytes (write data, read replies) of the requests executing at once, at most (one request is always admitted). */
+const MAX_BYTES_IN_FLIGHT = 32 * 1024 * 1024;
+/** Reply bytes the client has not taken yet beyond which no new request is read. */
+const MAX_UNSENT = 16 * 1024 * 1024;
 /** Extents per block-status chunk at most (a reply may cover less than asked). */
 const MAX_EXTENTS = 65536;
 
@@ -23,6 +27,7 @@ export interface ConnectionLog {
 export class NbdConnection {
   private readonly reader: SocketReader;
   private inFlight = 0;
+  private bytesInFlight = 0;
   private slotWaiter: (() => void) | null = null;
   private idle: (() => void) | null = null;
 
@@ -53,23 +58,28 @@ export class NbdConnection {
 
   private async transmission(n: Negotiated): Promise<void> {
     for (;;) {
-      if (this.inFlight >= MAX_IN_FLIGHT) await new Promise<void>((r) => { this.slotWaiter = r; });
+      if (this.inFlight >= MAX_IN_FLIGHT) await this.slot();
+      // A client that does not read its replies is not read from either: memory stays bounded.
+      if (this.socket.writableLength > MAX_UNSENT) await this.sent();
       const h = await this.reader.read(28);
       if (h.readUInt32BE(0) !== P.REQUEST_MAGIC) throw new Error('bad request magic');
       const flags = h.readUInt16BE(4), type = h.readUInt16BE(6);
       const handle = h.subarray(8, 16);
       const offset = Number(h.readBigUInt64BE(16));
       const length = h.readUInt32BE(24);
-      let payload: Buffer | null = null;
-      if (type === P.CMD_WRITE) {
+      if (type === P.CMD_WRITE && length > P.MAX_BUFFER) {
         // The payload must be consumed to stay in sync; one larger than the limit ends the client.
-        if (length > P.MAX_BUFFER) throw new Error(`write of ${length} bytes exceeds the maximum`);
-        payload = await this.reader.read(length);
+        throw new Error(`write of ${length} bytes exceeds the maximum`);
       }
+      const cost = (type === P.CMD_WRITE || type === P.CMD_READ) && length <= P.MAX_BUFFER ? length : 0;
+      while (this.inFlight > 0 && this.bytesInFlight + cost > MAX_BYTES_IN_FLIGHT) await this.slot();
+      const payload = type === P.CMD_WRITE ? await this.reader.read(length) : null;
       if (type === P.CMD_DISC) return;
       this.inFlight++;
+      this.bytesInFlight += cost;
       void this.execute(n, { flags, type, handle, offset, length, payload }).finally(() => {
         this.inFlight--;
+        this.bytesInFlight -= cost;
         const w = this.slotWaiter;
         this.slotWaiter = null;
         w?.();
@@ -78,11 +88,34 @@ export class NbdConnection {
     }
   }
 
+  /** Until a request in flight completes. */
+  private slot(): Promise<void> {
+    return new Promise<void>((r) => { this.slotWaiter = r; });
+  }
+
+  /** Until the client has taken the replies written so far (or is gone). */
+  private sent(): Promise<void> {
+    if (this.socket.destroyed) return Promise.resolve();
+    return new Promise<void>((r) => {
+      const done = (): void => {
+        this.socket.off('drain', done);
+        this.socket.off('close', done);
+        r();
+      };
+      this.socket.on('drain', done);
+      this.socket.on('close', done);
+    });
+  }
+
   private async execute(n: Negotiated, r: Request): Promise<void> {
     // Requests run inside the export's "entered" section, so the daemon can drain them (pivot).
-    const leave = n.export.enter ? await n.export.enter() : null;
+    let leave: (() => void) | null = null;
     try {
+      leave = n.export.enter ? await n.export.enter() : null;
       await this.executeEntered(n, r);
+    } catch (e) {
+      // Nothing a request meets (an export or node gone under it) may take the daemon down.
+      this.error(n, r, P.EIO, e instanceof Error ? e.message : String(e));
     } finally {
       leave?.();
     }
@@ -90,9 +123,9 @@ export class NbdConnection {
 
   private async executeEntered(n: Negotiated, r: Request): Promise<void> {
     const exp = n.export;
-    const chain = exp.chain();
-    const size = chain.size;
     try {
+      const chain = exp.chain();
+      const size = chain.size;
       const known = P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_DF | P.CMD_FLAG_REQ_ONE | P.CMD_FLAG_FAST_ZERO;
       if (r.flags & ~known) return this.error(n, r, P.EINVAL, `unsupported flags 0x${r.flags.toString(16)} (got 0x${r.flags.toString(16)})`);
       if (r.type > P.CMD_BLOCK_STATUS || r.type === P.CMD_DISC) return this.error(n, r, P.EINVAL, `invalid request type (${r.type}) received`);

@@ -5,7 +5,8 @@
  */
 import type { Socket } from 'node:net';
 
-const HIGH_WATER = 64 * 1024 * 1024;
+/** Buffered bytes beyond which the socket is paused (unless a pending read needs more). */
+const HIGH_WATER = 4 * 1024 * 1024;
 
 export class ClosedError extends Error {
   constructor() {
@@ -23,7 +24,7 @@ export class SocketReader {
     socket.on('data', (b: Buffer) => {
       this.chunks.push(b);
       this.buffered += b.length;
-      if (this.buffered > HIGH_WATER) socket.pause();
+      if (this.buffered > HIGH_WATER && !(this.waiter && this.buffered < this.waiter.n)) socket.pause();
       this.wake();
     });
     const end = (): void => {
@@ -54,6 +55,8 @@ export class SocketReader {
     } else if (this.ended) {
       this.waiter = null;
       w.reject(new ClosedError());
+    } else if (this.socket.isPaused()) {
+      this.socket.resume();
     }
   }
 

@@ -10,6 +10,8 @@ export class NbdServer {
   readonly exports = new Map<string, NbdExport>();
   private readonly servers: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
+  /** Connections still running (their requests in flight included). */
+  private readonly running = new Set<Promise<void>>();
 
   constructor(private readonly log: (line: string) => void = () => {}) {}
 
@@ -28,7 +30,8 @@ export class NbdServer {
       this.sockets.add(sock);
       sock.on('close', () => this.sockets.delete(sock));
       const c = new NbdConnection(sock, (n) => this.exports.get(n), () => [...this.exports.values()], this.log);
-      void c.run();
+      const p = c.run().finally(() => this.running.delete(p));
+      this.running.add(p);
     });
     await new Promise<void>((resolve, reject) => {
       srv.once('error', reject);
@@ -46,10 +49,11 @@ export class NbdServer {
     this.servers.push(srv);
   }
 
-  /** Stop listening and drop every client. */
+  /** Stop listening and drop every client; resolves once their requests in flight are over. */
   async close(): Promise<void> {
     for (const s of this.sockets) s.destroy();
     await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+    await Promise.all([...this.running]);
     this.servers.length = 0;
   }
 }

@@ -7,7 +7,11 @@
  */
 import net from 'node:net';
 import fs from 'node:fs';
-import { JsonStream } from './framing.js';
+import { JsonStream, type Framed } from './framing.js';
+
+/** Commands read ahead of the one running, and reply bytes not yet taken by the client, at most. */
+const MAX_QUEUED = 256;
+const MAX_UNSENT = 1024 * 1024;
 
 export const VERSION = { qemu: { micro: 0, minor: 2, major: 7 }, package: 'qchain' };
 
@@ -68,13 +72,30 @@ export class QmpServer {
     this.current = s;
     s.send({ QMP: { version: VERSION, capabilities: ['oob'] } });
     const stream = new JsonStream();
-    let chain = Promise.resolve();
-    sock.setEncoding('utf8');
-    sock.on('data', (chunk: string) => {
-      for (const f of stream.push(chunk)) {
-        // Commands run one after another, in arrival order.
-        chain = chain.then(() => this.dispatch(s, f));
+    // Commands run one after another, in arrival order. A client that sends faster than the
+    // commands run, or never reads its replies, is stopped being read (as QEMU's monitor
+    // suspends), so neither the queue nor the unsent replies grow without bound.
+    const queue: Framed[] = [];
+    let running = false;
+    const work = async (): Promise<void> => {
+      running = true;
+      while (queue.length && !sock.destroyed) {
+        if (sock.writableLength > MAX_UNSENT) await sent(sock);
+        const f = queue.shift() as Framed;
+        try {
+          await this.dispatch(s, f);
+        } catch {
+          // A reply that cannot be sent (closed socket) ends nothing but this command.
+        }
+        if (queue.length < MAX_QUEUED / 2 && sock.isPaused()) sock.resume();
       }
+      queue.length = 0;
+      running = false;
+    };
+    sock.on('data', (chunk: Buffer) => {
+      for (const f of stream.push(chunk)) queue.push(f);
+      if (queue.length >= MAX_QUEUED) sock.pause();
+      if (!running) void work();
     });
     sock.on('close', () => {
       if (this.current === s) this.current = null;
@@ -129,6 +150,20 @@ export class QmpServer {
     for (const w of this.waiting) w.destroy();
     await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
   }
+}
+
+/** Until the client has taken the replies written so far (or is gone). */
+function sent(sock: net.Socket): Promise<void> {
+  if (sock.destroyed) return Promise.resolve();
+  return new Promise<void>((r) => {
+    const done = (): void => {
+      sock.off('drain', done);
+      sock.off('close', done);
+      r();
+    };
+    sock.on('drain', done);
+    sock.on('close', done);
+  });
 }
 
 /** Argument accessors with QEMU's messages for missing and mistyped members. */
