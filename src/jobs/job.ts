@@ -47,6 +47,8 @@ export class Job {
   softCancelled = false;
   private wake: (() => void) | null = null;
   private finalizeGo: (() => void) | null = null;
+  /** Undo on failure or cancel (a backup's bitmap), run at most once. */
+  private abortHook: (() => void) | null = null;
   /** Rate limit: bytes allowed since `rateStart`. */
   private rateStart = Date.now();
   private rateBytes = 0;
@@ -81,7 +83,8 @@ export class Job {
    * Start: created and running are announced before the command returns; the work runs after.
    * `prepare` runs at the pending stage (graph changes); `abort` undoes on failure or cancel.
    */
-  start(work: (job: Job) => Promise<void>, prepare: () => Promise<void>): void {
+  start(work: (job: Job) => Promise<void>, prepare: () => Promise<void>, abort?: () => void): void {
+    this.abortHook = abort ?? null;
     this.to('created');
     this.to('running');
     setImmediate(() => void this.run(work, prepare));
@@ -99,12 +102,14 @@ export class Job {
         await new Promise<void>((r) => { this.finalizeGo = r; });
         if (this.cancelled) return;
       }
+      this.abortHook = null;
       await prepare();
       this.legacy('BLOCK_JOB_COMPLETED');
       this.conclude();
     } catch (e) {
       if (this.cancelled || e instanceof CancelledError) return;
       this.error = e instanceof Error ? e.message : String(e);
+      this.runAbortHook();
       this.to('aborting');
       this.legacy('BLOCK_JOB_COMPLETED', { error: this.error });
       this.conclude();
@@ -210,11 +215,18 @@ export class Job {
     }
     this.cancelled = true;
     this.pauseWanted = false;
+    this.runAbortHook();
     this.wake?.();
     this.finalizeGo?.();
     this.to('aborting');
     this.legacy('BLOCK_JOB_CANCELLED');
     this.conclude();
+  }
+
+  private runAbortHook(): void {
+    const h = this.abortHook;
+    this.abortHook = null;
+    h?.();
   }
 
   finalize(): void {

@@ -60,7 +60,7 @@ export class Qcow2Bitmaps {
   private readonly clusterCache = new Map<number, Uint8Array>();
   private loadedChunks = 0;
   /** Node name used in messages, as QEMU's generated "#blockNNN". */
-  readonly nodeName = `#block1${String(Math.floor(Math.random() * 100)).padStart(2, '0')}`;
+  nodeName = `#block1${String(Math.floor(Math.random() * 100)).padStart(2, '0')}`;
 
   private constructor(private readonly img: Qcow2Image, private readonly log: (line: string) => void) {}
 
