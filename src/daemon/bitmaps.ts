@@ -95,6 +95,16 @@ export class BitmapRegistry {
     return l;
   }
 
+  /** The bitmap becomes the node's newest (a backup's successor takes its place: bdrv_dirty_bitmap_abdicate). */
+  toFront(node: FormatNode, b: NodeBitmap): void {
+    const l = this.lists.get(node);
+    const i = l ? l.indexOf(b) : -1;
+    if (l && i > 0) {
+      l.splice(i, 1);
+      l.unshift(b);
+    }
+  }
+
   /** A bitmap of a node (block_dirty_bitmap_lookup). */
   async lookup(nodeName: string, name: string): Promise<{ node: FormatNode; bitmap: NodeBitmap }> {
     const node = this.formatNode(nodeName);

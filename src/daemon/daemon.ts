@@ -8,6 +8,7 @@ import { CommandError, VERSION, optBool, optStr, str, type Args, type Handler } 
 import { imageInfo } from '../cli/img/info.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
+import type { Job } from '../jobs/job.js';
 import { Drain } from './drain.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps.js';
@@ -250,14 +251,19 @@ export class Daemon {
 
   /** drive-backup: create (or open) the target and check the job; commit starts it, abort drops the target. */
   async driveBackup(a: Args): Promise<Action> {
-    let startJob: () => void = () => {};
+    let startJob: (() => Job) | null = null;
     let target: FormatNode | null = null;
     await this.driveJob(a, async (x, t) => {
       target = t;
       startJob = await this.jobs.prepareBackup(x, t);
     });
     return {
-      commit: () => startJob(),
+      commit: () => {
+        const job = startJob?.();
+        // The target is the job's alone: it is closed when the job goes, as QEMU drops its last reference.
+        const t = target;
+        if (job && t) job.released.push(() => void this.graph.remove(t.name, () => null).catch(() => {}));
+      },
       abort: async () => { if (target) await this.graph.remove(target.name, () => null).catch(() => {}); },
     };
   }

@@ -51,7 +51,7 @@ async function prepare(d: Daemon, s: Step): Promise<Action> {
       return d.driveBackup(s.data);
     case 'blockdev-backup': {
       const start = await d.jobs.prepareBackup(s.data, d.graph.formatNode(String(s.data.target)));
-      return { commit: () => start(), abort: () => {} };
+      return { commit: () => { start(); }, abort: () => {} };
     }
   }
   throw new QmpError(`Action '${s.type}' is not supported by qchain`);

@@ -47,6 +47,8 @@ export class Job {
   softCancelled = false;
   private wake: (() => void) | null = null;
   private finalizeGo: (() => void) | null = null;
+  /** Run when the job is gone (status null): what only the job referenced is released (drive-backup's target). */
+  readonly released: Array<() => void> = [];
   /** Undo on failure or cancel (a backup's bitmap), run at most once. */
   private abortHook: (() => void) | null = null;
   /** Rate limit: bytes allowed since `rateStart`. */
@@ -66,7 +68,10 @@ export class Job {
     if (!canTransition(this.status, s)) throw new Error(`job ${this.id}: invalid transition ${this.status} -> ${s}`);
     this.status = s;
     this.events.emit('JOB_STATUS_CHANGE', { status: s, id: this.id });
-    if (s === 'null') this.onGone(this);
+    if (s === 'null') {
+      this.onGone(this);
+      for (const f of this.released.splice(0)) f();
+    }
   }
 
   private legacy(name: string, extra: Record<string, unknown> = {}): void {

@@ -182,7 +182,7 @@ export class JobManager {
    * Checks a backup's arguments (QEMU's order and messages) and returns the function that starts
    * it (a transaction starts it at commit). sync=incremental is sync=bitmap with on-success.
    */
-  async prepareBackup(a: Args, target: FormatNode): Promise<() => void> {
+  async prepareBackup(a: Args, target: FormatNode): Promise<() => Job> {
     const device = this.graph.formatNode(str(a, 'device'));
     let sync = str(a, 'sync');
     const bitmapName = optStr(a, 'bitmap');
@@ -217,7 +217,7 @@ export class JobManager {
       const depth = (chain: { layers: unknown[] }): number => (sync === 'top' ? 1 : chain.layers.length);
       if (!bitmap) {
         job.start(backupWork(this.graph, { source: device, target, depth }).work, async () => {});
-        return;
+        return job;
       }
       // Freeze the bitmap: what it holds now is what the job copies; a successor records writes from here on.
       bitmap.busy = true;
@@ -228,7 +228,8 @@ export class JobManager {
       const end = (ok: boolean): void => {
         const successor = bitmap.data;
         // Synced: the bitmap becomes the successor (what was written meanwhile); otherwise it keeps everything.
-        if (!((ok || bitmapMode === 'always') && bitmapMode !== 'never')) successor.merge(frozen);
+        if ((ok || bitmapMode === 'always') && bitmapMode !== 'never') this.host.bitmaps.toFront(device, bitmap);
+        else successor.merge(frozen);
         if (!ok && bitmapMode === 'always') {
           for (let i = 0; i < b.pending.length; i++) if (b.pending[i]) successor.set(i * BACKUP_GRANULE, BACKUP_GRANULE);
         }
@@ -236,6 +237,7 @@ export class JobManager {
         bitmap.busy = false;
       };
       job.start(b.work, async () => end(true), () => end(false));
+      return job;
     };
   }
 

@@ -1,0 +1,160 @@
+/**
+ * The efficient live backup recipe (seed 003) over QMP, against qemu-storage-daemon and qchain:
+ * a full backup and a new dirty bitmap in one transaction; guest writes over NBD; an incremental
+ * backup into an overlay whose backing file is the full backup, with guest writes while it runs
+ * (held back by a speed limit, so they land before the job copies their granules). The overlay's
+ * guest view must be the disk as it was when the incremental started; the bitmap then holds
+ * exactly the writes made during the job, so a second incremental catches up with the disk.
+ * Pull mode: the frozen bitmap exported over NBD shows the same map as QSD's.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
+import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+
+const QSD = '/usr/bin/qemu-storage-daemon';
+
+async function waitFor(p: string, child: ChildProcess): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (fs.existsSync(p)) return;
+    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`no ${p}`);
+}
+
+const ARGS = [
+  '--blockdev', 'driver=file,node-name=disk-file,filename=disk.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=disk,file=disk-file',
+  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
+  '--export', 'type=nbd,id=exp0,node-name=disk,name=vda,writable=on',
+  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
+  '--monitor', 'chardev=qmp0',
+];
+
+/** The guest view of an NBD export, read by qemu-img. */
+async function nbdView(uri: string, dir: string): Promise<Buffer> {
+  const out = path.join(dir, 'view.raw');
+  const r = await qemuImg(['convert', '-f', 'raw', '-O', 'raw', uri, out]);
+  assert.equal(r.code, 0, r.stderr);
+  const b = fs.readFileSync(out);
+  fs.unlinkSync(out);
+  return b;
+}
+
+function ok(r: QmpMessage): void {
+  assert.ok('return' in r, JSON.stringify(r));
+}
+
+async function jobDone(q: QmpClient, id: string): Promise<QmpMessage> {
+  return q.waitFor((m) => m.event === 'BLOCK_JOB_COMPLETED' && (m.data as { device: string }).device === id, 60000);
+}
+
+interface Result { counts: unknown[]; pullMap: string }
+
+async function recipe(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
+  fs.mkdirSync(dir, { recursive: true });
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
+  const w0 = await qemuIo(['-c', 'write -q -P 0xaa 0 3M', '-c', 'write -q -P 0xab 8M 1M', 'disk.qcow2'], dir);
+  assert.equal(w0.code, 0, w0.stderr);
+  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
+    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+  const uri = (name = 'vda'): string => `nbd+unix:///${name}?socket=${path.join(dir, 'nbd.sock')}`;
+  const guest = async (...cmds: string[]): Promise<void> => {
+    const r = await qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), uri()]);
+    assert.equal(r.code, 0, r.stderr);
+  };
+  const counts: unknown[] = [];
+  try {
+    await waitFor(path.join(dir, 'qmp.sock'), child);
+    await waitFor(path.join(dir, 'nbd.sock'), child);
+    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+    await q.waitFor((m) => 'QMP' in m);
+    ok(await q.execute('qmp_capabilities'));
+    const bitmaps = async (): Promise<void> => {
+      const r = await q.execute('query-named-block-nodes');
+      const disk = (r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk');
+      counts.push(disk?.['dirty-bitmaps']);
+    };
+    // 1. Full backup and a new bitmap, atomically.
+    ok(await q.execute('transaction', {
+      actions: [
+        { type: 'block-dirty-bitmap-add', data: { node: 'disk', name: 'bm0', persistent: true } },
+        { type: 'drive-backup', data: { device: 'disk', target: path.join(dir, 'full.qcow2'), sync: 'full', format: 'qcow2', 'job-id': 'full' } },
+      ],
+    }));
+    const full = await jobDone(q, 'full');
+    assert.equal((full.data as { error?: string }).error, undefined);
+    await bitmaps();
+    // 2. The guest writes.
+    await guest('write -P 0x11 64k 64k', 'write -P 0x12 2M 4k', 'write -z 8M 128k', 'write -P 0x13 12M 1M');
+    await bitmaps();
+    // 3. Incremental into an overlay of the full backup; the guest keeps writing meanwhile.
+    const expected = await nbdView(uri(), dir);
+    const inc = await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'full.qcow2', '-F', 'qcow2', 'inc.qcow2'], dir);
+    assert.equal(inc.code, 0, inc.stderr);
+    ok(await q.execute('drive-backup', {
+      device: 'disk', target: path.join(dir, 'inc.qcow2'), sync: 'incremental', bitmap: 'bm0', format: 'qcow2', mode: 'existing', 'job-id': 'inc', speed: 1,
+    }));
+    const busy = await q.execute('block-dirty-bitmap-remove', { node: 'disk', name: 'bm0' });
+    assert.deepEqual(busy.error, { class: 'GenericError', desc: "Bitmap 'bm0' is currently in use by another operation and cannot be used" });
+    await guest('write -P 0x21 12M 64k', 'write -P 0x22 64k 4k', 'write -P 0x23 15M 64k');
+    ok(await q.execute('block-job-set-speed', { device: 'inc', speed: 0 }));
+    const incDone = await jobDone(q, 'inc');
+    assert.equal((incDone.data as { error?: string }).error, undefined);
+    await bitmaps();
+    const view = await qemuRawView(path.join(dir, 'inc.qcow2'));
+    assert.ok(view.equals(expected), `${tool}: the incremental backup's view is the disk at the job's start`);
+    // 4. Pull mode: freeze bm0 and start bm1 atomically, export bm0 over NBD.
+    ok(await q.execute('transaction', {
+      actions: [
+        { type: 'block-dirty-bitmap-disable', data: { node: 'disk', name: 'bm0' } },
+        { type: 'block-dirty-bitmap-add', data: { node: 'disk', name: 'bm1' } },
+      ],
+    }));
+    await guest('write -P 0x31 4M 64k');
+    ok(await q.execute('block-export-add', { type: 'nbd', id: 'pull', 'node-name': 'disk', name: 'pull', bitmaps: ['bm0'] }));
+    const map = await run('nbdinfo', ['--map=qemu:dirty-bitmap:bm0', uri('pull')]);
+    assert.equal(map.code, 0, map.stderr);
+    await bitmaps();
+    ok(await q.execute('block-export-del', { id: 'pull' }));
+    // 5. A second incremental (from bm0, which holds the writes made during the first) catches up with the disk.
+    const inc2 = await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'inc.qcow2', '-F', 'qcow2', 'inc2.qcow2'], dir);
+    assert.equal(inc2.code, 0, inc2.stderr);
+    const now = await nbdView(uri(), dir);
+    // bm0 is disabled: merge bm1 (writes since the freeze) so the backup covers everything.
+    ok(await q.execute('block-dirty-bitmap-merge', { node: 'disk', target: 'bm0', bitmaps: ['bm1'] }));
+    ok(await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'inc2', file: { driver: 'file', filename: path.join(dir, 'inc2.qcow2') }, backing: null }));
+    ok(await q.execute('blockdev-backup', { device: 'disk', target: 'inc2', sync: 'bitmap', bitmap: 'bm0', 'bitmap-mode': 'on-success', 'job-id': 'inc2' }));
+    const inc2Done = await jobDone(q, 'inc2');
+    assert.equal((inc2Done.data as { error?: string }).error, undefined);
+    await bitmaps();
+    ok(await q.execute('blockdev-del', { 'node-name': 'inc2' }));
+    ok(await q.execute('quit'));
+    await new Promise((r) => child.once('exit', r));
+    const view2 = await qemuRawView(path.join(dir, 'inc2.qcow2'));
+    assert.ok(view2.equals(now), `${tool}: the second incremental's view is the disk`);
+    for (const f of ['disk.qcow2', 'full.qcow2', 'inc.qcow2', 'inc2.qcow2']) {
+      const c = await qemuImg(['check', f], dir);
+      assert.equal(c.code, 0, `${tool} ${f}: ${c.stdout}${c.stderr}`);
+    }
+    const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
+    counts.push((JSON.parse(info.stdout) as { 'format-specific': { data: { bitmaps?: unknown } } })['format-specific'].data.bitmaps);
+    return { counts, pullMap: map.stdout };
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
+describe('efficient live backup: full + incremental backups, pull mode', oracle(), () => {
+  test('the seed 003 recipe gives point-in-time backups and the same bitmaps as QSD', async () => {
+    const root = scratch('qchain-backup-inc-');
+    const res: Partial<Record<'qemu' | 'qchain', Result>> = {};
+    for (const tool of ['qemu', 'qchain'] as const) res[tool] = await recipe(tool, path.join(root, tool));
+    assert.deepEqual(res.qchain?.counts, res.qemu?.counts);
+    assert.equal(res.qchain?.pullMap, res.qemu?.pullMap);
+  });
+});
