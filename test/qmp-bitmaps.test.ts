@@ -107,6 +107,15 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     await q.execute('block-dirty-bitmap-enable', { node: 'disk', name: 'b0' }, 'enable-busy');
     await q.execute('block-dirty-bitmap-remove', { node: 'disk', name: 'b0' }, 'remove-busy');
     await q.execute('block-export-del', { id: 'exp1' }, 'export-del');
+    // A failing transaction undoes its external snapshot: no new node, the export stays on disk.
+    await q.execute('transaction', {
+      actions: [
+        { type: 'blockdev-snapshot-sync', data: { 'node-name': 'disk', 'snapshot-file': 'undone.qcow2', 'snapshot-node-name': 'undone', format: 'qcow2' } },
+        { type: 'block-dirty-bitmap-add', data: { node: 'disk', name: 'b0' } },
+      ],
+    }, 'tx-snap-fail');
+    await q.execute('query-named-block-nodes', undefined, 'nodes-undone');
+    await q.execute('query-block-exports', undefined, 'exports-undone');
     // A transaction that adds a bitmap and takes an external snapshot.
     await q.execute('transaction', {
       actions: [
@@ -146,7 +155,40 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
   }
 }
 
+/** The command line's --export bitmaps.0=NAME (a disabled persistent bitmap), then SIGTERM. */
+async function pullFromCommandLine(tool: 'qemu' | 'qchain', dir: string): Promise<{ map: string; info: string }> {
+  fs.mkdirSync(dir, { recursive: true });
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
+  await qemuImg(['bitmap', '--add', '-g', '32768', 'disk.qcow2', 'frozen'], dir);
+  await qemuIo(['-c', 'write -q -P 0xaa 40k 8k', '-c', 'write -q -P 0xab 5M 1M', 'disk.qcow2'], dir);
+  await qemuImg(['bitmap', '--disable', 'disk.qcow2', 'frozen'], dir);
+  await qemuImg(['bitmap', '--add', 'disk.qcow2', 'live'], dir);
+  const args = [...ARGS.slice(0, 6), '--export', 'type=nbd,id=exp0,node-name=disk,name=vda,bitmaps.0=frozen'];
+  const child = tool === 'qemu' ? spawn(QSD, args, { cwd: dir, stdio: 'ignore' })
+    : spawn(process.execPath, [QCHAIN, 'daemon', ...args], { cwd: dir, stdio: 'ignore' });
+  try {
+    await waitFor(path.join(dir, 'nbd.sock'), child);
+    const map = await run('nbdinfo', ['--map=qemu:dirty-bitmap:frozen', nbdUri(dir)]);
+    assert.equal(map.code, 0, map.stderr);
+    child.kill('SIGTERM');
+    await new Promise((r) => child.once('exit', r));
+    const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
+    return { map: map.stdout, info: JSON.stringify((JSON.parse(info.stdout) as { 'format-specific': { data: unknown } })['format-specific'].data) };
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
 describe('dirty bitmaps over QMP vs qemu-storage-daemon', oracle(), () => {
+  test('--export bitmaps.0=NAME serves the persistent bitmap over NBD, as QSD does; SIGTERM stores it', async () => {
+    const root = scratch('qchain-pull-');
+    const qemu = await pullFromCommandLine('qemu', path.join(root, 'qemu'));
+    const ours = await pullFromCommandLine('qchain', path.join(root, 'qchain'));
+    assert.match(qemu.map, /dirty/);
+    assert.equal(ours.map, qemu.map);
+    assert.equal(ours.info, qemu.info);
+  });
+
   test('bitmap commands, errors, transactions, NBD bitmap export: same replies, maps and images', async () => {
     const root = scratch('qchain-qmp-bitmaps-');
     const res: Partial<Record<'qemu' | 'qchain', Result>> = {};
