@@ -158,3 +158,83 @@ describe('efficient live backup: full + incremental backups, pull mode', oracle(
     assert.equal(res.qchain?.pullMap, res.qemu?.pullMap);
   });
 });
+
+/** Bitmap modes, a cancelled incremental and the argument errors: replies and bitmaps as QSD's. */
+async function modes(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
+  fs.mkdirSync(dir, { recursive: true });
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
+  for (const t of ['t1', 't2', 't3', 't4', 't5']) await qemuImg(['create', '-q', '-f', 'qcow2', `${t}.qcow2`, '16M'], dir);
+  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
+    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+  const uri = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
+  const guest = async (...cmds: string[]): Promise<void> => {
+    const r = await qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), uri]);
+    assert.equal(r.code, 0, r.stderr);
+  };
+  const out: unknown[] = [];
+  try {
+    await waitFor(path.join(dir, 'qmp.sock'), child);
+    await waitFor(path.join(dir, 'nbd.sock'), child);
+    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+    await q.waitFor((m) => 'QMP' in m);
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
+      const r = await q.execute(cmd, args);
+      out.push({ cmd, reply: 'error' in r ? r.error : r.return });
+    };
+    const bitmaps = async (): Promise<void> => {
+      const r = await q.execute('query-named-block-nodes');
+      out.push((r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
+    };
+    await x('qmp_capabilities');
+    for (const t of ['t1', 't2', 't3', 't4', 't5']) await x('blockdev-add', { driver: 'qcow2', 'node-name': t, file: { driver: 'file', filename: path.join(dir, `${t}.qcow2`) } });
+    await x('block-dirty-bitmap-add', { node: 'disk', name: 'bA', granularity: 32768 });
+    await guest('write -P 1 0 40k', 'write -P 2 7M 1M');
+    let seq = 0;
+    const backup = (extra: Record<string, unknown>): Promise<void> => x('blockdev-backup', { device: 'disk', 'job-id': `j${++seq}`, ...extra });
+    const gone = (): Promise<QmpMessage> => q.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && JSON.stringify(m.data) === JSON.stringify({ status: 'null', id: `j${seq}` }), 60000);
+    // Argument errors.
+    await backup({ target: 't1', sync: 'incremental' });
+    await backup({ target: 't1', sync: 'bitmap' });
+    await backup({ target: 't1', sync: 'incremental', bitmap: 'nosuch' });
+    await backup({ target: 't1', sync: 'incremental', bitmap: 'bA', 'bitmap-mode': 'never' });
+    await backup({ target: 't1', sync: 'bitmap', bitmap: 'bA' });
+    await backup({ target: 't1', sync: 'full', bitmap: 'bA', 'bitmap-mode': 'never' });
+    await backup({ target: 't1', sync: 'none', bitmap: 'bA', 'bitmap-mode': 'always' });
+    await backup({ target: 't1', sync: 'full', 'bitmap-mode': 'always' });
+    await bitmaps();
+    // never: the bitmap is left as it was.
+    await backup({ target: 't1', sync: 'bitmap', bitmap: 'bA', 'bitmap-mode': 'never' });
+    await gone();
+    await bitmaps();
+    // always (success): cleared.
+    await backup({ target: 't2', sync: 'bitmap', bitmap: 'bA', 'bitmap-mode': 'always' });
+    await gone();
+    await bitmaps();
+    // full with on-success: cleared too.
+    await guest('write -P 3 1M 64k');
+    await backup({ target: 't3', sync: 'full', bitmap: 'bA', 'bitmap-mode': 'on-success' });
+    await gone();
+    await bitmaps();
+    // A cancelled incremental keeps what it was to copy and what was written meanwhile.
+    await guest('write -P 4 2M 64k', 'write -P 5 9M 4k');
+    await backup({ target: 't4', sync: 'incremental', bitmap: 'bA', speed: 1 });
+    await guest('write -P 6 12M 100k');
+    await x('block-job-cancel', { device: `j${seq}` });
+    await gone();
+    await bitmaps();
+    await x('quit');
+    await new Promise((r) => child.once('exit', r));
+    return out;
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
+describe('bitmap backups: modes, cancel, errors', oracle(), () => {
+  test('replies and resulting bitmaps are QSD\'s', async () => {
+    const root = scratch('qchain-backup-modes-');
+    const qemu = await modes('qemu', path.join(root, 'qemu'));
+    const ours = await modes('qchain', path.join(root, 'qchain'));
+    assert.deepEqual(ours, qemu);
+  });
+});

@@ -50,6 +50,7 @@ async function setup(dir: string): Promise<void> {
   await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
   await qemuIo(['-c', 'write -P 0xaa 0 1M', 'disk.qcow2'], dir);
   await qemuImg(['bitmap', '--add', 'disk.qcow2', 'old'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'other.qcow2', '16M'], dir);
 }
 
 function nbdUri(dir: string, name = 'vda'): string {
@@ -144,6 +145,16 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     await q.execute('transaction', { actions: [{ type: 'block-dirty-bitmap-add', data: { node: 'snap' } }] }, 'tx-badarg');
     await q.execute('transaction', { actions: [{ type: 'no-such-action', data: {} }] }, 'tx-badtype');
     await q.execute('query-named-block-nodes', undefined, 'nodes5');
+    // blockdev-del stores persistent bitmaps; the next open finds them (and only them).
+    const other = { driver: 'qcow2', 'node-name': 'other', file: { driver: 'file', filename: path.join(dir, 'other.qcow2') } };
+    await q.execute('blockdev-add', other, 'other-add');
+    await q.execute('block-dirty-bitmap-add', { node: 'other', name: 'p1', persistent: true, granularity: 131072 }, 'other-p1');
+    await q.execute('block-dirty-bitmap-add', { node: 'other', name: 'n1' }, 'other-n1');
+    await q.execute('block-dirty-bitmap-disable', { node: 'other', name: 'p1' }, 'other-p1-disable');
+    await q.execute('blockdev-del', { 'node-name': 'other' }, 'other-del');
+    await q.execute('blockdev-add', other, 'other-add2');
+    await q.execute('query-named-block-nodes', undefined, 'nodes6');
+    await q.execute('blockdev-del', { 'node-name': 'other' }, 'other-del2');
     await q.execute('quit', undefined, 'q');
     await new Promise((r) => child.once('exit', r));
     const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
