@@ -47,6 +47,8 @@ export class Job {
   softCancelled = false;
   private wake: (() => void) | null = null;
   private finalizeGo: (() => void) | null = null;
+  /** Resolves a pending job-finalize once the job has concluded. */
+  private finalized: (() => void) | null = null;
   /** Run when the job is gone (status null): what only the job referenced is released (drive-backup's target). */
   readonly released: Array<() => void> = [];
   /** Undo on failure or cancel (a backup's bitmap), run at most once. */
@@ -92,6 +94,11 @@ export class Job {
     this.abortHook = abort ?? null;
     this.to('created');
     this.to('running');
+    // A backup starts inside a drained section in QEMU: the job is paused and resumed once at once.
+    if (this.type === 'backup') {
+      this.to('paused');
+      this.to('running');
+    }
     setImmediate(() => void this.run(work, prepare));
   }
 
@@ -124,6 +131,9 @@ export class Job {
   private conclude(): void {
     this.to('concluded');
     if (this.autoDismiss) this.to('null');
+    const f = this.finalized;
+    this.finalized = null;
+    f?.();
   }
 
   /** Between units of work: honour pause and cancel, and the rate limit for `bytes` just done. */
@@ -234,9 +244,12 @@ export class Job {
     h?.();
   }
 
-  finalize(): void {
+  /** job-finalize: resolves once the job has concluded, so the reply follows its events, as QEMU's does. */
+  finalize(): Promise<void> {
     this.checkVerb('finalize');
+    const done = new Promise<void>((r) => { this.finalized = r; });
     this.finalizeGo?.();
+    return done;
   }
 
   dismiss(): void {

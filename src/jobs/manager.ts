@@ -323,7 +323,7 @@ export class JobManager {
     return j;
   }
 
-  private verb(j: Job, v: JobVerb, force = true): void {
+  private verb(j: Job, v: JobVerb, force = true): void | Promise<void> {
     switch (v) {
       case 'cancel': return j.cancel(force);
       case 'pause': return j.pause();
