@@ -46,7 +46,8 @@ export async function bitmapAction(reg: BitmapRegistry, type: string, a: Args): 
       reg.check(node, bitmap, DEFAULT);
       const srcs = await reg.sources(node, a.bitmaps);
       const backup = cloneBitmap(bitmap.data);
-      for (const s of srcs) bitmap.data.merge(s.data);
+      // A source frozen by a backup merges as it was frozen (QEMU's parent bitmap).
+      for (const s of srcs) bitmap.data.merge(s.frozen ?? s.data);
       return { commit: () => {}, abort: () => { bitmap.data.clear(); bitmap.data.merge(backup); } };
     }
   }

@@ -5,7 +5,7 @@
  * completion-mode=individual is supported, as QEMU allows grouped only for backup actions.
  */
 import { QmpError } from './graph.js';
-import { CommandError, type Args } from '../qmp/server.js';
+import { CommandError, str, type Args } from '../qmp/server.js';
 import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js';
 import type { Daemon } from './daemon.js';
 
@@ -50,7 +50,7 @@ async function prepare(d: Daemon, s: Step): Promise<Action> {
     case 'drive-backup':
       return d.driveBackup(s.data);
     case 'blockdev-backup': {
-      const start = await d.jobs.prepareBackup(s.data, d.graph.formatNode(String(s.data.target)));
+      const start = await d.jobs.prepareBackup(s.data, d.graph.formatNode(str(s.data, 'target')));
       return { commit: () => { start(); }, abort: () => {} };
     }
   }
