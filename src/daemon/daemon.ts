@@ -9,6 +9,7 @@ import { imageInfo } from '../cli/img/info.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
 import type { Job } from '../jobs/job.js';
+import type { JobGroup } from '../jobs/group.js';
 import { Drain } from './drain.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps.js';
@@ -250,7 +251,7 @@ export class Daemon {
   }
 
   /** drive-backup: create (or open) the target and check the job; commit starts it, abort drops the target. */
-  async driveBackup(a: Args): Promise<Action> {
+  async driveBackup(a: Args, group?: JobGroup): Promise<Action> {
     let startJob: (() => Job) | null = null;
     let target: FormatNode | null = null;
     await this.driveJob(a, async (x, t) => {
@@ -260,6 +261,7 @@ export class Daemon {
     return {
       commit: () => {
         const job = startJob?.();
+        if (job && group) group.add(job);
         // The target is the job's alone: it is closed when the job goes, as QEMU drops its last reference.
         const t = target;
         if (job && t) job.released.push(() => void this.graph.remove(t.name, () => null).catch(() => {}));

@@ -1,13 +1,14 @@
 /**
  * QMP `transaction` (qapi/transaction.json): every action is prepared in order with guest I/O
  * drained; if one fails, the prepared ones are undone in reverse order and its error is the
- * reply; otherwise all commit (backup jobs start there, all in the same tick). Only
- * completion-mode=individual is supported, as QEMU allows grouped only for backup actions.
+ * reply; otherwise all commit (backup jobs start there, all in the same tick). With
+ * completion-mode=grouped (backup actions only, as QEMU) the jobs finish or fail together.
  */
 import { QmpError } from './graph.js';
 import { CommandError, str, type Args } from '../qmp/server.js';
 import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js';
 import type { Daemon } from './daemon.js';
+import { JobGroup } from '../jobs/group.js';
 
 const KNOWN = ['abort', 'block-dirty-bitmap-add', 'block-dirty-bitmap-remove', 'block-dirty-bitmap-clear', 'block-dirty-bitmap-enable',
   'block-dirty-bitmap-disable', 'block-dirty-bitmap-merge', 'blockdev-backup', 'blockdev-snapshot', 'blockdev-snapshot-internal-sync',
@@ -34,7 +35,7 @@ function parse(a: Args): { steps: Step[]; grouped: boolean } {
   return { steps, grouped: mode === 'grouped' };
 }
 
-async function prepare(d: Daemon, s: Step): Promise<Action> {
+async function prepare(d: Daemon, s: Step, group?: JobGroup): Promise<Action> {
   if ((BITMAP_COMMANDS as readonly string[]).includes(s.type)) return bitmapAction(d.bitmaps, s.type, s.data);
   switch (s.type) {
     case 'abort':
@@ -48,10 +49,10 @@ async function prepare(d: Daemon, s: Step): Promise<Action> {
       return { commit: () => {}, abort: () => d.detachOverlay(node, overlay, false) };
     }
     case 'drive-backup':
-      return d.driveBackup(s.data);
+      return d.driveBackup(s.data, group);
     case 'blockdev-backup': {
       const start = await d.jobs.prepareBackup(s.data, d.graph.formatNode(str(s.data, 'target')));
-      return { commit: () => { start(); }, abort: () => {} };
+      return { commit: () => { const job = start(); group?.add(job); }, abort: () => {} };
     }
   }
   throw new QmpError(`Action '${s.type}' is not supported by qchain`);
@@ -72,14 +73,22 @@ export async function runTransaction(d: Daemon, a: Args): Promise<void> {
   if (grouped) {
     const other = steps.find((s) => s.type !== 'drive-backup' && s.type !== 'blockdev-backup');
     if (other) throw new QmpError(`Action '${other.type}' does not support Transaction property completion-mode = grouped`);
-    throw new QmpError('completion-mode=grouped is not supported by qchain');
   }
+  const group = grouped ? new JobGroup() : undefined;
   const undrain = await d.drainAll();
   const done: Action[] = [];
+  // Jobs are only created at commit: two actions of this transaction must not claim the same job ID.
+  const ids = new Set<string>();
   try {
     for (let i = 0; i < steps.length; i++) {
       try {
-        done.push(await prepare(d, steps[i]));
+        const s = steps[i];
+        if (s.type === 'drive-backup' || s.type === 'blockdev-backup') {
+          const id = s.data['job-id'] ?? s.data.device;
+          if (typeof id === 'string' && ids.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
+          if (typeof id === 'string') ids.add(id);
+        }
+        done.push(await prepare(d, s, group));
       } catch (e) {
         for (const x of done.reverse()) await x.abort();
         throw located(e, i);

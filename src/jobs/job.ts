@@ -5,6 +5,7 @@
  */
 import { canTransition, verbAllowed, type JobStatus, type JobVerb } from './state.js';
 import { QmpError } from '../daemon/graph.js';
+import type { JobGroup } from './group.js';
 
 export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create';
 
@@ -49,6 +50,8 @@ export class Job {
   private finalizeGo: (() => void) | null = null;
   /** Resolves a pending job-finalize once the job has concluded. */
   private finalized: (() => void) | null = null;
+  /** The transaction group (completion-mode=grouped) the job belongs to. */
+  group: JobGroup | null = null;
   /** Run when the job is gone (status null): what only the job referenced is released (drive-backup's target). */
   readonly released: Array<() => void> = [];
   /** Undo on failure or cancel (a backup's bitmap), run at most once. */
@@ -108,6 +111,10 @@ export class Job {
       if (this.cancelled) return;
       this.pauseWanted = false;
       this.to('waiting');
+      if (this.group) {
+        await this.group.arrive(this);
+        if (this.cancelled) return;
+      }
       this.to('pending');
       if (!this.autoFinalize) {
         if (this.type !== 'create') this.events.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
@@ -118,6 +125,7 @@ export class Job {
       await prepare();
       this.legacy('BLOCK_JOB_COMPLETED');
       this.conclude();
+      this.group?.settled(this);
     } catch (e) {
       if (this.cancelled || e instanceof CancelledError) return;
       this.error = e instanceof Error ? e.message : String(e);
@@ -125,6 +133,7 @@ export class Job {
       this.to('aborting');
       this.legacy('BLOCK_JOB_COMPLETED', { error: this.error });
       this.conclude();
+      this.group?.abort(this);
     }
   }
 
@@ -236,6 +245,13 @@ export class Job {
     this.to('aborting');
     this.legacy('BLOCK_JOB_CANCELLED');
     this.conclude();
+    this.group?.abort(this);
+  }
+
+  /** Another member of the job's group failed or was cancelled. */
+  cancelByGroup(): void {
+    if (this.cancelled || !verbAllowed(this.status, 'cancel')) return;
+    this.cancel(true);
   }
 
   private runAbortHook(): void {

@@ -37,10 +37,7 @@ export class JobManager {
 
   private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[]): Job {
     const id = optStr(a, 'job-id') ?? device.name;
-    for (const n of nodes) {
-      const busy = this.jobOn(n);
-      if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
-    }
+    this.checkNodes(type, device, nodes);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
@@ -48,6 +45,15 @@ export class JobManager {
       this.events, (j) => this.jobs.delete(j.id));
     this.jobs.set(id, job);
     return job;
+  }
+
+  /** No other job may hold the nodes; backups of the same device may run side by side (each has its own copy-before-write). */
+  private checkNodes(type: Job['type'], device: FormatNode, nodes: string[]): void {
+    for (const n of nodes) {
+      const busy = [...this.jobs.values()].find((j) => j.nodes.includes(n) && j.status !== 'concluded' && j.status !== 'null' &&
+        !(type === 'backup' && j.type === 'backup' && n === device.name && j.nodes[0] === n));
+      if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
+    }
   }
 
   /** Nodes of a format node's chain, top first. */
@@ -244,10 +250,7 @@ export class JobManager {
   /** The checks common() makes, without creating the job. */
   private checkFree(a: Args, device: FormatNode, nodes: string[]): void {
     const id = optStr(a, 'job-id') ?? device.name;
-    for (const n of nodes) {
-      const busy = this.jobOn(n);
-      if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
-    }
+    this.checkNodes('backup', device, nodes);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
