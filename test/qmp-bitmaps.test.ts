@@ -51,6 +51,8 @@ async function setup(dir: string): Promise<void> {
   await qemuIo(['-c', 'write -P 0xaa 0 1M', 'disk.qcow2'], dir);
   await qemuImg(['bitmap', '--add', 'disk.qcow2', 'old'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'other.qcow2', '16M'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'ro.qcow2', '16M'], dir);
+  await qemuImg(['bitmap', '--add', 'ro.qcow2', 'pold'], dir);
 }
 
 function nbdUri(dir: string, name = 'vda'): string {
@@ -155,12 +157,26 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     await q.execute('blockdev-add', other, 'other-add2');
     await q.execute('query-named-block-nodes', undefined, 'nodes6');
     await q.execute('blockdev-del', { 'node-name': 'other' }, 'other-del2');
+    // A read-only node: its stored bitmaps are read-only; new ones (even persistent) are not.
+    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'ro', 'read-only': true, file: { driver: 'file', filename: path.join(dir, 'ro.qcow2') } }, 'ro-add');
+    await q.execute('block-dirty-bitmap-add', { node: 'ro', name: 'p', persistent: true }, 'ro-add-p');
+    await q.execute('block-dirty-bitmap-add', { node: 'ro', name: 'n' }, 'ro-add-n');
+    await q.execute('block-dirty-bitmap-clear', { node: 'ro', name: 'n' }, 'ro-clear-n');
+    await q.execute('block-dirty-bitmap-clear', { node: 'ro', name: 'p' }, 'ro-clear-p');
+    await q.execute('block-dirty-bitmap-clear', { node: 'ro', name: 'pold' }, 'ro-clear-pold');
+    await q.execute('block-dirty-bitmap-disable', { node: 'ro', name: 'pold' }, 'ro-disable-pold');
+    await q.execute('block-dirty-bitmap-remove', { node: 'ro', name: 'pold' }, 'ro-remove-pold');
+    await q.execute('block-dirty-bitmap-add', { node: 'ro', name: 'n', persistent: true }, 'ro-add-dup');
+    await q.execute('block-dirty-bitmap-add', { node: 'ro', name: 'huge', granularity: 2147483648, persistent: true }, 'ro-add-huge');
+    await q.execute('block-dirty-bitmap-add', { node: 'ro', name: 'huge2', granularity: 4294967296 }, 'ro-add-huge2');
+    await q.execute('query-named-block-nodes', undefined, 'nodes7');
     await q.execute('quit', undefined, 'q');
     await new Promise((r) => child.once('exit', r));
     const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
     const check = await qemuImg(['check', 'disk.qcow2'], dir);
-    const j = JSON.parse(info.stdout) as Record<string, unknown>;
-    return { log: q.received.map(norm), maps, info: JSON.stringify((j['format-specific'] as Record<string, unknown>).data), check: check.stdout + check.stderr };
+    const roInfo = await qemuImg(['info', '--output=json', 'ro.qcow2'], dir);
+    const bitmapsOf = (o: string): string => JSON.stringify(((JSON.parse(o) as Record<string, unknown>)['format-specific'] as Record<string, unknown>).data);
+    return { log: q.received.map(norm), maps, info: bitmapsOf(info.stdout) + bitmapsOf(roInfo.stdout), check: check.stdout + check.stderr };
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');
   }

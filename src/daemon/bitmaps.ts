@@ -10,6 +10,7 @@ import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { BitmapError, type MemBitmap } from '../qcow2/bitmaps.js';
 import { watchWrites } from '../chain/chain.js';
+import { CommandError } from '../qmp/server.js';
 
 export class NodeBitmap {
   /** In use by a job or an export. */
@@ -128,10 +129,10 @@ export class BitmapRegistry {
     return n;
   }
 
-  /** Persistent bitmaps of a read-only node (or one reopened read-only under an overlay) are read-only. */
+  /** Persistent bitmaps loaded from a read-only image (or of a node reopened read-only under an overlay) are read-only. */
   readOnly(node: FormatNode, b: NodeBitmap): boolean {
     if (!b.persistent) return false;
-    return node.driver.readOnly || (b.mem?.readOnly ?? false) || this.graph.parentsOf(node).some((p) => p.backing === node);
+    return (b.mem?.readOnly ?? false) || this.graph.parentsOf(node).some((p) => p.backing === node);
   }
 
   /** bdrv_dirty_bitmap_check. */
@@ -145,7 +146,8 @@ export class BitmapRegistry {
   async add(nodeName: string, name: string, granularity: number | undefined, persistent: boolean, disabled: boolean): Promise<NodeBitmap> {
     const any = this.graph.node(nodeName);
     if (name === '') throw new QmpError('Bitmap name cannot be empty');
-    if (granularity !== undefined && (granularity < 512 || (granularity & (granularity - 1)) !== 0 || granularity > 2 ** 31)) {
+    if (granularity !== undefined && (granularity < 0 || granularity > 0xffffffff)) throw new CommandError("Parameter 'granularity' expects uint32_t");
+    if (granularity !== undefined && (granularity < 512 || !Number.isInteger(Math.log2(granularity)))) {
       throw new QmpError('Granularity must be power of 2 and at least 512');
     }
     if (persistent && !(any.kind === 'format' && any.driver instanceof Qcow2Image && any.driver.bitmaps)) {
@@ -156,6 +158,7 @@ export class BitmapRegistry {
     const d = node.driver;
     const gran = granularity ?? (d instanceof Qcow2Image ? Math.min(65536, Math.max(4096, d.clusterSize)) : 4096);
     const list = await this.list(node);
+    if (list.some((b) => b.name === name)) throw new QmpError(`Bitmap already exists: ${name}`);
     if (persistent && d instanceof Qcow2Image && d.bitmaps) {
       try {
         d.bitmaps.add(name, gran, !disabled);

@@ -327,6 +327,8 @@ export class Qcow2Bitmaps {
    * new clusters, switch the directory and header to them, then free the old clusters.
    */
   async store(): Promise<void> {
+    // A read-only image stores nothing (a bitmap added to it is lost, as in QEMU).
+    if (this.img.readOnly) return;
     const writable = this.mem.filter((b) => !b.inconsistent && !b.readOnly && b.data);
     if (writable.length === 0) return;
     const list: Array<BitmapEntry & { data?: DirtyBitmap }> = this.dir.map((e) => ({ ...e }));
