@@ -220,7 +220,8 @@ export class Daemon {
     const format = optStr(a, 'format') ?? device.format;
     const mode = optStr(a, 'mode') ?? 'absolute-paths';
     if (format !== 'qcow2' && format !== 'raw') throw new QmpError(`Unknown driver '${format}'`);
-    const withBacking = sync !== 'full' && device.backing !== null;
+    // QEMU gives the new target a backing file for sync=top/none only (bitmap and incremental targets stand alone).
+    const withBacking = sync !== 'full' && sync !== 'incremental' && sync !== 'bitmap' && device.backing !== null;
     if (mode === 'absolute-paths') {
       const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
       try {
