@@ -70,14 +70,25 @@ const INCONSISTENT_HINT = 'Try block-dirty-bitmap-remove to delete this bitmap f
 
 export class BitmapRegistry {
   private readonly lists = new WeakMap<FormatNode, NodeBitmap[]>();
+  private readonly loading = new WeakMap<FormatNode, Promise<NodeBitmap[]>>();
 
   constructor(private readonly graph: BlockGraph) {}
 
   /** The node's bitmaps, newest first (the driver's persistent ones picked up on first use). */
-  async list(node: FormatNode): Promise<NodeBitmap[]> {
-    let l = this.lists.get(node);
-    if (l) return l;
-    l = [];
+  list(node: FormatNode): Promise<NodeBitmap[]> {
+    const l = this.lists.get(node);
+    if (l) return Promise.resolve(l);
+    // Concurrent first uses share one load (and one write tracker).
+    let p = this.loading.get(node);
+    if (!p) {
+      p = this.load(node).finally(() => this.loading.delete(node));
+      this.loading.set(node, p);
+    }
+    return p;
+  }
+
+  private async load(node: FormatNode): Promise<NodeBitmap[]> {
+    const l: NodeBitmap[] = [];
     const d = node.driver;
     if (d instanceof Qcow2Image && d.bitmaps) {
       d.bitmaps.nodeName = node.name;
@@ -87,9 +98,8 @@ export class BitmapRegistry {
       }
     }
     this.lists.set(node, l);
-    const list = l;
     const track = (offset: number, length: number): void => {
-      for (const b of list) if (!b.persistent && b.enabled) b.data.set(offset, length);
+      for (const b of l) if (!b.persistent && b.enabled) b.data.set(offset, length);
     };
     if (d instanceof Qcow2Image) d.writeTrackers.push(track);
     else watchWrites(d, track);
