@@ -305,3 +305,56 @@ describe('grouped transactions of bitmap backups', oracle(), () => {
     assert.deepEqual(ours, qemu);
   });
 });
+
+/** SIGTERM during an incremental backup: the persistent bitmap is stored with what was still to copy and the writes since. */
+async function termDuringBackup(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
+  fs.mkdirSync(dir, { recursive: true });
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 't.qcow2', '16M'], dir);
+  const out: unknown[] = [];
+  const start = (): ChildProcess => (tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
+    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' }));
+  const uri = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
+  let child = start();
+  try {
+    await waitFor(path.join(dir, 'qmp.sock'), child);
+    await waitFor(path.join(dir, 'nbd.sock'), child);
+    let q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+    await q.waitFor((m) => 'QMP' in m);
+    ok(await q.execute('qmp_capabilities'));
+    ok(await q.execute('block-dirty-bitmap-add', { node: 'disk', name: 'p', persistent: true }));
+    const w = await qemuIo(['-f', 'raw', '-c', 'write -P 1 0 128k', '-c', 'write -P 2 6M 64k', uri]);
+    assert.equal(w.code, 0, w.stderr);
+    ok(await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 't', file: { driver: 'file', filename: path.join(dir, 't.qcow2') } }));
+    ok(await q.execute('blockdev-backup', { device: 'disk', target: 't', sync: 'incremental', bitmap: 'p', 'job-id': 'j', speed: 1 }));
+    const w2 = await qemuIo(['-f', 'raw', '-c', 'write -P 3 9M 4k', uri]);
+    assert.equal(w2.code, 0, w2.stderr);
+    child.kill('SIGTERM');
+    await new Promise((r) => child.once('exit', r));
+    const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
+    out.push((JSON.parse(info.stdout) as { 'format-specific': { data: { bitmaps?: unknown } } })['format-specific'].data.bitmaps);
+    fs.rmSync(path.join(dir, 'qmp.sock'), { force: true });
+    fs.rmSync(path.join(dir, 'nbd.sock'), { force: true });
+    child = start();
+    await waitFor(path.join(dir, 'qmp.sock'), child);
+    q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+    await q.waitFor((m) => 'QMP' in m);
+    ok(await q.execute('qmp_capabilities'));
+    const r = await q.execute('query-named-block-nodes');
+    out.push((r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
+    ok(await q.execute('quit'));
+    await new Promise((res) => child.once('exit', res));
+    return out;
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
+describe('shutdown during a bitmap backup', oracle(), () => {
+  test('SIGTERM keeps the bitmap whole (stored, reloaded), as QSD', async () => {
+    const root = scratch('qchain-backup-term-');
+    const qemu = await termDuringBackup('qemu', path.join(root, 'qemu'));
+    const ours = await termDuringBackup('qchain', path.join(root, 'qchain'));
+    assert.deepEqual(ours, qemu);
+  });
+});

@@ -11,6 +11,7 @@ import { JobManager } from '../jobs/manager.js';
 import type { Job } from '../jobs/job.js';
 import type { JobGroup } from '../jobs/group.js';
 import { Drain } from './drain.js';
+import { verbAllowed } from '../jobs/state.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps.js';
 import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js';
@@ -335,6 +336,11 @@ export class Daemon {
   }
 
   async shutdown(): Promise<void> {
+    // Running backups are cancelled first, as QEMU cancels jobs on exit: a bitmap they froze gets
+    // back what they had not copied before it is stored.
+    for (const j of [...this.jobs.jobs.values()]) {
+      if (j.type === 'backup' && verbAllowed(j.status, 'cancel')) j.cancel(true);
+    }
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }
