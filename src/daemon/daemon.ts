@@ -8,9 +8,16 @@ import { CommandError, VERSION, optBool, optStr, str, type Args, type Handler } 
 import { imageInfo } from '../cli/img/info.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
+import type { Job } from '../jobs/job.js';
+import type { JobGroup } from '../jobs/group.js';
 import { Drain } from './drain.js';
+import { verbAllowed } from '../jobs/state.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { blockResize } from './resize.js';
+import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps.js';
+import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js';
+import { runTransaction } from './transaction.js';
+import type { DirtyBitmapView } from '../nbd/export.js';
 
 export interface ExportEntry {
   id: string;
@@ -21,6 +28,10 @@ export interface ExportEntry {
   writable: boolean;
   allocationDepth: boolean;
   description?: string;
+  /** Dirty bitmaps exported as qemu:dirty-bitmap:NAME (found on the node or down its chain). */
+  bitmaps?: string[];
+  /** The bitmaps held busy by the export. */
+  held?: NodeBitmap[];
 }
 
 export class Daemon {
@@ -29,16 +40,19 @@ export class Daemon {
   readonly exports = new Map<string, ExportEntry>();
   private nbdRunning = false;
   readonly jobs: JobManager;
+  readonly bitmaps: BitmapRegistry;
   /** Emits a QMP event (wired to the monitor by the front end). */
   emit: (name: string, data?: Record<string, unknown>) => void = () => {};
 
   constructor(readonly log: (line: string) => void) {
     this.graph = new BlockGraph(log);
     this.nbd = new NbdServer(log);
+    this.bitmaps = new BitmapRegistry(this.graph);
     this.jobs = new JobManager(this.graph, { emit: (n, d) => this.emit(n, d) }, {
       drain: (node) => this.drainNode(node),
       drainAll: () => this.drainAll(),
       moveExports: (from, to) => this.moveExports(from, to),
+      bitmaps: this.bitmaps,
     });
   }
 
@@ -54,20 +68,34 @@ export class Daemon {
     this.nbdRunning = false;
   }
 
-  addExport(e: ExportEntry): void {
+  async addExport(e: ExportEntry): Promise<void> {
     if (this.exports.has(e.id)) throw new QmpError(`Block export id '${e.id}' is already in use`);
     const node = this.graph.formatNode(e.nodeName);
     if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export a read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
     if ([...this.exports.values()].some((x) => x.name === e.name)) throw new QmpError(`NBD server already has export named '${e.name}'`);
+    const views = new Map<string, DirtyBitmapView>();
+    const held: NodeBitmap[] = [];
+    for (const name of e.bitmaps ?? []) {
+      const found = await this.bitmaps.findInChain(node, name);
+      if (!found) throw new QmpError(`Bitmap '${name}' is not found`);
+      this.bitmaps.check(found.node, found.bitmap, ALLOW_RO);
+      if (!e.writable && !found.node.driver.readOnly && !this.graph.parentsOf(found.node).some((p) => p.backing === found.node) && found.bitmap.enabled) {
+        throw new QmpError(`Enabled bitmap '${name}' incompatible with readonly export`);
+      }
+      views.set(name, bitmapView(found.bitmap));
+      held.push(found.bitmap);
+    }
+    for (const b of held) b.busy = true;
     const drain = new Drain();
-    this.exports.set(e.id, { ...e, drain });
+    this.exports.set(e.id, { ...e, drain, held });
     const entry = this.exports.get(e.id) as ExportEntry;
     this.nbd.addExport({
       enter: () => drain.enter(),
       name: e.name, description: e.description, writable: e.writable, allocationDepth: e.allocationDepth,
       get discard() { return node.discard; },
       chain: () => this.graph.chain(this.graph.formatNode(entry.nodeName)),
+      bitmaps: views,
     });
   }
 
@@ -76,6 +104,7 @@ export class Daemon {
     if (!e) throw new QmpError(`Export '${id}' is not found`);
     this.exports.delete(id);
     this.nbd.removeExport(e.name);
+    for (const b of e.held ?? []) b.busy = false;
     this.emit('BLOCK_EXPORT_DELETED', { id });
   }
 
@@ -117,7 +146,7 @@ export class Daemon {
     this.graph.changed();
   }
 
-  async snapshotSync(a: Args): Promise<void> {
+  async snapshotSync(a: Args): Promise<{ node: FormatNode; overlay: FormatNode }> {
     const device = optStr(a, 'device'), nodeName = optStr(a, 'node-name');
     const ref = nodeName ?? device;
     if (!ref) throw new QmpError('Cannot find device= nor node_name=');
@@ -144,15 +173,25 @@ export class Daemon {
     }
     const overlay = await this.graph.addFormat({ name: overlayName ?? this.graph.implicitName(), format: formatArg(format), file, fileIsNode: false, backing: null });
     this.attachOverlay(node, overlay);
+    return { node, overlay };
   }
 
-  snapshot(a: Args): void {
+  /** Undo an external snapshot (transaction abort): exports move back down, a created overlay node goes. */
+  async detachOverlay(node: FormatNode, overlay: FormatNode, remove: boolean): Promise<void> {
+    overlay.backing = null;
+    this.moveExports(overlay.name, node.name);
+    this.graph.changed();
+    if (remove) await this.graph.remove(overlay.name, () => null);
+  }
+
+  snapshot(a: Args): { node: FormatNode; overlay: FormatNode } {
     const node = this.graph.formatNode(str(a, 'node'));
     const overlay = this.graph.formatNode(str(a, 'overlay'));
     this.checkNoOverlay(node);
     if (overlay.backing) throw new QmpError(`The overlay already has a backing image`);
     if (overlay.driver.readOnly) throw new QmpError(`The overlay '${overlay.name}' is not writable`);
     this.attachOverlay(node, overlay);
+    return { node, overlay };
   }
 
   async blockdevAdd(a: Args): Promise<void> {
@@ -176,14 +215,15 @@ export class Daemon {
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
-  async driveJob(a: Args, start: (a: Args, target: FormatNode) => void): Promise<void> {
+  async driveJob(a: Args, start: (a: Args, target: FormatNode) => void | Promise<void>): Promise<void> {
     const device = this.graph.formatNode(str(a, 'device'));
     const file = str(a, 'target');
     const sync = str(a, 'sync');
     const format = optStr(a, 'format') ?? device.format;
     const mode = optStr(a, 'mode') ?? 'absolute-paths';
     if (format !== 'qcow2' && format !== 'raw') throw new QmpError(`Unknown driver '${format}'`);
-    const withBacking = sync !== 'full' && device.backing !== null;
+    // QEMU gives the new target a backing file for sync=top/none only (bitmap and incremental targets stand alone).
+    const withBacking = sync !== 'full' && sync !== 'incremental' && sync !== 'bitmap' && device.backing !== null;
     if (mode === 'absolute-paths') {
       const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
       try {
@@ -206,11 +246,31 @@ export class Daemon {
     const name = optStr(a, 'node-name') ?? this.graph.implicitName();
     const target = await this.graph.addFormat({ name, format: formatArg(format), file, fileIsNode: false, backing: null });
     try {
-      start(a, target);
+      await start(a, target);
     } catch (e) {
       await this.graph.remove(target.name, () => null).catch(() => {});
       throw e;
     }
+  }
+
+  /** drive-backup: create (or open) the target and check the job; commit starts it, abort drops the target. */
+  async driveBackup(a: Args, group?: JobGroup): Promise<Action> {
+    let startJob: (() => Job) | null = null;
+    let target: FormatNode | null = null;
+    await this.driveJob(a, async (x, t) => {
+      target = t;
+      startJob = await this.jobs.prepareBackup(x, t);
+    });
+    return {
+      commit: () => {
+        const job = startJob?.();
+        if (job && group) group.add(job);
+        // The target is the job's alone: it is closed when the job goes, as QEMU drops its last reference.
+        const t = target;
+        if (job && t) job.released.push(() => void this.graph.remove(t.name, () => null).catch(() => {}));
+      },
+      abort: async () => { if (target) await this.graph.remove(target.name, () => null).catch(() => {}); },
+    };
   }
 
   /** The QMP command table. */
@@ -227,21 +287,26 @@ export class Daemon {
     c.set('block-export-add', (a) => {
       if (str(a, 'type') !== 'nbd') throw new CommandError(`Parameter 'type' does not accept value '${String(a.type)}'`);
       const bitmaps = a.bitmaps;
-      if (Array.isArray(bitmaps) && bitmaps.length) throw new CommandError(`Bitmap '${String(bitmaps[0])}' is not found`);
+      if (bitmaps !== undefined && (!Array.isArray(bitmaps) || bitmaps.some((b) => typeof b !== 'string'))) {
+        throw new CommandError("Invalid parameter type for 'bitmaps', expected: array of strings");
+      }
       const nodeName = str(a, 'node-name');
-      this.addExport({
+      return this.addExport({
+        bitmaps: bitmaps as string[] | undefined,
         id: str(a, 'id'), nodeName, name: optStr(a, 'name') ?? nodeName, writable: optBool(a, 'writable', false),
         allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'),
       });
     });
     c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
-    c.set('blockdev-snapshot-sync', (a) => this.snapshotSync(a));
-    c.set('blockdev-snapshot', (a) => this.snapshot(a));
+    c.set('blockdev-snapshot-sync', async (a) => { await this.snapshotSync(a); });
+    c.set('blockdev-snapshot', (a) => { this.snapshot(a); });
     c.set('block_resize', (a) => blockResize({
       graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),
     }, a));
     c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t)));
-    c.set('drive-backup', (a) => this.driveJob(a, (x, t) => this.jobs.backup(x, t)));
+    c.set('drive-backup', async (a) => (await this.driveBackup(a)).commit());
+    for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());
+    c.set('transaction', (a) => runTransaction(this, a));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);
     c.set('quit', () => {
       for (const id of [...this.exports.keys()]) this.deleteExport(id);
@@ -251,7 +316,8 @@ export class Daemon {
 
   private async namedNodes(): Promise<unknown[]> {
     const out: unknown[] = [];
-    for (const n of this.graph.nodes.values()) {
+    // Newest node first, as QEMU lists its graph.
+    for (const n of [...this.graph.nodes.values()].reverse()) {
       if (n.kind === 'file') continue;
       const image = await imageInfo(n.driver, n.filename);
       const entry = {
@@ -260,7 +326,8 @@ export class Daemon {
         ...(n.driver.backingFile ? { backing_file: n.driver.backingFile } : {}),
         encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file: n.filename,
       };
-      out.push(entry);
+      const dirty = await this.bitmaps.info(n);
+      out.push(dirty.length ? { ...entry, 'dirty-bitmaps': dirty } : entry);
       if (n.fileNode) {
         out.push({
           iops_rd: 0, detect_zeroes: 'off', image: { 'virtual-size': await n.driver.storage.size(), filename: n.filename, format: 'file', 'actual-size': await n.driver.storage.allocatedSize(), 'dirty-flag': false },
@@ -273,6 +340,11 @@ export class Daemon {
   }
 
   async shutdown(): Promise<void> {
+    // Running backups are cancelled first, as QEMU cancels jobs on exit: a bitmap they froze gets
+    // back what they had not copied before it is stored.
+    for (const j of [...this.jobs.jobs.values()]) {
+      if (j.type === 'backup' && verbAllowed(j.status, 'cancel')) j.cancel(true);
+    }
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }

@@ -6,6 +6,7 @@
 import { canTransition, verbAllowed, type JobStatus, type JobVerb } from './state.js';
 import { QmpError } from '../daemon/graph.js';
 import { JobIoError, actionFor, jobErrorText, type ErrorAction, type OnError } from './errors.js';
+import type { JobGroup } from './group.js';
 
 export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create';
 
@@ -55,6 +56,14 @@ export class Job {
   softCancelled = false;
   private wake: (() => void) | null = null;
   private finalizeGo: (() => void) | null = null;
+  /** Resolves a pending job-finalize once the job has concluded. */
+  private finalized: (() => void) | null = null;
+  /** The transaction group (completion-mode=grouped) the job belongs to. */
+  group: JobGroup | null = null;
+  /** Run when the job is gone (status null): what only the job referenced is released (drive-backup's target). */
+  readonly released: Array<() => void> = [];
+  /** Undo on failure or cancel (a backup's bitmap), run at most once. */
+  private abortHook: (() => void) | null = null;
   /** Rate limit: bytes allowed since `rateStart`. */
   private rateStart = Date.now();
   private rateBytes = 0;
@@ -74,7 +83,10 @@ export class Job {
     if (!canTransition(this.status, s)) throw new Error(`job ${this.id}: invalid transition ${this.status} -> ${s}`);
     this.status = s;
     this.events.emit('JOB_STATUS_CHANGE', { status: s, id: this.id });
-    if (s === 'null') this.onGone(this);
+    if (s === 'null') {
+      this.onGone(this);
+      for (const f of this.released.splice(0)) f();
+    }
   }
 
   private legacy(name: string, extra: Record<string, unknown> = {}): void {
@@ -91,11 +103,12 @@ export class Job {
    * Start: created and running are announced before the command returns; the work runs after.
    * `prepare` runs at the pending stage (graph changes); `abort` undoes on failure or cancel.
    */
-  start(work: (job: Job) => Promise<void>, prepare: () => Promise<void>, drainedStart = false): void {
+  start(work: (job: Job) => Promise<void>, prepare: () => Promise<void>, abort?: () => void): void {
+    this.abortHook = abort ?? null;
     this.to('created');
     this.to('running');
-    // Jobs QEMU starts inside a transaction's drained section (backup) pause and resume at once.
-    if (drainedStart) {
+    // A backup starts inside a drained section in QEMU: the job is paused and resumed once at once.
+    if (this.type === 'backup') {
       this.to('paused');
       this.to('running');
     }
@@ -108,27 +121,38 @@ export class Job {
       if (this.cancelled) return;
       this.pauseWanted = false;
       this.to('waiting');
+      if (this.group) {
+        await this.group.arrive(this);
+        if (this.cancelled) return;
+      }
       this.to('pending');
       if (!this.autoFinalize) {
         if (this.type !== 'create') this.events.emit('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
         await new Promise<void>((r) => { this.finalizeGo = r; });
         if (this.cancelled) return;
       }
+      this.abortHook = null;
       await prepare();
       this.legacy('BLOCK_JOB_COMPLETED');
       this.conclude();
+      this.group?.settled(this);
     } catch (e) {
       if (this.cancelled || e instanceof CancelledError) return;
       this.error = jobErrorText(e);
+      this.runAbortHook();
       this.to('aborting');
       this.legacy('BLOCK_JOB_COMPLETED', { error: this.error });
       this.conclude();
+      this.group?.abort(this);
     }
   }
 
   private conclude(): void {
     this.to('concluded');
     if (this.autoDismiss) this.to('null');
+    const f = this.finalized;
+    this.finalized = null;
+    f?.();
   }
 
   /** Between units of work: honour pause and cancel, and the rate limit for `bytes` just done. */
@@ -261,16 +285,33 @@ export class Job {
     }
     this.cancelled = true;
     this.pauseWanted = false;
+    this.runAbortHook();
     this.wake?.();
     this.finalizeGo?.();
     this.to('aborting');
     this.legacy('BLOCK_JOB_CANCELLED');
     this.conclude();
+    this.group?.abort(this);
   }
 
-  finalize(): void {
+  /** Another member of the job's group failed or was cancelled. */
+  cancelByGroup(): void {
+    if (this.cancelled || !verbAllowed(this.status, 'cancel')) return;
+    this.cancel(true);
+  }
+
+  private runAbortHook(): void {
+    const h = this.abortHook;
+    this.abortHook = null;
+    h?.();
+  }
+
+  /** job-finalize: resolves once the job has concluded, so the reply follows its events, as QEMU's does. */
+  finalize(): Promise<void> {
     this.checkVerb('finalize');
+    const done = new Promise<void>((r) => { this.finalized = r; });
     this.finalizeGo?.();
+    return done;
   }
 
   dismiss(): void {

@@ -6,7 +6,9 @@ import { Job, type JobEvents } from './job.js';
 import { streamWork } from './stream.js';
 import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
-import { backupWork } from './backup.js';
+import { BACKUP_GRANULE, backupWork } from './backup.js';
+import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
+import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
 import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import type { JobVerb } from './state.js';
@@ -19,6 +21,8 @@ export interface JobHost {
   drain(node: string): Promise<() => void>;
   drainAll(): Promise<() => void>;
   moveExports(from: string, to: string): void;
+  /** The daemon's dirty bitmaps (backups read and update them). */
+  bitmaps: BitmapRegistry;
 }
 
 export class JobManager {
@@ -33,13 +37,8 @@ export class JobManager {
   }
 
   private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report']): Job {
-    // Without job-id QEMU takes the device's BlockBackend name, which the storage daemon's nodes lack: ''.
-    const id = optStr(a, 'job-id') ?? '';
-    for (const n of nodes) {
-      const busy = this.jobOn(n);
-      if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
-    }
-    if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(id)) throw new QmpError(`Invalid job ID '${id}'`);
+    const id = this.jobId(a);
+    this.checkNodes(type, device, nodes);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
@@ -47,6 +46,15 @@ export class JobManager {
       this.events, (j) => this.jobs.delete(j.id));
     this.jobs.set(id, job);
     return job;
+  }
+
+  /** No other job may hold the nodes; backups of the same device may run side by side (each has its own copy-before-write). */
+  private checkNodes(type: Job['type'], device: FormatNode, nodes: string[]): void {
+    for (const n of nodes) {
+      const busy = [...this.jobs.values()].find((j) => j.nodes.includes(n) && j.status !== 'concluded' && j.status !== 'null' &&
+        !(type === 'backup' && j.type === 'backup' && n === device.name && j.nodes[0] === n));
+      if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
+    }
   }
 
   /** Nodes of a format node's chain, top first. */
@@ -218,16 +226,88 @@ export class JobManager {
     job.start(work, async () => {});
   }
 
-  /** blockdev-backup / drive-backup (sync full or top) into a target node. */
-  backup(a: Args, target: FormatNode): void {
+  /** blockdev-backup / drive-backup: check everything, then start at once. */
+  async backup(a: Args, target: FormatNode): Promise<void> {
+    (await this.prepareBackup(a, target))();
+  }
+
+  /**
+   * Checks a backup's arguments (QEMU's order and messages) and returns the function that starts
+   * it (a transaction starts it at commit). sync=incremental is sync=bitmap with on-success.
+   */
+  async prepareBackup(a: Args, target: FormatNode): Promise<() => Job> {
     const device = this.graph.formatNode(str(a, 'device'));
-    const sync = str(a, 'sync');
-    if (sync === 'incremental' || sync === 'bitmap') throw new QmpError(`Bitmap backups (sync=${sync}) are not supported by qchain yet`);
-    if (sync !== 'full' && sync !== 'top') throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
+    let sync = str(a, 'sync');
+    const bitmapName = optStr(a, 'bitmap');
+    let mode = optStr(a, 'bitmap-mode');
+    if (!['full', 'top', 'none', 'incremental', 'bitmap'].includes(sync)) throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
+    if (mode !== undefined && !['on-success', 'never', 'always'].includes(mode)) throw new QmpError(`Parameter 'bitmap-mode' does not accept value '${mode}'`);
+    if ((sync === 'bitmap' || sync === 'incremental') && bitmapName === undefined) throw new QmpError(`must provide a valid bitmap name for '${sync}' sync mode`);
+    if (sync === 'incremental') {
+      if (mode !== undefined && mode !== 'on-success') throw new QmpError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'");
+      sync = 'bitmap';
+      mode = 'on-success';
+    }
+    let bm: NodeBitmap | undefined;
+    if (bitmapName !== undefined) {
+      bm = (await this.host.bitmaps.list(device)).find((b) => b.name === bitmapName);
+      if (!bm) throw new QmpError(`Bitmap '${bitmapName}' could not be found`);
+      if (mode === undefined) throw new QmpError('Bitmap sync mode must be given when providing a bitmap');
+      this.host.bitmaps.check(device, bm, ALLOW_RO);
+      if (sync === 'none') throw new QmpError("sync mode 'none' does not produce meaningful bitmap outputs");
+      if (mode === 'never' && sync !== 'bitmap') throw new QmpError(`Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '${sync}'`);
+    } else if (mode !== undefined) {
+      throw new QmpError('Cannot specify bitmap sync mode without a bitmap');
+    }
+    if (sync === 'none') throw new QmpError("Parameter 'sync' does not accept value 'none'");
     if (target === device) throw new QmpError("Can't back up node into itself");
     if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
-    const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
-    job.start(backupWork(this.graph, { source: device, target, depth: (chain) => (sync === 'full' ? chain.layers.length : 1) }), async () => {}, true);
+    if (bm && mode !== 'never') this.host.bitmaps.check(device, bm, DEFAULT);
+    this.checkFree(a, device, [device.name, target.name]);
+    const bitmap = bm, bitmapMode = mode;
+    return () => {
+      const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
+      const depth = (chain: { layers: unknown[] }): number => (sync === 'top' ? 1 : chain.layers.length);
+      if (!bitmap) {
+        job.start(backupWork(this.graph, { source: device, target, depth }).work, async () => {});
+        return job;
+      }
+      // Freeze the bitmap: what it holds now is what the job copies; a successor records writes from here on.
+      bitmap.busy = true;
+      const frozen = bitmap.data;
+      bitmap.frozen = frozen;
+      bitmap.data = new DirtyBitmap(frozen.size, frozen.granularityBits, frozen.chunkBytes);
+      const b = backupWork(this.graph, { source: device, target, depth, bitmap: sync === 'bitmap' ? frozen : undefined });
+      const end = (ok: boolean): void => {
+        const successor = bitmap.data;
+        // Synced: the bitmap becomes the successor (what was written meanwhile); otherwise it keeps everything.
+        if ((ok || bitmapMode === 'always') && bitmapMode !== 'never') this.host.bitmaps.toFront(device, bitmap);
+        else successor.merge(frozen);
+        if (!ok && bitmapMode === 'always') {
+          for (let i = 0; i < b.pending.length; i++) if (b.pending[i]) successor.set(i * BACKUP_GRANULE, BACKUP_GRANULE);
+        }
+        bitmap.frozen = null;
+        bitmap.busy = false;
+      };
+      job.start(b.work, async () => end(true), () => end(false));
+      return job;
+    };
+  }
+
+  /** The checks common() makes, without creating the job. */
+  private checkFree(a: Args, device: FormatNode, nodes: string[]): void {
+    const id = this.jobId(a);
+    this.checkNodes('backup', device, nodes);
+    if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
+    const speed = optInt(a, 'speed') ?? 0;
+    if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
+  }
+
+  /** Without job-id QEMU takes the device's BlockBackend name, which the storage daemon's nodes lack: ''. */
+  private jobId(a: Args): string {
+    const id = optStr(a, 'job-id') ?? '';
+    if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(id)) throw new QmpError(`Invalid job ID '${id}'`);
+    return id;
   }
 
   /** blockdev-create: a job that creates an image file (driver file) or formats one (qcow2/raw). */
@@ -300,7 +380,7 @@ export class JobManager {
     return j;
   }
 
-  private verb(j: Job, v: JobVerb, force = true): void {
+  private verb(j: Job, v: JobVerb, force = true): void | Promise<void> {
     switch (v) {
       case 'cancel': return j.cancel(force);
       case 'pause': return j.pause();

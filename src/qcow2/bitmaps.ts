@@ -60,7 +60,7 @@ export class Qcow2Bitmaps {
   private readonly clusterCache = new Map<number, Uint8Array>();
   private loadedChunks = 0;
   /** Node name used in messages, as QEMU's generated "#blockNNN". */
-  readonly nodeName = `#block1${String(Math.floor(Math.random() * 100)).padStart(2, '0')}`;
+  nodeName = `#block1${String(Math.floor(Math.random() * 100)).padStart(2, '0')}`;
 
   private constructor(private readonly img: Qcow2Image, private readonly log: (line: string) => void) {}
 
@@ -327,6 +327,8 @@ export class Qcow2Bitmaps {
    * new clusters, switch the directory and header to them, then free the old clusters.
    */
   async store(): Promise<void> {
+    // A read-only image stores nothing (a bitmap added to it is lost, as in QEMU).
+    if (this.img.readOnly) return;
     const writable = this.mem.filter((b) => !b.inconsistent && !b.readOnly && b.data);
     if (writable.length === 0) return;
     const list: Array<BitmapEntry & { data?: DirtyBitmap }> = this.dir.map((e) => ({ ...e }));

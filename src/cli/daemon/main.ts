@@ -22,7 +22,7 @@ and takes QMP commands.
   --blockdev driver=file,node-name=N,filename=F[,discard=unmap]
   --blockdev driver=qcow2|raw,node-name=N,file=FILENODE[,backing=NODE|null][,read-only=on]
   --nbd-server addr.type=unix,addr.path=P | addr.type=inet,addr.host=H,addr.port=N
-  --export type=nbd,id=ID,node-name=N[,name=NAME][,writable=on][,allocation-depth=on]
+  --export type=nbd,id=ID,node-name=N[,name=NAME][,writable=on][,allocation-depth=on][,bitmaps.0=BITMAP]
   --chardev socket,id=ID,path=P,server=on,wait=off   with   --monitor chardev=ID
   --pidfile FILE   written once everything is listening
 
@@ -67,8 +67,7 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
     }
     for (const a of opts.nbdServers) await daemon.startNbd(a);
     for (const e of opts.exports) {
-      if (e.bitmaps.length) throw new CliError(`Bitmap '${e.bitmaps[0]}' is not found`);
-      daemon.addExport({ id: e.id, nodeName: e.nodeName, name: e.name, writable: e.writable, allocationDepth: e.allocationDepth });
+      await daemon.addExport({ id: e.id, nodeName: e.nodeName, name: e.name, writable: e.writable, allocationDepth: e.allocationDepth, bitmaps: e.bitmaps });
     }
     for (const m of opts.monitors) await qmp.listen(m);
     if (opts.pidfile) fs.writeFileSync(opts.pidfile, `${process.pid}\n`);

@@ -1,0 +1,278 @@
+/**
+ * The daemon's dirty bitmaps (QEMU's BdrvDirtyBitmap on a node): persistent ones are the qcow2
+ * driver's own (loaded on open, tracked by the driver, stored on close), the others live in
+ * memory and track the node's writes here. QMP's block-dirty-bitmap-* commands, the checks and
+ * messages of QEMU 7.2, and the "frozen" state a backup job puts a bitmap in (a successor records
+ * writes meanwhile; the job decides at its end what the bitmap becomes).
+ */
+import { QmpError, type BlockGraph, type FormatNode } from './graph.js';
+import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
+import { Qcow2Image } from '../qcow2/image.js';
+import { BitmapError, type MemBitmap } from '../qcow2/bitmaps.js';
+import { watchWrites } from '../chain/chain.js';
+import { CommandError } from '../qmp/server.js';
+
+export class NodeBitmap {
+  /** In use by a job or an export. */
+  busy = false;
+  /** During a backup: the bitmap as it was at the job's start (what the job copies). */
+  frozen: DirtyBitmap | null = null;
+  private ownEnabled: boolean;
+  private ownData: DirtyBitmap | null;
+
+  constructor(readonly name: string, readonly granularity: number, readonly persistent: boolean,
+    readonly mem: MemBitmap | null, data: DirtyBitmap | null, enabled: boolean) {
+    this.ownData = data;
+    this.ownEnabled = enabled;
+  }
+
+  get enabled(): boolean {
+    return this.mem ? this.mem.enabled : this.ownEnabled;
+  }
+
+  set enabled(v: boolean) {
+    if (this.mem) this.mem.enabled = v;
+    else this.ownEnabled = v;
+  }
+
+  /** The live content (the successor while frozen). */
+  get data(): DirtyBitmap {
+    const d = this.mem ? this.mem.data : this.ownData;
+    if (!d) throw new QmpError(`Bitmap '${this.name}' is not loaded`);
+    return d;
+  }
+
+  set data(d: DirtyBitmap) {
+    if (this.mem) this.mem.data = d;
+    else this.ownData = d;
+  }
+
+  get inconsistent(): boolean {
+    return this.mem?.inconsistent ?? false;
+  }
+
+  /** Dirty bytes (whole granules), as bdrv_get_dirty_count. */
+  count(): number {
+    if (this.inconsistent) return 0;
+    const d = this.frozen ?? this.data;
+    return d.dirtyRanges().reduce((a, [off, len]) => {
+      const first = Math.floor(off / this.granularity), end = Math.ceil((off + len) / this.granularity);
+      return a + (end - first) * this.granularity;
+    }, 0);
+  }
+}
+
+/** bdrv_dirty_bitmap_check's flags. */
+export const BUSY = 1, RO = 2, INCONSISTENT = 4;
+export const DEFAULT = BUSY | RO | INCONSISTENT, ALLOW_RO = BUSY | INCONSISTENT;
+
+const INCONSISTENT_HINT = 'Try block-dirty-bitmap-remove to delete this bitmap from disk';
+
+export class BitmapRegistry {
+  private readonly lists = new WeakMap<FormatNode, NodeBitmap[]>();
+  private readonly loading = new WeakMap<FormatNode, Promise<NodeBitmap[]>>();
+
+  constructor(private readonly graph: BlockGraph) {}
+
+  /** The node's bitmaps, newest first (the driver's persistent ones picked up on first use). */
+  list(node: FormatNode): Promise<NodeBitmap[]> {
+    const l = this.lists.get(node);
+    if (l) return Promise.resolve(l);
+    // Concurrent first uses share one load (and one write tracker).
+    let p = this.loading.get(node);
+    if (!p) {
+      p = this.load(node).finally(() => this.loading.delete(node));
+      this.loading.set(node, p);
+    }
+    return p;
+  }
+
+  private async load(node: FormatNode): Promise<NodeBitmap[]> {
+    const l: NodeBitmap[] = [];
+    const d = node.driver;
+    if (d instanceof Qcow2Image && d.bitmaps) {
+      d.bitmaps.nodeName = node.name;
+      for (const m of d.bitmaps.list()) {
+        if (!m.inconsistent && !m.data) m.data = await d.bitmaps.content(m);
+        l.unshift(new NodeBitmap(m.name, 2 ** m.granularityBits, true, m, null, m.enabled));
+      }
+    }
+    this.lists.set(node, l);
+    const track = (offset: number, length: number): void => {
+      for (const b of l) if (!b.persistent && b.enabled) b.data.set(offset, length);
+    };
+    if (d instanceof Qcow2Image) d.writeTrackers.push(track);
+    else watchWrites(d, track);
+    return l;
+  }
+
+  /** The bitmap becomes the node's newest (a backup's successor takes its place: bdrv_dirty_bitmap_abdicate). */
+  toFront(node: FormatNode, b: NodeBitmap): void {
+    const l = this.lists.get(node);
+    const i = l ? l.indexOf(b) : -1;
+    if (l && i > 0) {
+      l.splice(i, 1);
+      l.unshift(b);
+    }
+  }
+
+  /** A bitmap of a node (block_dirty_bitmap_lookup). */
+  async lookup(nodeName: string, name: string): Promise<{ node: FormatNode; bitmap: NodeBitmap }> {
+    const node = this.formatNode(nodeName);
+    const bitmap = (await this.list(node)).find((b) => b.name === name);
+    if (!bitmap) throw new QmpError(`Dirty bitmap '${name}' not found`);
+    return { node, bitmap };
+  }
+
+  /** The first node down the chain from `node` holding a bitmap `name` (NBD export lookup). */
+  async findInChain(node: FormatNode, name: string): Promise<{ node: FormatNode; bitmap: NodeBitmap } | null> {
+    for (let n: FormatNode | null = node; n; n = n.backing) {
+      const b = (await this.list(n)).find((x) => x.name === name);
+      if (b) return { node: n, bitmap: b };
+    }
+    return null;
+  }
+
+  private formatNode(name: string): FormatNode {
+    const n = this.graph.node(name);
+    if (n.kind !== 'format') throw new QmpError(`Dirty bitmap '${name}' not found`);
+    return n;
+  }
+
+  /** Persistent bitmaps loaded from a read-only image (or of a node reopened read-only under an overlay) are read-only. */
+  readOnly(node: FormatNode, b: NodeBitmap): boolean {
+    if (!b.persistent) return false;
+    return (b.mem?.readOnly ?? false) || this.graph.parentsOf(node).some((p) => p.backing === node);
+  }
+
+  /** bdrv_dirty_bitmap_check. */
+  check(node: FormatNode, b: NodeBitmap, flags: number): void {
+    if (flags & BUSY && b.busy) throw new QmpError(`Bitmap '${b.name}' is currently in use by another operation and cannot be used`);
+    if (flags & RO && this.readOnly(node, b)) throw new QmpError(`Bitmap '${b.name}' is readonly and cannot be modified`);
+    if (flags & INCONSISTENT && b.inconsistent) throw new QmpError(`Bitmap '${b.name}' is inconsistent and cannot be used\n${INCONSISTENT_HINT}`);
+  }
+
+  /** block-dirty-bitmap-add. */
+  async add(nodeName: string, name: string, granularity: number | undefined, persistent: boolean, disabled: boolean): Promise<NodeBitmap> {
+    const any = this.graph.node(nodeName);
+    if (name === '') throw new QmpError('Bitmap name cannot be empty');
+    if (granularity !== undefined && (granularity < 0 || granularity > 0xffffffff)) throw new CommandError("Parameter 'granularity' expects uint32_t");
+    if (granularity !== undefined && (granularity < 512 || !Number.isInteger(Math.log2(granularity)))) {
+      throw new QmpError('Granularity must be power of 2 and at least 512');
+    }
+    if (persistent && !(any.kind === 'format' && any.driver instanceof Qcow2Image && any.driver.bitmaps)) {
+      throw new QmpError(`Can't store persistent bitmaps to ${any.name}: Operation not supported`);
+    }
+    if (any.kind !== 'format') throw new QmpError(`Node '${any.name}' is not a format node`);
+    const node = any;
+    const d = node.driver;
+    const gran = granularity ?? (d instanceof Qcow2Image ? Math.min(65536, Math.max(4096, d.clusterSize)) : 4096);
+    const list = await this.list(node);
+    if (list.some((b) => b.name === name)) throw new QmpError(`Bitmap already exists: ${name}`);
+    if (persistent && d instanceof Qcow2Image && d.bitmaps) {
+      try {
+        d.bitmaps.add(name, gran, !disabled);
+      } catch (e) {
+        if (e instanceof BitmapError) throw new QmpError(e.message);
+        throw e;
+      }
+      const m = d.bitmaps.lookup(name);
+      const b = new NodeBitmap(name, gran, true, m, null, !disabled);
+      list.unshift(b);
+      return b;
+    }
+    if (list.some((b) => b.name === name)) throw new QmpError(`Bitmap already exists: ${name}`);
+    const b = new NodeBitmap(name, gran, false, null, new DirtyBitmap(d.size, Math.log2(gran), 65536), !disabled);
+    list.unshift(b);
+    return b;
+  }
+
+  /** Forget a bitmap (and its on-disk entry if persistent). */
+  async drop(node: FormatNode, b: NodeBitmap): Promise<void> {
+    const list = await this.list(node);
+    const i = list.indexOf(b);
+    if (i >= 0) list.splice(i, 1);
+    const d = node.driver;
+    if (b.persistent && d instanceof Qcow2Image && d.bitmaps) {
+      try {
+        await d.bitmaps.remove(b.name);
+      } catch (e) {
+        if (e instanceof BitmapError) throw new QmpError(e.message);
+        throw e;
+      }
+    }
+  }
+
+  /** block-dirty-bitmap-remove. */
+  async remove(nodeName: string, name: string): Promise<void> {
+    const { node, bitmap } = await this.lookup(nodeName, name);
+    this.check(node, bitmap, BUSY | RO);
+    await this.drop(node, bitmap);
+  }
+
+  /** The sources of a merge: names on the target's node, or {node, name}. */
+  async sources(node: FormatNode, list: unknown): Promise<NodeBitmap[]> {
+    if (!Array.isArray(list)) throw new QmpError("Parameter 'bitmaps' is missing");
+    const out: NodeBitmap[] = [];
+    for (const s of list) {
+      let b: NodeBitmap;
+      if (typeof s === 'string') {
+        b = (await this.lookup(node.name, s)).bitmap;
+      } else if (s && typeof s === 'object') {
+        const o = s as { node?: unknown; name?: unknown };
+        if (typeof o.node !== 'string') throw new QmpError("Parameter 'node' is missing");
+        if (typeof o.name !== 'string') throw new QmpError("Parameter 'name' is missing");
+        const n = this.graph.node(o.node);
+        if (n.kind !== 'format') throw new QmpError(`Dirty bitmap '${o.name}' not found`);
+        const found = await this.lookup(n.name, o.name);
+        if (found.node.driver.size !== node.driver.size) {
+          throw new QmpError(`Bitmaps are of different sizes (destination size is ${node.driver.size}, source size is ${found.node.driver.size}) and can't be merged`);
+        }
+        b = found.bitmap;
+      } else {
+        throw new QmpError("Invalid parameter type for 'bitmaps[0]', expected: object");
+      }
+      this.check(node, b, INCONSISTENT);
+      out.push(b);
+    }
+    return out;
+  }
+
+  /** Query entries (BlockDirtyInfo), newest first. */
+  async info(node: FormatNode): Promise<Array<Record<string, unknown>>> {
+    return (await this.list(node)).map((b) => ({
+      name: b.name, recording: b.enabled, persistent: b.persistent, busy: b.busy, granularity: b.granularity, count: b.count(),
+      ...(b.inconsistent ? { inconsistent: true } : {}),
+    }));
+  }
+}
+
+/** Copy of a bitmap's content (for undo). */
+export function cloneBitmap(d: DirtyBitmap): DirtyBitmap {
+  const c = new DirtyBitmap(d.size, d.granularityBits, d.chunkBytes);
+  c.merge(d);
+  return c;
+}
+
+/** What an NBD export serves as qemu:dirty-bitmap:NAME: the bitmap's live content. */
+export function bitmapView(b: NodeBitmap): { status(offset: number, length: number): Array<[number, number, boolean]> } {
+  return {
+    status(offset: number, length: number): Array<[number, number, boolean]> {
+      const out: Array<[number, number, boolean]> = [];
+      const end = offset + length;
+      let at = offset;
+      for (const [s, l] of b.data.dirtyRanges()) {
+        const a = Math.max(s, offset), z = Math.min(s + l, end);
+        if (z <= a) {
+          if (s >= end) break;
+          continue;
+        }
+        if (a > at) out.push([at, a - at, false]);
+        out.push([a, z - a, true]);
+        at = z;
+      }
+      if (at < end) out.push([at, end - at, false]);
+      return out;
+    },
+  };
+}
