@@ -14,7 +14,7 @@
 import type { Qcow2Image } from './image.js';
 import { ImageError } from '../image/errors.js';
 import { HI_COPIED } from './constants.js';
-import { bump, updateSnapshotRefcount } from './snapshot-refcount.js';
+import { updateSnapshotRefcount } from './snapshot-refcount.js';
 import { findSnapshot, findSnapshotByIdOrName, validateSnapshotL1, writeSnapshotTable } from './snapshot.js';
 import { growL1Table, l1EntriesFor, writeVirtualSize } from './l1-table.js';
 import type { Snapshot } from './snapshot-table.js';
@@ -88,7 +88,7 @@ export async function deleteSnapshot(img: Qcow2Image, id: string | null, name: s
       });
       // As qcow2_free_clusters: a failure is reported and the deletion goes on.
       if (sn.l1Size) {
-        await bump(img, sn.l1TableOffset / cs, Math.ceil((sn.l1Size * 8) / cs), -1)
+        await img.refcounts.update(sn.l1TableOffset / cs, Math.ceil((sn.l1Size * 8) / cs), -1)
           .catch((e: unknown) => img.log(`qcow2_free_clusters failed: ${errnoText(e instanceof ImageError ? e.errno ?? 'EIO' : 'EIO')}`));
       }
       await stage('Failed to update snapshot status in disk', () => updateSnapshotRefcount(img, img.l1, img.header.l1Size, img.header.l1TableOffset, 0));

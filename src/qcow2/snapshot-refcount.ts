@@ -11,18 +11,6 @@
 import type { Qcow2Image } from './image.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
 import { HI_COPIED } from './constants.js';
-import { CorruptionError, ImageError } from '../image/errors.js';
-
-/** Runs `update`, reporting a refcount over- or underflow as QEMU does (EINVAL) and dropping half-applied cached blocks. */
-export async function bump(img: Qcow2Image, ci: number, n: number, addend: number): Promise<void> {
-  try {
-    await img.refcounts.update(ci, n, addend);
-  } catch (e) {
-    img.refcounts.dropCache();
-    if (e instanceof CorruptionError && /overflow|below zero/.test(e.message)) throw new ImageError('Invalid argument', 'EINVAL');
-    throw e;
-  }
-}
 
 /** Where the L1 table lives on disk (its flags are written back there when they change), or null. */
 export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size: number, l1Offset: number | null, addend: -1 | 0 | 1): Promise<void> {
@@ -58,11 +46,11 @@ export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size
           runLen += n;
           continue;
         }
-        if (runLen) await bump(img, runStart, runLen, addend);
+        if (runLen) await rc.update(runStart, runLen, addend);
         runStart = first;
         runLen = n;
       }
-      if (runLen) await bump(img, runStart, runLen, addend);
+      if (runLen) await rc.update(runStart, runLen, addend);
     }
     // 2. COPIED flags from the refcounts now on disk.
     let changed = false;
@@ -79,7 +67,7 @@ export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size
     }
     if (changed) await img.storage.write(t, l2Off);
     // 3. The table's own refcount, then its L1 entry's flag.
-    if (addend !== 0) await bump(img, l2Off / cs, 1, addend);
+    if (addend !== 0) await rc.update(l2Off / cs, 1, addend);
     const copied = (await rc.get(l2Off / cs)) === 1;
     const hi = l1.readUInt32BE(i * 8);
     const want = copied ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0;
