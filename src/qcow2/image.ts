@@ -12,7 +12,7 @@ import { CorruptionError, ImageError } from '../image/errors.js';
 import { Mutex, RangeLock } from '../util/mutex.js';
 import * as C from './constants.js';
 import { parseHeader, serializeHeader, type Qcow2Header } from './header.js';
-import { Refcounts } from './refcount.js';
+import { Refcounts, RefcountRangeError } from './refcount.js';
 import { L2Cache } from './l2-cache.js';
 import { ClusterType, readL1, readL2, writeL2, encodeU64, type EntryGeometry, type L2Entry } from './entry.js';
 import { parseSnapshotTable, snapshotTableLength, type Snapshot } from './snapshot-table.js';
@@ -393,6 +393,36 @@ export class Qcow2Image implements BlockDriver {
     if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
     if (this.closed) throw new ImageError('Image is closed');
     if (offset < 0 || length < 0 || offset + length > this.size) throw new ImageError('Input/output error', 'EIO');
+  }
+
+  /**
+   * Runs `fn` (a metadata update that passes through states `qemu-img check` would flag, such as
+   * COPIED flags cleared ahead of a refcount rise) with the dirty bit set on disk (v3), so a crash
+   * inside is repaired on the next read-write open. The bit is cleared when `fn` succeeds, or fails
+   * on a refcount range check (made before anything it covers changes), unless the image was
+   * dirty already (a lazy-refcounts image keeps it until close).
+   */
+  /** @internal */ async whileDirty<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.header.version < 3 || this.dirty) return fn();
+    this.header.incompatible |= BigInt(C.INCOMPAT_DIRTY);
+    await this.writeIncompat();
+    await this.storage.flush();
+    let r: T;
+    try {
+      r = await fn();
+    } catch (e) {
+      if (e instanceof RefcountRangeError) await this.clearDirtyBit();
+      throw e;
+    }
+    await this.clearDirtyBit();
+    return r;
+  }
+
+  private async clearDirtyBit(): Promise<void> {
+    await this.storage.flush();
+    this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
+    await this.writeIncompat();
+    await this.storage.flush();
   }
 
   /** Sets the dirty bit before the first write of a lazy-refcounts image (cleared on clean close). */

@@ -188,6 +188,11 @@ export class Refcounts {
     }
   }
 
+  /** Fails (RefcountRangeError, or EINVAL/EFBIG where no block exists) unless update(ci, n, delta) would succeed. Changes nothing. */
+  async check(ci: number, n: number, delta: number): Promise<void> {
+    if (n > 0) await this.checkRange(ci, n, () => delta);
+  }
+
   /** Fails unless every refcount of [ci, ci+n) stays in range after its delta. Changes nothing. */
   private async checkRange(ci: number, n: number, deltaAt: (k: number) => number): Promise<void> {
     let i = 0;
