@@ -541,3 +541,21 @@ test('convert --bitmaps copies the persistent bitmaps as qemu-img convert does; 
     for (const f of [`q-${out}`, `c-${out}`]) fs.rmSync(path.join(dir, f), { force: true });
   }
 });
+
+test('resize of an image with bitmaps: grown and shrunk as qemu-img resize does, byte for byte', nbdOracle(), async () => {
+  const dir = scratch();
+  qemuImgSync(['create', '-q', '-f', 'qcow2', 'src.qcow2', '8M'], dir);
+  qemuImgSync(['bitmap', '--add', '-g', '4k', 'src.qcow2', 'fine'], dir);
+  qemuImgSync(['bitmap', '--add', '--disable', 'src.qcow2', 'off'], dir);
+  qemuIoSync(['-c', 'write -P 7 5000 3000', '-c', 'write -P 8 2M 10k', '-c', 'write -P 9 7M 64k', 'src.qcow2'], dir);
+  for (const args of [['16M'], ['+1G'], ['--shrink', '4M'], ['--shrink', '7M']]) {
+    fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'q.qcow2'));
+    fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'c.qcow2'));
+    const q = await qemuImg(['resize', 'q.qcow2', ...args], dir);
+    const c = await qchain(['img', 'resize', 'c.qcow2', ...args], dir);
+    assert.deepEqual({ code: c.code, stdout: c.stdout, stderr: c.stderr }, { code: q.code, stdout: q.stdout, stderr: q.stderr }, `resize ${args.join(' ')}`);
+    await Promise.all([sameInfo(dir, 'q.qcow2', 'c.qcow2', 'qemu'), checkClean(path.join(dir, 'c.qcow2'))]);
+    for (const b of ['fine', 'off']) assert.equal(await dirtyMap(path.join(dir, 'c.qcow2'), b), await dirtyMap(path.join(dir, 'q.qcow2'), b), `${b} after resize ${args.join(' ')}`);
+    assert.ok(fs.readFileSync(path.join(dir, 'c.qcow2')).equals(fs.readFileSync(path.join(dir, 'q.qcow2'))), `file bytes after resize ${args.join(' ')}`);
+  }
+});

@@ -661,15 +661,18 @@ export class Qcow2Image implements BlockDriver {
     await this.storage.write(table.subarray(a, b), l2Off + a);
   }
 
-  /** Drop the references an old L2 entry held (must be called after the entry was replaced on disk). */
-  /** @internal */ async freeEntryClusters(e: L2Entry): Promise<void> {
+  /**
+   * Drop the references an old L2 entry held (must be called after the entry was replaced on disk).
+   * `discard`: QCOW2_DISCARD_ALWAYS (shrinking), see Refcounts.free.
+   */
+  /** @internal */ async freeEntryClusters(e: L2Entry, discard = false): Promise<void> {
     try {
       if (e.type === ClusterType.Compressed) {
         const first = Math.floor(e.cOffset / this.clusterSize);
         const last = Math.floor((e.cOffset + e.cLength - 1) / this.clusterSize);
-        await this.refcounts.update(first, last - first + 1, -1);
+        await this.refcounts.free(first * this.clusterSize, last - first + 1, discard);
       } else if (e.host) {
-        await this.refcounts.free(e.host, 1);
+        await this.refcounts.free(e.host, 1, discard);
       }
     } catch (err) {
       // As QEMU's qcow2_free_clusters: a failed free is reported and leaks; the request goes on.

@@ -391,9 +391,16 @@ export class Refcounts {
     return out;
   }
 
-  /** Drop one reference from each cluster of [offset, offset + n clusters). */
-  async free(offset: number, n: number): Promise<void> {
+  /**
+   * Drop one reference from each cluster of [offset, offset + n clusters). With `discard`
+   * (QEMU's QCOW2_DISCARD_ALWAYS), clusters left without references are discarded from the file
+   * where the storage can punch holes, so they read as zeros as in QEMU's files.
+   */
+  async free(offset: number, n: number, discard = false): Promise<void> {
     await this.update(offset / this.clusterSize, n, -1);
+    if (!discard || !this.storage.punchHole) return;
+    const ci = offset / this.clusterSize;
+    for (let i = ci; i < ci + n; i++) if ((await this.get(i)) === 0) await this.storage.punchHole(i * this.clusterSize, this.clusterSize);
   }
 
   /**

@@ -54,6 +54,7 @@ export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOpt
   }
   await img.flush();
   await writeVirtualSize(img, size);
+  img.bitmaps?.resized(size);
   img.lastCompressed = null;
 }
 
@@ -92,9 +93,9 @@ async function shrink(img: Qcow2Image, size: number, newL1: number): Promise<voi
       img.l2.forget(e.offset);
       for (let k = 0; k < img.l2Entries; k++) {
         const x = readL2(table, k, img.geo);
-        if (hasClusters(x)) await img.freeEntryClusters(x);
+        if (hasClusters(x)) await img.freeEntryClusters(x, true);
       }
-      await img.refcounts.free(e.offset, 1);
+      await img.refcounts.free(e.offset, 1, true);
     }
     await img.refcounts.dropUnusedBlocks();
     const fileSize = await img.storage.size();
@@ -125,7 +126,7 @@ async function clearEntries(img: Qcow2Image, l1i: number, from: number, to: numb
         hi = Math.max(hi, idx);
       }
       if (hi >= 0) await img.writeL2Range(l2Off, table, lo, hi);
-      for (const e of frees) await img.freeEntryClusters(e);
+      for (const e of frees) await img.freeEntryClusters(e, true);
     });
   } finally {
     img.l2.unpin(l2Off);
