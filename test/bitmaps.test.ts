@@ -558,4 +558,14 @@ test('resize of an image with bitmaps: grown and shrunk as qemu-img resize does,
     for (const b of ['fine', 'off']) assert.equal(await dirtyMap(path.join(dir, 'c.qcow2'), b), await dirtyMap(path.join(dir, 'q.qcow2'), b), `${b} after resize ${args.join(' ')}`);
     assert.ok(fs.readFileSync(path.join(dir, 'c.qcow2')).equals(fs.readFileSync(path.join(dir, 'q.qcow2'))), `file bytes after resize ${args.join(' ')}`);
   }
+  // An inconsistent (in-use) bitmap refuses the resize, with resize and with amend -o size.
+  setFlags(path.join(dir, 'src.qcow2'), 0, 3);
+  for (const args of [['resize', '%', '16M'], ['amend', '-o', 'size=16M', '%']]) {
+    fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'q.qcow2'));
+    fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'c.qcow2'));
+    const q = await qemuImg(args.map((a) => (a === '%' ? 'q.qcow2' : a)), dir);
+    const c = await qchain(['img', ...args.map((a) => (a === '%' ? 'c.qcow2' : a))], dir);
+    assert.deepEqual({ code: c.code, stdout: c.stdout, stderr: c.stderr }, { code: q.code, stdout: q.stdout, stderr: q.stderr }, args.join(' '));
+    assert.ok(fs.readFileSync(path.join(dir, 'c.qcow2')).equals(fs.readFileSync(path.join(dir, 'q.qcow2'))), `file bytes after ${args.join(' ')}`);
+  }
 });

@@ -21,6 +21,7 @@ import { ClusterType, readL1, readL2, writeL2, type L2Entry } from './entry.js';
 import type { Qcow2Image } from './image.js';
 import { growL1Table, writeVirtualSize } from './l1-table.js';
 import { MAX_L1_SIZE } from './constants.js';
+import { Qcow2Bitmaps } from './bitmaps.js';
 
 export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOptions = {}): Promise<void> {
   const prealloc = opts.preallocation ?? 'off';
@@ -30,6 +31,8 @@ export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOpt
   if (img.snapshots.length > 0 && img.version < 3) {
     throw new ImageError("Can't resize a v2 image which has snapshots", 'ENOTSUP');
   }
+  // qcow2_truncate_bitmaps_check: an inconsistent (in-use) bitmap cannot follow the new size.
+  for (const b of img.bitmaps?.list() ?? []) Qcow2Bitmaps.usable(b, true);
   const old = img.size;
   if (size < old && !opts.shrink) throw new ImageError('Use the --shrink option to perform a shrink operation.', 'EINVAL');
   const newL1 = Math.ceil(size / img.l2Coverage);

@@ -11,7 +11,7 @@ import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2Creat
 import { copyChains, type CopyOptions } from '../../ops/copy.js';
 import { copyChainsCompressed } from '../../ops/copy-compressed.js';
 import { Qcow2Image } from '../../qcow2/image.js';
-import { BitmapError, type Qcow2Bitmaps } from '../../qcow2/bitmaps.js';
+import type { Qcow2Bitmaps } from '../../qcow2/bitmaps.js';
 import { checkBitmaps, copyBitmaps, persistentBitmaps } from '../../ops/copy-bitmaps.js';
 
 export async function convertMain(argv: string[], ctx: CliContext): Promise<number> {
@@ -93,9 +93,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       try {
         checkBitmaps(srcBitmaps, skipBroken);
       } catch (e) {
-        if (!(e instanceof BitmapError && e.hint)) throw e;
-        ctx.stderr.write(`${PROG}: ${e.message}\n${e.hint}`);
-        return 1;
+        throw asCliError(e);
       }
     }
     const total = sources.reduce((a, c) => a + c.size, 0);

@@ -44,7 +44,11 @@ export class UsageError extends CliError {
 }
 
 /** Hint lines QEMU appends to an error without the program prefix (error_append_hint). */
-const HINT_LINE = /^Is another process using the image \[.*\]\?$/;
+const HINT_LINE = new RegExp('^(' + [
+  'Is another process using the image \\[.*\\]\\?',
+  'Try block-dirty-bitmap-remove to delete this bitmap from disk',
+  "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+].join('|') + ')$');
 
 /** `program: msg\n` for every line of `msg` (QEMU's `error_report()` format); hint lines unprefixed. */
 export function formatError(program: string, msg: string): string {
