@@ -72,7 +72,9 @@ async function sideBySide(dir: string, src: string, args: string[], fresh = fals
   } else {
     assert.equal(chk.code, 0, `check after ${what}: ${chk.stdout}${chk.stderr}`);
   }
-  const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'qcow2', src, 'c.qcow2'], dir);
+  // A size change changes the guest view: QEMU's result is the reference then.
+  const ref = args.some((a) => /(^|,)size=/.test(a)) ? 'q.qcow2' : src;
+  const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'qcow2', ref, 'c.qcow2'], dir);
   assert.equal(cmp.code, 0, `guest view after ${what}: ${cmp.stdout}`);
   assert.ok(same, `file bytes after ${what}`);
 }
@@ -184,4 +186,20 @@ test('amend: L2 entries for expanded zero clusters encode host offsets above 2 G
   assert.deepEqual(dataEntry(0x80010000, true), [0x80000000, 0x80010000]);
   assert.deepEqual(dataEntry(5 * 2 ** 32 + 0xfffe0000, false), [5, 0xfffe0000]);
   assert.deepEqual(dataEntry(0x10000, false), [0, 0x10000]);
+});
+
+test('amend -o size: grows and shrinks (no --shrink needed) as qemu-img amend does, alone and with other options', oracle(), async () => {
+  const dir = scratch();
+  makeSources(dir);
+  fs.copyFileSync(path.join(dir, 'data.qcow2'), path.join(dir, 'bm.qcow2'));
+  qemuImgSync(['bitmap', '--add', 'bm.qcow2', 'b0'], dir);
+  qemuIoSync(['-c', 'write -P 5 1M 64k', 'bm.qcow2'], dir);
+  const pairs: Array<[string, string]> = [];
+  for (const src of ['data.qcow2', 'c512.qcow2', 'snap.qcow2', 'ov.qcow2', 'v2.qcow2', 'v2snap.qcow2', 'ext.qcow2', 'bm.qcow2']) {
+    for (const o of ['size=16M', 'size=2M']) pairs.push([src, o]);
+  }
+  pairs.push(['data.qcow2', 'size=0'], ['data.qcow2', 'size=8M'], ['data.qcow2', 'size=1000000'], ['data.qcow2', 'size=1G'],
+    ['data.qcow2', 'refcount_bits=8,size=12M'], ['data.qcow2', 'compat=0.10,size=4M'], ['snap.qcow2', 'compat=0.10,size=4M'],
+    ['v2.qcow2', 'compat=1.1,size=3M'], ['r8.qcow2', 'lazy_refcounts=off,size=6M'], ['ov.qcow2', 'size=12M,compat=0.10']);
+  for (const [src, o] of pairs) await sideBySide(dir, src, ['-o', o]);
 });

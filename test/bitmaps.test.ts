@@ -497,3 +497,75 @@ test('a table naming one data cluster many times loads in bounded memory', oracl
   assert.equal(await dirtyMap(file, 'b'), await dirtyMap(twin, 'b'));
   await checkClean(file);
 });
+
+test('convert --bitmaps copies the persistent bitmaps as qemu-img convert does; refusals match', nbdOracle(), async () => {
+  const dir = scratch();
+  qemuImgSync(['create', '-q', '-f', 'qcow2', 'src.qcow2', '8M'], dir);
+  qemuImgSync(['bitmap', '--add', '-g', '4k', 'src.qcow2', 'fine'], dir);
+  qemuImgSync(['bitmap', '--add', 'src.qcow2', 'plain'], dir);
+  qemuImgSync(['bitmap', '--add', '-g', '1M', '--disable', 'src.qcow2', 'off'], dir);
+  qemuIoSync(['-c', 'write -P 7 5000 3000', '-c', 'write -P 8 2M 10k', '-c', 'write -P 9 7M 1', 'src.qcow2'], dir);
+  fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'used.qcow2'));
+  setFlags(path.join(dir, 'used.qcow2'), 1, 3); // second directory entry: in_use | auto
+  qemuImgSync(['create', '-q', '-f', 'qcow2', '-o', 'compat=0.10', 'v2.qcow2', '8M'], dir);
+  qemuImgSync(['create', '-q', '-f', 'raw', 'r.raw', '8M'], dir);
+  const cases: Array<[string[], string]> = [
+    [['--bitmaps', '-O', 'qcow2', 'src.qcow2'], 'out.qcow2'],
+    [['--bitmaps', '-c', '-O', 'qcow2', 'src.qcow2'], 'out.qcow2'],
+    [['--bitmaps', '-O', 'qcow2', '-o', 'cluster_size=4k', 'src.qcow2'], 'out.qcow2'],
+    [['--bitmaps', '--skip-broken-bitmaps', '-O', 'qcow2', 'used.qcow2'], 'out.qcow2'],
+    [['--bitmaps', '-O', 'qcow2', 'used.qcow2'], 'out.qcow2'],
+    [['--bitmaps', '-O', 'qcow2', '-o', 'compat=0.10', 'src.qcow2'], 'out.qcow2'],
+    [['--bitmaps', '-O', 'raw', 'src.qcow2'], 'out.raw'],
+    [['--bitmaps', '-O', 'qcow2', 'v2.qcow2'], 'out.qcow2'],
+    [['--bitmaps', '-O', 'qcow2', '-f', 'raw', 'r.raw'], 'out.qcow2'],
+    [['--bitmaps', '-O', 'qcow2', 'src.qcow2', 'src.qcow2'], 'out.qcow2'],
+    [['--skip-broken-bitmaps', '-O', 'qcow2', 'src.qcow2'], 'out.qcow2'],
+  ];
+  for (const [args, out] of cases) {
+    const what = `convert ${args.join(' ')}`;
+    const q = await qemuImg(['convert', ...args, `q-${out}`], dir);
+    const c = await qchain(['img', 'convert', ...args, `c-${out}`], dir);
+    assert.equal(c.code, q.code, `exit status of ${what}: ${c.stderr}`);
+    assert.equal(c.stderr.replaceAll('c-out', 'q-out'), q.stderr, `stderr of ${what}`);
+    assert.equal(fs.existsSync(path.join(dir, `c-${out}`)), fs.existsSync(path.join(dir, `q-${out}`)), `target created by ${what}`);
+    if (q.code === 0 && out.endsWith('.qcow2')) {
+      await Promise.all([sameInfo(dir, `q-${out}`, `c-${out}`, 'qemu'), checkClean(path.join(dir, `c-${out}`))]);
+      const cmp = await qemuImg(['compare', `q-${out}`, `c-${out}`], dir);
+      assert.equal(cmp.code, 0, `compare after ${what}: ${cmp.stdout}`);
+      const info = JSON.parse((await qemuImg(['info', '--output=json', `q-${out}`], dir)).stdout) as { 'format-specific'?: { data?: { bitmaps?: Array<{ name: string }> } } };
+      for (const b of info['format-specific']?.data?.bitmaps ?? []) {
+        assert.equal(await dirtyMap(path.join(dir, `c-${out}`), b.name), await dirtyMap(path.join(dir, `q-${out}`), b.name), `bitmap ${b.name} after ${what}`);
+      }
+    }
+    for (const f of [`q-${out}`, `c-${out}`]) fs.rmSync(path.join(dir, f), { force: true });
+  }
+});
+
+test('resize of an image with bitmaps: grown and shrunk as qemu-img resize does, byte for byte', nbdOracle(), async () => {
+  const dir = scratch();
+  qemuImgSync(['create', '-q', '-f', 'qcow2', 'src.qcow2', '8M'], dir);
+  qemuImgSync(['bitmap', '--add', '-g', '4k', 'src.qcow2', 'fine'], dir);
+  qemuImgSync(['bitmap', '--add', '--disable', 'src.qcow2', 'off'], dir);
+  qemuIoSync(['-c', 'write -P 7 5000 3000', '-c', 'write -P 8 2M 10k', '-c', 'write -P 9 7M 64k', 'src.qcow2'], dir);
+  for (const args of [['16M'], ['+1G'], ['--shrink', '4M'], ['--shrink', '7M']]) {
+    fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'q.qcow2'));
+    fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'c.qcow2'));
+    const q = await qemuImg(['resize', 'q.qcow2', ...args], dir);
+    const c = await qchain(['img', 'resize', 'c.qcow2', ...args], dir);
+    assert.deepEqual({ code: c.code, stdout: c.stdout, stderr: c.stderr }, { code: q.code, stdout: q.stdout, stderr: q.stderr }, `resize ${args.join(' ')}`);
+    await Promise.all([sameInfo(dir, 'q.qcow2', 'c.qcow2', 'qemu'), checkClean(path.join(dir, 'c.qcow2'))]);
+    for (const b of ['fine', 'off']) assert.equal(await dirtyMap(path.join(dir, 'c.qcow2'), b), await dirtyMap(path.join(dir, 'q.qcow2'), b), `${b} after resize ${args.join(' ')}`);
+    assert.ok(fs.readFileSync(path.join(dir, 'c.qcow2')).equals(fs.readFileSync(path.join(dir, 'q.qcow2'))), `file bytes after resize ${args.join(' ')}`);
+  }
+  // An inconsistent (in-use) bitmap refuses the resize, with resize and with amend -o size.
+  setFlags(path.join(dir, 'src.qcow2'), 0, 3);
+  for (const args of [['resize', '%', '16M'], ['amend', '-o', 'size=16M', '%']]) {
+    fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'q.qcow2'));
+    fs.copyFileSync(path.join(dir, 'src.qcow2'), path.join(dir, 'c.qcow2'));
+    const q = await qemuImg(args.map((a) => (a === '%' ? 'q.qcow2' : a)), dir);
+    const c = await qchain(['img', ...args.map((a) => (a === '%' ? 'c.qcow2' : a))], dir);
+    assert.deepEqual({ code: c.code, stdout: c.stdout, stderr: c.stderr }, { code: q.code, stdout: q.stdout, stderr: q.stderr }, args.join(' '));
+    assert.ok(fs.readFileSync(path.join(dir, 'c.qcow2')).equals(fs.readFileSync(path.join(dir, 'q.qcow2'))), `file bytes after ${args.join(' ')}`);
+  }
+});

@@ -6,51 +6,12 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, oracle, qemuImg, qemuImgSync, qemuIoSync, qemuRawView, rng, scratch } from './helpers/qemu.js';
+import { oracle, qemuImg, qemuImgSync, qemuIoSync, qemuRawView, rng, scratch } from './helpers/qemu.js';
 import { copyDir, qchainImg } from './helpers/chains.js';
+import { runAndKill } from './helpers/crash.js';
 
-
-/**
- * Run `qchain img ARGS` in `cwd`; once `watch` (a file the command writes) has changed, SIGKILL
- * it after `delay` more ms (it may finish first). Resolves whether it was killed and how long
- * it ran after that first write.
- */
-function runAndKill(args: string[], cwd: string, delay: number, watch?: string): Promise<{ killed: boolean; active: number }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [QCHAIN, 'img', ...args], { cwd, stdio: 'ignore' });
-    const stamp = (): string => {
-      try {
-        const st = fs.statSync(path.join(cwd, watch as string));
-        return `${st.mtimeMs}:${st.size}`;
-      } catch {
-        return '';
-      }
-    };
-    const initial = watch ? stamp() : '';
-    let timer: NodeJS.Timeout | undefined;
-    let armedAt = Date.now();
-    const arm = (): void => {
-      armedAt = Date.now();
-      timer = setTimeout(() => child.kill('SIGKILL'), delay);
-    };
-    const poll = watch ? setInterval(() => {
-      if (stamp() !== initial) {
-        clearInterval(poll);
-        arm();
-      }
-    }, 2) : undefined;
-    if (!watch) arm();
-    child.on('error', reject);
-    child.on('close', (_code, signal) => {
-      clearInterval(poll);
-      clearTimeout(timer);
-      resolve({ killed: signal === 'SIGKILL', active: Date.now() - armedAt });
-    });
-  });
-}
 
 /** A 3-layer chain with most of its data in the top and the middle (16 MiB virtual). */
 function buildChain(dir: string): void {

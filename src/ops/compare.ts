@@ -19,8 +19,6 @@ export interface CompareOptions {
   parallel?: number;
   /** Called after each chunk with its length and the larger of the two sizes (qemu-img's progress). */
   onChunk?: (bytes: number, base: number) => void;
-  /** The chunk sequence must be QEMU's (progress output): find holes in sparse raw files too. */
-  exactRuns?: boolean;
   /** Called when the sizes differ (non-strict), before the longer tail is checked. */
   onSizeWarning?: () => void;
 }
@@ -151,9 +149,7 @@ export async function compareChains(a: Chain, nameA: string, b: Chain, nameB: st
       onChunk(task.length, base);
       return null;
     };
-    // Holes of raw files only change results in strict mode (elsewhere they read as zero anyway).
-    const holes = !!opts.strict || !!opts.exactRuns;
-    const c1 = new StatusCursor(a, nameA, 0, holes), c2 = new StatusCursor(b, nameB, 0, holes);
+    const c1 = new StatusCursor(a, nameA, 0), c2 = new StatusCursor(b, nameB, 0);
     let offset = 0;
     while (offset < total) {
       const [p1, p2] = await Promise.all([c1.at(offset), c2.at(offset)]);
@@ -190,7 +186,7 @@ export async function compareChains(a: Chain, nameA: string, b: Chain, nameB: st
     // The longer image's tail must read as zero.
     opts.onSizeWarning?.();
     const over = size1 > size2 ? s1 : s2;
-    const cur = new StatusCursor(over.chain, over.name, offset, holes);
+    const cur = new StatusCursor(over.chain, over.name, offset);
     while (offset < base) {
       const p = await cur.at(offset);
       let chunk = p.end - offset;

@@ -12,6 +12,7 @@ import type { Chain, ChainExtent } from '../chain/chain.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { prepareCompressed, reserveCompressed, type PreparedCompressed } from '../qcow2/compressed-write.js';
 import { isZero, type CopyOptions } from './copy.js';
+import { Turns } from './turns.js';
 
 type Kind = 'data' | 'zero' | 'unallocated';
 
@@ -135,21 +136,8 @@ export async function copyChainsCompressed(sources: Chain[], target: Qcow2Image,
   const zeroInit = !!opts.targetIsZero;
   const it = jobs();
   let failure: unknown = null;
-  const turns = new Map<number, () => void>();
-  let current = 0;
-  const waitTurn = (n: number): Promise<void> => {
-    if (opts.outOfOrder || n === current) return Promise.resolve();
-    return new Promise((r) => turns.set(n, r));
-  };
-  const endTurn = (n: number): void => {
-    if (opts.outOfOrder) return;
-    current = n + 1;
-    const next = turns.get(current);
-    if (next) {
-      turns.delete(current);
-      next();
-    }
-  };
+  // Allocation in request order; reads, compression and the data writes overlap.
+  const turns = new Turns(opts.outOfOrder);
 
   const worker = async (): Promise<void> => {
     for (;;) {
@@ -186,23 +174,21 @@ export async function copyChainsCompressed(sources: Chain[], target: Qcow2Image,
           zeros.push([j.offset, j.length]);
         }
       } catch (e) {
-        await waitTurn(j.seq);
-        endTurn(j.seq);
+        await turns.skip(j.seq);
         throw e;
       }
       // In turn: allocation (so the layout follows guest order); after it, data and L2 entries
       // may overlap with the next request's allocation.
-      await waitTurn(j.seq);
       const finishers: Array<() => Promise<void>> = [];
-      try {
-        for (const p of prepared) finishers.push(await reserveCompressed(target, p));
-        if (!zeroInit) for (const [o, n] of zeros) await target.writeZeroes(o, n);
-      } catch (e) {
-        for (const f of finishers) await f().catch(() => {});
-        throw e;
-      } finally {
-        endTurn(j.seq);
-      }
+      await turns.run(j.seq, async () => {
+        try {
+          for (const p of prepared) finishers.push(await reserveCompressed(target, p));
+          if (!zeroInit) for (const [o, n] of zeros) await target.writeZeroes(o, n);
+        } catch (e) {
+          for (const f of finishers) await f().catch(() => {});
+          throw e;
+        }
+      });
       for (const f of finishers) await f();
       report(j.length);
     }

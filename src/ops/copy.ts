@@ -5,6 +5,7 @@
  */
 import type { Chain, ChainExtent } from '../chain/chain.js';
 import type { BlockDriver } from '../image/driver.js';
+import { Turns } from './turns.js';
 
 export interface CopyOptions {
   /** Minimum run of zero bytes inside data to leave unwritten (qemu-img -S; 0 = write all data). */
@@ -116,23 +117,8 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
 
   const it = jobs();
   let failure: unknown = null;
-  // In-order mode: job n writes only after job n-1's writes finished (reads still overlap), so a
-  // fresh target is laid out sequentially, as qemu-img does without -W.
-  const turns = new Map<number, () => void>();
-  let current = 0;
-  const waitTurn = (n: number): Promise<void> => {
-    if (opts.outOfOrder || n === current) return Promise.resolve();
-    return new Promise((r) => turns.set(n, r));
-  };
-  const endTurn = (n: number): void => {
-    if (opts.outOfOrder) return;
-    current = n + 1;
-    const next = turns.get(current);
-    if (next) {
-      turns.delete(current);
-      next();
-    }
-  };
+  // In-order mode: job n writes only after job n-1's writes finished (reads still overlap).
+  const turns = new Turns(opts.outOfOrder);
   const worker = async (): Promise<void> => {
     const buf = Buffer.allocUnsafe(chunk);
     for (;;) {
@@ -141,13 +127,7 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
       if (r.done) return;
       const j = r.value;
       if (j.kind === 'zero') {
-        await waitTurn(j.seq);
-        try {
-          if (opts.allocateAll) await target.write(Buffer.alloc(j.length), j.dstOffset);
-          else await target.writeZeroes(j.dstOffset, j.length);
-        } finally {
-          endTurn(j.seq);
-        }
+        await turns.run(j.seq, () => opts.allocateAll ? target.write(Buffer.alloc(j.length), j.dstOffset) : target.writeZeroes(j.dstOffset, j.length));
         report(j.length);
         continue;
       }
@@ -157,16 +137,10 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
       } catch (e) {
         // Pass the turn on, or the jobs queued behind this one would wait forever.
         failure ??= new Error(`error while reading at byte ${j.dstOffset}: ${e instanceof Error ? e.message : String(e)}`);
-        await waitTurn(j.seq);
-        endTurn(j.seq);
+        await turns.skip(j.seq);
         return;
       }
-      await waitTurn(j.seq);
-      try {
-        await writeData(j, b);
-      } finally {
-        endTurn(j.seq);
-      }
+      await turns.run(j.seq, () => writeData(j, b));
       report(j.length);
     }
   };

@@ -2,9 +2,10 @@
  * Guest block status of a chain as QEMU's bdrv_block_status_above() answers it: BDRV_BLOCK_* flags
  * per run, with runs ending where QEMU's answers end (qcow2 answers stop at an L2 table end, the
  * EOF flag follows the generic block layer's rules). Used by compare (strict mode) and measure.
+ * Holes of sparse raw files come from the raw driver's own block status (SEEK_DATA/SEEK_HOLE,
+ * as QEMU's file driver finds them); without those seeks a raw file is all data.
  */
 import type { Chain, ChainExtent } from '../chain/chain.js';
-import { isZero } from './copy.js';
 
 /** BDRV_BLOCK_* flags, as `bdrv_block_status_above` returns them. */
 export const BLOCK_DATA = 0x01;
@@ -46,71 +47,13 @@ function l2Coverage(chain: Chain, depth: number): number {
   return typeof d.l2Coverage === 'number' ? d.l2Coverage : 0;
 }
 
-/** File system block size assumed for holes in sparse raw files. */
-const FS_BLOCK = 4096;
-
-/**
- * QEMU asks the file system where a raw file has holes (SEEK_HOLE) and reports them as zero.
- * Node has no SEEK_HOLE, so for a sparse raw file (fewer bytes allocated than its length) the
- * file is scanned once: all-zero file system blocks are taken to be holes, except that when more
- * blocks are allocated than hold data, a zero first block counts as data (qemu-img create writes
- * it to probe the alignment). Files without holes are reported exactly, without a scan.
- */
-async function rawDataBlocks(chain: Chain, depth: number): Promise<Uint8Array | null> {
-  const d = chain.layers[depth].driver;
-  const size = await d.storage.size();
-  const allocated = await d.storage.allocatedSize();
-  if (allocated >= size) return null;
-  const blocks = new Uint8Array(Math.ceil(size / FS_BLOCK));
-  const step = 1024 * 1024;
-  const buf = Buffer.allocUnsafe(step);
-  let dataBlocks = 0;
-  for (let p = 0; p < size; p += step) {
-    const b = buf.subarray(0, Math.min(step, size - p));
-    await d.storage.read(b, p);
-    for (let q = 0; q < b.length; q += FS_BLOCK) {
-      if (!isZero(b, q, Math.min(b.length, q + FS_BLOCK))) {
-        blocks[(p + q) / FS_BLOCK] = 1;
-        dataBlocks++;
-      }
-    }
-  }
-  if (blocks.length && !blocks[0] && allocated >= (dataBlocks + 1) * FS_BLOCK) blocks[0] = 1;
-  return blocks;
-}
-
-async function refineRaw(chain: Chain, x: ChainExtent, maps: Map<number, Uint8Array | null>): Promise<ChainExtent[]> {
-  const d = chain.layers[x.depth].driver;
-  if (d.format !== 'raw' || x.kind !== 'data') return [x];
-  if (!maps.has(x.depth)) maps.set(x.depth, await rawDataBlocks(chain, x.depth));
-  const blocks = maps.get(x.depth);
-  if (!blocks) return [x];
-  const out: ChainExtent[] = [];
-  for (let p = x.offset; p < x.offset + x.length;) {
-    const bi = Math.floor(p / FS_BLOCK);
-    const e = Math.min(x.offset + x.length, (bi + 1) * FS_BLOCK);
-    // Past the end of the file (the size is rounded up to a sector) continues the last block.
-    const zero = bi < blocks.length ? blocks[bi] === 0 : (out.length ? out[out.length - 1].kind === 'zero' : true);
-    const last = out[out.length - 1];
-    if (last && (last.kind === 'zero') === zero) last.length += e - p;
-    else out.push({ offset: p, length: e - p, kind: zero ? 'zero' : 'data', depth: x.depth, hostOffset: p });
-    p = e;
-  }
-  return out;
-}
-
 /** Status pieces of a chain, one window at a time, split where QEMU's answers would end. */
 export class StatusCursor {
   private pieces: Piece[] = [];
   private i = 0;
   private fetched: number;
-  private readonly sparse = new Map<number, Uint8Array | null>();
 
-  /**
-   * @param rawHoles find holes in sparse raw files (costs a scan of the file; only needed when
-   *   the exact runs matter: strict compare, progress, measure)
-   */
-  constructor(private readonly chain: Chain, private readonly name: string, start: number, private readonly rawHoles = true) {
+  constructor(private readonly chain: Chain, private readonly name: string, start: number) {
     this.fetched = start;
   }
 
@@ -135,9 +78,7 @@ export class StatusCursor {
     const out: Piece[] = [];
     const bottom = this.chain.depth - 1, bottomSize = this.chain.layers[bottom].driver.size;
     let pos = from;
-    const refined: ChainExtent[] = [];
-    for (const x of exts) refined.push(...(this.rawHoles ? await refineRaw(this.chain, x, this.sparse) : [x]));
-    for (const x of refined) {
+    for (const x of exts) {
       if (x.offset + x.length <= pos) continue;
       const flags = flagsOf(this.chain, x);
       let a = Math.max(pos, x.offset);

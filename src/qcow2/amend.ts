@@ -1,6 +1,7 @@
 /**
  * Changing the options of an existing qcow2 image, as QEMU's qcow2_amend_options(): upgrade to v3
- * first, then the refcount width, lazy refcounts, and the downgrade to v2 last. Checks and
+ * first, then the refcount width, lazy refcounts, the virtual size (the resize path), and the
+ * downgrade to v2 last. Checks and
  * messages are QEMU's, in QEMU's order (some failures happen after earlier steps took effect).
  *
  * Crash safety: every new structure is written completely before the header points at it, and
@@ -77,9 +78,8 @@ export async function amendQcow2(img: Qcow2Image, o: AmendOptions, status: Amend
     }
     await img.writeHeader();
   }
-  if (o.size !== undefined && o.size !== 0 && o.size !== img.size) {
-    throw new ImageError('Changing the virtual size with amend is not supported by qchain (use resize)');
-  }
+  // size=0 means "unchanged"; any other size truncates exactly, shrinking without --shrink.
+  if (o.size) await img.resize(o.size, { shrink: true });
   if (newVersion < oldVersion) await downgrade(img, status);
   await img.flush();
 }

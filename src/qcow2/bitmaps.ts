@@ -307,6 +307,11 @@ export class Qcow2Bitmaps {
     b.enabled = enabled;
   }
 
+  /** The image was resized: loaded bitmaps follow the new size (bdrv_dirty_bitmap_truncate). */
+  resized(size: number): void {
+    for (const b of this.mem) if (b.data) b.data = b.data.resized(size);
+  }
+
   /** block-dirty-bitmap-merge of `srcName` from `src` (this set or another image's) into `dstName`. */
   async merge(dstName: string, src: Qcow2Bitmaps, srcName: string): Promise<void> {
     const dst = this.lookup(dstName);
@@ -408,8 +413,9 @@ export class Qcow2Bitmaps {
   /**
    * Drops one reference from each of `n` clusters. A range holding a cluster without a reference
    * (a hostile table pointing anywhere) is left alone and reported, as qcow2_free_clusters does.
+   * `discard`: QCOW2_DISCARD_ALWAYS (bitmap data), see Refcounts.free.
    */
-  private async free(offset: number, n: number): Promise<void> {
+  private async free(offset: number, n: number, discard = false): Promise<void> {
     const rc = this.img.refcounts;
     const first = offset / this.img.clusterSize;
     for (let i = first; i < first + n; i++) {
@@ -421,7 +427,7 @@ export class Qcow2Bitmaps {
         return;
       }
     }
-    await rc.free(offset, n);
+    await rc.free(offset, n, discard);
   }
 
   /** Frees a bitmap's data clusters and then its table (free_bitmap_clusters). */
@@ -430,7 +436,7 @@ export class Qcow2Bitmaps {
     const n = Math.ceil((await this.inFile(e.tableOffset, e.tableSize * 8)) / 8) * 8;
     const table = parseBitmapTable(await this.readBytes(e.tableOffset, n), cs, e.tableSize);
     if (!table) return;
-    for (const v of table) if (v !== ENTRY_ZEROS && v !== ENTRY_ONES) await this.free(v, 1);
+    for (const v of table) if (v !== ENTRY_ZEROS && v !== ENTRY_ONES) await this.free(v, 1, true);
     await this.free(e.tableOffset, Math.ceil((e.tableSize * 8) / cs));
   }
 }

@@ -5,7 +5,7 @@
  */
 import type { Qcow2Image } from './image.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
-import { TWO32, AUTOCLEAR_BITMAPS } from './constants.js';
+import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED } from './constants.js';
 
 export interface CheckResult {
   corruptions: number;
@@ -207,31 +207,46 @@ async function countBitmaps(img: Qcow2Image, refs: RefMap): Promise<void> {
   }
 }
 
-/** COPIED flags of the active tables must say "refcount is exactly one". */
-async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string) => void): Promise<void> {
+/**
+ * COPIED flags of the active tables must say "refcount is exactly one". With `fix` (errors), a
+ * wrong flag is rewritten as QEMU's check_oflag_copied does (L1 entry, then the L2 table).
+ */
+async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string) => void, fix: boolean): Promise<void> {
   const cs = img.clusterSize;
+  const es = img.extL2 ? 16 : 8;
   const fileClusters = Math.ceil((await img.storage.size()) / cs);
+  const withFlag = (hi: number, on: boolean): number => (on ? (hi | HI_COPIED) >>> 0 : (hi & ~HI_COPIED) >>> 0);
   for (let i = 0; i < img.header.l1Size; i++) {
     const hi = img.l1.readUInt32BE(i * 8), lo = img.l1.readUInt32BE(i * 8 + 4);
     const { offset: l2Off, copied } = readL1(img.l1, i);
     if (!l2Off || l2Off % cs) continue;
     const rc = await img.refcounts.get(l2Off / cs);
     if ((rc === 1) !== copied) {
-      report(`ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(hi, lo)} refcount=${rc}`);
-      res.corruptions++;
+      report(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(hi, lo)} refcount=${rc}`);
+      if (fix) {
+        img.l1.writeUInt32BE(withFlag(hi, rc === 1), i * 8);
+        await img.storage.write(img.l1.subarray(i * 8, i * 8 + 8), img.header.l1TableOffset + i * 8);
+        res.corruptionsFixed++;
+      } else res.corruptions++;
     }
     if (l2Off / cs >= fileClusters) continue;
     const t = await img.readTable(l2Off);
+    let dirty = false;
     for (let j = 0; j < img.l2Entries; j++) {
       const e = readL2(t, j, img.geo);
       if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && e.host % cs === 0) {
         const r = await img.refcounts.get(e.host / cs);
         if ((r === 1) !== e.copied) {
-          report(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex(e.hi, e.lo)} refcount=${r}`);
-          res.corruptions++;
+          report(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex(e.hi, e.lo)} refcount=${r}`);
+          if (fix) {
+            t.writeUInt32BE(withFlag(e.hi, r === 1), j * es);
+            dirty = true;
+            res.corruptionsFixed++;
+          } else res.corruptions++;
         }
       }
     }
+    if (dirty) await img.storage.write(t, l2Off);
   }
 }
 
@@ -279,7 +294,8 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
     res.corruptions = 0;
     res.needsRebuild = false;
   }
-  await checkCopied(img, res, report);
+  await checkCopied(img, res, report, fix.errors && !img.readOnly);
+  if (fix.errors && !img.readOnly) img.dropCaches();
   return res;
 }
 

@@ -112,6 +112,13 @@ export class DirtyBitmap {
     for (const [off, len] of src.dirtyRanges()) this.set(off, len);
   }
 
+  /** A copy for a resized image (bdrv_dirty_bitmap_truncate): bits past the new end are dropped, new ones clean. */
+  resized(size: number): DirtyBitmap {
+    const out = new DirtyBitmap(size, this.granularityBits, this.chunkBytes);
+    for (const [off, len] of this.dirtyRanges()) out.set(off, len);
+    return out;
+  }
+
   /** Dirty guest ranges [offset, length], merged, clipped to the image size. */
   dirtyRanges(): Array<[number, number]> {
     const out: Array<[number, number]> = [];

@@ -12,7 +12,7 @@ import { CorruptionError, ImageError } from '../image/errors.js';
 import { Mutex, RangeLock } from '../util/mutex.js';
 import * as C from './constants.js';
 import { parseHeader, serializeHeader, type Qcow2Header } from './header.js';
-import { Refcounts } from './refcount.js';
+import { Refcounts, RefcountRangeError } from './refcount.js';
 import { L2Cache } from './l2-cache.js';
 import { ClusterType, readL1, readL2, writeL2, encodeU64, type EntryGeometry, type L2Entry } from './entry.js';
 import { parseSnapshotTable, snapshotTableLength, type Snapshot } from './snapshot-table.js';
@@ -398,6 +398,36 @@ export class Qcow2Image implements BlockDriver {
     if (offset < 0 || length < 0 || offset + length > this.size) throw new ImageError('Input/output error', 'EIO');
   }
 
+  /**
+   * Runs `fn` (a metadata update that passes through states `qemu-img check` would flag, such as
+   * COPIED flags cleared ahead of a refcount rise) with the dirty bit set on disk (v3), so a crash
+   * inside is repaired on the next read-write open. The bit is cleared when `fn` succeeds, or fails
+   * on a refcount range check (made before anything it covers changes), unless the image was
+   * dirty already (a lazy-refcounts image keeps it until close).
+   */
+  /** @internal */ async whileDirty<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.header.version < 3 || this.dirty) return fn();
+    this.header.incompatible |= BigInt(C.INCOMPAT_DIRTY);
+    await this.writeIncompat();
+    await this.storage.flush();
+    let r: T;
+    try {
+      r = await fn();
+    } catch (e) {
+      if (e instanceof RefcountRangeError) await this.clearDirtyBit();
+      throw e;
+    }
+    await this.clearDirtyBit();
+    return r;
+  }
+
+  private async clearDirtyBit(): Promise<void> {
+    await this.storage.flush();
+    this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
+    await this.writeIncompat();
+    await this.storage.flush();
+  }
+
   /** Sets the dirty bit before the first write of a lazy-refcounts image (cleared on clean close). */
   /** @internal */ markDirty(): Promise<void> {
     if (!this.lazyRefcounts || this.header.version < 3) return Promise.resolve();
@@ -634,15 +664,18 @@ export class Qcow2Image implements BlockDriver {
     await this.storage.write(table.subarray(a, b), l2Off + a);
   }
 
-  /** Drop the references an old L2 entry held (must be called after the entry was replaced on disk). */
-  /** @internal */ async freeEntryClusters(e: L2Entry): Promise<void> {
+  /**
+   * Drop the references an old L2 entry held (must be called after the entry was replaced on disk).
+   * `discard`: QCOW2_DISCARD_ALWAYS (shrinking), see Refcounts.free.
+   */
+  /** @internal */ async freeEntryClusters(e: L2Entry, discard = false): Promise<void> {
     try {
       if (e.type === ClusterType.Compressed) {
         const first = Math.floor(e.cOffset / this.clusterSize);
         const last = Math.floor((e.cOffset + e.cLength - 1) / this.clusterSize);
-        await this.refcounts.update(first, last - first + 1, -1);
+        await this.refcounts.free(first * this.clusterSize, last - first + 1, discard);
       } else if (e.host) {
-        await this.refcounts.free(e.host, 1);
+        await this.refcounts.free(e.host, 1, discard);
       }
     } catch (err) {
       // As QEMU's qcow2_free_clusters: a failed free is reported and leaks; the request goes on.

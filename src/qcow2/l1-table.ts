@@ -12,14 +12,19 @@ export function l1EntriesFor(img: Qcow2Image, size: number): number {
   return Math.ceil(size / img.l2Coverage);
 }
 
-/** Make the active L1 table hold at least `minEntries` entries (exactly that many when it grows). */
+/**
+ * Make the active L1 table hold at least `minEntries` entries (exactly that many when it grows).
+ * Used by resize and snapshot apply; the caller holds the metadata mutex.
+ */
 export async function growL1Table(img: Qcow2Image, minEntries: number): Promise<void> {
   const h = img.header;
   const cs = img.clusterSize;
   if (minEntries <= h.l1Size) return;
   if (minEntries * 8 > MAX_L1_SIZE) throw new ImageError('File too large', 'EFBIG');
   const bytes = minEntries * 8;
-  const newOff = await img.refcounts.alloc(Math.ceil(bytes / cs));
+  const clusters = Math.ceil(bytes / cs);
+  const newOff = await img.refcounts.alloc(clusters);
+  await img.checkOverlap(newOff, clusters);
   const table = Buffer.alloc(bytes);
   img.l1.copy(table, 0, 0, h.l1Size * 8);
   await img.storage.write(table, newOff);
@@ -34,7 +39,7 @@ export async function growL1Table(img: Qcow2Image, minEntries: number): Promise<
   h.l1Size = minEntries;
   h.l1TableOffset = newOff;
   img.l1 = table;
-  if (oldSize) await img.refcounts.update(oldOff / cs, Math.ceil((oldSize * 8) / cs), -1);
+  if (oldSize) await img.refcounts.free(oldOff, Math.ceil((oldSize * 8) / cs));
 }
 
 /** Write a new virtual size into the header (the caller has made the L1 table big enough). */

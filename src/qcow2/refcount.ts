@@ -14,6 +14,17 @@ import { Lru } from '../util/lru.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { HI_OFFSET_MASK, TWO32 } from './constants.js';
 
+/**
+ * A refcount update that would drop below zero or exceed the maximum the refcount width holds.
+ * Reported as QEMU's update_refcount does (EINVAL); nothing was changed.
+ */
+export class RefcountRangeError extends ImageError {
+  constructor(readonly cluster: number, readonly underflow: boolean) {
+    super('Invalid argument', 'EINVAL');
+    this.name = 'RefcountRangeError';
+  }
+}
+
 export interface RefcountGeometry {
   clusterBits: number;
   refcountOrder: number;
@@ -136,27 +147,39 @@ export class Refcounts {
    * are created as needed. Changed block bytes are written before returning.
    */
   async update(ci: number, n: number, delta: number): Promise<void> {
-    if (delta < 0) {
-      // A decrement never creates blocks: a cluster no block covers has refcount 0 (QEMU: EINVAL,
-      // or EFBIG past the largest refcount table).
-      for (let ti = Math.floor(ci / this.perBlock); ti <= Math.floor((ci + n - 1) / this.perBlock); ti++) {
-        if (ti >= (8 * 1024 * 1024) / 8) throw new ImageError('File too large', 'EFBIG');
-        if (ti >= this.table.length || this.table[ti] === 0) throw new ImageError('Invalid argument', 'EINVAL');
-      }
-    }
-    let i = ci;
-    const end = ci + n;
-    while (i < end) {
-      const ti = Math.floor(i / this.perBlock);
+    await this.apply(ci, n, () => delta);
+  }
+
+  /**
+   * Add deltas[k] to the refcount of cluster ci + k, for a contiguous run; each refcount block
+   * range is written once. Zero deltas leave their entries alone.
+   */
+  async addEach(ci: number, deltas: number[]): Promise<void> {
+    await this.apply(ci, deltas.length, (k) => deltas[k]);
+  }
+
+  /**
+   * Add deltaAt(k) to the refcount of cluster ci + k for k in [0, n). The whole range is checked
+   * first: an update that would take any refcount below 0 or past the maximum fails (QEMU:
+   * EINVAL) before a block, cached or on disk, is changed or created.
+   */
+  private async apply(ci: number, n: number, deltaAt: (k: number) => number): Promise<void> {
+    if (n <= 0) return;
+    await this.checkRange(ci, n, deltaAt);
+    let i = 0;
+    while (i < n) {
+      const ti = Math.floor((ci + i) / this.perBlock);
       const bo = await this.ensureBlock(ti);
       const b = await this.block(bo);
-      const first = i % this.perBlock;
-      const last = Math.min(this.perBlock, first + (end - i));
+      const first = (ci + i) % this.perBlock;
+      const last = Math.min(this.perBlock, first + (n - i));
+      const at = (k: number): number => deltaAt(i + k - first);
+      // Again against the block as it is now: growing the table may just have counted clusters in it.
+      this.checkEntries(ti, first, last, (k) => this.readEntry(b, k), at);
       for (let k = first; k < last; k++) {
-        const v = this.readEntry(b, k) + delta;
-        if (v < 0 || v > this.maxValue) {
-          throw new CorruptionError(`Refcount of cluster ${ti * this.perBlock + k} would ${v < 0 ? 'drop below zero' : 'overflow'}`);
-        }
+        const d = at(k);
+        if (d === 0) continue;
+        const v = this.readEntry(b, k) + d;
         this.writeEntry(b, k, v);
         if (v === 0 && ti * this.perBlock + k < this.freeHint) this.freeHint = ti * this.perBlock + k;
       }
@@ -165,30 +188,44 @@ export class Refcounts {
     }
   }
 
-  /**
-   * Add deltas[k] to the refcount of cluster ci + k, for a contiguous run; each refcount block
-   * range is written once. Zero deltas leave their entries alone.
-   */
-  async addEach(ci: number, deltas: number[]): Promise<void> {
+  /** Fails (RefcountRangeError, or EINVAL/EFBIG where no block exists) unless update(ci, n, delta) would succeed. Changes nothing. */
+  async check(ci: number, n: number, delta: number): Promise<void> {
+    if (n > 0) await this.checkRange(ci, n, () => delta);
+  }
+
+  /** Fails unless every refcount of [ci, ci+n) stays in range after its delta. Changes nothing. */
+  private async checkRange(ci: number, n: number, deltaAt: (k: number) => number): Promise<void> {
     let i = 0;
-    while (i < deltas.length) {
+    while (i < n) {
       const ti = Math.floor((ci + i) / this.perBlock);
-      const bo = await this.ensureBlock(ti);
-      const b = await this.block(bo);
       const first = (ci + i) % this.perBlock;
-      const last = Math.min(this.perBlock, first + (deltas.length - i));
-      for (let k = first; k < last; k++) {
-        const d = deltas[i + k - first];
-        if (d === 0) continue;
-        const v = this.readEntry(b, k) + d;
-        if (v < 0 || v > this.maxValue) {
-          throw new CorruptionError(`Refcount of cluster ${ti * this.perBlock + k} would ${v < 0 ? 'drop below zero' : 'overflow'}`);
+      const last = Math.min(this.perBlock, first + (n - i));
+      const at = (k: number): number => deltaAt(i + k - first);
+      const bo = ti < this.table.length ? this.table[ti] : 0;
+      if (bo < 0) throw new CorruptionError(`Refblock offset invalid in reftable entry ${ti}`);
+      if (bo > 0) {
+        const b = await this.block(bo);
+        this.checkEntries(ti, first, last, (k) => this.readEntry(b, k), at);
+      } else {
+        // No block: a decrement never creates one (QEMU: EINVAL, or EFBIG past the largest
+        // refcount table); a new block counts only itself, at the first entry of its range.
+        for (let k = first; k < last; k++) {
+          if (at(k) >= 0) continue;
+          if (ti >= (8 * 1024 * 1024) / 8) throw new ImageError('File too large', 'EFBIG');
+          throw new ImageError('Invalid argument', 'EINVAL');
         }
-        this.writeEntry(b, k, v);
-        if (v === 0 && ti * this.perBlock + k < this.freeHint) this.freeHint = ti * this.perBlock + k;
+        this.checkEntries(ti, first, last, (k) => (k === 0 ? 1 : 0), at);
       }
-      await this.writeBlockRange(bo, b, first, last);
       i += last - first;
+    }
+  }
+
+  private checkEntries(ti: number, first: number, last: number, cur: (k: number) => number, deltaAt: (k: number) => number): void {
+    for (let k = first; k < last; k++) {
+      const d = deltaAt(k);
+      if (d === 0) continue;
+      const v = cur(k) + d;
+      if (v < 0 || v > this.maxValue) throw new RefcountRangeError(ti * this.perBlock + k, v < 0);
     }
   }
 
@@ -354,9 +391,16 @@ export class Refcounts {
     return out;
   }
 
-  /** Drop one reference from each cluster of [offset, offset + n clusters). */
-  async free(offset: number, n: number): Promise<void> {
+  /**
+   * Drop one reference from each cluster of [offset, offset + n clusters). With `discard`
+   * (QEMU's QCOW2_DISCARD_ALWAYS), clusters left without references are discarded from the file
+   * where the storage can punch holes, so they read as zeros as in QEMU's files.
+   */
+  async free(offset: number, n: number, discard = false): Promise<void> {
     await this.update(offset / this.clusterSize, n, -1);
+    if (!discard || !this.storage.punchHole) return;
+    const ci = offset / this.clusterSize;
+    for (let i = ci; i < ci + n; i++) if ((await this.get(i)) === 0) await this.storage.punchHole(i * this.clusterSize, this.clusterSize);
   }
 
   /**

@@ -19,9 +19,9 @@ import type { ResizeOptions } from '../image/driver.js';
 import { ImageError } from '../image/errors.js';
 import { ClusterType, readL1, readL2, writeL2, type L2Entry } from './entry.js';
 import type { Qcow2Image } from './image.js';
-
-/** QCOW_MAX_L1_SIZE: 32 MiB of L1 entries. */
-const MAX_L1_ENTRIES = (32 * 1024 * 1024) / 8;
+import { growL1Table, writeVirtualSize } from './l1-table.js';
+import { MAX_L1_SIZE } from './constants.js';
+import { Qcow2Bitmaps } from './bitmaps.js';
 
 export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOptions = {}): Promise<void> {
   const prealloc = opts.preallocation ?? 'off';
@@ -31,6 +31,8 @@ export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOpt
   if (img.snapshots.length > 0 && img.version < 3) {
     throw new ImageError("Can't resize a v2 image which has snapshots", 'ENOTSUP');
   }
+  // qcow2_truncate_bitmaps_check: an inconsistent (in-use) bitmap cannot follow the new size.
+  for (const b of img.bitmaps?.list() ?? []) Qcow2Bitmaps.usable(b, true);
   const old = img.size;
   if (size < old && !opts.shrink) throw new ImageError('Use the --shrink option to perform a shrink operation.', 'EINVAL');
   const newL1 = Math.ceil(size / img.l2Coverage);
@@ -54,42 +56,16 @@ export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOpt
     }
   }
   await img.flush();
-  const b = Buffer.alloc(8);
-  b.writeUInt32BE(Math.floor(size / 2 ** 32), 0);
-  b.writeUInt32BE(size >>> 0, 4);
-  await img.storage.write(b, 24);
-  await img.storage.flush();
-  img.header.size = size;
+  await writeVirtualSize(img, size);
+  img.bitmaps?.resized(size);
   img.lastCompressed = null;
 }
 
-/** qcow2_grow_l1_table(exact): a new table of exactly `entries` entries, then the header, then free the old. */
+/** qcow2_grow_l1_table(exact), with qcow2_co_truncate's message for a table too large. */
 async function growL1(img: Qcow2Image, entries: number): Promise<void> {
-  const h = img.header;
-  if (entries <= h.l1Size) return;
-  if (entries > MAX_L1_ENTRIES) throw new ImageError('Failed to grow the L1 table: File too large', 'EFBIG');
-  const cs = img.clusterSize;
-  await img.meta.run(async () => {
-    const bytes = entries * 8;
-    const n = Math.ceil(bytes / cs);
-    const off = await img.refcounts.alloc(n);
-    await img.checkOverlap(off, n);
-    const table = Buffer.alloc(bytes);
-    img.l1.copy(table, 0, 0, h.l1Size * 8);
-    await img.storage.write(table, off);
-    await img.storage.flush();
-    const hdr = Buffer.alloc(12);
-    hdr.writeUInt32BE(entries, 0);
-    hdr.writeUInt32BE(Math.floor(off / 2 ** 32), 4);
-    hdr.writeUInt32BE(off >>> 0, 8);
-    await img.storage.write(hdr, 36);
-    await img.storage.flush();
-    const oldOff = h.l1TableOffset, oldSize = h.l1Size;
-    h.l1TableOffset = off;
-    h.l1Size = entries;
-    img.l1 = table;
-    if (oldSize > 0) await img.refcounts.free(oldOff, Math.ceil((oldSize * 8) / cs));
-  });
+  if (entries <= img.header.l1Size) return;
+  if (entries * 8 > MAX_L1_SIZE) throw new ImageError('Failed to grow the L1 table: File too large', 'EFBIG');
+  await img.meta.run(() => growL1Table(img, entries));
 }
 
 /** Discard everything past the new end, drop L2 tables past it, unhook empty refcount blocks, cut the file. */
@@ -120,9 +96,9 @@ async function shrink(img: Qcow2Image, size: number, newL1: number): Promise<voi
       img.l2.forget(e.offset);
       for (let k = 0; k < img.l2Entries; k++) {
         const x = readL2(table, k, img.geo);
-        if (hasClusters(x)) await img.freeEntryClusters(x);
+        if (hasClusters(x)) await img.freeEntryClusters(x, true);
       }
-      await img.refcounts.free(e.offset, 1);
+      await img.refcounts.free(e.offset, 1, true);
     }
     await img.refcounts.dropUnusedBlocks();
     const fileSize = await img.storage.size();
@@ -153,7 +129,7 @@ async function clearEntries(img: Qcow2Image, l1i: number, from: number, to: numb
         hi = Math.max(hi, idx);
       }
       if (hi >= 0) await img.writeL2Range(l2Off, table, lo, hi);
-      for (const e of frees) await img.freeEntryClusters(e);
+      for (const e of frees) await img.freeEntryClusters(e, true);
     });
   } finally {
     img.l2.unpin(l2Off);

@@ -2,8 +2,9 @@
  * Internal snapshots: creation, lookup, and the snapshot table write. Creating one adds a
  * reference to every L2 table and data cluster the active L1 table reaches (clearing their
  * COPIED flags, so later writes copy on write). Order (QEMU's): snapshot L1 copy → referenced
- * clusters' refcounts and flags → snapshot table → header; a crash in between leaves leaked
- * clusters (and COPIED flags that disagree with refcounts until the image is repaired) at worst.
+ * clusters' flags and refcounts → snapshot table → header, all with the dirty bit set (v3): a crash
+ * in between leaves leaked clusters and COPIED flags cleared where a refcount is still one, which
+ * the next read-write open repairs.
  */
 import type { Qcow2Image } from './image.js';
 import { readL1, encodeU64 } from './entry.js';
@@ -23,7 +24,7 @@ export async function createSnapshot(img: Qcow2Image, opts: CreateSnapshotOption
   if (img.readOnly) throw new ImageError('Permission denied', 'EACCES');
   if (img.snapshots.length >= MAX_SNAPSHOTS) throw new ImageError('File too large', 'EFBIG');
   const cs = img.clusterSize;
-  return img.meta.run(async () => {
+  return img.meta.run(() => img.whileDirty(async () => {
     const h = img.header;
     // 1. The snapshot's own copy of the L1 table (allocated first, as QEMU does).
     const l1Clusters = Math.ceil((h.l1Size * 8) / cs);
@@ -47,7 +48,7 @@ export async function createSnapshot(img: Qcow2Image, opts: CreateSnapshotOption
     };
     await writeSnapshotTable(img, [...img.snapshots, sn]);
     return sn;
-  });
+  }));
 }
 
 /** Index of a snapshot by id and/or name (QEMU's find_snapshot_by_id_and_name), or -1. */

@@ -2,6 +2,7 @@
 import { getopt, GetoptError, qemuImgGetoptMessage, type LongOption, type ParsedOption } from '../util/getopt.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { ImageError } from '../../image/errors.js';
+import { BitmapError } from '../../qcow2/bitmaps.js';
 import { openChain, isFormat, type ImageFormat, type OpenOptions } from '../../chain/open.js';
 import type { Chain } from '../../chain/chain.js';
 import type { CliContext } from '../context.js';
@@ -69,6 +70,7 @@ export function engineLine(l: string): string {
 
 export function asCliError(e: unknown): Error {
   if (e instanceof CliError) return e;
+  if (e instanceof BitmapError && e.hint) return new CliError(`${e.message}\n${e.hint.replace(/\n$/, '')}`);
   if (e instanceof ImageError) return new CliError(e.message);
   if (e instanceof Error) return new CliError(e.message);
   return new CliError(String(e));

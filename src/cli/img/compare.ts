@@ -42,7 +42,6 @@ export async function compareMain(argv: string[], ctx: CliContext): Promise<numb
     bar.print(0, 100);
     const res = await compareChains(a, file1, b, file2, {
       strict,
-      exactRuns: progress,
       onChunk: (n, base) => bar.print(Math.fround(Math.fround(n / base) * 100), 100),
       onSizeWarning: () => print('Warning: Image size mismatch!\n'),
     });

@@ -3,7 +3,7 @@ import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { accumulateOptions, hasHelpOption, parseOptString, parseOptionSize, parseSize } from '../util/options.js';
 import { ProgressPrinter } from '../util/progress.js';
-import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, asCliError, formatArg, open, parseArgs } from './common.js';
+import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, formatArg, open, parseArgs } from './common.js';
 import type { Chain } from '../../chain/chain.js';
 import type { ImageFormat } from '../../chain/open.js';
 import { FileStorage } from '../../storage/file.js';
@@ -11,6 +11,8 @@ import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2Creat
 import { copyChains, type CopyOptions } from '../../ops/copy.js';
 import { copyChainsCompressed } from '../../ops/copy-compressed.js';
 import { Qcow2Image } from '../../qcow2/image.js';
+import type { Qcow2Bitmaps } from '../../qcow2/bitmaps.js';
+import { checkBitmaps, copyBitmaps, persistentBitmaps } from '../../ops/copy-bitmaps.js';
 
 export async function convertMain(argv: string[], ctx: CliContext): Promise<number> {
   const { opts, rest } = parseArgs(argv, ':hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:', [HELP, OBJECT, IMAGE_OPTS,
@@ -21,7 +23,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   let backing: string | undefined, backingFmt: string | undefined, optstr: string | undefined;
   let compress = false, progress = false, noCreate = false, targetIsZero = false;
   let sparse = 4096, parallel = 8, outOfOrder = false;
-  let forceShare = false;
+  let forceShare = false, bitmaps = false, skipBroken = false;
   for (const o of opts) {
     const a = o.arg as string;
     switch (o.opt) {
@@ -45,15 +47,18 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       }
       case 'TIZ': targetIsZero = true; break;
       case 'W': outOfOrder = true; break;
+      case 'BITMAPS': bitmaps = true; break;
+      case 'SBB': skipBroken = true; break;
       case 'l': throw new CliError('Converting from an internal snapshot (-l) is not supported yet');
       case 'IMAGE_OPTS': case 'TIO': throw new UsageError('--image-opts is not supported by qchain');
-      default: break; // -C, -W, -t, -T, -U, -r, --salvage, --bitmaps: accepted, no effect here
+      default: break; // -C, -W, -t, -T, -U, -r, --salvage: accepted, no effect here
     }
   }
   if (optstr !== undefined && hasHelpOption(optstr)) {
     const { createMain } = await import('./create.js');
     return createMain(['-f', outFmt, '-o', optstr], ctx);
   }
+  if (skipBroken && !bitmaps) throw new CliError('Use of --skip-broken-bitmaps requires --bitmaps');
   if (rest.length < 2) throw new CliError('Must specify image file name');
   if (backing !== undefined && !backingFmt) throw new CliError('Use of backing file requires explicit backing format');
   if (compress) {
@@ -68,12 +73,22 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   const target = rest[rest.length - 1];
   const srcNames = rest.slice(0, -1);
   if (backing !== undefined && srcNames.length > 1) throw new CliError('Specifying backing image makes no sense when concatenating multiple input images');
+  if (bitmaps && srcNames.length > 1) throw new CliError('Copying bitmaps only possible with single source');
 
   const sources: Chain[] = [];
   let dst: Chain | null = null;
   const bar = new ProgressPrinter(progress, ctx.stdout, 1.0, ctx.stderr);
   try {
     for (const s of srcNames) sources.push(await open(s, { format: srcFmt, readOnly: true, forceShare }, ctx));
+    if (bitmaps) {
+      const srcBitmaps = persistentBitmaps(sources[0].top);
+      if (!srcBitmaps) throw new CliError('Source lacks bitmap support');
+      try {
+        checkBitmaps(srcBitmaps, skipBroken);
+      } catch (e) {
+        throw asCliError(e);
+      }
+    }
     const total = sources.reduce((a, c) => a + c.size, 0);
     if (!noCreate) await createTarget(target, outFmt, total, optstr, backing, backingFmt);
     try {
@@ -81,6 +96,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
     } catch (e) {
       throw new CliError(asCliError(e).message);
     }
+    if (bitmaps && !persistentBitmaps(dst.top)) throw new CliError(`Format driver '${dst.top.format}' does not support bitmaps`);
     if (noCreate && dst.size < total) throw new CliError(`${target}: error while converting ${outFmt}: target image is too small`);
     if (compress && !(dst.top instanceof Qcow2Image)) throw new CliError('Compression not supported for this file format');
     if (progress) bar.print(0, 100);
@@ -96,6 +112,14 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       allocateAll: sparse === 0 && !noCreate,
       onProgress: (f) => bar.print(f * 100, 0),
     });
+    if (bitmaps) {
+      try {
+        await copyBitmaps(persistentBitmaps(sources[0].top) as Qcow2Bitmaps, persistentBitmaps(dst.top) as Qcow2Bitmaps,
+          (m) => ctx.stderr.write(`${PROG}: warning: ${m}\n`));
+      } catch (e) {
+        throw new CliError(asCliError(e).message);
+      }
+    }
     await dst.flush();
     if (progress) {
       bar.print(100, 0);

@@ -44,7 +44,15 @@ export class UsageError extends CliError {
 }
 
 /** Hint lines QEMU appends to an error without the program prefix (error_append_hint). */
-const HINT_LINE = /^(Is another process using the image \[.*\]\?|Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-|and exabytes, respectively\.|Could not open backing image\.|You can force-remove this extra metadata with qemu-img check -r all)$/;
+const HINT_LINE = new RegExp('^(' + [
+  'Is another process using the image \\[.*\\]\\?',
+  'Try block-dirty-bitmap-remove to delete this bitmap from disk',
+  "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+  'Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-',
+  'and exabytes, respectively\\.',
+  'Could not open backing image\\.',
+  'You can force-remove this extra metadata with qemu-img check -r all',
+].join('|') + ')$');
 
 /** `program: msg\n` for every line of `msg` (QEMU's `error_report()` format); hint lines unprefixed. */
 export function formatError(program: string, msg: string): string {
