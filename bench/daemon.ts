@@ -9,7 +9,7 @@
  *   commit  live active commit of a 1 GiB top while fio writes at a steady rate: READY, pivot
  *   rss     peak RSS serving a 1 TiB image after touching 4 KiB per 64 MiB of it (every L2 table)
  *
- * Usage: node dist/bench/daemon.js [read|write|seq|commit|rss ...] [--runtime S] [--reps N] [--size-mib N]
+ * Usage: node dist/bench/daemon.js [read|write|seq|commit|rss ...] [--runtime S] [--reps N] [--size-mib N] [--depths 1,16,64]
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -22,13 +22,15 @@ const opt = (name: string, def: number): number => {
   const i = argv.indexOf(name);
   return i >= 0 ? Number(argv[i + 1]) : def;
 };
-const optNames = new Set(['--runtime', '--reps', '--size-mib']);
+const optNames = new Set(['--runtime', '--reps', '--size-mib', '--depths']);
 const SECTIONS = ['read', 'write', 'seq', 'commit', 'rss'];
 const wanted = argv.filter((a, i) => !a.startsWith('-') && !optNames.has(argv[i - 1]));
 const sections = wanted.length ? wanted : SECTIONS;
 const runtime = opt('--runtime', 10);
 const reps = opt('--reps', 3);
 const sizeMiB = opt('--size-mib', 1024);
+const depthsArg = argv.indexOf('--depths');
+const depths = depthsArg >= 0 ? argv[depthsArg + 1].split(',').map(Number) : [1, 16, 64];
 const MiB = 1024 * 1024;
 const CLUSTER = 65536;
 const dir = benchDir('daemon');
@@ -61,7 +63,7 @@ function buildChain(): void {
 async function readBench(): Promise<string[][]> {
   const rows = [['test', 'qchain', 'QSD', 'qchain/QSD']];
   const iops: Record<number, Record<ServerKind, number>> = {};
-  for (const depth of [1, 16, 64]) {
+  for (const depth of depths) {
     iops[depth] = await interleaved(async (k) => {
       const s = await startServer(k, dir, `d${depth - 1}.qcow2`, false);
       try {
@@ -72,7 +74,7 @@ async function readBench(): Promise<string[][]> {
     });
     rows.push([`4K randread QD32, depth ${depth} (IOPS)`, iops[depth].qchain.toFixed(0), iops[depth].qsd.toFixed(0), ratio(iops[depth].qchain, iops[depth].qsd)]);
   }
-  rows.push(['depth-64 / depth-1 IOPS', r2(iops[64].qchain / iops[1].qchain), r2(iops[64].qsd / iops[1].qsd), '']);
+  if (iops[1] && iops[64]) rows.push(['depth-64 / depth-1 IOPS', r2(iops[64].qchain / iops[1].qchain), r2(iops[64].qsd / iops[1].qsd), '']);
   return rows;
 }
 
@@ -196,7 +198,7 @@ async function rssBench(): Promise<string[][]> {
     const s = await startServer(k, dir, 'big.qcow2', true);
     try {
       // 4 KiB every 64 MiB over the whole TiB: 16384 clusters, all 2048 L2 tables.
-      fio(s.uri, 'write', [`--rw=write:${64 * MiB - 4096}`, '--bs=4k', '--iodepth=32', '--size=1T']);
+      fio(s.uri, 'write', [`--rw=write:${64 * MiB - 4096}`, '--bs=4k', '--iodepth=32', '--size=1T', '--io_size=64M']);
       fio(s.uri, 'read', ['--rw=randread', '--bs=4k', '--iodepth=32', '--time_based', `--runtime=${runtime}`, '--size=1T']);
       rss[k] = peakRssKiB(s.child.pid as number) / 1024;
     } finally {

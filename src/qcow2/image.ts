@@ -66,6 +66,8 @@ export class Qcow2Image implements BlockDriver {
   readonly meta = new Mutex();
   /** Group-commits L2 table writes (see meta-writer.ts). */
   private readonly l2Writer: MetaWriter;
+  /** Spare cluster-sized buffers for copy-on-write fills (allocating writes churn otherwise). */
+  private readonly fillPool: Buffer[] = [];
   private readonly ranges = new RangeLock();
   private dirtySet = false;
   private dirtyWrite: Promise<void> | null = null;
@@ -461,7 +463,7 @@ export class Qcow2Image implements BlockDriver {
         table = Buffer.from(old);
         this.l2.unpin(cur.offset);
       } else {
-        table = Buffer.alloc(this.clusterSize);
+        table = this.l2.zeroed();
       }
       await this.checkOverlap(newOff, 1);
       await this.storage.write(table, newOff);
@@ -550,13 +552,17 @@ export class Qcow2Image implements BlockDriver {
       }
       // Build and issue the data writes (COW fill + guest data), merging host-contiguous pieces.
       const pieces: Array<{ host: number; bufs: Buffer[]; len: number }> = [];
+      // Whole-cluster COW buffers come from a small pool and return to it once written.
+      const pooled: Buffer[] = [];
       for (const p of plans) {
         const needsFill = p.wa < p.da || p.wb > p.db;
         let piece: Buffer;
         if (!needsFill) {
           piece = data.subarray(p.guest + p.da - pos, p.guest + p.db - pos);
         } else {
-          piece = Buffer.allocUnsafe(p.wb - p.wa);
+          const whole = p.wb - p.wa === cs;
+          piece = (whole ? this.fillPool.pop() : undefined) ?? Buffer.allocUnsafe(p.wb - p.wa);
+          if (whole) pooled.push(piece);
           await this.fillOld(piece, p, p.wa);
           data.copy(piece, p.da - p.wa, p.guest + p.da - pos, p.guest + p.db - pos);
         }
@@ -574,6 +580,7 @@ export class Qcow2Image implements BlockDriver {
       const dataWritten = Promise.all(pieces.map((x) => (x.bufs.length === 1 ? this.storage.write(x.bufs[0], x.host) : this.storage.writev(x.bufs, x.host))));
       if (counted) await Promise.all([dataWritten, counted]);
       else await dataWritten;
+      for (const b of pooled) if (this.fillPool.length < 32) this.fillPool.push(b);
       // Only now point the L2 entries at the data, then release what they pointed at before.
       let l2Written: Promise<void> | null = null;
       await this.meta.run(async () => {
