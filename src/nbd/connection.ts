@@ -60,17 +60,18 @@ export class NbdConnection {
   private async transmission(n: Negotiated): Promise<void> {
     for (;;) {
       if (this.inFlight >= MAX_IN_FLIGHT) await new Promise<void>((r) => { this.slotWaiter = r; });
-      const h = await this.reader.read(28);
+      // Requests already buffered are parsed without a promise each.
+      const h = this.reader.tryRead(28) ?? await this.reader.read(28);
       if (h.readUInt32BE(0) !== P.REQUEST_MAGIC) throw new Error('bad request magic');
       const flags = h.readUInt16BE(4), type = h.readUInt16BE(6);
       const handle = h.subarray(8, 16);
-      const offset = Number(h.readBigUInt64BE(16));
+      const offset = h.readUInt32BE(16) * 0x100000000 + h.readUInt32BE(20);
       const length = h.readUInt32BE(24);
       let payload: Buffer | null = null;
       if (type === P.CMD_WRITE) {
         // The payload must be consumed to stay in sync; one larger than the limit ends the client.
         if (length > P.MAX_BUFFER) throw new Error(`write of ${length} bytes exceeds the maximum`);
-        payload = await this.reader.read(length);
+        payload = this.reader.tryRead(length) ?? await this.reader.read(length);
       }
       if (type === P.CMD_DISC) return;
       this.inFlight++;
