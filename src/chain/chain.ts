@@ -78,6 +78,8 @@ const CHUNK = 4 * 1024 * 1024;
 
 export class Chain {
   private readonly backingCache = new Lru<number, ChainExtent[]>(4096);
+  private readonly pending = new Map<number, Promise<ChainExtent[]>>();
+  private generation = 0;
   /** The backing resolution may be cached while the layers below the top are not written. */
   cacheBacking = true;
 
@@ -97,7 +99,7 @@ export class Chain {
     const layer = this.layers[depth].driver;
     return {
       get size() { return layer.size; },
-      read: (buf, offset) => this.readFrom(depth, buf, offset),
+      read: async (buf, offset) => { await this.readFrom(depth, buf, offset); },
     };
   }
 
@@ -107,7 +109,12 @@ export class Chain {
     return this.resolve(depth, offset, length);
   }
 
-  private async resolve(depth: number, offset: number, length: number): Promise<ChainExtent[]> {
+  /**
+   * Resolve from `depth` down. With `cached`, deeper levels go through the backing cache (one
+   * entry per level); without, only the caller's level is cached, so a deep chain holds one
+   * entry per chunk rather than one per chunk and layer.
+   */
+  private async resolve(depth: number, offset: number, length: number, cached = true): Promise<ChainExtent[]> {
     const out: ChainExtent[] = [];
     const layer = this.layers[depth].driver;
     const end = Math.min(offset + length, layer.size);
@@ -120,7 +127,10 @@ export class Chain {
       }
       const below = this.layers[depth + 1].driver;
       const inBacking = Math.max(0, Math.min(e.offset + e.length, below.size) - e.offset);
-      if (inBacking > 0) for (const x of await this.statusFrom(depth + 1, e.offset, inBacking)) push(out, x);
+      if (inBacking > 0) {
+        const xs = cached ? await this.statusFrom(depth + 1, e.offset, inBacking) : await this.resolve(depth + 1, e.offset, inBacking, false);
+        for (const x of xs) push(out, x);
+      }
       // Past the end of a shorter backing file the guest reads zeros.
       if (inBacking < e.length) push(out, { offset: e.offset + inBacking, length: e.length - inBacking, kind: 'unallocated', depth });
     }
@@ -132,11 +142,7 @@ export class Chain {
     const end = Math.min(offset + length, this.layers[depth].driver.size);
     for (let c = Math.floor(offset / CHUNK); c * CHUNK < end; c++) {
       const key = c * 1024 + depth; // depth < 1024 (chain depth limit)
-      let runs = this.backingCache.get(key);
-      if (!runs) {
-        runs = await this.resolve(depth, c * CHUNK, CHUNK);
-        this.backingCache.set(key, runs);
-      }
+      const runs = this.backingCache.get(key) ?? await this.resolveChunk(key, depth, c);
       const a = Math.max(offset, c * CHUNK), b = Math.min(end, (c + 1) * CHUNK);
       // Binary search the first run that ends after a.
       let lo = 0, hi = runs.length;
@@ -154,9 +160,26 @@ export class Chain {
     return out;
   }
 
+  /** Resolve one chunk for the cache; concurrent misses on the same chunk share one resolution. */
+  private resolveChunk(key: number, depth: number, c: number): Promise<ChainExtent[]> {
+    let p = this.pending.get(key);
+    if (p) return p;
+    const gen = this.generation;
+    p = this.resolve(depth, c * CHUNK, CHUNK, false).then((runs) => {
+      if (gen === this.generation) this.backingCache.set(key, runs);
+      return runs;
+    }).finally(() => {
+      if (this.pending.get(key) === p) this.pending.delete(key);
+    });
+    this.pending.set(key, p);
+    return p;
+  }
+
   /** Drop cached backing resolutions (call after anything below the top changes). */
   invalidate(): void {
     this.backingCache.clear();
+    this.pending.clear();
+    this.generation++;
   }
 
   /** Guest-visible block status of the whole chain. */
@@ -164,8 +187,8 @@ export class Chain {
     return this.statusFrom(0, offset, length);
   }
 
-  /** Read the guest view of layers [depth..] into buf. */
-  async readFrom(depth: number, buf: Buffer, offset: number): Promise<void> {
+  /** Read the guest view of layers [depth..] into buf; returns the resolution it read by. */
+  async readFrom(depth: number, buf: Buffer, offset: number): Promise<ChainExtent[]> {
     const exts = await this.statusFrom(depth, offset, buf.length);
     let covered = 0;
     const ios: Promise<void>[] = [];
@@ -176,11 +199,13 @@ export class Chain {
       else ios.push(readExtent(this.layers[x.depth].driver, dst, x));
     }
     if (covered < buf.length) buf.fill(0, covered);
-    await Promise.all(ios);
+    if (ios.length === 1) await ios[0];
+    else if (ios.length) await Promise.all(ios);
+    return exts;
   }
 
-  read(buf: Buffer, offset: number): Promise<void> {
-    return this.readFrom(0, buf, offset);
+  async read(buf: Buffer, offset: number): Promise<void> {
+    await this.readFrom(0, buf, offset);
   }
 
   write(buf: Buffer, offset: number): Promise<void> {

@@ -92,6 +92,7 @@ export class Daemon {
     const entry = this.exports.get(e.id) as ExportEntry;
     this.nbd.addExport({
       enter: () => drain.enter(),
+      tryEnter: () => drain.tryEnter(),
       name: e.name, description: e.description, writable: e.writable, allocationDepth: e.allocationDepth,
       get discard() { return node.discard; },
       chain: () => this.graph.chain(this.graph.formatNode(entry.nodeName)),

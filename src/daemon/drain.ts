@@ -11,6 +11,15 @@ export class Drain {
 
   async enter(): Promise<() => void> {
     while (this.held) await this.held;
+    return this.entered();
+  }
+
+  /** Enter at once when no drain holds entries, else null (then await `enter`). */
+  tryEnter(): (() => void) | null {
+    return this.held ? null : this.entered();
+  }
+
+  private entered(): () => void {
     this.active++;
     return () => {
       this.active--;

@@ -30,6 +30,12 @@ export class NbdConnection {
   private bytesInFlight = 0;
   private slotWaiter: (() => void) | null = null;
   private idle: (() => void) | null = null;
+  /** Replies are corked until the end of the current event-loop turn, then leave in one writev. */
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   constructor(private readonly socket: Socket, private readonly exports: (name: string) => NbdExport | undefined,
     private readonly listExports: () => NbdExport[], private readonly log: ConnectionLog = () => {}) {
@@ -61,11 +67,12 @@ export class NbdConnection {
       if (this.inFlight >= MAX_IN_FLIGHT) await this.slot();
       // A client that does not read its replies is not read from either: memory stays bounded.
       if (this.socket.writableLength > MAX_UNSENT) await this.sent();
-      const h = await this.reader.read(28);
+      // Requests already buffered are parsed without a promise each.
+      const h = this.reader.tryRead(28) ?? await this.reader.read(28);
       if (h.readUInt32BE(0) !== P.REQUEST_MAGIC) throw new Error('bad request magic');
       const flags = h.readUInt16BE(4), type = h.readUInt16BE(6);
       const handle = h.subarray(8, 16);
-      const offset = Number(h.readBigUInt64BE(16));
+      const offset = h.readUInt32BE(16) * 0x100000000 + h.readUInt32BE(20);
       const length = h.readUInt32BE(24);
       if (type === P.CMD_WRITE && length > P.MAX_BUFFER) {
         // The payload must be consumed to stay in sync; one larger than the limit ends the client.
@@ -73,7 +80,7 @@ export class NbdConnection {
       }
       const cost = (type === P.CMD_WRITE || type === P.CMD_READ) && length <= P.MAX_BUFFER ? length : 0;
       while (this.inFlight > 0 && this.bytesInFlight + cost > MAX_BYTES_IN_FLIGHT) await this.slot();
-      const payload = type === P.CMD_WRITE ? await this.reader.read(length) : null;
+      const payload = type === P.CMD_WRITE ? this.reader.tryRead(length) ?? await this.reader.read(length) : null;
       if (type === P.CMD_DISC) return;
       this.inFlight++;
       this.bytesInFlight += cost;
@@ -107,11 +114,20 @@ export class NbdConnection {
     });
   }
 
+  /** Start a reply: batch it with the other replies sent in this event-loop turn. */
+  private batch(): void {
+    if (this.corked) return;
+    this.corked = true;
+    this.socket.cork();
+    setImmediate(this.uncork);
+  }
+
   private async execute(n: Negotiated, r: Request): Promise<void> {
     // Requests run inside the export's "entered" section, so the daemon can drain them (pivot).
     let leave: (() => void) | null = null;
     try {
-      leave = n.export.enter ? await n.export.enter() : null;
+      const exp = n.export;
+      leave = exp.tryEnter?.() ?? (exp.enter ? await exp.enter() : null);
       await this.executeEntered(n, r);
     } catch (e) {
       // Nothing a request meets (an export or node gone under it) may take the daemon down.
@@ -166,6 +182,7 @@ export class NbdConnection {
     const b = Buffer.alloc(16);
     b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
     r.handle.copy(b, 8);
+    this.batch();
     this.socket.write(b);
   }
 
@@ -176,6 +193,7 @@ export class NbdConnection {
       b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
       b.writeUInt32BE(code, 4);
       r.handle.copy(b, 8);
+      this.batch();
       this.socket.write(b);
       return;
     }
@@ -194,10 +212,24 @@ export class NbdConnection {
     h.writeUInt16BE(type, 6);
     r.handle.copy(h, 8);
     h.writeUInt32BE(parts.reduce((a, b) => a + b.length, 0), 16);
-    this.socket.cork();
+    this.batch();
     this.socket.write(h);
     for (const p of parts) this.socket.write(p);
-    this.socket.uncork();
+  }
+
+  /** One OFFSET_DATA chunk: header and offset in one small buffer, then the data. */
+  private dataChunk(r: Request, flags: number, offset: number, data: Buffer): void {
+    const h = Buffer.allocUnsafe(28);
+    h.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
+    h.writeUInt16BE(flags, 4);
+    h.writeUInt16BE(P.REPLY_TYPE_OFFSET_DATA, 6);
+    r.handle.copy(h, 8);
+    h.writeUInt32BE(8 + data.length, 16);
+    h.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
+    h.writeUInt32BE(offset >>> 0, 24);
+    this.batch();
+    this.socket.write(h);
+    this.socket.write(data);
   }
 
   private async read(n: Negotiated, r: Request): Promise<void> {
@@ -209,15 +241,18 @@ export class NbdConnection {
       const h = Buffer.alloc(16);
       h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
       r.handle.copy(h, 8);
-      this.socket.cork();
+      this.batch();
       this.socket.write(h);
       this.socket.write(buf);
-      this.socket.uncork();
       return;
     }
     if (r.length === 0) return this.chunk(r, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, []);
-    const exts = r.flags & P.CMD_FLAG_DF ? null : await chain.blockStatus(r.offset, r.length);
-    await chain.read(buf, r.offset);
+    // The resolution the read used also gives the data/hole segments (one lookup per request).
+    const resolved = await chain.readFrom(0, buf, r.offset);
+    const exts = r.flags & P.CMD_FLAG_DF ? null : resolved;
+    if (exts && exts.length === 1 && exts[0].kind === 'data' && exts[0].offset === r.offset && exts[0].length === r.length) {
+      return this.dataChunk(r, P.REPLY_FLAG_DONE, r.offset, buf);
+    }
     // Data and hole segments (DF: one data chunk); each chunk is sent whole, the last with DONE.
     const segs: Array<{ off: number; len: number; data: boolean }> = [];
     if (!exts) segs.push({ off: r.offset, len: r.length, data: true });
@@ -233,10 +268,10 @@ export class NbdConnection {
     }
     segs.forEach((s, i) => {
       const done = i === segs.length - 1 ? P.REPLY_FLAG_DONE : 0;
-      const o = Buffer.alloc(s.data ? 8 : 12);
-      o.writeBigUInt64BE(BigInt(s.off), 0);
-      if (s.data) this.chunk(r, done, P.REPLY_TYPE_OFFSET_DATA, [o, buf.subarray(s.off - r.offset, s.off - r.offset + s.len)]);
+      if (s.data) this.dataChunk(r, done, s.off, buf.subarray(s.off - r.offset, s.off - r.offset + s.len));
       else {
+        const o = Buffer.alloc(12);
+        o.writeBigUInt64BE(BigInt(s.off), 0);
         o.writeUInt32BE(s.len, 8);
         this.chunk(r, done, P.REPLY_TYPE_OFFSET_HOLE, [o]);
       }

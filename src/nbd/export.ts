@@ -24,6 +24,8 @@ export interface NbdExport {
    * requests and wait for running ones (a drained section around a graph change).
    */
   enter?(): Promise<() => void>;
+  /** `enter` without waiting: the leave function, or null when the caller must await `enter`. */
+  tryEnter?(): (() => void) | null;
   /** Exported dirty bitmaps by name. */
   bitmaps?: Map<string, DirtyBitmapView>;
 }

@@ -45,6 +45,14 @@ export class SocketReader {
     });
   }
 
+  /** The next `n` bytes if already buffered (no promise), else null; then use `read`. */
+  tryRead(n: number): Buffer | null {
+    if (this.waiter || this.buffered < n) return null;
+    const b = this.take(n);
+    if (this.buffered <= HIGH_WATER / 2 && this.socket.isPaused()) this.socket.resume();
+    return b;
+  }
+
   private wake(): void {
     const w = this.waiter;
     if (!w) return;

@@ -18,6 +18,7 @@ import { ClusterType, readL1, readL2, writeL2, encodeU64, type EntryGeometry, ty
 import { parseSnapshotTable, snapshotTableLength, type Snapshot } from './snapshot-table.js';
 import { decompressCluster, type CompressionType } from './compress.js';
 import { Qcow2Bitmaps } from './bitmaps.js';
+import { MetaWriter } from './meta-writer.js';
 
 export interface Qcow2OpenOptions {
   readOnly?: boolean;
@@ -65,6 +66,10 @@ export class Qcow2Image implements BlockDriver {
   readonly writeTrackers: Array<(offset: number, length: number) => void> = [];
   /** @internal */ readonly l2: L2Cache;
   readonly meta = new Mutex();
+  /** Group-commits L2 table writes (see meta-writer.ts). */
+  private readonly l2Writer: MetaWriter;
+  /** Spare cluster-sized buffers for copy-on-write fills (allocating writes churn otherwise). */
+  private readonly fillPool: Buffer[] = [];
   private readonly ranges = new RangeLock();
   private dirtySet = false;
   private dirtyWrite: Promise<void> | null = null;
@@ -89,6 +94,7 @@ export class Qcow2Image implements BlockDriver {
     this.geo = { clusterBits: this.clusterBits, extL2: this.extL2, zeroFlag: header.version >= 3 };
     this.l1 = l1;
     this.l2 = new L2Cache(storage, this.clusterSize, Math.max(16, Math.floor(l2CacheBytes / this.clusterSize)));
+    this.l2Writer = new MetaWriter(storage);
     this.useRefcounts(refcounts);
   }
 
@@ -490,7 +496,7 @@ export class Qcow2Image implements BlockDriver {
         table = Buffer.from(old);
         this.l2.unpin(cur.offset);
       } else {
-        table = Buffer.alloc(this.clusterSize);
+        table = this.l2.zeroed();
       }
       await this.checkOverlap(newOff, 1);
       await this.storage.write(table, newOff);
@@ -557,24 +563,39 @@ export class Qcow2Image implements BlockDriver {
       }
       // Allocate all new clusters of the segment as one contiguous run.
       const nNew = plans.filter((p) => p.isNew).length;
+      // The new clusters' refcounts reach the disk alongside the data (group-committed with
+      // other writers'); both are complete before the L2 entries point at the clusters.
+      let counted = null as Promise<unknown> | null;
       if (nNew > 0) {
         const hosts = await this.meta.run(async () => {
-          const list = await this.refcounts.allocMany(nNew);
-          for (const h of list) await this.checkOverlap(h, 1);
-          return list;
+          const deferred: Array<Promise<void>> = [];
+          this.refcounts.deferred = deferred;
+          try {
+            const list = await this.refcounts.allocMany(nNew);
+            for (const h of list) await this.checkOverlap(h, 1);
+            return list;
+          } finally {
+            this.refcounts.deferred = null;
+            counted = deferred.length ? Promise.all(deferred) : null;
+            counted?.catch(() => {}); // awaited below; never an unhandled rejection meanwhile
+          }
         });
         let k = 0;
         for (const p of plans) if (p.isNew) p.host = hosts[k++];
       }
       // Build and issue the data writes (COW fill + guest data), merging host-contiguous pieces.
       const pieces: Array<{ host: number; bufs: Buffer[]; len: number }> = [];
+      // Whole-cluster COW buffers come from a small pool and return to it once written.
+      const pooled: Buffer[] = [];
       for (const p of plans) {
         const needsFill = p.wa < p.da || p.wb > p.db;
         let piece: Buffer;
         if (!needsFill) {
           piece = data.subarray(p.guest + p.da - pos, p.guest + p.db - pos);
         } else {
-          piece = Buffer.allocUnsafe(p.wb - p.wa);
+          const whole = p.wb - p.wa === cs;
+          piece = (whole ? this.fillPool.pop() : undefined) ?? Buffer.allocUnsafe(p.wb - p.wa);
+          if (whole) pooled.push(piece);
           await this.fillOld(piece, p, p.wa);
           data.copy(piece, p.da - p.wa, p.guest + p.da - pos, p.guest + p.db - pos);
         }
@@ -589,8 +610,12 @@ export class Qcow2Image implements BlockDriver {
           last.len += piece.length;
         } else pieces.push({ host, bufs: [piece], len: piece.length });
       }
-      await Promise.all(pieces.map((x) => (x.bufs.length === 1 ? this.storage.write(x.bufs[0], x.host) : this.storage.writev(x.bufs, x.host))));
+      const dataWritten = Promise.all(pieces.map((x) => (x.bufs.length === 1 ? this.storage.write(x.bufs[0], x.host) : this.storage.writev(x.bufs, x.host))));
+      if (counted) await Promise.all([dataWritten, counted]);
+      else await dataWritten;
+      for (const b of pooled) if (this.fillPool.length < 32) this.fillPool.push(b);
       // Only now point the L2 entries at the data, then release what they pointed at before.
+      let l2Written: Promise<void> | null = null;
       await this.meta.run(async () => {
         let lo = Infinity, hi = -1;
         const frees: L2Entry[] = [];
@@ -602,9 +627,14 @@ export class Qcow2Image implements BlockDriver {
           hi = Math.max(hi, p.index);
           if (p.isNew && (p.old.type === ClusterType.Normal || p.old.type === ClusterType.ZeroAlloc || p.old.type === ClusterType.Compressed)) frees.push(p.old);
         }
-        if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi);
+        if (hi >= 0) {
+          // Without clusters to free, the L2 write need not hold the metadata lock.
+          if (frees.length) await this.writeL2Range(l2Off, table, lo, hi);
+          else l2Written = this.writeL2Range(l2Off, table, lo, hi);
+        }
         for (const e of frees) await this.freeEntryClusters(e);
       });
+      if (l2Written) await l2Written;
     } finally {
       this.l2.unpin(l2Off);
     }
@@ -661,7 +691,7 @@ export class Qcow2Image implements BlockDriver {
     // Whole 512-byte sectors, as QEMU writes them.
     const a = Math.floor((lo * es) / 512) * 512;
     const b = Math.min(this.clusterSize, Math.ceil(((hi + 1) * es) / 512) * 512);
-    await this.storage.write(table.subarray(a, b), l2Off + a);
+    await this.l2Writer.write(l2Off, table, a, b);
   }
 
   /**

@@ -13,6 +13,8 @@ interface Slot {
 export class L2Cache {
   private map = new Map<number, Slot>();
   private loading = new Map<number, Promise<Buffer>>();
+  /** Buffers of evicted tables, reused for loads (a cache smaller than the image churns otherwise). */
+  private spare: Buffer[] = [];
 
   constructor(private readonly storage: Storage, private readonly tableSize: number, private readonly capacity: number) {}
 
@@ -28,7 +30,7 @@ export class L2Cache {
     let p = this.loading.get(offset);
     if (!p) {
       p = (async () => {
-        const buf = Buffer.allocUnsafe(this.tableSize);
+        const buf = this.spare.pop() ?? Buffer.allocUnsafe(this.tableSize);
         await this.storage.read(buf, offset);
         return buf;
       })();
@@ -58,6 +60,12 @@ export class L2Cache {
     return buf;
   }
 
+  /** A zeroed table-sized buffer for a new table (an evicted table's buffer when one is spare). */
+  zeroed(): Buffer {
+    const b = this.spare.pop();
+    return b ? b.fill(0) : Buffer.alloc(this.tableSize);
+  }
+
   unpin(offset: number): void {
     const slot = this.map.get(offset);
     if (slot && slot.pins > 0) slot.pins--;
@@ -76,7 +84,10 @@ export class L2Cache {
     if (this.map.size <= this.capacity) return;
     for (const [k, s] of this.map) {
       if (this.map.size <= this.capacity) break;
-      if (s.pins === 0) this.map.delete(k);
+      if (s.pins === 0) {
+        this.map.delete(k);
+        if (this.spare.length < 32) this.spare.push(s.buf);
+      }
     }
   }
 }

@@ -13,6 +13,7 @@ import type { Storage } from '../storage/storage.js';
 import { Lru } from '../util/lru.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { HI_OFFSET_MASK, TWO32 } from './constants.js';
+import { MetaWriter } from './meta-writer.js';
 
 /**
  * A refcount update that would drop below zero or exceed the maximum the refcount width holds.
@@ -43,6 +44,12 @@ export class Refcounts {
   /** Lowest cluster index that might be free (QEMU's free_cluster_index). */
   private freeHint = 0;
   private readonly blocks: Lru<number, Buffer>;
+  private readonly writer: MetaWriter;
+  /**
+   * When set, changed block ranges are not awaited but their write promises collected here (the
+   * caller awaits them before anything on disk may point at the counted clusters).
+   */
+  deferred: Array<Promise<void>> | null = null;
   /** Hook to persist a new reftable location in the header (offset, clusters). */
   onTableMoved: (offset: number, clusters: number) => Promise<void> = async () => {};
 
@@ -62,6 +69,7 @@ export class Refcounts {
     this.tableClusters = tableClusters;
     this.table = table;
     this.blocks = new Lru(cacheBlocks);
+    this.writer = new MetaWriter(storage);
   }
 
   /** Load the refcount table from disk (entries validated lazily when blocks are used). */
@@ -94,8 +102,15 @@ export class Refcounts {
       if (blockOffset % this.clusterSize !== 0 || blockOffset < 0) {
         throw new CorruptionError(`Refblock offset 0x${blockOffset.toString(16)} unaligned`);
       }
-      b = Buffer.alloc(this.clusterSize);
-      await this.storage.read(b, blockOffset);
+      // An evicted block with writes still pending is newer in memory than on disk.
+      const pending = this.writer.pendingBuffer(blockOffset);
+      if (pending) b = pending;
+      else {
+        b = Buffer.alloc(this.clusterSize);
+        await this.storage.read(b, blockOffset);
+        const again = this.blocks.get(blockOffset);
+        if (again) return again;
+      }
       this.blocks.set(blockOffset, b);
     }
     return b;
@@ -239,7 +254,11 @@ export class Refcounts {
     // Write whole 512-byte sectors covering the changed entries.
     const startByte = Math.floor((first * this.bits) / 8 / 512) * 512;
     const endByte = Math.min(this.clusterSize, Math.ceil(Math.ceil((last * this.bits) / 8) / 512) * 512);
-    await this.storage.write(b.subarray(startByte, endByte), bo + startByte);
+    const w = this.writer.write(bo, b, startByte, endByte);
+    if (this.deferred) {
+      w.catch(() => {});
+      this.deferred.push(w);
+    } else await w;
   }
 
   /** Returns the offset of the block for table index `ti`, creating it (self-describing) if missing. */

@@ -1,0 +1,62 @@
+/** A small QMP client for the benchmarks (a copy of the tests' helper): commands, replies and events in arrival order. */
+import net from 'node:net';
+
+export interface QmpMessage {
+  [k: string]: unknown;
+}
+
+export class QmpClient {
+  private buf = '';
+  readonly received: QmpMessage[] = [];
+  private waiters: Array<() => void> = [];
+
+  private constructor(private readonly sock: net.Socket) {
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      this.buf += d;
+      let i;
+      while ((i = this.buf.indexOf('\r\n')) >= 0) {
+        const line = this.buf.slice(0, i);
+        this.buf = this.buf.slice(i + 2);
+        if (line.trim()) this.received.push(JSON.parse(line) as QmpMessage);
+      }
+      this.waiters.splice(0).forEach((w) => w());
+    });
+    sock.on('close', () => this.waiters.splice(0).forEach((w) => w()));
+  }
+
+  static connect(path: string): Promise<QmpClient> {
+    return new Promise((res, rej) => {
+      const s = net.createConnection(path, () => res(new QmpClient(s)));
+      s.on('error', rej);
+    });
+  }
+
+  /** Wait until a message satisfying `pred` has arrived (returns it). */
+  async waitFor(pred: (m: QmpMessage) => boolean, timeoutMs = 10000): Promise<QmpMessage> {
+    const t0 = Date.now();
+    for (;;) {
+      const m = this.received.find(pred);
+      if (m) return m;
+      if (this.sock.destroyed || Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting; got ${JSON.stringify(this.received)}`);
+      await new Promise<void>((r) => {
+        this.waiters.push(r);
+        setTimeout(r, 100);
+      });
+    }
+  }
+
+  sendRaw(text: string): void {
+    this.sock.write(text);
+  }
+
+  /** Send a command and wait for its reply (matched by id). */
+  async execute(cmd: string, args?: Record<string, unknown>, id: unknown = `c${Math.random().toString(36).slice(2)}`): Promise<QmpMessage> {
+    this.sock.write(JSON.stringify({ execute: cmd, ...(args ? { arguments: args } : {}), id }) + '\r\n');
+    return this.waitFor((m) => JSON.stringify(m.id) === JSON.stringify(id) && ('return' in m || 'error' in m));
+  }
+
+  close(): void {
+    this.sock.destroy();
+  }
+}
