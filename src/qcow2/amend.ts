@@ -16,7 +16,7 @@ import { Refcounts } from './refcount.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
 import { ImageError } from '../image/errors.js';
 import * as C from './constants.js';
-import { writeSnapshotTable } from './snapshot.js';
+import { validateSnapshotL1, writeSnapshotTable } from './snapshot.js';
 
 export interface AmendOptions {
   /** 2 (compat=0.10) or 3 (compat=1.1). */
@@ -145,7 +145,7 @@ async function expandZeroClusters(img: Qcow2Image, status: AmendStatus): Promise
   const cs = img.clusterSize;
   const tables: Buffer[] = [img.l1];
   for (const s of img.snapshots) {
-    if (s.l1TableOffset % cs !== 0 || s.l1Size * 8 > C.MAX_L1_SIZE) throw new ImageError('Snapshot L1 table offset invalid');
+    validateSnapshotL1(img, s);
     tables.push(await img.readL1Table(s.l1TableOffset, s.l1Size));
   }
   const total = tables.reduce((a, t) => a + t.length / 8, 0);
@@ -202,7 +202,10 @@ async function expandZeroClusters(img: Qcow2Image, status: AmendStatus): Promise
 
 async function hasCompressedClusters(img: Qcow2Image): Promise<boolean> {
   const tables: Buffer[] = [img.l1];
-  for (const s of img.snapshots) tables.push(await img.readL1Table(s.l1TableOffset, s.l1Size));
+  for (const s of img.snapshots) {
+    validateSnapshotL1(img, s);
+    tables.push(await img.readL1Table(s.l1TableOffset, s.l1Size));
+  }
   for (const l1 of tables) {
     for (let i = 0; i < l1.length / 8; i++) {
       const { offset } = readL1(l1, i);

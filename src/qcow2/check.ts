@@ -5,7 +5,7 @@
  */
 import type { Qcow2Image } from './image.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
-import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED } from './constants.js';
+import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE } from './constants.js';
 
 export interface CheckResult {
   corruptions: number;
@@ -130,7 +130,19 @@ async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) =>
   const refs = new RefMap(Math.ceil(fileSize / cs), fileSize, cs, report, res);
   refs.inc(0, cs);
   await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report);
-  for (const sn of img.snapshots) await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report);
+  for (const sn of img.snapshots) {
+    if (sn.l1TableOffset % cs !== 0) {
+      report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${sn.l1TableOffset.toString(16)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+      res.corruptions++;
+      continue;
+    }
+    if (sn.l1Size * 8 > MAX_L1_SIZE) {
+      report(`ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${sn.l1Size.toString(16)}: L1 table is too large; snapshot table entry corrupted`);
+      res.corruptions++;
+      continue;
+    }
+    await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report);
+  }
   if (img.header.nbSnapshots) {
     const { serializeSnapshotTable } = await import('./snapshot-table.js');
     refs.inc(img.header.snapshotsOffset, serializeSnapshotTable(img.snapshots).length);

@@ -1,6 +1,6 @@
 /** The internal snapshot table: parsing (with QEMU's limits) and serialisation. */
 import { ImageError } from '../image/errors.js';
-import { MAX_L1_SIZE, MAX_SNAPSHOTS_SIZE, MAX_SNAPSHOT_EXTRA_DATA } from './constants.js';
+import { MAX_SNAPSHOTS_SIZE, MAX_SNAPSHOT_EXTRA_DATA } from './constants.js';
 
 export interface Snapshot {
   l1TableOffset: number;
@@ -45,8 +45,8 @@ export function parseSnapshotTable(buf: Buffer, count: number, clusterSize: numb
     if (extraSize >= 8) vmStateSize = u64(extra, 0);
     const diskSize = extraSize >= 16 ? u64(extra, 8) : null;
     const icount = extraSize >= 24 ? (extra.readUInt32BE(16) === 0xffffffff ? -1 : u64(extra, 16)) : -1;
-    if (l1Size * 8 > MAX_L1_SIZE) throw new ImageError('Snapshot L1 table too large');
-    if (l1TableOffset % clusterSize !== 0) throw new ImageError('Snapshot L1 table offset invalid');
+    // The L1 fields are checked where the table is used (apply, delete, check), as QEMU does:
+    // a bad entry does not keep the image from opening.
     out.push({
       l1TableOffset, l1Size,
       id: buf.toString('utf8', extraOff + extraSize, extraOff + extraSize + idLen),

@@ -7,6 +7,7 @@ import type { Chain } from '../../chain/chain.js';
 import { isFormat, type ImageFormat } from '../../chain/open.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { measureQcow2, type MeasureResult } from '../../qcow2/measure.js';
+import { validateSnapshotL1 } from '../../qcow2/snapshot.js';
 import { AUTOCLEAR_BITMAPS, TWO32 } from '../../qcow2/constants.js';
 
 type OptType = 'size' | 'bool' | 'number' | 'string';
@@ -85,6 +86,11 @@ async function loadSnapshotTmp(chain: Chain, param: string): Promise<void> {
   // A plain parameter is an ID first, then a name.
   const sn = param.startsWith('snapshot.') ? find(id, name) : (find(param, undefined) ?? find(undefined, param));
   if (!sn) throw new CliError("Failed to load snapshot: Can't find snapshot");
+  try {
+    validateSnapshotL1(img, sn);
+  } catch (e) {
+    throw new CliError(`Failed to load snapshot: ${e instanceof Error ? e.message : String(e)}`);
+  }
   img.l1 = await img.readL1Table(sn.l1TableOffset, sn.l1Size);
   img.header.l1Size = sn.l1Size;
   img.dropCaches();
