@@ -62,8 +62,6 @@ type Known = string | { leak: string; parity?: string };
 const KNOWN_DIFFERENCES: Record<string, Known> = {
   'version 1 (probed as the old qcow driver)':
     'qemu probes the v1 qcow driver and fails "Cluster size must be between 512 and 64k"; we probe raw and succeed (check: "does not support checks", exit 63)',
-  'refcount_table_clusters 0':
-    'check: qemu runs the check (exit 2, "ERROR cluster 0 refcount=0 reference=1"); we fail to open (exit 1, "Image does not contain a reference count table")',
   'one snapshot beyond EOF':
     'qemu opens it (check exit 2, "snapshot table entry 0 is incomplete"); we refuse: "Snapshot table offset invalid"',
   'data-file extension naming /etc/passwd':

@@ -41,6 +41,8 @@ export interface OpenOptions {
   noRepair?: boolean;
   /** Metadata only: no guest data will be read (QEMU's BDRV_O_NO_IO; `info`). */
   noIo?: boolean;
+  /** The top is opened to be checked (QEMU's BDRV_O_CHECK; `check`). */
+  checkMode?: boolean;
   /** Share every permission with other openers (qemu-img -U); only for read-only opens. */
   forceShare?: boolean;
   /** Take no image locks at all (default: QEMU-compatible locks). */
@@ -73,12 +75,12 @@ async function openStorage(file: string, readOnly: boolean, lock: LockMode): Pro
 }
 
 /** Open one image file with a known or probed format. Errors read "Could not open 'F': reason". */
-export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; noIo?: boolean; lock?: LockMode } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
+export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; noIo?: boolean; checkMode?: boolean; lock?: LockMode } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
   const storage = await openStorage(file, !!opts.readOnly, opts.lock ?? (opts.readOnly ? 'read' : 'write'));
   try {
     const fmt = opts.format ?? (await probeFormat(storage));
     const driver = fmt === 'qcow2'
-      ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo })
+      ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode })
       : await RawImage.open(storage, { readOnly: opts.readOnly });
     if (driver instanceof RawImage && !opts.format && !driver.readOnly) {
       // A probed raw image must never become something else through guest writes.
@@ -116,7 +118,7 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
   try {
     let top;
     try {
-      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, lock: lockFor(!!opts.readOnly) });
+      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly) });
     } catch (e) {
       if (e instanceof ImageError && e.errno === 'ELOCKED') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
       if (e instanceof ImageError && e.errno === 'ENOTREG') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);

@@ -53,7 +53,8 @@ function safe(v: bigint, what: string): number {
 }
 
 /** Parse and validate the header found in the first cluster (`buf` holds at least 2 MiB or the whole file). */
-export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
+/** `check`: opened for checking (QEMU's BDRV_O_CHECK): a missing refcount table is left to the check to report. */
+export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boolean } = {}): Qcow2Header {
   if (buf.length < C.V2_HEADER_LENGTH || buf.readUInt32BE(0) !== C.QCOW2_MAGIC) {
     throw new ImageError('Image is not in qcow2 format');
   }
@@ -122,7 +123,7 @@ export function parseHeader(buf: Buffer, fileSize: number): Qcow2Header {
   }
 
   const rtOff = u64(buf, 48);
-  if (h.refcountTableClusters === 0) throw new ImageError('Image does not contain a reference count table');
+  if (h.refcountTableClusters === 0 && !opts.check) throw new ImageError('Image does not contain a reference count table');
   if (h.refcountTableClusters * clusterSize > C.MAX_REFTABLE_SIZE) throw new ImageError('Reference count table too large');
   if (rtOff % BigInt(clusterSize) !== 0n || rtOff + BigInt(h.refcountTableClusters * clusterSize) > BigInt(Number.MAX_SAFE_INTEGER)) {
     throw new ImageError('Reference count table offset invalid');

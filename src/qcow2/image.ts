@@ -30,6 +30,8 @@ export interface Qcow2OpenOptions {
   noRepair?: boolean;
   /** Metadata only, no guest data will be read (QEMU's BDRV_O_NO_IO, used by `info`). */
   noIo?: boolean;
+  /** Opened to be checked (QEMU's BDRV_O_CHECK): structural damage is left to the check to report. */
+  checkMode?: boolean;
 }
 
 /** One planned cluster write inside a segment. */
@@ -136,7 +138,7 @@ export class Qcow2Image implements BlockDriver {
     const first = Buffer.alloc(Math.min(2 * 1024 * 1024, Math.max(4096, fileSize)));
     await storage.read(first, 0);
     // Header fields first (bounded read), then the full first cluster for extensions.
-    const header = parseHeader(first, fileSize);
+    const header = parseHeader(first, fileSize, { check: opts.checkMode });
     const cs = 2 ** header.clusterBits;
     if (!opts.noIo && (header.incompatible & BigInt(C.INCOMPAT_DATA_FILE)) !== 0n) {
       throw new ImageError(header.dataFile === null ? "'data-file' is required for this image" : 'External data files are not supported by qchain');

@@ -65,7 +65,7 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
   const file = oneFile(rest);
   let chain;
   try {
-    chain = await open(file, { format: sourceFormat(file, fmt), readOnly: !fix, noRepair: true, forceShare }, ctx);
+    chain = await open(file, { format: sourceFormat(file, fmt), readOnly: !fix, noRepair: true, checkMode: true, forceShare }, ctx);
   } catch (e) {
     // QEMU's check opens without the snapshot table and then fails reading it (EFBIG).
     const m = /^Could not open '.*?': (Too much extra metadata in snapshot table entry \d+)\n(.*)$/s.exec(asCliError(e).message);
