@@ -74,10 +74,6 @@ const KNOWN_DIFFERENCES: Record<string, Known> = {
     'check: qemu exit 2 (region beyond EOF + reference errors); we exit 3 (leaked clusters only)',
   'L2 entry unaligned data offset':
     'map: qemu\'s 2nd line "Could not read file metadata: Input/output error" vs ours; check report lines differ',
-  'L2 entry all ones (compressed + copied)':
-    'check: qemu "copied flag must never be set for compressed clusters"; we "ERROR cluster 0 refcount=1 reference=2"',
-  'L2 entry compressed, huge sector count':
-    'check: qemu "region exceeding the end of the file"; we "ERROR cluster 0 refcount=1 reference=2"',
   'refcount table entry unaligned':
     'check: qemu marks the image corrupt + "Can\'t get refcount for cluster N"; we "ERROR cluster N refcount=0" + "Refblock offset 0x20200 unaligned"',
   'snapshot id/name sizes 0xffff':

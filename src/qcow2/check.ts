@@ -96,11 +96,19 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
         report('ERROR: Unallocated cluster has non-zero subcluster allocation map');
       }
       if (e.type === ClusterType.Compressed) {
+        // The exact offset (a hostile entry may exceed 2^53, beyond exact JavaScript numbers).
+        const hiBits = 62 - (img.clusterBits - 8) - 32;
+        const coffset = (BigInt(e.hi & ((1 << hiBits) - 1)) << 32n) | BigInt(e.lo >>> 0);
         if ((e.hi & 0x80000000) !== 0) { // readL2 drops the flag for compressed entries
-          report(`ERROR: coffset=0x${e.cOffset.toString(16)}: copied flag must never be set for compressed clusters`);
+          report(`ERROR: coffset=0x${coffset.toString(16)}: copied flag must never be set for compressed clusters`);
           res.corruptions++;
         }
-        refs.inc(e.cOffset & ~511, e.cLength + (e.cOffset & 511));
+        if (coffset > BigInt(Number.MAX_SAFE_INTEGER)) {
+          report(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${coffset.toString(16)} size 0x${e.cLength.toString(16)}`);
+          res.corruptions++;
+        } else {
+          refs.inc(e.cOffset, e.cLength);
+        }
         if (active) {
           res.allocatedClusters++;
           res.compressedClusters++;

@@ -50,7 +50,7 @@ export function readL2(l2: Buffer, i: number, g: EntryGeometry): L2Entry {
     const offHi = hi & ((1 << hiBits) - 1);
     e.cOffset = offHi * TWO32 + (lo >>> 0);
     const sectors = ((hi & 0x3fffffff) >>> hiBits) + 1;
-    e.cLength = sectors * 512 - (e.cOffset & 511);
+    e.cLength = sectors * 512 - (lo & 511); // the low bits of lo are the offset's (exact even past 2^53)
     e.type = ClusterType.Compressed;
     e.copied = false;
     return e;
