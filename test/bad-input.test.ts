@@ -74,8 +74,6 @@ const KNOWN_DIFFERENCES: Record<string, Known> = {
     'check: qemu exit 2 (region beyond EOF + reference errors); we exit 3 (leaked clusters only)',
   'L2 entry unaligned data offset':
     'map: qemu\'s 2nd line "Could not read file metadata: Input/output error" vs ours; check report lines differ',
-  'refcount table entry unaligned':
-    'check: qemu marks the image corrupt + "Can\'t get refcount for cluster N"; we "ERROR cluster N refcount=0" + "Refblock offset 0x20200 unaligned"',
   'snapshot id/name sizes 0xffff':
     'qemu opens it (check exit 2); we refuse "Snapshot table is too big"',
   'nb_snapshots 2 with one entry':

@@ -4,6 +4,7 @@
  * refcount table and blocks) and compared with the stored refcounts, as `qemu-img check` does.
  */
 import type { Qcow2Image } from './image.js';
+import { CorruptionError } from '../image/errors.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
 import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE } from './constants.js';
 
@@ -240,7 +241,9 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
     const hi = img.l1.readUInt32BE(i * 8), lo = img.l1.readUInt32BE(i * 8 + 4);
     const { offset: l2Off, copied } = readL1(img.l1, i);
     if (!l2Off || l2Off % cs) continue;
-    const rc = await img.refcounts.get(l2Off / cs);
+    // As QEMU's check_oflag_copied: a refcount that cannot be read is skipped silently.
+    const rc = await img.refcounts.get(l2Off / cs).catch(() => null);
+    if (rc === null) continue;
     if ((rc === 1) !== copied) {
       report(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(hi, lo)} refcount=${rc}`);
       if (fix) {
@@ -255,7 +258,8 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
     for (let j = 0; j < img.l2Entries; j++) {
       const e = readL2(t, j, img.geo);
       if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && e.host % cs === 0) {
-        const r = await img.refcounts.get(e.host / cs);
+        const r = await img.refcounts.get(e.host / cs).catch(() => null);
+        if (r === null) continue;
         if ((r === 1) !== e.copied) {
           report(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex(e.hi, e.lo)} refcount=${r}`);
           if (fix) {
@@ -284,8 +288,26 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
   let highest = -1;
   const cs = img.clusterSize;
   const fixes: Array<[number, number]> = [];
+  let corruptionNoted = false;
   for (let c = 0; c < refs.nbClusters; c++) {
-    const stored = await img.refcounts.get(c).catch(() => -1);
+    let stored: number;
+    try {
+      stored = await img.refcounts.get(c);
+    } catch (e) {
+      if (!(e instanceof CorruptionError)) {
+        stored = -1;
+      } else {
+        // QEMU's get_refcount signals the corruption (once) and fails: a check error per cluster.
+        if (!corruptionNoted) {
+          corruptionNoted = true;
+          const ti = Math.floor(c / img.refcounts.perBlock);
+          report(`qcow2: Image is corrupt: ${e.message} (reftable index: ${ti ? `0x${ti.toString(16)}` : '0'}); further non-fatal corruption events will be suppressed`);
+        }
+        report(`Can't get refcount for cluster ${c}: Input/output error`);
+        res.checkErrors++;
+        continue;
+      }
+    }
     const counted = refs.counts[c];
     if (stored > 0 || counted > 0) highest = c;
     if (stored === counted) continue;

@@ -96,6 +96,8 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
       // QEMU truncates a repaired image to its end offset.
       if (r.imageEndOffset && !r.corruptions) await img.storage.truncate(r.imageEndOffset);
     }
+    // Internal errors during the check: qemu-img reports no result, only that the check failed.
+    if (r.checkErrors) throw new CliError('Check failed');
     if (output === 'json') ctx.stdout.write(qemuJson(jsonResult(r, file)) + '\n');
     else if (!quiet) ctx.stdout.write(humanResult(r));
     if (r.checkErrors) return 1;
