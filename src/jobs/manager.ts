@@ -259,7 +259,6 @@ export class JobManager {
     } else if (mode !== undefined) {
       throw new QmpError('Cannot specify bitmap sync mode without a bitmap');
     }
-    if (sync === 'none') throw new QmpError("Parameter 'sync' does not accept value 'none'");
     if (target === device) throw new QmpError("Can't back up node into itself");
     if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
     if (bm && mode !== 'never') this.host.bitmaps.check(device, bm, DEFAULT);
@@ -269,7 +268,7 @@ export class JobManager {
       const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
       const depth = (chain: { layers: unknown[] }): number => (sync === 'top' ? 1 : chain.layers.length);
       if (!bitmap) {
-        job.start(backupWork(this.graph, { source: device, target, depth }).work, async () => {});
+        job.start(backupWork(this.graph, { source: device, target, depth, none: sync === 'none' }).work, async () => {});
         return job;
       }
       // Freeze the bitmap: what it holds now is what the job copies; a successor records writes from here on.
