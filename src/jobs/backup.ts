@@ -4,7 +4,9 @@
  * Guest writes that reach a granule still to be copied first copy its old contents
  * (copy-before-write, under the guest's own write gate), so the target shows the disk exactly as
  * it was when the job started. The hook is armed when the job is created, in the same tick as
- * the command (or transaction) that starts it.
+ * the command (or transaction) that starts it. sync=none (image fleecing) copies nothing by
+ * itself: only copy-before-write fills the target (usually an overlay whose backing is the live
+ * source, exported read-only), until the job is cancelled.
  */
 import type { Job } from './job.js';
 import { copyLayers } from './copy.js';
