@@ -21,7 +21,7 @@ export class NodeBitmap {
   private ownData: DirtyBitmap | null;
 
   constructor(readonly name: string, readonly granularity: number, readonly persistent: boolean,
-    readonly mem: MemBitmap | null, data: DirtyBitmap | null, enabled: boolean) {
+    public mem: MemBitmap | null, data: DirtyBitmap | null, enabled: boolean) {
     this.ownData = data;
     this.ownEnabled = enabled;
   }
@@ -72,7 +72,34 @@ export class BitmapRegistry {
   private readonly lists = new WeakMap<FormatNode, NodeBitmap[]>();
   private readonly loading = new WeakMap<FormatNode, Promise<NodeBitmap[]>>();
 
-  constructor(private readonly graph: BlockGraph) {}
+  /** Each node's write tracker for its in-memory bitmaps (bound to its driver handle). */
+  private readonly trackers = new WeakMap<FormatNode, (offset: number, length: number) => void>();
+
+  constructor(private readonly graph: BlockGraph) {
+    graph.reopenHooks.push((node) => this.rebind(node));
+  }
+
+  /**
+   * The node has a new driver handle (reopen): persistent bitmaps take the new handle's copies
+   * (stored by the old one, loaded by the new), in-memory bitmaps keep recording through it.
+   */
+  private async rebind(node: FormatNode): Promise<void> {
+    const l = this.lists.get(node);
+    const track = this.trackers.get(node);
+    if (!l || !track) return;
+    const d = node.driver;
+    if (d instanceof Qcow2Image) d.writeTrackers.push(track);
+    else watchWrites(d, track);
+    if (!(d instanceof Qcow2Image) || !d.bitmaps) return;
+    d.bitmaps.nodeName = node.name;
+    for (const b of l) {
+      if (!b.persistent) continue;
+      const m = d.bitmaps.list().find((x) => x.name === b.name);
+      if (!m) continue;
+      if (!m.inconsistent && !m.data) m.data = await d.bitmaps.content(m);
+      b.mem = m;
+    }
+  }
 
   /** The node's bitmaps, newest first (the driver's persistent ones picked up on first use). */
   list(node: FormatNode): Promise<NodeBitmap[]> {
@@ -101,6 +128,7 @@ export class BitmapRegistry {
     const track = (offset: number, length: number): void => {
       for (const b of l) if (!b.persistent && b.enabled) b.data.set(offset, length);
     };
+    this.trackers.set(node, track);
     if (d instanceof Qcow2Image) d.writeTrackers.push(track);
     else watchWrites(d, track);
     return l;

@@ -309,7 +309,9 @@ export class Daemon {
     for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());
     c.set('transaction', (a) => runTransaction(this, a));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);
-    c.set('quit', () => {
+    c.set('quit', async () => {
+      // QEMU's jobs are cancelled on exit, their events before quit's reply.
+      await this.cancelBackups();
       for (const id of [...this.exports.keys()]) this.deleteExport(id);
     });
     return c;
@@ -340,12 +342,22 @@ export class Daemon {
     return out;
   }
 
+  /** Cancel running backups and wait until they have ended (their work stopped, events sent). */
+  private async cancelBackups(): Promise<void> {
+    const stopping: Array<Promise<void>> = [];
+    for (const j of [...this.jobs.jobs.values()]) {
+      if (j.type === 'backup' && verbAllowed(j.status, 'cancel')) {
+        j.cancel(true);
+        stopping.push(j.whenConcluded());
+      }
+    }
+    await Promise.all(stopping);
+  }
+
   async shutdown(): Promise<void> {
     // Running backups are cancelled first, as QEMU cancels jobs on exit: a bitmap they froze gets
     // back what they had not copied before it is stored.
-    for (const j of [...this.jobs.jobs.values()]) {
-      if (j.type === 'backup' && verbAllowed(j.status, 'cancel')) j.cancel(true);
-    }
+    await this.cancelBackups();
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }

@@ -147,22 +147,33 @@ export class BlockGraph {
     this.changed();
   }
 
-  /** Reopen a format node read-only or read-write (the new handle takes the locks once the old one is closed). */
+  /** Run after a node got a new driver handle (reopen): what was bound to the old handle moves. */
+  readonly reopenHooks: Array<(node: FormatNode, old: BlockDriver) => Promise<void>> = [];
+
+  /**
+   * Reopen a format node read-only or read-write. The old handle is flushed and closed first, so
+   * its persistent bitmaps are stored before the new handle reads them (QEMU stores them in the
+   * reopen's prepare stage); if the new mode cannot be opened, the node is opened again as it was.
+   */
   async reopen(node: FormatNode, readOnly: boolean): Promise<void> {
     if (node.driver.readOnly === readOnly) return;
-    await node.driver.flush();
-    let next;
-    try {
-      next = await openImage(node.filename, { format: node.format, readOnly, log: this.log, lock: 'none' });
-    } catch (e) {
-      throw new QmpError(e instanceof Error ? e.message : String(e));
-    }
     const old = node.driver;
+    await old.flush();
+    await old.close();
+    const open = (ro: boolean) => openImage(node.filename, { format: node.format, readOnly: ro, log: this.log, lock: 'none' });
+    let next, failure: unknown = null;
+    try {
+      next = await open(readOnly);
+    } catch (e) {
+      failure = e;
+      next = await open(old.readOnly);
+    }
     node.driver = next.driver;
     this.changed();
-    await old.close();
     const st = next.driver.storage;
-    if (st instanceof FileStorage) st.lock(readOnly ? 'read' : 'write');
+    if (st instanceof FileStorage) st.lock(next.driver.readOnly ? 'read' : 'write');
+    for (const h of this.reopenHooks) await h(node, old);
+    if (failure) throw new QmpError(failure instanceof Error ? failure.message : String(failure));
   }
 
   /** Forget cached chains (after any change of backing links). */

@@ -4,7 +4,9 @@
  * Guest writes that reach a granule still to be copied first copy its old contents
  * (copy-before-write, under the guest's own write gate), so the target shows the disk exactly as
  * it was when the job started. The hook is armed when the job is created, in the same tick as
- * the command (or transaction) that starts it.
+ * the command (or transaction) that starts it. sync=none (image fleecing) copies nothing by
+ * itself: only copy-before-write fills the target (usually an overlay whose backing is the live
+ * source, exported read-only), until the job is cancelled.
  */
 import type { Job } from './job.js';
 import { copyLayers } from './copy.js';
@@ -19,6 +21,12 @@ export interface BackupPlan {
   depth: (chain: Chain) => number;
   /** sync=bitmap: only the granules this bitmap marks are copied (what is not data is written as zeroes). */
   bitmap?: DirtyBitmap;
+  /**
+   * sync=none (image fleecing): the job copies nothing by itself; only the old contents of the
+   * granules the guest overwrites go to the target (as the source showed them: zeroes too, since
+   * the target usually has the source as backing), until the job is cancelled.
+   */
+  none?: boolean;
 }
 
 /** The job's copy granule (QEMU's default backup cluster size). */
@@ -74,7 +82,7 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
     const buf = Buffer.allocUnsafe(glen);
     let copied: number;
     try {
-      copied = p.bitmap ? await copyView(chain, p.target, off, glen, buf) : await copyLayers(chain, 0, depth, p.target.driver, off, glen, buf);
+      copied = p.bitmap || p.none ? await copyView(chain, p.target, off, glen, buf) : await copyLayers(chain, 0, depth, p.target.driver, off, glen, buf);
     } catch (e) {
       pending[i] = 1; // not copied: a retry (or bitmap-mode=always) must still see it
       throw e;
@@ -91,6 +99,11 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
     j.len = len;
     j.offset = progress;
     try {
+      // sync=none: wait for the cancel, copy-before-write doing all the copying meanwhile.
+      if (p.none) for (;;) {
+        await j.checkpoint();
+        await j.idle();
+      }
       for (let i = 0; i < n; i++) {
         await j.checkpoint();
         if (!pending[i]) continue;

@@ -50,6 +50,11 @@ export class Job {
   readonly onWriteError: OnError;
   private pauseWanted = false;
   private cancelled = false;
+  /** The work function is running (a cancel waits for it to return). */
+  private working = false;
+  /** Concluded (or concluding): no second ending. */
+  private done = false;
+  private readonly concludedWaiters: Array<() => void> = [];
   /** job-complete was asked (mirror/active commit: pivot). */
   completeRequested = false;
   /** block-job-cancel without force on a ready mirror: finish without pivot. */
@@ -105,6 +110,7 @@ export class Job {
    */
   start(work: (job: Job) => Promise<void>, prepare: () => Promise<void>, abort?: () => void): void {
     this.abortHook = abort ?? null;
+    this.working = true;
     this.to('created');
     this.to('running');
     // A backup starts inside a drained section in QEMU: the job is paused and resumed once at once.
@@ -117,8 +123,12 @@ export class Job {
 
   private async run(work: (job: Job) => Promise<void>, prepare: () => Promise<void>): Promise<void> {
     try {
-      await work(this);
-      if (this.cancelled) return;
+      try {
+        await work(this);
+      } finally {
+        this.working = false;
+      }
+      if (this.cancelled) return this.finishCancel();
       this.pauseWanted = false;
       this.to('waiting');
       if (this.group) {
@@ -137,7 +147,11 @@ export class Job {
       this.conclude();
       this.group?.settled(this);
     } catch (e) {
-      if (this.cancelled || e instanceof CancelledError) return;
+      // Cancelled while working: the work has stopped now, and only now the cancel is announced.
+      if (this.cancelled || e instanceof CancelledError) {
+        if (!this.done) this.finishCancel();
+        return;
+      }
       this.error = jobErrorText(e);
       this.runAbortHook();
       this.to('aborting');
@@ -147,7 +161,15 @@ export class Job {
     }
   }
 
+  /** Resolves once the job has concluded (its work stopped and its ending announced). */
+  whenConcluded(): Promise<void> {
+    if (this.done) return Promise.resolve();
+    return new Promise((r) => this.concludedWaiters.push(r));
+  }
+
   private conclude(): void {
+    this.done = true;
+    for (const r of this.concludedWaiters.splice(0)) r();
     this.to('concluded');
     if (this.autoDismiss) this.to('null');
     const f = this.finalized;
@@ -272,7 +294,7 @@ export class Job {
     this.wake?.();
   }
 
-  /** Cancel: the job stops at its next checkpoint; its events are emitted now, as QEMU's are. */
+  /** Cancel: the job stops at its next checkpoint; its events follow once the work has returned. */
   cancel(force = true): void {
     this.checkVerb('cancel');
     if (!force && (this.status === 'ready' || this.status === 'standby')) {
@@ -285,13 +307,30 @@ export class Job {
     }
     this.cancelled = true;
     this.pauseWanted = false;
-    this.runAbortHook();
     this.wake?.();
+    // Still working: the work stops at its next checkpoint and the job ends when it has returned
+    // (as QEMU's coroutine). Work already over (waiting for its group, pending): it ends now.
+    if (this.working) return;
+    this.finishCancel();
     this.finalizeGo?.();
+  }
+
+  /** The cancelled job's ending: abort hooks, then aborting, BLOCK_JOB_CANCELLED, concluded (and null). */
+  private finishCancel(): void {
+    if (this.done) return;
+    // A paused job resumes to leave (QEMU's job_pause_point goes back to the status it paused in).
+    if (this.status === 'paused') this.to('running');
+    else if (this.status === 'standby') this.to('ready');
+    this.runAbortHook();
     this.to('aborting');
     this.legacy('BLOCK_JOB_CANCELLED');
     this.conclude();
     this.group?.abort(this);
+  }
+
+  /** Throws CancelledError if the job has been cancelled (hard). */
+  stopIfCancelled(): void {
+    if (this.cancelled) throw new CancelledError();
   }
 
   /** Another member of the job's group failed or was cancelled. */
@@ -317,6 +356,11 @@ export class Job {
   dismiss(): void {
     this.checkVerb('dismiss');
     this.to('null');
+  }
+
+  /** Paused by the user or by an error policy (QEMU's user_paused). */
+  get userPaused(): boolean {
+    return this.pauseWanted;
   }
 
   get busy(): boolean {

@@ -11,7 +11,7 @@ import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
 import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
-import type { JobVerb } from './state.js';
+import { verbAllowed, type JobVerb } from './state.js';
 import { onErrorArg, type OnError } from './errors.js';
 import { FileStorage } from '../storage/file.js';
 import { createQcow2 } from '../qcow2/create.js';
@@ -259,7 +259,6 @@ export class JobManager {
     } else if (mode !== undefined) {
       throw new QmpError('Cannot specify bitmap sync mode without a bitmap');
     }
-    if (sync === 'none') throw new QmpError("Parameter 'sync' does not accept value 'none'");
     if (target === device) throw new QmpError("Can't back up node into itself");
     if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
     if (bm && mode !== 'never') this.host.bitmaps.check(device, bm, DEFAULT);
@@ -269,7 +268,7 @@ export class JobManager {
       const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
       const depth = (chain: { layers: unknown[] }): number => (sync === 'top' ? 1 : chain.layers.length);
       if (!bitmap) {
-        job.start(backupWork(this.graph, { source: device, target, depth }).work, async () => {});
+        job.start(backupWork(this.graph, { source: device, target, depth, none: sync === 'none' }).work, async () => {});
         return job;
       }
       // Freeze the bitmap: what it holds now is what the job copies; a successor records writes from here on.
@@ -380,9 +379,12 @@ export class JobManager {
     return j;
   }
 
-  private verb(j: Job, v: JobVerb, force = true): void | Promise<void> {
+  private verb(j: Job, v: JobVerb, force = true, legacy = false): void | Promise<void> {
     switch (v) {
-      case 'cancel': return j.cancel(force);
+      case 'cancel':
+        // Legacy block-job-cancel refuses a paused job unless forced.
+        if (legacy && !force && j.userPaused && verbAllowed(j.status, 'cancel')) throw new QmpError(`The block job for device '${j.id}' is currently paused`);
+        return j.cancel(force);
       case 'pause': return j.pause();
       case 'resume': return j.resume();
       case 'finalize': return j.finalize();
@@ -405,7 +407,7 @@ export class JobManager {
       out.push([`job-${v}`, (a) => this.verb(this.byId(str(onlyArgs(a, ['id']), 'id')), v)]);
     }
     for (const v of ['cancel', 'pause', 'resume', 'complete'] as const) {
-      out.push([`block-job-${v}`, (a) => this.verb(this.byDevice(str(onlyArgs(a, v === 'cancel' ? ['device', 'force'] : ['device']), 'device')), v, v === 'cancel' ? optBool(a, 'force', false) : true)]);
+      out.push([`block-job-${v}`, (a) => this.verb(this.byDevice(str(onlyArgs(a, v === 'cancel' ? ['device', 'force'] : ['device']), 'device')), v, v === 'cancel' ? optBool(a, 'force', false) : true, true)]);
     }
     out.push(['blockdev-mirror', (a) => this.mirror(a, this.graph.formatNode(str(a, 'target')))]);
     out.push(['blockdev-backup', (a) => this.backup(a, this.graph.formatNode(str(a, 'target')))]);

@@ -102,6 +102,7 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
         await job.idle();
       }
       if (job.softCancelled) return;
+      job.stopIfCancelled();
       // Completion: no guest I/O from here to the pivot.
       const undrain = await p.drain();
       try {

@@ -1,0 +1,125 @@
+/**
+ * Bitmaps across reopen, against qemu-storage-daemon: a persistent bitmap (added offline) and an
+ * in-memory one on the read-only base of an intermediate commit. The commit reopens the base
+ * read-write (both bitmaps record what is committed into it) and read-only again; an active
+ * commit then reopens it read-write and pivots to it, and guest writes to the base must still be
+ * recorded. query-named-block-nodes' bitmaps along the way and the saved image (qemu-img info)
+ * must match QSD's.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { QCHAIN, oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+
+const QSD = '/usr/bin/qemu-storage-daemon';
+
+const ARGS = [
+  '--blockdev', 'driver=file,node-name=top-file,filename=top.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=top,file=top-file',
+  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
+  '--export', 'type=nbd,id=exp0,node-name=top,name=vda,writable=on',
+  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
+  '--monitor', 'chardev=qmp0',
+];
+
+async function waitFor(p: string, child: ChildProcess): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (fs.existsSync(p)) return;
+    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`no ${p}`);
+}
+
+function jobEvent(id: string, status: string): (m: QmpMessage) => boolean {
+  return (m) => m.event === 'JOB_STATUS_CHANGE' && (m.data as { id: string }).id === id && (m.data as { status: string }).status === status;
+}
+
+async function setup(dir: string): Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  const ok = (r: { code: number; stderr: string }): void => assert.equal(r.code, 0, r.stderr);
+  ok(await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '16M'], dir));
+  ok(await qemuIo(['-c', 'write -q -P 0xaa 0 1M', 'base.qcow2'], dir));
+  ok(await qemuImg(['bitmap', '--add', 'base.qcow2', 'pbm'], dir));
+  ok(await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir));
+  ok(await qemuIo(['-c', 'write -q -P 0xbb 1M 2M', '-c', 'write -q -P 0xbc 6M 64k', 'mid.qcow2'], dir));
+  ok(await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir));
+}
+
+/** The qcow2 nodes by file: read-only flag and bitmaps (node names of implicit nodes differ). */
+async function nodes(q: QmpClient): Promise<unknown> {
+  const r = await q.execute('query-named-block-nodes', { flat: true });
+  return (r.return as Array<Record<string, unknown>>).filter((n) => n.drv === 'qcow2')
+    .map((n) => ({ file: n.file, ro: n.ro, bitmaps: n['dirty-bitmaps'] ?? [] }))
+    .sort((a, b) => String(a.file).localeCompare(String(b.file)));
+}
+
+async function baseName(q: QmpClient): Promise<string> {
+  const r = await q.execute('query-named-block-nodes', { flat: true });
+  const n = (r.return as Array<Record<string, unknown>>).find((x) => x.drv === 'qcow2' && x.file === 'base.qcow2');
+  assert.ok(n, 'base node');
+  return n['node-name'] as string;
+}
+
+async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
+  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
+    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+  const nbd = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
+  try {
+    await waitFor(path.join(dir, 'qmp.sock'), child);
+    await waitFor(path.join(dir, 'nbd.sock'), child);
+    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+    await q.waitFor((m) => 'QMP' in m);
+    await q.execute('qmp_capabilities', undefined, 'c0');
+    const base = await baseName(q);
+    const seen: unknown[] = [];
+    await q.execute('block-dirty-bitmap-add', { node: base, name: 'mbm', granularity: 65536 }, 'c1');
+    seen.push(await nodes(q));
+    // Intermediate commit: base reopened read-write, then read-only again.
+    await q.execute('block-commit', { 'job-id': 'cm', device: 'top', top: 'mid.qcow2', base: 'base.qcow2' }, 'c2');
+    await q.waitFor(jobEvent('cm', 'null'));
+    seen.push(await nodes(q));
+    // Active commit into the base: reopened read-write, the export pivots to it.
+    await q.execute('block-commit', { 'job-id': 'ac', device: 'top', base: 'base.qcow2' }, 'c3');
+    await q.waitFor(jobEvent('ac', 'ready'));
+    await q.execute('job-complete', { id: 'ac' }, 'c4');
+    await q.waitFor(jobEvent('ac', 'null'));
+    seen.push(await nodes(q));
+    const w = await qemuIo(['-f', 'raw', '-c', 'write -q -P 0x77 8M 64k', '-c', 'write -q -P 0x78 12M 4k', nbd]);
+    assert.equal(w.code, 0, w.stderr);
+    seen.push(await nodes(q));
+    await q.execute('quit', undefined, 'q');
+    await new Promise((r) => child.once('exit', r));
+    const msgs = q.received.map((m) => {
+      const c = { ...m };
+      delete c.timestamp;
+      return c;
+    });
+    return [seen, ...msgs.filter((m) => !('event' in m) && typeof m.id === 'string' && /^c\d+$/.test(m.id)), ...msgs.filter((m) => 'event' in m)];
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+}
+
+describe('bitmaps across reopen (commit) vs qemu-storage-daemon', oracle(), () => {
+  test('persistent and in-memory bitmaps on a commit base keep recording; saved image matches', async () => {
+    const root = scratch('qchain-reopen-bm-');
+    const logs: Record<string, unknown[]> = {};
+    const info: Record<string, unknown> = {};
+    for (const tool of ['qemu', 'qchain'] as const) {
+      const dir = path.join(root, tool);
+      await setup(dir);
+      logs[tool] = await session(tool, dir);
+      const c = await qemuImg(['check', 'base.qcow2'], dir);
+      assert.equal(c.code, 0, `${tool}: ${c.stdout}`);
+      const i = JSON.parse((await qemuImg(['info', '--output=json', 'base.qcow2'], dir)).stdout) as Record<string, unknown>;
+      delete i['actual-size'];
+      info[tool] = i;
+    }
+    assert.deepEqual(logs.qchain, logs.qemu);
+    assert.deepEqual(info.qchain, info.qemu);
+  });
+});
