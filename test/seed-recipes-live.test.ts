@@ -345,3 +345,50 @@ describe('seed 003: live storage migration from nfs/ to local/', oracle(), () =>
     });
   }
 });
+
+/* ------------------------------------------- backing modes of the mirror target at pivot */
+
+/**
+ * What the target's backing is after the pivot differs by command (QEMU's MirrorBackingMode):
+ * blockdev-mirror leaves it as added (here none: the guest then sees the top layer alone),
+ * drive-mirror mode=existing opens the chain its header names (covered by seed 003 above).
+ */
+async function leaveBacking(tool: Tool, dir: string): Promise<{ log: unknown[]; view: string }> {
+  fs.mkdirSync(dir, { recursive: true });
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'b.qcow2', '4M'], dir);
+  await qemuIo(['-c', put('A', 0, 1), 'b.qcow2'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', 't.qcow2'], dir);
+  await qemuIo(['-c', put('B', 2, 1), 't.qcow2'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '4M'], dir);
+  const { child, q } = await start(tool, dir, daemonArgs('t.qcow2', 't'));
+  let view = '';
+  try {
+    await q.execute('qmp_capabilities', undefined, 'c0');
+    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: 'tgt.qcow2' }, backing: null }, 'a1');
+    await q.execute('blockdev-mirror', { 'job-id': 'j', device: 't', target: 'tgt', sync: 'top' }, 'm1');
+    await q.waitFor(jobEvent('j', 'ready'));
+    await q.execute('job-complete', { id: 'j' }, 'm2');
+    await q.waitFor(jobEvent('j', 'null'));
+    const raw = path.join(dir, 'guest.raw');
+    const cv = await qemuImg(['convert', '-f', 'raw', '-O', 'raw', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`, raw]);
+    assert.equal(cv.code, 0, cv.stderr);
+    view = letters(fs.readFileSync(raw));
+    await q.execute('quit', undefined, 'q');
+    await new Promise((r) => child.once('exit', r));
+  } finally {
+    if (child.exitCode === null) child.kill('SIGKILL');
+  }
+  return { log: transcript(q), view };
+}
+
+describe('blockdev-mirror sync=top leaves the target\'s backing as added', oracle(), () => {
+  test('a target added with backing null stays without backing after the pivot, as in QSD', async () => {
+    const root = scratch('qchain-mirror-leave-');
+    const res: Partial<Record<Tool, { log: unknown[]; view: string }>> = {};
+    for (const tool of ['qemu', 'qchain'] as const) {
+      res[tool] = await leaveBacking(tool, path.join(root, tool));
+      assert.equal(res[tool]?.view, '--B-', `${tool}: the guest sees the top layer alone`);
+    }
+    assert.deepEqual(res.qchain?.log, res.qemu?.log);
+  });
+});

@@ -304,7 +304,7 @@ export class Daemon {
     c.set('block_resize', (a) => blockResize({
       graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),
     }, a));
-    c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t)));
+    c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t, optStr(x, 'mode') === 'existing' ? 'open' : 'source')));
     c.set('drive-backup', async (a) => (await this.driveBackup(a)).commit());
     for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());
     c.set('transaction', (a) => runTransaction(this, a));

@@ -215,8 +215,13 @@ export class JobManager {
     }, async () => {});
   }
 
-  /** blockdev-mirror / drive-mirror: copy the device's chain (sync full/top/none) into a target, then pivot on completion. */
-  mirror(a: Args, target: FormatNode): void {
+  /**
+   * blockdev-mirror / drive-mirror: copy the device's chain (sync full/top/none) into a target, then pivot on completion.
+   * `backing`, what the target's backing becomes at the pivot (QEMU's MirrorBackingMode): 'leave' as it is
+   * (blockdev-mirror), 'source' the source's backing (drive-mirror absolute-paths), 'open' the chain its
+   * header names (drive-mirror mode=existing).
+   */
+  mirror(a: Args, target: FormatNode, backing: 'leave' | 'source' | 'open' = 'leave'): void {
     const device = this.graph.formatNode(str(a, 'device'));
     const sync = str(a, 'sync');
     if (!['full', 'top', 'none'].includes(sync)) throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
@@ -233,9 +238,8 @@ export class JobManager {
       initial: sync === 'full' ? 'all' : sync === 'top' ? 'allocated' : 'none',
       drain: () => this.host.drain(device.name),
       pivot: async () => {
-        // drive-mirror mode=existing: QEMU opens the target's own backing chain (from its header) at completion.
-        if (optStr(a, 'mode') === 'existing') await this.openOwnBacking(target);
-        else if (sync !== 'full' && !target.backing && device.backing) target.backing = device.backing;
+        if (backing === 'open') await this.openOwnBacking(target);
+        else if (backing === 'source' && sync !== 'full' && !target.backing && device.backing) target.backing = device.backing;
         this.host.moveExports(device.name, target.name);
         this.graph.changed();
       },
