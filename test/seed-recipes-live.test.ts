@@ -350,10 +350,15 @@ describe('seed 003: live storage migration from nfs/ to local/', oracle(), () =>
 
 /**
  * What the target's backing is after the pivot differs by command (QEMU's MirrorBackingMode):
- * blockdev-mirror leaves it as added (here none: the guest then sees the top layer alone),
- * drive-mirror mode=existing opens the chain its header names (covered by seed 003 above).
+ * blockdev-mirror leaves it as added (here none: the guest then sees the top layer alone);
+ * drive-mirror absolute-paths creates the target over the source's backing (sync=top) or over
+ * the source itself (sync=none) and links it so; drive-mirror mode=existing opens the chain its
+ * header names (seed 003 above).
  */
-async function leaveBacking(tool: Tool, dir: string): Promise<{ log: unknown[]; view: string }> {
+type Variant = 'blockdev-top' | 'drive-top' | 'drive-none';
+const VARIANTS: Record<Variant, string> = { 'blockdev-top': '--B-', 'drive-top': 'A-B-', 'drive-none': 'A-B-' };
+
+async function backingMode(tool: Tool, dir: string, v: Variant): Promise<{ log: unknown[]; view: string; chain: string }> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'b.qcow2', '4M'], dir);
   await qemuIo(['-c', put('A', 0, 1), 'b.qcow2'], dir);
@@ -364,8 +369,12 @@ async function leaveBacking(tool: Tool, dir: string): Promise<{ log: unknown[]; 
   let view = '';
   try {
     await q.execute('qmp_capabilities', undefined, 'c0');
-    await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: 'tgt.qcow2' }, backing: null }, 'a1');
-    await q.execute('blockdev-mirror', { 'job-id': 'j', device: 't', target: 'tgt', sync: 'top' }, 'm1');
+    if (v === 'blockdev-top') {
+      await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: 'tgt.qcow2' }, backing: null }, 'a1');
+      await q.execute('blockdev-mirror', { 'job-id': 'j', device: 't', target: 'tgt', sync: 'top' }, 'm1');
+    } else {
+      await q.execute('drive-mirror', { 'job-id': 'j', device: 't', target: 'tgt.qcow2', format: 'qcow2', sync: v === 'drive-top' ? 'top' : 'none' }, 'm1');
+    }
     await q.waitFor(jobEvent('j', 'ready'));
     await q.execute('job-complete', { id: 'j' }, 'm2');
     await q.waitFor(jobEvent('j', 'null'));
@@ -378,17 +387,22 @@ async function leaveBacking(tool: Tool, dir: string): Promise<{ log: unknown[]; 
   } finally {
     if (child.exitCode === null) child.kill('SIGKILL');
   }
-  return { log: transcript(q), view };
+  const info = await qemuImg(['info', '--backing-chain', 'tgt.qcow2'], dir);
+  const chain = info.stdout.split('\n').filter((l) => /^(image|backing file):/.test(l)).join('\n');
+  return { log: transcript(q), view, chain };
 }
 
-describe('blockdev-mirror sync=top leaves the target\'s backing as added', oracle(), () => {
-  test('a target added with backing null stays without backing after the pivot, as in QSD', async () => {
-    const root = scratch('qchain-mirror-leave-');
-    const res: Partial<Record<Tool, { log: unknown[]; view: string }>> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      res[tool] = await leaveBacking(tool, path.join(root, tool));
-      assert.equal(res[tool]?.view, '--B-', `${tool}: the guest sees the top layer alone`);
-    }
-    assert.deepEqual(res.qchain?.log, res.qemu?.log);
-  });
+describe('the mirror target\'s backing at the pivot, as in QSD', oracle(), () => {
+  for (const v of Object.keys(VARIANTS) as Variant[]) {
+    test(`${v}: the guest sees ${VARIANTS[v]}; same chain, replies and events`, async () => {
+      const root = scratch('qchain-mirror-backing-');
+      const res: Partial<Record<Tool, { log: unknown[]; view: string; chain: string }>> = {};
+      for (const tool of ['qemu', 'qchain'] as const) {
+        res[tool] = await backingMode(tool, path.join(root, tool), v);
+        assert.equal(res[tool]?.view, VARIANTS[v], `${tool}: guest view after the pivot`);
+      }
+      assert.equal(res.qchain?.chain, res.qemu?.chain);
+      assert.deepEqual(res.qchain?.log, res.qemu?.log);
+    });
+  }
 });

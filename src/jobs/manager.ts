@@ -239,7 +239,7 @@ export class JobManager {
       drain: () => this.host.drain(device.name),
       pivot: async () => {
         if (backing === 'open') await this.openOwnBacking(target);
-        else if (backing === 'source' && sync !== 'full' && !target.backing && device.backing) target.backing = device.backing;
+        else if (backing === 'source' && !target.backing) target.backing = sync === 'none' ? device : sync === 'top' ? device.backing : null;
         this.host.moveExports(device.name, target.name);
         this.graph.changed();
       },
