@@ -198,6 +198,8 @@ async function seed003(tool: Tool, dir: string, flavour: Flavour): Promise<Seed0
     await guest(dir, batch());
     await checkpoint('mirror pivoted');
     await q.execute('query-block-exports', undefined, 'x1');
+    // A base name is relative to the overlay (local/), not to the daemon's folder: refused.
+    if (flavour === 'drive') await q.execute('block-commit', { 'job-id': 'commit0', device: 'wrap', base: 'local/image' }, 'k0');
     // virsh blockcommit domain vda --shallow --pivot: the wrapper into local/image.
     await Promise.all([
       guest(dir, batch()),

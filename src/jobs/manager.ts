@@ -68,13 +68,11 @@ export class JobManager {
   }
 
   /**
-   * The layer below `top` a file name designates: the name as opened, else as QEMU's
-   * bdrv_find_backing_image finds it (absolute, or relative to the overlay, after realpath).
+   * The layer below `top` a file name designates, as QEMU's bdrv_find_backing_image finds it:
+   * absolute, or relative to the overlay's directory (not the daemon's), compared after realpath.
    */
   private belowByFile(top: FormatNode, name: string): FormatNode | undefined {
     const nodes = this.chainNodes(top);
-    const exact = nodes.slice(1).find((x) => x.filename === name);
-    if (exact) return exact;
     const d = findBackingImage(this.graph.chain(top), name);
     return d === null ? undefined : nodes[d];
   }
