@@ -223,8 +223,10 @@ export class Daemon {
     const format = optStr(a, 'format') ?? device.format;
     const mode = optStr(a, 'mode') ?? 'absolute-paths';
     if (format !== 'qcow2' && format !== 'raw') throw new QmpError(`Unknown driver '${format}'`);
-    // QEMU gives the new target a backing file for sync=top/none only (bitmap and incremental targets stand alone).
-    const withBacking = sync !== 'full' && sync !== 'incremental' && sync !== 'bitmap' && device.backing !== null;
+    // QEMU gives the new target a backing file for sync=top/none only (bitmap and incremental targets stand alone):
+    // sync=top the source's backing, sync=none the source itself.
+    const backingNode = sync === 'none' ? device : sync === 'top' ? device.backing : null;
+    const withBacking = backingNode !== null;
     if (mode === 'absolute-paths') {
       const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
       try {
@@ -233,7 +235,7 @@ export class Daemon {
           await st.truncate(device.driver.size);
           await st.close();
         } else {
-          const b = withBacking ? device.backing as FormatNode : null;
+          const b = backingNode;
           const img = await createQcow2(st, { size: device.driver.size, version: 3, backingFile: b ? b.filename : null, backingFormat: b ? b.format : null });
           await img.close();
         }
@@ -304,7 +306,7 @@ export class Daemon {
     c.set('block_resize', (a) => blockResize({
       graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),
     }, a));
-    c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t)));
+    c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t, optStr(x, 'mode') === 'existing' ? 'open' : 'source')));
     c.set('drive-backup', async (a) => (await this.driveBackup(a)).commit());
     for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());
     c.set('transaction', (a) => runTransaction(this, a));

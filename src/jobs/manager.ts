@@ -15,6 +15,9 @@ import { verbAllowed, type JobVerb } from './state.js';
 import { onErrorArg, type OnError } from './errors.js';
 import { FileStorage } from '../storage/file.js';
 import { createQcow2 } from '../qcow2/create.js';
+import { findBackingImage } from '../chain/find-backing.js';
+import { combinePath, plainBackingName } from '../chain/resolve.js';
+import { isFormat } from '../chain/open.js';
 
 /** What jobs need from the daemon: draining a node's exports and moving them (pivot). */
 export interface JobHost {
@@ -64,6 +67,16 @@ export class JobManager {
     return out;
   }
 
+  /**
+   * The layer below `top` a file name designates, as QEMU's bdrv_find_backing_image finds it:
+   * absolute, or relative to the overlay's directory (not the daemon's), compared after realpath.
+   */
+  private belowByFile(top: FormatNode, name: string): FormatNode | undefined {
+    const nodes = this.chainNodes(top);
+    const d = findBackingImage(this.graph.chain(top), name);
+    return d === null ? undefined : nodes[d];
+  }
+
   private findBelow(top: FormatNode, a: Args, key: string, nodeKey: string): FormatNode | null | undefined {
     const byName = optStr(a, nodeKey), byFile = optStr(a, key);
     if (byName !== undefined && byFile !== undefined) throw new QmpError(`'${key}' and '${nodeKey}' cannot be specified at the same time`);
@@ -74,7 +87,7 @@ export class JobManager {
       return n;
     }
     if (byFile !== undefined) {
-      const n = below.find((x) => x.filename === byFile);
+      const n = this.belowByFile(top, byFile);
       if (!n) throw new QmpError(`Can't find '${byFile}' in the backing chain`);
       return n;
     }
@@ -113,7 +126,7 @@ export class JobManager {
       top = this.graph.formatNode(topName);
       if (!layers.includes(top)) throw new QmpError(`'${topName}' is not in this backing file chain`);
     } else if (topFile !== undefined) {
-      const t = layers.find((x) => x.filename === topFile);
+      const t = layers[0].filename === topFile ? layers[0] : this.belowByFile(device, topFile);
       if (!t) throw new QmpError(`Top image file ${topFile} not found`);
       top = t;
     }
@@ -151,7 +164,7 @@ export class JobManager {
       return n;
     }
     if (byFile !== undefined) {
-      const n = this.chainNodes(top).slice(1).find((x) => x.filename === byFile);
+      const n = this.belowByFile(top, byFile);
       if (!n) throw new QmpError(`Can't find '${byFile}' in the backing chain`);
       return n;
     }
@@ -200,8 +213,13 @@ export class JobManager {
     }, async () => {});
   }
 
-  /** blockdev-mirror / drive-mirror: copy the device's chain (sync full/top/none) into a target, then pivot on completion. */
-  mirror(a: Args, target: FormatNode): void {
+  /**
+   * blockdev-mirror / drive-mirror: copy the device's chain (sync full/top/none) into a target, then pivot on completion.
+   * `backing`, what the target's backing becomes at the pivot (QEMU's MirrorBackingMode): 'leave' as it is
+   * (blockdev-mirror), 'source' the source's backing (drive-mirror absolute-paths), 'open' the chain its
+   * header names (drive-mirror mode=existing).
+   */
+  mirror(a: Args, target: FormatNode, backing: 'leave' | 'source' | 'open' = 'leave'): void {
     const device = this.graph.formatNode(str(a, 'device'));
     const sync = str(a, 'sync');
     if (!['full', 'top', 'none'].includes(sync)) throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
@@ -218,12 +236,26 @@ export class JobManager {
       initial: sync === 'full' ? 'all' : sync === 'top' ? 'allocated' : 'none',
       drain: () => this.host.drain(device.name),
       pivot: async () => {
-        if (sync !== 'full' && !target.backing && device.backing) target.backing = device.backing;
+        if (backing === 'open') await this.openOwnBacking(target);
+        else if (backing === 'source' && !target.backing) target.backing = sync === 'none' ? device : sync === 'top' ? device.backing : null;
         this.host.moveExports(device.name, target.name);
         this.graph.changed();
       },
     });
     job.start(work, async () => {});
+  }
+
+  /** Attach the backing chain a target's header names, as implicit read-only nodes (QEMU's bdrv_open_backing_file). */
+  private async openOwnBacking(target: FormatNode): Promise<void> {
+    const name = target.driver.backingFile;
+    if (!name || target.backing) return;
+    const fmt = target.driver.backingFormat;
+    const b = await this.graph.addFormat({
+      name: this.graph.implicitName(), format: fmt && isFormat(fmt) ? fmt : 'auto',
+      file: combinePath(target.filename, plainBackingName(name)), fileIsNode: false, readOnly: true,
+    });
+    b.implicit = true;
+    target.backing = b;
   }
 
   /** blockdev-backup / drive-backup: check everything, then start at once. */
