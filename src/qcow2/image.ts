@@ -320,6 +320,24 @@ export class Qcow2Image implements BlockDriver {
     return out;
   }
 
+  /** Synchronous single-cluster mapping from a cached L2 table (see BlockDriver.mapSync). */
+  mapSync(offset: number, length: number): Extent | undefined {
+    if (this.extL2 || length <= 0 || offset + length > this.size) return undefined;
+    const ci = Math.floor(offset / this.clusterSize);
+    const inner = offset - ci * this.clusterSize;
+    if (inner + length > this.clusterSize) return undefined;
+    const l1i = Math.floor(ci / this.l2Entries);
+    if (l1i >= this.header.l1Size) return undefined;
+    const l1e = this.l1Entry(l1i);
+    if (!l1e.offset || l1e.offset % this.clusterSize !== 0) return undefined;
+    const table = this.l2.peek(l1e.offset);
+    if (!table) return undefined;
+    const e = readL2(table, ci % this.l2Entries, this.geo);
+    // Entries that need validation (and may mark the image corrupt) take the normal path.
+    if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) return undefined;
+    return this.extentOf(e, offset, length, inner);
+  }
+
   private extentOf(e: L2Entry, pos: number, len: number, inner: number): Extent {
     switch (e.type) {
       case ClusterType.Normal: return { offset: pos, length: len, kind: 'data', hostOffset: e.host + inner };

@@ -151,6 +151,21 @@ export class FileStorage implements Storage {
     if (n < buf.length) buf.fill(0, n);
   }
 
+  readSync(buf: Buffer, offset: number): boolean {
+    if (buf.length > SYNC_MAX || !Number.isSafeInteger(offset + buf.length) || offset < 0 || this.fd < 0) return false;
+    const t0 = performance.now();
+    if (t0 < this.asyncUntil) return false;
+    let n: number;
+    try {
+      n = preadSync(this.fd, buf, offset);
+    } catch (e) {
+      throw wrap(this.name, e);
+    }
+    if (performance.now() - t0 > SLOW_MS) this.asyncUntil = t0 + BACKOFF_MS;
+    if (n < buf.length) buf.fill(0, n);
+    return true;
+  }
+
   async write(buf: Buffer, offset: number): Promise<void> {
     if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
     try {
