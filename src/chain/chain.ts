@@ -204,6 +204,39 @@ export class Chain {
     return exts;
   }
 
+  /**
+   * The read fast path: when [offset, offset+buf.length) resolves, without I/O, to one data run
+   * of one layer (cached L2 table, cached backing resolution) and that layer's storage can read
+   * it synchronously, read it now and return the run; otherwise read nothing and return null
+   * (use `readFrom`). The result is what `readFrom` would have returned.
+   */
+  tryReadSync(buf: Buffer, offset: number): ChainExtent | null {
+    const length = buf.length;
+    const top = this.layers[0].driver;
+    const e = top.mapSync?.(offset, length);
+    if (!e) return null;
+    let x: ChainExtent;
+    if (e.kind === 'data') x = { ...e, depth: 0 };
+    else if (e.kind === 'unallocated' && this.layers.length > 1 && this.cacheBacking) {
+      const c = Math.floor(offset / CHUNK);
+      if (Math.floor((offset + length - 1) / CHUNK) !== c || offset + length > this.layers[1].driver.size) return null;
+      const runs = this.backingCache.get(c * 1024 + 1);
+      if (!runs) return null;
+      let lo = 0, hi = runs.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >> 1;
+        if (runs[mid].offset + runs[mid].length <= offset) lo = mid + 1;
+        else hi = mid;
+      }
+      const r = runs[lo];
+      if (!r || r.offset > offset || r.offset + r.length < offset + length || r.kind !== 'data') return null;
+      x = { ...r, offset, length, ...(r.hostOffset !== undefined ? { hostOffset: r.hostOffset + (offset - r.offset) } : {}) };
+    } else return null;
+    if (x.compressed || x.hostOffset === undefined) return null;
+    const storage = this.layers[x.depth].driver.storage;
+    return storage.readSync?.(buf, x.hostOffset) ? x : null;
+  }
+
   async read(buf: Buffer, offset: number): Promise<void> {
     await this.readFrom(0, buf, offset);
   }

@@ -53,6 +53,12 @@ export interface BlockDriver {
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   /** Reads guest data of this layer for a range whose extents are 'data' or 'zero' (unallocated reads as zero). */
   readOwn(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Synchronous mapping for the read fast path: the one extent of this layer covering all of
+   * [offset, offset+length) when that is answerable without I/O (mapping cached, within one
+   * cluster, nothing to validate asynchronously); undefined means "take the normal path".
+   */
+  mapSync?(offset: number, length: number): Extent | undefined;
   write(buf: Buffer, offset: number): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void>;
   discard(offset: number, length: number): Promise<void>;

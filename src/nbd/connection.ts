@@ -20,6 +20,9 @@ const MAX_UNSENT = 16 * 1024 * 1024;
 /** Extents per block-status chunk at most (a reply may cover less than asked). */
 const MAX_EXTENTS = 65536;
 
+/** Flags a read may carry and still take the fast path (they change nothing for one data run). */
+const READ_FAST_FLAGS = P.CMD_FLAG_FUA | P.CMD_FLAG_DF;
+
 export interface ConnectionLog {
   (line: string): void;
 }
@@ -82,6 +85,8 @@ export class NbdConnection {
       while (this.inFlight > 0 && this.bytesInFlight + cost > MAX_BYTES_IN_FLIGHT) await this.slot();
       const payload = type === P.CMD_WRITE ? this.reader.tryRead(length) ?? await this.reader.read(length) : null;
       if (type === P.CMD_DISC) return;
+      // The common read (one data run, mapping cached, page-cache hit) is answered right here.
+      if (type === P.CMD_READ && this.fastRead(n, flags, handle, offset, length)) continue;
       this.inFlight++;
       this.bytesInFlight += cost;
       void this.execute(n, { flags, type, handle, offset, length, payload }).finally(() => {
@@ -120,6 +125,39 @@ export class NbdConnection {
     this.corked = true;
     this.socket.cork();
     setImmediate(this.uncork);
+  }
+
+  /**
+   * A read served synchronously, with no promise: true when the reply was sent, false when
+   * nothing was done and the request must take the normal path (which handles every error).
+   */
+  private fastRead(n: Negotiated, flags: number, handle: Buffer, offset: number, length: number): boolean {
+    const exp = n.export;
+    if (!exp.tryEnter && exp.enter) return false;
+    const leave = exp.tryEnter?.() ?? null;
+    if (exp.tryEnter && !leave) return false;
+    try {
+      if (flags & ~READ_FAST_FLAGS || length === 0 || length > P.MAX_BUFFER || !Number.isSafeInteger(offset)) return false;
+      const chain = exp.chain();
+      if (offset + length > chain.size) return false;
+      const buf = Buffer.allocUnsafe(length);
+      if (!chain.tryReadSync(buf, offset)) return false;
+      const r = { flags, type: P.CMD_READ, handle, offset, length, payload: null };
+      if (n.structured) this.dataChunk(r, P.REPLY_FLAG_DONE, offset, buf);
+      else {
+        const h = Buffer.alloc(16);
+        h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+        handle.copy(h, 8);
+        this.batch();
+        this.socket.write(h);
+        this.socket.write(buf);
+      }
+      return true;
+    } catch {
+      return false;
+    } finally {
+      leave?.();
+    }
   }
 
   private async execute(n: Negotiated, r: Request): Promise<void> {

@@ -322,6 +322,24 @@ export class Qcow2Image implements BlockDriver {
     return out;
   }
 
+  /** Synchronous single-cluster mapping from a cached L2 table (see BlockDriver.mapSync). */
+  mapSync(offset: number, length: number): Extent | undefined {
+    if (this.extL2 || length <= 0 || offset + length > this.size) return undefined;
+    const ci = Math.floor(offset / this.clusterSize);
+    const inner = offset - ci * this.clusterSize;
+    if (inner + length > this.clusterSize) return undefined;
+    const l1i = Math.floor(ci / this.l2Entries);
+    if (l1i >= this.header.l1Size) return undefined;
+    const l1e = this.l1Entry(l1i);
+    if (!l1e.offset || l1e.offset % this.clusterSize !== 0) return undefined;
+    const table = this.l2.peek(l1e.offset);
+    if (!table) return undefined;
+    const e = readL2(table, ci % this.l2Entries, this.geo);
+    // Entries that need validation (and may mark the image corrupt) take the normal path.
+    if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) return undefined;
+    return this.extentOf(e, offset, length, inner);
+  }
+
   private extentOf(e: L2Entry, pos: number, len: number, inner: number): Extent {
     switch (e.type) {
       case ClusterType.Normal: return { offset: pos, length: len, kind: 'data', hostOffset: e.host + inner };
@@ -483,6 +501,14 @@ export class Qcow2Image implements BlockDriver {
    * copied if shared with a snapshot (L1 entry without COPIED). Pinned; caller unpins.
    */
   /** @internal */ async writableL2(l1i: number): Promise<{ offset: number; table: Buffer }> {
+    // Common case without the mutex round trip: an owned, cached table and nobody in the mutex.
+    if (this.meta.free && l1i < this.header.l1Size) {
+      const cur = this.l1Entry(l1i);
+      if (cur.offset && cur.copied && cur.offset % this.clusterSize === 0) {
+        const table = this.l2.pinCached(cur.offset);
+        if (table) return { offset: cur.offset, table };
+      }
+    }
     return this.meta.run(async () => {
       if (l1i >= this.header.l1Size) throw new ImageError('Input/output error', 'EIO');
       const cur = this.l1Entry(l1i);
@@ -618,7 +644,7 @@ export class Qcow2Image implements BlockDriver {
       for (const b of pooled) if (this.fillPool.length < 32) this.fillPool.push(b);
       // Only now point the L2 entries at the data, then release what they pointed at before.
       let l2Written: Promise<void> | null = null;
-      await this.meta.run(async () => {
+      const update = async (): Promise<void> => {
         let lo = Infinity, hi = -1;
         const frees: L2Entry[] = [];
         for (const p of plans) {
@@ -635,7 +661,12 @@ export class Qcow2Image implements BlockDriver {
           else l2Written = this.writeL2Range(l2Off, table, lo, hi);
         }
         for (const e of frees) await this.freeEntryClusters(e);
-      });
+      };
+      // With nothing to free the update has no await before the L2 write starts, so it runs
+      // inline when the mutex is free (as if taken and released around it).
+      const mustFree = plans.some((p) => p.isNew && (p.old.type === ClusterType.Normal || p.old.type === ClusterType.ZeroAlloc || p.old.type === ClusterType.Compressed));
+      if (!mustFree && this.meta.free) await update();
+      else await this.meta.run(update);
       if (l2Written) await l2Written;
     } finally {
       this.l2.unpin(l2Off);

@@ -18,6 +18,25 @@ export class L2Cache {
 
   constructor(private readonly storage: Storage, private readonly tableSize: number, private readonly capacity: number) {}
 
+  /** The table at `offset` if cached (marked recently used, not pinned), else undefined. */
+  peek(offset: number): Buffer | undefined {
+    const slot = this.map.get(offset);
+    if (!slot) return undefined;
+    this.map.delete(offset);
+    this.map.set(offset, slot);
+    return slot.buf;
+  }
+
+  /** The table at `offset`, pinned, if cached; else undefined (use `pin`). */
+  pinCached(offset: number): Buffer | undefined {
+    const slot = this.map.get(offset);
+    if (!slot) return undefined;
+    slot.pins++;
+    this.map.delete(offset);
+    this.map.set(offset, slot);
+    return slot.buf;
+  }
+
   /** Returns the table at `offset`, loading it if needed, and pins it until `unpin` is called. */
   async pin(offset: number): Promise<Buffer> {
     const slot = this.map.get(offset);

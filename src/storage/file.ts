@@ -12,6 +12,16 @@ import { lockImage, type LockMode } from './lock.js';
 const SYNC_MAX = 64 * 1024;
 const SLOW_MS = 0.05;
 const BACKOFF_MS = 250;
+/**
+ * Small writes are likewise written synchronously while the page cache absorbs them quickly; one
+ * slower than SLOW_WRITE_MS (writeback throttling, device I/O) sends writes to the pool for BACKOFF_MS.
+ */
+const SLOW_WRITE_MS = 0.25;
+
+function pwriteSync(fd: number, buf: Buffer, offset: number): void {
+  let done = 0;
+  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, offset + done);
+}
 
 function preadSync(fd: number, buf: Buffer, offset: number): number {
   let done = 0;
@@ -95,6 +105,8 @@ export interface FileOpenOptions {
 export class FileStorage implements Storage {
   /** performance.now() until which small reads go through the thread pool (see SLOW_MS). */
   private asyncUntil = 0;
+  /** The same for small writes (see SLOW_WRITE_MS). */
+  private asyncWriteUntil = 0;
 
   private constructor(readonly name: string, private fd: number, readonly readOnly: boolean) {}
 
@@ -151,9 +163,32 @@ export class FileStorage implements Storage {
     if (n < buf.length) buf.fill(0, n);
   }
 
+  readSync(buf: Buffer, offset: number): boolean {
+    if (buf.length > SYNC_MAX || !Number.isSafeInteger(offset + buf.length) || offset < 0 || this.fd < 0) return false;
+    const t0 = performance.now();
+    if (t0 < this.asyncUntil) return false;
+    let n: number;
+    try {
+      n = preadSync(this.fd, buf, offset);
+    } catch (e) {
+      throw wrap(this.name, e);
+    }
+    if (performance.now() - t0 > SLOW_MS) this.asyncUntil = t0 + BACKOFF_MS;
+    if (n < buf.length) buf.fill(0, n);
+    return true;
+  }
+
   async write(buf: Buffer, offset: number): Promise<void> {
     if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
     try {
+      if (buf.length <= SYNC_MAX) {
+        const t0 = performance.now();
+        if (t0 >= this.asyncWriteUntil) {
+          pwriteSync(this.fd, buf, offset);
+          if (performance.now() - t0 > SLOW_WRITE_MS) this.asyncWriteUntil = t0 + BACKOFF_MS;
+          return;
+        }
+      }
       await pwriteFull(this.fd, buf, offset);
     } catch (e) {
       throw wrap(this.name, e);

@@ -8,6 +8,11 @@ export interface Storage {
   readonly readOnly: boolean;
   /** Read up to buf.length bytes at `offset`; bytes past the end read as zero. */
   read(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Read synchronously when that is cheap (small and served from the page cache); false means
+   * nothing was read and `read` must be used. Optional.
+   */
+  readSync?(buf: Buffer, offset: number): boolean;
   /** Write all of buf at `offset`, growing the container if needed. */
   write(buf: Buffer, offset: number): Promise<void>;
   /** Write several buffers back to back starting at `offset` (one request where possible). */

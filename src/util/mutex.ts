@@ -1,14 +1,29 @@
 /** A FIFO async mutex: awaits inside a critical section cannot interleave with another holder. */
 export class Mutex {
   private tail: Promise<void> = Promise.resolve();
+  /** Holders plus waiters. */
+  private users = 0;
+
+  /**
+   * True when nobody holds or waits for the mutex: a caller may then do a critical section that
+   * has no await inline, exactly as if it had taken the mutex (nothing can interleave with it).
+   */
+  get free(): boolean { return this.users === 0; }
 
   async lock(): Promise<() => void> {
     let release!: () => void;
     const next = new Promise<void>((r) => (release = r));
     const prev = this.tail;
     this.tail = prev.then(() => next);
+    this.users++;
     await prev;
-    return release;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.users--;
+      release();
+    };
   }
 
   async run<T>(fn: () => Promise<T>): Promise<T> {
