@@ -144,3 +144,45 @@ describe('image fleecing (blockdev-backup sync=none) vs qemu-storage-daemon', or
     assert.ok(disk.qchain.equals(disk.qemu), 'the disk ends the same');
   });
 });
+
+describe('image fleecing under concurrent reads and writes (qchain daemon)', oracle(), () => {
+  test('reads of the fleecing export racing guest writes still show the point in time', async () => {
+    const dir = path.join(scratch('qchain-fleece-race-'), 'd');
+    await setup(dir);
+    const child = spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+    const uri = (name: string): string => `nbd+unix:///${name}?socket=${path.join(dir, 'nbd.sock')}`;
+    try {
+      await waitFor(path.join(dir, 'qmp.sock'), child);
+      await waitFor(path.join(dir, 'nbd.sock'), child);
+      const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
+      await q.waitFor((m) => 'QMP' in m);
+      await q.execute('qmp_capabilities');
+      const start = await readExport(uri('vda'), dir, 'qemu-img');
+      await q.execute('blockdev-add', { driver: 'file', 'node-name': 'fl-file', filename: path.join(dir, 'fleece.qcow2') });
+      await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'fleece', file: 'fl-file', backing: 'disk' });
+      await q.execute('blockdev-backup', { 'job-id': 'fl', device: 'disk', target: 'fleece', sync: 'none' });
+      await q.execute('block-export-add', { type: 'nbd', id: 'fexp', 'node-name': 'fleece', name: 'fleece' });
+      // Guest batches (in flight together, never overlapping) while 4 KiB reads of the fleecing
+      // export sweep the same ranges at the same time.
+      const batches = writeBatches(333, 4, 8);
+      for (const cmds of batches) {
+        const writer = qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c.replace(/^write /, 'aio_write ')]), '-c', 'aio_flush', uri('vda')]);
+        const view = readExport(uri('fleece'), dir, 'nbdcopy');
+        const [w, v] = await Promise.all([writer, view]);
+        assert.equal(w.code, 0, w.stderr);
+        if (!v.equals(start)) {
+          let i = 0;
+          while (i < v.length && v[i] === start[i]) i++;
+          assert.fail(`the fleecing view changed at byte ${i} while the guest wrote`);
+        }
+      }
+      assert.ok(!(await readExport(uri('vda'), dir, 'qemu-img')).equals(start), 'the guest changed the disk');
+      await q.execute('block-job-cancel', { device: 'fl' });
+      await q.waitFor(jobEvent('fl', 'null'));
+      await q.execute('quit');
+      await new Promise((r) => child.once('exit', r));
+    } finally {
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+  });
+});

@@ -187,8 +187,34 @@ export class Chain {
     return this.statusFrom(0, offset, length);
   }
 
+  /**
+   * Layers below `depth` whose guest writes run copy-before-write hooks (the source of a fleecing
+   * backup under its target): a read through them must not interleave with such a write, or it
+   * could find the target not yet filled and then read the source already overwritten.
+   */
+  private hookedBelow(depth: number): BlockDriver[] | null {
+    let out: BlockDriver[] | null = null;
+    for (let d = depth + 1; d < this.layers.length; d++) {
+      const drv = this.layers[d].driver;
+      if (interceptors.get(drv)?.size) (out ??= []).push(drv);
+    }
+    return out;
+  }
+
   /** Read the guest view of layers [depth..] into buf; returns the resolution it read by. */
   async readFrom(depth: number, buf: Buffer, offset: number): Promise<ChainExtent[]> {
+    const hooked = this.hookedBelow(depth);
+    if (!hooked) return this.readResolved(depth, buf, offset);
+    const releases: Array<() => void> = [];
+    try {
+      for (const d of hooked) releases.push(await writeGate(d).acquire(offset, offset + buf.length));
+      return await this.readResolved(depth, buf, offset);
+    } finally {
+      for (const r of releases) r();
+    }
+  }
+
+  private async readResolved(depth: number, buf: Buffer, offset: number): Promise<ChainExtent[]> {
     const exts = await this.statusFrom(depth, offset, buf.length);
     let covered = 0;
     const ios: Promise<void>[] = [];
@@ -211,6 +237,7 @@ export class Chain {
    * (use `readFrom`). The result is what `readFrom` would have returned.
    */
   tryReadSync(buf: Buffer, offset: number): ChainExtent | null {
+    if (this.hookedBelow(0)) return null; // such reads take the lower layers' write gates
     const length = buf.length;
     const top = this.layers[0].driver;
     const e = top.mapSync?.(offset, length);
