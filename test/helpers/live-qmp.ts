@@ -53,8 +53,9 @@ export const jobEvent = (id: string, status: string) => (m: QmpMessage): boolean
 
 /**
  * Drop timestamps and implicit node numbers. With `progress`, also the job progress fields (offset, len) of job events and
- * query replies: while the guest writes during a mirror the amount of work depends on how the
- * writes and the copy interleave, which is timing, not behaviour.
+ * query replies, and `busy` (whether the job is copying at the moment of the query): while the
+ * guest writes during a mirror the amount of work depends on how the writes and the copy
+ * interleave, which is timing, not behaviour.
  */
 export function norm(m: QmpMessage, progress: boolean): Record<string, unknown> {
   // Implicit node names count every node QEMU ever created (protocol and internal nodes
@@ -65,7 +66,7 @@ export function norm(m: QmpMessage, progress: boolean): Record<string, unknown> 
   if (progress) {
     const strip = (o: unknown): void => {
       if (o && typeof o === 'object') {
-        for (const k of ['offset', 'len', 'current-progress', 'total-progress']) if (k in o) (o as Record<string, unknown>)[k] = 'N';
+        for (const k of ['offset', 'len', 'current-progress', 'total-progress', 'busy']) if (k in o) (o as Record<string, unknown>)[k] = 'N';
       }
     };
     strip(c.data);
