@@ -382,7 +382,6 @@ const CASES: Case[] = [
   },
   {
     name: 'compressed writes (write -c)',
-    todo: 'engine: no compressed-write API, so write -c fails with "Operation not supported"',
     setup: (d) => createQcow2(d),
     args: [...c('write -c 0 64k', 'write -c 64k 512', 'map'), 't.img'],
   },
