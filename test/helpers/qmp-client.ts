@@ -25,11 +25,22 @@ export class QmpClient {
     sock.on('close', () => this.waiters.splice(0).forEach((w) => w()));
   }
 
-  static connect(path: string): Promise<QmpClient> {
-    return new Promise((res, rej) => {
-      const s = net.createConnection(path, () => res(new QmpClient(s)));
-      s.on('error', rej);
-    });
+  /**
+   * Connect to a monitor socket. A server binds its socket file before it listens, so a client
+   * that saw the file may still be refused for a moment: ECONNREFUSED is retried briefly.
+   */
+  static async connect(path: string): Promise<QmpClient> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await new Promise<QmpClient>((res, rej) => {
+          const s = net.createConnection(path, () => res(new QmpClient(s)));
+          s.on('error', rej);
+        });
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'ECONNREFUSED' || attempt >= 100) throw e;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
   }
 
   /** Wait until a message satisfying `pred` has arrived (returns it). */
