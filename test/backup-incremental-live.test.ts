@@ -7,22 +7,14 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, rng, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const M = 1024 * 1024;
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 async function buildChain(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
@@ -101,7 +93,7 @@ describe('incremental backup under concurrent guest writes (qchain daemon)', ora
       assert.doesNotMatch(r.stdout + r.stderr, /failed/, 'every guest request succeeded');
     };
     try {
-      await waitFor(path.join(dir, 'qmp.sock'), child);
+      await waitForSocket(path.join(dir, 'qmp.sock'), child);
       const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
       await q.waitFor((m) => 'QMP' in m);
       ok(await q.execute('qmp_capabilities'));

@@ -13,18 +13,10 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const QSD = '/usr/bin/qemu-storage-daemon';
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 const ARGS = [
   '--blockdev', 'driver=file,node-name=disk-file,filename=disk.qcow2',
@@ -69,8 +61,8 @@ async function recipe(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
   };
   const counts: unknown[] = [];
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     ok(await q.execute('qmp_capabilities'));
@@ -173,8 +165,8 @@ async function modes(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
   };
   const out: unknown[] = [];
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
@@ -249,8 +241,8 @@ async function grouped(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]>
   const uri = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
   const out: unknown[] = [];
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
@@ -317,8 +309,8 @@ async function termDuringBackup(tool: 'qemu' | 'qchain', dir: string): Promise<u
   const uri = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
   let child = start();
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     let q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     ok(await q.execute('qmp_capabilities'));
@@ -336,7 +328,7 @@ async function termDuringBackup(tool: 'qemu' | 'qchain', dir: string): Promise<u
     fs.rmSync(path.join(dir, 'qmp.sock'), { force: true });
     fs.rmSync(path.join(dir, 'nbd.sock'), { force: true });
     child = start();
-    await waitFor(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
     q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     ok(await q.execute('qmp_capabilities'));

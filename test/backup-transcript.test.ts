@@ -7,22 +7,14 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const QSD = '/usr/bin/qemu-storage-daemon';
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 /** Timestamps dropped; query-named-block-nodes reduced to the bitmaps of the nodes that have some. */
 function norm(m: QmpMessage): unknown {
@@ -60,8 +52,8 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   const uri = (name: string): string => `nbd+unix:///${name}?socket=${path.join(dir, 'nbd.sock')}`;
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     const ev = (status: string, id: string): Promise<QmpMessage> =>

@@ -8,12 +8,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuRawView, rng, scratch } from './helpers/qemu.js';
-import { QmpClient } from './helpers/qmp-client.js';
+import { QmpClient, waitForSocket } from './helpers/qmp-client.js';
 import { CMD, FLAG_FUA, RawNbd } from './helpers/nbd-raw.js';
 
 const MiB = 1024 * 1024;
@@ -25,14 +25,6 @@ const SIZE = SCRATCH + 16 * MiB;
 const OPS = 40;
 const RSS_LIMIT = 300 * MiB;
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 function rss(pid: number): number {
   try {
@@ -237,8 +229,8 @@ test('daemon robustness: concurrent, malformed and vanishing clients', { skip: o
   const sampler = setInterval(() => { peak = Math.max(peak, rss(child.pid as number)); }, 20);
   try {
     const nbdSock = path.join(dir, 'nbd.sock'), qmpSock = path.join(dir, 'qmp.sock');
-    await waitFor(qmpSock, child);
-    await waitFor(nbdSock, child);
+    await waitForSocket(qmpSock, child);
+    await waitForSocket(nbdSock, child);
     const model = new Model();
     const lazy = await neverReads(nbdSock);
     const results = await Promise.allSettled([

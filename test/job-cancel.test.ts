@@ -7,12 +7,12 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Job } from '../src/jobs/job.js';
 import { QCHAIN, oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const QSD = '/usr/bin/qemu-storage-daemon';
 
@@ -73,14 +73,6 @@ describe('Job.cancel in process', () => {
   });
 });
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 /** Timestamps dropped; a commit's progress depends on the copy chunk (512 KiB in QEMU): dropped too. */
 function norm(m: QmpMessage): Record<string, unknown> {
@@ -125,8 +117,8 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]>
   const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     await q.execute('qmp_capabilities', undefined, 'c0');

@@ -6,22 +6,14 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, rng, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const M = 1024 * 1024;
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 async function buildChain(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
@@ -122,7 +114,7 @@ describe('live jobs under guest writes (qchain daemon)', oracle(), () => {
 
       const child = spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
       try {
-        await waitFor(path.join(dir, 'qmp.sock'), child);
+        await waitForSocket(path.join(dir, 'qmp.sock'), child);
         const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
         await q.waitFor((m) => 'QMP' in m);
         await q.execute('qmp_capabilities');
@@ -177,7 +169,7 @@ describe('point-in-time backup under guest writes (qchain daemon)', oracle(), ()
       const expectActive = await qemuRawView(path.join(ref, 'top.qcow2'));
       const child = spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
       try {
-        await waitFor(path.join(dir, 'qmp.sock'), child);
+        await waitForSocket(path.join(dir, 'qmp.sock'), child);
         const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
         await q.waitFor((m) => 'QMP' in m);
         await q.execute('qmp_capabilities');

@@ -7,22 +7,14 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const QSD = '/usr/bin/qemu-storage-daemon';
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 /** Drop timestamps; keep only the bitmaps of query-named-block-nodes (the rest is covered elsewhere). */
 function norm(m: QmpMessage): unknown {
@@ -71,8 +63,8 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   const maps: string[] = [];
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     await q.execute('qmp_capabilities', undefined, 'cap');
@@ -194,7 +186,7 @@ async function pullFromCommandLine(tool: 'qemu' | 'qchain', dir: string): Promis
   const child = tool === 'qemu' ? spawn(QSD, args, { cwd: dir, stdio: 'ignore' })
     : spawn(process.execPath, [QCHAIN, 'daemon', ...args], { cwd: dir, stdio: 'ignore' });
   try {
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const map = await run('nbdinfo', ['--map=qemu:dirty-bitmap:frozen', nbdUri(dir)]);
     assert.equal(map.code, 0, map.stderr);
     child.kill('SIGTERM');

@@ -6,23 +6,15 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const QSD = '/usr/bin/qemu-storage-daemon';
 const M = 1024 * 1024;
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 async function setup(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
@@ -136,8 +128,8 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unk
   const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     await q.execute('qmp_capabilities', undefined, 'cap');

@@ -5,22 +5,14 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const QSD = '/usr/bin/qemu-storage-daemon';
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 /** Drop what legitimately differs: timestamps and the version's package string. */
 function norm(m: QmpMessage): unknown {
@@ -59,8 +51,8 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unk
   const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     await q.execute('query-block-jobs', undefined, 'c1');
@@ -122,8 +114,8 @@ async function jobSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: 
   const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     await q.execute('qmp_capabilities', undefined, 'c0');
@@ -190,8 +182,8 @@ async function mirrorSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ lo
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   const nbd = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     await q.execute('qmp_capabilities', undefined, 'c0');
@@ -263,7 +255,7 @@ async function createSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ lo
   const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     await q.execute('qmp_capabilities', undefined, 'c0');

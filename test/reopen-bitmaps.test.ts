@@ -8,11 +8,11 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage } from './helpers/qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
 
 const QSD = '/usr/bin/qemu-storage-daemon';
 
@@ -25,14 +25,6 @@ const ARGS = [
   '--monitor', 'chardev=qmp0',
 ];
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 function jobEvent(id: string, status: string): (m: QmpMessage) => boolean {
   return (m) => m.event === 'JOB_STATUS_CHANGE' && (m.data as { id: string }).id === id && (m.data as { status: string }).status === status;
@@ -69,8 +61,8 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]>
     : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
   const nbd = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
   try {
-    await waitFor(path.join(dir, 'qmp.sock'), child);
-    await waitFor(path.join(dir, 'nbd.sock'), child);
+    await waitForSocket(path.join(dir, 'qmp.sock'), child);
+    await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
     await q.waitFor((m) => 'QMP' in m);
     await q.execute('qmp_capabilities', undefined, 'c0');

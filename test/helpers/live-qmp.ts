@@ -8,20 +8,12 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, qemuIo } from './qemu.js';
-import { QmpClient, type QmpMessage } from './qmp-client.js';
+import { QmpClient, type QmpMessage, waitForSocket } from './qmp-client.js';
 
 export const QSD = '/usr/bin/qemu-storage-daemon';
 export const M = 1024 * 1024;
 export type Tool = 'qemu' | 'qchain';
 
-async function waitFor(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no ${p}`);
-}
 
 /** One qcow2 image as node `node`, exported writable as 'vda' on nbd.sock, QMP on qmp.sock. */
 export function daemonArgs(fileName: string, node: string): string[] {
@@ -41,8 +33,8 @@ export async function start(tool: Tool, dir: string, args: string[]): Promise<{ 
   const child = tool === 'qemu' ? spawn(QSD, args, { cwd: dir, stdio: ['ignore', 'ignore', err] })
     : spawn(process.execPath, [QCHAIN, 'daemon', ...args], { cwd: dir, stdio: ['ignore', 'ignore', err] });
   fs.closeSync(err);
-  await waitFor(path.join(dir, 'qmp.sock'), child);
-  await waitFor(path.join(dir, 'nbd.sock'), child);
+  await waitForSocket(path.join(dir, 'qmp.sock'), child);
+  await waitForSocket(path.join(dir, 'nbd.sock'), child);
   const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
   await q.waitFor((m) => 'QMP' in m);
   return { child, q };

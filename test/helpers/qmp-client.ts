@@ -1,4 +1,6 @@
 /** A small QMP client for tests: sends commands, collects replies and events in arrival order. */
+import type { ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import net from 'node:net';
 
 export interface QmpMessage {
@@ -70,4 +72,14 @@ export class QmpClient {
   close(): void {
     this.sock.destroy();
   }
+}
+
+/** Wait until a daemon has created its socket file `p` (failing if the daemon exited first). */
+export async function waitForSocket(p: string, child: ChildProcess): Promise<void> {
+  for (let i = 0; i < 400; i++) {
+    if (fs.existsSync(p)) return;
+    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`no ${p}`);
 }
