@@ -23,9 +23,17 @@ export function watchWrites(d: BlockDriver, fn: (offset: number, length: number)
     set = new Set();
     watchers.set(d, set);
   }
-  set.add(fn);
-  return () => set?.delete(fn);
+  if (!set.has(fn)) {
+    set.add(fn);
+    hooksArmed++;
+  }
+  return () => {
+    if (set?.delete(fn)) hooksArmed--;
+  };
 }
+
+/** How many copy-before-write hooks are armed anywhere (0: reads need not look for them). */
+let hooksArmed = 0;
 
 type BeforeWrite = (offset: number, length: number) => Promise<void>;
 const interceptors = new WeakMap<BlockDriver, Set<BeforeWrite>>();
@@ -193,6 +201,7 @@ export class Chain {
    * could find the target not yet filled and then read the source already overwritten.
    */
   private hookedBelow(depth: number): BlockDriver[] | null {
+    if (hooksArmed === 0) return null;
     let out: BlockDriver[] | null = null;
     for (let d = depth + 1; d < this.layers.length; d++) {
       const drv = this.layers[d].driver;
