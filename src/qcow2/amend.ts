@@ -46,6 +46,7 @@ export function amendOperationCount(img: Qcow2Image, o: AmendOptions): number {
 
 /** Apply the options to an image opened read-write. Throws ImageError with QEMU's message. */
 export async function amendQcow2(img: Qcow2Image, o: AmendOptions, status: AmendStatus = () => {}): Promise<void> {
+  await img.flushMetadata();
   const h = img.header;
   const oldVersion = img.version;
   const newVersion = o.version ?? oldVersion;

@@ -4,6 +4,10 @@
  * copy-on-write, allocation and refcounts in QEMU's crash-safe order:
  *   data and COW → L2 entry → (old cluster's refcount drop);  new cluster's refcount → L2 entry;
  *   new L2 table contents → L1 entry.
+ * With the writeback cache (the default, as QEMU's), guest writes change L2 entries and
+ * refcounts in memory only; flushMetadata() writes them back in that same order (refcounts,
+ * sync, L2 tables, sync, then the deferred refcount drops), on flush, close, before any
+ * structural operation, and when too much is pending.
  * Overlapping guest requests are serialised by a range lock; metadata changes by one mutex.
  */
 import { errnoText, type Storage } from '../storage/storage.js';
@@ -32,7 +36,17 @@ export interface Qcow2OpenOptions {
   noIo?: boolean;
   /** Opened to be checked (QEMU's BDRV_O_CHECK): structural damage is left to the check to report. */
   checkMode?: boolean;
+  /**
+   * Metadata caching for guest writes: 'writeback' (default; L2 and refcount changes are kept
+   * in memory until flush/close, as QEMU does) or 'writethrough' (written before each write
+   * completes).
+   */
+  metadataCache?: 'writeback' | 'writethrough';
 }
+
+/** Write back pending metadata in the background beyond these amounts; wait for it at twice. */
+const PENDING_REFBLOCKS = 64;
+const PENDING_FREES = 4096;
 
 /** One planned cluster write inside a segment. */
 interface ClusterPlan {
@@ -70,6 +84,12 @@ export class Qcow2Image implements BlockDriver {
   readonly meta = new Mutex();
   /** Group-commits L2 table writes (see meta-writer.ts). */
   private readonly l2Writer: MetaWriter;
+  /** Guest writes keep metadata changes in the caches (see the header comment). */
+  readonly writeback: boolean;
+  /** References dropped in (dirty) L2 tables whose refcount decrement waits for write-back. */
+  private pendingFrees: L2Entry[] = [];
+  /** The write-back in progress, if any. */
+  private writingBack: Promise<void> | null = null;
   /** Spare cluster-sized buffers for copy-on-write fills (allocating writes churn otherwise). */
   private readonly fillPool: Buffer[] = [];
   private readonly ranges = new RangeLock();
@@ -87,6 +107,7 @@ export class Qcow2Image implements BlockDriver {
     readonly readOnly: boolean,
     l2CacheBytes: number,
     readonly log: (line: string) => void,
+    writeback = true,
   ) {
     this.clusterBits = header.clusterBits;
     this.clusterSize = 2 ** header.clusterBits;
@@ -95,8 +116,10 @@ export class Qcow2Image implements BlockDriver {
     this.subclusterSize = this.extL2 ? this.clusterSize / 32 : this.clusterSize;
     this.geo = { clusterBits: this.clusterBits, extL2: this.extL2, zeroFlag: header.version >= 3 };
     this.l1 = l1;
-    this.l2 = new L2Cache(storage, this.clusterSize, Math.max(16, Math.floor(l2CacheBytes / this.clusterSize)));
     this.l2Writer = new MetaWriter(storage);
+    this.l2 = new L2Cache(storage, this.clusterSize, Math.max(16, Math.floor(l2CacheBytes / this.clusterSize)),
+      (offset) => this.l2Writer.pendingBuffer(offset));
+    this.writeback = writeback && !readOnly;
     this.useRefcounts(refcounts);
   }
 
@@ -152,7 +175,8 @@ export class Qcow2Image implements BlockDriver {
     if (header.l1Size) await storage.read(l1, header.l1TableOffset);
     const refcounts = await Refcounts.load(storage, { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder },
       header.refcountTableOffset, header.refcountTableClusters);
-    const img = new Qcow2Image(storage, header, refcounts, l1, readOnly, opts.l2CacheBytes ?? 32 * 1024 * 1024, opts.log ?? (() => {}));
+    const img = new Qcow2Image(storage, header, refcounts, l1, readOnly, opts.l2CacheBytes ?? 32 * 1024 * 1024, opts.log ?? (() => {}),
+      opts.metadataCache !== 'writethrough');
     await img.loadSnapshots(cs);
     img.bitmaps = await Qcow2Bitmaps.open(img, img.log);
     if (!readOnly) await img.prepareForWriting(!!opts.noRepair);
@@ -596,6 +620,17 @@ export class Qcow2Image implements BlockDriver {
       let counted = null as Promise<unknown> | null;
       if (nNew > 0) {
         const hosts = await this.meta.run(async () => {
+          if (this.writeback) {
+            // Counted in memory only: written back before any L2 table that points at them.
+            this.refcounts.lazy = true;
+            try {
+              const list = await this.refcounts.allocMany(nNew);
+              for (const h of list) await this.checkOverlap(h, 1);
+              return list;
+            } finally {
+              this.refcounts.lazy = false;
+            }
+          }
           const deferred: Array<Promise<void>> = [];
           this.refcounts.deferred = deferred;
           try {
@@ -643,6 +678,20 @@ export class Qcow2Image implements BlockDriver {
       else await dataWritten;
       for (const b of pooled) if (this.fillPool.length < 32) this.fillPool.push(b);
       // Only now point the L2 entries at the data, then release what they pointed at before.
+      if (this.writeback) {
+        // In memory: no await from here to markDirty, so no write-back can split the update.
+        let lo = Infinity, hi = -1;
+        for (const p of plans) {
+          const unchanged = !p.isNew && p.old.type === ClusterType.Normal && (!this.extL2 || (p.old.allocBits === p.allocBits && p.old.zeroBits === p.zeroBits));
+          if (unchanged) continue;
+          writeL2(table, p.index, this.geo, p.host, { copied: true, allocBits: this.extL2 ? p.allocBits : 0, zeroBits: p.zeroBits });
+          lo = Math.min(lo, p.index);
+          hi = Math.max(hi, p.index);
+          if (p.isNew && (p.old.type === ClusterType.Normal || p.old.type === ClusterType.ZeroAlloc || p.old.type === ClusterType.Compressed)) this.pendingFrees.push(p.old);
+        }
+        if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi, true);
+        return;
+      }
       let l2Written: Promise<void> | null = null;
       const update = async (): Promise<void> => {
         let lo = Infinity, hi = -1;
@@ -719,12 +768,87 @@ export class Qcow2Image implements BlockDriver {
     if (avail < dst.length) dst.fill(0, avail);
   }
 
-  /** @internal */ async writeL2Range(l2Off: number, table: Buffer, lo: number, hi: number): Promise<void> {
+  /**
+   * Persist entries [lo, hi] of the (pinned) table at `l2Off`. `lazy` (guest write paths, with
+   * the writeback cache): only mark them dirty; their refcount drops must then go through
+   * pendingFrees. Otherwise written now, together with any dirty range of the table, after the
+   * pending refcounts its entries may depend on.
+   */
+  /** @internal */ async writeL2Range(l2Off: number, table: Buffer, lo: number, hi: number, lazy = false): Promise<void> {
     const es = this.extL2 ? 16 : 8;
     // Whole 512-byte sectors, as QEMU writes them.
-    const a = Math.floor((lo * es) / 512) * 512;
-    const b = Math.min(this.clusterSize, Math.ceil(((hi + 1) * es) / 512) * 512);
+    let a = Math.floor((lo * es) / 512) * 512;
+    let b = Math.min(this.clusterSize, Math.ceil(((hi + 1) * es) / 512) * 512);
+    if (this.writeback) {
+      if (lazy) {
+        this.l2.markDirty(l2Off, a, b);
+        await this.writeBackIfFull();
+        return;
+      }
+      if (this.refcounts.pendingCount > 0) await this.refcounts.writePending();
+      const d = this.l2.takeDirtyOf(l2Off);
+      if (d) {
+        a = Math.min(a, d.lo);
+        b = Math.max(b, d.hi);
+      }
+    }
     await this.l2Writer.write(l2Off, table, a, b);
+  }
+
+  private get pendingMetadata(): boolean {
+    return this.l2.dirtyCount > 0 || this.refcounts.pendingCount > 0 || this.pendingFrees.length > 0;
+  }
+
+  /** Starts a write-back when much is pending; waits for it when far too much is. */
+  private async writeBackIfFull(): Promise<void> {
+    const cap = this.l2.capacity;
+    const level = Math.max(this.l2.dirtyCount / (cap / 2), this.refcounts.pendingCount / PENDING_REFBLOCKS, this.pendingFrees.length / PENDING_FREES);
+    if (level < 1) return;
+    const w = this.writingBack ?? this.startWriteBack();
+    // Below twice the mark, writers go on (a failure is reported by the next flush).
+    if (level >= 2) await w;
+  }
+
+  private startWriteBack(): Promise<void> {
+    const w = this.meta.run(() => this.writeBackLocked()).finally(() => {
+      if (this.writingBack === w) this.writingBack = null;
+    });
+    this.writingBack = w;
+    w.catch((e: unknown) => this.log(`qcow2: metadata write-back failed: ${e instanceof Error ? e.message : String(e)}`));
+    return w;
+  }
+
+  /**
+   * Write back everything the writeback cache holds, in QEMU's order: refcount increments, sync
+   * (with the data written so far), L2 tables, sync, then the refcount drops of references
+   * those tables no longer hold. A crash at any point leaves at worst leaked clusters.
+   */
+  async flushMetadata(): Promise<void> {
+    if (!this.writeback) return;
+    if (this.writingBack) await this.writingBack.catch(() => {});
+    if (this.pendingMetadata) await this.meta.run(() => this.writeBackLocked());
+  }
+
+  private async writeBackLocked(): Promise<void> {
+    if (!this.pendingMetadata) return;
+    await this.refcounts.writePending();
+    if (this.l2.dirtyCount > 0) await this.storage.flush();
+    // Taken together, with no await between: every queued free's L2 change is in `tables`
+    // (or was written by a non-lazy write already).
+    const tables = this.l2.takeDirty();
+    const frees = this.pendingFrees;
+    this.pendingFrees = [];
+    const results = await Promise.allSettled(tables.map((t) => this.l2Writer.write(t.offset, t.buf, t.lo, t.hi)));
+    const failed = results.findIndex((r) => r.status === 'rejected');
+    if (failed >= 0) {
+      results.forEach((r, i) => { if (r.status === 'rejected') this.l2.restoreDirty(tables[i]); });
+      this.pendingFrees = frees.concat(this.pendingFrees);
+      throw (results[failed] as PromiseRejectedResult).reason;
+    }
+    if (frees.length) {
+      await this.storage.flush();
+      for (const e of frees) await this.freeEntryClusters(e);
+    }
   }
 
   /**
@@ -855,8 +979,7 @@ export class Qcow2Image implements BlockDriver {
               lo = Math.min(lo, idx);
               hi = Math.max(hi, idx);
             }
-            if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi);
-            for (const e of frees) await this.freeEntryClusters(e);
+            await this.commitEntries(l2Off, table, lo, hi, frees);
           });
         } finally {
           this.l2.unpin(l2Off);
@@ -892,12 +1015,22 @@ export class Qcow2Image implements BlockDriver {
           lo = Math.min(lo, idx);
           hi = Math.max(hi, idx);
         }
-        if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi);
-        for (const e of frees) await this.freeEntryClusters(e);
+        await this.commitEntries(l2Off, table, lo, hi, frees);
       });
     } finally {
       this.l2.unpin(l2Off);
     }
+  }
+
+  /** Guest zero/discard: persist changed entries [lo, hi], then drop the references they held. */
+  private async commitEntries(l2Off: number, table: Buffer, lo: number, hi: number, frees: L2Entry[]): Promise<void> {
+    if (this.writeback) {
+      this.pendingFrees.push(...frees);
+      if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi, true);
+      return;
+    }
+    if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi);
+    for (const e of frees) await this.freeEntryClusters(e);
   }
 
   /**
@@ -950,6 +1083,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   async flush(): Promise<void> {
+    await this.flushMetadata();
     await this.storage.flush();
   }
 
@@ -960,6 +1094,8 @@ export class Qcow2Image implements BlockDriver {
     await (await import('./compressed-write.js')).closeCompressedWriter(this);
     let failed: unknown = null;
     if (!this.readOnly) {
+      // Metadata that cannot be written back leaves a leak at worst; the bitmaps still try.
+      await this.flushMetadata().catch((e: unknown) => { failed = e; });
       // A bitmap that cannot be stored stays in use on disk; the image is still closed cleanly.
       if (this.bitmaps) await this.bitmaps.store().catch((e: unknown) => { failed = e; });
       if (this.dirtySet) {
@@ -980,9 +1116,12 @@ export class Qcow2Image implements BlockDriver {
     return b;
   }
 
+  /** The table at `offset` as the image sees it (a dirty or in-flight cached copy is newer than the file). */
   async readTable(offset: number): Promise<Buffer> {
     const b = Buffer.alloc(this.clusterSize);
-    await this.storage.read(b, offset);
+    const newer = this.l2.dirtyRange(offset)?.buf ?? this.l2Writer.pendingBuffer(offset);
+    if (newer) newer.copy(b);
+    else await this.storage.read(b, offset);
     return b;
   }
 
@@ -994,6 +1133,7 @@ export class Qcow2Image implements BlockDriver {
   async changeBackingFile(name: string | null, format: string | null): Promise<void> {
     if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
     if (name !== null && Buffer.byteLength(name, 'utf8') > 1023) throw new ImageError('Invalid argument', 'EINVAL');
+    await this.flushMetadata();
     const before = { file: this.header.backingFile, fmt: this.header.backingFormat };
     this.header.backingFile = name;
     this.header.backingFormat = name === null ? null : format;
@@ -1020,6 +1160,7 @@ export class Qcow2Image implements BlockDriver {
    */
   async makeEmpty(): Promise<void> {
     if (this.readOnly) throw new ImageError('Permission denied', 'EACCES');
+    await this.flushMetadata();
     const cs = this.clusterSize;
     const l1Clusters = Math.ceil(this.header.l1Size / (cs / 8));
     if (this.header.version >= 3 && this.snapshots.length === 0 && !this.header.bitmapsExt &&
@@ -1080,8 +1221,9 @@ export class Qcow2Image implements BlockDriver {
     }
   }
 
-  /** Forget cached L2 tables (after a rewrite behind the cache, e.g. snapshot apply). */
+  /** Forget cached L2 tables (after a rewrite behind the cache, e.g. snapshot apply; flushMetadata first). */
   dropCaches(): void {
+    if (this.pendingMetadata) throw new Error('internal error: L2 cache dropped with metadata not written back');
     this.l2.clear();
     this.lastCompressed = null;
   }

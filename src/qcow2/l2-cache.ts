@@ -1,13 +1,26 @@
 /**
  * Cache of L2 tables keyed by host offset. Tables in use by an in-flight request are pinned and
  * never evicted, so an update made in memory cannot be lost to a concurrent reload.
- * Writes are write-through (callers persist changed entries themselves), so eviction is free.
+ * A table may be dirty (writeback mode: entries changed in memory, byte range [lo, hi) not yet
+ * written); dirty tables are never evicted either, until the image writes them back (see
+ * Qcow2Image.flushMetadata for the order that makes this crash safe).
  */
 import type { Storage } from '../storage/storage.js';
 
 interface Slot {
   buf: Buffer;
   pins: number;
+  /** Dirty byte range [lo, hi); hi = 0 when clean. */
+  lo: number;
+  hi: number;
+}
+
+/** A dirty range taken for writing back. */
+export interface DirtyTable {
+  offset: number;
+  buf: Buffer;
+  lo: number;
+  hi: number;
 }
 
 export class L2Cache {
@@ -15,8 +28,15 @@ export class L2Cache {
   private loading = new Map<number, Promise<Buffer>>();
   /** Buffers of evicted tables, reused for loads (a cache smaller than the image churns otherwise). */
   private spare: Buffer[] = [];
+  /** Number of dirty tables. */
+  dirtyCount = 0;
 
-  constructor(private readonly storage: Storage, private readonly tableSize: number, private readonly capacity: number) {}
+  /**
+   * @param pending bytes of a table whose write-back is still in flight (newer than the file):
+   *   a table evicted meanwhile is reloaded from them, never from the file.
+   */
+  constructor(private readonly storage: Storage, private readonly tableSize: number, readonly capacity: number,
+    private readonly pending: (offset: number) => Buffer | undefined = () => undefined) {}
 
   /** The table at `offset` if cached (marked recently used, not pinned), else undefined. */
   peek(offset: number): Buffer | undefined {
@@ -50,7 +70,9 @@ export class L2Cache {
     if (!p) {
       p = (async () => {
         const buf = this.spare.pop() ?? Buffer.allocUnsafe(this.tableSize);
-        await this.storage.read(buf, offset);
+        const newer = this.pending(offset);
+        if (newer) newer.copy(buf);
+        else await this.storage.read(buf, offset);
         return buf;
       })();
       this.loading.set(offset, p);
@@ -66,15 +88,15 @@ export class L2Cache {
       again.pins++;
       return again.buf;
     }
-    this.map.set(offset, { buf, pins: 1 });
+    this.map.set(offset, { buf, pins: 1, lo: 0, hi: 0 });
     this.evict();
     return buf;
   }
 
   /** Installs a freshly built table (e.g. a new or copied L2), pinned. */
   install(offset: number, buf: Buffer): Buffer {
-    this.map.delete(offset);
-    this.map.set(offset, { buf, pins: 1 });
+    this.forget(offset);
+    this.map.set(offset, { buf, pins: 1, lo: 0, hi: 0 });
     this.evict();
     return buf;
   }
@@ -92,18 +114,76 @@ export class L2Cache {
 
   /** Drop a table (after it was freed). */
   forget(offset: number): void {
+    const slot = this.map.get(offset);
+    if (slot && slot.hi > 0) this.dirtyCount--;
     this.map.delete(offset);
   }
 
   clear(): void {
     this.map.clear();
+    this.dirtyCount = 0;
+  }
+
+  /** Record that bytes [a, b) of the cached table at `offset` changed in memory only. */
+  markDirty(offset: number, a: number, b: number): void {
+    const slot = this.map.get(offset);
+    if (!slot) throw new Error(`L2 table 0x${offset.toString(16)} marked dirty while not cached`);
+    if (slot.hi === 0) {
+      this.dirtyCount++;
+      slot.lo = a;
+      slot.hi = b;
+    } else {
+      slot.lo = Math.min(slot.lo, a);
+      slot.hi = Math.max(slot.hi, b);
+    }
+  }
+
+  /** The dirty range of the table at `offset`, if any (left dirty). */
+  dirtyRange(offset: number): { buf: Buffer; lo: number; hi: number } | undefined {
+    const slot = this.map.get(offset);
+    return slot && slot.hi > 0 ? { buf: slot.buf, lo: slot.lo, hi: slot.hi } : undefined;
+  }
+
+  /**
+   * Takes every dirty range, with a copy of its table (the cached buffer may be evicted and
+   * reused while the copy is written). The tables become clean; give a failed one back with
+   * restoreDirty.
+   */
+  takeDirty(): DirtyTable[] {
+    const out: DirtyTable[] = [];
+    if (this.dirtyCount === 0) return out;
+    for (const [offset, slot] of this.map) {
+      if (slot.hi === 0) continue;
+      out.push({ offset, buf: Buffer.from(slot.buf), lo: slot.lo, hi: slot.hi });
+      slot.lo = 0;
+      slot.hi = 0;
+    }
+    this.dirtyCount = 0;
+    return out;
+  }
+
+  /** Gives back a range taken by takeDirty whose write failed (re-inserting an evicted table). */
+  restoreDirty(t: DirtyTable): void {
+    if (!this.map.has(t.offset)) this.map.set(t.offset, { buf: t.buf, pins: 0, lo: 0, hi: 0 });
+    this.markDirty(t.offset, t.lo, t.hi);
+  }
+
+  /** Takes the dirty range of one table (it becomes clean). */
+  takeDirtyOf(offset: number): { lo: number; hi: number } | undefined {
+    const slot = this.map.get(offset);
+    if (!slot || slot.hi === 0) return undefined;
+    const r = { lo: slot.lo, hi: slot.hi };
+    slot.lo = 0;
+    slot.hi = 0;
+    this.dirtyCount--;
+    return r;
   }
 
   private evict(): void {
     if (this.map.size <= this.capacity) return;
     for (const [k, s] of this.map) {
       if (this.map.size <= this.capacity) break;
-      if (s.pins === 0) {
+      if (s.pins === 0 && s.hi === 0) {
         this.map.delete(k);
         if (this.spare.length < 32) this.spare.push(s.buf);
       }

@@ -7,6 +7,11 @@
  * - a new refcount block is written before the table entry that points at it, and a grown
  *   table is written completely before the header switches to it.
  * So a crash leaves at worst leaked clusters (refcount > references), never a dangling reference.
+ * In `lazy` mode (writeback caching, guest write path only) changed block ranges stay in memory
+ * as pending until writePending(); the image then writes them before any L2 table that may
+ * point at the counted clusters. Pending ranges only ever hold increments (the image defers
+ * frees until the L2 tables that dropped the references are on disk), so writing them early
+ * is always safe. New blocks and a grown table are always written through.
  * All mutating methods must be called under the image's metadata mutex.
  */
 import type { Storage } from '../storage/storage.js';
@@ -50,6 +55,10 @@ export class Refcounts {
    * caller awaits them before anything on disk may point at the counted clusters).
    */
   deferred: Array<Promise<void>> | null = null;
+  /** When set, changed block ranges are only recorded in `pending` (see the header comment). */
+  lazy = false;
+  /** Block ranges changed in memory and not yet written (lazy mode). */
+  private readonly pending = new Map<number, { buf: Buffer; lo: number; hi: number }>();
   /** Hook to persist a new reftable location in the header (offset, clusters). */
   onTableMoved: (offset: number, clusters: number) => Promise<void> = async () => {};
 
@@ -93,6 +102,7 @@ export class Refcounts {
     this.tableOffset = offset;
     this.tableClusters = clusters;
     this.blocks.clear();
+    this.pending.clear();
     this.freeHint = 0;
   }
 
@@ -103,7 +113,7 @@ export class Refcounts {
         throw new CorruptionError(`Refblock offset 0x${blockOffset.toString(16)} unaligned`);
       }
       // An evicted block with writes still pending is newer in memory than on disk.
-      const pending = this.writer.pendingBuffer(blockOffset);
+      const pending = this.pending.get(blockOffset)?.buf ?? this.writer.pendingBuffer(blockOffset);
       if (pending) b = pending;
       else {
         b = Buffer.alloc(this.clusterSize);
@@ -254,6 +264,16 @@ export class Refcounts {
     // Write whole 512-byte sectors covering the changed entries.
     const startByte = Math.floor((first * this.bits) / 8 / 512) * 512;
     const endByte = Math.min(this.clusterSize, Math.ceil(Math.ceil((last * this.bits) / 8) / 512) * 512);
+    if (this.lazy) {
+      const p = this.pending.get(bo);
+      if (!p) this.pending.set(bo, { buf: b, lo: startByte, hi: endByte });
+      else {
+        p.buf = b;
+        p.lo = Math.min(p.lo, startByte);
+        p.hi = Math.max(p.hi, endByte);
+      }
+      return;
+    }
     const w = this.writer.write(bo, b, startByte, endByte);
     if (this.deferred) {
       w.catch(() => {});
@@ -261,11 +281,54 @@ export class Refcounts {
     } else await w;
   }
 
+  /** Number of blocks with pending (unwritten) changes. */
+  get pendingCount(): number { return this.pending.size; }
+
+  /**
+   * Write every pending block range; resolves once all are on disk (in the file: the caller
+   * flushes the storage where durability is needed). A failed range is pending again.
+   */
+  async writePending(): Promise<void> {
+    if (this.pending.size === 0) return;
+    const taken = [...this.pending];
+    this.pending.clear();
+    const results = await Promise.allSettled(taken.map(([bo, p]) => this.writer.write(bo, p.buf, p.lo, p.hi)));
+    let failure: unknown = null;
+    results.forEach((r, i) => {
+      if (r.status === 'fulfilled') return;
+      failure ??= r.reason;
+      const [bo, p] = taken[i];
+      const cur = this.pending.get(bo);
+      if (!cur) this.pending.set(bo, p);
+      else {
+        cur.lo = Math.min(cur.lo, p.lo);
+        cur.hi = Math.max(cur.hi, p.hi);
+      }
+    });
+    if (failure) throw failure;
+  }
+
+  /** Runs `fn` with changes written through (structures that other metadata will point at). */
+  private async eager<T>(fn: () => Promise<T>): Promise<T> {
+    const was = this.lazy;
+    this.lazy = false;
+    try {
+      return await fn();
+    } finally {
+      this.lazy = was;
+    }
+  }
+
   /** Returns the offset of the block for table index `ti`, creating it (self-describing) if missing. */
   private async ensureBlock(ti: number): Promise<number> {
     if (ti < this.table.length && this.table[ti] > 0) return this.table[ti];
+    return this.eager(() => this.createBlock(ti));
+  }
+
+  private async createBlock(ti: number): Promise<number> {
     if (ti < this.table.length && this.table[ti] < 0) throw new CorruptionError(`Refblock offset invalid in reftable entry ${ti}`);
     if (ti >= this.table.length) {
+      // Grown table: its own clusters' refcounts reach the disk before the header names it.
       await this.growTable(ti + 1);
       if (this.table[ti] > 0) return this.table[ti];
     }
@@ -471,6 +534,7 @@ export class Refcounts {
   /** Forget cached blocks (after an external rewrite such as a rebuild). */
   dropCache(): void {
     this.blocks.clear();
+    this.pending.clear();
     this.freeHint = 0;
   }
 }

@@ -24,6 +24,7 @@ import { MAX_L1_SIZE } from './constants.js';
 import { Qcow2Bitmaps } from './bitmaps.js';
 
 export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOptions = {}): Promise<void> {
+  await img.flushMetadata();
   const prealloc = opts.preallocation ?? 'off';
   if (img.readOnly) throw new ImageError('Permission denied', 'EACCES');
   if (!Number.isSafeInteger(size) || size < 0) throw new ImageError('Failed to grow the L1 table: File too large', 'EFBIG');

@@ -22,6 +22,7 @@ import type { Snapshot } from './snapshot-table.js';
 
 /** Revert the active state to a snapshot found by id, else by name (qemu-img snapshot -a). */
 export async function applySnapshot(img: Qcow2Image, idOrName: string): Promise<Snapshot> {
+  await img.flushMetadata();
   if (img.readOnly) throw new ImageError('Permission denied', 'EACCES');
   return img.meta.run(async () => {
     const idx = findSnapshotByIdOrName(img.snapshots, idOrName);
@@ -70,6 +71,7 @@ async function apply(img: Qcow2Image, sn: Snapshot): Promise<Snapshot> {
  * snapshot up by name first and passes both).
  */
 export async function deleteSnapshot(img: Qcow2Image, id: string | null, name: string | null): Promise<Snapshot> {
+  await img.flushMetadata();
   if (img.readOnly) throw new ImageError('Permission denied', 'EACCES');
   return img.meta.run(async () => {
     const idx = findSnapshot(img.snapshots, id, name);

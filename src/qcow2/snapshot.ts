@@ -21,6 +21,7 @@ export interface CreateSnapshotOptions {
 
 /** Create an internal snapshot of the active state (qemu-img snapshot -c). */
 export async function createSnapshot(img: Qcow2Image, opts: CreateSnapshotOptions): Promise<Snapshot> {
+  await img.flushMetadata();
   if (img.readOnly) throw new ImageError('Permission denied', 'EACCES');
   if (img.snapshots.length >= MAX_SNAPSHOTS) throw new ImageError('File too large', 'EFBIG');
   const cs = img.clusterSize;
