@@ -839,9 +839,10 @@ export class Qcow2Image implements BlockDriver {
     const frees = this.pendingFrees;
     this.pendingFrees = [];
     const results = await Promise.allSettled(tables.map((t) => this.l2Writer.write(t.offset, t.buf, t.lo, t.hi)));
+    for (const t of tables) this.l2.unpin(t.offset);
     const failed = results.findIndex((r) => r.status === 'rejected');
     if (failed >= 0) {
-      results.forEach((r, i) => { if (r.status === 'rejected') this.l2.restoreDirty(tables[i]); });
+      results.forEach((r, i) => { if (r.status === 'rejected') this.l2.markDirty(tables[i].offset, tables[i].lo, tables[i].hi); });
       this.pendingFrees = frees.concat(this.pendingFrees);
       throw (results[failed] as PromiseRejectedResult).reason;
     }

@@ -145,27 +145,22 @@ export class L2Cache {
   }
 
   /**
-   * Takes every dirty range, with a copy of its table (the cached buffer may be evicted and
-   * reused while the copy is written). The tables become clean; give a failed one back with
-   * restoreDirty.
+   * Takes every dirty range. The tables become clean and are pinned (their buffers cannot be
+   * evicted and reused while written): the caller unpins each one when its write is done, and
+   * gives a failed one back with markDirty.
    */
   takeDirty(): DirtyTable[] {
     const out: DirtyTable[] = [];
     if (this.dirtyCount === 0) return out;
     for (const [offset, slot] of this.map) {
       if (slot.hi === 0) continue;
-      out.push({ offset, buf: Buffer.from(slot.buf), lo: slot.lo, hi: slot.hi });
+      out.push({ offset, buf: slot.buf, lo: slot.lo, hi: slot.hi });
+      slot.pins++;
       slot.lo = 0;
       slot.hi = 0;
     }
     this.dirtyCount = 0;
     return out;
-  }
-
-  /** Gives back a range taken by takeDirty whose write failed (re-inserting an evicted table). */
-  restoreDirty(t: DirtyTable): void {
-    if (!this.map.has(t.offset)) this.map.set(t.offset, { buf: t.buf, pins: 0, lo: 0, hi: 0 });
-    this.markDirty(t.offset, t.lo, t.hi);
   }
 
   /** Takes the dirty range of one table (it becomes clean). */
