@@ -12,9 +12,8 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
-
-const QSD = '/usr/bin/qemu-storage-daemon';
+import type { QmpClient, QmpMessage } from './helpers/qmp-client.js';
+import { MONITOR, QSD, connectQmp, exited, killIfRunning, onBoth, qcow2Node, type Tool } from './helpers/live-qmp.js';
 /** The file size limit, in 1 KiB blocks: 4 MiB. */
 const LIMIT = 4096;
 
@@ -32,11 +31,6 @@ interface Scenario {
   script: (c: Ctx) => Promise<void>;
   /** Check the files once the daemon is gone. */
   after?: (dir: string) => Promise<void>;
-}
-
-function qcow2Node(name: string, backing?: string): string[] {
-  return ['--blockdev', `driver=file,node-name=${name}-file,filename=${name}.qcow2`,
-    '--blockdev', `driver=qcow2,node-name=${name},file=${name}-file${backing === undefined ? '' : `,backing=${backing}`}`];
 }
 
 const isEvent = (name: string, pred: (d: Record<string, unknown>) => boolean = () => true) =>
@@ -99,7 +93,7 @@ const SCENARIOS: Scenario[] = [
       await writeData(dir, 'base.qcow2', ['write -P 0x11 0 8M']);
       await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
     },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('top', 'base')],
+    blockdevs: [...qcow2Node('base'), ...qcow2Node('top', ',backing=base')],
     script: async ({ q, unlimit }) => {
       await q.execute('block-stream', { 'job-id': 's', device: 'top', 'on-error': 'stop' }, 's');
       await nth(q, status('paused'));
@@ -122,7 +116,7 @@ const SCENARIOS: Scenario[] = [
       await writeData(dir, 'base.qcow2', ['write -P 0x11 0 8M']);
       await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
     },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('top', 'base')],
+    blockdevs: [...qcow2Node('base'), ...qcow2Node('top', ',backing=base')],
     script: async ({ q }) => {
       await q.execute('block-stream', { 'job-id': 's', device: 'top', 'on-error': 'ignore', 'auto-dismiss': false }, 's');
       await nth(q, status('concluded'));
@@ -142,7 +136,7 @@ const SCENARIOS: Scenario[] = [
       await writeData(dir, 'mid.qcow2', ['write -P 0x22 0 8M']);
       await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
     },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', 'base'), ...qcow2Node('top', 'mid')],
+    blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid')],
     script: async ({ q }) => {
       await q.execute('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', 'base-node': 'base', 'on-error': 'report' }, 'c');
       await nth(q, status('null'));
@@ -185,7 +179,7 @@ const SCENARIOS: Scenario[] = [
       await writeData(dir, 'mid.qcow2', ['write -P 0x22 0 8M']);
       await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
     },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', 'base'), ...qcow2Node('top', 'mid')],
+    blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid')],
     script: async ({ q, unlimit }) => {
       await q.execute('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', 'base-node': 'base', 'on-error': 'stop' }, 'c');
       await nth(q, status('paused'));
@@ -250,19 +244,17 @@ function normalise(msgs: QmpMessage[]): { events: unknown[]; replies: Record<str
   return { events, replies };
 }
 
-async function session(tool: 'qemu' | 'qchain', sc: Scenario, dir: string): Promise<{ events: unknown[]; replies: Record<string, unknown> }> {
+async function session(tool: Tool, sc: Scenario, dir: string): Promise<{ events: unknown[]; replies: Record<string, unknown> }> {
   fs.mkdirSync(dir, { recursive: true });
   await sc.setup(dir);
-  const args = [...sc.blockdevs, '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off', '--monitor', 'chardev=qmp0'];
+  const args = [...sc.blockdevs, ...MONITOR];
   const cmd = tool === 'qemu' ? [QSD, ...args] : [process.execPath, QCHAIN, 'daemon', ...args];
   const quoted = cmd.map((a) => `'${a.replace(/'/g, "'\\''")}'`).join(' ');
   const child = spawn('bash', ['-c', `ulimit -S -f ${LIMIT}; exec ${quoted}`], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
   try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+    const q = await connectQmp(dir, child);
     await q.execute('qmp_capabilities', undefined, 'cap');
     await sc.script({
       q,
@@ -272,12 +264,12 @@ async function session(tool: 'qemu' | 'qchain', sc: Scenario, dir: string): Prom
       },
     });
     await q.execute('quit', undefined, 'quit');
-    await new Promise<void>((r) => (child.exitCode !== null ? r() : child.on('exit', () => r())));
+    await exited(child);
     q.close();
     assert.equal(child.exitCode, 0, `${tool}: ${stderr}`);
     return normalise(q.received);
   } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
+    killIfRunning(child);
   }
 }
 
@@ -285,8 +277,7 @@ describe('job error policies against qemu-storage-daemon (file size limit)', { s
   for (const sc of SCENARIOS) {
     test(sc.name, { timeout: 120000 }, async () => {
       const root = scratch('qchain-joberr-');
-      const qemu = await session('qemu', sc, path.join(root, 'qemu'));
-      const ours = await session('qchain', sc, path.join(root, 'qchain'));
+      const { qemu, qchain: ours } = await onBoth(root, (tool, dir) => session(tool, sc, dir));
       assert.deepEqual(ours.events, qemu.events);
       assert.deepEqual(ours.replies, qemu.replies);
       if (sc.after) {

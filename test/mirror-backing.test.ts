@@ -38,7 +38,8 @@ async function backingMode(tool: Tool, dir: string, v: Variant): Promise<{ log: 
     await quit(d, 'q');
     return { q, view };
   });
-  return { log: transcript(q), view, chain: await backingChain(dir, 'tgt.qcow2') };
+  const chain = await backingChain(dir, 'tgt.qcow2');
+  return { log: transcript(q), view, chain };
 }
 
 describe('the mirror target\'s backing at the pivot, as in QSD', oracle(), () => {

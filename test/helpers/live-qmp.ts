@@ -104,10 +104,14 @@ export function exited(child: ChildProcess): Promise<void> {
   return new Promise<void>((r) => (child.exitCode !== null || child.signalCode !== null ? r() : child.once('exit', () => r())));
 }
 
-/** `quit` (with this command id) and wait for the daemon to exit; the reply. */
+/**
+ * `quit` (with this command id), wait for the daemon to exit and for the monitor connection to
+ * close (so every message the daemon sent is in `q.received`); the reply.
+ */
 export async function quit(d: Daemon, id?: unknown): Promise<QmpMessage> {
   const r = await d.q.execute('quit', undefined, id);
   await exited(d.child);
+  await d.q.closed;
   return r;
 }
 
