@@ -15,7 +15,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { benchDir, sh, table } from './util.js';
 import { KINDS, fio, fioAsync, median, peakRssKiB, startServer, type ServerKind } from './servers.js';
-import { QmpClient, type QmpMessage } from './qmp-client.js';
+import { QmpClient, type QmpMessage } from '../test/helpers/qmp-client.js';
 
 const argv = process.argv.slice(2);
 const opt = (name: string, def: number): number => {
