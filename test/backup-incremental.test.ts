@@ -17,6 +17,12 @@ import { daemonArgs, exited, exportView, guest, nbdUri, ok, onBoth, quit, withDa
 
 const ARGS = daemonArgs('disk.qcow2', 'disk');
 
+/** What a reply carries: its error, or what it returns. */
+const replyOf = (r: QmpMessage): unknown => ('error' in r ? r.error : r.return);
+
+/** The dirty bitmaps of node 'disk' in what query-named-block-nodes returns. */
+const diskBitmaps = (nodes: unknown): unknown => (nodes as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps'];
+
 async function jobDone(q: QmpClient, id: string): Promise<QmpMessage> {
   return q.waitFor((m) => m.event === 'BLOCK_JOB_COMPLETED' && (m.data as { device: string }).device === id, 60000);
 }
@@ -33,9 +39,7 @@ async function recipe(tool: Tool, dir: string): Promise<Result> {
     const { q } = d;
     ok(await q.execute('qmp_capabilities'));
     const bitmaps = async (): Promise<void> => {
-      const r = await q.execute('query-named-block-nodes');
-      const disk = (r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk');
-      counts.push(disk?.['dirty-bitmaps']);
+      counts.push(diskBitmaps((await q.execute('query-named-block-nodes')).return));
     };
     // 1. Full backup and a new bitmap, atomically.
     ok(await q.execute('transaction', {
@@ -122,12 +126,10 @@ async function modes(tool: Tool, dir: string): Promise<unknown[]> {
   return withDaemon(tool, dir, ARGS, async (d) => {
     const { q } = d;
     const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
-      const r = await q.execute(cmd, args);
-      out.push({ cmd, reply: 'error' in r ? r.error : r.return });
+      out.push({ cmd, reply: replyOf(await q.execute(cmd, args)) });
     };
     const bitmaps = async (): Promise<void> => {
-      const r = await q.execute('query-named-block-nodes');
-      out.push((r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
+      out.push(diskBitmaps((await q.execute('query-named-block-nodes')).return));
     };
     await x('qmp_capabilities');
     for (const t of ['t1', 't2', 't3', 't4', 't5']) await x('blockdev-add', { driver: 'qcow2', 'node-name': t, file: { driver: 'file', filename: path.join(dir, `${t}.qcow2`) } });
@@ -166,8 +168,7 @@ async function modes(tool: Tool, dir: string): Promise<unknown[]> {
     await x('block-job-cancel', { device: `j${seq}` });
     await gone();
     await bitmaps();
-    const bye = await quit(d);
-    out.push({ cmd: 'quit', reply: 'error' in bye ? bye.error : bye.return });
+    out.push({ cmd: 'quit', reply: replyOf(await quit(d)) });
     return out;
   });
 }
@@ -189,8 +190,7 @@ async function grouped(tool: Tool, dir: string): Promise<unknown[]> {
   return withDaemon(tool, dir, ARGS, async (d) => {
     const { q } = d;
     const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
-      const r = await q.execute(cmd, args);
-      out.push({ cmd, reply: 'error' in r ? r.error : r.return });
+      out.push({ cmd, reply: replyOf(await q.execute(cmd, args)) });
     };
     const gone = (id: string): Promise<QmpMessage> => q.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && JSON.stringify(m.data) === JSON.stringify({ status: 'null', id }), 60000);
     await x('qmp_capabilities');
@@ -210,14 +210,13 @@ async function grouped(tool: Tool, dir: string): Promise<unknown[]> {
     await gone('g1');
     await gone('g2');
     await x('query-named-block-nodes');
-    out.push((out.pop() as { reply: Array<Record<string, unknown>> }).reply.find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
+    out.push(diskBitmaps((out.pop() as { reply: unknown }).reply));
     await x('transaction', pair('g3', 'g4', 0));
     await gone('g3');
     await gone('g4');
     await x('query-named-block-nodes');
-    out.push((out.pop() as { reply: Array<Record<string, unknown>> }).reply.find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
-    const bye = await quit(d);
-    out.push({ cmd: 'quit', reply: 'error' in bye ? bye.error : bye.return });
+    out.push(diskBitmaps((out.pop() as { reply: unknown }).reply));
+    out.push({ cmd: 'quit', reply: replyOf(await quit(d)) });
     // Each job's own events, in order (the two jobs' events interleave as their runs do).
     for (const id of ['g1', 'g2', 'g3', 'g4']) {
       out.push(q.received.filter((m) => m.event && ((m.data as { id?: string }).id === id || (m.data as { device?: string }).device === id))
@@ -259,8 +258,7 @@ async function termDuringBackup(tool: Tool, dir: string): Promise<unknown[]> {
   fs.rmSync(path.join(dir, 'nbd.sock'), { force: true });
   await withDaemon(tool, dir, ARGS, async (d) => {
     ok(await d.q.execute('qmp_capabilities'));
-    const r = await d.q.execute('query-named-block-nodes');
-    out.push((r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
+    out.push(diskBitmaps((await d.q.execute('query-named-block-nodes')).return));
     ok(await quit(d));
   });
   return out;

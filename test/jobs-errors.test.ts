@@ -51,14 +51,43 @@ async function sameView(a: string, b: string): Promise<void> {
   assert.ok((await qemuRawView(a)).equals(await qemuRawView(b)), `${a} and ${b} differ`);
 }
 
+/** The images of a scenario and the command line that opens them. */
+type Images = Pick<Scenario, 'setup' | 'blockdevs'>;
+
+/** src.qcow2 (64 MiB), its first 8 MiB filled with `pattern`: the mirror and backup scenarios. */
+const source = (pattern: string): Images => ({
+  setup: async (dir) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
+    await writeData(dir, 'src.qcow2', [`write -P ${pattern} 0 8M`]);
+  },
+  blockdevs: qcow2Node('src'),
+});
+
+/** base.qcow2 (first 8 MiB 0x11) <- top.qcow2: the stream scenarios. */
+const STREAM_CHAIN: Images = {
+  setup: async (dir) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
+    await writeData(dir, 'base.qcow2', ['write -P 0x11 0 8M']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  },
+  blockdevs: [...qcow2Node('base'), ...qcow2Node('top', ',backing=base')],
+};
+
+/** base.qcow2 <- mid.qcow2 (first 8 MiB 0x22) <- top.qcow2: the commit scenarios. */
+const COMMIT_CHAIN: Images = {
+  setup: async (dir) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
+    await writeData(dir, 'mid.qcow2', ['write -P 0x22 0 8M']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  },
+  blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid')],
+};
+
 const SCENARIOS: Scenario[] = [
   {
     name: 'mirror: on-target-error=stop pauses, resume retries and completes',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x5a 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x5a'),
     script: async ({ q, unlimit }) => {
       await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'bogus' }, 'bad');
       await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'stop' }, 'm');
@@ -75,11 +104,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'mirror: on-target-error=report fails the job',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x5a 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x5a'),
     script: async ({ q }) => {
       await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'auto-dismiss': false }, 'm');
       await nth(q, status('concluded'));
@@ -88,12 +113,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'stream: on-error=stop reports a read error, resume completes',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-      await writeData(dir, 'base.qcow2', ['write -P 0x11 0 8M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-    },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('top', ',backing=base')],
+    ...STREAM_CHAIN,
     script: async ({ q, unlimit }) => {
       await q.execute('block-stream', { 'job-id': 's', device: 'top', 'on-error': 'stop' }, 's');
       await nth(q, status('paused'));
@@ -111,12 +131,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'stream: on-error=ignore copies what it can and fails at the end',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-      await writeData(dir, 'base.qcow2', ['write -P 0x11 0 8M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-    },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('top', ',backing=base')],
+    ...STREAM_CHAIN,
     script: async ({ q }) => {
       await q.execute('block-stream', { 'job-id': 's', device: 'top', 'on-error': 'ignore', 'auto-dismiss': false }, 's');
       await nth(q, status('concluded'));
@@ -130,13 +145,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'commit: a write error into the base is reported',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
-      await writeData(dir, 'mid.qcow2', ['write -P 0x22 0 8M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-    },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid')],
+    ...COMMIT_CHAIN,
     script: async ({ q }) => {
       await q.execute('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', 'base-node': 'base', 'on-error': 'report' }, 'c');
       await nth(q, status('null'));
@@ -144,11 +153,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'backup: on-target-error=enospc reports an error other than ENOSPC',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x33 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x33'),
     script: async ({ q }) => {
       await q.execute('drive-backup', { 'job-id': 'b', device: 'src', target: 'bk.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'enospc' }, 'b');
       await nth(q, status('null'));
@@ -156,11 +161,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'backup: on-target-error=stop pauses, resume retries and completes',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x33 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x33'),
     script: async ({ q, unlimit }) => {
       await q.execute('drive-backup', { 'job-id': 'b', device: 'src', target: 'bk.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'stop' }, 'b');
       await nth(q, status('paused'), 2);
@@ -173,13 +174,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'commit: on-error=stop pauses, resume retries and completes',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
-      await writeData(dir, 'mid.qcow2', ['write -P 0x22 0 8M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-    },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid')],
+    ...COMMIT_CHAIN,
     script: async ({ q, unlimit }) => {
       await q.execute('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', 'base-node': 'base', 'on-error': 'stop' }, 'c');
       await nth(q, status('paused'));
@@ -192,11 +187,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'mirror: on-target-error=ignore goes on and completes once writes succeed',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x5a 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x5a'),
     script: async ({ q, unlimit }) => {
       await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'ignore' }, 'm');
       await nth(q, isEvent('BLOCK_JOB_ERROR'));
