@@ -8,7 +8,6 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
 import { backingChain, daemonArgs, exportView, jobEvent, letters, onBoth, put, quit, transcript, withDaemon, type Tool } from './helpers/live-qmp.js';
 
