@@ -6,16 +6,11 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, benchDir, fmtRatio, sh, table, timeBest } from './util.js';
+import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeBest } from './util.js';
 
-const args = process.argv.slice(2);
-const opt = (name: string, def: number): number => {
-  const i = args.indexOf(name);
-  return i >= 0 ? Number(args[i + 1]) : def;
-};
 const MiB = 1024 ** 2;
-const dirtyGiB = opt('--dirty-gib', 1);
-const reps = opt('--reps', 2);
+const dirtyGiB = numOption('--dirty-gib', 1);
+const reps = numOption('--reps', 2);
 const dir = benchDir('commit');
 const size = 2 * dirtyGiB * 1024 * MiB;
 

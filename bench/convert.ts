@@ -5,16 +5,11 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, benchDir, fmtRatio, sh, table, timeBest } from './util.js';
+import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeBest } from './util.js';
 
-const args = process.argv.slice(2);
-const opt = (name: string, def: number): number => {
-  const i = args.indexOf(name);
-  return i >= 0 ? Number(args[i + 1]) : def;
-};
 const GiB = 1024 ** 3, MiB = 1024 ** 2;
-const sizeGiB = opt('--size-gib', 4);
-const reps = opt('--reps', 2);
+const sizeGiB = numOption('--size-gib', 4);
+const reps = numOption('--reps', 2);
 const dir = benchDir('convert');
 const size = sizeGiB * GiB;
 

@@ -13,22 +13,18 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { benchDir, sh, table } from './util.js';
+import { benchDir, numOption, sh, table } from './util.js';
 import { KINDS, fio, fioAsync, median, peakRssKiB, startServer, type ServerKind } from './servers.js';
-import { QmpClient, type QmpMessage } from './qmp-client.js';
+import { QmpClient, type QmpMessage } from '../test/helpers/qmp-client.js';
 
 const argv = process.argv.slice(2);
-const opt = (name: string, def: number): number => {
-  const i = argv.indexOf(name);
-  return i >= 0 ? Number(argv[i + 1]) : def;
-};
 const optNames = new Set(['--runtime', '--reps', '--size-mib', '--depths']);
 const SECTIONS = ['read', 'write', 'seq', 'commit', 'rss'];
 const wanted = argv.filter((a, i) => !a.startsWith('-') && !optNames.has(argv[i - 1]));
 const sections = wanted.length ? wanted : SECTIONS;
-const runtime = opt('--runtime', 10);
-const reps = opt('--reps', 3);
-const sizeMiB = opt('--size-mib', 1024);
+const runtime = numOption('--runtime', 10);
+const reps = numOption('--reps', 3);
+const sizeMiB = numOption('--size-mib', 1024);
 const depthsArg = argv.indexOf('--depths');
 const depths = depthsArg >= 0 ? argv[depthsArg + 1].split(',').map(Number) : [1, 16, 64];
 const MiB = 1024 * 1024;

@@ -4,16 +4,11 @@
  * Usage: node dist/bench/read.js [--size-mib N] [--count N]
  */
 import fs from 'node:fs';
-import { QCHAIN, benchDir, sh, table, timeBest } from './util.js';
+import { QCHAIN, benchDir, numOption, sh, table, timeBest } from './util.js';
 
-const args = process.argv.slice(2);
-const opt = (name: string, def: number): number => {
-  const i = args.indexOf(name);
-  return i >= 0 ? Number(args[i + 1]) : def;
-};
 const MiB = 1024 * 1024;
-const sizeMiB = opt('--size-mib', 1024);
-const count = opt('--count', 200000);
+const sizeMiB = numOption('--size-mib', 1024);
+const count = numOption('--count', 200000);
 const dir = benchDir('read');
 
 sh('qemu-img', ['create', '-q', '-f', 'qcow2', 'd0.qcow2', `${sizeMiB}M`], dir);

@@ -8,34 +8,20 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, rng, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
+import { oracle, qemuImg, qemuIo, qemuRawView, rng, scratch } from './helpers/qemu.js';
+import type { QmpMessage } from './helpers/qmp-client.js';
+import { daemonArgs, exportView, jobEvent, nbdUri, onBoth, quit, repliesThenEvents, withDaemon, type Tool } from './helpers/live-qmp.js';
 
-const QSD = '/usr/bin/qemu-storage-daemon';
 const SIZE = 16 * 1024 * 1024;
-
-const ARGS = [
-  '--blockdev', 'driver=file,node-name=disk-file,filename=disk.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=disk,file=disk-file',
-  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
-  '--export', 'type=nbd,id=exp0,node-name=disk,name=vda,writable=on',
-  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
-  '--monitor', 'chardev=qmp0',
-];
-
+const ARGS = daemonArgs('disk.qcow2', 'disk');
 
 function norm(m: QmpMessage): Record<string, unknown> {
   const c = JSON.parse(JSON.stringify(m)) as Record<string, unknown>;
   delete c.timestamp;
   if ('QMP' in c) return { QMP: 'greeting' };
   return c;
-}
-
-function jobEvent(id: string, status: string): (m: QmpMessage) => boolean {
-  return (m) => m.event === 'JOB_STATUS_CHANGE' && (m.data as { id: string }).id === id && (m.data as { status: string }).status === status;
 }
 
 /** Random non-overlapping guest writes: `batches` lists of qemu-io commands (4 KiB aligned). */
@@ -57,15 +43,6 @@ function writeBatches(seed: number, batches: number, perBatch: number): string[]
   return out;
 }
 
-async function readExport(uri: string, dir: string, how: 'nbdcopy' | 'qemu-img'): Promise<Buffer> {
-  const out = path.join(dir, 'fleece-view.raw');
-  const r = how === 'nbdcopy' ? await run('nbdcopy', [uri, out]) : await qemuImg(['convert', '-f', 'raw', '-O', 'raw', uri, out]);
-  assert.equal(r.code, 0, r.stderr);
-  const b = fs.readFileSync(out);
-  fs.unlinkSync(out);
-  return b;
-}
-
 async function setup(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
   assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir)).code, 0);
@@ -74,32 +51,26 @@ async function setup(dir: string): Promise<void> {
   assert.equal(w.code, 0, w.stderr);
 }
 
-async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  const uri = (name: string): string => `nbd+unix:///${name}?socket=${path.join(dir, 'nbd.sock')}`;
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+async function session(tool: Tool, dir: string): Promise<unknown[]> {
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
-    const start = await readExport(uri('vda'), dir, 'qemu-img');
+    const start = await exportView(dir, 'vda', 'qemu-img');
     await q.execute('blockdev-add', { driver: 'file', 'node-name': 'fl-file', filename: path.join(dir, 'fleece.qcow2') }, 'c1');
     await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'fleece', file: 'fl-file', backing: 'disk' }, 'c2');
     await q.execute('blockdev-backup', { 'job-id': 'fl', device: 'disk', target: 'fleece', sync: 'none' }, 'c3');
     await q.execute('block-export-add', { type: 'nbd', id: 'fexp', 'node-name': 'fleece', name: 'fleece' }, 'c4');
     // The fleecing view before any write.
-    assert.ok((await readExport(uri('fleece'), dir, 'nbdcopy')).equals(start), `${tool}: fleecing view at start`);
+    assert.ok((await exportView(dir, 'fleece', 'nbdcopy')).equals(start), `${tool}: fleecing view at start`);
     const batches = writeBatches(222, 3, 6);
     for (const [i, cmds] of batches.entries()) {
-      const r = await qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), uri('vda')]);
+      const r = await qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), nbdUri(dir)]);
       assert.equal(r.code, 0, r.stderr);
       const how = i % 2 ? 'qemu-img' : 'nbdcopy';
-      assert.ok((await readExport(uri('fleece'), dir, how)).equals(start), `${tool}: fleecing view after batch ${i} (${how})`);
+      assert.ok((await exportView(dir, 'fleece', how)).equals(start), `${tool}: fleecing view after batch ${i} (${how})`);
       await q.execute('query-block-jobs', undefined, `j${i}`);
     }
-    assert.ok(!(await readExport(uri('vda'), dir, 'qemu-img')).equals(start), 'the guest changed the disk');
+    assert.ok(!(await exportView(dir, 'vda', 'qemu-img')).equals(start), 'the guest changed the disk');
     await q.execute('block-job-cancel', { device: 'fl' }, 'c5');
     await q.waitFor(jobEvent('fl', 'null'));
     await q.execute('query-block-jobs', undefined, 'c6');
@@ -107,33 +78,24 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]>
     await q.waitFor((m) => m.event === 'BLOCK_EXPORT_DELETED');
     await q.execute('blockdev-del', { 'node-name': 'fleece' }, 'c8');
     await q.execute('blockdev-del', { 'node-name': 'fl-file' }, 'c9');
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-    const msgs = q.received.map(norm);
-    return [...msgs.filter((m) => !('event' in m)), ...msgs.filter((m) => 'event' in m)];
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    await quit(d, 'q');
+    return repliesThenEvents(q.received.map(norm));
+  });
 }
 
 describe('image fleecing (blockdev-backup sync=none) vs qemu-storage-daemon', oracle(), () => {
   test('point-in-time view over NBD under random guest writes; cancel; same replies, events and overlay', async () => {
     const root = scratch('qchain-fleece-');
-    const logs: Record<string, unknown[]> = {};
-    const overlay: Record<string, Buffer> = {};
-    const disk: Record<string, Buffer> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      const dir = path.join(root, tool);
+    const res = await onBoth(root, async (tool, dir) => {
       await setup(dir);
-      logs[tool] = await session(tool, dir);
+      const log = await session(tool, dir);
       const c = await qemuImg(['check', path.join(dir, 'fleece.qcow2')]);
       assert.equal(c.code, 0, `${tool}: ${c.stdout}`);
-      overlay[tool] = await qemuRawView(path.join(dir, 'fleece.qcow2'));
-      disk[tool] = await qemuRawView(path.join(dir, 'disk.qcow2'));
-    }
-    assert.deepEqual(logs.qchain, logs.qemu);
-    assert.ok(overlay.qchain.equals(overlay.qemu), 'the overlay holds the same copied clusters');
-    assert.ok(disk.qchain.equals(disk.qemu), 'the disk ends the same');
+      return { log, overlay: await qemuRawView(path.join(dir, 'fleece.qcow2')), disk: await qemuRawView(path.join(dir, 'disk.qcow2')) };
+    });
+    assert.deepEqual(res.qchain.log, res.qemu.log);
+    assert.ok(res.qchain.overlay.equals(res.qemu.overlay), 'the overlay holds the same copied clusters');
+    assert.ok(res.qchain.disk.equals(res.qemu.disk), 'the disk ends the same');
   });
 });
 
@@ -141,15 +103,10 @@ describe('image fleecing under concurrent reads and writes (qchain daemon)', ora
   test('reads of the fleecing export racing guest writes still show the point in time', async () => {
     const dir = path.join(scratch('qchain-fleece-race-'), 'd');
     await setup(dir);
-    const child = spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-    const uri = (name: string): string => `nbd+unix:///${name}?socket=${path.join(dir, 'nbd.sock')}`;
-    try {
-      await waitForSocket(path.join(dir, 'qmp.sock'), child);
-      await waitForSocket(path.join(dir, 'nbd.sock'), child);
-      const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-      await q.waitFor((m) => 'QMP' in m);
+    await withDaemon('qchain', dir, ARGS, async (d) => {
+      const { q } = d;
       await q.execute('qmp_capabilities');
-      const start = await readExport(uri('vda'), dir, 'qemu-img');
+      const start = await exportView(dir, 'vda', 'qemu-img');
       await q.execute('blockdev-add', { driver: 'file', 'node-name': 'fl-file', filename: path.join(dir, 'fleece.qcow2') });
       await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'fleece', file: 'fl-file', backing: 'disk' });
       await q.execute('blockdev-backup', { 'job-id': 'fl', device: 'disk', target: 'fleece', sync: 'none' });
@@ -158,8 +115,8 @@ describe('image fleecing under concurrent reads and writes (qchain daemon)', ora
       // export sweep the same ranges at the same time.
       const batches = writeBatches(333, 4, 8);
       for (const cmds of batches) {
-        const writer = qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c.replace(/^write /, 'aio_write ')]), '-c', 'aio_flush', uri('vda')]);
-        const view = readExport(uri('fleece'), dir, 'nbdcopy');
+        const writer = qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c.replace(/^write /, 'aio_write ')]), '-c', 'aio_flush', nbdUri(dir)]);
+        const view = exportView(dir, 'fleece', 'nbdcopy');
         const [w, v] = await Promise.all([writer, view]);
         assert.equal(w.code, 0, w.stderr);
         if (!v.equals(start)) {
@@ -168,13 +125,10 @@ describe('image fleecing under concurrent reads and writes (qchain daemon)', ora
           assert.fail(`the fleecing view changed at byte ${i} while the guest wrote`);
         }
       }
-      assert.ok(!(await readExport(uri('vda'), dir, 'qemu-img')).equals(start), 'the guest changed the disk');
+      assert.ok(!(await exportView(dir, 'vda', 'qemu-img')).equals(start), 'the guest changed the disk');
       await q.execute('block-job-cancel', { device: 'fl' });
       await q.waitFor(jobEvent('fl', 'null'));
-      await q.execute('quit');
-      await new Promise((r) => child.once('exit', r));
-    } finally {
-      if (child.exitCode === null) child.kill('SIGKILL');
-    }
+      await quit(d);
+    });
   });
 });

@@ -9,37 +9,19 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
+import { oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
+import type { QmpClient, QmpMessage } from './helpers/qmp-client.js';
+import { daemonArgs, exited, exportView, guest, nbdUri, ok, onBoth, quit, withDaemon, type Tool } from './helpers/live-qmp.js';
 
-const QSD = '/usr/bin/qemu-storage-daemon';
+const ARGS = daemonArgs('disk.qcow2', 'disk');
 
+/** What a reply carries: its error, or what it returns. */
+const replyOf = (r: QmpMessage): unknown => ('error' in r ? r.error : r.return);
 
-const ARGS = [
-  '--blockdev', 'driver=file,node-name=disk-file,filename=disk.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=disk,file=disk-file',
-  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
-  '--export', 'type=nbd,id=exp0,node-name=disk,name=vda,writable=on',
-  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
-  '--monitor', 'chardev=qmp0',
-];
-
-/** The guest view of an NBD export, read by qemu-img. */
-async function nbdView(uri: string, dir: string): Promise<Buffer> {
-  const out = path.join(dir, 'view.raw');
-  const r = await qemuImg(['convert', '-f', 'raw', '-O', 'raw', uri, out]);
-  assert.equal(r.code, 0, r.stderr);
-  const b = fs.readFileSync(out);
-  fs.unlinkSync(out);
-  return b;
-}
-
-function ok(r: QmpMessage): void {
-  assert.ok('return' in r, JSON.stringify(r));
-}
+/** The dirty bitmaps of node 'disk' in what query-named-block-nodes returns. */
+const diskBitmaps = (nodes: unknown): unknown => (nodes as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps'];
 
 async function jobDone(q: QmpClient, id: string): Promise<QmpMessage> {
   return q.waitFor((m) => m.event === 'BLOCK_JOB_COMPLETED' && (m.data as { device: string }).device === id, 60000);
@@ -47,29 +29,17 @@ async function jobDone(q: QmpClient, id: string): Promise<QmpMessage> {
 
 interface Result { counts: unknown[]; pullMap: string }
 
-async function recipe(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
+async function recipe(tool: Tool, dir: string): Promise<Result> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
   const w0 = await qemuIo(['-c', 'write -q -P 0xaa 0 3M', '-c', 'write -q -P 0xab 8M 1M', 'disk.qcow2'], dir);
   assert.equal(w0.code, 0, w0.stderr);
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  const uri = (name = 'vda'): string => `nbd+unix:///${name}?socket=${path.join(dir, 'nbd.sock')}`;
-  const guest = async (...cmds: string[]): Promise<void> => {
-    const r = await qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), uri()]);
-    assert.equal(r.code, 0, r.stderr);
-  };
   const counts: unknown[] = [];
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     ok(await q.execute('qmp_capabilities'));
     const bitmaps = async (): Promise<void> => {
-      const r = await q.execute('query-named-block-nodes');
-      const disk = (r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk');
-      counts.push(disk?.['dirty-bitmaps']);
+      counts.push(diskBitmaps((await q.execute('query-named-block-nodes')).return));
     };
     // 1. Full backup and a new bitmap, atomically.
     ok(await q.execute('transaction', {
@@ -82,10 +52,10 @@ async function recipe(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     assert.equal((full.data as { error?: string }).error, undefined);
     await bitmaps();
     // 2. The guest writes.
-    await guest('write -P 0x11 64k 64k', 'write -P 0x12 2M 4k', 'write -z 8M 128k', 'write -P 0x13 12M 1M');
+    await guest(dir, ['write -P 0x11 64k 64k', 'write -P 0x12 2M 4k', 'write -z 8M 128k', 'write -P 0x13 12M 1M']);
     await bitmaps();
     // 3. Incremental into an overlay of the full backup; the guest keeps writing meanwhile.
-    const expected = await nbdView(uri(), dir);
+    const expected = await exportView(dir);
     const inc = await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'full.qcow2', '-F', 'qcow2', 'inc.qcow2'], dir);
     assert.equal(inc.code, 0, inc.stderr);
     ok(await q.execute('drive-backup', {
@@ -93,7 +63,7 @@ async function recipe(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     }));
     const busy = await q.execute('block-dirty-bitmap-remove', { node: 'disk', name: 'bm0' });
     assert.deepEqual(busy.error, { class: 'GenericError', desc: "Bitmap 'bm0' is currently in use by another operation and cannot be used" });
-    await guest('write -P 0x21 12M 64k', 'write -P 0x22 64k 4k', 'write -P 0x23 15M 64k');
+    await guest(dir, ['write -P 0x21 12M 64k', 'write -P 0x22 64k 4k', 'write -P 0x23 15M 64k']);
     ok(await q.execute('block-job-set-speed', { device: 'inc', speed: 0 }));
     const incDone = await jobDone(q, 'inc');
     assert.equal((incDone.data as { error?: string }).error, undefined);
@@ -107,16 +77,16 @@ async function recipe(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
         { type: 'block-dirty-bitmap-add', data: { node: 'disk', name: 'bm1' } },
       ],
     }));
-    await guest('write -P 0x31 4M 64k');
+    await guest(dir, ['write -P 0x31 4M 64k']);
     ok(await q.execute('block-export-add', { type: 'nbd', id: 'pull', 'node-name': 'disk', name: 'pull', bitmaps: ['bm0'] }));
-    const map = await run('nbdinfo', ['--map=qemu:dirty-bitmap:bm0', uri('pull')]);
+    const map = await run('nbdinfo', ['--map=qemu:dirty-bitmap:bm0', nbdUri(dir, 'pull')]);
     assert.equal(map.code, 0, map.stderr);
     await bitmaps();
     ok(await q.execute('block-export-del', { id: 'pull' }));
     // 5. A second incremental (from bm0, which holds the writes made during the first) catches up with the disk.
     const inc2 = await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'inc.qcow2', '-F', 'qcow2', 'inc2.qcow2'], dir);
     assert.equal(inc2.code, 0, inc2.stderr);
-    const now = await nbdView(uri(), dir);
+    const now = await exportView(dir);
     // bm0 is disabled: merge bm1 (writes since the freeze) so the backup covers everything.
     ok(await q.execute('block-dirty-bitmap-merge', { node: 'disk', target: 'bm0', bitmaps: ['bm1'] }));
     ok(await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'inc2', file: { driver: 'file', filename: path.join(dir, 'inc2.qcow2') }, backing: null }));
@@ -125,8 +95,7 @@ async function recipe(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     assert.equal((inc2Done.data as { error?: string }).error, undefined);
     await bitmaps();
     ok(await q.execute('blockdev-del', { 'node-name': 'inc2' }));
-    ok(await q.execute('quit'));
-    await new Promise((r) => child.once('exit', r));
+    ok(await quit(d));
     const view2 = await qemuRawView(path.join(dir, 'inc2.qcow2'));
     assert.ok(view2.equals(now), `${tool}: the second incremental's view is the disk`);
     for (const f of ['disk.qcow2', 'full.qcow2', 'inc.qcow2', 'inc2.qcow2']) {
@@ -136,51 +105,36 @@ async function recipe(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
     counts.push((JSON.parse(info.stdout) as { 'format-specific': { data: { bitmaps?: unknown } } })['format-specific'].data.bitmaps);
     return { counts, pullMap: map.stdout };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+  });
 }
 
 describe('efficient live backup: full + incremental backups, pull mode', oracle(), () => {
   test('the seed 003 recipe gives point-in-time backups and the same bitmaps as QSD', async () => {
     const root = scratch('qchain-backup-inc-');
-    const res: Partial<Record<'qemu' | 'qchain', Result>> = {};
-    for (const tool of ['qemu', 'qchain'] as const) res[tool] = await recipe(tool, path.join(root, tool));
-    assert.deepEqual(res.qchain?.counts, res.qemu?.counts);
-    assert.equal(res.qchain?.pullMap, res.qemu?.pullMap);
+    const res = await onBoth(root, recipe);
+    assert.deepEqual(res.qchain.counts, res.qemu.counts);
+    assert.equal(res.qchain.pullMap, res.qemu.pullMap);
   });
 });
 
 /** Bitmap modes, a cancelled incremental and the argument errors: replies and bitmaps as QSD's. */
-async function modes(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
+async function modes(tool: Tool, dir: string): Promise<unknown[]> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
   for (const t of ['t1', 't2', 't3', 't4', 't5']) await qemuImg(['create', '-q', '-f', 'qcow2', `${t}.qcow2`, '16M'], dir);
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  const uri = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
-  const guest = async (...cmds: string[]): Promise<void> => {
-    const r = await qemuIo(['-f', 'raw', ...cmds.flatMap((c) => ['-c', c]), uri]);
-    assert.equal(r.code, 0, r.stderr);
-  };
   const out: unknown[] = [];
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
-      const r = await q.execute(cmd, args);
-      out.push({ cmd, reply: 'error' in r ? r.error : r.return });
+      out.push({ cmd, reply: replyOf(await q.execute(cmd, args)) });
     };
     const bitmaps = async (): Promise<void> => {
-      const r = await q.execute('query-named-block-nodes');
-      out.push((r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
+      out.push(diskBitmaps((await q.execute('query-named-block-nodes')).return));
     };
     await x('qmp_capabilities');
     for (const t of ['t1', 't2', 't3', 't4', 't5']) await x('blockdev-add', { driver: 'qcow2', 'node-name': t, file: { driver: 'file', filename: path.join(dir, `${t}.qcow2`) } });
     await x('block-dirty-bitmap-add', { node: 'disk', name: 'bA', granularity: 32768 });
-    await guest('write -P 1 0 40k', 'write -P 2 7M 1M');
+    await guest(dir, ['write -P 1 0 40k', 'write -P 2 7M 1M']);
     let seq = 0;
     const backup = (extra: Record<string, unknown>): Promise<void> => x('blockdev-backup', { device: 'disk', 'job-id': `j${++seq}`, ...extra });
     const gone = (): Promise<QmpMessage> => q.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && JSON.stringify(m.data) === JSON.stringify({ status: 'null', id: `j${seq}` }), 60000);
@@ -203,59 +157,47 @@ async function modes(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
     await gone();
     await bitmaps();
     // full with on-success: cleared too.
-    await guest('write -P 3 1M 64k');
+    await guest(dir, ['write -P 3 1M 64k']);
     await backup({ target: 't3', sync: 'full', bitmap: 'bA', 'bitmap-mode': 'on-success' });
     await gone();
     await bitmaps();
     // A cancelled incremental keeps what it was to copy and what was written meanwhile.
-    await guest('write -P 4 2M 64k', 'write -P 5 9M 4k');
+    await guest(dir, ['write -P 4 2M 64k', 'write -P 5 9M 4k']);
     await backup({ target: 't4', sync: 'incremental', bitmap: 'bA', speed: 1 });
-    await guest('write -P 6 12M 100k');
+    await guest(dir, ['write -P 6 12M 100k']);
     await x('block-job-cancel', { device: `j${seq}` });
     await gone();
     await bitmaps();
-    await x('quit');
-    await new Promise((r) => child.once('exit', r));
+    out.push({ cmd: 'quit', reply: replyOf(await quit(d)) });
     return out;
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+  });
 }
 
 describe('bitmap backups: modes, cancel, errors', oracle(), () => {
   test('replies and resulting bitmaps are QSD\'s', async () => {
     const root = scratch('qchain-backup-modes-');
-    const qemu = await modes('qemu', path.join(root, 'qemu'));
-    const ours = await modes('qchain', path.join(root, 'qchain'));
+    const { qemu, qchain: ours } = await onBoth(root, modes);
     assert.deepEqual(ours, qemu);
   });
 });
 
 /** completion-mode=grouped: two incremental backups; cancelling one cancels both and keeps both bitmaps. */
-async function grouped(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
+async function grouped(tool: Tool, dir: string): Promise<unknown[]> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
   for (const t of ['g1', 'g2', 'g3', 'g4']) await qemuImg(['create', '-q', '-f', 'qcow2', `${t}.qcow2`, '16M'], dir);
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  const uri = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
   const out: unknown[] = [];
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
-      const r = await q.execute(cmd, args);
-      out.push({ cmd, reply: 'error' in r ? r.error : r.return });
+      out.push({ cmd, reply: replyOf(await q.execute(cmd, args)) });
     };
     const gone = (id: string): Promise<QmpMessage> => q.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && JSON.stringify(m.data) === JSON.stringify({ status: 'null', id }), 60000);
     await x('qmp_capabilities');
     for (const t of ['g1', 'g2', 'g3', 'g4']) await x('blockdev-add', { driver: 'qcow2', 'node-name': t, file: { driver: 'file', filename: path.join(dir, `${t}.qcow2`) } });
     await x('block-dirty-bitmap-add', { node: 'disk', name: 'x' });
     await x('block-dirty-bitmap-add', { node: 'disk', name: 'y', granularity: 16384 });
-    const w = await qemuIo(['-f', 'raw', '-c', 'write -P 7 1M 64k', '-c', 'write -P 8 5M 20k', uri]);
-    assert.equal(w.code, 0, w.stderr);
+    await guest(dir, ['write -P 7 1M 64k', 'write -P 8 5M 20k']);
     const pair = (a: string, b: string, speed: number): Record<string, unknown> => ({
       actions: [
         { type: 'blockdev-backup', data: { device: 'disk', target: a, sync: 'incremental', bitmap: 'x', 'job-id': a, speed } },
@@ -268,14 +210,13 @@ async function grouped(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]>
     await gone('g1');
     await gone('g2');
     await x('query-named-block-nodes');
-    out.push((out.pop() as { reply: Array<Record<string, unknown>> }).reply.find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
+    out.push(diskBitmaps((out.pop() as { reply: unknown }).reply));
     await x('transaction', pair('g3', 'g4', 0));
     await gone('g3');
     await gone('g4');
     await x('query-named-block-nodes');
-    out.push((out.pop() as { reply: Array<Record<string, unknown>> }).reply.find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
-    await x('quit');
-    await new Promise((r) => child.once('exit', r));
+    out.push(diskBitmaps((out.pop() as { reply: unknown }).reply));
+    out.push({ cmd: 'quit', reply: replyOf(await quit(d)) });
     // Each job's own events, in order (the two jobs' events interleave as their runs do).
     for (const id of ['g1', 'g2', 'g3', 'g4']) {
       out.push(q.received.filter((m) => m.event && ((m.data as { id?: string }).id === id || (m.data as { device?: string }).device === id))
@@ -283,70 +224,50 @@ async function grouped(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]>
         .map((m) => ({ event: m.event, data: m.event === 'BLOCK_JOB_CANCELLED' ? { ...(m.data as object), offset: 'X' } : m.data })));
     }
     return out;
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+  });
 }
 
 describe('grouped transactions of bitmap backups', oracle(), () => {
   test('a cancel cancels the group and keeps every bitmap; success syncs them all: as QSD', async () => {
     const root = scratch('qchain-backup-grouped-');
-    const qemu = await grouped('qemu', path.join(root, 'qemu'));
-    const ours = await grouped('qchain', path.join(root, 'qchain'));
+    const { qemu, qchain: ours } = await onBoth(root, grouped);
     if (process.env.QCHAIN_DEBUG) fs.writeFileSync('/tmp/grouped.json', JSON.stringify({ qemu, ours }, null, 1));
     assert.deepEqual(ours, qemu);
   });
 });
 
 /** SIGTERM during an incremental backup: the persistent bitmap is stored with what was still to copy and the writes since. */
-async function termDuringBackup(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
+async function termDuringBackup(tool: Tool, dir: string): Promise<unknown[]> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 't.qcow2', '16M'], dir);
   const out: unknown[] = [];
-  const start = (): ChildProcess => (tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' }));
-  const uri = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
-  let child = start();
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    let q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+  await withDaemon(tool, dir, ARGS, async ({ child, q }) => {
     ok(await q.execute('qmp_capabilities'));
     ok(await q.execute('block-dirty-bitmap-add', { node: 'disk', name: 'p', persistent: true }));
-    const w = await qemuIo(['-f', 'raw', '-c', 'write -P 1 0 128k', '-c', 'write -P 2 6M 64k', uri]);
-    assert.equal(w.code, 0, w.stderr);
+    await guest(dir, ['write -P 1 0 128k', 'write -P 2 6M 64k']);
     ok(await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 't', file: { driver: 'file', filename: path.join(dir, 't.qcow2') } }));
     ok(await q.execute('blockdev-backup', { device: 'disk', target: 't', sync: 'incremental', bitmap: 'p', 'job-id': 'j', speed: 1 }));
-    const w2 = await qemuIo(['-f', 'raw', '-c', 'write -P 3 9M 4k', uri]);
-    assert.equal(w2.code, 0, w2.stderr);
+    await guest(dir, ['write -P 3 9M 4k']);
     child.kill('SIGTERM');
-    await new Promise((r) => child.once('exit', r));
-    const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
-    out.push((JSON.parse(info.stdout) as { 'format-specific': { data: { bitmaps?: unknown } } })['format-specific'].data.bitmaps);
-    fs.rmSync(path.join(dir, 'qmp.sock'), { force: true });
-    fs.rmSync(path.join(dir, 'nbd.sock'), { force: true });
-    child = start();
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
-    ok(await q.execute('qmp_capabilities'));
-    const r = await q.execute('query-named-block-nodes');
-    out.push((r.return as Array<Record<string, unknown>>).find((n) => n['node-name'] === 'disk')?.['dirty-bitmaps']);
-    ok(await q.execute('quit'));
-    await new Promise((res) => child.once('exit', res));
-    return out;
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    await exited(child);
+  });
+  const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
+  out.push((JSON.parse(info.stdout) as { 'format-specific': { data: { bitmaps?: unknown } } })['format-specific'].data.bitmaps);
+  fs.rmSync(path.join(dir, 'qmp.sock'), { force: true });
+  fs.rmSync(path.join(dir, 'nbd.sock'), { force: true });
+  await withDaemon(tool, dir, ARGS, async (d) => {
+    ok(await d.q.execute('qmp_capabilities'));
+    out.push(diskBitmaps((await d.q.execute('query-named-block-nodes')).return));
+    ok(await quit(d));
+  });
+  return out;
 }
 
 describe('shutdown during a bitmap backup', oracle(), () => {
   test('SIGTERM keeps the bitmap whole (stored, reloaded), as QSD', async () => {
     const root = scratch('qchain-backup-term-');
-    const qemu = await termDuringBackup('qemu', path.join(root, 'qemu'));
-    const ours = await termDuringBackup('qchain', path.join(root, 'qchain'));
+    const { qemu, qchain: ours } = await onBoth(root, termDuringBackup);
     assert.deepEqual(ours, qemu);
   });
 });

@@ -7,14 +7,11 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
-
-const QSD = '/usr/bin/qemu-storage-daemon';
-
+import { oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
+import type { QmpMessage } from './helpers/qmp-client.js';
+import { nbdUri, qcow2Node, quit, serve, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 /** Timestamps dropped; query-named-block-nodes reduced to the bitmaps of the nodes that have some. */
 function norm(m: QmpMessage): unknown {
@@ -29,33 +26,23 @@ function norm(m: QmpMessage): unknown {
 }
 
 const ARGS = [
-  '--blockdev', 'driver=file,node-name=tgt-file,filename=tgt.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=tgt,file=tgt-file',
+  ...qcow2Node('tgt'),
   '--blockdev', 'driver=file,node-name=bkfull-file,filename=bkfull.qcow2',
   '--blockdev', 'driver=file,node-name=bkinc-file,filename=bkinc.qcow2',
-  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
-  '--export', 'type=nbd,id=exp0,node-name=tgt,name=vda,writable=on',
-  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
-  '--monitor', 'chardev=qmp0',
+  ...serve('tgt'),
 ];
 
 interface Result { log: unknown[]; map: string; incMap: string }
 
-async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
+async function session(tool: Tool, dir: string): Promise<Result> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '64M'], dir);
   const w = await qemuIo(['-c', 'write -q -P 0x5a 0 3M', '-c', 'write -q -P 0x5b 4M 64k', '-c', 'write -q -P 0x5c 6M 128k', 'tgt.qcow2'], dir);
   assert.equal(w.code, 0, w.stderr);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'bkfull.qcow2', '64M'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'bkfull.qcow2', '-F', 'qcow2', 'bkinc.qcow2'], dir);
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  const uri = (name: string): string => `nbd+unix:///${name}?socket=${path.join(dir, 'nbd.sock')}`;
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     const ev = (status: string, id: string): Promise<QmpMessage> =>
       q.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && JSON.stringify(m.data) === JSON.stringify({ status, id }), 60000);
     await q.execute('qmp_capabilities', undefined, 'c1');
@@ -68,7 +55,7 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     }, 'c26');
     await ev('null', 'backup-full');
     for (const c of ['write -q -P 0xf1 8M 64k', 'write -q -P 0xf2 10M 128k']) {
-      const r = await qemuIo(['-f', 'raw', '-c', c, uri('vda')]);
+      const r = await qemuIo(['-f', 'raw', '-c', c, nbdUri(dir)]);
       assert.equal(r.code, 0, r.stderr);
     }
     await q.execute('query-named-block-nodes', { flat: true }, 'nodes27');
@@ -80,7 +67,7 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
       ],
     }, 'c29');
     await q.execute('block-export-add', { type: 'nbd', id: 'exp1', 'node-name': 'tgt', name: 'vda-bm', writable: false, bitmaps: ['bm0-export'], 'allocation-depth': true }, 'c30');
-    const map = await run('nbdinfo', ['--map=qemu:dirty-bitmap:bm0-export', uri('vda-bm')]);
+    const map = await run('nbdinfo', ['--map=qemu:dirty-bitmap:bm0-export', nbdUri(dir, 'vda-bm')]);
     assert.equal(map.code, 0, map.stderr);
     await q.execute('block-export-del', { id: 'exp1' }, 'c31');
     await q.waitFor((m) => m.event === 'BLOCK_EXPORT_DELETED');
@@ -95,15 +82,12 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     await q.execute('job-dismiss', { id: 'backup-inc' }, 'c43');
     await q.execute('query-named-block-nodes', { flat: true }, 'nodes44');
     await q.execute('blockdev-del', { 'node-name': 'bkinc' }, 'c45');
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
+    await quit(d, 'q');
     const inc = await qemuImg(['map', '--output=json', 'json:{"driver":"qcow2","backing":null,"file":{"driver":"file","filename":"bkinc.qcow2"}}'], dir);
     assert.equal(inc.code, 0, inc.stderr);
     const incMap = JSON.stringify((JSON.parse(inc.stdout) as Array<Record<string, unknown>>).map((e) => ({ ...e, offset: undefined })));
     return { log: q.received.map(norm), map: map.stdout, incMap };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+  });
 }
 
 describe('live backup transcript vs qemu-storage-daemon', oracle(), () => {

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuImgSync, qemuIoSync, qemuRawView, rng, scratch } from './helpers/qemu.js';
 import { copyDir, qchainImg } from './helpers/chains.js';
-import { runAndKill } from './helpers/crash.js';
+import { killLoop } from './helpers/crash.js';
 
 
 /** A 3-layer chain with most of its data in the top and the middle (16 MiB virtual). */
@@ -54,34 +54,23 @@ async function crashLoop(name: string, args: string[], written: string[], iterat
   assert.equal((await qemuImg(args, exp)).code, 0);
   const expected = new Map<string, Buffer>();
   for (const n of written) expected.set(n, await qemuRawView(path.join(exp, n)));
-  // How long an uninterrupted run works after its first write, so kills land all over it.
-  const probe = path.join(root, 'probe');
-  copyDir(src, probe);
-  const window = (await runAndKill(args, probe, 60_000, written[0])).active;
-  const r = rng(seed);
-  let killed = 0;
-  for (let it = 0; it < iterations; it++) {
-    const dir = path.join(root, `it${it}`);
-    copyDir(src, dir);
-    // Kills land after the first write to the first file the command changes.
-    const delay = Math.floor(r() * window * 0.9);
-    const ctx = `${name} iteration ${it}, kill ${delay} ms after the first write (full run ~${window} ms)`;
-    if ((await runAndKill(args, dir, delay, written[0])).killed) killed++;
-    for (const n of written) await assertConsistent(path.join(dir, n), ctx);
-    const view = await qemuRawView(path.join(dir, 'top.qcow2'));
-    assert.ok(view.equals(original), `${ctx}: top's guest view changed`);
-    const again = await qchainImg(args, dir);
-    assert.equal(again.code, 0, `${ctx}: re-run: ${again.stderr}`);
-    for (const n of written) {
-      const v = await qemuRawView(path.join(dir, n));
-      assert.ok(v.equals(expected.get(n) as Buffer), `${ctx}: ${n} after re-run differs from qemu-img's result`);
-      const chk = await qemuImg(['check', '-r', 'leaks', path.join(dir, n)]);
-      assert.equal(chk.code, 0, `${ctx}: ${n}: ${chk.stdout}`);
-    }
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
-  // Runs must really be interrupted (a run that finished first proves little).
-  assert.ok(killed >= Math.ceil(iterations / 3), `${name}: only ${killed} of ${iterations} runs were killed`);
+  // Kills land after the first write to the first file the command changes.
+  await killLoop({
+    name, root, src, args, watch: written[0], iterations, seed,
+    after: async (dir, ctx) => {
+      for (const n of written) await assertConsistent(path.join(dir, n), ctx);
+      const view = await qemuRawView(path.join(dir, 'top.qcow2'));
+      assert.ok(view.equals(original), `${ctx}: top's guest view changed`);
+      const again = await qchainImg(args, dir);
+      assert.equal(again.code, 0, `${ctx}: re-run: ${again.stderr}`);
+      for (const n of written) {
+        const v = await qemuRawView(path.join(dir, n));
+        assert.ok(v.equals(expected.get(n) as Buffer), `${ctx}: ${n} after re-run differs from qemu-img's result`);
+        const chk = await qemuImg(['check', '-r', 'leaks', path.join(dir, n)]);
+        assert.equal(chk.code, 0, `${ctx}: ${n}: ${chk.stdout}`);
+      }
+    },
+  });
 }
 
 describe('crash safety of commit and rebase (SIGKILL at random moments)', oracle(), () => {

@@ -8,37 +8,20 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qchain, qemuImg, qemuImgSync, qemuIoSync, scratch } from './helpers/qemu.js';
-import { CLUSTER, backingOf, buildChain, check, copyDir, letters, mapShape, qchainImg, views, type Layer } from './helpers/chains.js';
+import { CLUSTER, backingOf, buildChain, check, letters, mapShape, qchainImg, sameViews, seedChain, sideBySideDirs, views, type Layer } from './helpers/chains.js';
 import { openChain } from '../src/chain/open.js';
 import { deletionCost } from '../src/ops/plan.js';
 import { Qcow2Image } from '../src/qcow2/image.js';
 
-const SEED: Layer[] = [
-  { name: 'base.qcow2', row: 'AAAA--------' },
-  { name: 'sn1.qcow2', row: '--BBBB------' },
-  { name: 'sn2.qcow2', row: '-----CCCC---' },
-  { name: 'cur.qcow2', row: 'D-------DD--' },
-];
+const SEED = seedChain('cur.qcow2');
 const FILES = SEED.map((l) => l.name);
 
 /** Build `layers` in a fresh folder, run `args` with qemu-img in q/ and with qchain in c/. */
 async function sideBySide(layers: Layer[], args: string[]): Promise<{ q: string; c: string; rq: { code: number; stdout: string; stderr: string }; rc: { code: number; stdout: string; stderr: string } }> {
-  const dir = scratch();
-  const src = path.join(dir, 'src');
-  fs.mkdirSync(src);
-  buildChain(src, layers);
-  const q = path.join(dir, 'q'), c = path.join(dir, 'c');
-  copyDir(src, q);
-  copyDir(src, c);
+  const { q, c } = sideBySideDirs(layers);
   const rq = await qemuImg(args, q);
   const rc = await qchainImg(args, c);
   return { q, c, rq, rc };
-}
-
-async function sameViews(q: string, c: string, names: string[]): Promise<Map<string, Buffer>> {
-  const vq = await views(q, names), vc = await views(c, names);
-  for (const n of names) assert.ok(vq.get(n)?.equals(vc.get(n) as Buffer), `guest view of ${n}: qemu ${letters(vq.get(n) as Buffer)} qchain ${letters(vc.get(n) as Buffer)}`);
-  return vc;
 }
 
 test('commit -b base: the seed table (base gets DABBBCCCDD--, sn1/sn2 change, top and pointers stay)', oracle(), async () => {
@@ -111,15 +94,10 @@ test('commit into a raw base', oracle(), async () => {
 });
 
 test('commit grows a smaller base to the top\'s size', { ...oracle(), todo: typeof (Qcow2Image.prototype as { resize?: unknown }).resize === 'function' ? undefined : 'needs the qcow2 driver resize' }, async () => {
-  const dir = scratch();
-  const src = path.join(dir, 'src');
-  fs.mkdirSync(src);
-  buildChain(src, [{ name: 'base.qcow2', row: 'AAAA' }]);
-  qemuImgSync(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2', `${8 * CLUSTER}`], src);
-  qemuIoSync(['-c', `write -P 0x45 ${2 * CLUSTER} ${4 * CLUSTER}`, 'top.qcow2'], src);
-  const q = path.join(dir, 'q'), c = path.join(dir, 'c');
-  copyDir(src, q);
-  copyDir(src, c);
+  const { q, c } = sideBySideDirs([{ name: 'base.qcow2', row: 'AAAA' }], (src) => {
+    qemuImgSync(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2', `${8 * CLUSTER}`], src);
+    qemuIoSync(['-c', `write -P 0x45 ${2 * CLUSTER} ${4 * CLUSTER}`, 'top.qcow2'], src);
+  });
   assert.equal((await qemuImg(['commit', 'top.qcow2'], q)).code, 0);
   const rc = await qchainImg(['commit', 'top.qcow2'], c);
   assert.equal(rc.code, 0, rc.stderr);
@@ -195,15 +173,10 @@ test('deletionCost: pulling B into C vs committing C into B, from the layers\' m
 });
 
 test('commit of a top with an internal snapshot: discard path, snapshot kept (as qemu-img)', oracle(), async () => {
-  const dir = scratch();
-  const src = path.join(dir, 'src');
-  fs.mkdirSync(src);
-  buildChain(src, [{ name: 'base.qcow2', row: 'AAAA' }, { name: 'top.qcow2', row: 'BB--' }]);
-  qemuImgSync(['snapshot', '-c', 's1', 'top.qcow2'], src);
-  qemuIoSync(['-c', `write -P 0x43 ${CLUSTER / 2} ${CLUSTER * 2}`, 'top.qcow2'], src);
-  const q = path.join(dir, 'q'), c = path.join(dir, 'c');
-  copyDir(src, q);
-  copyDir(src, c);
+  const { q, c } = sideBySideDirs([{ name: 'base.qcow2', row: 'AAAA' }, { name: 'top.qcow2', row: 'BB--' }], (src) => {
+    qemuImgSync(['snapshot', '-c', 's1', 'top.qcow2'], src);
+    qemuIoSync(['-c', `write -P 0x43 ${CLUSTER / 2} ${CLUSTER * 2}`, 'top.qcow2'], src);
+  });
   assert.equal((await qemuImg(['commit', 'top.qcow2'], q)).code, 0);
   const rc = await qchainImg(['commit', 'top.qcow2'], c);
   assert.equal(rc.code, 0, rc.stderr);

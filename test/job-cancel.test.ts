@@ -7,14 +7,12 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Job } from '../src/jobs/job.js';
-import { QCHAIN, oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
-
-const QSD = '/usr/bin/qemu-storage-daemon';
+import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import type { QmpClient, QmpMessage } from './helpers/qmp-client.js';
+import { daemonArgs, jobEvent, onBoth, quit, repliesThenEvents, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 describe('Job.cancel in process', () => {
   const make = (): { job: Job; events: string[]; gone: Promise<void> } => {
@@ -84,18 +82,7 @@ function norm(m: QmpMessage): Record<string, unknown> {
   return c;
 }
 
-function jobEvent(id: string, status: string): (m: QmpMessage) => boolean {
-  return (m) => m.event === 'JOB_STATUS_CHANGE' && (m.data as { id: string }).id === id && (m.data as { status: string }).status === status;
-}
-
-const ARGS = [
-  '--blockdev', 'driver=file,node-name=top-file,filename=top.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=top,file=top-file',
-  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
-  '--export', 'type=nbd,id=exp0,node-name=top,name=vda,writable=on',
-  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
-  '--monitor', 'chardev=qmp0',
-];
+const ARGS = daemonArgs('top.qcow2', 'top');
 
 async function setup(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
@@ -113,14 +100,9 @@ async function readOnly(q: QmpClient, file: string): Promise<unknown> {
   return (r.return as Array<{ file: string; ro: unknown; drv: string }>).find((n) => n.drv === 'qcow2' && n.file.endsWith(file))?.ro;
 }
 
-async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+async function session(tool: Tool, dir: string): Promise<unknown[]> {
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
     const seen: unknown[] = [await readOnly(q, 'base.qcow2')];
     // An intermediate commit held back by a speed limit, paused, then cancelled.
@@ -144,32 +126,27 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]>
     await q.execute('block-job-cancel', { device: 'fl', force: true }, 'c9b');
     await q.waitFor(jobEvent('fl', 'null'));
     await q.execute('query-block-jobs', undefined, 'c10');
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-    const msgs = q.received.map(norm).filter((m) => !(m.id === undefined && 'return' in m));
-    return [seen, ...msgs.filter((m) => !('event' in m) && typeof m.id === 'string' && /^c\d+b?$/.test(m.id)), ...msgs.filter((m) => 'event' in m)];
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    await quit(d, 'q');
+    const msgs = q.received.map(norm).filter((m) => !(m.id === undefined && 'return' in m))
+      .filter((m) => 'event' in m || (typeof m.id === 'string' && /^c\d+b?$/.test(m.id)));
+    return [seen, ...repliesThenEvents(msgs)];
+  });
 }
 
 describe('cancel timing vs qemu-storage-daemon', oracle(), () => {
   test('paused commit and fleecing backup cancelled: same events, base read-only again before null', async () => {
     const root = scratch('qchain-cancel-');
-    const logs: Record<string, unknown[]> = {};
-    const info: Record<string, string> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      const dir = path.join(root, tool);
+    const res = await onBoth(root, async (tool, dir) => {
       await setup(dir);
-      logs[tool] = await session(tool, dir);
+      const log = await session(tool, dir);
       const c = await qemuImg(['check', path.join(dir, 'base.qcow2')]);
       assert.equal(c.code, 0, `${tool}: ${c.stdout}`);
       // The base's size depends on how much was committed before the cancel (the chunk size): not compared.
       const chain = JSON.parse((await qemuImg(['info', '--output=json', '--backing-chain', 'top.qcow2'], dir)).stdout) as Array<Record<string, unknown>>;
-      info[tool] = JSON.stringify(chain.map((x) => ({ ...x, 'actual-size': undefined })));
-    }
-    assert.deepEqual(logs.qchain, logs.qemu);
-    assert.deepEqual((logs.qemu[0] as unknown[]), [true, false, true]);
-    assert.equal(info.qchain, info.qemu);
+      return { log, info: JSON.stringify(chain.map((x) => ({ ...x, 'actual-size': undefined }))) };
+    });
+    assert.deepEqual(res.qchain.log, res.qemu.log);
+    assert.deepEqual((res.qemu.log[0] as unknown[]), [true, false, true]);
+    assert.equal(res.qchain.info, res.qemu.info);
   });
 });

@@ -12,9 +12,8 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
-
-const QSD = '/usr/bin/qemu-storage-daemon';
+import type { QmpClient, QmpMessage } from './helpers/qmp-client.js';
+import { MONITOR, QSD, connectQmp, exited, killIfRunning, onBoth, qcow2Node, type Tool } from './helpers/live-qmp.js';
 /** The file size limit, in 1 KiB blocks: 4 MiB. */
 const LIMIT = 4096;
 
@@ -32,11 +31,6 @@ interface Scenario {
   script: (c: Ctx) => Promise<void>;
   /** Check the files once the daemon is gone. */
   after?: (dir: string) => Promise<void>;
-}
-
-function qcow2Node(name: string, backing?: string): string[] {
-  return ['--blockdev', `driver=file,node-name=${name}-file,filename=${name}.qcow2`,
-    '--blockdev', `driver=qcow2,node-name=${name},file=${name}-file${backing === undefined ? '' : `,backing=${backing}`}`];
 }
 
 const isEvent = (name: string, pred: (d: Record<string, unknown>) => boolean = () => true) =>
@@ -57,14 +51,43 @@ async function sameView(a: string, b: string): Promise<void> {
   assert.ok((await qemuRawView(a)).equals(await qemuRawView(b)), `${a} and ${b} differ`);
 }
 
+/** The images of a scenario and the command line that opens them. */
+type Images = Pick<Scenario, 'setup' | 'blockdevs'>;
+
+/** src.qcow2 (64 MiB), its first 8 MiB filled with `pattern`: the mirror and backup scenarios. */
+const source = (pattern: string): Images => ({
+  setup: async (dir) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
+    await writeData(dir, 'src.qcow2', [`write -P ${pattern} 0 8M`]);
+  },
+  blockdevs: qcow2Node('src'),
+});
+
+/** base.qcow2 (first 8 MiB 0x11) <- top.qcow2: the stream scenarios. */
+const STREAM_CHAIN: Images = {
+  setup: async (dir) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
+    await writeData(dir, 'base.qcow2', ['write -P 0x11 0 8M']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  },
+  blockdevs: [...qcow2Node('base'), ...qcow2Node('top', ',backing=base')],
+};
+
+/** base.qcow2 <- mid.qcow2 (first 8 MiB 0x22) <- top.qcow2: the commit scenarios. */
+const COMMIT_CHAIN: Images = {
+  setup: async (dir) => {
+    await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
+    await writeData(dir, 'mid.qcow2', ['write -P 0x22 0 8M']);
+    await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  },
+  blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid')],
+};
+
 const SCENARIOS: Scenario[] = [
   {
     name: 'mirror: on-target-error=stop pauses, resume retries and completes',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x5a 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x5a'),
     script: async ({ q, unlimit }) => {
       await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'bogus' }, 'bad');
       await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'stop' }, 'm');
@@ -81,11 +104,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'mirror: on-target-error=report fails the job',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x5a 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x5a'),
     script: async ({ q }) => {
       await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'auto-dismiss': false }, 'm');
       await nth(q, status('concluded'));
@@ -94,12 +113,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'stream: on-error=stop reports a read error, resume completes',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-      await writeData(dir, 'base.qcow2', ['write -P 0x11 0 8M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-    },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('top', 'base')],
+    ...STREAM_CHAIN,
     script: async ({ q, unlimit }) => {
       await q.execute('block-stream', { 'job-id': 's', device: 'top', 'on-error': 'stop' }, 's');
       await nth(q, status('paused'));
@@ -117,12 +131,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'stream: on-error=ignore copies what it can and fails at the end',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-      await writeData(dir, 'base.qcow2', ['write -P 0x11 0 8M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-    },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('top', 'base')],
+    ...STREAM_CHAIN,
     script: async ({ q }) => {
       await q.execute('block-stream', { 'job-id': 's', device: 'top', 'on-error': 'ignore', 'auto-dismiss': false }, 's');
       await nth(q, status('concluded'));
@@ -136,13 +145,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'commit: a write error into the base is reported',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
-      await writeData(dir, 'mid.qcow2', ['write -P 0x22 0 8M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-    },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', 'base'), ...qcow2Node('top', 'mid')],
+    ...COMMIT_CHAIN,
     script: async ({ q }) => {
       await q.execute('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', 'base-node': 'base', 'on-error': 'report' }, 'c');
       await nth(q, status('null'));
@@ -150,11 +153,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'backup: on-target-error=enospc reports an error other than ENOSPC',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x33 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x33'),
     script: async ({ q }) => {
       await q.execute('drive-backup', { 'job-id': 'b', device: 'src', target: 'bk.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'enospc' }, 'b');
       await nth(q, status('null'));
@@ -162,11 +161,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'backup: on-target-error=stop pauses, resume retries and completes',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x33 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x33'),
     script: async ({ q, unlimit }) => {
       await q.execute('drive-backup', { 'job-id': 'b', device: 'src', target: 'bk.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'stop' }, 'b');
       await nth(q, status('paused'), 2);
@@ -179,13 +174,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'commit: on-error=stop pauses, resume retries and completes',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
-      await writeData(dir, 'mid.qcow2', ['write -P 0x22 0 8M']);
-      await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-    },
-    blockdevs: [...qcow2Node('base'), ...qcow2Node('mid', 'base'), ...qcow2Node('top', 'mid')],
+    ...COMMIT_CHAIN,
     script: async ({ q, unlimit }) => {
       await q.execute('block-commit', { 'job-id': 'c', device: 'top', 'top-node': 'mid', 'base-node': 'base', 'on-error': 'stop' }, 'c');
       await nth(q, status('paused'));
@@ -198,11 +187,7 @@ const SCENARIOS: Scenario[] = [
   },
   {
     name: 'mirror: on-target-error=ignore goes on and completes once writes succeed',
-    setup: async (dir) => {
-      await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', '64M'], dir);
-      await writeData(dir, 'src.qcow2', ['write -P 0x5a 0 8M']);
-    },
-    blockdevs: qcow2Node('src'),
+    ...source('0x5a'),
     script: async ({ q, unlimit }) => {
       await q.execute('drive-mirror', { 'job-id': 'j', device: 'src', target: 'tgt.qcow2', format: 'qcow2', sync: 'full', 'on-target-error': 'ignore' }, 'm');
       await nth(q, isEvent('BLOCK_JOB_ERROR'));
@@ -250,19 +235,17 @@ function normalise(msgs: QmpMessage[]): { events: unknown[]; replies: Record<str
   return { events, replies };
 }
 
-async function session(tool: 'qemu' | 'qchain', sc: Scenario, dir: string): Promise<{ events: unknown[]; replies: Record<string, unknown> }> {
+async function session(tool: Tool, sc: Scenario, dir: string): Promise<{ events: unknown[]; replies: Record<string, unknown> }> {
   fs.mkdirSync(dir, { recursive: true });
   await sc.setup(dir);
-  const args = [...sc.blockdevs, '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off', '--monitor', 'chardev=qmp0'];
+  const args = [...sc.blockdevs, ...MONITOR];
   const cmd = tool === 'qemu' ? [QSD, ...args] : [process.execPath, QCHAIN, 'daemon', ...args];
   const quoted = cmd.map((a) => `'${a.replace(/'/g, "'\\''")}'`).join(' ');
   const child = spawn('bash', ['-c', `ulimit -S -f ${LIMIT}; exec ${quoted}`], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
   try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+    const q = await connectQmp(dir, child);
     await q.execute('qmp_capabilities', undefined, 'cap');
     await sc.script({
       q,
@@ -272,12 +255,12 @@ async function session(tool: 'qemu' | 'qchain', sc: Scenario, dir: string): Prom
       },
     });
     await q.execute('quit', undefined, 'quit');
-    await new Promise<void>((r) => (child.exitCode !== null ? r() : child.on('exit', () => r())));
+    await exited(child);
     q.close();
     assert.equal(child.exitCode, 0, `${tool}: ${stderr}`);
     return normalise(q.received);
   } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
+    killIfRunning(child);
   }
 }
 
@@ -285,8 +268,7 @@ describe('job error policies against qemu-storage-daemon (file size limit)', { s
   for (const sc of SCENARIOS) {
     test(sc.name, { timeout: 120000 }, async () => {
       const root = scratch('qchain-joberr-');
-      const qemu = await session('qemu', sc, path.join(root, 'qemu'));
-      const ours = await session('qchain', sc, path.join(root, 'qchain'));
+      const { qemu, qchain: ours } = await onBoth(root, (tool, dir) => session(tool, sc, dir));
       assert.deepEqual(ours.events, qemu.events);
       assert.deepEqual(ours.replies, qemu.replies);
       if (sc.after) {

@@ -8,9 +8,8 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { daemonArgs, jobEvent, letters, put, start, transcript, type Tool } from './helpers/live-qmp.js';
+import { backingChain, daemonArgs, exportView, jobEvent, letters, onBoth, put, quit, transcript, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 type Variant = 'blockdev-top' | 'drive-top' | 'drive-none';
 const VARIANTS: Record<Variant, string> = { 'blockdev-top': '--B-', 'drive-top': 'A-B-', 'drive-none': 'A-B-' };
@@ -22,9 +21,8 @@ async function backingMode(tool: Tool, dir: string, v: Variant): Promise<{ log: 
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', 't.qcow2'], dir);
   await qemuIo(['-c', put('B', 2, 1), 't.qcow2'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '4M'], dir);
-  const { child, q } = await start(tool, dir, daemonArgs('t.qcow2', 't'));
-  let view = '';
-  try {
+  const { q, view } = await withDaemon(tool, dir, daemonArgs('t.qcow2', 't'), async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
     if (v === 'blockdev-top') {
       await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: 'tgt.qcow2' }, backing: null }, 'a1');
@@ -35,17 +33,11 @@ async function backingMode(tool: Tool, dir: string, v: Variant): Promise<{ log: 
     await q.waitFor(jobEvent('j', 'ready'));
     await q.execute('job-complete', { id: 'j' }, 'm2');
     await q.waitFor(jobEvent('j', 'null'));
-    const raw = path.join(dir, 'guest.raw');
-    const cv = await qemuImg(['convert', '-f', 'raw', '-O', 'raw', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`, raw]);
-    assert.equal(cv.code, 0, cv.stderr);
-    view = letters(fs.readFileSync(raw));
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
-  const info = await qemuImg(['info', '--backing-chain', 'tgt.qcow2'], dir);
-  const chain = info.stdout.split('\n').filter((l) => /^(image|backing file):/.test(l)).join('\n');
+    const view = letters(await exportView(dir));
+    await quit(d, 'q');
+    return { q, view };
+  });
+  const chain = await backingChain(dir, 'tgt.qcow2');
   return { log: transcript(q), view, chain };
 }
 
@@ -53,13 +45,13 @@ describe('the mirror target\'s backing at the pivot, as in QSD', oracle(), () =>
   for (const v of Object.keys(VARIANTS) as Variant[]) {
     test(`${v}: the guest sees ${VARIANTS[v]}; same chain, replies and events`, async () => {
       const root = scratch('qchain-mirror-backing-');
-      const res: Partial<Record<Tool, { log: unknown[]; view: string; chain: string }>> = {};
-      for (const tool of ['qemu', 'qchain'] as const) {
-        res[tool] = await backingMode(tool, path.join(root, tool), v);
-        assert.equal(res[tool]?.view, VARIANTS[v], `${tool}: guest view after the pivot`);
-      }
-      assert.equal(res.qchain?.chain, res.qemu?.chain);
-      assert.deepEqual(res.qchain?.log, res.qemu?.log);
+      const res = await onBoth(root, async (tool, dir) => {
+        const r = await backingMode(tool, dir, v);
+        assert.equal(r.view, VARIANTS[v], `${tool}: guest view after the pivot`);
+        return r;
+      });
+      assert.equal(res.qchain.chain, res.qemu.chain);
+      assert.deepEqual(res.qchain.log, res.qemu.log);
     });
   }
 });

@@ -11,17 +11,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
-
-const QSD = '/usr/bin/qemu-storage-daemon';
-
-async function waitForSocket(p: string, child: ChildProcess): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (fs.existsSync(p)) return;
-    if (child.exitCode !== null) throw new Error(`daemon exited with ${child.exitCode}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-  throw new Error(`no socket at ${p}`);
-}
+import { waitForSocket } from './helpers/qmp-client.js';
+import { QSD } from './helpers/live-qmp.js';
 
 function qsdArgs(file: string, sock: string, extra = ''): string[] {
   return ['--blockdev', `driver=file,node-name=f0,filename=${file}`, '--blockdev', 'driver=qcow2,node-name=d0,file=f0',

@@ -7,14 +7,11 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
-
-const QSD = '/usr/bin/qemu-storage-daemon';
-
+import { oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
+import { waitForSocket, type QmpMessage } from './helpers/qmp-client.js';
+import { daemonArgs, exited, killIfRunning, nbdUri, onBoth, quit, spawnDaemon, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 /** Drop timestamps; keep only the bitmaps of query-named-block-nodes (the rest is covered elsewhere). */
 function norm(m: QmpMessage): unknown {
@@ -28,14 +25,7 @@ function norm(m: QmpMessage): unknown {
   return c;
 }
 
-const ARGS = [
-  '--blockdev', 'driver=file,node-name=disk-file,filename=disk.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=disk,file=disk-file',
-  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
-  '--export', 'type=nbd,id=exp0,node-name=disk,name=vda,writable=on',
-  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
-  '--monitor', 'chardev=qmp0',
-];
+const ARGS = daemonArgs('disk.qcow2', 'disk');
 
 async function setup(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
@@ -47,10 +37,6 @@ async function setup(dir: string): Promise<void> {
   await qemuImg(['bitmap', '--add', 'ro.qcow2', 'pold'], dir);
 }
 
-function nbdUri(dir: string, name = 'vda'): string {
-  return `nbd+unix:///${name}?socket=${path.join(dir, 'nbd.sock')}`;
-}
-
 async function guestWrite(dir: string, cmd: string): Promise<void> {
   const w = await qemuIo(['-f', 'raw', '-c', cmd, nbdUri(dir)]);
   assert.equal(w.code, 0, w.stderr);
@@ -58,15 +44,10 @@ async function guestWrite(dir: string, cmd: string): Promise<void> {
 
 interface Result { log: unknown[]; maps: string[]; info: string; check: string }
 
-async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
+async function session(tool: Tool, dir: string): Promise<Result> {
   const maps: string[] = [];
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'cap');
     await q.execute('query-named-block-nodes', undefined, 'nodes0');
     await q.execute('block-dirty-bitmap-add', { node: 'disk', name: 'b0' }, 'add0');
@@ -162,20 +143,17 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<Result> {
     await q.execute('block-dirty-bitmap-add', { node: 'ro', name: 'huge', granularity: 2147483648, persistent: true }, 'ro-add-huge');
     await q.execute('block-dirty-bitmap-add', { node: 'ro', name: 'huge2', granularity: 4294967296 }, 'ro-add-huge2');
     await q.execute('query-named-block-nodes', undefined, 'nodes7');
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
+    await quit(d, 'q');
     const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
     const check = await qemuImg(['check', 'disk.qcow2'], dir);
     const roInfo = await qemuImg(['info', '--output=json', 'ro.qcow2'], dir);
     const bitmapsOf = (o: string): string => JSON.stringify(((JSON.parse(o) as Record<string, unknown>)['format-specific'] as Record<string, unknown>).data);
     return { log: q.received.map(norm), maps, info: bitmapsOf(info.stdout) + bitmapsOf(roInfo.stdout), check: check.stdout + check.stderr };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+  });
 }
 
 /** The command line's --export bitmaps.0=NAME (a disabled persistent bitmap), then SIGTERM. */
-async function pullFromCommandLine(tool: 'qemu' | 'qchain', dir: string): Promise<{ map: string; info: string }> {
+async function pullFromCommandLine(tool: Tool, dir: string): Promise<{ map: string; info: string }> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
   await qemuImg(['bitmap', '--add', '-g', '32768', 'disk.qcow2', 'frozen'], dir);
@@ -183,26 +161,24 @@ async function pullFromCommandLine(tool: 'qemu' | 'qchain', dir: string): Promis
   await qemuImg(['bitmap', '--disable', 'disk.qcow2', 'frozen'], dir);
   await qemuImg(['bitmap', '--add', 'disk.qcow2', 'live'], dir);
   const args = [...ARGS.slice(0, 6), '--export', 'type=nbd,id=exp0,node-name=disk,name=vda,bitmaps.0=frozen'];
-  const child = tool === 'qemu' ? spawn(QSD, args, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...args], { cwd: dir, stdio: 'ignore' });
+  const child = spawnDaemon(tool, dir, args);
   try {
     await waitForSocket(path.join(dir, 'nbd.sock'), child);
     const map = await run('nbdinfo', ['--map=qemu:dirty-bitmap:frozen', nbdUri(dir)]);
     assert.equal(map.code, 0, map.stderr);
     child.kill('SIGTERM');
-    await new Promise((r) => child.once('exit', r));
+    await exited(child);
     const info = await qemuImg(['info', '--output=json', 'disk.qcow2'], dir);
     return { map: map.stdout, info: JSON.stringify((JSON.parse(info.stdout) as { 'format-specific': { data: unknown } })['format-specific'].data) };
   } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
+    killIfRunning(child);
   }
 }
 
 describe('dirty bitmaps over QMP vs qemu-storage-daemon', oracle(), () => {
   test('--export bitmaps.0=NAME serves the persistent bitmap over NBD, as QSD does; SIGTERM stores it', async () => {
     const root = scratch('qchain-pull-');
-    const qemu = await pullFromCommandLine('qemu', path.join(root, 'qemu'));
-    const ours = await pullFromCommandLine('qchain', path.join(root, 'qchain'));
+    const { qemu, qchain: ours } = await onBoth(root, pullFromCommandLine);
     assert.match(qemu.map, /dirty/);
     assert.equal(ours.map, qemu.map);
     assert.equal(ours.info, qemu.info);
@@ -210,8 +186,8 @@ describe('dirty bitmaps over QMP vs qemu-storage-daemon', oracle(), () => {
 
   test('bitmap commands, errors, transactions, NBD bitmap export: same replies, maps and images', async () => {
     const root = scratch('qchain-qmp-bitmaps-');
-    const res: Partial<Record<'qemu' | 'qchain', Result>> = {};
-    const tools = (process.env.QCHAIN_ONLY ?? 'qemu,qchain').split(',') as Array<'qemu' | 'qchain'>;
+    const res: Partial<Record<Tool, Result>> = {};
+    const tools = (process.env.QCHAIN_ONLY ?? 'qemu,qchain').split(',') as Tool[];
     for (const tool of tools) {
       const dir = path.join(root, tool);
       await setup(dir);

@@ -6,15 +6,11 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
-
-const QSD = '/usr/bin/qemu-storage-daemon';
-const M = 1024 * 1024;
-
+import { oracle, qemuImg, qemuIo, run, scratch } from './helpers/qemu.js';
+import type { QmpMessage } from './helpers/qmp-client.js';
+import { M, MONITOR, QSD, nbdUri, onBoth, qcow2Node, quit, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 async function setup(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
@@ -30,17 +26,13 @@ async function setup(dir: string): Promise<void> {
   await ok(qemuImg(['create', '-q', '-f', 'raw', 'lone.raw', '1M'], dir));
 }
 
-function node(name: string, extra = ''): string[] {
-  return ['--blockdev', `driver=file,node-name=${name}-file,filename=${name}.qcow2`, '--blockdev', `driver=qcow2,node-name=${name},file=${name}-file${extra}`];
-}
-
 const ARGS = [
-  ...node('base', ',read-only=on'), ...node('mid', ',backing=base'), ...node('top', ',backing=mid'), ...node('solo'),
+  ...qcow2Node('base', ',read-only=on'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid'), ...qcow2Node('solo'),
   '--blockdev', 'driver=file,node-name=rf,filename=r.raw', '--blockdev', 'driver=raw,node-name=r,file=rf',
   '--blockdev', 'driver=file,node-name=lone,filename=lone.raw',
   '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
   '--export', 'type=nbd,id=e,node-name=top,name=vda,writable=on',
-  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off', '--monitor', 'chardev=qmp0',
+  ...MONITOR,
 ];
 
 type Step = [string, Record<string, unknown>?] | ['wait-event', string, string] | ['nodes'] | ['nbd-size', string] | ['wait-ro', string];
@@ -123,15 +115,10 @@ function norm(v: unknown): unknown {
   return JSON.parse(JSON.stringify(v).replace(/#block\d+/g, '#block')) as unknown;
 }
 
-async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unknown[]; events: unknown[] }> {
+async function session(tool: Tool, dir: string): Promise<{ log: unknown[]; events: unknown[] }> {
   await setup(dir);
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'cap');
     const log: unknown[] = [];
     for (const [i, step] of SCRIPT.entries()) {
@@ -154,15 +141,14 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unk
         log.push([i, list.map((n) => [n['node-name'], n.ro, (n.image as Record<string, unknown>)['virtual-size']])
           .sort((a, b) => String(a[0]).localeCompare(String(b[0])))]);
       } else if (step[0] === 'nbd-size') {
-        const r = await run('qemu-img', ['info', '--output=json', `nbd+unix:///${step[1]}?socket=${path.join(dir, 'nbd.sock')}`]);
+        const r = await run('qemu-img', ['info', '--output=json', nbdUri(dir, step[1] as string)]);
         log.push([i, r.code, r.code === 0 ? (JSON.parse(r.stdout) as Record<string, unknown>)['virtual-size'] : r.stderr]);
       } else {
         const r = await q.execute(step[0], step[1] as Record<string, unknown> | undefined, i);
         log.push(norm(r));
       }
     }
-    await q.execute('quit', undefined, 'quit');
-    await new Promise<void>((r) => (child.exitCode !== null ? r() : child.on('exit', () => r())));
+    await quit(d, 'quit');
     q.close();
     const events = q.received.filter((m) => m.event).map((m) => {
       const c = norm(m) as Record<string, unknown>;
@@ -175,15 +161,12 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unk
       return c;
     });
     return { log, events };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+  });
 }
 
 test('block-stream, block-commit and block_resize checks match qemu-storage-daemon', { skip: oracle().skip ?? (fs.existsSync(QSD) ? undefined : 'no qemu-storage-daemon'), timeout: 180000 }, async () => {
   const root = scratch('qchain-validate-');
-  const qemu = await session('qemu', path.join(root, 'qemu'));
-  const ours = await session('qchain', path.join(root, 'qchain'));
+  const { qemu, qchain: ours } = await onBoth(root, session);
   for (let i = 0; i < qemu.log.length; i++) assert.deepEqual(ours.log[i], qemu.log[i], `step ${JSON.stringify(qemu.log[i]).slice(0, 200)}`);
   assert.deepEqual(ours.events, qemu.events);
   for (const f of ['base.qcow2', 'mid.qcow2', 'top.qcow2', 'solo.qcow2']) {

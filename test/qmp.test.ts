@@ -5,14 +5,11 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
-
-const QSD = '/usr/bin/qemu-storage-daemon';
-
+import { oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
+import type { QmpMessage } from './helpers/qmp-client.js';
+import { backingChain, chainArgs, jobEvent, nbdUri, onBoth, quit, repliesThenEvents, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 /** Drop what legitimately differs: timestamps and the version's package string. */
 function norm(m: QmpMessage): unknown {
@@ -34,27 +31,11 @@ async function setup(dir: string): Promise<void> {
   await qemuIo(['-c', 'write -P 0xcc 2M 1M', 'top.qcow2'], dir);
 }
 
-const ARGS = [
-  '--blockdev', 'driver=file,node-name=base-file,filename=base.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=base,file=base-file',
-  '--blockdev', 'driver=file,node-name=mid-file,filename=mid.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=mid,file=mid-file,backing=base',
-  '--blockdev', 'driver=file,node-name=top-file,filename=top.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=top,file=top-file,backing=mid',
-  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
-  '--export', 'type=nbd,id=exp0,node-name=top,name=vda,writable=on,allocation-depth=on',
-  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
-  '--monitor', 'chardev=qmp0',
-];
+const ARGS = chainArgs(',allocation-depth=on');
 
-async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unknown[]; depthMap: string; chain: string }> {
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+async function session(tool: Tool, dir: string): Promise<{ log: unknown[]; depthMap: string; chain: string }> {
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('query-block-jobs', undefined, 'c1');
     await q.execute('qmp_capabilities', undefined, 'c2');
     await q.execute('qmp_capabilities', undefined, 'c3');
@@ -73,9 +54,9 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unk
     await q.execute('nbd-server-start', { addr: { type: 'unix', data: { path: 'nbd2.sock' } } }, 'again');
     await q.execute('blockdev-snapshot-sync', { 'node-name': 'top', 'snapshot-file': 'snap1.qcow2', 'snapshot-node-name': 'snap1', format: 'qcow2' }, 'c9');
     await q.execute('query-block-exports', undefined, 'c10');
-    const w = await qemuIo(['-f', 'raw', '-c', 'write -q -P 0xd1 4M 64k', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`]);
+    const w = await qemuIo(['-f', 'raw', '-c', 'write -q -P 0xd1 4M 64k', nbdUri(dir)]);
     assert.equal(w.code, 0, w.stderr);
-    const depth = await run('nbdinfo', ['--map=qemu:allocation-depth', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`]);
+    const depth = await run('nbdinfo', ['--map=qemu:allocation-depth', nbdUri(dir)]);
     // The libvirt way: create the overlay file with qemu-img, add it with backing null, snapshot.
     await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'snap1.qcow2', '-F', 'qcow2', 'snap2.qcow2'], dir);
     await q.execute('blockdev-add', { driver: 'file', 'node-name': 'snap2-file', filename: 'snap2.qcow2' }, 'c13');
@@ -85,24 +66,19 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unk
     await q.execute('query-block-exports', undefined, 'c18');
     await q.execute('block-export-add', { type: 'nbd', id: 'exp1', 'node-name': 'mid', name: 'old' }, 'c19');
     await q.execute('block-export-del', { id: 'exp1' }, 'c20');
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-    const chain = await qemuImg(['info', '--backing-chain', 'snap2.qcow2'], dir);
-    return { log: q.received.map(norm), depthMap: depth.stdout, chain: chain.stdout.split('\n').filter((l) => /^(image|backing file):/.test(l)).join('\n') };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    await quit(d, 'q');
+    const chain = await backingChain(dir, 'snap2.qcow2');
+    return { log: q.received.map(norm), depthMap: depth.stdout, chain };
+  });
 }
 
 describe('QMP monitor vs qemu-storage-daemon', oracle(), () => {
   test('greeting, negotiation, errors, exports, external snapshots: same replies and events', async () => {
     const root = scratch('qchain-qmp-');
-    const res: Record<string, Awaited<ReturnType<typeof session>>> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      const dir = path.join(root, tool);
+    const res = await onBoth(root, async (tool, dir) => {
       await setup(dir);
-      res[tool] = await session(tool, dir);
-    }
+      return session(tool, dir);
+    });
     assert.deepEqual(res.qchain.log, res.qemu.log);
     assert.equal(res.qchain.depthMap, res.qemu.depthMap);
     assert.equal(res.qchain.chain, res.qemu.chain);
@@ -110,19 +86,14 @@ describe('QMP monitor vs qemu-storage-daemon', oracle(), () => {
 });
 
 /** Jobs: intermediate commit and stream with the verbs around them, as QSD runs them. */
-async function jobSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unknown[]; chain: string }> {
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+async function jobSession(tool: Tool, dir: string): Promise<{ log: unknown[]; chain: string }> {
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
     await q.execute('block-job-cancel', { device: 'nosuch' }, 'e1');
     await q.execute('job-cancel', { id: 'nosuch' }, 'e2');
     await q.execute('blockdev-snapshot-sync', { 'node-name': 'top', 'snapshot-file': 'snap1.qcow2', 'snapshot-node-name': 'snap1', format: 'qcow2' }, 'c1');
-    const w = await qemuIo(['-f', 'raw', '-c', 'write -q -P 0xd1 4M 64k', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`]);
+    const w = await qemuIo(['-f', 'raw', '-c', 'write -q -P 0xd1 4M 64k', nbdUri(dir)]);
     assert.equal(w.code, 0, w.stderr);
     // Intermediate commit of mid into base, under the active snap1 (auto-dismiss).
     await q.execute('block-commit', { 'job-id': 'commit0', device: 'snap1', 'top-node': 'mid', 'base-node': 'base' }, 'c2');
@@ -141,51 +112,35 @@ async function jobSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: 
     await q.waitFor((m) => m.event === 'JOB_STATUS_CHANGE' && (m.data as { status: string; id: string }).id === 'stream0' && (m.data as { status: string }).status === 'concluded');
     await q.execute('job-dismiss', { id: 'stream0' }, 'c9');
     await q.execute('query-jobs', undefined, 'c10');
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-    const chain = await qemuImg(['info', '--backing-chain', 'snap1.qcow2'], dir);
+    await quit(d, 'q');
+    const chain = await backingChain(dir, 'snap1.qcow2');
     // Events may interleave with replies differently; compare each stream on its own.
-    const msgs = q.received.map(norm) as Array<Record<string, unknown>>;
-    const log = [...msgs.filter((m) => !('event' in m)), ...msgs.filter((m) => 'event' in m)];
-    return { log, chain: chain.stdout.split('\n').filter((l) => /^(image|backing file):/.test(l)).join('\n') };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    return { log: repliesThenEvents(q.received.map(norm) as object[]), chain };
+  });
 }
 
 describe('QMP block jobs vs qemu-storage-daemon', oracle(), () => {
   test('intermediate commit and stream: same events, replies, refusals and resulting chain', async () => {
     const root = scratch('qchain-qmp-jobs-');
-    const res: Record<string, Awaited<ReturnType<typeof jobSession>>> = {};
-    const views: Record<string, Buffer> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      const dir = path.join(root, tool);
+    const res = await onBoth(root, async (tool, dir) => {
       await setup(dir);
-      res[tool] = await jobSession(tool, dir);
-      views[tool] = await qemuRawView(path.join(dir, 'snap1.qcow2'));
+      const r = await jobSession(tool, dir);
+      const view = await qemuRawView(path.join(dir, 'snap1.qcow2'));
       const c = await qemuImg(['check', path.join(dir, 'snap1.qcow2')]);
       assert.equal(c.code, 0, `${tool}: ${c.stdout}`);
-    }
+      return { ...r, view };
+    });
     assert.deepEqual(res.qchain.log, res.qemu.log);
     assert.equal(res.qchain.chain, res.qemu.chain);
-    assert.ok(views.qchain.equals(views.qemu));
+    assert.ok(res.qchain.view.equals(res.qemu.view));
   });
 });
 
-function jobEvent(id: string, status: string): (m: QmpMessage) => boolean {
-  return (m) => m.event === 'JOB_STATUS_CHANGE' && (m.data as { id: string }).id === id && (m.data as { status: string }).status === status;
-}
-
 /** Active commit with pivot, blockdev-mirror with a write while READY, drive-mirror soft and forced cancel. */
-async function mirrorSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unknown[] }> {
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  const nbd = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+async function mirrorSession(tool: Tool, dir: string): Promise<{ log: unknown[] }> {
+  const nbd = nbdUri(dir);
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
     await q.execute('blockdev-snapshot-sync', { 'node-name': 'top', 'snapshot-file': 'snap3.qcow2', 'snapshot-node-name': 'snap3', format: 'qcow2' }, 'c31');
     assert.equal((await qemuIo(['-f', 'raw', '-c', 'write -q -P 0xd3 6M 128k', nbd])).code, 0);
@@ -220,44 +175,34 @@ async function mirrorSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ lo
     await q.execute('job-cancel', { id: 'm5', force: true }, 'c4b');
     await q.execute('block-job-cancel', { device: 'm5', force: true }, 'c5');
     await q.waitFor(jobEvent('m5', 'null'));
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-    const msgs = q.received.map(norm) as Array<Record<string, unknown>>;
-    return { log: [...msgs.filter((m) => !('event' in m)), ...msgs.filter((m) => 'event' in m)] };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    await quit(d, 'q');
+    return { log: repliesThenEvents(q.received.map(norm) as object[]) };
+  });
 }
 
 describe('QMP mirror and active commit vs qemu-storage-daemon', oracle(), () => {
   test('READY, complete with pivot, soft and forced cancel: same events, replies and images', async () => {
     const root = scratch('qchain-qmp-mirror-');
-    const res: Record<string, unknown[]> = {};
-    const views: Record<string, Buffer[]> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      const dir = path.join(root, tool);
+    const res = await onBoth(root, async (tool, dir) => {
       await setup(dir);
-      res[tool] = (await mirrorSession(tool, dir)).log;
-      views[tool] = [];
+      const { log } = await mirrorSession(tool, dir);
+      const views: Buffer[] = [];
       for (const f of ['top.qcow2', 'tgt.qcow2', 'tgt2.qcow2']) {
-        views[tool].push(await qemuRawView(path.join(dir, f)));
+        views.push(await qemuRawView(path.join(dir, f)));
         const c = await qemuImg(['check', path.join(dir, f)]);
         assert.equal(c.code, 0, `${tool} ${f}: ${c.stdout}`);
       }
-    }
-    assert.deepEqual(res.qchain, res.qemu);
-    views.qchain.forEach((v, i) => assert.ok(v.equals(views.qemu[i]), `view ${i}`));
+      return { log, views };
+    });
+    assert.deepEqual(res.qchain.log, res.qemu.log);
+    res.qchain.views.forEach((v, i) => assert.ok(v.equals(res.qemu.views[i]), `view ${i}`));
   });
 });
 
 /** The libvirt way of taking an external snapshot: blockdev-create jobs, blockdev-add, blockdev-snapshot. */
-async function createSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ log: unknown[]; chain: string }> {
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+async function createSession(tool: Tool, dir: string): Promise<{ log: unknown[]; chain: string }> {
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
     await q.execute('blockdev-create', { 'job-id': 'create-snap2-file', options: { driver: 'file', filename: 'snap2.qcow2', size: 0 } }, 'c11');
     await q.waitFor(jobEvent('create-snap2-file', 'concluded'));
@@ -270,25 +215,19 @@ async function createSession(tool: 'qemu' | 'qchain', dir: string): Promise<{ lo
     await q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'snap2', file: 'snap2-file', backing: null }, 'c16');
     await q.execute('blockdev-snapshot', { node: 'top', overlay: 'snap2' }, 'c17');
     await q.execute('query-block-exports', undefined, 'c18');
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-    const chain = await qemuImg(['info', '--backing-chain', 'snap2.qcow2'], dir);
-    const msgs = q.received.map(norm) as Array<Record<string, unknown>>;
-    return { log: [...msgs.filter((m) => !('event' in m)), ...msgs.filter((m) => 'event' in m)], chain: chain.stdout.split('\n').filter((l) => /^(image|backing file):/.test(l)).join('\n') };
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    await quit(d, 'q');
+    const chain = await backingChain(dir, 'snap2.qcow2');
+    return { log: repliesThenEvents(q.received.map(norm) as object[]), chain };
+  });
 }
 
 describe('QMP blockdev-create vs qemu-storage-daemon', oracle(), () => {
   test('create jobs, blockdev-add with backing null, blockdev-snapshot: same events and chain', async () => {
     const root = scratch('qchain-qmp-create-');
-    const res: Record<string, Awaited<ReturnType<typeof createSession>>> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      const dir = path.join(root, tool);
+    const res = await onBoth(root, async (tool, dir) => {
       await setup(dir);
-      res[tool] = await createSession(tool, dir);
-    }
+      return createSession(tool, dir);
+    });
     assert.deepEqual(res.qchain.log, res.qemu.log);
     assert.equal(res.qchain.chain, res.qemu.chain);
   });

@@ -8,39 +8,22 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuImgSync, rng, scratch } from './helpers/qemu.js';
 import { differingRuns } from '../src/ops/rebase.js';
-import { backingOf, buildChain, check, copyDir, letters, mapShape, qchainImg, views, type Layer } from './helpers/chains.js';
+import { backingOf, buildChain, check, copyDir, letters, mapShape, qchainImg, sameViews, seedChain, sideBySideDirs, views, type Layer } from './helpers/chains.js';
 
 type Run = { code: number; stdout: string; stderr: string };
 
-const CHAIN: Layer[] = [
-  { name: 'base.qcow2', row: 'AAAA--------' },
-  { name: 'sn1.qcow2', row: '--BBBB------' },
-  { name: 'sn2.qcow2', row: '-----CCCC---' },
-  { name: 'active.qcow2', row: 'D-------DD--' },
-];
+const CHAIN = seedChain('active.qcow2');
 const NAMES = CHAIN.map((l) => l.name);
 
 /** Build the chain once, then run the same command lists with qemu-img (q/) and qchain (c/). */
 async function sideBySide(layers: Layer[], steps: string[][]): Promise<{ src: string; q: string; c: string; rq: Run[]; rc: Run[] }> {
-  const dir = scratch();
-  const src = path.join(dir, 'src');
-  fs.mkdirSync(src);
-  buildChain(src, layers);
-  const q = path.join(dir, 'q'), c = path.join(dir, 'c');
-  copyDir(src, q);
-  copyDir(src, c);
+  const { src, q, c } = sideBySideDirs(layers);
   const rq: Run[] = [], rc: Run[] = [];
   for (const s of steps) {
     rq.push(await qemuImg(s, q));
     rc.push(await qchainImg(s, c));
   }
   return { src, q, c, rq, rc };
-}
-
-async function sameViews(q: string, c: string, names: string[]): Promise<Map<string, Buffer>> {
-  const vq = await views(q, names), vc = await views(c, names);
-  for (const n of names) assert.ok(vq.get(n)?.equals(vc.get(n) as Buffer), `guest view of ${n}: qemu ${letters(vq.get(n) as Buffer)} qchain ${letters(vc.get(n) as Buffer)}`);
-  return vc;
 }
 
 function sameResults(rq: Run[], rc: Run[]): void {

@@ -8,27 +8,12 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import path from 'node:path';
-import { QCHAIN, oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { QmpClient, type QmpMessage, waitForSocket } from './helpers/qmp-client.js';
+import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import type { QmpClient } from './helpers/qmp-client.js';
+import { daemonArgs, jobEvent, nbdUri, onBoth, quit, repliesThenEvents, withDaemon, type Tool } from './helpers/live-qmp.js';
 
-const QSD = '/usr/bin/qemu-storage-daemon';
-
-const ARGS = [
-  '--blockdev', 'driver=file,node-name=top-file,filename=top.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=top,file=top-file',
-  '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
-  '--export', 'type=nbd,id=exp0,node-name=top,name=vda,writable=on',
-  '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
-  '--monitor', 'chardev=qmp0',
-];
-
-
-function jobEvent(id: string, status: string): (m: QmpMessage) => boolean {
-  return (m) => m.event === 'JOB_STATUS_CHANGE' && (m.data as { id: string }).id === id && (m.data as { status: string }).status === status;
-}
+const ARGS = daemonArgs('top.qcow2', 'top');
 
 async function setup(dir: string): Promise<void> {
   fs.mkdirSync(dir, { recursive: true });
@@ -56,15 +41,9 @@ async function baseName(q: QmpClient): Promise<string> {
   return n['node-name'] as string;
 }
 
-async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]> {
-  const child = tool === 'qemu' ? spawn(QSD, ARGS, { cwd: dir, stdio: 'ignore' })
-    : spawn(process.execPath, [QCHAIN, 'daemon', ...ARGS], { cwd: dir, stdio: 'ignore' });
-  const nbd = `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`;
-  try {
-    await waitForSocket(path.join(dir, 'qmp.sock'), child);
-    await waitForSocket(path.join(dir, 'nbd.sock'), child);
-    const q = await QmpClient.connect(path.join(dir, 'qmp.sock'));
-    await q.waitFor((m) => 'QMP' in m);
+async function session(tool: Tool, dir: string): Promise<unknown[]> {
+  return withDaemon(tool, dir, ARGS, async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
     const base = await baseName(q);
     const seen: unknown[] = [];
@@ -80,38 +59,32 @@ async function session(tool: 'qemu' | 'qchain', dir: string): Promise<unknown[]>
     await q.execute('job-complete', { id: 'ac' }, 'c4');
     await q.waitFor(jobEvent('ac', 'null'));
     seen.push(await nodes(q));
-    const w = await qemuIo(['-f', 'raw', '-c', 'write -q -P 0x77 8M 64k', '-c', 'write -q -P 0x78 12M 4k', nbd]);
+    const w = await qemuIo(['-f', 'raw', '-c', 'write -q -P 0x77 8M 64k', '-c', 'write -q -P 0x78 12M 4k', nbdUri(dir)]);
     assert.equal(w.code, 0, w.stderr);
     seen.push(await nodes(q));
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
+    await quit(d, 'q');
     const msgs = q.received.map((m) => {
       const c = { ...m };
       delete c.timestamp;
       return c;
-    });
-    return [seen, ...msgs.filter((m) => !('event' in m) && typeof m.id === 'string' && /^c\d+$/.test(m.id)), ...msgs.filter((m) => 'event' in m)];
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    }).filter((m) => 'event' in m || (typeof m.id === 'string' && /^c\d+$/.test(m.id)));
+    return [seen, ...repliesThenEvents(msgs)];
+  });
 }
 
 describe('bitmaps across reopen (commit) vs qemu-storage-daemon', oracle(), () => {
   test('persistent and in-memory bitmaps on a commit base keep recording; saved image matches', async () => {
     const root = scratch('qchain-reopen-bm-');
-    const logs: Record<string, unknown[]> = {};
-    const info: Record<string, unknown> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      const dir = path.join(root, tool);
+    const res = await onBoth(root, async (tool, dir) => {
       await setup(dir);
-      logs[tool] = await session(tool, dir);
+      const log = await session(tool, dir);
       const c = await qemuImg(['check', 'base.qcow2'], dir);
       assert.equal(c.code, 0, `${tool}: ${c.stdout}`);
-      const i = JSON.parse((await qemuImg(['info', '--output=json', 'base.qcow2'], dir)).stdout) as Record<string, unknown>;
-      delete i['actual-size'];
-      info[tool] = i;
-    }
-    assert.deepEqual(logs.qchain, logs.qemu);
-    assert.deepEqual(info.qchain, info.qemu);
+      const info = JSON.parse((await qemuImg(['info', '--output=json', 'base.qcow2'], dir)).stdout) as Record<string, unknown>;
+      delete info['actual-size'];
+      return { log, info };
+    });
+    assert.deepEqual(res.qchain.log, res.qemu.log);
+    assert.deepEqual(res.qchain.info, res.qemu.info);
   });
 });

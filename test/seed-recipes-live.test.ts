@@ -13,8 +13,9 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { oracle, qemuImg, qemuIo, qemuRawView, rng, run, scratch } from './helpers/qemu.js';
-import { M, daemonArgs, guest, jobEvent, letters, put, start, transcript, type Tool } from './helpers/live-qmp.js';
+import { oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
+import { M, backingChain, daemonArgs, exportView, firstDiff, guest, jobEvent, letters, onBoth, put, quit, transcript, withDaemon, type Tool } from './helpers/live-qmp.js';
+import { randomWrites } from './helpers/guest-load.js';
 
 /* ---------------------------------------------------------------- seed 001 */
 
@@ -34,9 +35,8 @@ interface Seed001 { log: unknown[]; own: Record<string, string>; seen: Record<st
 async function seed001(tool: Tool, dir: string): Promise<Seed001> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '12M'], dir);
-  const { child, q } = await start(tool, dir, daemonArgs('base.qcow2', 'base'));
-  let guestBefore = '';
-  try {
+  const { q, guestBefore } = await withDaemon(tool, dir, daemonArgs('base.qcow2', 'base'), async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
     await guest(dir, [put('A', 0, 4)]);
     await q.execute('blockdev-snapshot-sync', { 'node-name': 'base', 'snapshot-file': 'sn1.qcow2', 'snapshot-node-name': 'sn1', format: 'qcow2' }, 's1');
@@ -54,16 +54,10 @@ async function seed001(tool: Tool, dir: string): Promise<Seed001> {
     await q.waitFor(jobEvent('commit0', 'null'));
     await q.execute('query-block-exports', undefined, 'x2');
     await guest(dir, [put('E', 0, 1), put('E', 10, 1)]);
-    const nbd = path.join(dir, 'guest.raw');
-    const cv = await qemuImg(['convert', '-f', 'raw', '-O', 'raw', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`, nbd]);
-    assert.equal(cv.code, 0, cv.stderr);
-    guestBefore = letters(fs.readFileSync(nbd));
-    fs.unlinkSync(nbd);
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    const guestBefore = letters(await exportView(dir));
+    await quit(d, 'q');
+    return { q, guestBefore };
+  });
   const own: Record<string, string> = {}, seen: Record<string, string> = {};
   for (const f of ['base', 'sn1', 'sn2', 'cur']) {
     const file = path.join(dir, `${f}.qcow2`);
@@ -78,17 +72,16 @@ async function seed001(tool: Tool, dir: string): Promise<Seed001> {
 describe('seed 001: live active commit of a whole chain into base, with pivot', oracle(), () => {
   test('the seed\'s tables after E, on QSD and qchain; same replies and events', async () => {
     const root = scratch('qchain-seed001-');
-    const res: Partial<Record<Tool, Seed001>> = {};
-    for (const tool of ['qemu', 'qchain'] as const) {
-      const r = await seed001(tool, path.join(root, tool));
-      res[tool] = r;
+    const res = await onBoth(root, async (tool, dir) => {
+      const r = await seed001(tool, dir);
       assert.equal(r.guestBefore, 'EABBBCCCDDE-', `${tool}: guest sees`);
       // contents: what each file holds itself.
       assert.deepEqual(r.own, { base: 'EABBBCCCDDE-', sn1: '--BBBB------', sn2: '-----CCCC---', cur: 'D-------DD--' }, `${tool}: contents`);
       // what you would see through each file with its backing chain.
       assert.deepEqual(r.seen, { base: 'EABBBCCCDDE-', sn1: 'EABBBBCCDDE-', sn2: 'EABBBCCCCDE-', cur: 'DABBBCCCDDE-' }, `${tool}: views`);
-    }
-    assert.deepEqual(res.qchain?.log, res.qemu?.log);
+      return r;
+    });
+    assert.deepEqual(res.qchain.log, res.qemu.log);
   });
 });
 
@@ -96,37 +89,9 @@ describe('seed 001: live active commit of a whole chain into base, with pivot', 
 
 const SIZE = 16 * M;
 
-/**
- * Guest writes in batches of 6 in flight, each batch ended by a flush; writes within a batch
- * never overlap (NBD does not order overlapping requests in flight), so applying them in order
- * to `model` gives exactly what the disk must show.
- */
+/** Guest writes up to 128 KiB each, 6 in flight, applied to `model` too. */
 function writes(seed: number, n: number, model: Buffer): string[] {
-  const r = rng(seed);
-  const cmds: string[] = [];
-  let batch: Array<[number, number]> = [];
-  for (let i = 0; i < n; i++) {
-    let off: number, len: number;
-    do {
-      len = (1 + Math.floor(r() * 32)) * 4096;
-      off = Math.floor(r() * (SIZE - len) / 512) * 512;
-    } while (batch.some(([o, l]) => o < off + len && off < o + l));
-    batch.push([off, len]);
-    if (r() < 0.1) {
-      cmds.push(`aio_write -q -z ${off} ${len}`);
-      model.fill(0, off, off + len);
-    } else {
-      const p = 1 + Math.floor(r() * 254);
-      cmds.push(`aio_write -q -P 0x${p.toString(16)} ${off} ${len}`);
-      model.fill(p, off, off + len);
-    }
-    if (i % 6 === 5) {
-      cmds.push('aio_flush');
-      batch = [];
-    }
-  }
-  cmds.push('aio_flush');
-  return cmds;
+  return randomWrites(seed, n, { size: SIZE, maxBlocks: 32, batch: 6, quiet: true, model });
 }
 
 interface Seed003 { log: unknown[]; model: Buffer; final: Buffer; chain: string }
@@ -149,17 +114,13 @@ async function seed003(tool: Tool, dir: string, flavour: Flavour): Promise<Seed0
   model.fill(0x12, 10 * M, 13 * M);
   let seed = 300;
   const batch = (n = 30): string[] => writes(seed++, n, model);
-  const { child, q } = await start(tool, dir, daemonArgs('nfs/image', 'nfs'));
   /** Between phases (no guest request in flight) the export must serve exactly the model. */
   const checkpoint = async (label: string): Promise<void> => {
-    const live = path.join(dir, 'live.raw');
-    const cv = await qemuImg(['convert', '-f', 'raw', '-O', 'raw', `nbd+unix:///vda?socket=${path.join(dir, 'nbd.sock')}`, live]);
-    assert.equal(cv.code, 0, cv.stderr);
-    const served = fs.readFileSync(live);
-    fs.unlinkSync(live);
+    const served = await exportView(dir);
     assert.ok(served.equals(model), `${tool} ${label}: the export serves every write: ${firstDiff(served, model)}`);
   };
-  try {
+  const { q } = await withDaemon(tool, dir, daemonArgs('nfs/image', 'nfs'), async (d) => {
+    const { q } = d;
     await q.execute('qmp_capabilities', undefined, 'c0');
     await guest(dir, batch());
     // virsh snapshot-create-as domain tmp --no-metadata --disk-only, the guest writing meanwhile.
@@ -220,11 +181,9 @@ async function seed003(tool: Tool, dir: string, flavour: Flavour): Promise<Seed0
     await guest(dir, batch());
     // The export must serve exactly the model, and so must local/image alone after quit.
     await checkpoint('the end');
-    await q.execute('quit', undefined, 'q');
-    await new Promise((r) => child.once('exit', r));
-  } finally {
-    if (child.exitCode === null) child.kill('SIGKILL');
-  }
+    await quit(d, 'q');
+    return d;
+  });
   // blockdev-snapshot-sync records the backing file as the node's filename ('nfs/image', relative
   // to the daemon's folder, so not resolvable from nfs/): check the overlay on its own.
   for (const f of ['nfs/image', 'nfs/image.tmp', 'local/image', 'local/wrap']) {
@@ -232,31 +191,23 @@ async function seed003(tool: Tool, dir: string, flavour: Flavour): Promise<Seed0
     const ck = await qemuImg(['check', f === 'nfs/image.tmp' ? spec : f], dir);
     assert.equal(ck.code, 0, `${tool} ${f}: ${ck.stdout}${ck.stderr}`);
   }
-  const info = await qemuImg(['info', '--backing-chain', 'local/image'], dir);
-  const chain = info.stdout.split('\n').filter((l) => /^(image|backing file):/.test(l)).join('\n');
+  const chain = await backingChain(dir, 'local/image');
   return { log: transcript(q, true), model, final: await qemuRawView(path.join(dir, 'local/image'), 'qcow2'), chain };
-}
-
-function firstDiff(a: Buffer, b: Buffer): string {
-  let i = 0;
-  while (i < a.length && a[i] === b[i]) i++;
-  return `first difference at ${i} (${a[i]} vs ${b[i]}), lengths ${a.length}/${b.length}`;
 }
 
 describe('seed 003: live storage migration from nfs/ to local/', oracle(), () => {
   for (const flavour of ['blockdev', 'drive'] as const) {
     test(`snapshot, cp, shallow reuse-external ${flavour}-mirror with pivot, shallow active commit with pivot, under guest writes`, async () => {
       const root = scratch('qchain-seed003-');
-      const res: Partial<Record<Tool, Seed003>> = {};
-      for (const tool of ['qemu', 'qchain'] as const) {
-        const r = await seed003(tool, path.join(root, tool), flavour);
-        res[tool] = r;
+      const res = await onBoth(root, async (tool, dir) => {
+        const r = await seed003(tool, dir, flavour);
         assert.ok(r.final.equals(r.model), `${tool}: local/image alone is every write: ${firstDiff(r.final, r.model)}`);
         assert.equal(r.chain, 'image: local/image', `${tool}: local/image stands alone`);
-      }
+        return r;
+      });
       const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'qcow2', path.join(root, 'qemu/local/image'), path.join(root, 'qchain/local/image')]);
       assert.equal(cmp.code, 0, cmp.stdout);
-      assert.deepEqual(res.qchain?.log, res.qemu?.log);
+      assert.deepEqual(res.qchain.log, res.qemu.log);
     });
   }
 });

@@ -13,8 +13,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuImgSync, qemuIoSync, qemuRawView, rng, scratch } from './helpers/qemu.js';
-import { copyDir, qchainImg } from './helpers/chains.js';
-import { CrashStorage, runAndKill } from './helpers/crash.js';
+import { qchainImg } from './helpers/chains.js';
+import { CrashStorage, killLoop } from './helpers/crash.js';
 import { Qcow2Image } from '../src/qcow2/image.js';
 import { createSnapshot } from '../src/qcow2/snapshot.js';
 import { deleteSnapshot } from '../src/qcow2/snapshot-manage.js';
@@ -122,22 +122,13 @@ async function crashLoop(name: string, args: string[], withS1: boolean, iteratio
   fs.mkdirSync(src);
   build(src, withS1);
   const before = await views(path.join(src, IMG));
-  const probe = path.join(root, 'probe');
-  copyDir(src, probe);
-  const window = (await runAndKill(args, probe, 60_000, IMG)).active;
-  assert.equal((await qemuImg(['check', path.join(probe, IMG)])).code, 0, `${name}: an uninterrupted run must leave a clean image`);
-  const r = rng(seed);
-  let killed = 0;
-  for (let it = 0; it < iterations; it++) {
-    const dir = path.join(root, `it${it}`);
-    copyDir(src, dir);
-    const delay = Math.floor(r() * window * 0.9);
-    const ctx = `${name} iteration ${it}, kill ${delay} ms after the first write (full run ~${window} ms)`;
-    if ((await runAndKill(args, dir, delay, IMG)).killed) killed++;
-    await assertCrashState(path.join(dir, IMG), before, ctx);
-    fs.rmSync(dir, { recursive: true, force: true });
-  }
-  assert.ok(killed >= Math.ceil(iterations / 3), `${name}: only ${killed} of ${iterations} runs were killed`);
+  await killLoop({
+    name, root, src, args, watch: IMG, iterations, seed,
+    probed: async (probe) => {
+      assert.equal((await qemuImg(['check', path.join(probe, IMG)])).code, 0, `${name}: an uninterrupted run must leave a clean image`);
+    },
+    after: (dir, ctx) => assertCrashState(path.join(dir, IMG), before, ctx),
+  });
 }
 
 describe('crash safety of internal snapshots (every write as a crash point)', oracle(), () => {

@@ -4,9 +4,10 @@
  *   'A'..'Z'  the cluster is written with that byte     '-'  unallocated
  *   '0'       the cluster is a zero cluster (write -z)
  */
+import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { qemuImg, qemuImgSync, qemuIoSync, qemuRawView } from './qemu.js';
+import { qemuImg, qemuImgSync, qemuIoSync, qemuRawView, scratch } from './qemu.js';
 
 export const CLUSTER = 64 * 1024;
 
@@ -18,6 +19,16 @@ export interface Layer {
   opts?: string[];
   /** Backing format recorded in the overlay (default qcow2). */
   fmt?: 'qcow2' | 'raw';
+}
+
+/** The seed's chain: base <- sn1 <- sn2 <- `top`. */
+export function seedChain(top: string): Layer[] {
+  return [
+    { name: 'base.qcow2', row: 'AAAA--------' },
+    { name: 'sn1.qcow2', row: '--BBBB------' },
+    { name: 'sn2.qcow2', row: '-----CCCC---' },
+    { name: top, row: 'D-------DD--' },
+  ];
 }
 
 /** Create the chain bottom first: layers[0] is the base, each next one backed by the previous. */
@@ -51,6 +62,22 @@ export function copyDir(from: string, to: string): void {
   }
 }
 
+/**
+ * `layers` built in src/ of a fresh scratch folder (then changed by `prepare`, if given) and
+ * copied to q/ (for qemu-img) and c/ (for qchain).
+ */
+export function sideBySideDirs(layers: Layer[], prepare?: (src: string) => void): { src: string; q: string; c: string } {
+  const dir = scratch();
+  const src = path.join(dir, 'src');
+  fs.mkdirSync(src);
+  buildChain(src, layers);
+  prepare?.(src);
+  const q = path.join(dir, 'q'), c = path.join(dir, 'c');
+  copyDir(src, q);
+  copyDir(src, c);
+  return { src, q, c };
+}
+
 /** The guest view as letters per cluster: the byte if the cluster is uniform, '-' for zeros, '?' if mixed. */
 export function letters(view: Buffer, cluster = CLUSTER): string {
   let s = '';
@@ -68,6 +95,13 @@ export async function views(dir: string, names: string[]): Promise<Map<string, B
   const m = new Map<string, Buffer>();
   for (const n of names) m.set(n, await qemuRawView(path.join(dir, n)));
   return m;
+}
+
+/** Each named image shows the same guest view in `q` and in `c`; the views in `c`. */
+export async function sameViews(q: string, c: string, names: string[]): Promise<Map<string, Buffer>> {
+  const vq = await views(q, names), vc = await views(c, names);
+  for (const n of names) assert.ok(vq.get(n)?.equals(vc.get(n) as Buffer), `guest view of ${n}: qemu ${letters(vq.get(n) as Buffer)} qchain ${letters(vc.get(n) as Buffer)}`);
+  return vc;
 }
 
 /** `qemu-img check` exit status and output for an image. */

@@ -1,8 +1,10 @@
 /** Crash-test support: run a qchain command and SIGKILL it at a chosen moment. */
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN } from './qemu.js';
+import { QCHAIN, rng } from './qemu.js';
+import { copyDir } from './chains.js';
 import { MemoryStorage } from '../../src/storage/memory.js';
 import { StorageError, type Storage } from '../../src/storage/storage.js';
 
@@ -43,6 +45,51 @@ export function runAndKill(args: string[], cwd: string, delay: number, watch?: s
       resolve({ killed: signal === 'SIGKILL', active: Date.now() - armedAt });
     });
   });
+}
+
+export interface KillLoop {
+  /** For messages. */
+  name: string;
+  /** The scratch folder: probe/ and it<N>/ are made in it. */
+  root: string;
+  /** The images every run starts from. */
+  src: string;
+  /** `qchain img` arguments. */
+  args: string[];
+  /** The file whose first change arms the kill. */
+  watch: string;
+  iterations: number;
+  seed: number;
+  /** Checks of the uninterrupted probe run's folder. */
+  probed?: (dir: string) => Promise<void>;
+  /** Checks of a folder after a run was (most likely) killed; `ctx` describes the run. */
+  after: (dir: string, ctx: string) => Promise<void>;
+}
+
+/**
+ * SIGKILL `qchain img ARGS` at random moments: an uninterrupted run on a copy of `src` (probe/)
+ * measures how long the command works after its first write to `watch`; then each of
+ * `iterations` runs on a fresh copy is killed a random time (up to 90% of that) after its first
+ * write and its folder handed to `after`. At least a third of the runs must really be killed (a
+ * run that finished first proves little).
+ */
+export async function killLoop(o: KillLoop): Promise<void> {
+  const probe = path.join(o.root, 'probe');
+  copyDir(o.src, probe);
+  const window = (await runAndKill(o.args, probe, 60_000, o.watch)).active;
+  await o.probed?.(probe);
+  const r = rng(o.seed);
+  let killed = 0;
+  for (let it = 0; it < o.iterations; it++) {
+    const dir = path.join(o.root, `it${it}`);
+    copyDir(o.src, dir);
+    const delay = Math.floor(r() * window * 0.9);
+    const ctx = `${o.name} iteration ${it}, kill ${delay} ms after the first write (full run ~${window} ms)`;
+    if ((await runAndKill(o.args, dir, delay, o.watch)).killed) killed++;
+    await o.after(dir, ctx);
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  assert.ok(killed >= Math.ceil(o.iterations / 3), `${o.name}: only ${killed} of ${o.iterations} runs were killed`);
 }
 
 /**

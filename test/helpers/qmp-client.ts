@@ -1,4 +1,4 @@
-/** A small QMP client for tests: sends commands, collects replies and events in arrival order. */
+/** A small QMP client for the tests and the benchmarks (bench/daemon.ts): sends commands, collects replies and events in arrival order. */
 import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -11,8 +11,11 @@ export class QmpClient {
   private buf = '';
   readonly received: QmpMessage[] = [];
   private waiters: Array<() => void> = [];
+  /** Resolves once the connection is closed and everything the server sent has been received. */
+  readonly closed: Promise<void>;
 
   private constructor(private readonly sock: net.Socket) {
+    this.closed = new Promise((r) => sock.once('close', () => r()));
     sock.setEncoding('utf8');
     sock.on('data', (d: string) => {
       this.buf += d;
