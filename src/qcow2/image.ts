@@ -553,10 +553,13 @@ export class Qcow2Image implements BlockDriver {
       await this.checkOverlap(newOff, 1);
       await this.storage.write(table, newOff);
       this.l2.install(newOff, table);
-      // The L1 entry switches only after the new table is on disk.
+      // The L1 entry switches only after the new table and its refcount are durable, and the
+      // old table's refcount drops only after the L1 entry is (QEMU writes L1 entries synced).
+      await this.storage.flush();
       encodeU64(this.l1, l1i * 8, newOff, true);
       await this.storage.write(this.l1.subarray(l1i * 8, l1i * 8 + 8), this.header.l1TableOffset + l1i * 8);
       if (cur.offset) {
+        await this.storage.flush();
         this.l2.forget(cur.offset);
         await this.refcounts.free(cur.offset, 1);
       }

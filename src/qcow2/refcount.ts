@@ -345,7 +345,8 @@ export class Refcounts {
     this.writeEntry(nb, 0, 1);
     await this.storage.write(nb, bo);
     this.blocks.set(bo, nb);
-    // The table entry goes last: only now is the new block reachable.
+    // The table entry goes last, once the block is durable: only now is it reachable.
+    await this.storage.flush();
     this.table[ti] = bo;
     const e = Buffer.alloc(8);
     e.writeUInt32BE(Math.floor(bo / TWO32), 0);
@@ -408,12 +409,14 @@ export class Refcounts {
       raw.writeUInt32BE(v >>> 0, i * 8 + 4);
     });
     await this.storage.write(raw, tableStart * cs);
+    await this.storage.flush();
     const oldOffset = this.tableOffset, oldClusters = this.tableClusters;
     this.table = newTable;
     this.tableOffset = tableStart * cs;
     this.tableClusters = tableClusters;
     await this.onTableMoved(this.tableOffset, tableClusters);
-    // Only after the header points at the new table is the old one released.
+    await this.storage.flush();
+    // Only after the header points at the new table (durably) is the old one released.
     await this.update(oldOffset / cs, oldClusters, -1);
   }
 
