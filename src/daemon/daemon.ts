@@ -5,7 +5,7 @@
 import { BlockGraph, QmpError, backingNameFor, formatArg, type BlockNode, type FormatNode } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { CommandError, VERSION, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
-import { imageInfo } from '../cli/img/info.js';
+import { namedNodes } from './named-nodes.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
 import type { Job } from '../jobs/job.js';
@@ -201,7 +201,7 @@ export class Daemon {
     const discard = (optStr(a, 'discard') ?? 'ignore') === 'unmap';
     const readOnly = optBool(a, 'read-only', false);
     if (driver === 'file') {
-      this.graph.addFile(name, str(a, 'filename'), discard);
+      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly });
       return;
     }
     const fmt = formatArg(driver);
@@ -282,7 +282,7 @@ export class Daemon {
     c.set('query-version', () => VERSION);
     c.set('query-block', () => []);
     c.set('query-block-exports', () => [...this.exports.values()].map((e) => ({ 'node-name': e.nodeName, 'shutting-down': false, type: 'nbd', id: e.id })));
-    c.set('query-named-block-nodes', async () => this.namedNodes());
+    c.set('query-named-block-nodes', () => namedNodes(this.graph, this.bitmaps));
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
     c.set('blockdev-del', (a) => this.graph.remove(str(a, 'node-name'), (n) => this.userOf(n)));
     c.set('nbd-server-start', (a) => this.startNbd(parseAddr(a.addr)));
@@ -317,31 +317,6 @@ export class Daemon {
       for (const id of [...this.exports.keys()]) this.deleteExport(id);
     });
     return c;
-  }
-
-  private async namedNodes(): Promise<unknown[]> {
-    const out: unknown[] = [];
-    // Newest node first, as QEMU lists its graph.
-    for (const n of [...this.graph.nodes.values()].reverse()) {
-      if (n.kind === 'file') continue;
-      const image = await imageInfo(n.driver, n.filename);
-      const entry = {
-        iops_rd: 0, detect_zeroes: 'off', image, iops_wr: 0, ro: n.driver.readOnly, 'node-name': n.name,
-        backing_file_depth: 0, drv: n.format, iops: 0, bps_wr: 0, write_threshold: 0,
-        ...(n.driver.backingFile ? { backing_file: n.driver.backingFile } : {}),
-        encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file: n.filename,
-      };
-      const dirty = await this.bitmaps.info(n);
-      out.push(dirty.length ? { ...entry, 'dirty-bitmaps': dirty } : entry);
-      if (n.fileNode) {
-        out.push({
-          iops_rd: 0, detect_zeroes: 'off', image: { 'virtual-size': await n.driver.storage.size(), filename: n.filename, format: 'file', 'actual-size': await n.driver.storage.allocatedSize(), 'dirty-flag': false },
-          iops_wr: 0, ro: n.driver.readOnly, 'node-name': n.fileNode, backing_file_depth: 0, drv: 'file', iops: 0, bps_wr: 0,
-          write_threshold: 0, encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file: n.filename,
-        });
-      }
-    }
-    return out;
   }
 
   /** Cancel running backups and wait until they have ended (their work stopped, events sent). */

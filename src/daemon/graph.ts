@@ -8,7 +8,9 @@ import type { BlockDriver } from '../image/driver.js';
 import { Chain, type Layer } from '../chain/chain.js';
 import { openChain, openImage, isFormat, type ImageFormat } from '../chain/open.js';
 import { ImageError } from '../image/errors.js';
+import fs from 'node:fs';
 import { FileStorage } from '../storage/file.js';
+import { errnoText } from '../storage/storage.js';
 
 export class QmpError extends Error {
   constructor(message: string, readonly errorClass = 'GenericError') {
@@ -21,6 +23,8 @@ export interface FileNode {
   name: string;
   filename: string;
   discard: boolean;
+  /** Opened read-only (its own read-only option). */
+  readOnly: boolean;
 }
 
 export interface FormatNode {
@@ -71,8 +75,15 @@ export class BlockGraph {
     return name;
   }
 
-  addFile(name: string | undefined, filename: string, discard = false): FileNode {
-    const n: FileNode = { kind: 'file', name: this.checkNewName(name), filename, discard };
+  /** A protocol node: the file must exist (QEMU opens it at once). */
+  addFile(name: string | undefined, filename: string, opts: { discard?: boolean; readOnly?: boolean } = {}): FileNode {
+    const checked = this.checkNewName(name);
+    try {
+      fs.accessSync(filename);
+    } catch (e) {
+      throw new QmpError(`Could not open '${filename}': ${errnoText((e as NodeJS.ErrnoException).code)}`);
+    }
+    const n: FileNode = { kind: 'file', name: checked, filename, discard: !!opts.discard, readOnly: !!opts.readOnly };
     this.nodes.set(n.name, n);
     return n;
   }
@@ -194,7 +205,9 @@ export class BlockGraph {
     const user = inUse(n);
     if (user === 'in use') throw new QmpError(`Node ${name} is in use`);
     const parent = this.parentsOf(n)[0];
-    if (parent) throw new QmpError(`Node '${name}' is busy: node is used as ${parent.fileNode === n.name ? 'file' : 'backing hd'} of '${parent.name}'`);
+    // A backing node carries its overlay's op blocker; a file node is only referenced (QEMU's refcnt > 1).
+    if (parent?.fileNode === n.name) throw new QmpError(`Block device ${name} is in use`);
+    if (parent) throw new QmpError(`Node '${name}' is busy: node is used as backing hd of '${parent.name}'`);
     if (user) throw new QmpError(`Node '${name}' is busy: ${user}`);
     this.nodes.delete(name);
     if (n.kind === 'format') {

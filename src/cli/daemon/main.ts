@@ -56,7 +56,7 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
   };
   try {
     for (const b of opts.blockdevs) {
-      if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', b.discard);
+      if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', { discard: b.discard, readOnly: b.readOnly });
       else {
         if (b.file === undefined && b.filename === undefined) throw new CliError("Parameter 'file' is missing");
         await daemon.graph.addFormat({
