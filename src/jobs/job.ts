@@ -60,6 +60,8 @@ export class Job {
   /** block-job-cancel without force on a ready mirror: finish without pivot. */
   softCancelled = false;
   private wake: (() => void) | null = null;
+  /** The work is waiting in a sleep (rate limit, pause, idle): QEMU's job->busy is false there. */
+  private sleeping = false;
   private finalizeGo: (() => void) | null = null;
   /** Resolves a pending job-finalize once the job has concluded. */
   private finalized: (() => void) | null = null;
@@ -200,9 +202,11 @@ export class Job {
   }
 
   private sleep(ms: number): Promise<void> {
+    this.sleeping = true;
     return new Promise((r) => {
-      const t = setTimeout(() => { this.wake = null; r(); }, ms);
-      this.wake = () => { clearTimeout(t); this.wake = null; r(); };
+      const up = (): void => { this.wake = null; this.sleeping = false; r(); };
+      const t = setTimeout(up, ms);
+      this.wake = () => { clearTimeout(t); up(); };
     });
   }
 
@@ -363,13 +367,19 @@ export class Job {
     return this.pauseWanted;
   }
 
+  /**
+   * QEMU's job->busy: true while the job's coroutine is doing work (I/O in flight included),
+   * false while it sleeps (rate limit, pause point, a ready mirror waiting for writes) and once
+   * its work has returned (waiting, pending, concluded).
+   */
   get busy(): boolean {
-    return this.status === 'running' && !this.pauseWanted;
+    // QEMU enters paused/standby only at a pause point, where busy is already false.
+    return this.working && !this.sleeping && this.status !== 'paused' && this.status !== 'standby';
   }
 
   blockJobInfo(): Record<string, unknown> {
     return {
-      'auto-finalize': this.autoFinalize, 'io-status': this.ioStatus, device: this.id, 'auto-dismiss': this.autoDismiss, busy: false,
+      'auto-finalize': this.autoFinalize, 'io-status': this.ioStatus, device: this.id, 'auto-dismiss': this.autoDismiss, busy: this.busy,
       len: this.len, offset: this.offset, status: this.status, paused: this.pauseWanted, speed: this.speed,
       ready: this.status === 'ready' || this.status === 'standby', type: this.type, ...(this.error ? { error: this.error } : {}),
     };
