@@ -11,7 +11,7 @@ import { JobManager } from '../jobs/manager.js';
 import type { Job } from '../jobs/job.js';
 import type { JobGroup } from '../jobs/group.js';
 import { Drain } from './drain.js';
-import { verbAllowed } from '../jobs/state.js';
+import { quiesce } from './shutdown.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { blockResize } from './resize.js';
 import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps.js';
@@ -144,6 +144,7 @@ export class Daemon {
   private attachOverlay(node: FormatNode, overlay: FormatNode): void {
     overlay.backing = node;
     for (const e of this.exports.values()) if (e.nodeName === node.name) e.nodeName = overlay.name;
+    this.jobs.moveFilters(node.name, overlay.name);
     this.graph.changed();
   }
 
@@ -181,6 +182,7 @@ export class Daemon {
   async detachOverlay(node: FormatNode, overlay: FormatNode, remove: boolean): Promise<void> {
     overlay.backing = null;
     this.moveExports(overlay.name, node.name);
+    this.jobs.moveFilters(overlay.name, node.name);
     this.graph.changed();
     if (remove) await this.graph.remove(overlay.name, () => null);
   }
@@ -311,30 +313,26 @@ export class Daemon {
     for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());
     c.set('transaction', (a) => runTransaction(this, a));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);
-    c.set('quit', async () => {
-      // QEMU's jobs are cancelled on exit, their events before quit's reply.
-      await this.cancelBackups();
-      for (const id of [...this.exports.keys()]) this.deleteExport(id);
-    });
+    // QSD's exit path runs before quit's reply: exports closed, jobs cancelled, their events sent.
+    c.set('quit', () => this.quiesce());
     return c;
   }
 
-  /** Cancel running backups and wait until they have ended (their work stopped, events sent). */
-  private async cancelBackups(): Promise<void> {
-    const stopping: Array<Promise<void>> = [];
-    for (const j of [...this.jobs.jobs.values()]) {
-      if (j.type === 'backup' && verbAllowed(j.status, 'cancel')) {
-        j.cancel(true);
-        stopping.push(j.whenConcluded());
-      }
-    }
-    await Promise.all(stopping);
+  /**
+   * Close the exports and cancel every job, waiting for each (QSD's exit path, see shutdown.ts).
+   * A backup's frozen persistent bitmap thus gets back what was not copied before it is stored.
+   */
+  quiesce(): Promise<void> {
+    return quiesce({
+      graph: this.graph,
+      exports: () => [...this.exports.values()].map((e) => ({ id: e.id, nodeName: e.nodeName })),
+      deleteExport: (id) => this.deleteExport(id),
+      jobs: () => [...this.jobs.jobs.values()],
+    });
   }
 
   async shutdown(): Promise<void> {
-    // Running backups are cancelled first, as QEMU cancels jobs on exit: a bitmap they froze gets
-    // back what they had not copied before it is stored.
-    await this.cancelBackups();
+    await this.quiesce();
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }

@@ -11,6 +11,7 @@ import { ImageError } from '../image/errors.js';
 import fs from 'node:fs';
 import { FileStorage } from '../storage/file.js';
 import { errnoText } from '../storage/storage.js';
+import { Drain } from './drain.js';
 
 export class QmpError extends Error {
   constructor(message: string, readonly errorClass = 'GenericError') {
@@ -158,6 +159,14 @@ export class BlockGraph {
     this.changed();
   }
 
+  /**
+   * Jobs' own copies through chains (backup, mirror) run in sections of this drain, taken before
+   * any write gate. A reopen closes a node's handle only once the copies in flight have left, and
+   * holds new ones until the new handle is in place (jobs look chains up per copy, so they read
+   * through the new handle). Guest I/O is not part of it: callers drain the exports first.
+   */
+  readonly io = new Drain();
+
   /** Run after a node got a new driver handle (reopen): what was bound to the old handle moves. */
   readonly reopenHooks: Array<(node: FormatNode, old: BlockDriver) => Promise<void>> = [];
 
@@ -165,9 +174,19 @@ export class BlockGraph {
    * Reopen a format node read-only or read-write. The old handle is flushed and closed first, so
    * its persistent bitmaps are stored before the new handle reads them (QEMU stores them in the
    * reopen's prepare stage); if the new mode cannot be opened, the node is opened again as it was.
+   * The caller holds guest I/O (exports drained); jobs' copies are drained here.
    */
   async reopen(node: FormatNode, readOnly: boolean): Promise<void> {
     if (node.driver.readOnly === readOnly) return;
+    const resume = await this.io.drain();
+    try {
+      await this.swapHandle(node, readOnly);
+    } finally {
+      resume();
+    }
+  }
+
+  private async swapHandle(node: FormatNode, readOnly: boolean): Promise<void> {
     const old = node.driver;
     await old.flush();
     await old.close();

@@ -65,6 +65,12 @@ export class Job {
   private finalizeGo: (() => void) | null = null;
   /** Resolves a pending job-finalize once the job has concluded. */
   private finalized: (() => void) | null = null;
+  /**
+   * Backup: the node QEMU's copy-before-write filter sits on, the source or the overlay an external
+   * snapshot of it put on top (the snapshot replaces the node under the filter). That node has the
+   * filter as its parent, so it is no root node (block-commit refuses it as its device).
+   */
+  filterOn: string | null = null;
   /** The transaction group (completion-mode=grouped) the job belongs to. */
   group: JobGroup | null = null;
   /** Run when the job is gone (status null): what only the job referenced is released (drive-backup's target). */
@@ -360,6 +366,26 @@ export class Job {
   dismiss(): void {
     this.checkVerb('dismiss');
     this.to('null');
+  }
+
+  /**
+   * A drained section over one of the job's nodes begins: as in QEMU, a running (ready) job the
+   * user has not paused stops at its pause point, `paused` (`standby`), until the section ends.
+   * Only the status and its events change. Returns whether the job went to pause.
+   */
+  drainBegin(): boolean {
+    if (this.pauseWanted || this.done) return false;
+    if (this.status === 'running') this.to('paused');
+    else if (this.status === 'ready') this.to('standby');
+    else return false;
+    return true;
+  }
+
+  /** The drained section ends: a job drainBegin paused goes back to running (ready). */
+  drainEnd(): void {
+    if (this.pauseWanted || this.done) return;
+    if (this.status === 'paused') this.to('running');
+    else if (this.status === 'standby') this.to('ready');
   }
 
   /** Paused by the user or by an error policy (QEMU's user_paused). */
