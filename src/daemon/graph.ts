@@ -5,7 +5,7 @@
  * replacing the active node (external snapshot, pivot) moves every user at once.
  */
 import type { BlockDriver } from '../image/driver.js';
-import { Chain, type Layer } from '../chain/chain.js';
+import { Chain, moveWriteHooks, type Layer } from '../chain/chain.js';
 import { openChain, openImage, isFormat, type ImageFormat } from '../chain/open.js';
 import { ImageError } from '../image/errors.js';
 import fs from 'node:fs';
@@ -199,6 +199,8 @@ export class BlockGraph {
       next = await open(old.readOnly);
     }
     node.driver = next.driver;
+    // Copy-before-write hooks, write watchers and the write gate follow the node, not the handle.
+    moveWriteHooks(old, next.driver);
     this.changed();
     const st = next.driver.storage;
     if (st instanceof FileStorage) st.lock(next.driver.readOnly ? 'read' : 'write');
