@@ -4,7 +4,8 @@
  * - a commit below the source, started through a second overlay of the source, reopens the base
  *   read-write, copies into it and drops the intermediate node while the backup runs. QSD allows
  *   it and the backup still produces the point-in-time view; qchain's backup must too (it reads
- *   through the chain as it is now, and the reopen waits for its copies in flight);
+ *   through the chain as it is now, and the reopen waits for its copies in flight); with implicit
+ *   backing nodes the dropped intermediate node is closed once no copy is reading it;
  * - an external snapshot of the source puts the overlay under QEMU's copy-before-write filter,
  *   so block-commit refuses the overlay as its device ("Need a root block node").
  * Guest writes after the graph change must still copy before they write (the target never
@@ -18,13 +19,8 @@ import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
 import { start, norm, jobEvent, guest, put, type Tool } from './helpers/live-qmp.js';
 import type { QmpClient } from './helpers/qmp-client.js';
 
-const ARGS = [
-  '--blockdev', 'driver=file,node-name=base-file,filename=base.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=base,file=base-file,read-only=on',
-  '--blockdev', 'driver=file,node-name=mid-file,filename=mid.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=mid,file=mid-file,backing=base,read-only=on',
-  '--blockdev', 'driver=file,node-name=top-file,filename=top.qcow2',
-  '--blockdev', 'driver=qcow2,node-name=top,file=top-file,backing=mid',
+/** Target, second overlay's file, NBD export of top, monitor. */
+const TAIL = [
   '--blockdev', 'driver=file,node-name=tgt-file,filename=tgt.qcow2',
   '--blockdev', 'driver=qcow2,node-name=tgt,file=tgt-file',
   '--blockdev', 'driver=file,node-name=z-file,filename=z.qcow2',
@@ -32,6 +28,23 @@ const ARGS = [
   '--export', 'type=nbd,id=exp0,node-name=top,name=vda,writable=on',
   '--chardev', 'socket,id=qmp0,path=qmp.sock,server=on,wait=off',
   '--monitor', 'chardev=qmp0',
+];
+
+const ARGS = [
+  '--blockdev', 'driver=file,node-name=base-file,filename=base.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=base,file=base-file,read-only=on',
+  '--blockdev', 'driver=file,node-name=mid-file,filename=mid.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=mid,file=mid-file,backing=base,read-only=on',
+  '--blockdev', 'driver=file,node-name=top-file,filename=top.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=top,file=top-file,backing=mid',
+  ...TAIL,
+];
+
+/** The chain below top opened from the image headers (implicit '#blockNNN' nodes). */
+const ARGS_IMPLICIT = [
+  '--blockdev', 'driver=file,node-name=top-file,filename=top.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=top,file=top-file',
+  ...TAIL,
 ];
 
 async function images(dir: string): Promise<void> {
@@ -69,9 +82,9 @@ function comparable(log: Array<Record<string, unknown>>): unknown[] {
   return [...kept.filter((m) => !('event' in m)), ...kept.filter((m) => 'event' in m)];
 }
 
-async function session(tool: Tool, dir: string, script: Script): Promise<{ log: unknown[]; chain: string; seen: unknown }> {
+async function session(tool: Tool, dir: string, script: Script, args = ARGS): Promise<{ log: unknown[]; chain: string; seen: unknown }> {
   await images(dir);
-  const { child, q } = await start(tool, dir, ARGS);
+  const { child, q } = await start(tool, dir, args);
   const exited = new Promise((r) => (child.exitCode !== null ? r(null) : child.on('exit', r)));
   let seen: unknown;
   try {
@@ -117,6 +130,23 @@ describe('backup while the graph around its source changes, as qemu-storage-daem
     assert.equal(got.seen, want.seen);
     assert.equal(got.chain, want.chain);
     assert.match(want.chain, /image: top.qcow2\nbacking file: base.qcow2/, 'the commit dropped mid from the chain');
+  });
+
+  test('the same with implicit backing nodes: the dropped intermediate node is closed under the backup', async () => {
+    const script: Script = async (q) => {
+      const nodes = (await q.execute('query-named-block-nodes', { flat: true }, 'nodes')).return as Array<{ 'node-name': string; drv: string; image: { filename: string } }>;
+      const named = (f: string): string | undefined => nodes.find((n) => n.drv === 'qcow2' && n.image.filename.endsWith(f))?.['node-name'];
+      await ok(q, 'blockdev-add', { driver: 'qcow2', 'node-name': 'z', file: 'z-file', backing: 'top' });
+      await ok(q, 'block-commit', { 'job-id': 'c', device: 'z', 'top-node': named('mid.qcow2'), 'base-node': named('base.qcow2') });
+      await q.waitFor(jobEvent('c', 'null'));
+      return null;
+    };
+    const root = scratch();
+    const want = await session('qemu', path.join(root, 'qemu'), script, ARGS_IMPLICIT);
+    const got = await session('qchain', path.join(root, 'qchain'), script, ARGS_IMPLICIT);
+    assert.deepEqual(got.log, want.log);
+    assert.equal(got.chain, want.chain);
+    assert.match(want.chain, /image: top.qcow2\nbacking file: base.qcow2/);
   });
 
   test('a snapshot of the source puts the overlay under the filter: block-commit refuses it', async () => {

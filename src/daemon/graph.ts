@@ -153,7 +153,7 @@ export class BlockGraph {
     for (const d of dropped) {
       if (d.implicit && this.parentsOf(d).length === 0) {
         this.nodes.delete(d.name);
-        void d.driver.close().catch(() => {});
+        void this.closeWhenIdle(d.driver);
       }
     }
     this.changed();
@@ -166,6 +166,18 @@ export class BlockGraph {
    * through the new handle). Guest I/O is not part of it: callers drain the exports first.
    */
   readonly io = new Drain();
+
+  /** Close a handle no chain reaches any more once the jobs' copies in flight (which may still read it) have left. */
+  private async closeWhenIdle(d: BlockDriver): Promise<void> {
+    const resume = await this.io.drain();
+    try {
+      await d.close();
+    } catch {
+      // A dropped read-only backing handle: nothing to report to anyone.
+    } finally {
+      resume();
+    }
+  }
 
   /** Run after a node got a new driver handle (reopen): what was bound to the old handle moves. */
   readonly reopenHooks: Array<(node: FormatNode, old: BlockDriver) => Promise<void>> = [];
