@@ -52,6 +52,11 @@ export class Job {
   private cancelled = false;
   /** The work function is running (a cancel waits for it to return). */
   private working = false;
+  /**
+   * The graph changes of a successful job are being made (QEMU does them in one go in job_exit,
+   * where no monitor command can come in between): the job can only conclude from here.
+   */
+  preparing = false;
   /** Concluded (or concluding): no second ending. */
   private done = false;
   private readonly concludedWaiters: Array<() => void> = [];
@@ -150,7 +155,12 @@ export class Job {
         if (this.cancelled) return;
       }
       this.abortHook = null;
-      await prepare();
+      this.preparing = true;
+      try {
+        await prepare();
+      } finally {
+        this.preparing = false;
+      }
       this.legacy('BLOCK_JOB_COMPLETED');
       this.conclude();
       this.group?.settled(this);
