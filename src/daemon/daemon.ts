@@ -323,13 +323,16 @@ export class Daemon {
    * A backup's frozen persistent bitmap thus gets back what was not copied before it is stored.
    */
   quiesce(): Promise<void> {
-    return quiesce({
+    // Once: quit and a signal arriving meanwhile share the one exit path.
+    return (this.quiescing ??= quiesce({
       graph: this.graph,
       exports: () => [...this.exports.values()].map((e) => ({ id: e.id, nodeName: e.nodeName })),
       deleteExport: (id) => this.deleteExport(id),
       jobs: () => [...this.jobs.jobs.values()],
-    });
+    }));
   }
+
+  private quiescing: Promise<void> | null = null;
 
   async shutdown(): Promise<void> {
     await this.quiesce();
