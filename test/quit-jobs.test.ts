@@ -116,6 +116,10 @@ const CASES: Record<string, Case> = {
       await sleep(100);
     },
   },
+  // The export's node is above the mirror's source: closing the export does not drain the job.
+  'backup of a backing node below the export, running': {
+    setup: async (q) => { await ok(q, 'blockdev-backup', { 'job-id': 'j', device: 'mid', target: 'tgt', sync: 'full', speed: 1 }); await sleep(300); },
+  },
   'mirror ready, SIGTERM': {
     signal: true,
     setup: async (q) => {
