@@ -25,6 +25,10 @@ async function session(tool: Tool, dir: string): Promise<unknown[]> {
   await qemuImg(['create', '-q', '-f', 'qcow2', 'disk.qcow2', '16M'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'ro.qcow2', '8M'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'rw.qcow2', '8M'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '8M'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'inline.qcow2', '8M'], dir);
   // Not a whole number of sectors: file-posix reports the length rounded up to 512.
   fs.writeFileSync(path.join(dir, 'lone.raw'), Buffer.alloc(70000, 7));
   fs.writeFileSync(path.join(dir, 'other.raw'), Buffer.alloc(4096, 1));
@@ -46,6 +50,13 @@ async function session(tool: Tool, dir: string): Promise<unknown[]> {
     await x('query-named-block-nodes', { flat: true });
     await x('blockdev-add', { driver: 'raw', 'node-name': 'r2', file: 'f2' });
     await x('query-named-block-nodes');
+    // Protocol nodes QEMU creates itself: under a format node given a file name, and under each
+    // backing node opened from a header (read-only as their format node).
+    await x('blockdev-add', { driver: 'qcow2', 'node-name': 'inl', file: { driver: 'file', filename: 'inline.qcow2' } });
+    await x('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: 'top.qcow2' } });
+    await x('query-named-block-nodes', { flat: true });
+    await x('blockdev-del', { 'node-name': 'inl' });
+    await x('blockdev-del', { 'node-name': 'top' });
     await x('blockdev-del', { 'node-name': 'f3' });
     await x('blockdev-del', { 'node-name': 'f2' });
     await x('blockdev-del', { 'node-name': 'r2' });

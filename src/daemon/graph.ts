@@ -26,6 +26,8 @@ export interface FileNode {
   discard: boolean;
   /** Opened read-only (its own read-only option). */
   readOnly: boolean;
+  /** Created with its format node, which was given a file name ("#blockNNN"); goes with it. */
+  implicit?: boolean;
 }
 
 export interface FormatNode {
@@ -107,26 +109,40 @@ export class BlockGraph {
     const format = opts.format === 'auto' ? undefined : opts.format;
     const below = typeof opts.backing === 'string' ? this.formatNode(opts.backing) : null;
     try {
+      // Nodes enter the graph as QEMU creates them: each protocol node just before its format
+      // node, a backing node after its overlay (listings show the newest first).
+      const added: BlockNode[] = [];
+      const withFile = (n: FormatNode, explicitFile: string | null): FormatNode => {
+        if (explicitFile) n.fileNode = explicitFile;
+        else {
+          const f: FileNode = { kind: 'file', name: this.implicitName(), filename: n.filename, discard: false, readOnly: n.driver.readOnly, implicit: true };
+          n.fileNode = f.name;
+          added.push(f);
+        }
+        added.push(n);
+        return n;
+      };
+      let top: FormatNode;
       if (opts.backing === undefined) {
         const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log });
         // The top becomes the named node, the rest implicit read-only nodes.
-        let under: FormatNode | null = null;
-        for (let d = chain.layers.length - 1; d >= 0; d--) {
-          const l = chain.layers[d];
-          const n: FormatNode = {
-            kind: 'format', name: d === 0 ? name : `#block${this.implicitSeq++}`, format: l.driver.format, driver: l.driver,
-            filename: l.filename, fileNode: d === 0 ? fileNode : null, backing: under, implicit: d > 0, discard: d === 0 && discard,
-          };
-          this.nodes.set(n.name, n);
-          under = n;
-        }
-        return under as FormatNode;
+        const layers = chain.layers.map((l, d): FormatNode => ({
+          kind: 'format', name: d === 0 ? name : '', format: l.driver.format, driver: l.driver,
+          filename: l.filename, fileNode: null, backing: null, implicit: d > 0, discard: d === 0 && discard,
+        }));
+        layers.forEach((n, d) => {
+          n.backing = layers[d + 1] ?? null;
+          if (d > 0) n.name = this.implicitName();
+          withFile(n, d === 0 ? fileNode : null);
+        });
+        top = layers[0];
+      } else {
+        const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log });
+        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, implicit: false, discard }, fileNode);
       }
-      const top = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log });
-      const n: FormatNode = { kind: 'format', name, format: top.driver.format, driver: top.driver, filename, fileNode, backing: below, implicit: false, discard };
-      this.nodes.set(name, n);
+      for (const n of added) this.nodes.set(n.name, n);
       this.changed();
-      return n;
+      return top;
     } catch (e) {
       if (e instanceof ImageError) throw new QmpError(e.message);
       throw e;
@@ -152,7 +168,7 @@ export class BlockGraph {
     node.backing = base;
     for (const d of dropped) {
       if (d.implicit && this.parentsOf(d).length === 0) {
-        this.nodes.delete(d.name);
+        this.forget(d);
         void this.closeWhenIdle(d.driver);
       }
     }
@@ -234,7 +250,7 @@ export class BlockGraph {
   async remove(name: string, inUse: (n: BlockNode) => string | null): Promise<void> {
     const n = this.nodes.get(name);
     if (!n) throw new QmpError(`Failed to find node with node-name='${name}'`);
-    if (n.kind === 'format' && n.implicit) throw new QmpError(`Node ${name} is not owned by the monitor`);
+    if (n.implicit) throw new QmpError(`Node ${name} is not owned by the monitor`);
     const user = inUse(n);
     if (user === 'in use') throw new QmpError(`Node ${name} is in use`);
     const parent = this.parentsOf(n)[0];
@@ -242,16 +258,24 @@ export class BlockGraph {
     if (parent?.fileNode === n.name) throw new QmpError(`Block device ${name} is in use`);
     if (parent) throw new QmpError(`Node '${name}' is busy: node is used as backing hd of '${parent.name}'`);
     if (user) throw new QmpError(`Node '${name}' is busy: ${user}`);
-    this.nodes.delete(name);
-    if (n.kind === 'format') {
+    if (n.kind === 'file') this.nodes.delete(name);
+    else {
+      this.forget(n);
       await n.driver.flush().catch(() => {});
       await n.driver.close();
       for (let b = n.backing; b && b.implicit && this.parentsOf(b).length === 0; b = b.backing) {
-        this.nodes.delete(b.name);
+        this.forget(b);
         await b.driver.close();
       }
     }
     this.changed();
+  }
+
+  /** Take a format node out of the graph, with the protocol node created for it. */
+  private forget(n: FormatNode): void {
+    this.nodes.delete(n.name);
+    const f = n.fileNode === null ? undefined : this.nodes.get(n.fileNode);
+    if (f?.kind === 'file' && f.implicit) this.nodes.delete(f.name);
   }
 
   /** Flush and close every image (daemon shutdown). */

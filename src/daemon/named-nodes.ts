@@ -19,19 +19,21 @@ function entry(image: Record<string, unknown>, ro: boolean, name: string, drv: s
 }
 
 /** A protocol node's size and allocation: the open format node's storage if one sits on it, else the file itself. */
-async function fileSizes(graph: BlockGraph, n: FileNode): Promise<{ size: number; allocated: number }> {
-  const user = [...graph.nodes.values()].find((x): x is FormatNode => x.kind === 'format' && x.fileNode === n.name);
+async function fileSizes(user: FormatNode | undefined, n: FileNode): Promise<{ size: number; allocated: number }> {
   if (user) return { size: await user.driver.storage.size(), allocated: await user.driver.storage.allocatedSize() };
   const st = await fs.promises.stat(n.filename);
   return { size: st.size, allocated: st.blocks * 512 };
 }
 
 async function fileEntry(graph: BlockGraph, n: FileNode): Promise<Record<string, unknown>> {
-  const { size, allocated } = await fileSizes(graph, n);
+  const user = [...graph.nodes.values()].find((x): x is FormatNode => x.kind === 'format' && x.fileNode === n.name);
+  const { size, allocated } = await fileSizes(user, n);
   // file-posix reports its length in whole sectors (bdrv_getlength).
   const virtual = Math.ceil(size / SECTOR) * SECTOR;
   const image = { 'virtual-size': virtual, filename: n.filename, format: 'file', 'actual-size': allocated, 'dirty-flag': false };
-  return entry(image, n.readOnly, n.name, 'file', n.filename);
+  // An implicit protocol node is opened (and reopened) in its format node's mode; a named one keeps its own.
+  const ro = n.implicit && user ? user.driver.readOnly : n.readOnly;
+  return entry(image, ro, n.name, 'file', n.filename);
 }
 
 async function formatEntry(n: FormatNode, bitmaps: BitmapRegistry): Promise<Record<string, unknown>> {
