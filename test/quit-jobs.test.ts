@@ -120,6 +120,16 @@ const CASES: Record<string, Case> = {
   'backup of a backing node below the export, running': {
     setup: async (q) => { await ok(q, 'blockdev-backup', { 'job-id': 'j', device: 'mid', target: 'tgt', sync: 'full', speed: 1 }); await sleep(300); },
   },
+  // A paused job used to keep the process alive after SIGTERM.
+  'stream paused by the user, SIGTERM': {
+    signal: true,
+    setup: async (q) => {
+      await ok(q, 'block-stream', { 'job-id': 'j', device: 'top', speed: 1 });
+      await sleep(300);
+      await ok(q, 'job-pause', { id: 'j' });
+      await q.waitFor(jobEvent('j', 'paused'));
+    },
+  },
   'mirror ready, SIGTERM': {
     signal: true,
     setup: async (q) => {
