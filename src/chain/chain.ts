@@ -23,13 +23,8 @@ export function watchWrites(d: BlockDriver, fn: (offset: number, length: number)
     set = new Set();
     watchers.set(d, set);
   }
-  if (!set.has(fn)) {
-    set.add(fn);
-    hooksArmed++;
-  }
-  return () => {
-    if (set?.delete(fn)) hooksArmed--;
-  };
+  set.add(fn);
+  return () => set?.delete(fn);
 }
 
 /** How many copy-before-write hooks are armed anywhere (0: reads need not look for them). */
@@ -48,8 +43,27 @@ export function beforeWrites(d: BlockDriver, fn: BeforeWrite): () => void {
     set = new Set();
     interceptors.set(d, set);
   }
-  set.add(fn);
-  return () => set?.delete(fn);
+  if (!set.has(fn)) {
+    set.add(fn);
+    hooksArmed++;
+  }
+  return () => {
+    if (set?.delete(fn)) hooksArmed--;
+  };
+}
+
+/**
+ * A node got a new driver handle (reopen): its write watchers, copy-before-write hooks and write
+ * gate move to the new handle (the same sets and lock, so what was armed is disarmed as before,
+ * and a holder of the gate still excludes writers through the new handle).
+ */
+export function moveWriteHooks(from: BlockDriver, to: BlockDriver): void {
+  for (const m of [watchers, interceptors, gates] as Array<WeakMap<BlockDriver, unknown>>) {
+    const v = m.get(from);
+    if (v === undefined) continue;
+    m.set(to, v);
+    m.delete(from);
+  }
 }
 
 /**

@@ -5,13 +5,13 @@
 import { BlockGraph, QmpError, backingNameFor, formatArg, type BlockNode, type FormatNode } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { CommandError, VERSION, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
-import { imageInfo } from '../cli/img/info.js';
+import { namedNodes } from './named-nodes.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
 import type { Job } from '../jobs/job.js';
 import type { JobGroup } from '../jobs/group.js';
 import { Drain } from './drain.js';
-import { verbAllowed } from '../jobs/state.js';
+import { quiesce } from './shutdown.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { blockResize } from './resize.js';
 import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps.js';
@@ -144,6 +144,7 @@ export class Daemon {
   private attachOverlay(node: FormatNode, overlay: FormatNode): void {
     overlay.backing = node;
     for (const e of this.exports.values()) if (e.nodeName === node.name) e.nodeName = overlay.name;
+    this.jobs.moveFilters(node.name, overlay.name);
     this.graph.changed();
   }
 
@@ -181,6 +182,7 @@ export class Daemon {
   async detachOverlay(node: FormatNode, overlay: FormatNode, remove: boolean): Promise<void> {
     overlay.backing = null;
     this.moveExports(overlay.name, node.name);
+    this.jobs.moveFilters(overlay.name, node.name);
     this.graph.changed();
     if (remove) await this.graph.remove(overlay.name, () => null);
   }
@@ -201,7 +203,7 @@ export class Daemon {
     const discard = (optStr(a, 'discard') ?? 'ignore') === 'unmap';
     const readOnly = optBool(a, 'read-only', false);
     if (driver === 'file') {
-      this.graph.addFile(name, str(a, 'filename'), discard);
+      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly });
       return;
     }
     const fmt = formatArg(driver);
@@ -282,7 +284,7 @@ export class Daemon {
     c.set('query-version', () => VERSION);
     c.set('query-block', () => []);
     c.set('query-block-exports', () => [...this.exports.values()].map((e) => ({ 'node-name': e.nodeName, 'shutting-down': false, type: 'nbd', id: e.id })));
-    c.set('query-named-block-nodes', async () => this.namedNodes());
+    c.set('query-named-block-nodes', () => namedNodes(this.graph, this.bitmaps));
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
     c.set('blockdev-del', (a) => this.graph.remove(str(a, 'node-name'), (n) => this.userOf(n)));
     c.set('nbd-server-start', (a) => this.startNbd(parseAddr(a.addr)));
@@ -311,55 +313,29 @@ export class Daemon {
     for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());
     c.set('transaction', (a) => runTransaction(this, a));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);
-    c.set('quit', async () => {
-      // QEMU's jobs are cancelled on exit, their events before quit's reply.
-      await this.cancelBackups();
-      for (const id of [...this.exports.keys()]) this.deleteExport(id);
-    });
+    // QSD's exit path runs before quit's reply: exports closed, jobs cancelled, their events sent.
+    c.set('quit', () => this.quiesce());
     return c;
   }
 
-  private async namedNodes(): Promise<unknown[]> {
-    const out: unknown[] = [];
-    // Newest node first, as QEMU lists its graph.
-    for (const n of [...this.graph.nodes.values()].reverse()) {
-      if (n.kind === 'file') continue;
-      const image = await imageInfo(n.driver, n.filename);
-      const entry = {
-        iops_rd: 0, detect_zeroes: 'off', image, iops_wr: 0, ro: n.driver.readOnly, 'node-name': n.name,
-        backing_file_depth: 0, drv: n.format, iops: 0, bps_wr: 0, write_threshold: 0,
-        ...(n.driver.backingFile ? { backing_file: n.driver.backingFile } : {}),
-        encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file: n.filename,
-      };
-      const dirty = await this.bitmaps.info(n);
-      out.push(dirty.length ? { ...entry, 'dirty-bitmaps': dirty } : entry);
-      if (n.fileNode) {
-        out.push({
-          iops_rd: 0, detect_zeroes: 'off', image: { 'virtual-size': await n.driver.storage.size(), filename: n.filename, format: 'file', 'actual-size': await n.driver.storage.allocatedSize(), 'dirty-flag': false },
-          iops_wr: 0, ro: n.driver.readOnly, 'node-name': n.fileNode, backing_file_depth: 0, drv: 'file', iops: 0, bps_wr: 0,
-          write_threshold: 0, encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file: n.filename,
-        });
-      }
-    }
-    return out;
+  /**
+   * Close the exports and cancel every job, waiting for each (QSD's exit path, see shutdown.ts).
+   * A backup's frozen persistent bitmap thus gets back what was not copied before it is stored.
+   */
+  quiesce(): Promise<void> {
+    // Once: quit and a signal arriving meanwhile share the one exit path.
+    return (this.quiescing ??= quiesce({
+      graph: this.graph,
+      exports: () => [...this.exports.values()].map((e) => ({ id: e.id, nodeName: e.nodeName })),
+      deleteExport: (id) => this.deleteExport(id),
+      jobs: () => [...this.jobs.jobs.values()],
+    }));
   }
 
-  /** Cancel running backups and wait until they have ended (their work stopped, events sent). */
-  private async cancelBackups(): Promise<void> {
-    const stopping: Array<Promise<void>> = [];
-    for (const j of [...this.jobs.jobs.values()]) {
-      if (j.type === 'backup' && verbAllowed(j.status, 'cancel')) {
-        j.cancel(true);
-        stopping.push(j.whenConcluded());
-      }
-    }
-    await Promise.all(stopping);
-  }
+  private quiescing: Promise<void> | null = null;
 
   async shutdown(): Promise<void> {
-    // Running backups are cancelled first, as QEMU cancels jobs on exit: a bitmap they froze gets
-    // back what they had not copied before it is stored.
-    await this.cancelBackups();
+    await this.quiesce();
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }

@@ -5,10 +5,13 @@
  * replacing the active node (external snapshot, pivot) moves every user at once.
  */
 import type { BlockDriver } from '../image/driver.js';
-import { Chain, type Layer } from '../chain/chain.js';
+import { Chain, moveWriteHooks, type Layer } from '../chain/chain.js';
 import { openChain, openImage, isFormat, type ImageFormat } from '../chain/open.js';
 import { ImageError } from '../image/errors.js';
+import fs from 'node:fs';
 import { FileStorage } from '../storage/file.js';
+import { errnoText } from '../storage/storage.js';
+import { Drain } from './drain.js';
 
 export class QmpError extends Error {
   constructor(message: string, readonly errorClass = 'GenericError') {
@@ -21,6 +24,10 @@ export interface FileNode {
   name: string;
   filename: string;
   discard: boolean;
+  /** Opened read-only (its own read-only option). */
+  readOnly: boolean;
+  /** Created with its format node, which was given a file name ("#blockNNN"); goes with it. */
+  implicit?: boolean;
 }
 
 export interface FormatNode {
@@ -71,8 +78,15 @@ export class BlockGraph {
     return name;
   }
 
-  addFile(name: string | undefined, filename: string, discard = false): FileNode {
-    const n: FileNode = { kind: 'file', name: this.checkNewName(name), filename, discard };
+  /** A protocol node: the file must exist (QEMU opens it at once). */
+  addFile(name: string | undefined, filename: string, opts: { discard?: boolean; readOnly?: boolean } = {}): FileNode {
+    const checked = this.checkNewName(name);
+    try {
+      fs.accessSync(filename);
+    } catch (e) {
+      throw new QmpError(`Could not open '${filename}': ${errnoText((e as NodeJS.ErrnoException).code)}`);
+    }
+    const n: FileNode = { kind: 'file', name: checked, filename, discard: !!opts.discard, readOnly: !!opts.readOnly };
     this.nodes.set(n.name, n);
     return n;
   }
@@ -95,26 +109,40 @@ export class BlockGraph {
     const format = opts.format === 'auto' ? undefined : opts.format;
     const below = typeof opts.backing === 'string' ? this.formatNode(opts.backing) : null;
     try {
+      // Nodes enter the graph as QEMU creates them: each protocol node just before its format
+      // node, a backing node after its overlay (listings show the newest first).
+      const added: BlockNode[] = [];
+      const withFile = (n: FormatNode, explicitFile: string | null): FormatNode => {
+        if (explicitFile) n.fileNode = explicitFile;
+        else {
+          const f: FileNode = { kind: 'file', name: this.implicitName(), filename: n.filename, discard: false, readOnly: n.driver.readOnly, implicit: true };
+          n.fileNode = f.name;
+          added.push(f);
+        }
+        added.push(n);
+        return n;
+      };
+      let top: FormatNode;
       if (opts.backing === undefined) {
         const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log });
         // The top becomes the named node, the rest implicit read-only nodes.
-        let under: FormatNode | null = null;
-        for (let d = chain.layers.length - 1; d >= 0; d--) {
-          const l = chain.layers[d];
-          const n: FormatNode = {
-            kind: 'format', name: d === 0 ? name : `#block${this.implicitSeq++}`, format: l.driver.format, driver: l.driver,
-            filename: l.filename, fileNode: d === 0 ? fileNode : null, backing: under, implicit: d > 0, discard: d === 0 && discard,
-          };
-          this.nodes.set(n.name, n);
-          under = n;
-        }
-        return under as FormatNode;
+        const layers = chain.layers.map((l, d): FormatNode => ({
+          kind: 'format', name: d === 0 ? name : '', format: l.driver.format, driver: l.driver,
+          filename: l.filename, fileNode: null, backing: null, implicit: d > 0, discard: d === 0 && discard,
+        }));
+        layers.forEach((n, d) => {
+          n.backing = layers[d + 1] ?? null;
+          if (d > 0) n.name = this.implicitName();
+          withFile(n, d === 0 ? fileNode : null);
+        });
+        top = layers[0];
+      } else {
+        const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log });
+        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, implicit: false, discard }, fileNode);
       }
-      const top = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log });
-      const n: FormatNode = { kind: 'format', name, format: top.driver.format, driver: top.driver, filename, fileNode, backing: below, implicit: false, discard };
-      this.nodes.set(name, n);
+      for (const n of added) this.nodes.set(n.name, n);
       this.changed();
-      return n;
+      return top;
     } catch (e) {
       if (e instanceof ImageError) throw new QmpError(e.message);
       throw e;
@@ -140,11 +168,31 @@ export class BlockGraph {
     node.backing = base;
     for (const d of dropped) {
       if (d.implicit && this.parentsOf(d).length === 0) {
-        this.nodes.delete(d.name);
-        void d.driver.close().catch(() => {});
+        this.forget(d);
+        void this.closeWhenIdle(d.driver);
       }
     }
     this.changed();
+  }
+
+  /**
+   * Jobs' own copies through chains (backup, mirror) run in sections of this drain, taken before
+   * any write gate. A reopen closes a node's handle only once the copies in flight have left, and
+   * holds new ones until the new handle is in place (jobs look chains up per copy, so they read
+   * through the new handle). Guest I/O is not part of it: callers drain the exports first.
+   */
+  readonly io = new Drain();
+
+  /** Close a handle no chain reaches any more once the jobs' copies in flight (which may still read it) have left. */
+  private async closeWhenIdle(d: BlockDriver): Promise<void> {
+    const resume = await this.io.drain();
+    try {
+      await d.close();
+    } catch {
+      // A dropped read-only backing handle: nothing to report to anyone.
+    } finally {
+      resume();
+    }
   }
 
   /** Run after a node got a new driver handle (reopen): what was bound to the old handle moves. */
@@ -154,9 +202,19 @@ export class BlockGraph {
    * Reopen a format node read-only or read-write. The old handle is flushed and closed first, so
    * its persistent bitmaps are stored before the new handle reads them (QEMU stores them in the
    * reopen's prepare stage); if the new mode cannot be opened, the node is opened again as it was.
+   * The caller holds guest I/O (exports drained); jobs' copies are drained here.
    */
   async reopen(node: FormatNode, readOnly: boolean): Promise<void> {
     if (node.driver.readOnly === readOnly) return;
+    const resume = await this.io.drain();
+    try {
+      await this.swapHandle(node, readOnly);
+    } finally {
+      resume();
+    }
+  }
+
+  private async swapHandle(node: FormatNode, readOnly: boolean): Promise<void> {
     const old = node.driver;
     await old.flush();
     await old.close();
@@ -169,6 +227,8 @@ export class BlockGraph {
       next = await open(old.readOnly);
     }
     node.driver = next.driver;
+    // Copy-before-write hooks, write watchers and the write gate follow the node, not the handle.
+    moveWriteHooks(old, next.driver);
     this.changed();
     const st = next.driver.storage;
     if (st instanceof FileStorage) st.lock(next.driver.readOnly ? 'read' : 'write');
@@ -190,22 +250,32 @@ export class BlockGraph {
   async remove(name: string, inUse: (n: BlockNode) => string | null): Promise<void> {
     const n = this.nodes.get(name);
     if (!n) throw new QmpError(`Failed to find node with node-name='${name}'`);
-    if (n.kind === 'format' && n.implicit) throw new QmpError(`Node ${name} is not owned by the monitor`);
+    if (n.implicit) throw new QmpError(`Node ${name} is not owned by the monitor`);
     const user = inUse(n);
     if (user === 'in use') throw new QmpError(`Node ${name} is in use`);
     const parent = this.parentsOf(n)[0];
-    if (parent) throw new QmpError(`Node '${name}' is busy: node is used as ${parent.fileNode === n.name ? 'file' : 'backing hd'} of '${parent.name}'`);
+    // A backing node carries its overlay's op blocker; a file node is only referenced (QEMU's refcnt > 1).
+    if (parent?.fileNode === n.name) throw new QmpError(`Block device ${name} is in use`);
+    if (parent) throw new QmpError(`Node '${name}' is busy: node is used as backing hd of '${parent.name}'`);
     if (user) throw new QmpError(`Node '${name}' is busy: ${user}`);
-    this.nodes.delete(name);
-    if (n.kind === 'format') {
+    if (n.kind === 'file') this.nodes.delete(name);
+    else {
+      this.forget(n);
       await n.driver.flush().catch(() => {});
       await n.driver.close();
       for (let b = n.backing; b && b.implicit && this.parentsOf(b).length === 0; b = b.backing) {
-        this.nodes.delete(b.name);
+        this.forget(b);
         await b.driver.close();
       }
     }
     this.changed();
+  }
+
+  /** Take a format node out of the graph, with the protocol node created for it. */
+  private forget(n: FormatNode): void {
+    this.nodes.delete(n.name);
+    const f = n.fileNode === null ? undefined : this.nodes.get(n.fileNode);
+    if (f?.kind === 'file' && f.implicit) this.nodes.delete(f.name);
   }
 
   /** Flush and close every image (daemon shutdown). */

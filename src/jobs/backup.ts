@@ -69,9 +69,6 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
   const pending = p.bitmap ? granulesOf(p.bitmap, size) : new Uint8Array(n).fill(1);
   let len = 0;
   for (let i = 0; i < n; i++) if (pending[i]) len += Math.min(G, size - i * G);
-  // The chain as it is now: the point in time the copy shows.
-  const chain = graph.chain(p.source);
-  const depth = p.depth(chain);
   let job: Job | null = null;
   let progress = 0;
   const copyGranule = async (i: number): Promise<number> => {
@@ -82,7 +79,11 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
     const buf = Buffer.allocUnsafe(glen);
     let copied: number;
     try {
-      copied = p.bitmap || p.none ? await copyView(chain, p.target, off, glen, buf) : await copyLayers(chain, 0, depth, p.target.driver, off, glen, buf);
+      // The chain is looked up per granule: below the source, a commit through another overlay may
+      // reopen and relink nodes while the job runs. The view through the source stays the same
+      // (only guest writes change it, and they copy first); the handles do not.
+      const chain = graph.chain(p.source);
+      copied = p.bitmap || p.none ? await copyView(chain, p.target, off, glen, buf) : await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, glen, buf);
     } catch (e) {
       pending[i] = 1; // not copied: a retry (or bitmap-mode=always) must still see it
       throw e;
@@ -109,11 +110,17 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
         if (!pending[i]) continue;
         let copied = 0;
         const copy = async (): Promise<void> => {
-          const release = await writeGate(p.source.driver).acquire(i * G, Math.min(size, (i + 1) * G));
+          // The graph's io section first, then the gate (the order every job copy keeps).
+          const leave = await graph.io.enter();
           try {
-            copied = await copyGranule(i);
+            const release = await writeGate(p.source.driver).acquire(i * G, Math.min(size, (i + 1) * G));
+            try {
+              copied = await copyGranule(i);
+            } finally {
+              release();
+            }
           } finally {
-            release();
+            leave();
           }
         };
         // An ignored error retries the granule, as QEMU's backup does.

@@ -52,6 +52,11 @@ export class Job {
   private cancelled = false;
   /** The work function is running (a cancel waits for it to return). */
   private working = false;
+  /**
+   * The graph changes of a successful job are being made (QEMU does them in one go in job_exit,
+   * where no monitor command can come in between): the job can only conclude from here.
+   */
+  preparing = false;
   /** Concluded (or concluding): no second ending. */
   private done = false;
   private readonly concludedWaiters: Array<() => void> = [];
@@ -60,9 +65,17 @@ export class Job {
   /** block-job-cancel without force on a ready mirror: finish without pivot. */
   softCancelled = false;
   private wake: (() => void) | null = null;
+  /** The work is waiting in a sleep (rate limit, pause, idle): QEMU's job->busy is false there. */
+  private sleeping = false;
   private finalizeGo: (() => void) | null = null;
   /** Resolves a pending job-finalize once the job has concluded. */
   private finalized: (() => void) | null = null;
+  /**
+   * Backup: the node QEMU's copy-before-write filter sits on, the source or the overlay an external
+   * snapshot of it put on top (the snapshot replaces the node under the filter). That node has the
+   * filter as its parent, so it is no root node (block-commit refuses it as its device).
+   */
+  filterOn: string | null = null;
   /** The transaction group (completion-mode=grouped) the job belongs to. */
   group: JobGroup | null = null;
   /** Run when the job is gone (status null): what only the job referenced is released (drive-backup's target). */
@@ -142,7 +155,12 @@ export class Job {
         if (this.cancelled) return;
       }
       this.abortHook = null;
-      await prepare();
+      this.preparing = true;
+      try {
+        await prepare();
+      } finally {
+        this.preparing = false;
+      }
       this.legacy('BLOCK_JOB_COMPLETED');
       this.conclude();
       this.group?.settled(this);
@@ -200,9 +218,11 @@ export class Job {
   }
 
   private sleep(ms: number): Promise<void> {
+    this.sleeping = true;
     return new Promise((r) => {
-      const t = setTimeout(() => { this.wake = null; r(); }, ms);
-      this.wake = () => { clearTimeout(t); this.wake = null; r(); };
+      const up = (): void => { this.wake = null; this.sleeping = false; r(); };
+      const t = setTimeout(up, ms);
+      this.wake = () => { clearTimeout(t); up(); };
     });
   }
 
@@ -358,18 +378,44 @@ export class Job {
     this.to('null');
   }
 
+  /**
+   * A drained section over one of the job's nodes begins: as in QEMU, a running (ready) job the
+   * user has not paused stops at its pause point, `paused` (`standby`), until the section ends.
+   * Only the status and its events change. Returns whether the job went to pause.
+   */
+  drainBegin(): boolean {
+    if (this.pauseWanted || this.done) return false;
+    if (this.status === 'running') this.to('paused');
+    else if (this.status === 'ready') this.to('standby');
+    else return false;
+    return true;
+  }
+
+  /** The drained section ends: a job drainBegin paused goes back to running (ready). */
+  drainEnd(): void {
+    if (this.pauseWanted || this.done) return;
+    if (this.status === 'paused') this.to('running');
+    else if (this.status === 'standby') this.to('ready');
+  }
+
   /** Paused by the user or by an error policy (QEMU's user_paused). */
   get userPaused(): boolean {
     return this.pauseWanted;
   }
 
+  /**
+   * QEMU's job->busy: true while the job's coroutine is doing work (I/O in flight included),
+   * false while it sleeps (rate limit, pause point, a ready mirror waiting for writes) and once
+   * its work has returned (waiting, pending, concluded).
+   */
   get busy(): boolean {
-    return this.status === 'running' && !this.pauseWanted;
+    // QEMU enters paused/standby only at a pause point, where busy is already false.
+    return this.working && !this.sleeping && this.status !== 'paused' && this.status !== 'standby';
   }
 
   blockJobInfo(): Record<string, unknown> {
     return {
-      'auto-finalize': this.autoFinalize, 'io-status': this.ioStatus, device: this.id, 'auto-dismiss': this.autoDismiss, busy: false,
+      'auto-finalize': this.autoFinalize, 'io-status': this.ioStatus, device: this.id, 'auto-dismiss': this.autoDismiss, busy: this.busy,
       len: this.len, offset: this.offset, status: this.status, paused: this.pauseWanted, speed: this.speed,
       ready: this.status === 'ready' || this.status === 'standby', type: this.type, ...(this.error ? { error: this.error } : {}),
     };

@@ -39,6 +39,17 @@ export class JobManager {
     return undefined;
   }
 
+  /** A live backup whose copy-before-write filter sits on `node` (see Job.filterOn). */
+  filterOn(node: string): Job | undefined {
+    for (const j of this.jobs.values()) if (j.filterOn === node && j.status !== 'concluded' && j.status !== 'null') return j;
+    return undefined;
+  }
+
+  /** An external snapshot put `overlay` over `node`: a filter on node now sits on the overlay (undone with `to`, `from` swapped). */
+  moveFilters(from: string, to: string): void {
+    for (const j of this.jobs.values()) if (j.filterOn === from) j.filterOn = to;
+  }
+
   private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report']): Job {
     const id = this.jobId(a);
     this.checkNodes(type, device, nodes);
@@ -117,7 +128,7 @@ export class JobManager {
   async commit(a: Args): Promise<void> {
     const device = this.graph.formatNode(str(a, 'device'));
     // A node under a job has the job as a parent in QEMU's graph: not a root node either.
-    if (this.graph.parentsOf(device).some((p) => p.backing === device) || this.jobOn(device.name)) throw new QmpError('Need a root block node');
+    if (this.graph.parentsOf(device).some((p) => p.backing === device) || this.jobOn(device.name) || this.filterOn(device.name)) throw new QmpError('Need a root block node');
     const layers = this.chainNodes(device);
     const topName = optStr(a, 'top-node'), topFile = optStr(a, 'top');
     if (topName !== undefined && topFile !== undefined) throw new QmpError("'top' and 'top-node' cannot be specified at the same time");
@@ -298,6 +309,7 @@ export class JobManager {
     const bitmap = bm, bitmapMode = mode;
     return () => {
       const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
+      job.filterOn = device.name;
       const depth = (chain: { layers: unknown[] }): number => (sync === 'top' ? 1 : chain.layers.length);
       if (!bitmap) {
         job.start(backupWork(this.graph, { source: device, target, depth, none: sync === 'none' }).work, async () => {});
@@ -431,8 +443,9 @@ export class JobManager {
       ['block-stream', (a) => this.stream(a)],
       ['block-commit', (a) => this.commit(a)],
       ['blockdev-create', (a) => this.create(a)],
-      ['query-jobs', () => [...this.jobs.values()].map((j) => j.jobInfo())],
-      ['query-block-jobs', () => [...this.jobs.values()].filter((j) => j.type !== 'create').map((j) => j.blockJobInfo())],
+      // Newest job first, as QEMU keeps its job list.
+      ['query-jobs', () => [...this.jobs.values()].reverse().map((j) => j.jobInfo())],
+      ['query-block-jobs', () => [...this.jobs.values()].reverse().filter((j) => j.type !== 'create').map((j) => j.blockJobInfo())],
       ['block-job-set-speed', (a) => this.byDevice(str(a, 'device')).setSpeed(optInt(a, 'speed') ?? 0)],
     ];
     for (const v of ['cancel', 'pause', 'resume', 'complete', 'finalize', 'dismiss'] as const) {

@@ -71,17 +71,23 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
         dirtyCount -= j - i;
         cursor = j % n;
         const off = i * g, len = Math.min(size, j * g) - off;
-        const chain = graph.chain(p.source);
-        const release = await writeGate(p.source.driver).acquire(off, off + len);
+        // The graph's io section (a reopen below waits for this copy), then the source's gate.
+        const leave = await graph.io.enter();
         let copied = 0;
         let failed: JobIoError | null = null;
         try {
-          copied = await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, len, buf);
+          const chain = graph.chain(p.source);
+          const release = await writeGate(p.source.driver).acquire(off, off + len);
+          try {
+            copied = await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, len, buf);
+          } finally {
+            release();
+          }
         } catch (e) {
           if (!(e instanceof JobIoError) || final) throw e;
           failed = e;
         } finally {
-          release();
+          leave();
         }
         if (failed) {
           // The range is dirty again; the policy decides whether the job fails, pauses or goes on.

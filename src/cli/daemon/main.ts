@@ -48,6 +48,8 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
   let stopped: Promise<void> | null = null;
   const stop = (): Promise<void> => {
     stopped ??= (async () => {
+      // Exports closed and jobs cancelled while the monitor is still connected (their events reach it, as QSD's do).
+      await daemon.quiesce();
       await qmp.close();
       await daemon.shutdown();
       if (opts.pidfile) fs.rmSync(opts.pidfile, { force: true });
@@ -56,7 +58,7 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
   };
   try {
     for (const b of opts.blockdevs) {
-      if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', b.discard);
+      if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', { discard: b.discard, readOnly: b.readOnly });
       else {
         if (b.file === undefined && b.filename === undefined) throw new CliError("Parameter 'file' is missing");
         await daemon.graph.addFormat({
