@@ -104,7 +104,7 @@ async function remove(img: Qcow2Image, idx: number, sn: Snapshot): Promise<Snaps
     });
     // As qcow2_free_clusters: a failure is reported and the deletion goes on.
     if (sn.l1Size) {
-      await img.refcounts.update(sn.l1TableOffset / cs, Math.ceil((sn.l1Size * 8) / cs), -1)
+      await img.refcounts.free(sn.l1TableOffset, Math.ceil((sn.l1Size * 8) / cs), true)
         .catch((e: unknown) => img.log(`qcow2_free_clusters failed: ${errnoText(e instanceof ImageError ? e.errno ?? 'EIO' : 'EIO')}`));
     }
     await stage('Failed to update snapshot status in disk', () => updateSnapshotRefcount(img, img.l1, img.header.l1Size, img.header.l1TableOffset, 0));

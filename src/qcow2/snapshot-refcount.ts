@@ -60,7 +60,8 @@ export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size
       }
       if (runLen) await fn(runStart, runLen);
     };
-    const bumpData = (): Promise<void> => dataRuns((a, n) => rc.update(a, n, addend));
+    // Clusters a drop leaves unused are discarded from the file (QEMU's pass-discard-snapshot, on by default).
+    const bumpData = (): Promise<void> => dataRuns((a, n) => (addend < 0 ? rc.free(a * cs, n, true) : rc.update(a, n, addend)));
     // COPIED flags of the table's entries, from the refcounts they have once the update is done.
     const setDataFlags = async (): Promise<void> => {
       let changed = false;
@@ -100,7 +101,7 @@ export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size
     } else {
       if (addend !== 0) await bumpData();
       await setDataFlags();
-      if (addend !== 0) await rc.update(l2Off / cs, 1, addend);
+      if (addend < 0) await rc.free(l2Off, 1, true);
       await setL1Flag();
     }
   }

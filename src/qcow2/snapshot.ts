@@ -89,5 +89,5 @@ export async function writeSnapshotTable(img: Qcow2Image, list: Snapshot[]): Pro
   await img.writeHeader();
   await img.storage.flush();
   img.snapshots = list;
-  if (oldLen) await img.refcounts.update(oldOff / cs, Math.ceil(oldLen / cs), -1);
+  if (oldLen) await img.refcounts.free(oldOff, Math.ceil(oldLen / cs), true);
 }
