@@ -121,7 +121,7 @@ export class Chain {
     const layer = this.layers[depth].driver;
     return {
       get size() { return layer.size; },
-      read: async (buf, offset) => { await this.readFrom(depth, buf, offset); },
+      read: async (buf, offset) => { if (!this.tryReadSyncFrom(depth, buf, offset)) await this.readFrom(depth, buf, offset); },
     };
   }
 
@@ -260,35 +260,49 @@ export class Chain {
    * (use `readFrom`). The result is what `readFrom` would have returned.
    */
   tryReadSync(buf: Buffer, offset: number): ChainExtent | null {
-    if (this.hookedBelow(0)) return null; // such reads take the lower layers' write gates
+    return this.tryReadSyncFrom(0, buf, offset);
+  }
+
+  /**
+   * tryReadSync of the guest view of layers [depth..] (a layer's copy-on-write fill reads from
+   * depth + 1). Below the top, the resolution comes from the backing cache alone.
+   */
+  tryReadSyncFrom(depth: number, buf: Buffer, offset: number): ChainExtent | null {
+    if (this.hookedBelow(depth)) return null; // such reads take the lower layers' write gates
     const length = buf.length;
-    const top = this.layers[0].driver;
-    const e = top.mapSync?.(offset, length);
-    if (!e) return null;
-    let x: ChainExtent;
-    if (e.kind === 'data') x = { ...e, depth: 0 };
-    else if (e.kind === 'unallocated' && this.layers.length > 1 && this.cacheBacking) {
-      const c = Math.floor(offset / CHUNK);
-      if (Math.floor((offset + length - 1) / CHUNK) !== c || offset + length > this.layers[1].driver.size) return null;
-      const runs = this.backingCache.get(c * 1024 + 1);
-      if (!runs) return null;
-      let lo = 0, hi = runs.length;
-      while (lo < hi) {
-        const mid = (lo + hi) >> 1;
-        if (runs[mid].offset + runs[mid].length <= offset) lo = mid + 1;
-        else hi = mid;
-      }
-      const r = runs[lo];
-      if (!r || r.offset > offset || r.offset + r.length < offset + length || r.kind !== 'data') return null;
-      x = { ...r, offset, length, ...(r.hostOffset !== undefined ? { hostOffset: r.hostOffset + (offset - r.offset) } : {}) };
-    } else return null;
-    if (x.compressed || x.hostOffset === undefined) return null;
+    let x: ChainExtent | null;
+    if (depth === 0) {
+      const e = this.layers[0].driver.mapSync?.(offset, length);
+      if (!e) return null;
+      if (e.kind === 'data') x = { ...e, depth: 0 };
+      else if (e.kind === 'unallocated' && this.layers.length > 1) x = this.cachedRun(1, offset, length);
+      else return null;
+    } else x = this.cachedRun(depth, offset, length);
+    if (!x || x.kind !== 'data' || x.compressed || x.hostOffset === undefined) return null;
     const storage = this.layers[x.depth].driver.storage;
     return storage.readSync?.(buf, x.hostOffset) ? x : null;
   }
 
+  /** The cached resolution of layers [depth..] when one run covers [offset, offset+length), else null. */
+  private cachedRun(depth: number, offset: number, length: number): ChainExtent | null {
+    if (!this.cacheBacking) return null;
+    const c = Math.floor(offset / CHUNK);
+    if (Math.floor((offset + length - 1) / CHUNK) !== c || offset + length > this.layers[depth].driver.size) return null;
+    const runs = this.backingCache.get(c * 1024 + depth);
+    if (!runs) return null;
+    let lo = 0, hi = runs.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (runs[mid].offset + runs[mid].length <= offset) lo = mid + 1;
+      else hi = mid;
+    }
+    const r = runs[lo];
+    if (!r || r.offset > offset || r.offset + r.length < offset + length) return null;
+    return { ...r, offset, length, ...(r.hostOffset !== undefined ? { hostOffset: r.hostOffset + (offset - r.offset) } : {}) };
+  }
+
   async read(buf: Buffer, offset: number): Promise<void> {
-    await this.readFrom(0, buf, offset);
+    if (!this.tryReadSync(buf, offset)) await this.readFrom(0, buf, offset);
   }
 
   write(buf: Buffer, offset: number): Promise<void> {
