@@ -5,18 +5,47 @@ import { lockImage, type LockMode } from './lock.js';
 
 /**
  * Small reads are served synchronously while they keep hitting the page cache: a cached 4 KiB
- * pread costs a few microseconds, far less than a trip through libuv's thread pool. A read that
- * takes longer than SLOW_MS (the data came from the device) sends this file's small reads back
- * to the thread pool for BACKOFF_MS, so a cold disk never serialises behind the event loop.
+ * pread costs a few microseconds, far less than a trip through libuv's thread pool. Reads slower
+ * than SLOW_MS (the data came from the device) send this file's small reads back to the thread
+ * pool for BACKOFF_MS, so a cold disk never serialises behind the event loop: after SLOW_STRIKES
+ * of them within WINDOW calls (a lone slow call is usually the scheduler, not the disk), or at
+ * once after one slower than VERY_SLOW_MS.
  */
 const SYNC_MAX = 64 * 1024;
 const SLOW_MS = 0.05;
+const VERY_SLOW_MS = 1;
+const SLOW_STRIKES = 4;
+const WINDOW = 256;
 const BACKOFF_MS = 250;
 /**
- * Small writes are likewise written synchronously while the page cache absorbs them quickly; one
- * slower than SLOW_WRITE_MS (writeback throttling, device I/O) sends writes to the pool for BACKOFF_MS.
+ * Small writes are likewise written synchronously while the page cache absorbs them quickly;
+ * writes slower than SLOW_WRITE_MS (writeback throttling, device I/O) count the same way.
  */
 const SLOW_WRITE_MS = 0.25;
+
+/** Decides when synchronous calls stop paying off (see SLOW_STRIKES). */
+class SyncGate {
+  /** performance.now() until which calls go through the thread pool. */
+  until = 0;
+  private calls = 0;
+  private strikes = 0;
+  constructor(private readonly slowMs: number) {}
+
+  /** Records a synchronous call that started at t0. */
+  record(t0: number): void {
+    const took = performance.now() - t0;
+    if (++this.calls >= WINDOW) {
+      this.calls = 0;
+      this.strikes = 0;
+    }
+    if (took <= this.slowMs) return;
+    if (took > VERY_SLOW_MS || ++this.strikes >= SLOW_STRIKES) {
+      this.until = t0 + BACKOFF_MS;
+      this.calls = 0;
+      this.strikes = 0;
+    }
+  }
+}
 
 function pwriteSync(fd: number, buf: Buffer, offset: number): void {
   let done = 0;
@@ -103,10 +132,10 @@ export interface FileOpenOptions {
 
 /** A regular file (or block device) accessed with positional I/O. */
 export class FileStorage implements Storage {
-  /** performance.now() until which small reads go through the thread pool (see SLOW_MS). */
-  private asyncUntil = 0;
+  /** When small reads go through the thread pool (see SLOW_MS). */
+  private readonly readGate = new SyncGate(SLOW_MS);
   /** The same for small writes (see SLOW_WRITE_MS). */
-  private asyncWriteUntil = 0;
+  private readonly writeGate = new SyncGate(SLOW_WRITE_MS);
 
   private constructor(readonly name: string, private fd: number, readonly readOnly: boolean) {}
 
@@ -152,9 +181,9 @@ export class FileStorage implements Storage {
     try {
       if (buf.length <= SYNC_MAX) {
         const t0 = performance.now();
-        if (t0 >= this.asyncUntil) {
+        if (t0 >= this.readGate.until) {
           n = preadSync(this.fd, buf, offset);
-          if (performance.now() - t0 > SLOW_MS) this.asyncUntil = t0 + BACKOFF_MS;
+          this.readGate.record(t0);
         } else n = await preadFull(this.fd, buf, offset);
       } else n = await preadFull(this.fd, buf, offset);
     } catch (e) {
@@ -166,14 +195,14 @@ export class FileStorage implements Storage {
   readSync(buf: Buffer, offset: number): boolean {
     if (buf.length > SYNC_MAX || !Number.isSafeInteger(offset + buf.length) || offset < 0 || this.fd < 0) return false;
     const t0 = performance.now();
-    if (t0 < this.asyncUntil) return false;
+    if (t0 < this.readGate.until) return false;
     let n: number;
     try {
       n = preadSync(this.fd, buf, offset);
     } catch (e) {
       throw wrap(this.name, e);
     }
-    if (performance.now() - t0 > SLOW_MS) this.asyncUntil = t0 + BACKOFF_MS;
+    this.readGate.record(t0);
     if (n < buf.length) buf.fill(0, n);
     return true;
   }
@@ -183,9 +212,9 @@ export class FileStorage implements Storage {
     try {
       if (buf.length <= SYNC_MAX) {
         const t0 = performance.now();
-        if (t0 >= this.asyncWriteUntil) {
+        if (t0 >= this.writeGate.until) {
           pwriteSync(this.fd, buf, offset);
-          if (performance.now() - t0 > SLOW_WRITE_MS) this.asyncWriteUntil = t0 + BACKOFF_MS;
+          this.writeGate.record(t0);
           return;
         }
       }
