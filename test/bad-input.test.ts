@@ -62,8 +62,6 @@ type Known = string | { leak: string; parity?: string };
 const KNOWN_DIFFERENCES: Record<string, Known> = {
   'version 1 (probed as the old qcow driver)':
     'qemu probes the v1 qcow driver and fails "Cluster size must be between 512 and 64k"; we probe raw and succeed (check: "does not support checks", exit 63)',
-  'one snapshot beyond EOF':
-    'qemu opens it (check exit 2, "snapshot table entry 0 is incomplete"); we refuse: "Snapshot table offset invalid"',
   'data-file extension naming /etc/passwd':
     'check: qemu checks it (exit 3, leaked clusters); we refuse "External data files are not supported by qchain"',
   'L1 entry unaligned L2 offset':
@@ -74,12 +72,6 @@ const KNOWN_DIFFERENCES: Record<string, Known> = {
     'check: qemu exit 2 (region beyond EOF + reference errors); we exit 3 (leaked clusters only)',
   'L2 entry unaligned data offset':
     'map: qemu\'s 2nd line "Could not read file metadata: Input/output error" vs ours; check report lines differ',
-  'snapshot id/name sizes 0xffff':
-    'qemu opens it (check exit 2); we refuse "Snapshot table is too big"',
-  'nb_snapshots 2 with one entry':
-    'qemu opens it (check exit 2, "snapshot table entry 1 is incomplete"); we refuse "Snapshot table is too big"',
-  'nb_snapshots 65536 with the snapshot table at EOF':
-    'qemu opens it (table past EOF reads as zeros; check exit 2); we refuse "Snapshot table offset invalid"',
   '1 PiB sparse image (2Mi L1 entries beyond EOF)':
     'map: qemu-img does not finish within the time limit (it walks 2Mi L1 entries); we answer',
 };

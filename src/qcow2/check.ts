@@ -7,6 +7,7 @@ import type { Qcow2Image } from './image.js';
 import { CorruptionError } from '../image/errors.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
 import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE } from './constants.js';
+import { checkReadSnapshotTable, checkFixSnapshotTable } from './check-snapshots.js';
 
 export interface CheckResult {
   corruptions: number;
@@ -133,15 +134,16 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
 }
 
 /** Walk all metadata and count references. */
-async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) => void): Promise<RefMap> {
+async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) => void, snapshotsSize: number): Promise<RefMap> {
   const cs = img.clusterSize;
   const fileSize = await img.storage.size();
   const refs = new RefMap(Math.ceil(fileSize / cs), fileSize, cs, report, res);
   refs.inc(0, cs);
   await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report);
   for (const sn of img.snapshots) {
-    if (sn.l1TableOffset % cs !== 0) {
-      report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${sn.l1TableOffset.toString(16)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
+    const l1Off = sn.l1TableOffsetBig ?? BigInt(sn.l1TableOffset);
+    if (l1Off % BigInt(cs) !== 0n) {
+      report(`ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${l1Off.toString(16)}: L1 table is not cluster aligned; snapshot table entry corrupted`);
       res.corruptions++;
       continue;
     }
@@ -152,10 +154,7 @@ async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) =>
     }
     await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report);
   }
-  if (img.header.nbSnapshots) {
-    const { serializeSnapshotTable } = await import('./snapshot-table.js');
-    refs.inc(img.header.snapshotsOffset, serializeSnapshotTable(img.snapshots).length);
-  }
+  refs.inc(img.header.snapshotsOffset, snapshotsSize);
   if ((img.header.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n && img.header.bitmapsExt) {
     await countBitmaps(img, refs);
   }
@@ -284,7 +283,10 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
     totalClusters: Math.ceil(img.size / img.clusterSize), allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0,
     imageEndOffset: 0, needsRebuild: false,
   };
-  const refs = await collect(img, res, report);
+  // The snapshot table first (it may fail the whole check), as qcow2_co_check_locked.
+  const repair = fix.errors && !img.readOnly;
+  const snap = await checkReadSnapshotTable(img, report, repair);
+  const refs = await collect(img, res, report, snap.size);
   let highest = -1;
   const cs = img.clusterSize;
   const fixes: Array<[number, number]> = [];
@@ -336,8 +338,13 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
     res.corruptions = 0;
     res.needsRebuild = false;
   }
-  await checkCopied(img, res, report, fix.errors && !img.readOnly);
-  if (fix.errors && !img.readOnly) img.dropCaches();
+  await checkCopied(img, res, report, repair);
+  if (repair) {
+    await checkFixSnapshotTable(img, snap, report);
+    img.dropCaches();
+  }
+  res.corruptions += snap.corruptions;
+  res.corruptionsFixed += snap.corruptionsFixed;
   return res;
 }
 

@@ -1,0 +1,97 @@
+/**
+ * The snapshot table part of `check` (QEMU 7.2's qcow2_check_read_snapshot_table and
+ * qcow2_check_fix_snapshot_table). The image is opened in check mode without its snapshot table;
+ * the check reads it here, reports what QEMU reports, and with `-r all` drops what exceeds QEMU's
+ * limits and rewrites the table once the refcounts are sound.
+ */
+import type { Qcow2Image } from './image.js';
+import { ImageError } from '../image/errors.js';
+import { errnoText } from '../storage/storage.js';
+import { readSnapshotTable } from './snapshot-read.js';
+import { serializeSnapshotTable } from './snapshot-table.js';
+
+/** The snapshot table could not be read: the check fails (QEMU: check error, no report). */
+export class SnapshotTableReadError extends ImageError {
+  constructor(message: string, errno: string | undefined) {
+    super(message, errno);
+    this.name = 'SnapshotTableReadError';
+  }
+}
+
+export interface SnapshotTableCheck {
+  /** Bytes the table occupies (QEMU's snapshots_size), to count its references. */
+  size: number;
+  /** Problems in the table itself (fixable by rewriting it). */
+  corruptions: number;
+  corruptionsFixed: number;
+}
+
+/** Read the table into `img.snapshots`, reporting QEMU's lines; `repair` is `-r all`. */
+export async function checkReadSnapshotTable(img: Qcow2Image, report: (l: string) => void, repair: boolean): Promise<SnapshotTableCheck> {
+  const h = img.header;
+  let r;
+  try {
+    r = await readSnapshotTable(img.storage, h.snapshotsOffset, h.nbSnapshots, { repair, log: report });
+  } catch (e) {
+    if (!(e instanceof ImageError)) throw e;
+    img.snapshots = [];
+    throw new SnapshotTableReadError(e.message, e.errno ?? 'EFBIG'); // QEMU's limits: EFBIG
+  }
+  img.snapshots = r.list;
+  const res: SnapshotTableCheck = { size: r.size, corruptions: r.extraDropped + r.reduced, corruptionsFixed: 0 };
+  if (r.reduced) {
+    // The count in the header goes first: the reference count below relies on it (leaks the rest).
+    h.nbSnapshots = r.list.length;
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(h.nbSnapshots, 0);
+    await img.storage.write(b, 60);
+    await img.storage.flush();
+    res.corruptionsFixed += r.reduced;
+    res.corruptions -= r.reduced;
+  }
+  // Every v3 entry needs at least vm_state_size_large and disk_size in its extra data.
+  if (img.header.version >= 3) {
+    r.list.forEach((sn, i) => {
+      if (sn.diskSize !== null) return;
+      res.corruptions++;
+      report(`${repair ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
+    });
+  }
+  return res;
+}
+
+/** `-r all` with table problems: write the table anew (complete entries), free the old one. */
+export async function checkFixSnapshotTable(img: Qcow2Image, check: SnapshotTableCheck, report: (l: string) => void): Promise<void> {
+  if (!check.corruptions) return;
+  const cs = img.clusterSize;
+  const h = img.header;
+  const list = img.snapshots.map((s) => ({ ...s, diskSize: s.diskSize ?? img.size }));
+  const table = serializeSnapshotTable(list);
+  const oldOff = h.snapshotsOffset;
+  await img.meta.run(async () => {
+    const off = table.length ? await img.refcounts.alloc(Math.ceil(table.length / cs)) : 0;
+    if (table.length) await img.storage.write(table, off);
+    await img.storage.flush();
+    const ptr = Buffer.alloc(12);
+    ptr.writeUInt32BE(list.length, 0);
+    ptr.writeUInt32BE(Math.floor(off / 0x100000000), 4);
+    ptr.writeUInt32BE(off >>> 0, 8);
+    await img.storage.write(ptr, 60);
+    await img.storage.flush();
+    h.nbSnapshots = list.length;
+    h.snapshotsOffset = off;
+    img.snapshots = list;
+    if (check.size) {
+      const first = Math.floor(oldOff / cs);
+      const n = Math.floor((oldOff + check.size - 1) / cs) - first + 1;
+      // As qcow2_free_clusters: a failure is reported and the old clusters leak. Freed clusters
+      // are discarded (QEMU's pass-discard-snapshot), so the old table reads as zeros.
+      await img.refcounts.free(first * cs, n, true).catch((e: unknown) => {
+        if (!(e instanceof ImageError)) throw e;
+        report(`qcow2_free_clusters failed: ${errnoText(e.errno)}`);
+      });
+    }
+  });
+  check.corruptionsFixed += check.corruptions;
+  check.corruptions = 0;
+}
