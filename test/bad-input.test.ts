@@ -64,14 +64,6 @@ const KNOWN_DIFFERENCES: Record<string, Known> = {
     'qemu probes the v1 qcow driver and fails "Cluster size must be between 512 and 64k"; we probe raw and succeed (check: "does not support checks", exit 63)',
   'data-file extension naming /etc/passwd':
     'check: qemu checks it (exit 3, leaked clusters); we refuse "External data files are not supported by qchain"',
-  'L1 entry unaligned L2 offset':
-    'map: qemu "(L1 index: 0)" + "Could not read file metadata: Input/output error"; we "(L1 index: 0x0)" + our own 2nd line; check report 3 lines vs qemu\'s 257',
-  'L1 entry at the largest offset':
-    'check: qemu "region exceeding the end of the file", we "Table is not cluster aligned"; map: "(L1 index: 0)" vs our "(L1 index: 0x0)"',
-  'L1 entry pointing at the header':
-    'check: qemu exit 2 (region beyond EOF + reference errors); we exit 3 (leaked clusters only)',
-  'L2 entry unaligned data offset':
-    'map: qemu\'s 2nd line "Could not read file metadata: Input/output error" vs ours; check report lines differ',
   '1 PiB sparse image (2Mi L1 entries beyond EOF)':
     'map: qemu-img does not finish within the time limit (it walks 2Mi L1 entries); we answer',
 };

@@ -34,48 +34,67 @@ export type FixMode = { leaks: boolean; errors: boolean };
  */
 class RefMap {
   readonly counts: Uint32Array;
-  constructor(readonly nbClusters: number, private readonly fileLen: number, private readonly cs: number,
+  /** Clusters of the file, plus a semi-allocated one past its end once counted (QEMU grows its array). */
+  nbClusters: number;
+  constructor(nbClusters: number, private readonly fileLen: number, private readonly cs: number,
     private readonly report: (l: string) => void, private readonly res: CheckResult) {
+    this.nbClusters = nbClusters;
     this.counts = new Uint32Array(nbClusters + 1);
   }
   inc(offset: number, size: number): void {
     if (size <= 0) return;
-    if (offset + size - this.fileLen >= this.cs) {
-      this.report(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${size.toString(16)}`);
-      this.res.corruptions++;
-      return;
-    }
+    if (!Number.isSafeInteger(offset + size)) return this.incExact(BigInt(offset), size);
+    if (offset + size - this.fileLen >= this.cs) return this.beyond(BigInt(offset), size);
     const first = Math.floor(offset / this.cs), last = Math.floor((offset + size - 1) / this.cs);
     for (let c = first; c <= last && c < this.counts.length; c++) this.counts[c]++;
+    if (last >= this.nbClusters) this.nbClusters = Math.min(last + 1, this.counts.length);
+  }
+  /** The same for an offset that may be past 2^53 (reported exactly). */
+  incExact(offset: bigint, size: number): void {
+    if (size <= 0) return;
+    if (offset + BigInt(size) - BigInt(this.fileLen) >= BigInt(this.cs)) return this.beyond(offset, size);
+    this.inc(Number(offset), size);
+  }
+  private beyond(offset: bigint, size: number): void {
+    this.report(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${size.toString(16)}`);
+    this.res.corruptions++;
   }
 }
 
 /** A 64-bit entry from its two halves as QEMU's PRIx64 (no padding). */
 const hex = (hi: number, lo: number): string => ((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)).toString(16);
 
+/** Bits 9-55 of an entry (QEMU's L1E_OFFSET_MASK / L2E_OFFSET_MASK), exact past 2^53. */
+const offsetOf = (hi: number, lo: number): bigint => (BigInt(hi & 0x00ffffff) << 32n) | BigInt((lo & 0xfffffe00) >>> 0);
+
+/**
+ * QEMU's check_refcounts_l1 / check_refcounts_l2: every non-zero L1 entry's table is counted and
+ * read where it points, even when it is unaligned (or is the header), and every allocated L2
+ * entry's cluster is counted, aligned or not.
+ */
 async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset: number, l1Size: number, active: boolean, report: (l: string) => void): Promise<void> {
   const cs = img.clusterSize;
+  if (!l1Size) return;
   refs.inc(l1Offset, l1Size * 8);
   const l1 = active ? img.l1 : await img.readL1Table(l1Offset, l1Size);
   for (let i = 0; i < l1Size; i++) {
-    const { offset: l2Off } = readL1(l1, i);
     const l1Hi = l1.readUInt32BE(i * 8), l1Lo = l1.readUInt32BE(i * 8 + 4);
+    if (l1Hi === 0 && l1Lo === 0) continue;
     // QEMU's L1E_RESERVED_MASK (0x7f000000000001ff).
     if ((l1Hi & 0x7f000000) !== 0 || (l1Lo & 0x1ff) !== 0) {
       report(`ERROR found L1 entry with reserved bits set: ${hex(l1Hi, l1Lo)}`);
       res.corruptions++;
     }
-    if (!l2Off) continue;
-    if (l2Off % cs !== 0) {
+    const l2Off = offsetOf(l1Hi, l1Lo);
+    refs.incExact(l2Off, cs);
+    if (l2Off % BigInt(cs) !== 0n) {
       report(`ERROR l2_offset=${l2Off.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
       res.corruptions++;
-      continue;
     }
-    refs.inc(l2Off, cs);
-    if (l2Off >= refs.nbClusters * cs) continue;
-    const t = await img.readTable(l2Off);
+    // Past the end of the file (or of exact numbers) the table reads as zeros: nothing to count.
+    const t = await img.readTable(Number(l2Off));
     // Fragmentation is counted within each L2 table, as QEMU's check_refcounts_l2.
-    let nextContiguous = 0;
+    let nextContiguous = 0n;
     for (let j = 0; j < img.l2Entries; j++) {
       const e = readL2(t, j, img.geo);
       const bitmapBits = (e.allocBits | e.zeroBits) !== 0;
@@ -91,7 +110,7 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
       }
       if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.allocBits & e.zeroBits) !== 0) {
         res.corruptions++;
-        report(`ERROR offset=${e.host.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+        report(`ERROR offset=${offsetOf(e.hi, e.lo).toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`);
       }
       if (e.type === ClusterType.Unallocated && e.allocBits !== 0) {
         res.corruptions++;
@@ -105,29 +124,26 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
           report(`ERROR: coffset=0x${coffset.toString(16)}: copied flag must never be set for compressed clusters`);
           res.corruptions++;
         }
-        if (coffset > BigInt(Number.MAX_SAFE_INTEGER)) {
-          report(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${coffset.toString(16)} size 0x${e.cLength.toString(16)}`);
-          res.corruptions++;
-        } else {
-          refs.inc(e.cOffset, e.cLength);
-        }
+        refs.incExact(coffset, e.cLength);
         if (active) {
           res.allocatedClusters++;
           res.compressedClusters++;
           res.fragmentedClusters++;
         }
       } else if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
-        if (e.host % cs !== 0) {
-          report(`ERROR offset=${e.host.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+        const host = offsetOf(e.hi, e.lo);
+        if (host % BigInt(cs) !== 0n) {
+          // Preallocated: no data in the cluster (zero flag, or no allocated subcluster).
+          const data = img.extL2 ? e.allocBits !== 0 : e.type === ClusterType.Normal;
+          report(`ERROR offset=${host.toString(16)}: ${data ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
           res.corruptions++;
-          continue;
         }
         if (active) {
           res.allocatedClusters++;
-          if (nextContiguous && e.host !== nextContiguous) res.fragmentedClusters++;
-          nextContiguous = e.host + cs;
+          if (nextContiguous && host !== nextContiguous) res.fragmentedClusters++;
+          nextContiguous = host + BigInt(cs);
         }
-        refs.inc(e.host, cs);
+        refs.incExact(host, cs);
       }
     }
   }
@@ -239,9 +255,9 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
   for (let i = 0; i < img.header.l1Size; i++) {
     const hi = img.l1.readUInt32BE(i * 8), lo = img.l1.readUInt32BE(i * 8 + 4);
     const { offset: l2Off, copied } = readL1(img.l1, i);
-    if (!l2Off || l2Off % cs) continue;
+    if (!l2Off) continue; // as QEMU: an unaligned table is still looked at
     // As QEMU's check_oflag_copied: a refcount that cannot be read is skipped silently.
-    const rc = await img.refcounts.get(l2Off / cs).catch(() => null);
+    const rc = await img.refcounts.get(Math.floor(l2Off / cs)).catch(() => null);
     if (rc === null) continue;
     if ((rc === 1) !== copied) {
       report(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(hi, lo)} refcount=${rc}`);
@@ -256,8 +272,8 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
     let dirty = false;
     for (let j = 0; j < img.l2Entries; j++) {
       const e = readL2(t, j, img.geo);
-      if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && e.host % cs === 0) {
-        const r = await img.refcounts.get(e.host / cs).catch(() => null);
+      if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
+        const r = await img.refcounts.get(Math.floor(e.host / cs)).catch(() => null);
         if (r === null) continue;
         if ((r === 1) !== e.copied) {
           report(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex(e.hi, e.lo)} refcount=${r}`);

@@ -232,18 +232,18 @@ export class Qcow2Image implements BlockDriver {
 
   private async validateL2Offset(l1i: number, offset: number): Promise<void> {
     if (offset % this.clusterSize !== 0) {
-      await this.signalCorruption(`L2 table offset 0x${offset.toString(16)} unaligned (L1 index: 0x${l1i.toString(16)})`);
+      await this.signalCorruption(`L2 table offset 0x${offset.toString(16)} unaligned (L1 index: ${l1i ? `0x${l1i.toString(16)}` : '0'})`);
     }
   }
 
   /** Checks a data entry before it is used; corrupt entries mark the image and fail the I/O. */
   /** @internal */ async validateEntry(e: L2Entry, l2Offset: number, idx: number): Promise<void> {
     if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) {
-      await this.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${idx.toString(16)})`);
+      await this.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: ${idx ? `0x${idx.toString(16)}` : '0'})`);
     }
     if (this.extL2 && e.type !== ClusterType.Compressed) {
       if ((e.allocBits & e.zeroBits) !== 0 || (e.host === 0 && e.allocBits !== 0)) {
-        await this.signalCorruption(`Invalid cluster entry found  (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${idx.toString(16)})`);
+        await this.signalCorruption(`Invalid cluster entry found  (L2 offset: 0x${l2Offset.toString(16)}, L2 index: ${idx ? `0x${idx.toString(16)}` : '0'})`);
       }
     }
   }
