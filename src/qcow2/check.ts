@@ -290,23 +290,13 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
 }
 
 /**
- * Check the image. With `fix`, leaks (and with errors=true, wrong refcounts) are repaired: in place
- * when every referenced cluster has a refcount block, otherwise by rebuilding the structure.
+ * QEMU's compare_refcounts: stored against counted refcount of every cluster. With `fix`, the
+ * mismatches it allows are reported as "Repairing" and returned as (cluster, value) to set.
  */
-export async function checkImage(img: Qcow2Image, report: (l: string) => void, fix: FixMode = { leaks: false, errors: false }): Promise<CheckResult> {
-  const res: CheckResult = {
-    corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0,
-    totalClusters: Math.ceil(img.size / img.clusterSize), allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0,
-    imageEndOffset: 0, needsRebuild: false,
-  };
-  // The snapshot table first (it may fail the whole check), as qcow2_co_check_locked.
-  const repair = fix.errors && !img.readOnly;
-  const snap = await checkReadSnapshotTable(img, report, repair);
-  const refs = await collect(img, res, report, snap.size);
+async function compareRefcounts(img: Qcow2Image, refs: RefMap, res: CheckResult, report: (l: string) => void,
+  fix: FixMode | null, noted: { corruption: boolean }): Promise<{ highest: number; fixes: Array<[number, number]> }> {
   let highest = -1;
-  const cs = img.clusterSize;
   const fixes: Array<[number, number]> = [];
-  let corruptionNoted = false;
   for (let c = 0; c < refs.nbClusters; c++) {
     let stored: number;
     try {
@@ -316,8 +306,8 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
         stored = -1;
       } else {
         // QEMU's get_refcount signals the corruption (once) and fails: a check error per cluster.
-        if (!corruptionNoted) {
-          corruptionNoted = true;
+        if (!noted.corruption) {
+          noted.corruption = true;
           const ti = Math.floor(c / img.refcounts.perBlock);
           report(`qcow2: Image is corrupt: ${e.message} (reftable index: ${ti ? `0x${ti.toString(16)}` : '0'}); further non-fatal corruption events will be suppressed`);
         }
@@ -331,8 +321,8 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
     if (stored === counted) continue;
     let fixed = false;
     if (stored <= 0 && counted > 0) res.needsRebuild = true;
-    else if (stored > counted && fix.leaks) fixed = true;
-    else if (stored < counted && fix.errors) fixed = true;
+    else if (stored > counted && fix?.leaks) fixed = true;
+    else if (stored < counted && fix?.errors) fixed = true;
     report(`${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${Math.max(0, stored)} reference=${counted}`);
     if (fixed) {
       fixes.push([c, counted]);
@@ -341,10 +331,47 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
     } else if (stored < counted) res.corruptions++;
     else res.leaks++;
   }
-  res.imageEndOffset = (highest + 1) * cs;
-  if (fixes.length && !img.readOnly) {
+  return { highest, fixes };
+}
+
+/**
+ * Check the image. With `fix`, leaks (and with errors=true, wrong refcounts) are repaired: in place
+ * when every referenced cluster has a refcount block, otherwise by rebuilding the structure.
+ */
+export async function checkImage(img: Qcow2Image, report: (l: string) => void, fix: FixMode = { leaks: false, errors: false }): Promise<CheckResult> {
+  const res: CheckResult = {
+    corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0,
+    totalClusters: Math.ceil(img.size / img.clusterSize), allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0,
+    imageEndOffset: 0, needsRebuild: false,
+  };
+  // The snapshot table first (it may fail the whole check), as qcow2_co_check_locked.
+  const repair = fix.errors && !img.readOnly;
+  const snap = await checkReadSnapshotTable(img, report, repair);
+  const refs = await collect(img, res, report, snap.size);
+  const cs = img.clusterSize;
+  // QEMU's qcow2_check_refcounts: a first comparison only reports; with a repair mode and
+  // something to repair (no rebuild needed), the result is reset and a second one reports
+  // again, repairing what the mode allows.
+  const pre = { ...res };
+  const noted = { corruption: false };
+  let cmp = await compareRefcounts(img, refs, res, report, null, noted);
+  const fixing = (fix.leaks || fix.errors) && !img.readOnly;
+  if (fixing && !(res.needsRebuild && fix.errors)) {
+    // -r leaks facing a needed rebuild: the caller fails the check here (QEMU: EIO, no more checks).
+    if (res.needsRebuild) return res;
+    if (res.leaks || res.corruptions) {
+      Object.assign(res, pre);
+      cmp = await compareRefcounts(img, refs, res, report, fix, noted);
+    }
+  }
+  res.imageEndOffset = (cmp.highest + 1) * cs;
+  if (cmp.fixes.length) {
     await img.meta.run(async () => {
-      for (const [c, v] of fixes) await img.refcounts.set(c, v);
+      for (const [c, v] of cmp.fixes) {
+        await img.refcounts.set(c, v);
+        // QCOW2_DISCARD_ALWAYS: a cluster left unused is discarded (the file keeps its length).
+        if (v === 0) await img.storage.punchHole?.(c * cs, cs);
+      }
     });
   }
   if (res.needsRebuild && fix.errors && !img.readOnly) {

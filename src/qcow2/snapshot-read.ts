@@ -31,16 +31,22 @@ export interface ReadSnapshotOptions {
   log?: (line: string) => void;
 }
 
-/** Sequential reads through a window (entries are read in order, mostly adjacent). */
+/**
+ * Sequential reads through a window (entries are read in order, mostly adjacent), sized for the
+ * expected table (a typical entry is under 128 bytes) up to 1 MiB.
+ */
 class Window {
   private buf = Buffer.alloc(0);
   private start = 0;
-  constructor(private readonly storage: Storage) {}
+  private readonly chunk: number;
+  constructor(private readonly storage: Storage, count: number) {
+    this.chunk = Math.min(1024 * 1024, Math.max(4096, count * 128));
+  }
   async get(offset: number, length: number): Promise<Buffer> {
     if (offset >= this.start && offset + length <= this.start + this.buf.length) {
       return this.buf.subarray(offset - this.start, offset - this.start + length);
     }
-    this.buf = Buffer.alloc(Math.max(length, 1024 * 1024));
+    this.buf = Buffer.alloc(Math.max(length, this.chunk));
     this.start = offset;
     await this.storage.read(this.buf, offset);
     return this.buf.subarray(0, length);
@@ -66,7 +72,7 @@ function tooBig(overhanging: number): ImageError {
 
 export async function readSnapshotTable(storage: Storage, tableOffset: number, count: number, opts: ReadSnapshotOptions = {}): Promise<SnapshotTableRead> {
   const out: SnapshotTableRead = { list: [], size: 0, extraDropped: 0, reduced: 0 };
-  const w = new Window(storage);
+  const w = new Window(storage, count);
   let off = 0; // relative to the table start
   let tableLength = 0;
   for (let i = 0; i < count; i++) {

@@ -91,9 +91,6 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
       r = await checkImage(img, report);
       r.leaksFixed = fixedLeaks;
       r.corruptionsFixed = fixedCorruptions;
-      // A repaired image is cut back to its end offset; never extended (QEMU writes a new
-      // snapshot table's last cluster only partly, and keeps the file that short).
-      if (r.imageEndOffset && !r.corruptions && (await img.storage.size()) > r.imageEndOffset) await img.storage.truncate(r.imageEndOffset);
     }
     // Internal errors during the check: qemu-img reports no result, only that the check failed.
     if (r.checkErrors) throw new CliError('Check failed');
