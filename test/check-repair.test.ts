@@ -62,3 +62,23 @@ test('check -r reports each repaired cluster twice (found, then repaired), as qe
     craft.patchBytes(f, rb + 2 * 5, Buffer.from([0, 0]));
   }), ['-r', 'leaks']);
 });
+
+test('check -r all rebuilds refcounts where qemu-img does (first free clusters) and repairs the old structure', oracle(), async () => {
+  const refblock = (f: string): number => Number(craft.getRefcountTableEntry(f, 0));
+  // The L2 table's refcount dropped to 0.
+  await sameRepair('L2 refcount 0', (d) => image(d, (f) => craft.patchBytes(f, refblock(f) + 2 * 4, Buffer.from([0, 0]))), ['-r', 'all']);
+  // No refcount block at all.
+  await sameRepair('reftable entry 0', (d) => image(d, (f) => craft.setRefcountTableEntry(f, 0, 0)), ['-r', 'all']);
+  // A leak next to a missing refcount.
+  await sameRepair('leak + missing refcount', (d) => image(d, (f) => {
+    fs.truncateSync(f, 7 * 65536);
+    craft.patchBytes(f, refblock(f) + 2 * 6, Buffer.from([0, 1]));
+    craft.patchBytes(f, refblock(f) + 2 * 5, Buffer.from([0, 0]));
+  }), ['-r', 'all']);
+  // 512-byte clusters, 1-bit refcounts: several refcount blocks.
+  await sameRepair('narrow refcounts', (d) => {
+    const f = craft.makeQcow2(d, 'img.qcow2', { options: 'cluster_size=512,refcount_bits=1', writes: ['write -P 0xaa 0 300k'] });
+    craft.patchBytes(f, refblock(f), Buffer.from([0]));
+    return f;
+  }, ['-r', 'all']);
+});

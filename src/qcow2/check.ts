@@ -8,6 +8,7 @@ import { CorruptionError } from '../image/errors.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
 import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE } from './constants.js';
 import { checkReadSnapshotTable, checkFixSnapshotTable } from './check-snapshots.js';
+import { rebuildRefcountStructure } from './check-rebuild.js';
 
 export interface CheckResult {
   corruptions: number;
@@ -365,21 +366,29 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
     }
   }
   res.imageEndOffset = (cmp.highest + 1) * cs;
-  if (cmp.fixes.length) {
-    await img.meta.run(async () => {
-      for (const [c, v] of cmp.fixes) {
-        await img.refcounts.set(c, v);
-        // QCOW2_DISCARD_ALWAYS: a cluster left unused is discarded (the file keeps its length).
-        if (v === 0) await img.storage.punchHole?.(c * cs, cs);
-      }
-    });
-  }
+  await applyFixes(img, cmp.fixes);
   if (res.needsRebuild && fix.errors && !img.readOnly) {
     report('Rebuilding refcount structure');
-    await rebuildRefcounts(img, refs);
-    res.corruptionsFixed += res.corruptions;
+    await rebuildRefcountStructure(img, refs.counts, refs.nbClusters);
+    // As QEMU: count the references again (the walk reports its errors again), then repair the
+    // leaks the rebuild left (the old structure); only leaks it could not repair remain.
+    const old = { corruptions: res.corruptions, leaks: res.leaks };
     res.corruptions = 0;
+    res.leaks = 0;
     res.needsRebuild = false;
+    const again = await collect(img, res, report, snap.size);
+    let freshLeaks = 0;
+    if (fix.leaks) {
+      const fresh = { ...res, corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0, needsRebuild: false };
+      const c2 = await compareRefcounts(img, again, fresh, report, { leaks: true, errors: false }, noted);
+      await applyFixes(img, c2.fixes);
+      if (fresh.needsRebuild) report('ERROR rebuilt refcount structure is still broken');
+      freshLeaks = fresh.leaks;
+      res.imageEndOffset = (c2.highest + 1) * cs;
+    }
+    if (res.corruptions < old.corruptions) res.corruptionsFixed += old.corruptions - res.corruptions;
+    if (res.leaks < old.leaks) res.leaksFixed += old.leaks - res.leaks;
+    res.leaks += freshLeaks;
   }
   await checkCopied(img, res, report, repair);
   if (repair) {
@@ -391,64 +400,16 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
   return res;
 }
 
-/**
- * Write a fresh refcount structure (blocks + table) past the end of the file from the counted
- * references, then switch the header to it. The old structure becomes unreferenced (free).
- */
-export async function rebuildRefcounts(img: Qcow2Image, refs: RefMap): Promise<void> {
+/** Set the repaired refcounts; a cluster left unused is discarded (QCOW2_DISCARD_ALWAYS; the file keeps its length). */
+async function applyFixes(img: Qcow2Image, fixes: Array<[number, number]>): Promise<void> {
+  if (!fixes.length) return;
   const cs = img.clusterSize;
-  const rc = img.refcounts;
-  const perBlock = rc.perBlock;
-  // Old refcount blocks and table are not part of the new structure.
-  const counts = Uint32Array.from(refs.counts);
-  const drop = (off: number, n: number): void => {
-    for (let k = 0; k < n; k++) {
-      const c = off / cs + k;
-      if (c < counts.length && counts[c] > 0) counts[c]--;
+  await img.meta.run(async () => {
+    for (const [c, v] of fixes) {
+      await img.refcounts.set(c, v);
+      if (v === 0) await img.storage.punchHole?.(c * cs, cs);
     }
-  };
-  drop(rc.tableOffset, rc.tableClusters);
-  for (const bo of rc.table) if (bo > 0 && bo % cs === 0) drop(bo, 1);
-  let used = counts.length;
-  while (used > 0 && counts[used - 1] === 0) used--;
-  const start = Math.max(used, refs.nbClusters); // never overwrite the old structure
-  let blocks = 0, tableClusters = 0;
-  for (;;) {
-    const total = start + blocks + tableClusters;
-    const nb = Math.ceil(total / perBlock);
-    const tc = Math.ceil((nb * 8) / cs);
-    if (nb === blocks && tc === tableClusters) break;
-    blocks = nb;
-    tableClusters = tc;
-  }
-  const total = start + blocks + tableClusters;
-  const all = new Uint32Array(total);
-  all.set(counts.subarray(0, start));
-  for (let c = start; c < total; c++) all[c] = 1;
-  const table = Buffer.alloc(tableClusters * cs);
-  const { Refcounts } = await import('./refcount.js');
-  const writer = new Refcounts(img.storage, { clusterBits: img.clusterBits, refcountOrder: img.header.refcountOrder }, 0, 0, []);
-  for (let b = 0; b < blocks; b++) {
-    const buf = Buffer.alloc(cs);
-    for (let k = 0; k < perBlock; k++) {
-      const c = b * perBlock + k;
-      if (c >= total) break;
-      if (all[c]) writer.encodeInto(buf, k, all[c]);
-    }
-    const at = (start + b) * cs;
-    await img.storage.write(buf, at);
-    table.writeUInt32BE(Math.floor(at / TWO32), b * 8);
-    table.writeUInt32BE(at >>> 0, b * 8 + 4);
-  }
-  const tableOff = (start + blocks) * cs;
-  await img.storage.write(table, tableOff);
-  const entries: number[] = [];
-  for (let b = 0; b < (tableClusters * cs) / 8; b++) entries.push(b < blocks ? (start + b) * cs : 0);
-  rc.table = entries;
-  rc.tableOffset = tableOff;
-  rc.tableClusters = tableClusters;
-  rc.dropCache();
-  await rc.onTableMoved(tableOff, tableClusters);
+  });
 }
 
 /** Repair on read-write open of a dirty (lazy refcounts) image, as QEMU does automatically. */
