@@ -18,6 +18,14 @@ export class SnapshotTableReadError extends ImageError {
   }
 }
 
+/** A repair step failed: the check ends without a report ("Check failed: <strerror>"). */
+export class CheckFailedError extends ImageError {
+  constructor(errno: string) {
+    super('Check failed', errno);
+    this.name = 'CheckFailedError';
+  }
+}
+
 export interface SnapshotTableCheck {
   /** Bytes the table occupies (QEMU's snapshots_size), to count its references. */
   size: number;
@@ -70,6 +78,15 @@ export async function checkFixSnapshotTable(img: Qcow2Image, check: SnapshotTabl
   const oldOff = h.snapshotsOffset;
   await img.meta.run(async () => {
     const off = table.length ? await img.refcounts.alloc(Math.ceil(table.length / cs)) : 0;
+    // QEMU's overlap check: the old table's clusters may be free by the refcounts (a table
+    // reaching past EOF is not counted) but must not be overwritten.
+    if (table.length && off < oldOff + check.size && oldOff < off + table.length) {
+      // The allocation stays (QEMU's driver is unusable after a fatal corruption: its free of the
+      // new clusters never reaches the disk).
+      await img.signalCorruption('Preventing invalid write on metadata (overlaps with snapshot table)').catch(() => {});
+      report('ERROR failed to update snapshot table: Input/output error');
+      throw new CheckFailedError('EIO');
+    }
     if (table.length) await img.storage.write(table, off);
     await img.storage.flush();
     const ptr = Buffer.alloc(12);

@@ -5,7 +5,7 @@ import { formatFixed } from '../util/printf.js';
 import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, PROG, sourceFormat, oneFile, open, outputArg, parseArgs, qemuJson } from './common.js';
 import { Qcow2Image } from '../../qcow2/image.js';
 import { checkImage, type CheckResult, type FixMode } from '../../qcow2/check.js';
-import { SnapshotTableReadError } from '../../qcow2/check-snapshots.js';
+import { CheckFailedError, SnapshotTableReadError } from '../../qcow2/check-snapshots.js';
 import { errnoText } from '../../storage/storage.js';
 import type { ImageFormat } from '../../chain/open.js';
 
@@ -73,7 +73,8 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
       throw new CliError('This image format does not support checks');
     }
     let r = await checkImage(img, report, fix ?? undefined).catch((e: unknown) => {
-      // QEMU's check reads the snapshot table itself; when that fails it reports no result.
+      // QEMU's check reads the snapshot table itself; when that (or a repair) fails it reports no result.
+      if (e instanceof CheckFailedError) throw new CliError(`Check failed: ${errnoText(e.errno)}`);
       if (!(e instanceof SnapshotTableReadError)) throw e;
       ctx.stderr.write(`${PROG}: ERROR failed to read the snapshot table: ${e.message}\n`);
       throw new CliError(`Check failed: ${errnoText(e.errno)}`);
