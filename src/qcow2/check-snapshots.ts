@@ -9,13 +9,41 @@ import { ImageError } from '../image/errors.js';
 import { errnoText } from '../storage/storage.js';
 import { readSnapshotTable } from './snapshot-read.js';
 import { serializeSnapshotTable } from './snapshot-table.js';
+import { MAX_SNAPSHOTS } from './constants.js';
 
-/** The snapshot table could not be read: the check fails (QEMU: check error, no report). */
+/**
+ * The snapshot table could not be read: the check fails (QEMU: check error, no report). The
+ * message is QEMU's report as printed after the program name ("ERROR ...", hint lines after).
+ */
 export class SnapshotTableReadError extends ImageError {
-  constructor(message: string, errno: string | undefined) {
+  constructor(message: string, errno: string) {
     super(message, errno);
     this.name = 'SnapshotTableReadError';
   }
+}
+
+const INT64_MAX = (1n << 63n) - 1n;
+const ENTRY_HEADER = 40;
+
+/** Snapshot table pointer from the header on disk (check mode opens without validating it). */
+async function tablePointer(img: Qcow2Image, repair: boolean, report: (l: string) => void): Promise<{ count: number; offset: number; reduced: number }> {
+  const ptr = Buffer.alloc(12);
+  await img.storage.read(ptr, 60);
+  const raw = ptr.readUInt32BE(0);
+  const offset = ptr.readBigUInt64BE(4);
+  let count = raw, reduced = 0;
+  if (count > MAX_SNAPSHOTS && repair) {
+    report(`Discarding ${count - MAX_SNAPSHOTS} overhanging snapshots`);
+    reduced = count - MAX_SNAPSHOTS;
+    count = MAX_SNAPSHOTS;
+  }
+  // qcow2_validate_table(offset, count, 40, 40 * QCOW_MAX_SNAPSHOTS, "snapshot table")
+  const hint = count > MAX_SNAPSHOTS ? `\nYou can force-remove all ${count - MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all` : '';
+  if (count > MAX_SNAPSHOTS) throw new SnapshotTableReadError(`ERROR snapshot table too large${hint}`, 'EFBIG');
+  if (INT64_MAX - BigInt(count * ENTRY_HEADER) < offset || offset % BigInt(img.clusterSize) !== 0n) {
+    throw new SnapshotTableReadError(`ERROR snapshot table offset invalid${hint}`, 'EINVAL');
+  }
+  return { count, offset: Number(offset), reduced };
 }
 
 /** A repair step failed: the check ends without a report ("Check failed: <strerror>"). */
@@ -37,25 +65,29 @@ export interface SnapshotTableCheck {
 /** Read the table into `img.snapshots`, reporting QEMU's lines; `repair` is `-r all`. */
 export async function checkReadSnapshotTable(img: Qcow2Image, report: (l: string) => void, repair: boolean): Promise<SnapshotTableCheck> {
   const h = img.header;
+  img.snapshots = [];
+  const ptr = await tablePointer(img, repair, report);
   let r;
   try {
-    r = await readSnapshotTable(img.storage, h.snapshotsOffset, h.nbSnapshots, { repair, log: report });
+    r = await readSnapshotTable(img.storage, ptr.offset, ptr.count, { repair, log: report });
   } catch (e) {
     if (!(e instanceof ImageError)) throw e;
-    img.snapshots = [];
-    throw new SnapshotTableReadError(e.message, e.errno ?? 'EFBIG'); // QEMU's limits: EFBIG
+    throw new SnapshotTableReadError(`ERROR failed to read the snapshot table: ${e.message}`, e.errno ?? 'EFBIG'); // QEMU's limits: EFBIG
   }
   img.snapshots = r.list;
-  const res: SnapshotTableCheck = { size: r.size, corruptions: r.extraDropped + r.reduced, corruptionsFixed: 0 };
-  if (r.reduced) {
+  h.nbSnapshots = ptr.count;
+  h.snapshotsOffset = ptr.offset;
+  const reduced = ptr.reduced + r.reduced;
+  const res: SnapshotTableCheck = { size: r.size, corruptions: r.extraDropped + reduced, corruptionsFixed: 0 };
+  if (reduced) {
     // The count in the header goes first: the reference count below relies on it (leaks the rest).
     h.nbSnapshots = r.list.length;
     const b = Buffer.alloc(4);
     b.writeUInt32BE(h.nbSnapshots, 0);
     await img.storage.write(b, 60);
     await img.storage.flush();
-    res.corruptionsFixed += r.reduced;
-    res.corruptions -= r.reduced;
+    res.corruptionsFixed += reduced;
+    res.corruptions -= reduced;
   }
   // Every v3 entry needs at least vm_state_size_large and disk_size in its extra data.
   if (img.header.version >= 3) {

@@ -134,8 +134,8 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
       } else if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
         const host = offsetOf(e.hi, e.lo);
         if (host % BigInt(cs) !== 0n) {
-          // Preallocated: no data in the cluster (zero flag, or no allocated subcluster).
-          const data = img.extL2 ? e.allocBits !== 0 : e.type === ClusterType.Normal;
+          // Preallocated: no data in the cluster (the zero flag, v2 images too; or no allocated subcluster).
+          const data = img.extL2 ? e.allocBits !== 0 : (e.lo & 1) === 0;
           report(`ERROR offset=${host.toString(16)}: ${data ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
           res.corruptions++;
         }

@@ -76,7 +76,7 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
       // QEMU's check reads the snapshot table itself; when that (or a repair) fails it reports no result.
       if (e instanceof CheckFailedError) throw new CliError(`Check failed: ${errnoText(e.errno)}`);
       if (!(e instanceof SnapshotTableReadError)) throw e;
-      ctx.stderr.write(`${PROG}: ERROR failed to read the snapshot table: ${e.message}\n`);
+      ctx.stderr.write(`${PROG}: ${e.message}\n`);
       throw new CliError(`Check failed: ${errnoText(e.errno)}`);
     });
     if (fix && r.needsRebuild) {
