@@ -130,9 +130,10 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
   }
   h.refcountTableOffset = Number(rtOff);
 
-  if (h.nbSnapshots > C.MAX_SNAPSHOTS) throw new ImageError('Snapshot table too large');
+  // Check mode leaves the snapshot table pointer to the check (qcow2_check_read_snapshot_table).
+  if (h.nbSnapshots > C.MAX_SNAPSHOTS && !opts.check) throw new ImageError('Snapshot table too large');
   const snOff = u64(buf, 64);
-  if (snOff % BigInt(clusterSize) !== 0n || snOff > BigInt(Number.MAX_SAFE_INTEGER)) throw new ImageError('Snapshot table offset invalid');
+  if ((snOff % BigInt(clusterSize) !== 0n || snOff > BigInt(Number.MAX_SAFE_INTEGER)) && !opts.check) throw new ImageError('Snapshot table offset invalid');
   h.snapshotsOffset = Number(snOff);
 
   if (h.l1Size * 8 > C.MAX_L1_SIZE) throw new ImageError('Active L1 table too large');

@@ -19,7 +19,8 @@ import { parseHeader, serializeHeader, type Qcow2Header } from './header.js';
 import { Refcounts, RefcountRangeError } from './refcount.js';
 import { L2Cache } from './l2-cache.js';
 import { ClusterType, readL1, readL2, writeL2, encodeU64, type EntryGeometry, type L2Entry } from './entry.js';
-import { parseSnapshotTable, snapshotTableLength, type Snapshot } from './snapshot-table.js';
+import type { Snapshot } from './snapshot-table.js';
+import { readSnapshotTable } from './snapshot-read.js';
 import { decompressCluster, type CompressionType } from './compress.js';
 import { Qcow2Bitmaps } from './bitmaps.js';
 import { MetaWriter } from './meta-writer.js';
@@ -162,7 +163,6 @@ export class Qcow2Image implements BlockDriver {
     await storage.read(first, 0);
     // Header fields first (bounded read), then the full first cluster for extensions.
     const header = parseHeader(first, fileSize, { check: opts.checkMode });
-    const cs = 2 ** header.clusterBits;
     if (!opts.noIo && (header.incompatible & BigInt(C.INCOMPAT_DATA_FILE)) !== 0n) {
       throw new ImageError(header.dataFile === null ? "'data-file' is required for this image" : 'External data files are not supported by qchain');
     }
@@ -177,32 +177,15 @@ export class Qcow2Image implements BlockDriver {
       header.refcountTableOffset, header.refcountTableClusters);
     const img = new Qcow2Image(storage, header, refcounts, l1, readOnly, opts.l2CacheBytes ?? 32 * 1024 * 1024, opts.log ?? (() => {}),
       opts.metadataCache !== 'writethrough');
-    await img.loadSnapshots(cs);
+    // Check mode (QEMU's BDRV_O_CHECK) leaves the snapshot table to the check, which reads it itself.
+    if (!opts.checkMode) await img.loadSnapshots();
     img.bitmaps = await Qcow2Bitmaps.open(img, img.log);
     if (!readOnly) await img.prepareForWriting(!!opts.noRepair);
     return img;
   }
 
-  private async loadSnapshots(cs: number): Promise<void> {
-    const n = this.header.nbSnapshots;
-    if (n === 0) return;
-    const fileSize = await this.storage.size();
-    if (this.header.snapshotsOffset >= fileSize) throw new ImageError('Snapshot table offset invalid');
-    // Read in growing steps, bounded by the file and QEMU's 64 MiB table limit.
-    // Entries are padded to 8 bytes; the last one's padding may lie past the end of the file.
-    const limit = Math.min(fileSize - this.header.snapshotsOffset + 8, C.MAX_SNAPSHOTS_SIZE);
-    let len = Math.min(n * 48 + 4096, limit);
-    for (;;) {
-      const buf = Buffer.alloc(len);
-      await this.storage.read(buf, this.header.snapshotsOffset);
-      const need = snapshotTableLength(buf, n);
-      if (need >= 0 && need <= len) {
-        this.snapshots = parseSnapshotTable(buf.subarray(0, need), n, cs);
-        return;
-      }
-      if (len >= limit) throw new ImageError('Snapshot table is too big');
-      len = Math.min(limit, len * 4);
-    }
+  private async loadSnapshots(): Promise<void> {
+    this.snapshots = (await readSnapshotTable(this.storage, this.header.snapshotsOffset, this.header.nbSnapshots)).list;
   }
 
   /**
@@ -273,18 +256,18 @@ export class Qcow2Image implements BlockDriver {
 
   private async validateL2Offset(l1i: number, offset: number): Promise<void> {
     if (offset % this.clusterSize !== 0) {
-      await this.signalCorruption(`L2 table offset 0x${offset.toString(16)} unaligned (L1 index: 0x${l1i.toString(16)})`);
+      await this.signalCorruption(`L2 table offset 0x${offset.toString(16)} unaligned (L1 index: ${l1i ? `0x${l1i.toString(16)}` : '0'})`);
     }
   }
 
   /** Checks a data entry before it is used; corrupt entries mark the image and fail the I/O. */
   /** @internal */ async validateEntry(e: L2Entry, l2Offset: number, idx: number): Promise<void> {
     if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) {
-      await this.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${idx.toString(16)})`);
+      await this.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: ${idx ? `0x${idx.toString(16)}` : '0'})`);
     }
     if (this.extL2 && e.type !== ClusterType.Compressed) {
       if ((e.allocBits & e.zeroBits) !== 0 || (e.host === 0 && e.allocBits !== 0)) {
-        await this.signalCorruption(`Invalid cluster entry found  (L2 offset: 0x${l2Offset.toString(16)}, L2 index: 0x${idx.toString(16)})`);
+        await this.signalCorruption(`Invalid cluster entry found  (L2 offset: 0x${l2Offset.toString(16)}, L2 index: ${idx ? `0x${idx.toString(16)}` : '0'})`);
       }
     }
   }

@@ -30,7 +30,7 @@ export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size
     const { offset: l2Off } = readL1(l1, i);
     if (!l2Off) continue;
     if (l2Off % cs !== 0) {
-      await img.signalCorruption(`L2 table offset 0x${l2Off.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
+      await img.signalCorruption(`L2 table offset 0x${l2Off.toString(16)} unaligned (L1 index: ${i ? `0x${i.toString(16)}` : '0'})`);
     }
     const t = await img.readTable(l2Off);
     // The table's data clusters, merged into runs of contiguous clusters.
@@ -41,7 +41,7 @@ export async function updateSnapshotRefcount(img: Qcow2Image, l1: Buffer, l1Size
         let first = -1, n = 0;
         if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
           if (e.host % cs !== 0) {
-            await img.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Off.toString(16)}, L2 index: 0x${j.toString(16)})`);
+            await img.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Off.toString(16)}, L2 index: ${j ? `0x${j.toString(16)}` : '0'})`);
           }
           first = e.host / cs;
           n = 1;

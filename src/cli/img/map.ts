@@ -5,6 +5,8 @@ import { parseSize } from '../util/options.js';
 import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, sourceFormat, oneFile, open, outputArg, parseArgs } from './common.js';
 import type { Chain, ChainExtent } from '../../chain/chain.js';
 import type { ImageFormat } from '../../chain/open.js';
+import { ImageError } from '../../image/errors.js';
+import { StorageError, errnoText } from '../../storage/storage.js';
 
 export interface MapEntry {
   start: number;
@@ -78,10 +80,12 @@ export async function mapMain(argv: string[], ctx: CliContext): Promise<number> 
   }
   const file = oneFile(rest);
   const chain = await open(file, { format: sourceFormat(file, fmt), readOnly: true, forceShare }, ctx);
+  // What qemu-img has printed when a status query fails: the entries before it (JSON: each
+  // followed by its separator, the opening bracket first) but not the one being merged.
+  let out = '';
+  let first = true;
   try {
     if (output === 'json') {
-      let first = true;
-      let out = '';
       for await (const e of mapEntries(chain, start, maxLen)) {
         out += (first ? '[' : ',\n') + jsonEntry(e);
         first = false;
@@ -92,7 +96,7 @@ export async function mapMain(argv: string[], ctx: CliContext): Promise<number> 
       }
       ctx.stdout.write(out + (first ? '[' : '') + ']\n');
     } else {
-      let out = `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`;
+      out = `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`;
       for await (const e of mapEntries(chain, start, maxLen)) {
         if (e.data && e.compressed) {
           ctx.stdout.write(out);
@@ -102,6 +106,11 @@ export async function mapMain(argv: string[], ctx: CliContext): Promise<number> 
       }
       ctx.stdout.write(out);
     }
+  } catch (e) {
+    const errno = e instanceof ImageError ? e.errno : e instanceof StorageError ? e.code : undefined;
+    if (!errno) throw e;
+    ctx.stdout.write(out + (output === 'json' ? (first ? '[' : ',\n') : ''));
+    throw new CliError(`Could not read file metadata: ${errnoText(errno)}`);
   } finally {
     await chain.close();
   }

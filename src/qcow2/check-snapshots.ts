@@ -1,0 +1,146 @@
+/**
+ * The snapshot table part of `check` (QEMU 7.2's qcow2_check_read_snapshot_table and
+ * qcow2_check_fix_snapshot_table). The image is opened in check mode without its snapshot table;
+ * the check reads it here, reports what QEMU reports, and with `-r all` drops what exceeds QEMU's
+ * limits and rewrites the table once the refcounts are sound.
+ */
+import type { Qcow2Image } from './image.js';
+import { ImageError } from '../image/errors.js';
+import { errnoText } from '../storage/storage.js';
+import { readSnapshotTable } from './snapshot-read.js';
+import { serializeSnapshotTable } from './snapshot-table.js';
+import { MAX_SNAPSHOTS } from './constants.js';
+
+/**
+ * The snapshot table could not be read: the check fails (QEMU: check error, no report). The
+ * message is QEMU's report as printed after the program name ("ERROR ...", hint lines after).
+ */
+export class SnapshotTableReadError extends ImageError {
+  constructor(message: string, errno: string) {
+    super(message, errno);
+    this.name = 'SnapshotTableReadError';
+  }
+}
+
+const INT64_MAX = (1n << 63n) - 1n;
+const ENTRY_HEADER = 40;
+
+/** Snapshot table pointer from the header on disk (check mode opens without validating it). */
+async function tablePointer(img: Qcow2Image, repair: boolean, report: (l: string) => void): Promise<{ count: number; offset: number; reduced: number }> {
+  const ptr = Buffer.alloc(12);
+  await img.storage.read(ptr, 60);
+  const raw = ptr.readUInt32BE(0);
+  const offset = ptr.readBigUInt64BE(4);
+  let count = raw, reduced = 0;
+  if (count > MAX_SNAPSHOTS && repair) {
+    report(`Discarding ${count - MAX_SNAPSHOTS} overhanging snapshots`);
+    reduced = count - MAX_SNAPSHOTS;
+    count = MAX_SNAPSHOTS;
+  }
+  // qcow2_validate_table(offset, count, 40, 40 * QCOW_MAX_SNAPSHOTS, "snapshot table")
+  const hint = count > MAX_SNAPSHOTS ? `\nYou can force-remove all ${count - MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all` : '';
+  if (count > MAX_SNAPSHOTS) throw new SnapshotTableReadError(`ERROR snapshot table too large${hint}`, 'EFBIG');
+  if (INT64_MAX - BigInt(count * ENTRY_HEADER) < offset || offset % BigInt(img.clusterSize) !== 0n) {
+    throw new SnapshotTableReadError(`ERROR snapshot table offset invalid${hint}`, 'EINVAL');
+  }
+  return { count, offset: Number(offset), reduced };
+}
+
+/** A repair step failed: the check ends without a report ("Check failed: <strerror>"). */
+export class CheckFailedError extends ImageError {
+  constructor(errno: string) {
+    super('Check failed', errno);
+    this.name = 'CheckFailedError';
+  }
+}
+
+export interface SnapshotTableCheck {
+  /** Bytes the table occupies (QEMU's snapshots_size), to count its references. */
+  size: number;
+  /** Problems in the table itself (fixable by rewriting it). */
+  corruptions: number;
+  corruptionsFixed: number;
+}
+
+/** Read the table into `img.snapshots`, reporting QEMU's lines; `repair` is `-r all`. */
+export async function checkReadSnapshotTable(img: Qcow2Image, report: (l: string) => void, repair: boolean): Promise<SnapshotTableCheck> {
+  const h = img.header;
+  img.snapshots = [];
+  const ptr = await tablePointer(img, repair, report);
+  let r;
+  try {
+    r = await readSnapshotTable(img.storage, ptr.offset, ptr.count, { repair, log: report });
+  } catch (e) {
+    if (!(e instanceof ImageError)) throw e;
+    throw new SnapshotTableReadError(`ERROR failed to read the snapshot table: ${e.message}`, e.errno ?? 'EFBIG'); // QEMU's limits: EFBIG
+  }
+  img.snapshots = r.list;
+  h.nbSnapshots = ptr.count;
+  h.snapshotsOffset = ptr.offset;
+  const reduced = ptr.reduced + r.reduced;
+  const res: SnapshotTableCheck = { size: r.size, corruptions: r.extraDropped + reduced, corruptionsFixed: 0 };
+  if (reduced) {
+    // The count in the header goes first: the reference count below relies on it (leaks the rest).
+    h.nbSnapshots = r.list.length;
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(h.nbSnapshots, 0);
+    await img.storage.write(b, 60);
+    await img.storage.flush();
+    res.corruptionsFixed += reduced;
+    res.corruptions -= reduced;
+  }
+  // Every v3 entry needs at least vm_state_size_large and disk_size in its extra data.
+  if (img.header.version >= 3) {
+    r.list.forEach((sn, i) => {
+      if (sn.diskSize !== null) return;
+      res.corruptions++;
+      report(`${repair ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
+    });
+  }
+  return res;
+}
+
+/** `-r all` with table problems: write the table anew (complete entries), free the old one. */
+export async function checkFixSnapshotTable(img: Qcow2Image, check: SnapshotTableCheck, report: (l: string) => void): Promise<void> {
+  if (!check.corruptions) return;
+  const cs = img.clusterSize;
+  const h = img.header;
+  const list = img.snapshots.map((s) => ({ ...s, diskSize: s.diskSize ?? img.size }));
+  const table = serializeSnapshotTable(list);
+  const oldOff = h.snapshotsOffset;
+  await img.meta.run(async () => {
+    const off = table.length ? await img.refcounts.alloc(Math.ceil(table.length / cs)) : 0;
+    // QEMU's overlap check: the old table's clusters may be free by the refcounts (a table
+    // reaching past EOF is not counted) but must not be overwritten.
+    if (table.length && off < oldOff + check.size && oldOff < off + table.length) {
+      // The allocation stays (QEMU's driver is unusable after a fatal corruption: its free of the
+      // new clusters never reaches the disk).
+      await img.signalCorruption('Preventing invalid write on metadata (overlaps with snapshot table)').catch(() => {});
+      report('ERROR failed to update snapshot table: Input/output error');
+      throw new CheckFailedError('EIO');
+    }
+    if (table.length) await img.storage.write(table, off);
+    await img.storage.flush();
+    const ptr = Buffer.alloc(12);
+    ptr.writeUInt32BE(list.length, 0);
+    ptr.writeUInt32BE(Math.floor(off / 0x100000000), 4);
+    ptr.writeUInt32BE(off >>> 0, 8);
+    await img.storage.write(ptr, 60);
+    await img.storage.flush();
+    h.nbSnapshots = list.length;
+    h.snapshotsOffset = off;
+    img.snapshots = list;
+    if (check.size) {
+      const first = Math.floor(oldOff / cs);
+      const n = Math.floor((oldOff + check.size - 1) / cs) - first + 1;
+      // As qcow2_free_clusters: a failure is reported and the old clusters leak. Freed clusters
+      // are discarded (QEMU's pass-discard-snapshot), so the old table reads as zeros.
+      await img.refcounts.free(first * cs, n, true).catch((e: unknown) => {
+        if (!(e instanceof ImageError)) throw e;
+        report(`qcow2_free_clusters failed: ${errnoText(e.errno)}`);
+      });
+    }
+  });
+  check.corruptionsFixed += check.corruptions;
+  check.corruptions = 0;
+}
