@@ -20,6 +20,7 @@ export interface Snapshot {
 
 export function serializeSnapshotTable(list: Snapshot[]): Buffer {
   const parts: Buffer[] = [];
+  let size = 0;
   for (const s of list) {
     const id = Buffer.from(s.id, 'utf8'), name = Buffer.from(s.name, 'utf8');
     const extra = Buffer.alloc(24 + s.extraUnknown.length);
@@ -43,8 +44,10 @@ export function serializeSnapshotTable(list: Snapshot[]): Buffer {
     w64(head, 24, s.vmClockNsec);
     head.writeUInt32BE(s.vmStateSize > 0xffffffff ? 0 : s.vmStateSize, 32);
     head.writeUInt32BE(extra.length, 36);
-    const len = 40 + extra.length + id.length + name.length;
-    parts.push(head, extra, id, name, Buffer.alloc((8 - (len % 8)) % 8));
+    // Entries start 8-aligned; the table ends right after the last one (QEMU writes no padding there).
+    if (size % 8) parts.push(Buffer.alloc(8 - (size % 8)));
+    size += (8 - (size % 8)) % 8 + 40 + extra.length + id.length + name.length;
+    parts.push(head, extra, id, name);
   }
   return Buffer.concat(parts);
 }
