@@ -43,7 +43,11 @@ export async function startServer(kind: ServerKind, dir: string, image: string, 
   fs.rmSync(pidfile, { force: true });
   const child = kind === 'qsd'
     ? spawn('qemu-storage-daemon', args, { cwd: dir, stdio: ['ignore', 'ignore', 'inherit'] })
-    : spawn(process.execPath, [...nodeFlags, QCHAIN, 'daemon', ...args], { cwd: dir, stdio: ['ignore', 'ignore', 'inherit'] });
+    // As a user starts it: the executable itself (its interpreter line sets node's flags), unless
+    // extra node flags are asked for.
+    : nodeFlags.length
+      ? spawn(process.execPath, [...nodeFlags, QCHAIN, 'daemon', ...args], { cwd: dir, stdio: ['ignore', 'ignore', 'inherit'] })
+      : spawn(QCHAIN, ['daemon', ...args], { cwd: dir, stdio: ['ignore', 'ignore', 'inherit'] });
   for (let i = 0; !fs.existsSync(pidfile); i++) {
     if (child.exitCode !== null || i > 600) throw new Error(`${kind} did not start (exit ${child.exitCode})`);
     await new Promise((r) => setTimeout(r, 25));
