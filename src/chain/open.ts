@@ -47,6 +47,8 @@ export interface OpenOptions {
   forceShare?: boolean;
   /** Take no image locks at all (default: QEMU-compatible locks). */
   noLock?: boolean;
+  /** The named image's flushes do nothing (cache=unsafe). */
+  noFlush?: boolean;
 }
 
 export const FORMATS: readonly ImageFormat[] = ['qcow2', 'raw'];
@@ -62,10 +64,10 @@ export async function probeFormat(storage: Storage): Promise<ImageFormat> {
   return Qcow2Image.probe(head) ? 'qcow2' : 'raw';
 }
 
-async function openStorage(file: string, readOnly: boolean, lock: LockMode): Promise<FileStorage> {
+async function openStorage(file: string, readOnly: boolean, lock: LockMode, noFlush = false): Promise<FileStorage> {
   if (file === '') throw new ImageError("Could not open '': The 'file' block driver requires a file name");
   try {
-    return await FileStorage.open(file, { readOnly, lock });
+    return await FileStorage.open(file, { readOnly, lock, noFlush });
   } catch (e) {
     // Lock conflicts are named by the caller (QEMU prefixes them once, or not at all for backing files).
     if (e instanceof StorageError && (e.code === 'ELOCKED' || e.code === 'ENOTREG')) throw new ImageError(e.message, e.code);
@@ -75,8 +77,8 @@ async function openStorage(file: string, readOnly: boolean, lock: LockMode): Pro
 }
 
 /** Open one image file with a known or probed format. Errors read "Could not open 'F': reason". */
-export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; noIo?: boolean; checkMode?: boolean; lock?: LockMode } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
-  const storage = await openStorage(file, !!opts.readOnly, opts.lock ?? (opts.readOnly ? 'read' : 'write'));
+export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; noIo?: boolean; checkMode?: boolean; lock?: LockMode; noFlush?: boolean } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
+  const storage = await openStorage(file, !!opts.readOnly, opts.lock ?? (opts.readOnly ? 'read' : 'write'), opts.noFlush);
   try {
     const fmt = opts.format ?? (await probeFormat(storage));
     const driver = fmt === 'qcow2'
@@ -118,7 +120,7 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
   try {
     let top;
     try {
-      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly) });
+      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly), noFlush: opts.noFlush });
     } catch (e) {
       if (e instanceof ImageError && e.errno === 'ELOCKED') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
       if (e instanceof ImageError && e.errno === 'ENOTREG') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);

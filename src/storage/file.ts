@@ -128,6 +128,8 @@ export interface FileOpenOptions {
   create?: boolean;
   /** Image lock to take (QEMU-compatible byte-range locks); default none. */
   lock?: LockMode;
+  /** Flushes do nothing (QEMU's cache=unsafe, BDRV_O_NO_FLUSH: qemu-img convert's default output mode). */
+  noFlush?: boolean;
 }
 
 /** A regular file (or block device) accessed with positional I/O. */
@@ -137,7 +139,7 @@ export class FileStorage implements Storage {
   /** The same for small writes (see SLOW_WRITE_MS). */
   private readonly writeGate = new SyncGate(SLOW_WRITE_MS);
 
-  private constructor(readonly name: string, private fd: number, readonly readOnly: boolean) {}
+  private constructor(readonly name: string, private fd: number, readonly readOnly: boolean, private readonly noFlush = false) {}
 
   /** Opens `path`; failures carry QEMU's strerror text (e.g. "No such file or directory"). */
   static async open(path: string, opts: FileOpenOptions = {}): Promise<FileStorage> {
@@ -158,7 +160,7 @@ export class FileStorage implements Storage {
         throw e;
       }
       if (opts.create && st.isFile()) fs.ftruncateSync(fd, 0);
-      return new FileStorage(path, fd, readOnly);
+      return new FileStorage(path, fd, readOnly, !!opts.noFlush);
     } catch (e) {
       if (e instanceof StorageError) throw e;
       const code = (e as NodeJS.ErrnoException).code;
@@ -280,7 +282,7 @@ export class FileStorage implements Storage {
   }
 
   async flush(): Promise<void> {
-    if (this.readOnly) return;
+    if (this.readOnly || this.noFlush) return;
     return new Promise((res, rej) => fs.fdatasync(this.fd, (err) => (err ? rej(wrap(this.name, err)) : res())));
   }
 

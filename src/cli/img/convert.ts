@@ -7,6 +7,7 @@ import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, formatArg, ope
 import type { Chain } from '../../chain/chain.js';
 import type { ImageFormat } from '../../chain/open.js';
 import { FileStorage } from '../../storage/file.js';
+import { validCacheMode } from './chainops-common.js';
 import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2CreateOptions } from '../../qcow2/create.js';
 import { copyChains, type CopyOptions } from '../../ops/copy.js';
 import { copyChainsCompressed } from '../../ops/copy-compressed.js';
@@ -24,6 +25,8 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   let compress = false, progress = false, noCreate = false, targetIsZero = false;
   let sparse = 4096, parallel = 8, outOfOrder = false;
   let forceShare = false, bitmaps = false, skipBroken = false;
+  // qemu-img convert writes its output with cache=unsafe unless told otherwise: no flushes.
+  let cache = 'unsafe', srcCache = 'writeback';
   for (const o of opts) {
     const a = o.arg as string;
     switch (o.opt) {
@@ -47,11 +50,13 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       }
       case 'TIZ': targetIsZero = true; break;
       case 'W': outOfOrder = true; break;
+      case 't': cache = a; break;
+      case 'T': srcCache = a; break;
       case 'BITMAPS': bitmaps = true; break;
       case 'SBB': skipBroken = true; break;
       case 'l': throw new CliError('Converting from an internal snapshot (-l) is not supported yet');
       case 'IMAGE_OPTS': case 'TIO': throw new UsageError('--image-opts is not supported by qchain');
-      default: break; // -C, -W, -t, -T, -U, -r, --salvage: accepted, no effect here
+      default: break; // -C, -r, --salvage: accepted, no effect here
     }
   }
   if (optstr !== undefined && hasHelpOption(optstr)) {
@@ -75,6 +80,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   if (backing !== undefined && srcNames.length > 1) throw new CliError('Specifying backing image makes no sense when concatenating multiple input images');
   if (bitmaps && srcNames.length > 1) throw new CliError('Copying bitmaps only possible with single source');
 
+  if (!validCacheMode(srcCache)) throw new CliError(`Invalid source cache option: ${srcCache}`);
   const sources: Chain[] = [];
   let dst: Chain | null = null;
   const bar = new ProgressPrinter(progress, ctx.stdout, 1.0, ctx.stderr);
@@ -91,8 +97,9 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
     }
     const total = sources.reduce((a, c) => a + c.size, 0);
     if (!noCreate) await createTarget(target, outFmt, total, optstr, backing, backingFmt);
+    if (!validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
     try {
-      dst = await open(target, { format: outFmt, readOnly: false }, ctx);
+      dst = await open(target, { format: outFmt, readOnly: false, noFlush: cache === 'unsafe' }, ctx);
     } catch (e) {
       throw new CliError(asCliError(e).message);
     }
