@@ -160,7 +160,7 @@ async function expandZeroClusters(img: Qcow2Image, status: AmendStatus): Promise
       const { offset: l2Off } = readL1(l1, i);
       if (l2Off) {
         if (l2Off % cs !== 0) {
-          await img.signalCorruption(`L2 table offset 0x${l2Off.toString(16)} unaligned (L1 index: 0x${i.toString(16)})`);
+          await img.signalCorruption(`L2 table offset 0x${l2Off.toString(16)} unaligned (L1 index: ${i ? `0x${i.toString(16)}` : '0'})`);
         }
         const l2rc = await img.meta.run(() => img.refcounts.get(l2Off / cs));
         const t = await img.readTable(l2Off);
