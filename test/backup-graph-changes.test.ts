@@ -13,9 +13,8 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
-import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import { oracle, qemuChain, qemuImg, scratch } from './helpers/qemu.js';
 import { start, norm, jobEvent, guest, put, type Tool } from './helpers/live-qmp.js';
 import type { QmpClient } from './helpers/qmp-client.js';
 
@@ -48,13 +47,7 @@ const ARGS_IMPLICIT = [
 ];
 
 async function images(dir: string): Promise<void> {
-  fs.mkdirSync(dir, { recursive: true });
-  await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '16M'], dir);
-  await qemuIo(['-c', 'write -P 1 0 12M', 'base.qcow2'], dir);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
-  await qemuIo(['-c', 'write -P 2 4M 6M', 'mid.qcow2'], dir);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-  await qemuIo(['-c', 'write -P 3 8M 1M', 'top.qcow2'], dir);
+  await qemuChain(dir, '16M', [['base.qcow2', 'write -P 1 0 12M'], ['mid.qcow2', 'write -P 2 4M 6M'], ['top.qcow2', 'write -P 3 8M 1M']]);
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'top.qcow2', '-F', 'qcow2', 'z.qcow2'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '16M'], dir);
   // The point in time the backup must show.

@@ -7,10 +7,9 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
 import { Job } from '../src/jobs/job.js';
-import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import { oracle, qemuChain, qemuImg, scratch } from './helpers/qemu.js';
 import type { QmpClient, QmpMessage } from './helpers/qmp-client.js';
 import { daemonArgs, jobEvent, onBoth, quit, repliesThenEvents, withDaemon, type Tool } from './helpers/live-qmp.js';
 
@@ -85,12 +84,7 @@ function norm(m: QmpMessage): Record<string, unknown> {
 const ARGS = daemonArgs('top.qcow2', 'top');
 
 async function setup(dir: string): Promise<void> {
-  fs.mkdirSync(dir, { recursive: true });
-  await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '16M'], dir);
-  await qemuIo(['-c', 'write -q -P 0xaa 0 1M', 'base.qcow2'], dir);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
-  await qemuIo(['-c', 'write -q -P 0xbb 1M 4M', 'mid.qcow2'], dir);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
+  await qemuChain(dir, '16M', [['base.qcow2', 'write -q -P 0xaa 0 1M'], ['mid.qcow2', 'write -q -P 0xbb 1M 4M'], ['top.qcow2']]);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'fleece.qcow2', '16M'], dir);
 }
 

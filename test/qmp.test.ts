@@ -5,9 +5,8 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
-import { oracle, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
+import { oracle, qemuChain, qemuImg, qemuIo, qemuRawView, run, scratch } from './helpers/qemu.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
 import { backingChain, chainArgs, jobEvent, nbdUri, onBoth, quit, repliesThenEvents, withDaemon, type Tool } from './helpers/live-qmp.js';
 
@@ -22,13 +21,7 @@ function norm(m: QmpMessage): unknown {
 }
 
 async function setup(dir: string): Promise<void> {
-  fs.mkdirSync(dir, { recursive: true });
-  await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir);
-  await qemuIo(['-c', 'write -P 0xaa 0 1M', 'base.qcow2'], dir);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2'], dir);
-  await qemuIo(['-c', 'write -P 0xbb 1M 1M', 'mid.qcow2'], dir);
-  await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-  await qemuIo(['-c', 'write -P 0xcc 2M 1M', 'top.qcow2'], dir);
+  await qemuChain(dir, '64M', [['base.qcow2', 'write -P 0xaa 0 1M'], ['mid.qcow2', 'write -P 0xbb 1M 1M'], ['top.qcow2', 'write -P 0xcc 2M 1M']]);
 }
 
 const ARGS = chainArgs(',allocation-depth=on');

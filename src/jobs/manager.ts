@@ -88,13 +88,19 @@ export class JobManager {
     return d === null ? undefined : nodes[d];
   }
 
-  private findBelow(top: FormatNode, a: Args, key: string, nodeKey: string): FormatNode | null | undefined {
+  /**
+   * A base named by node (`nodeKey`) or by file (`key`). By file it is looked up below `top`; by
+   * node, below `top` for stream, or anywhere in the chain from `top` (itself included) for
+   * block-commit, each with QEMU's own refusal.
+   */
+  private findBelow(top: FormatNode, a: Args, key: string, nodeKey: string, nodeScope: 'below' | 'chain' = 'below'): FormatNode | undefined {
     const byName = optStr(a, nodeKey), byFile = optStr(a, key);
     if (byName !== undefined && byFile !== undefined) throw new QmpError(`'${key}' and '${nodeKey}' cannot be specified at the same time`);
-    const below = this.chainNodes(top).slice(1);
     if (byName !== undefined) {
       const n = this.graph.formatNode(byName);
-      if (!below.includes(n)) throw new QmpError(`Node '${byName}' is not a backing image of '${top.name}'`);
+      const chain = this.chainNodes(top);
+      if (nodeScope === 'chain' && !chain.includes(n)) throw new QmpError(`'${byName}' is not in this backing file chain`);
+      if (nodeScope === 'below' && !chain.slice(1).includes(n)) throw new QmpError(`Node '${byName}' is not a backing image of '${top.name}'`);
       return n;
     }
     if (byFile !== undefined) {
@@ -141,7 +147,7 @@ export class JobManager {
       if (!t) throw new QmpError(`Top image file ${topFile} not found`);
       top = t;
     }
-    const base = this.commitBase(a, top) ?? layers[layers.length - 1];
+    const base = this.findBelow(top, a, 'base', 'base-node', 'chain') ?? layers[layers.length - 1];
     if (base === top) throw new QmpError('cannot commit an image into itself');
     if (top === device) {
       if (optStr(a, 'backing-file') !== undefined) throw new QmpError("'backing-file' specified, but 'top' is the active layer");
@@ -163,23 +169,6 @@ export class JobManager {
     }
     const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, baseWasReadOnly, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
     job.start(work, prepare);
-  }
-
-  /** block-commit's base: by node name anywhere in the chain from the top (the top itself included), or by file name below it. */
-  private commitBase(a: Args, top: FormatNode): FormatNode | undefined {
-    const byName = optStr(a, 'base-node'), byFile = optStr(a, 'base');
-    if (byName !== undefined && byFile !== undefined) throw new QmpError("'base' and 'base-node' cannot be specified at the same time");
-    if (byName !== undefined) {
-      const n = this.graph.formatNode(byName);
-      if (!this.chainNodes(top).includes(n)) throw new QmpError(`'${byName}' is not in this backing file chain`);
-      return n;
-    }
-    if (byFile !== undefined) {
-      const n = this.belowByFile(top, byFile);
-      if (!n) throw new QmpError(`Can't find '${byFile}' in the backing chain`);
-      return n;
-    }
-    return undefined;
   }
 
   /** Reopen a node with no guest request in flight (old handles may be in use by running requests). */

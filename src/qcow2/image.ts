@@ -66,6 +66,11 @@ interface ClusterPlan {
   zeroBits: number;
 }
 
+/** Whether an entry holds a reference to host clusters (dropped when the entry is replaced). */
+function ownsCluster(e: L2Entry): boolean {
+  return e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc || e.type === ClusterType.Compressed;
+}
+
 export class Qcow2Image implements BlockDriver {
   readonly format = 'qcow2' as const;
   readonly clusterSize: number;
@@ -606,24 +611,17 @@ export class Qcow2Image implements BlockDriver {
       let counted = null as Promise<unknown> | null;
       if (nNew > 0) {
         const hosts = await this.meta.run(async () => {
-          if (this.writeback) {
-            // Counted in memory only: written back before any L2 table that points at them.
-            this.refcounts.lazy = true;
-            try {
-              const list = await this.refcounts.allocMany(nNew);
-              for (const h of list) await this.checkOverlap(h, 1);
-              return list;
-            } finally {
-              this.refcounts.lazy = false;
-            }
-          }
+          // Writeback: counted in memory only, written back before any L2 table that points at
+          // them. Otherwise the block writes are collected and awaited with the data below.
           const deferred: Array<Promise<void>> = [];
-          this.refcounts.deferred = deferred;
+          if (this.writeback) this.refcounts.lazy = true;
+          else this.refcounts.deferred = deferred;
           try {
             const list = await this.refcounts.allocMany(nNew);
             for (const h of list) await this.checkOverlap(h, 1);
             return list;
           } finally {
+            this.refcounts.lazy = false;
             this.refcounts.deferred = null;
             counted = deferred.length ? Promise.all(deferred) : null;
             counted?.catch(() => {}); // awaited below; never an unhandled rejection meanwhile
@@ -666,30 +664,14 @@ export class Qcow2Image implements BlockDriver {
       // Only now point the L2 entries at the data, then release what they pointed at before.
       if (this.writeback) {
         // In memory: no await from here to markDirty, so no write-back can split the update.
-        let lo = Infinity, hi = -1;
-        for (const p of plans) {
-          const unchanged = !p.isNew && p.old.type === ClusterType.Normal && (!this.extL2 || (p.old.allocBits === p.allocBits && p.old.zeroBits === p.zeroBits));
-          if (unchanged) continue;
-          writeL2(table, p.index, this.geo, p.host, { copied: true, allocBits: this.extL2 ? p.allocBits : 0, zeroBits: p.zeroBits });
-          lo = Math.min(lo, p.index);
-          hi = Math.max(hi, p.index);
-          if (p.isNew && (p.old.type === ClusterType.Normal || p.old.type === ClusterType.ZeroAlloc || p.old.type === ClusterType.Compressed)) this.pendingFrees.push(p.old);
-        }
+        const { lo, hi, frees } = this.pointEntries(table, plans);
+        this.pendingFrees.push(...frees);
         if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi, true);
         return;
       }
       let l2Written: Promise<void> | null = null;
       const update = async (): Promise<void> => {
-        let lo = Infinity, hi = -1;
-        const frees: L2Entry[] = [];
-        for (const p of plans) {
-          const unchanged = !p.isNew && p.old.type === ClusterType.Normal && (!this.extL2 || (p.old.allocBits === p.allocBits && p.old.zeroBits === p.zeroBits));
-          if (unchanged) continue;
-          writeL2(table, p.index, this.geo, p.host, { copied: true, allocBits: this.extL2 ? p.allocBits : 0, zeroBits: p.zeroBits });
-          lo = Math.min(lo, p.index);
-          hi = Math.max(hi, p.index);
-          if (p.isNew && (p.old.type === ClusterType.Normal || p.old.type === ClusterType.ZeroAlloc || p.old.type === ClusterType.Compressed)) frees.push(p.old);
-        }
+        const { lo, hi, frees } = this.pointEntries(table, plans);
         if (hi >= 0) {
           // Without clusters to free, the L2 write need not hold the metadata lock.
           if (frees.length) await this.writeL2Range(l2Off, table, lo, hi);
@@ -699,13 +681,31 @@ export class Qcow2Image implements BlockDriver {
       };
       // With nothing to free the update has no await before the L2 write starts, so it runs
       // inline when the mutex is free (as if taken and released around it).
-      const mustFree = plans.some((p) => p.isNew && (p.old.type === ClusterType.Normal || p.old.type === ClusterType.ZeroAlloc || p.old.type === ClusterType.Compressed));
+      const mustFree = plans.some((p) => p.isNew && ownsCluster(p.old));
       if (!mustFree && this.meta.free) await update();
       else await this.meta.run(update);
       if (l2Written) await l2Written;
     } finally {
       this.l2.unpin(l2Off);
     }
+  }
+
+  /**
+   * Point the table's entries at the planned clusters (in memory, no await): the changed index
+   * range and the entries replaced by a new cluster, whose references must be dropped.
+   */
+  private pointEntries(table: Buffer, plans: ClusterPlan[]): { lo: number; hi: number; frees: L2Entry[] } {
+    let lo = Infinity, hi = -1;
+    const frees: L2Entry[] = [];
+    for (const p of plans) {
+      const unchanged = !p.isNew && p.old.type === ClusterType.Normal && (!this.extL2 || (p.old.allocBits === p.allocBits && p.old.zeroBits === p.zeroBits));
+      if (unchanged) continue;
+      writeL2(table, p.index, this.geo, p.host, { copied: true, allocBits: this.extL2 ? p.allocBits : 0, zeroBits: p.zeroBits });
+      lo = Math.min(lo, p.index);
+      hi = Math.max(hi, p.index);
+      if (p.isNew && ownsCluster(p.old)) frees.push(p.old);
+    }
+    return { lo, hi, frees };
   }
 
   /** Fill `dst` with this layer's old view of cluster p (from byte `from`), including backing data where unallocated. */
@@ -961,7 +961,7 @@ export class Qcow2Image implements BlockDriver {
                 const keep = !unmap && old.copied && (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc);
                 if (keep) writeL2(table, idx, this.geo, old.host, { copied: true, zero: true });
                 else writeL2(table, idx, this.geo, 0, { copied: false, zero: true });
-                if (!keep && (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc || old.type === ClusterType.Compressed)) frees.push(old);
+                if (!keep && ownsCluster(old)) frees.push(old);
               }
               lo = Math.min(lo, idx);
               hi = Math.max(hi, idx);

@@ -484,8 +484,17 @@ export class Refcounts {
   async free(offset: number, n: number, discard = false): Promise<void> {
     await this.update(offset / this.clusterSize, n, -1);
     if (!discard || !this.storage.punchHole) return;
+    // One hole per run of clusters left unused (QEMU merges its queued discards the same way).
     const ci = offset / this.clusterSize;
-    for (let i = ci; i < ci + n; i++) if ((await this.get(i)) === 0) await this.storage.punchHole(i * this.clusterSize, this.clusterSize);
+    let run = -1;
+    for (let i = ci; i <= ci + n; i++) {
+      const free = i < ci + n && (await this.get(i)) === 0;
+      if (free && run < 0) run = i;
+      if (!free && run >= 0) {
+        await this.storage.punchHole(run * this.clusterSize, (i - run) * this.clusterSize);
+        run = -1;
+      }
+    }
   }
 
   /**

@@ -69,6 +69,20 @@ export function qchain(args: string[], cwd?: string, input?: string): Promise<Ru
   return run(process.execPath, [QCHAIN, ...args], { cwd, input });
 }
 
+/**
+ * Build a qcow2 chain in `dir` with qemu-img and qemu-io: the first layer `size` bytes, each
+ * next one over the previous (backing format given); each layer's qemu-io commands run on it.
+ */
+export async function qemuChain(dir: string, size: string, layers: Array<[file: string, ...commands: string[]]>): Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  let below: string | null = null;
+  for (const [file, ...commands] of layers) {
+    await qemuImg(below ? ['create', '-q', '-f', 'qcow2', '-b', below, '-F', 'qcow2', file] : ['create', '-q', '-f', 'qcow2', file, size], dir);
+    if (commands.length) await qemuIo([...commands.flatMap((c) => ['-c', c]), file], dir);
+    below = file;
+  }
+}
+
 /** Synchronous qemu-img that throws on failure (for setup steps). */
 export function qemuImgSync(args: string[], cwd?: string): string {
   if (!QEMU_IMG) throw new Error('qemu-img is not installed');
