@@ -5,11 +5,11 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeBest } from './util.js';
+import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeInterleaved } from './util.js';
 
 const GiB = 1024 ** 3, MiB = 1024 ** 2;
 const sizeGiB = numOption('--size-gib', 4);
-const reps = numOption('--reps', 2);
+const reps = numOption('--reps', 3);
 const dir = benchDir('convert');
 const size = sizeGiB * GiB;
 
@@ -32,14 +32,16 @@ const rm = (n: string) => () => fs.rmSync(out(n), { force: true });
 
 const rows: string[][] = [['target', 'qemu-img (s)', 'qemu-img -m 8 -W (s)', 'qchain (s)', 'qchain / qemu-img', 'qchain / qemu-img -W']];
 for (const fmt of ['qcow2', 'raw']) {
-  const q = timeBest('qemu-img', ['convert', '-O', fmt, top, out(`q.${fmt}`)], reps, rm(`q.${fmt}`));
-  const qw = timeBest('qemu-img', ['convert', '-m', '8', '-W', '-O', fmt, top, out(`qw.${fmt}`)], reps, rm(`qw.${fmt}`));
-  const c = timeBest(process.execPath, [QCHAIN, 'img', 'convert', '-O', fmt, top, out(`c.${fmt}`)], reps, rm(`c.${fmt}`));
+  const [q, qw, c] = timeInterleaved([
+    { cmd: 'qemu-img', args: ['convert', '-O', fmt, top, out(`q.${fmt}`)], before: rm(`q.${fmt}`) },
+    { cmd: 'qemu-img', args: ['convert', '-m', '8', '-W', '-O', fmt, top, out(`qw.${fmt}`)], before: rm(`qw.${fmt}`) },
+    { cmd: QCHAIN, args: ['img', 'convert', '-O', fmt, top, out(`c.${fmt}`)], before: rm(`c.${fmt}`) },
+  ], reps);
   const cmp = sh('qemu-img', ['compare', '-f', fmt, '-F', fmt, out(`q.${fmt}`), out(`c.${fmt}`)]);
   if (!cmp.includes('identical')) throw new Error(`outputs differ: ${cmp}`);
   rows.push([fmt, q.toFixed(2), qw.toFixed(2), c.toFixed(2), fmtRatio(c, q), fmtRatio(c, qw)]);
   for (const n of [`q.${fmt}`, `qw.${fmt}`, `c.${fmt}`]) rm(n)();
 }
-console.log(`convert: 4-layer chain, ${sizeGiB} GiB virtual, best of ${reps} (lower ratio = qchain faster)`);
+console.log(`convert: 4-layer chain, ${sizeGiB} GiB virtual, best of ${reps} interleaved runs (lower ratio = qchain faster)`);
 console.log(table(rows));
 fs.rmSync(dir, { recursive: true, force: true });

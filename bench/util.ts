@@ -34,6 +34,33 @@ export function timeBest(cmd: string, args: string[], reps: number, before?: () 
   return best;
 }
 
+export interface TimedCommand {
+  cmd: string;
+  args: string[];
+  /** Runs untimed before each timed run (e.g. removing the previous output). */
+  before?: () => void;
+}
+
+/**
+ * Best wall-clock seconds of each command over `reps` rounds, the commands interleaved (the order
+ * rotating each round) and the page cache's dirty data written back before every timed run, so
+ * no command pays for another's writeback and slow phases of the machine hit all of them alike.
+ */
+export function timeInterleaved(cmds: TimedCommand[], reps: number, cwd?: string): number[] {
+  const best = cmds.map(() => Infinity);
+  for (let r = 0; r < reps; r++) {
+    for (let k = 0; k < cmds.length; k++) {
+      const i = (k + r) % cmds.length;
+      cmds[i].before?.();
+      spawnSync('sync');
+      const t0 = process.hrtime.bigint();
+      sh(cmds[i].cmd, cmds[i].args, cwd);
+      best[i] = Math.min(best[i], Number(process.hrtime.bigint() - t0) / 1e9);
+    }
+  }
+  return best;
+}
+
 /** Peak resident set size (KiB) of a command, via GNU time if present, else /proc polling is skipped. */
 export function peakRssKiB(cmd: string, args: string[], cwd?: string): number | null {
   if (!fs.existsSync('/usr/bin/time')) return null;

@@ -24,6 +24,16 @@ export interface BackingReader {
   read(buf: Buffer, offset: number): Promise<void>;
 }
 
+export interface WriteOptions {
+  /**
+   * Called once the write's host location is decided (its clusters allocated), before its data
+   * reaches the file; a caller laying a fresh image out in guest order (convert without -W) may
+   * then let the next write allocate while this one's data is still in flight. Not called when
+   * the write fails before that point; callers treat completion as placement too.
+   */
+  onPlaced?: () => void;
+}
+
 export interface WriteZeroesOptions {
   /** Deallocate where possible (qemu-io `write -z -u`). */
   mayUnmap?: boolean;
@@ -59,7 +69,7 @@ export interface BlockDriver {
    * cluster, nothing to validate asynchronously); undefined means "take the normal path".
    */
   mapSync?(offset: number, length: number): Extent | undefined;
-  write(buf: Buffer, offset: number): Promise<void>;
+  write(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void>;
   writeZeroes(offset: number, length: number, opts?: WriteZeroesOptions): Promise<void>;
   discard(offset: number, length: number): Promise<void>;
   flush(): Promise<void>;

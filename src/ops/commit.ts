@@ -13,6 +13,7 @@ import type { Chain } from '../chain/chain.js';
 import { ImageError } from '../image/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { RateLimiter, runPool } from './pool.js';
+import { Semaphore } from '../util/mutex.js';
 
 export interface CommitOptions {
   /** Keep the top's content (qemu-img commit -d; -b implies it). */
@@ -79,12 +80,16 @@ export async function commit(chain: Chain, baseDepth: number, opts: CommitOption
       await base.resize(top.size);
     }
     const gran = commitGranularity(chain, baseDepth);
-    let total = 0;
-    for await (const r of dirtyRanges(chain, baseDepth, gran)) total += r.length;
+    // Progress runs over the whole disk, ranges with nothing to commit counting as done when
+    // passed (QEMU's commit job does the same), so one block-status scan serves both.
+    const total = chain.size;
     let done = 0;
     opts.onProgress?.(0, total);
+    let scanned = 0;
     async function* jobs(): AsyncGenerator<Job> {
       for await (const r of dirtyRanges(chain, baseDepth, gran)) {
+        if (r.offset > scanned) advance(r.offset - scanned);
+        scanned = r.offset + r.length;
         for (const x of await chain.statusFrom(0, r.offset, r.length)) {
           const kind = x.kind === 'data' ? 'data' : 'zero';
           for (let p = x.offset; p < x.offset + x.length;) {
@@ -94,9 +99,17 @@ export async function commit(chain: Chain, baseDepth: number, opts: CommitOption
           }
         }
       }
+      if (total > scanned) advance(total - scanned);
+    }
+    function advance(n: number): void {
+      done += n;
+      opts.onProgress?.(done, total);
     }
     const limiter = new RateLimiter(opts.rateLimit ?? 0);
     const buffers: Buffer[] = [];
+    // Reads overlap; writes into the base go one at a time: buffered writes to one file
+    // serialise in the kernel anyway, and concurrent ones only add lock contention.
+    const writeSlot = new Semaphore(1);
     await runPool(jobs(), opts.parallel ?? 8, async (j) => {
       if (j.kind === 'zero') {
         await base.writeZeroes(j.offset, j.length, { mayUnmap: true });
@@ -106,13 +119,17 @@ export async function commit(chain: Chain, baseDepth: number, opts: CommitOption
         const buf = full.subarray(0, j.length);
         try {
           await chain.read(buf, j.offset);
-          await base.write(buf, j.offset);
+          const release = await writeSlot.acquire();
+          try {
+            await base.write(buf, j.offset);
+          } finally {
+            release();
+          }
         } finally {
           buffers.push(full);
         }
       }
-      done += j.length;
-      opts.onProgress?.(done, total);
+      advance(j.length);
     });
     await base.flush();
     if (!opts.drop && top instanceof Qcow2Image) {

@@ -11,7 +11,7 @@
  * Overlapping guest requests are serialised by a range lock; metadata changes by one mutex.
  */
 import { errnoText, type Storage } from '../storage/storage.js';
-import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteZeroesOptions } from '../image/driver.js';
+import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteOptions, WriteZeroesOptions } from '../image/driver.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { Mutex, RangeLock } from '../util/mutex.js';
 import * as C from './constants.js';
@@ -477,14 +477,14 @@ export class Qcow2Image implements BlockDriver {
     return this.dirtyWrite;
   }
 
-  async write(buf: Buffer, offset: number): Promise<void> {
+  async write(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     this.checkRange(offset, buf.length);
     if (buf.length === 0) return;
     // Take the range lock before any await, so overlapping requests keep their issue order.
     const release = await this.lockClusters(offset, buf.length);
     try {
       await this.markDirty();
-      await this.writeUnlocked(buf, offset);
+      await this.writeUnlocked(buf, offset, opts?.onPlaced);
       this.tracked(offset, buf.length);
     } finally {
       release();
@@ -498,12 +498,13 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** write() for callers holding the range lock. */
-  /** @internal */ async writeUnlocked(buf: Buffer, offset: number): Promise<void> {
+  /** @internal */ async writeUnlocked(buf: Buffer, offset: number, onPlaced?: () => void): Promise<void> {
     let pos = offset;
     const end = offset + buf.length;
     while (pos < end) {
       const segEnd = Math.min(end, (Math.floor(pos / this.l2Coverage) + 1) * this.l2Coverage);
-      await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos);
+      // Segments run one after another, so the write is placed once its last one has allocated.
+      await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos, segEnd === end ? onPlaced : undefined);
       pos = segEnd;
     }
   }
@@ -567,7 +568,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Whether the layer content of a cluster must be copied (COW) from old state for bytes outside the write. */
-  private async writeSegment(data: Buffer, pos: number): Promise<void> {
+  private async writeSegment(data: Buffer, pos: number, onPlaced?: () => void): Promise<void> {
     const cs = this.clusterSize, sc = this.subclusterSize;
     const l1i = Math.floor(pos / this.l2Coverage);
     const { offset: l2Off, table } = await this.writableL2(l1i);
@@ -630,6 +631,7 @@ export class Qcow2Image implements BlockDriver {
         let k = 0;
         for (const p of plans) if (p.isNew) p.host = hosts[k++];
       }
+      onPlaced?.();
       // Build and issue the data writes (COW fill + guest data), merging host-contiguous pieces.
       const pieces: Array<{ host: number; bufs: Buffer[]; len: number }> = [];
       // Whole-cluster COW buffers come from a small pool and return to it once written.

@@ -157,6 +157,16 @@ export class Refcounts {
     this.writeEntry(b, i, v);
   }
 
+  /** get() without I/O: undefined when the covering block is not cached (or the entry is corrupt). */
+  private getCached(ci: number): number | undefined {
+    const ti = Math.floor(ci / this.perBlock);
+    if (ti >= this.table.length) return 0;
+    const bo = this.table[ti];
+    if (bo === 0) return 0;
+    const b = bo > 0 ? this.blocks.get(bo) : undefined;
+    return b && this.readEntry(b, ci % this.perBlock);
+  }
+
   /** Refcount of the cluster with index `ci` (0 when no block covers it). */
   async get(ci: number): Promise<number> {
     const ti = Math.floor(ci / this.perBlock);
@@ -434,7 +444,7 @@ export class Refcounts {
       if (ti >= this.table.length) return runStart; // nothing past the table's coverage is in use
       if (this.table[ti] === 0) {
         ci = (ti + 1) * this.perBlock; // a missing block: its whole range is free
-      } else if ((await this.get(ci)) === 0) {
+      } else if ((this.getCached(ci) ?? (await this.get(ci))) === 0) {
         ci++;
       } else {
         if (ci === this.freeHint) this.freeHint = ci + 1;
@@ -453,8 +463,12 @@ export class Refcounts {
       const ci = await this.findFree(n);
       await this.update(ci, n, 1);
       let ok = true;
-      for (let k = 0; k < n && ok; k++) ok = (await this.get(ci + k)) === 1;
-      if (ok) return ci * this.clusterSize;
+      for (let k = 0; k < n && ok; k++) ok = (this.getCached(ci + k) ?? (await this.get(ci + k))) === 1;
+      if (ok) {
+        // The run is in use now: the next search need not walk it again.
+        if (ci === this.freeHint) this.freeHint = ci + n;
+        return ci * this.clusterSize;
+      }
       await this.update(ci, n, -1);
     }
     throw new CorruptionError('Cannot allocate clusters: inconsistent refcounts');

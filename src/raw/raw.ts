@@ -1,6 +1,6 @@
 /** The raw format driver: guest offset = host offset, everything allocated, sparse where the file system allows. */
 import type { Storage } from '../storage/storage.js';
-import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteZeroesOptions } from '../image/driver.js';
+import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteOptions, WriteZeroesOptions } from '../image/driver.js';
 import { ImageError } from '../image/errors.js';
 
 export class RawImage implements BlockDriver {
@@ -57,8 +57,10 @@ export class RawImage implements BlockDriver {
     if (offset < 0 || offset + length > this.size) throw new ImageError('Input/output error', 'EIO');
   }
 
-  async write(buf: Buffer, offset: number): Promise<void> {
+  async write(buf: Buffer, offset: number, opts?: WriteOptions): Promise<void> {
     this.check(offset, buf.length);
+    // A raw file's layout is the guest's: every write is placed from the start.
+    opts?.onPlaced?.();
     if (this.restrictBlock0 && offset < 512) {
       const first = Buffer.alloc(512);
       await this.storage.read(first, 0);

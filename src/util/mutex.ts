@@ -36,6 +36,26 @@ export class Mutex {
   }
 }
 
+/** A FIFO counting semaphore: at most `slots` holders at once. */
+export class Semaphore {
+  private readonly waiters: Array<() => void> = [];
+  constructor(private slots: number) {}
+
+  /** Resolves once a slot is held; call the returned function to give it back. */
+  async acquire(): Promise<() => void> {
+    if (this.slots > 0) this.slots--;
+    else await new Promise<void>((r) => this.waiters.push(r));
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      const next = this.waiters.shift();
+      if (next) next(); // the slot passes straight to the next waiter
+      else this.slots++;
+    };
+  }
+}
+
 /**
  * Serialises overlapping byte ranges: a request waits for every earlier request whose range
  * overlaps its own. Non-overlapping requests proceed in parallel.

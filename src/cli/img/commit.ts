@@ -36,7 +36,9 @@ export async function commitMain(argv: string[], ctx: CliContext): Promise<numbe
   if (!validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
   const format = imageFormat(fmt, file);
 
-  let chain: Chain | null = await open(file, { format, readOnly: false }, ctx);
+  // Without -b the base is the backing file: the chain opens once, with it writable. With -b
+  // the base is found by name first, then the chain is opened again with that layer writable.
+  let chain: Chain | null = await open(file, { format, readOnly: false, ...(base === undefined ? { writableDepths: new Set([1]) } : {}) }, ctx);
   const bar = new ProgressPrinter(progress, ctx.stdout, 1.0, ctx.stderr);
   bar.print(0, 100);
   try {
@@ -44,14 +46,14 @@ export async function commitMain(argv: string[], ctx: CliContext): Promise<numbe
     if (base !== undefined) {
       depth = findBackingImage(chain, base);
       if (depth === null) throw new CliError(`Did not find '${base}' in the backing chain of '${file}'`);
+      // Reopen with the base writable (backing files are otherwise read-only).
+      await chain.close();
+      chain = null;
+      chain = await open(file, { format, readOnly: false, writableDepths: new Set([depth]) }, ctx);
     } else {
       depth = chain.depth > 1 ? 1 : null;
       if (depth === null) throw new CliError('Image does not have a backing file');
     }
-    // Reopen with the base writable (backing files are otherwise read-only).
-    await chain.close();
-    chain = null;
-    chain = await open(file, { format, readOnly: false, writableDepths: new Set([depth]) }, ctx);
     try {
       await commit(chain, depth, {
         drop,
