@@ -6,11 +6,11 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeBest } from './util.js';
+import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeInterleaved } from './util.js';
 
 const MiB = 1024 ** 2;
 const dirtyGiB = numOption('--dirty-gib', 1);
-const reps = numOption('--reps', 2);
+const reps = numOption('--reps', 3);
 const dir = benchDir('commit');
 const size = 2 * dirtyGiB * 1024 * MiB;
 
@@ -29,10 +29,12 @@ const restore = (sub: string) => (): void => {
   for (const f of ['base.qcow2', 'top.qcow2']) fs.copyFileSync(path.join(dir, `orig-${f}`), path.join(dir, sub, f));
 };
 
-const q = timeBest('qemu-img', ['commit', 'top.qcow2'], reps, restore('q'), path.join(dir, 'q'));
-const c = timeBest(process.execPath, [QCHAIN, 'img', 'commit', 'top.qcow2'], reps, restore('c'), path.join(dir, 'c'));
+const [q, c] = timeInterleaved([
+  { cmd: 'qemu-img', args: ['commit', 'top.qcow2'], before: restore('q'), cwd: path.join(dir, 'q') },
+  { cmd: QCHAIN, args: ['img', 'commit', 'top.qcow2'], before: restore('c'), cwd: path.join(dir, 'c') },
+], reps);
 const cmp = sh('qemu-img', ['compare', path.join(dir, 'q/base.qcow2'), path.join(dir, 'c/base.qcow2')]);
 if (!cmp.includes('identical')) throw new Error(`results differ: ${cmp}`);
-console.log(`commit: ${dirtyGiB} GiB dirty top into its base (${2 * dirtyGiB} GiB virtual), best of ${reps}`);
+console.log(`commit: ${dirtyGiB} GiB dirty top into its base (${2 * dirtyGiB} GiB virtual), best of ${reps} interleaved runs`);
 console.log(table([['qemu-img commit (s)', 'qchain img commit (s)', 'qchain / qemu-img'], [q.toFixed(2), c.toFixed(2), fmtRatio(c, q)]]));
 fs.rmSync(dir, { recursive: true, force: true });

@@ -39,6 +39,7 @@ export interface TimedCommand {
   args: string[];
   /** Runs untimed before each timed run (e.g. removing the previous output). */
   before?: () => void;
+  cwd?: string;
 }
 
 /**
@@ -54,7 +55,7 @@ export function timeInterleaved(cmds: TimedCommand[], reps: number, cwd?: string
       cmds[i].before?.();
       spawnSync('sync');
       const t0 = process.hrtime.bigint();
-      sh(cmds[i].cmd, cmds[i].args, cwd);
+      sh(cmds[i].cmd, cmds[i].args, cmds[i].cwd ?? cwd);
       best[i] = Math.min(best[i], Number(process.hrtime.bigint() - t0) / 1e9);
     }
   }

@@ -558,13 +558,18 @@ export class Qcow2Image implements BlockDriver {
 
   /** Refuse to hand out a cluster that overlaps the header, L1 or refcount table (metadata overlap check). */
   /** @internal */ async checkOverlap(host: number, n: number): Promise<void> {
+    if (this.overlapsMetadata(host, n)) {
+      await this.signalCorruption(`Preventing invalid allocation of cluster at offset 0x${host.toString(16)}`);
+    }
+  }
+
+  /** Whether clusters [host, host + n clusters) overlap the header, the L1 table or the refcount table. */
+  private overlapsMetadata(host: number, n: number): boolean {
     const cs = this.clusterSize;
     const end = host + n * cs;
     const hit = (a: number, len: number): boolean => a < end && host < a + len;
-    if (hit(0, cs) || hit(this.header.l1TableOffset, Math.max(8, this.header.l1Size * 8)) ||
-      hit(this.refcounts.tableOffset, this.refcounts.tableClusters * cs)) {
-      await this.signalCorruption(`Preventing invalid allocation of cluster at offset 0x${host.toString(16)}`);
-    }
+    return hit(0, cs) || hit(this.header.l1TableOffset, Math.max(8, this.header.l1Size * 8)) ||
+      hit(this.refcounts.tableOffset, this.refcounts.tableClusters * cs);
   }
 
   /** Whether the layer content of a cluster must be copied (COW) from old state for bytes outside the write. */
@@ -610,7 +615,14 @@ export class Qcow2Image implements BlockDriver {
       // The new clusters' refcounts reach the disk alongside the data (group-committed with
       // other writers'); both are complete before the L2 entries point at the clusters.
       let counted = null as Promise<unknown> | null;
-      if (nNew > 0) {
+      // Common writeback case without awaits: the run comes from cached refcount blocks.
+      const quick = nNew > 0 && this.writeback && this.meta.free
+        ? this.refcounts.tryAllocSync(nNew, (host, n) => this.overlapsMetadata(host, n))
+        : null;
+      if (quick !== null) {
+        let k = 0;
+        for (const p of plans) if (p.isNew) p.host = quick + this.clusterSize * k++;
+      } else if (nNew > 0) {
         const hosts = await this.meta.run(async () => {
           // Writeback: counted in memory only, written back before any L2 table that points at
           // them. Otherwise the block writes are collected and awaited with the data below.

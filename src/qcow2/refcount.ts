@@ -275,13 +275,7 @@ export class Refcounts {
     const startByte = Math.floor((first * this.bits) / 8 / 512) * 512;
     const endByte = Math.min(this.clusterSize, Math.ceil(Math.ceil((last * this.bits) / 8) / 512) * 512);
     if (this.lazy) {
-      const p = this.pending.get(bo);
-      if (!p) this.pending.set(bo, { buf: b, lo: startByte, hi: endByte });
-      else {
-        p.buf = b;
-        p.lo = Math.min(p.lo, startByte);
-        p.hi = Math.max(p.hi, endByte);
-      }
+      this.markPending(bo, b, first, last);
       return;
     }
     const w = this.writer.write(bo, b, startByte, endByte);
@@ -289,6 +283,19 @@ export class Refcounts {
       w.catch(() => {});
       this.deferred.push(w);
     } else await w;
+  }
+
+  /** Record entries [first, last) of block `bo` as changed in memory only (lazy mode). */
+  private markPending(bo: number, b: Buffer, first: number, last: number): void {
+    const startByte = Math.floor((first * this.bits) / 8 / 512) * 512;
+    const endByte = Math.min(this.clusterSize, Math.ceil(Math.ceil((last * this.bits) / 8) / 512) * 512);
+    const p = this.pending.get(bo);
+    if (!p) this.pending.set(bo, { buf: b, lo: startByte, hi: endByte });
+    else {
+      p.buf = b;
+      p.lo = Math.min(p.lo, startByte);
+      p.hi = Math.max(p.hi, endByte);
+    }
   }
 
   /** Number of blocks with pending (unwritten) changes. */
@@ -453,6 +460,42 @@ export class Refcounts {
       }
       if (ci - runStart >= n) return runStart;
     }
+  }
+
+  /**
+   * alloc(n) without I/O or awaits, for the writeback guest path: a run of `n` free clusters
+   * inside existing, cached refcount blocks, counted in memory only (pending, as in lazy mode).
+   * Null when that is not possible (a block is missing or not cached, the run would reach past
+   * the table, the search gets long, or `refuse` rejects the run); nothing is changed then and
+   * the caller takes the asynchronous path. The caller must hold (or find free) the metadata mutex.
+   */
+  tryAllocSync(n: number, refuse: (host: number, n: number) => boolean): number | null {
+    if (n > this.perBlock / 2) return null;
+    let ci = this.freeHint, runStart = ci;
+    for (let steps = 0; ci - runStart < n; steps++) {
+      if (steps > this.perBlock) return null;
+      const v = this.getCached(ci);
+      if (v === undefined || this.table[Math.floor(ci / this.perBlock)] <= 0) return null;
+      if (v === 0) ci++;
+      else {
+        if (ci === this.freeHint) this.freeHint = ci + 1;
+        runStart = ++ci;
+      }
+    }
+    if (refuse(runStart * this.clusterSize, n)) return null;
+    // Every entry of the run was just read from a cached block (nothing evicted since: no await).
+    for (let c = runStart; c < runStart + n;) {
+      const ti = Math.floor(c / this.perBlock);
+      const bo = this.table[ti];
+      const b = this.blocks.get(bo) as Buffer;
+      const first = c % this.perBlock;
+      const last = Math.min(this.perBlock, first + (runStart + n - c));
+      for (let k = first; k < last; k++) this.writeEntry(b, k, 1);
+      this.markPending(bo, b, first, last);
+      c += last - first;
+    }
+    if (runStart === this.freeHint) this.freeHint = runStart + n;
+    return runStart * this.clusterSize;
   }
 
   /** Allocate `n` contiguous clusters (refcount 1, on disk) and return the host offset of the first. */

@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import { Storage, StorageError, errnoText } from './storage.js';
 import { SEEK_DATA, SEEK_HOLE, nativeFs, nativeSeek } from './native.js';
 import { lockImage, type LockMode } from './lock.js';
+import { WriteBatcher } from './write-batcher.js';
 
 /**
  * Small reads are served synchronously while they keep hitting the page cache: a cached 4 KiB
@@ -130,16 +131,30 @@ export interface FileOpenOptions {
   lock?: LockMode;
   /** Flushes do nothing (QEMU's cache=unsafe, BDRV_O_NO_FLUSH: qemu-img convert's default output mode). */
   noFlush?: boolean;
+  /** Coalesce the writes of one event-loop turn (see WriteBatcher): for servers with many clients. */
+  coalesceWrites?: boolean;
 }
 
 /** A regular file (or block device) accessed with positional I/O. */
 export class FileStorage implements Storage {
+  /**
+   * Whether files opened without an explicit `coalesceWrites` coalesce their writes: the policy
+   * of the process (the daemon turns it on; one-shot commands issue their writes in order).
+   */
+  static coalesceByDefault = false;
   /** When small reads go through the thread pool (see SLOW_MS). */
   private readonly readGate = new SyncGate(SLOW_MS);
   /** The same for small writes (see SLOW_WRITE_MS). */
   private readonly writeGate = new SyncGate(SLOW_WRITE_MS);
 
-  private constructor(readonly name: string, private fd: number, readonly readOnly: boolean, private readonly noFlush = false) {}
+  /** Set when writes of one event-loop turn are coalesced (see WriteBatcher). */
+  private readonly batcher: WriteBatcher | null;
+
+  private constructor(readonly name: string, private fd: number, readonly readOnly: boolean, private readonly noFlush = false, coalesce = false) {
+    this.batcher = coalesce && !readOnly
+      ? new WriteBatcher({ write: (b, o) => this.writeNow(b, o), writev: (bs, o) => this.writevNow(bs, o) })
+      : null;
+  }
 
   /** Opens `path`; failures carry QEMU's strerror text (e.g. "No such file or directory"). */
   static async open(path: string, opts: FileOpenOptions = {}): Promise<FileStorage> {
@@ -160,7 +175,7 @@ export class FileStorage implements Storage {
         throw e;
       }
       if (opts.create && st.isFile()) fs.ftruncateSync(fd, 0);
-      return new FileStorage(path, fd, readOnly, !!opts.noFlush);
+      return new FileStorage(path, fd, readOnly, !!opts.noFlush, opts.coalesceWrites ?? FileStorage.coalesceByDefault);
     } catch (e) {
       if (e instanceof StorageError) throw e;
       const code = (e as NodeJS.ErrnoException).code;
@@ -211,6 +226,11 @@ export class FileStorage implements Storage {
 
   async write(buf: Buffer, offset: number): Promise<void> {
     if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+    if (this.batcher) return this.batcher.write(buf, offset);
+    return this.writeNow(buf, offset);
+  }
+
+  private async writeNow(buf: Buffer, offset: number): Promise<void> {
     try {
       if (buf.length <= SYNC_MAX) {
         const t0 = performance.now();
@@ -228,6 +248,10 @@ export class FileStorage implements Storage {
 
   async writev(bufs: Buffer[], offset: number): Promise<void> {
     if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+    return this.writevNow(bufs, offset);
+  }
+
+  private async writevNow(bufs: Buffer[], offset: number): Promise<void> {
     try {
       await pwritevFull(this.fd, bufs, offset);
     } catch (e) {

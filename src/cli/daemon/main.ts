@@ -10,6 +10,7 @@ import { parseDaemonArgs, type DaemonOptions } from './options.js';
 import { Daemon } from '../../daemon/daemon.js';
 import { formatArg } from '../../daemon/graph.js';
 import { QmpServer } from '../../qmp/server.js';
+import { FileStorage } from '../../storage/file.js';
 
 const PROG = 'qemu-storage-daemon';
 
@@ -42,6 +43,8 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
     return reportError(PROG, e instanceof UsageError ? new CliError(e.message) : e, ctx.stderr);
   }
   const log = (l: string): void => { ctx.stderr.write(`${l}\n`); };
+  // Many clients write at once: their writes of one event-loop turn go out coalesced.
+  FileStorage.coalesceByDefault = true;
   const daemon = new Daemon(log);
   const qmp = new QmpServer(daemon.commands());
   daemon.emit = (name, data) => qmp.event(name, data);
