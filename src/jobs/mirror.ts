@@ -100,9 +100,17 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
         await job.checkpoint(copied);
         return true;
       };
+      let flushedForReady = false;
       for (;;) {
         await job.checkpoint();
         if (await copyNext()) continue;
+        if (job.status === 'running' && !flushedForReady) {
+          // As QEMU's mirror: the target is flushed once before READY (what was copied is then
+          // on disk), so completing later only flushes what was copied since.
+          await p.target.driver.flush();
+          flushedForReady = true;
+          continue;
+        }
         if (job.status === 'running') job.markReady();
         if (job.finishing) break;
         await job.idle();
