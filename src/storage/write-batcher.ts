@@ -22,6 +22,11 @@ interface Pending {
   reject: (e: unknown) => void;
 }
 
+/**
+ * A turn with this many writes issues them at once instead of at its end: the first replies
+ * then go out (and their clients send more) while the rest of the turn is still being parsed.
+ */
+const BATCH_MAX = 16;
 /** Largest joined run: bounded so one call never holds the pool thread for long. */
 const MAX_RUN = 4 * 1024 * 1024;
 
@@ -41,16 +46,23 @@ export class WriteBatcher {
   write(buf: Buffer, offset: number): Promise<void> {
     return new Promise<void>((resolve, reject) => {
       this.queue.push({ buf, offset, resolve, reject });
+      if (this.queue.length >= BATCH_MAX) {
+        this.flush();
+        return;
+      }
       if (!this.scheduled) {
         this.scheduled = true;
-        setImmediate(() => this.flush());
+        setImmediate(() => {
+          this.scheduled = false;
+          this.flush();
+        });
       }
     });
   }
 
   private flush(): void {
-    this.scheduled = false;
     const q = this.queue;
+    if (q.length === 0) return;
     this.queue = [];
     if (q.length > 1) q.sort((a, b) => a.offset - b.offset);
     let i = 0;
