@@ -118,3 +118,17 @@ test('FileStorage with coalescing: random concurrent writes give the same file a
   }
   assert.ok(fs.readFileSync(files[0]).equals(fs.readFileSync(files[1])));
 });
+
+test('a turn with many writes issues them in batches of 16 without waiting for the turn to end', async () => {
+  const sink = new Sink();
+  const b = new WriteBatcher(sink);
+  const ps: Array<Promise<void>> = [];
+  for (let i = 0; i < 16; i++) ps.push(b.write(Buffer.alloc(512, i), i * 512));
+  assert.equal(sink.calls.length, 1, 'issued at the 16th write, before the turn ended');
+  assert.deepEqual(sink.calls[0].lengths.length, 16);
+  for (let i = 16; i < 20; i++) ps.push(b.write(Buffer.alloc(512, i), i * 512));
+  assert.equal(sink.calls.length, 1, 'the rest waits for the end of the turn');
+  await Promise.all(ps);
+  assert.equal(sink.calls.length, 2);
+  for (let i = 0; i < 20; i++) assert.equal(sink.file[i * 512], i);
+});
