@@ -90,10 +90,17 @@ test('copyChains in order: next job allocates while data is in flight; layout in
   const dst = await createQcow2(dstSt, { size: 8 * MiB });
   dstSt.gate = true;
   let copied = false as boolean;
-  const copy = copyChains([chain], dst, { chunkSize: MiB, targetIsZero: true }).then(() => { copied = true; });
+  // Count placements as the copy engine sees them.
+  let placements = 0;
+  const counted = Object.create(dst) as typeof dst;
+  counted.write = (buf, off, o) => dst.write(buf, off, { ...o, onPlaced: () => { placements++; o?.onPlaced?.(); } });
+  const copy = copyChains([chain], counted, { chunkSize: MiB, targetIsZero: true }).then(() => { copied = true; });
   // One data write in flight at a time.
   const held = (): number => dstSt.held.length;
   for (let i = 0; i < 50 && held() === 0; i++) await tick();
+  assert.equal(held(), 1);
+  for (let i = 0; i < 50 && placements < 2; i++) await tick();
+  assert.ok(placements >= 2, 'the next jobs allocated while the first one\'s data is in flight');
   assert.equal(held(), 1);
   for (let n = 0; !copied; n++) {
     assert.ok(n < 200, 'copy finished');

@@ -32,6 +32,12 @@ export interface WriteOptions {
    * the write fails before that point; callers treat completion as placement too.
    */
   onPlaced?: () => void;
+  /**
+   * Awaited after placement, before the write's data goes to the file (possibly more than once
+   * for a write spanning several tables: it must be idempotent); lets a caller bound the data
+   * writes in flight without holding up the next write's allocation.
+   */
+  beforeData?: () => Promise<void>;
 }
 
 export interface WriteZeroesOptions {

@@ -484,7 +484,7 @@ export class Qcow2Image implements BlockDriver {
     const release = await this.lockClusters(offset, buf.length);
     try {
       await this.markDirty();
-      await this.writeUnlocked(buf, offset, opts?.onPlaced);
+      await this.writeUnlocked(buf, offset, opts?.onPlaced, opts?.beforeData);
       this.tracked(offset, buf.length);
     } finally {
       release();
@@ -498,13 +498,13 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** write() for callers holding the range lock. */
-  /** @internal */ async writeUnlocked(buf: Buffer, offset: number, onPlaced?: () => void): Promise<void> {
+  /** @internal */ async writeUnlocked(buf: Buffer, offset: number, onPlaced?: () => void, beforeData?: () => Promise<void>): Promise<void> {
     let pos = offset;
     const end = offset + buf.length;
     while (pos < end) {
       const segEnd = Math.min(end, (Math.floor(pos / this.l2Coverage) + 1) * this.l2Coverage);
       // Segments run one after another, so the write is placed once its last one has allocated.
-      await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos, segEnd === end ? onPlaced : undefined);
+      await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos, segEnd === end ? onPlaced : undefined, beforeData);
       pos = segEnd;
     }
   }
@@ -573,7 +573,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Whether the layer content of a cluster must be copied (COW) from old state for bytes outside the write. */
-  private async writeSegment(data: Buffer, pos: number, onPlaced?: () => void): Promise<void> {
+  private async writeSegment(data: Buffer, pos: number, onPlaced?: () => void, beforeData?: () => Promise<void>): Promise<void> {
     const cs = this.clusterSize, sc = this.subclusterSize;
     const l1i = Math.floor(pos / this.l2Coverage);
     const { offset: l2Off, table } = await this.writableL2(l1i);
@@ -644,6 +644,7 @@ export class Qcow2Image implements BlockDriver {
         for (const p of plans) if (p.isNew) p.host = hosts[k++];
       }
       onPlaced?.();
+      if (beforeData) await beforeData();
       // Build and issue the data writes (COW fill + guest data), merging host-contiguous pieces.
       const pieces: Array<{ host: number; bufs: Buffer[]; len: number }> = [];
       // Whole-cluster COW buffers come from a small pool and return to it once written.

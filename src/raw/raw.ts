@@ -61,6 +61,7 @@ export class RawImage implements BlockDriver {
     this.check(offset, buf.length);
     // A raw file's layout is the guest's: every write is placed from the start.
     opts?.onPlaced?.();
+    if (opts?.beforeData) await opts.beforeData();
     if (this.restrictBlock0 && offset < 512) {
       const first = Buffer.alloc(512);
       await this.storage.read(first, 0);
