@@ -71,7 +71,7 @@ export class Daemon {
   async addExport(e: ExportEntry): Promise<void> {
     if (this.exports.has(e.id)) throw new QmpError(`Block export id '${e.id}' is already in use`);
     const node = this.graph.formatNode(e.nodeName);
-    if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export a read-only node as writable');
+    if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
     if ([...this.exports.values()].some((x) => x.name === e.name)) throw new QmpError(`NBD server already has export named '${e.name}'`);
     const views = new Map<string, DirtyBitmapView>();
@@ -176,6 +176,24 @@ export class Daemon {
     const overlay = await this.graph.addFormat({ name: overlayName ?? this.graph.implicitName(), format: formatArg(format), file, fileIsNode: false, backing: null });
     this.attachOverlay(node, overlay);
     return { node, overlay };
+  }
+
+  /**
+   * An external snapshot's commit stage: the node under the new overlay is reopened read-only
+   * (QEMU's external_snapshot_commit; a failed reopen is ignored, the snapshot stands).
+   */
+  async sealOld(node: FormatNode): Promise<void> {
+    await this.graph.reopen(node, true).catch(() => {});
+  }
+
+  /** Run `body` with guest I/O held on every export. */
+  private async drained(body: () => Promise<void>): Promise<void> {
+    const undrain = await this.drainAll();
+    try {
+      await body();
+    } finally {
+      undrain();
+    }
   }
 
   /** Undo an external snapshot (transaction abort): exports move back down, a created overlay node goes. */
@@ -303,8 +321,9 @@ export class Daemon {
       });
     });
     c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
-    c.set('blockdev-snapshot-sync', async (a) => { await this.snapshotSync(a); });
-    c.set('blockdev-snapshot', (a) => { this.snapshot(a); });
+    // QEMU runs both as a transaction of one action: prepared and committed with guest I/O drained.
+    c.set('blockdev-snapshot-sync', (a) => this.drained(async () => this.sealOld((await this.snapshotSync(a)).node)));
+    c.set('blockdev-snapshot', (a) => this.drained(async () => this.sealOld(this.snapshot(a).node)));
     c.set('block_resize', (a) => blockResize({
       graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),
     }, a));

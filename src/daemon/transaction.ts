@@ -42,11 +42,11 @@ async function prepare(d: Daemon, s: Step, group?: JobGroup): Promise<Action> {
       throw new QmpError('Transaction aborted using Abort action');
     case 'blockdev-snapshot-sync': {
       const { node, overlay } = await d.snapshotSync(s.data);
-      return { commit: () => {}, abort: () => d.detachOverlay(node, overlay, true) };
+      return { commit: () => d.sealOld(node), abort: () => d.detachOverlay(node, overlay, true) };
     }
     case 'blockdev-snapshot': {
       const { node, overlay } = d.snapshot(s.data);
-      return { commit: () => {}, abort: () => d.detachOverlay(node, overlay, false) };
+      return { commit: () => d.sealOld(node), abort: () => d.detachOverlay(node, overlay, false) };
     }
     case 'drive-backup':
       return d.driveBackup(s.data, group);

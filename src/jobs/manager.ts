@@ -111,7 +111,7 @@ export class JobManager {
     return undefined;
   }
 
-  stream(a: Args): void {
+  async stream(a: Args): Promise<void> {
     const top = this.graph.formatNode(str(a, 'device'));
     const base = this.findBelow(top, a, 'base', 'base-node') ?? null;
     if (!base && optStr(a, 'backing-file') !== undefined) throw new QmpError('backing file specified, but streaming the entire chain');
@@ -119,7 +119,20 @@ export class JobManager {
     const between = layers.slice(0, base ? layers.indexOf(base) : layers.length).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
     const job = this.common(a, top, 'stream', between, [onError, onError]);
-    const { work, prepare } = streamWork(this.graph, { top, base, backingFile: optStr(a, 'backing-file') });
+    // QEMU's stream_start reopens a read-only top read-write before block-stream returns; it is
+    // read-only again once the job has ended, however it ended (stream_clean).
+    const topWasReadOnly = top.driver.readOnly;
+    if (topWasReadOnly) {
+      try {
+        await this.reopen(top, false);
+      } catch (e) {
+        this.jobs.delete(job.id);
+        throw e;
+      }
+    }
+    let sealed: Promise<void> | null = null;
+    const sealTop = (): Promise<void> => (sealed ??= topWasReadOnly ? this.reopen(top, true).catch(() => {}) : Promise.resolve());
+    const { work, prepare } = streamWork(this.graph, { top, base, backingFile: optStr(a, 'backing-file'), sealTop });
     // The backing link changes with the top's exports drained (no request sees half a change).
     job.start(work, async () => {
       const undrain = await this.host.drain(top.name);
@@ -127,8 +140,9 @@ export class JobManager {
         await prepare();
       } finally {
         undrain();
+        await sealTop();
       }
-    });
+    }, () => void sealTop());
   }
 
   async commit(a: Args): Promise<void> {
