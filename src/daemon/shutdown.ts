@@ -31,7 +31,7 @@ function drains(graph: BlockGraph, node: string, job: Job): boolean {
 /** Cancel one job and wait until it is gone (QEMU's job_cancel_sync, then the dismissal of a concluded job). */
 async function cancelSync(job: Job): Promise<void> {
   // A job making its graph changes finishes them (and concludes) first, as it would in QEMU.
-  if (job.preparing) await job.whenConcluded();
+  await job.graphChanged();
   if (job.status !== 'concluded' && verbAllowed(job.status, 'cancel')) {
     job.cancel(true);
     await job.whenConcluded();

@@ -54,9 +54,10 @@ export class Job {
   private working = false;
   /**
    * The graph changes of a successful job are being made (QEMU does them in one go in job_exit,
-   * where no monitor command can come in between): the job can only conclude from here.
+   * where no monitor command can come in between): a verb waits for `graphChanged` first.
    */
   preparing = false;
+  private readonly graphWaiters: Array<() => void> = [];
   /** Concluded (or concluding): no second ending. */
   private done = false;
   private readonly concludedWaiters: Array<() => void> = [];
@@ -155,14 +156,11 @@ export class Job {
         if (this.cancelled) return;
       }
       this.abortHook = null;
-      this.preparing = true;
-      try {
+      await this.graphChange(async () => {
         await prepare();
-      } finally {
-        this.preparing = false;
-      }
-      this.legacy('BLOCK_JOB_COMPLETED');
-      this.conclude();
+        this.legacy('BLOCK_JOB_COMPLETED');
+        this.conclude();
+      });
       this.group?.settled(this);
     } catch (e) {
       // Cancelled while working: the work has stopped now, and only now the cancel is announced.
@@ -179,6 +177,30 @@ export class Job {
     }
   }
 
+  /**
+   * Make graph changes as one step no verb may interleave with (QEMU's job_exit, or the pivot):
+   * verbs arriving meanwhile are applied once it is over, as if they had come just after it.
+   */
+  async graphChange<T>(fn: () => Promise<T>): Promise<T> {
+    this.preparing = true;
+    try {
+      return await fn();
+    } finally {
+      this.graphChangesOver();
+    }
+  }
+
+  private graphChangesOver(): void {
+    this.preparing = false;
+    // Released after the job's own continuation (status changes up to its conclusion) has run.
+    setImmediate(() => { for (const r of this.graphWaiters.splice(0)) r(); });
+  }
+
+  /** Resolves once graph changes under way are over (at once if none is). */
+  async graphChanged(): Promise<void> {
+    while (this.preparing) await new Promise<void>((r) => this.graphWaiters.push(r));
+  }
+
   /** Resolves once the job has concluded (its work stopped and its ending announced). */
   whenConcluded(): Promise<void> {
     if (this.done) return Promise.resolve();
@@ -187,6 +209,7 @@ export class Job {
 
   private conclude(): void {
     this.done = true;
+    if (this.preparing) this.graphChangesOver();
     for (const r of this.concludedWaiters.splice(0)) r();
     this.to('concluded');
     if (this.autoDismiss) this.to('null');
@@ -281,6 +304,9 @@ export class Job {
     this.checkVerb('complete');
     this.completeRequested = true;
     if (this.status === 'standby') this.resume();
+    // QEMU's mirror converges and pivots before a later command is dispatched: from here verbs
+    // wait until the job has finished (or failed) its completion.
+    if (this.working && !this.cancelled) this.preparing = true;
     this.wake?.();
   }
 

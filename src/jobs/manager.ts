@@ -426,6 +426,20 @@ export class JobManager {
     return j;
   }
 
+  /**
+   * The job a verb applies to. QEMU makes a job's final graph changes with no monitor command in
+   * between; a verb arriving while ours are under way is applied once they are over, to the job
+   * as it is then (concluded, or gone and not found).
+   */
+  private async settled(lookup: () => Job): Promise<Job> {
+    let j = lookup();
+    while (j.preparing) {
+      await j.graphChanged();
+      j = lookup();
+    }
+    return j;
+  }
+
   private verb(j: Job, v: JobVerb, force = true, legacy = false): void | Promise<void> {
     switch (v) {
       case 'cancel':
@@ -449,18 +463,22 @@ export class JobManager {
       // Newest job first, as QEMU keeps its job list.
       ['query-jobs', () => [...this.jobs.values()].reverse().map((j) => j.jobInfo())],
       ['query-block-jobs', () => [...this.jobs.values()].reverse().filter((j) => j.type !== 'create').map((j) => j.blockJobInfo())],
-      ['block-job-set-speed', (a) => this.byDevice(str(a, 'device')).setSpeed(optInt(a, 'speed') ?? 0)],
+      ['block-job-set-speed', async (a) => (await this.settled(() => this.byDevice(str(a, 'device')))).setSpeed(optInt(a, 'speed') ?? 0)],
     ];
     for (const v of ['cancel', 'pause', 'resume', 'complete', 'finalize', 'dismiss'] as const) {
-      out.push([`job-${v}`, (a) => this.verb(this.byId(str(onlyArgs(a, ['id']), 'id')), v)]);
+      out.push([`job-${v}`, async (a) => this.verb(await this.settled(() => this.byId(str(onlyArgs(a, ['id']), 'id'))), v)]);
     }
     for (const v of ['cancel', 'pause', 'resume', 'complete'] as const) {
-      out.push([`block-job-${v}`, (a) => this.verb(this.byDevice(str(onlyArgs(a, v === 'cancel' ? ['device', 'force'] : ['device']), 'device')), v, v === 'cancel' ? optBool(a, 'force', false) : true, true)]);
+      out.push([`block-job-${v}`, async (a) => {
+        const device = str(onlyArgs(a, v === 'cancel' ? ['device', 'force'] : ['device']), 'device');
+        const force = v === 'cancel' ? optBool(a, 'force', false) : true;
+        return this.verb(await this.settled(() => this.byDevice(device)), v, force, true);
+      }]);
     }
     out.push(['blockdev-mirror', (a) => this.mirror(a, this.graph.formatNode(str(a, 'target')))]);
     out.push(['blockdev-backup', (a) => this.backup(a, this.graph.formatNode(str(a, 'target')))]);
-    out.push(['block-job-finalize', (a) => this.verb(this.byId(str(a, 'id')), 'finalize')]);
-    out.push(['block-job-dismiss', (a) => this.verb(this.byId(str(a, 'id')), 'dismiss')]);
+    out.push(['block-job-finalize', async (a) => this.verb(await this.settled(() => this.byId(str(a, 'id'))), 'finalize')]);
+    out.push(['block-job-dismiss', async (a) => this.verb(await this.settled(() => this.byId(str(a, 'id'))), 'dismiss')]);
     return out;
   }
 }

@@ -109,15 +109,17 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
       }
       if (job.softCancelled) return;
       job.stopIfCancelled();
-      // Completion: no guest I/O from here to the pivot.
-      const undrain = await p.drain();
-      try {
-        while (await copyNext(true)) { /* the last dirty granules */ }
-        await p.target.driver.flush();
-        await p.pivot();
-      } finally {
-        undrain();
-      }
+      // Completion: no guest I/O from here to the pivot, and no verb (QEMU's job_exit is one step).
+      await job.graphChange(async () => {
+        const undrain = await p.drain();
+        try {
+          while (await copyNext(true)) { /* the last dirty granules */ }
+          await p.target.driver.flush();
+          await p.pivot();
+        } finally {
+          undrain();
+        }
+      });
     } finally {
       unwatch();
     }
