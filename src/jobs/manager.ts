@@ -6,6 +6,7 @@ import { Job, type JobEvents } from './job.js';
 import { streamWork } from './stream.js';
 import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
+import { mirrorStart } from './mirror-init.js';
 import { BACKUP_GRANULE, backupWork } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
@@ -247,7 +248,8 @@ export class JobManager {
     const work = mirrorWork(this.graph, {
       source: device, target, granularity,
       depth: (chain) => (sync === 'full' ? chain.layers.length : sync === 'top' ? 1 : 0),
-      initial: sync === 'full' ? 'all' : sync === 'top' ? 'allocated' : 'none',
+      // drive-mirror's own new image (backing 'source') reads as zeros.
+      ...mirrorStart(sync as 'full' | 'top' | 'none', target, backing === 'source'),
       drain: () => this.host.drain(device.name),
       pivot: async () => {
         if (backing === 'open') await this.openOwnBacking(target);

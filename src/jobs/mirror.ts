@@ -16,8 +16,10 @@ export interface MirrorPlan {
   target: FormatNode;
   /** How many layers of the source chain to copy (active commit: down to the base, exclusive). */
   depth: (chain: Chain) => number;
-  /** Initial work: 'allocated' (what the copied layers hold), 'all' (the whole disk, sync=full), 'none' (sync=none). */
+  /** Initial work: 'allocated' (what the copied layers hold), 'all' (the whole disk), 'none' (sync=none). */
   initial: 'allocated' | 'all' | 'none';
+  /** Zero the whole target (unmapping) before the copy, uncounted (see mirror-init.ts). */
+  zeroTarget?: boolean;
   granularity?: number;
   /** Graph change at completion (inside the drained section). */
   pivot: () => Promise<void>;
@@ -48,6 +50,14 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
     const buf = Buffer.allocUnsafe(MAX_RUN);
     try {
       job.len = 0;
+      if (p.zeroTarget) {
+        const leave = await graph.io.enter();
+        try {
+          await p.target.driver.writeZeroes(0, size, { mayUnmap: true });
+        } finally {
+          leave();
+        }
+      }
       if (p.initial === 'all') mark(0, size);
       else if (p.initial === 'allocated') {
         // What the copied layers hold is the initial work.
@@ -79,7 +89,8 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
           const chain = graph.chain(p.source);
           const release = await writeGate(p.source.driver).acquire(off, off + len);
           try {
-            copied = await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, len, buf);
+            const d = p.depth(chain);
+            copied = await copyLayers(chain, 0, d, p.target.driver, off, len, buf, { zeroUnallocated: d === chain.layers.length, mayUnmap: true });
           } finally {
             release();
           }
