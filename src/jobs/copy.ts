@@ -17,6 +17,8 @@ export interface CopyOptions {
   zeroUnallocated?: boolean;
   /** Zeros may deallocate the target's clusters (the mirror's unmap option). */
   mayUnmap?: boolean;
+  /** Counts the bytes copied as data (not zeroed), what a mirror's rate limit charges. */
+  stats?: { data: number };
 }
 
 export async function copyLayers(chain: Chain, fromDepth: number, toDepth: number, target: BlockDriver,
@@ -32,6 +34,7 @@ export async function copyLayers(chain: Chain, fromDepth: number, toDepth: numbe
       const b = buf.subarray(0, x.length);
       await tagged('read', () => chain.readFrom(fromDepth, b, x.offset));
       await tagged('write', () => target.write(b, x.offset));
+      if (opts.stats) opts.stats.data += x.length;
     }
     copied += x.length;
   }

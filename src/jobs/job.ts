@@ -7,6 +7,7 @@ import { canTransition, verbAllowed, type JobStatus, type JobVerb } from './stat
 import { QmpError } from '../daemon/graph.js';
 import { JobIoError, actionFor, jobErrorText, type ErrorAction, type OnError } from './errors.js';
 import type { JobGroup } from './group.js';
+import { RateLimit } from './ratelimit.js';
 
 export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create';
 
@@ -83,6 +84,10 @@ export class Job {
   readonly released: Array<() => void> = [];
   /** Undo on failure or cancel (a backup's bitmap), run at most once. */
   private abortHook: (() => void) | null = null;
+  /** QEMU 7.2's slice rate limit (the mirror's; the other jobs use the window below). */
+  readonly rate = new RateLimit();
+  /** In a rate-limit sleep: guest writes (kick) do not end it, as they do not enter QEMU's job. */
+  private rateSleeping = false;
   /** Rate limit: bytes allowed since `rateStart`. */
   private rateStart = Date.now();
   private rateBytes = 0;
@@ -92,6 +97,7 @@ export class Job {
     this.type = opts.type;
     this.nodes = opts.nodes;
     this.speed = opts.speed ?? 0;
+    this.rate.setSpeed(this.speed);
     this.autoFinalize = opts.autoFinalize ?? true;
     this.autoDismiss = opts.autoDismiss ?? true;
     this.onReadError = opts.onReadError ?? 'report';
@@ -297,7 +303,21 @@ export class Job {
 
   /** Wake an idle job (new dirty data to copy). */
   kick(): void {
-    this.wake?.();
+    if (!this.rateSleeping) this.wake?.();
+  }
+
+  /**
+   * QEMU 7.2's job_sleep_ns for a rate-limit delay: one sleep, which a verb (set-speed, pause,
+   * cancel) may end early; then the job goes on (7.2 does not sleep the rest of the delay).
+   */
+  async rateSleep(ms: number): Promise<void> {
+    if (ms <= 0 || this.cancelled) return;
+    this.rateSleeping = true;
+    try {
+      await this.sleep(ms);
+    } finally {
+      this.rateSleeping = false;
+    }
   }
 
   complete(): void {
@@ -334,9 +354,13 @@ export class Job {
   setSpeed(speed: number): void {
     this.checkVerb('set-speed');
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
+    const old = this.speed;
     this.speed = speed;
+    this.rate.setSpeed(speed);
     this.rateStart = Date.now();
     this.rateBytes = 0;
+    // As QEMU's block_job_set_speed: only a higher speed (or none) wakes a sleeping job.
+    if (speed && speed <= old) return;
     this.wake?.();
   }
 

@@ -14,6 +14,8 @@ export interface MirrorStart {
   initial: MirrorInitial;
   /** Write zeros (unmapping) over the whole target before the copy; not counted as progress. */
   zeroTarget: boolean;
+  /** The rate limit does not charge zeroed ranges (QEMU's write_zeroes_ok). */
+  zeroesFree: boolean;
 }
 
 /** QEMU's bdrv_can_write_zeroes_with_unmap for the target. */
@@ -27,7 +29,8 @@ function canUnmapZeroes(target: FormatNode): boolean {
  * it reads as zeros (QEMU's bdrv_has_zero_init for a new qcow2 or raw file).
  */
 export function mirrorStart(sync: 'full' | 'top' | 'none', target: FormatNode, targetIsZero: boolean): MirrorStart {
-  if (sync === 'none') return { initial: 'none', zeroTarget: false };
-  if (sync === 'top' || targetIsZero) return { initial: 'allocated', zeroTarget: false };
-  return canUnmapZeroes(target) ? { initial: 'allocated', zeroTarget: true } : { initial: 'all', zeroTarget: false };
+  const zeroesFree = canUnmapZeroes(target);
+  if (sync === 'none') return { initial: 'none', zeroTarget: false, zeroesFree };
+  if (sync === 'top' || targetIsZero) return { initial: 'allocated', zeroTarget: false, zeroesFree };
+  return zeroesFree ? { initial: 'allocated', zeroTarget: true, zeroesFree } : { initial: 'all', zeroTarget: false, zeroesFree };
 }

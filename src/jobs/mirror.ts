@@ -20,6 +20,8 @@ export interface MirrorPlan {
   initial: 'allocated' | 'all' | 'none';
   /** Zero the whole target (unmapping) before the copy, uncounted (see mirror-init.ts). */
   zeroTarget?: boolean;
+  /** Zeroing the target is free for the rate limit (it can write zeros by unmapping). */
+  zeroesFree?: boolean;
   granularity?: number;
   /** Graph change at completion (inside the drained section). */
   pivot: () => Promise<void>;
@@ -27,7 +29,10 @@ export interface MirrorPlan {
   drain: () => Promise<() => void>;
 }
 
+/** One copy request at most (QEMU's MAX_IO_BYTES). */
 const MAX_RUN = 1024 * 1024;
+/** A batch at most (QEMU's default buf-size, DEFAULT_MIRROR_BUF_SIZE). */
+const BUF_SIZE = 16 * 1024 * 1024;
 
 export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Promise<void> {
   return async (job: Job): Promise<void> => {
@@ -70,27 +75,37 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
         }
       }
       let cursor = 0;
-      /** Copy one run of dirty granules starting at or after the cursor; false when none is left. */
-      const copyNext = async (final = false): Promise<boolean> => {
-        if (dirtyCount === 0) return false;
+      /**
+       * Take the first dirty granule at or after the cursor and the dirty ones right after it,
+       * at most `limit` bytes (one granule at least): [i, j), cleared; null when none is dirty.
+       */
+      const takeRun = (limit: number): [number, number] | null => {
+        if (dirtyCount === 0) return null;
         let i = cursor;
         for (let k = 0; k < n && !dirty[i]; k++) i = (i + 1) % n;
-        let j = i;
-        while (j < n && dirty[j] && (j - i + 1) * g <= MAX_RUN) j++;
+        let j = i + 1;
+        while (j < n && dirty[j] && (j - i + 1) * g <= limit) j++;
         for (let k = i; k < j; k++) dirty[k] = 0;
         dirtyCount -= j - i;
         cursor = j % n;
+        return [i, j];
+      };
+      /**
+       * Copy granules [i, j); the bytes the rate limit charges (QEMU: the whole run, or only the
+       * data copied when the target writes zeros by unmapping), 0 after a handled error.
+       */
+      const copyRun = async (i: number, j: number, final: boolean): Promise<number> => {
         const off = i * g, len = Math.min(size, j * g) - off;
+        const stats = { data: 0 };
         // The graph's io section (a reopen below waits for this copy), then the source's gate.
         const leave = await graph.io.enter();
-        let copied = 0;
         let failed: JobIoError | null = null;
         try {
           const chain = graph.chain(p.source);
           const release = await writeGate(p.source.driver).acquire(off, off + len);
           try {
             const d = p.depth(chain);
-            copied = await copyLayers(chain, 0, d, p.target.driver, off, len, buf, { zeroUnallocated: d === chain.layers.length, mayUnmap: true });
+            await copyLayers(chain, 0, d, p.target.driver, off, len, buf, { zeroUnallocated: d === chain.layers.length, mayUnmap: true, stats });
           } finally {
             release();
           }
@@ -105,15 +120,32 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
           job.len -= (j - i) * g;
           mark(off, len);
           if (job.errorAction(failed) === 'report') throw failed;
-          return true;
+          return 0;
         }
         job.offset += (j - i) * g;
-        await job.checkpoint(copied);
-        return true;
+        return p.zeroesFree ? stats.data : len;
+      };
+      /**
+       * QEMU 7.2's mirror_iteration: one batch of up to BUF_SIZE consecutive dirty bytes, copied
+       * in runs of MAX_RUN; the rate limit counts the data copied and yields the delay to sleep.
+       */
+      const iteration = async (): Promise<number> => {
+        const batch = takeRun(BUF_SIZE);
+        if (!batch) return 0;
+        const step = Math.max(1, Math.floor(MAX_RUN / g));
+        let delay = 0;
+        for (let i = batch[0]; i < batch[1]; i += step) {
+          job.stopIfCancelled();
+          delay = job.rate.delay(await copyRun(i, Math.min(batch[1], i + step), false));
+        }
+        return delay;
       };
       for (;;) {
         await job.checkpoint();
-        if (await copyNext()) continue;
+        if (dirtyCount > 0) {
+          await job.rateSleep(await iteration());
+          continue;
+        }
         if (job.status === 'running') job.markReady();
         if (job.finishing) break;
         await job.idle();
@@ -124,7 +156,8 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
       await job.graphChange(async () => {
         const undrain = await p.drain();
         try {
-          while (await copyNext(true)) { /* the last dirty granules */ }
+          // The last dirty granules.
+          for (let r = takeRun(MAX_RUN); r; r = takeRun(MAX_RUN)) await copyRun(r[0], r[1], true);
           await p.target.driver.flush();
           await p.pivot();
         } finally {
