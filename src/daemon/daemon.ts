@@ -12,6 +12,7 @@ import type { Job } from '../jobs/job.js';
 import type { JobGroup } from '../jobs/group.js';
 import { Drain } from './drain.js';
 import { quiesce } from './shutdown.js';
+import { drainAllJobs, drainSection, drains, exportCloseDrains } from './job-drain.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { blockResize } from './resize.js';
 import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps.js';
@@ -135,6 +136,17 @@ export class Daemon {
     return null;
   }
 
+  /**
+   * external_snapshot_prepare's start: the old node is drained (the jobs on it or above pause
+   * and resume) and must not be blocked by a job (a backup's source is not: its filter is).
+   */
+  private snapshotPrepare(node: FormatNode): void {
+    drainSection(this.jobList().filter((j) => drains(this.graph, node.name, j)));
+    const job = this.jobList().find((j) => j.nodes.includes(node.name) && j.status !== 'concluded' && j.status !== 'null' &&
+      !(j.type === 'backup' && j.nodes[0] === node.name));
+    if (job) throw new QmpError(`Node '${node.name}' is busy: block device is in use by block job: ${job.type}`);
+  }
+
   private checkNoOverlay(node: FormatNode): void {
     const p = this.graph.parentsOf(node).find((x) => x.backing === node);
     if (p) throw new QmpError(`Node '${node.name}' is busy: node is used as backing hd of '${p.name}'`);
@@ -153,6 +165,7 @@ export class Daemon {
     const ref = nodeName ?? device;
     if (!ref) throw new QmpError('Cannot find device= nor node_name=');
     const node = this.graph.formatNode(ref);
+    this.snapshotPrepare(node);
     const file = str(a, 'snapshot-file');
     const overlayName = optStr(a, 'snapshot-node-name');
     const format = optStr(a, 'format') ?? 'qcow2';
@@ -186,8 +199,14 @@ export class Daemon {
     await this.graph.reopen(node, true).catch(() => {});
   }
 
-  /** Run `body` with guest I/O held on every export. */
+  /** The jobs, oldest first. */
+  jobList(): Job[] {
+    return [...this.jobs.jobs.values()];
+  }
+
+  /** Run `body` as a one-action transaction: jobs drained once, guest I/O held on every export. */
   private async drained(body: () => Promise<void>): Promise<void> {
+    drainAllJobs(this.jobList());
     const undrain = await this.drainAll();
     try {
       await body();
@@ -207,6 +226,7 @@ export class Daemon {
 
   snapshot(a: Args): { node: FormatNode; overlay: FormatNode } {
     const node = this.graph.formatNode(str(a, 'node'));
+    this.snapshotPrepare(node);
     const overlay = this.graph.formatNode(str(a, 'overlay'));
     this.checkNoOverlay(node);
     if (overlay.backing) throw new QmpError(`The overlay already has a backing image`);
@@ -320,15 +340,21 @@ export class Daemon {
         allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'),
       });
     });
-    c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
-    // QEMU runs both as a transaction of one action: prepared and committed with guest I/O drained.
+    c.set('block-export-del', (a) => {
+      const e = this.exports.get(str(a, 'id'));
+      if (e) exportCloseDrains(this.graph, e.nodeName, this.jobList());
+      this.deleteExport(str(a, 'id'));
+    });
+    // QEMU runs both as a transaction of one action (all jobs drained first), prepared and
+    // committed with guest I/O drained.
     c.set('blockdev-snapshot-sync', (a) => this.drained(async () => this.sealOld((await this.snapshotSync(a)).node)));
     c.set('blockdev-snapshot', (a) => this.drained(async () => this.sealOld(this.snapshot(a).node)));
     c.set('block_resize', (a) => blockResize({
       graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),
     }, a));
     c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t, optStr(x, 'mode') === 'existing' ? 'open' : 'source')));
-    c.set('drive-backup', async (a) => (await this.driveBackup(a)).commit());
+    // A one-action transaction too: all jobs drained first.
+    c.set('drive-backup', async (a) => { drainAllJobs(this.jobList()); await (await this.driveBackup(a)).commit(); });
     for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());
     c.set('transaction', (a) => runTransaction(this, a));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);
@@ -347,7 +373,7 @@ export class Daemon {
       graph: this.graph,
       exports: () => [...this.exports.values()].map((e) => ({ id: e.id, nodeName: e.nodeName })),
       deleteExport: (id) => this.deleteExport(id),
-      jobs: () => [...this.jobs.jobs.values()],
+      jobs: () => this.jobList(),
     }));
   }
 

@@ -435,6 +435,8 @@ export class Job {
    */
   drainBegin(): boolean {
     if (this.pauseWanted || this.done) return false;
+    // QEMU's job_pause enters the job: a rate-limit sleep ends there (7.2 does not sleep the rest).
+    if (this.rateSleeping) this.wake?.();
     if (this.status === 'running') this.to('paused');
     else if (this.status === 'ready') this.to('standby');
     else return false;

@@ -7,6 +7,7 @@ import { streamWork } from './stream.js';
 import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
 import { mirrorStart } from './mirror-init.js';
+import { drainAllJobs } from '../daemon/job-drain.js';
 import { BACKUP_GRANULE, backupWork } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
@@ -478,7 +479,12 @@ export class JobManager {
       }]);
     }
     out.push(['blockdev-mirror', (a) => this.mirror(a, this.graph.formatNode(str(a, 'target')))]);
-    out.push(['blockdev-backup', (a) => this.backup(a, this.graph.formatNode(str(a, 'target')))]);
+    // A one-action transaction in QEMU: all jobs are drained first.
+    out.push(['blockdev-backup', (a) => {
+      const target = str(a, 'target');
+      drainAllJobs([...this.jobs.values()]);
+      return this.backup(a, this.graph.formatNode(target));
+    }]);
     out.push(['block-job-finalize', async (a) => this.verb(await this.settled(() => this.byId(str(a, 'id'))), 'finalize')]);
     out.push(['block-job-dismiss', async (a) => this.verb(await this.settled(() => this.byId(str(a, 'id'))), 'dismiss')]);
     return out;
