@@ -7,7 +7,7 @@ import { streamWork } from './stream.js';
 import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
 import { mirrorStart } from './mirror-init.js';
-import { drainAllJobs } from '../daemon/job-drain.js';
+import { drainAllJobs, drainSection, drains } from '../daemon/job-drain.js';
 import { BACKUP_GRANULE, backupWork } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
@@ -52,9 +52,9 @@ export class JobManager {
     for (const j of this.jobs.values()) if (j.filterOn === from) j.filterOn = to;
   }
 
-  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report']): Job {
+  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report'], backupSourceOk?: string): Job {
     const id = this.jobId(a);
-    this.checkNodes(type, device, nodes);
+    this.checkNodes(type, device, nodes, backupSourceOk);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
@@ -64,11 +64,16 @@ export class JobManager {
     return job;
   }
 
-  /** No other job may hold the nodes; backups of the same device may run side by side (each has its own copy-before-write). */
-  private checkNodes(type: Job['type'], device: FormatNode, nodes: string[]): void {
+  /**
+   * No other job may hold the nodes; backups of the same device may run side by side (each has its
+   * own copy-before-write). `backupSourceOk`: a node a backup may read from meanwhile (QEMU blocks
+   * the backup's filter above its source, not the source: an intermediate commit's top).
+   */
+  private checkNodes(type: Job['type'], device: FormatNode, nodes: string[], backupSourceOk?: string): void {
     for (const n of nodes) {
       const busy = [...this.jobs.values()].find((j) => j.nodes.includes(n) && j.status !== 'concluded' && j.status !== 'null' &&
-        !(type === 'backup' && j.type === 'backup' && n === device.name && j.nodes[0] === n));
+        !(type === 'backup' && j.type === 'backup' && n === device.name && j.nodes[0] === n) &&
+        !(n === backupSourceOk && j.type === 'backup' && j.nodes[0] === n));
       if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
     }
   }
@@ -172,7 +177,7 @@ export class JobManager {
     const overlay = layers[layers.indexOf(top) - 1];
     const nodes = layers.slice(layers.indexOf(top), layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
-    const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError]);
+    const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError], top.name);
     // QEMU reopens a read-only base read-write before block-commit returns.
     const baseWasReadOnly = base.driver.readOnly;
     if (baseWasReadOnly) {
@@ -184,7 +189,16 @@ export class JobManager {
       }
     }
     const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, baseWasReadOnly, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
-    job.start(work, prepare);
+    job.start(work, async () => {
+      // QEMU's commit_prepare drains the committed nodes three times (dropping the intermediate
+      // nodes, removing its filter): a backup reading from the top pauses and resumes each time.
+      const others = [...this.jobs.values()].filter((j) => j !== job && drains(this.graph, top.name, j));
+      for (let pass = 0; pass < 3; pass++) drainSection(others);
+      await prepare();
+      // Such a backup's filter now sits on the base (QEMU replaces the top under it): the base is
+      // the backup's too, and no other job may change it under the backup's view.
+      for (const j of others) if (j.type === 'backup' && j.nodes[0] === top.name) j.nodes.push(base.name);
+    });
   }
 
   /** Reopen a node with no guest request in flight (old handles may be in use by running requests). */
