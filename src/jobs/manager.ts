@@ -217,7 +217,7 @@ export class JobManager {
     const nodes = layers.slice(0, layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
     const job = this.common(a, device, 'commit', nodes, [onError, onError]);
-    const work = mirrorWork(this.graph, {
+    const { work, prepare } = mirrorWork(this.graph, {
       source: device, target: base, initial: 'allocated',
       depth: (chain) => chain.layers.findIndex((l) => l.driver === base.driver),
       drain: () => this.host.drain(device.name),
@@ -240,7 +240,7 @@ export class JobManager {
     job.start(async (j) => {
       await growBase(base, device.driver.size);
       await work(j);
-    }, async () => {});
+    }, prepare);
   }
 
   /**
@@ -260,7 +260,7 @@ export class JobManager {
       throw new QmpError('Granularity must be a power of 2 between 512 and 64M');
     }
     const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
-    const work = mirrorWork(this.graph, {
+    const { work, prepare } = mirrorWork(this.graph, {
       source: device, target, granularity,
       depth: (chain) => (sync === 'full' ? chain.layers.length : sync === 'top' ? 1 : 0),
       // drive-mirror's own new image (backing 'source') reads as zeros.
@@ -273,7 +273,7 @@ export class JobManager {
         this.graph.changed();
       },
     });
-    job.start(work, async () => {});
+    job.start(work, prepare);
   }
 
   /** Attach the backing chain a target's header names, as implicit read-only nodes (QEMU's bdrv_open_backing_file). */

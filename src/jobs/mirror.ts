@@ -34,8 +34,24 @@ const MAX_RUN = 1024 * 1024;
 /** A batch at most (QEMU's default buf-size, DEFAULT_MIRROR_BUF_SIZE). */
 const BUF_SIZE = 16 * 1024 * 1024;
 
-export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Promise<void> {
-  return async (job: Job): Promise<void> => {
+/**
+ * The mirror's work and prepare stage. With auto-finalize the pivot ends the work, in the drained
+ * section of the last copy. Without it the work ends with the last copy and the pivot waits for
+ * job-finalize (prepare), as QEMU's mirror_prepare: meanwhile guest writes reach the source only,
+ * and a cancel leaves the graph as it was.
+ */
+export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
+  let pivotAtPrepare = false;
+  const prepare = async (): Promise<void> => {
+    if (!pivotAtPrepare) return;
+    const undrain = await p.drain();
+    try {
+      await p.pivot();
+    } finally {
+      undrain();
+    }
+  };
+  const work = async (job: Job): Promise<void> => {
     const size = p.source.driver.size;
     const g = p.granularity ?? 64 * 1024;
     const n = Math.ceil(size / g);
@@ -159,7 +175,8 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
           // The last dirty granules.
           for (let r = takeRun(MAX_RUN); r; r = takeRun(MAX_RUN)) await copyRun(r[0], r[1], true);
           await p.target.driver.flush();
-          await p.pivot();
+          if (job.autoFinalize) await p.pivot();
+          else pivotAtPrepare = true;
         } finally {
           undrain();
         }
@@ -168,4 +185,5 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
       unwatch();
     }
   };
+  return { work, prepare };
 }
