@@ -131,8 +131,9 @@ export class Daemon {
 
   /** Who uses a node, for blockdev-del's refusal. */
   private userOf(n: BlockNode): string | null {
+    // A job's or an export's block backend on the node: QEMU's bdrv_has_blk ("Node X is in use").
     if (this.jobs.jobOn(n.name)) return 'in use';
-    for (const e of this.exports.values()) if (e.nodeName === n.name) return `node is used by export '${e.id}'`;
+    for (const e of this.exports.values()) if (e.nodeName === n.name) return 'in use';
     return null;
   }
 
