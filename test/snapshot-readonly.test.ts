@@ -15,11 +15,10 @@ import { MONITOR, norm, ok, qcow2Node, quit, serve, start, jobEvent, type Tool }
 
 type Snap = 'sync' | 'blockdev' | 'tx-sync' | 'tx-blockdev';
 
-/** 'node-name ro' of every node in listing order (implicit names normalised), `only` a.qcow2's nodes. */
-async function roList(q: { execute: (c: string, a?: Record<string, unknown>) => Promise<Record<string, unknown>> }, only = false): Promise<string[]> {
+/** 'node-name ro' of every node in listing order (implicit names normalised). */
+async function roList(q: { execute: (c: string, a?: Record<string, unknown>) => Promise<Record<string, unknown>> }): Promise<string[]> {
   const r = await q.execute('query-named-block-nodes', { flat: true });
-  return (r.return as Array<{ 'node-name': string; ro: boolean; file: string }>).filter((n) => !only || n.file === 'a.qcow2')
-    .map((n) => `${n['node-name'].replace(/^#block\d+$/, '#implicit')} ${n.ro}`);
+  return (r.return as Array<{ 'node-name': string; ro: boolean }>).map((n) => `${n['node-name'].replace(/^#block\d+$/, '#implicit')} ${n.ro}`);
 }
 
 /** Whether another process can open the image read-only, and read-write. */
@@ -59,8 +58,9 @@ async function session(tool: Tool, dir: string, how: Snap): Promise<unknown[]> {
     await d.q.waitFor(jobEvent('c', 'ready'));
     ok(await d.q.execute('block-job-complete', { device: 'c' }));
     await d.q.waitFor(jobEvent('c', 'null'));
-    // (QSD then frees a snapshot-sync overlay nobody uses any more; only a.qcow2's nodes are compared.)
-    out.push(await roList(d.q, true));
+    // QSD then frees a snapshot-sync overlay nobody uses any more.
+    out.push(await roList(d.q));
+    await x('block-commit', { 'job-id': 'c2', device: 'o' });
     out.push(await locks(dir));
     ok(await quit(d));
   } finally {
@@ -124,5 +124,41 @@ test('block-stream into the read-only node under an overlay, as qemu-storage-dae
   const want = await streamSession('qemu', path.join(root, 'qemu'));
   const got = await streamSession('qchain', path.join(root, 'qchain'));
   assert.deepEqual(want.filter((v) => typeof v === 'boolean'), [true, false, false, true, true]);
+  assert.deepEqual(got, want);
+});
+
+/** A snapshot-sync overlay nobody uses (no export on the node) is freed at once, as QSD frees it. */
+async function unusedSession(tool: Tool, dir: string): Promise<unknown[]> {
+  fs.mkdirSync(dir, { recursive: true });
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'a.qcow2', '4M'], dir);
+  const d = await start(tool, dir, ['--blockdev', 'driver=qcow2,node-name=a,file.driver=file,file.filename=a.qcow2', ...MONITOR]);
+  const out: unknown[] = [];
+  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
+  try {
+    await x('qmp_capabilities');
+    await x('blockdev-snapshot-sync', { 'node-name': 'a', 'snapshot-file': 'o.qcow2', 'snapshot-node-name': 'o', format: 'qcow2' });
+    out.push(await roList(d.q));
+    await x('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'o' });
+    await x('transaction', { actions: [{ type: 'blockdev-snapshot-sync', data: { 'node-name': 'a', 'snapshot-file': 'o2.qcow2', 'snapshot-node-name': 'o2', format: 'qcow2' } }] });
+    out.push(await roList(d.q));
+    out.push((await backingChainOf(dir, 'o.qcow2')));
+    ok(await quit(d));
+  } finally {
+    d.q.close();
+    d.child.kill();
+  }
+  return out;
+}
+
+async function backingChainOf(dir: string, file: string): Promise<string> {
+  const r = await qemuImg(['info', '--output=json', file], dir);
+  return String((JSON.parse(r.stdout) as { 'backing-filename'?: string })['backing-filename']);
+}
+
+test('a snapshot-sync overlay nobody uses is freed, as qemu-storage-daemon frees it', oracle(), async () => {
+  const root = scratch();
+  const want = await unusedSession('qemu', path.join(root, 'qemu'));
+  const got = await unusedSession('qchain', path.join(root, 'qchain'));
+  assert.deepEqual(want[2], ['a true', '#implicit true']);
   assert.deepEqual(got, want);
 });

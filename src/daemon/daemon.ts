@@ -54,6 +54,7 @@ export class Daemon {
       drainAll: () => this.drainAll(),
       moveExports: (from, to) => this.moveExports(from, to),
       bitmaps: this.bitmaps,
+      jobGone: () => void this.releaseUnused(),
     });
   }
 
@@ -71,6 +72,8 @@ export class Daemon {
 
   async addExport(e: ExportEntry): Promise<void> {
     if (this.exports.has(e.id)) throw new QmpError(`Block export id '${e.id}' is already in use`);
+    // blk_exp_add looks the node up by node name only.
+    if (!this.graph.nodes.has(e.nodeName)) throw new QmpError(`Cannot find device='' nor node-name='${e.nodeName}'`);
     const node = this.graph.formatNode(e.nodeName);
     if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
@@ -127,6 +130,19 @@ export class Daemon {
   /** Every export of `from` now serves `to` (pivot). */
   moveExports(from: string, to: string): void {
     for (const e of this.exports.values()) if (e.nodeName === from) e.nodeName = to;
+  }
+
+  /**
+   * Nodes QEMU frees with their last reference (snapshot-sync overlays): once no export, job or
+   * overlay uses one, it is closed and leaves the graph (an overlay nobody uses goes at once).
+   */
+  async releaseUnused(): Promise<void> {
+    for (;;) {
+      const n = [...this.graph.nodes.values()].find((x): x is FormatNode => x.kind === 'format' && !!x.unowned &&
+        this.userOf(x) === null && !this.jobs.filterOn(x.name) && this.graph.parentsOf(x).length === 0);
+      if (!n) return;
+      await this.graph.drop(n);
+    }
   }
 
   /** Who uses a node, for blockdev-del's refusal. */
@@ -188,6 +204,7 @@ export class Daemon {
       throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
     }
     const overlay = await this.graph.addFormat({ name: overlayName ?? this.graph.implicitName(), format: formatArg(format), file, fileIsNode: false, backing: null });
+    overlay.unowned = true;
     this.attachOverlay(node, overlay);
     return { node, overlay };
   }
@@ -341,14 +358,18 @@ export class Daemon {
         allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'),
       });
     });
-    c.set('block-export-del', (a) => {
+    c.set('block-export-del', async (a) => {
       const e = this.exports.get(str(a, 'id'));
       if (e) exportCloseDrains(this.graph, e.nodeName, this.jobList());
       this.deleteExport(str(a, 'id'));
+      await this.releaseUnused();
     });
     // QEMU runs both as a transaction of one action (all jobs drained first), prepared and
     // committed with guest I/O drained.
-    c.set('blockdev-snapshot-sync', (a) => this.drained(async () => this.sealOld((await this.snapshotSync(a)).node)));
+    c.set('blockdev-snapshot-sync', async (a) => {
+      await this.drained(async () => this.sealOld((await this.snapshotSync(a)).node));
+      await this.releaseUnused();
+    });
     c.set('blockdev-snapshot', (a) => this.drained(async () => this.sealOld(this.snapshot(a).node)));
     c.set('block_resize', (a) => blockResize({
       graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),

@@ -101,4 +101,5 @@ export async function runTransaction(d: Daemon, a: Args): Promise<void> {
   } finally {
     undrain();
   }
+  await d.releaseUnused();
 }

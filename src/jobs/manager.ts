@@ -28,6 +28,8 @@ export interface JobHost {
   moveExports(from: string, to: string): void;
   /** The daemon's dirty bitmaps (backups read and update them). */
   bitmaps: BitmapRegistry;
+  /** A block job is gone: nodes only it used may be released. */
+  jobGone?: () => void;
 }
 
 export class JobManager {
@@ -59,7 +61,10 @@ export class JobManager {
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
     const job = new Job({ id, type, nodes, speed, autoFinalize: optBool(a, 'auto-finalize', true), autoDismiss: optBool(a, 'auto-dismiss', true), onReadError: policies[0], onWriteError: policies[1] },
-      this.events, (j) => this.jobs.delete(j.id));
+      this.events, (j) => {
+        this.jobs.delete(j.id);
+        this.host.jobGone?.();
+      });
     this.jobs.set(id, job);
     return job;
   }
@@ -153,7 +158,10 @@ export class JobManager {
   }
 
   async commit(a: Args): Promise<void> {
-    const device = this.graph.formatNode(str(a, 'device'));
+    const name = str(a, 'device');
+    // qmp_block_commit's own lookup and error class.
+    if (!this.graph.nodes.has(name)) throw new QmpError(`Device '${name}' not found`, 'DeviceNotFound');
+    const device = this.graph.formatNode(name);
     // A node under a job has the job as a parent in QEMU's graph: not a root node either.
     if (this.graph.parentsOf(device).some((p) => p.backing === device) || this.jobOn(device.name) || this.filterOn(device.name)) throw new QmpError('Need a root block node');
     const layers = this.chainNodes(device);
