@@ -14,6 +14,7 @@ import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
 import { chainArgs, jobEvent, quit, start, type Tool } from './helpers/live-qmp.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
 import { Job } from '../src/jobs/job.js';
+import { JobIoError } from '../src/jobs/errors.js';
 
 type Scenario = 'stream' | 'commit' | 'mirror' | 'legacy';
 
@@ -123,4 +124,30 @@ test('graphChanged: a verb waiting on a job making its graph changes sees it con
   await after;
   assert.equal(job.status, 'null');
   assert.deepEqual(events, ['created', 'running', 'waiting', 'pending', 'BLOCK_JOB_COMPLETED', 'concluded', 'null']);
+});
+
+test('a completing job paused by an error policy lets verbs through: the resume it waits for', async () => {
+  const job = new Job({ id: 'j', type: 'mirror', nodes: [] }, { emit: () => {} }, () => {});
+  let fail!: () => void;
+  const failing = new Promise<void>((r) => { fail = r; });
+  job.start(async (j) => {
+    j.markReady();
+    while (!j.finishing) await j.idle(20);
+    // The last copy fails on the target; on-target-error=stop pauses the job until resumed.
+    await failing;
+    j.errorAction(new JobIoError('write', Object.assign(new Error('Input/output error'), { code: 'EIO' })), 'stop');
+    await j.checkpoint();
+    await j.graphChange(async () => {});
+  }, async () => {});
+  while (job.status !== 'ready') await new Promise((r) => setImmediate(r));
+  job.complete();
+  assert.equal(job.settling, true, 'converging: verbs wait');
+  fail();
+  await job.graphChanged();
+  assert.equal(job.status, 'standby');
+  assert.equal(job.settling, false, 'paused: a resume can get through');
+  job.resume();
+  assert.equal(job.settling, true);
+  await job.graphChanged();
+  assert.equal(job.status, 'null');
 });

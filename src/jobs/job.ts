@@ -58,6 +58,8 @@ export class Job {
    * where no monitor command can come in between): a verb waits for `graphChanged` first.
    */
   preparing = false;
+  /** job-complete was taken: the job converges towards its pivot (verbs wait, unless it is paused). */
+  private completing = false;
   private readonly graphWaiters: Array<() => void> = [];
   /** Concluded (or concluding): no second ending. */
   private done = false;
@@ -189,6 +191,7 @@ export class Job {
    */
   async graphChange<T>(fn: () => Promise<T>): Promise<T> {
     this.preparing = true;
+    this.completing = false;
     try {
       return await fn();
     } finally {
@@ -198,13 +201,26 @@ export class Job {
 
   private graphChangesOver(): void {
     this.preparing = false;
-    // Released after the job's own continuation (status changes up to its conclusion) has run.
+    this.completing = false;
+    this.releaseGraphWaiters();
+  }
+
+  /** Let waiting verbs look again, after the job's own continuation (status changes up to its conclusion) has run. */
+  private releaseGraphWaiters(): void {
     setImmediate(() => { for (const r of this.graphWaiters.splice(0)) r(); });
+  }
+
+  /**
+   * Verbs must wait: graph changes are under way, or a completion is converging (not while the
+   * job is paused, by the user or an error policy: the resume that it waits for must get through).
+   */
+  get settling(): boolean {
+    return this.preparing || (this.completing && !this.pauseWanted);
   }
 
   /** Resolves once graph changes under way are over (at once if none is). */
   async graphChanged(): Promise<void> {
-    while (this.preparing) await new Promise<void>((r) => this.graphWaiters.push(r));
+    while (this.settling) await new Promise<void>((r) => this.graphWaiters.push(r));
   }
 
   /** Resolves once the job has concluded (its work stopped and its ending announced). */
@@ -215,7 +231,7 @@ export class Job {
 
   private conclude(): void {
     this.done = true;
-    if (this.preparing) this.graphChangesOver();
+    if (this.preparing || this.completing) this.graphChangesOver();
     for (const r of this.concludedWaiters.splice(0)) r();
     this.to('concluded');
     if (this.autoDismiss) this.to('null');
@@ -326,7 +342,7 @@ export class Job {
     if (this.status === 'standby') this.resume();
     // QEMU's mirror converges and pivots before a later command is dispatched: from here verbs
     // wait until the job has finished (or failed) its completion.
-    if (this.working && !this.cancelled) this.preparing = true;
+    if (this.working && !this.cancelled) this.completing = true;
     this.wake?.();
   }
 
@@ -338,6 +354,7 @@ export class Job {
   pause(verb = true): void {
     if (verb) this.checkVerb('pause');
     this.pauseWanted = true;
+    if (this.completing) this.releaseGraphWaiters();
     if (this.status === 'running') this.to('paused');
     else if (this.status === 'ready') this.to('standby');
   }

@@ -458,7 +458,7 @@ export class JobManager {
    */
   private async settled(lookup: () => Job): Promise<Job> {
     let j = lookup();
-    while (j.preparing) {
+    while (j.settling) {
       await j.graphChanged();
       j = lookup();
     }
