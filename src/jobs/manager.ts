@@ -7,13 +7,13 @@ import { streamWork } from './stream.js';
 import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
 import { mirrorStart } from './mirror-init.js';
+import { verbCommands } from './verbs.js';
 import { drainAllJobs, drainSection, drains } from '../daemon/job-drain.js';
 import { BACKUP_GRANULE, backupWork } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
-import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
-import { verbAllowed, type JobVerb } from './state.js';
+import { optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import { onErrorArg, type OnError } from './errors.js';
 import { FileStorage } from '../storage/file.js';
 import { createQcow2 } from '../qcow2/create.js';
@@ -439,47 +439,6 @@ export class JobManager {
     }, async () => {});
   }
 
-  private byId(id: string): Job {
-    const j = this.jobs.get(id);
-    if (!j) throw new QmpError('Job not found');
-    return j;
-  }
-
-  private byDevice(device: string): Job {
-    const j = this.jobs.get(device);
-    if (!j) throw new QmpError(`Block job '${device}' not found`, 'DeviceNotActive');
-    return j;
-  }
-
-  /**
-   * The job a verb applies to. QEMU makes a job's final graph changes with no monitor command in
-   * between; a verb arriving while ours are under way is applied once they are over, to the job
-   * as it is then (concluded, or gone and not found).
-   */
-  private async settled(lookup: () => Job): Promise<Job> {
-    let j = lookup();
-    while (j.settling) {
-      await j.graphChanged();
-      j = lookup();
-    }
-    return j;
-  }
-
-  private verb(j: Job, v: JobVerb, force = true, legacy = false): void | Promise<void> {
-    switch (v) {
-      case 'cancel':
-        // Legacy block-job-cancel refuses a paused job unless forced.
-        if (legacy && !force && j.userPaused && verbAllowed(j.status, 'cancel')) throw new QmpError(`The block job for device '${j.id}' is currently paused`);
-        return j.cancel(force);
-      case 'pause': return j.pause();
-      case 'resume': return j.resume();
-      case 'finalize': return j.finalize();
-      case 'dismiss': return j.dismiss();
-      case 'complete': return j.complete();
-      case 'set-speed': return;
-    }
-  }
-
   commands(): Array<[string, Handler]> {
     const out: Array<[string, Handler]> = [
       ['block-stream', (a) => this.stream(a)],
@@ -488,18 +447,8 @@ export class JobManager {
       // Newest job first, as QEMU keeps its job list.
       ['query-jobs', () => [...this.jobs.values()].reverse().map((j) => j.jobInfo())],
       ['query-block-jobs', () => [...this.jobs.values()].reverse().filter((j) => j.type !== 'create').map((j) => j.blockJobInfo())],
-      ['block-job-set-speed', async (a) => (await this.settled(() => this.byDevice(str(a, 'device')))).setSpeed(optInt(a, 'speed') ?? 0)],
+      ...verbCommands(this.jobs),
     ];
-    for (const v of ['cancel', 'pause', 'resume', 'complete', 'finalize', 'dismiss'] as const) {
-      out.push([`job-${v}`, async (a) => this.verb(await this.settled(() => this.byId(str(onlyArgs(a, ['id']), 'id'))), v)]);
-    }
-    for (const v of ['cancel', 'pause', 'resume', 'complete'] as const) {
-      out.push([`block-job-${v}`, async (a) => {
-        const device = str(onlyArgs(a, v === 'cancel' ? ['device', 'force'] : ['device']), 'device');
-        const force = v === 'cancel' ? optBool(a, 'force', false) : true;
-        return this.verb(await this.settled(() => this.byDevice(device)), v, force, true);
-      }]);
-    }
     out.push(['blockdev-mirror', (a) => this.mirror(a, this.graph.formatNode(str(a, 'target')))]);
     // A one-action transaction in QEMU: all jobs are drained first.
     out.push(['blockdev-backup', (a) => {
@@ -507,8 +456,6 @@ export class JobManager {
       drainAllJobs([...this.jobs.values()]);
       return this.backup(a, this.graph.formatNode(target));
     }]);
-    out.push(['block-job-finalize', async (a) => this.verb(await this.settled(() => this.byId(str(a, 'id'))), 'finalize')]);
-    out.push(['block-job-dismiss', async (a) => this.verb(await this.settled(() => this.byId(str(a, 'id'))), 'dismiss')]);
     return out;
   }
 }
