@@ -12,6 +12,7 @@ import type { Job } from '../jobs/job.js';
 import type { JobGroup } from '../jobs/group.js';
 import { Drain } from './drain.js';
 import { quiesce } from './shutdown.js';
+import { drainAllJobs, drainSection, drains, exportCloseDrains } from './job-drain.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { blockResize } from './resize.js';
 import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps.js';
@@ -53,6 +54,7 @@ export class Daemon {
       drainAll: () => this.drainAll(),
       moveExports: (from, to) => this.moveExports(from, to),
       bitmaps: this.bitmaps,
+      jobGone: () => void this.releaseUnused(),
     });
   }
 
@@ -70,8 +72,10 @@ export class Daemon {
 
   async addExport(e: ExportEntry): Promise<void> {
     if (this.exports.has(e.id)) throw new QmpError(`Block export id '${e.id}' is already in use`);
+    // blk_exp_add looks the node up by node name only.
+    if (!this.graph.nodes.has(e.nodeName)) throw new QmpError(`Cannot find device='' nor node-name='${e.nodeName}'`);
     const node = this.graph.formatNode(e.nodeName);
-    if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export a read-only node as writable');
+    if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
     if ([...this.exports.values()].some((x) => x.name === e.name)) throw new QmpError(`NBD server already has export named '${e.name}'`);
     const views = new Map<string, DirtyBitmapView>();
@@ -128,11 +132,36 @@ export class Daemon {
     for (const e of this.exports.values()) if (e.nodeName === from) e.nodeName = to;
   }
 
+  /**
+   * Nodes QEMU frees with their last reference (snapshot-sync overlays): once no export, job or
+   * overlay uses one, it is closed and leaves the graph (an overlay nobody uses goes at once).
+   */
+  async releaseUnused(): Promise<void> {
+    for (;;) {
+      const n = [...this.graph.nodes.values()].find((x): x is FormatNode => x.kind === 'format' && !!x.unowned &&
+        this.userOf(x) === null && !this.jobs.filterOn(x.name) && this.graph.parentsOf(x).length === 0);
+      if (!n) return;
+      await this.graph.drop(n);
+    }
+  }
+
   /** Who uses a node, for blockdev-del's refusal. */
   private userOf(n: BlockNode): string | null {
+    // A job's or an export's block backend on the node: QEMU's bdrv_has_blk ("Node X is in use").
     if (this.jobs.jobOn(n.name)) return 'in use';
-    for (const e of this.exports.values()) if (e.nodeName === n.name) return `node is used by export '${e.id}'`;
+    for (const e of this.exports.values()) if (e.nodeName === n.name) return 'in use';
     return null;
+  }
+
+  /**
+   * external_snapshot_prepare's start: the old node is drained (the jobs on it or above pause
+   * and resume) and must not be blocked by a job (a backup's source is not: its filter is).
+   */
+  private snapshotPrepare(node: FormatNode): void {
+    drainSection(this.jobList().filter((j) => drains(this.graph, node.name, j)));
+    const job = this.jobList().find((j) => j.nodes.includes(node.name) && j.status !== 'concluded' && j.status !== 'null' &&
+      !(j.type === 'backup' && j.nodes[0] === node.name));
+    if (job) throw new QmpError(`Node '${node.name}' is busy: block device is in use by block job: ${job.type}`);
   }
 
   private checkNoOverlay(node: FormatNode): void {
@@ -153,6 +182,7 @@ export class Daemon {
     const ref = nodeName ?? device;
     if (!ref) throw new QmpError('Cannot find device= nor node_name=');
     const node = this.graph.formatNode(ref);
+    this.snapshotPrepare(node);
     const file = str(a, 'snapshot-file');
     const overlayName = optStr(a, 'snapshot-node-name');
     const format = optStr(a, 'format') ?? 'qcow2';
@@ -174,8 +204,33 @@ export class Daemon {
       throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
     }
     const overlay = await this.graph.addFormat({ name: overlayName ?? this.graph.implicitName(), format: formatArg(format), file, fileIsNode: false, backing: null });
+    overlay.unowned = true;
     this.attachOverlay(node, overlay);
     return { node, overlay };
+  }
+
+  /**
+   * An external snapshot's commit stage: the node under the new overlay is reopened read-only
+   * (QEMU's external_snapshot_commit; a failed reopen is ignored, the snapshot stands).
+   */
+  async sealOld(node: FormatNode): Promise<void> {
+    await this.graph.reopen(node, true).catch(() => {});
+  }
+
+  /** The jobs, oldest first. */
+  jobList(): Job[] {
+    return [...this.jobs.jobs.values()];
+  }
+
+  /** Run `body` as a one-action transaction: jobs drained once, guest I/O held on every export. */
+  private async drained(body: () => Promise<void>): Promise<void> {
+    drainAllJobs(this.jobList());
+    const undrain = await this.drainAll();
+    try {
+      await body();
+    } finally {
+      undrain();
+    }
   }
 
   /** Undo an external snapshot (transaction abort): exports move back down, a created overlay node goes. */
@@ -189,6 +244,7 @@ export class Daemon {
 
   snapshot(a: Args): { node: FormatNode; overlay: FormatNode } {
     const node = this.graph.formatNode(str(a, 'node'));
+    this.snapshotPrepare(node);
     const overlay = this.graph.formatNode(str(a, 'overlay'));
     this.checkNoOverlay(node);
     if (overlay.backing) throw new QmpError(`The overlay already has a backing image`);
@@ -302,14 +358,25 @@ export class Daemon {
         allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'),
       });
     });
-    c.set('block-export-del', (a) => this.deleteExport(str(a, 'id')));
-    c.set('blockdev-snapshot-sync', async (a) => { await this.snapshotSync(a); });
-    c.set('blockdev-snapshot', (a) => { this.snapshot(a); });
+    c.set('block-export-del', async (a) => {
+      const e = this.exports.get(str(a, 'id'));
+      if (e) exportCloseDrains(this.graph, e.nodeName, this.jobList());
+      this.deleteExport(str(a, 'id'));
+      await this.releaseUnused();
+    });
+    // QEMU runs both as a transaction of one action (all jobs drained first), prepared and
+    // committed with guest I/O drained.
+    c.set('blockdev-snapshot-sync', async (a) => {
+      await this.drained(async () => this.sealOld((await this.snapshotSync(a)).node));
+      await this.releaseUnused();
+    });
+    c.set('blockdev-snapshot', (a) => this.drained(async () => this.sealOld(this.snapshot(a).node)));
     c.set('block_resize', (a) => blockResize({
       graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),
     }, a));
     c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t, optStr(x, 'mode') === 'existing' ? 'open' : 'source')));
-    c.set('drive-backup', async (a) => (await this.driveBackup(a)).commit());
+    // A one-action transaction too: all jobs drained first.
+    c.set('drive-backup', async (a) => { drainAllJobs(this.jobList()); await (await this.driveBackup(a)).commit(); });
     for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());
     c.set('transaction', (a) => runTransaction(this, a));
     for (const [name, h] of this.jobs.commands()) c.set(name, h);
@@ -328,7 +395,7 @@ export class Daemon {
       graph: this.graph,
       exports: () => [...this.exports.values()].map((e) => ({ id: e.id, nodeName: e.nodeName })),
       deleteExport: (id) => this.deleteExport(id),
-      jobs: () => [...this.jobs.jobs.values()],
+      jobs: () => this.jobList(),
     }));
   }
 

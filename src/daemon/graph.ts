@@ -42,6 +42,8 @@ export interface FormatNode {
   backing: FormatNode | null;
   /** Opened implicitly as part of a chain ("#blockNNN" names). */
   implicit: boolean;
+  /** Opened by blockdev-snapshot-sync, not blockdev-add: QEMU frees it with its last user. */
+  unowned?: boolean;
   discard: boolean;
 }
 
@@ -258,15 +260,22 @@ export class BlockGraph {
     if (parent?.fileNode === n.name) throw new QmpError(`Block device ${name} is in use`);
     if (parent) throw new QmpError(`Node '${name}' is busy: node is used as backing hd of '${parent.name}'`);
     if (user) throw new QmpError(`Node '${name}' is busy: ${user}`);
-    if (n.kind === 'file') this.nodes.delete(name);
-    else {
-      this.forget(n);
-      await n.driver.flush().catch(() => {});
-      await n.driver.close();
-      for (let b = n.backing; b && b.implicit && this.parentsOf(b).length === 0; b = b.backing) {
-        this.forget(b);
-        await b.driver.close();
-      }
+    if (n.kind === 'file') {
+      this.nodes.delete(name);
+      this.changed();
+    } else {
+      await this.drop(n);
+    }
+  }
+
+  /** Close and take out a format node nobody uses, with the implicit backing nodes it leaves unused. */
+  async drop(n: FormatNode): Promise<void> {
+    this.forget(n);
+    await n.driver.flush().catch(() => {});
+    await n.driver.close();
+    for (let b = n.backing; b && b.implicit && this.parentsOf(b).length === 0; b = b.backing) {
+      this.forget(b);
+      await b.driver.close();
     }
     this.changed();
   }

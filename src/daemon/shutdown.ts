@@ -5,7 +5,8 @@
  * each waited for until it has concluded (its work stopped, its graph undone, its events sent),
  * and concluded jobs are dismissed. The images are then closed by the caller.
  */
-import type { BlockGraph, FormatNode } from './graph.js';
+import type { BlockGraph } from './graph.js';
+import { exportCloseDrains } from './job-drain.js';
 import type { Job } from '../jobs/job.js';
 import { verbAllowed } from '../jobs/state.js';
 
@@ -18,20 +19,10 @@ export interface ShutdownHost {
   jobs(): Job[];
 }
 
-/** Whether draining `node` reaches `job`: the job holds the node or a node above it (drains go up to parents). */
-function drains(graph: BlockGraph, node: string, job: Job): boolean {
-  return job.nodes.some((n) => {
-    const x = graph.nodes.get(n);
-    if (!x || x.kind !== 'format') return n === node;
-    for (let c: FormatNode | null = x; c; c = c.backing) if (c.name === node) return true;
-    return false;
-  });
-}
-
 /** Cancel one job and wait until it is gone (QEMU's job_cancel_sync, then the dismissal of a concluded job). */
 async function cancelSync(job: Job): Promise<void> {
   // A job making its graph changes finishes them (and concludes) first, as it would in QEMU.
-  if (job.preparing) await job.whenConcluded();
+  await job.graphChanged();
   if (job.status !== 'concluded' && verbAllowed(job.status, 'cancel')) {
     job.cancel(true);
     await job.whenConcluded();
@@ -41,11 +32,7 @@ async function cancelSync(job: Job): Promise<void> {
 
 export async function quiesce(h: ShutdownHost): Promise<void> {
   for (const e of h.exports()) {
-    const affected = h.jobs().filter((j) => drains(h.graph, e.nodeName, j));
-    for (let pass = 0; pass < 2; pass++) {
-      const paused = affected.filter((j) => j.drainBegin());
-      for (const j of paused) j.drainEnd();
-    }
+    exportCloseDrains(h.graph, e.nodeName, h.jobs());
     h.deleteExport(e.id);
   }
   for (const j of h.jobs()) j.drainBegin();

@@ -9,6 +9,7 @@ import { CommandError, str, type Args } from '../qmp/server.js';
 import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js';
 import type { Daemon } from './daemon.js';
 import { JobGroup } from '../jobs/group.js';
+import { drainAllJobs } from './job-drain.js';
 
 const KNOWN = ['abort', 'block-dirty-bitmap-add', 'block-dirty-bitmap-remove', 'block-dirty-bitmap-clear', 'block-dirty-bitmap-enable',
   'block-dirty-bitmap-disable', 'block-dirty-bitmap-merge', 'blockdev-backup', 'blockdev-snapshot', 'blockdev-snapshot-internal-sync',
@@ -42,11 +43,11 @@ async function prepare(d: Daemon, s: Step, group?: JobGroup): Promise<Action> {
       throw new QmpError('Transaction aborted using Abort action');
     case 'blockdev-snapshot-sync': {
       const { node, overlay } = await d.snapshotSync(s.data);
-      return { commit: () => {}, abort: () => d.detachOverlay(node, overlay, true) };
+      return { commit: () => d.sealOld(node), abort: () => d.detachOverlay(node, overlay, true) };
     }
     case 'blockdev-snapshot': {
       const { node, overlay } = d.snapshot(s.data);
-      return { commit: () => {}, abort: () => d.detachOverlay(node, overlay, false) };
+      return { commit: () => d.sealOld(node), abort: () => d.detachOverlay(node, overlay, false) };
     }
     case 'drive-backup':
       return d.driveBackup(s.data, group);
@@ -70,6 +71,8 @@ function located(e: unknown, i: number): unknown {
 
 export async function runTransaction(d: Daemon, a: Args): Promise<void> {
   const { steps, grouped } = parse(a);
+  // QEMU's qmp_transaction begins with bdrv_drain_all(), whatever the actions (none included).
+  drainAllJobs(d.jobList());
   if (grouped) {
     const other = steps.find((s) => s.type !== 'drive-backup' && s.type !== 'blockdev-backup');
     if (other) throw new QmpError(`Action '${other.type}' does not support Transaction property completion-mode = grouped`);
@@ -98,4 +101,5 @@ export async function runTransaction(d: Daemon, a: Args): Promise<void> {
   } finally {
     undrain();
   }
+  await d.releaseUnused();
 }

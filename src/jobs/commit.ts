@@ -56,7 +56,15 @@ export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job)
     await p.base.driver.flush();
   };
   const prepare = async (): Promise<void> => {
-    await setBackingLink(p.overlay.driver, p.backingFile ?? p.base.filename, p.base.format);
+    // A read-only overlay (the old active node of an external snapshot) is read-write only while
+    // its header changes (QEMU's bdrv_child_cb_update_filename).
+    const overlayWasReadOnly = p.overlay.driver.readOnly;
+    if (overlayWasReadOnly) await p.reopen(p.overlay, false);
+    try {
+      await setBackingLink(p.overlay.driver, p.backingFile ?? p.base.filename, p.base.format);
+    } finally {
+      if (overlayWasReadOnly) await p.reopen(p.overlay, true).catch(() => {});
+    }
     graph.relink(p.overlay, p.base);
     if (p.baseWasReadOnly) await p.reopen(p.base, true);
   };

@@ -7,6 +7,7 @@ import { canTransition, verbAllowed, type JobStatus, type JobVerb } from './stat
 import { QmpError } from '../daemon/graph.js';
 import { JobIoError, actionFor, jobErrorText, type ErrorAction, type OnError } from './errors.js';
 import type { JobGroup } from './group.js';
+import { RateLimit } from './ratelimit.js';
 
 export type JobType = 'commit' | 'stream' | 'mirror' | 'backup' | 'create';
 
@@ -54,9 +55,12 @@ export class Job {
   private working = false;
   /**
    * The graph changes of a successful job are being made (QEMU does them in one go in job_exit,
-   * where no monitor command can come in between): the job can only conclude from here.
+   * where no monitor command can come in between): a verb waits for `graphChanged` first.
    */
   preparing = false;
+  /** job-complete was taken: the job converges towards its pivot (verbs wait, unless it is paused). */
+  private completing = false;
+  private readonly graphWaiters: Array<() => void> = [];
   /** Concluded (or concluding): no second ending. */
   private done = false;
   private readonly concludedWaiters: Array<() => void> = [];
@@ -82,6 +86,10 @@ export class Job {
   readonly released: Array<() => void> = [];
   /** Undo on failure or cancel (a backup's bitmap), run at most once. */
   private abortHook: (() => void) | null = null;
+  /** QEMU 7.2's slice rate limit (the mirror's; the other jobs use the window below). */
+  readonly rate = new RateLimit();
+  /** In a rate-limit sleep: guest writes (kick) do not end it, as they do not enter QEMU's job. */
+  private rateSleeping = false;
   /** Rate limit: bytes allowed since `rateStart`. */
   private rateStart = Date.now();
   private rateBytes = 0;
@@ -91,6 +99,7 @@ export class Job {
     this.type = opts.type;
     this.nodes = opts.nodes;
     this.speed = opts.speed ?? 0;
+    this.rate.setSpeed(this.speed);
     this.autoFinalize = opts.autoFinalize ?? true;
     this.autoDismiss = opts.autoDismiss ?? true;
     this.onReadError = opts.onReadError ?? 'report';
@@ -155,14 +164,11 @@ export class Job {
         if (this.cancelled) return;
       }
       this.abortHook = null;
-      this.preparing = true;
-      try {
+      await this.graphChange(async () => {
         await prepare();
-      } finally {
-        this.preparing = false;
-      }
-      this.legacy('BLOCK_JOB_COMPLETED');
-      this.conclude();
+        this.legacy('BLOCK_JOB_COMPLETED');
+        this.conclude();
+      });
       this.group?.settled(this);
     } catch (e) {
       // Cancelled while working: the work has stopped now, and only now the cancel is announced.
@@ -179,6 +185,44 @@ export class Job {
     }
   }
 
+  /**
+   * Make graph changes as one step no verb may interleave with (QEMU's job_exit, or the pivot):
+   * verbs arriving meanwhile are applied once it is over, as if they had come just after it.
+   */
+  async graphChange<T>(fn: () => Promise<T>): Promise<T> {
+    this.preparing = true;
+    this.completing = false;
+    try {
+      return await fn();
+    } finally {
+      this.graphChangesOver();
+    }
+  }
+
+  private graphChangesOver(): void {
+    this.preparing = false;
+    this.completing = false;
+    this.releaseGraphWaiters();
+  }
+
+  /** Let waiting verbs look again, after the job's own continuation (status changes up to its conclusion) has run. */
+  private releaseGraphWaiters(): void {
+    setImmediate(() => { for (const r of this.graphWaiters.splice(0)) r(); });
+  }
+
+  /**
+   * Verbs must wait: graph changes are under way, or a completion is converging (not while the
+   * job is paused, by the user or an error policy: the resume that it waits for must get through).
+   */
+  get settling(): boolean {
+    return this.preparing || (this.completing && !this.pauseWanted);
+  }
+
+  /** Resolves once graph changes under way are over (at once if none is). */
+  async graphChanged(): Promise<void> {
+    while (this.settling) await new Promise<void>((r) => this.graphWaiters.push(r));
+  }
+
   /** Resolves once the job has concluded (its work stopped and its ending announced). */
   whenConcluded(): Promise<void> {
     if (this.done) return Promise.resolve();
@@ -187,6 +231,7 @@ export class Job {
 
   private conclude(): void {
     this.done = true;
+    if (this.preparing || this.completing) this.graphChangesOver();
     for (const r of this.concludedWaiters.splice(0)) r();
     this.to('concluded');
     if (this.autoDismiss) this.to('null');
@@ -274,13 +319,30 @@ export class Job {
 
   /** Wake an idle job (new dirty data to copy). */
   kick(): void {
-    this.wake?.();
+    if (!this.rateSleeping) this.wake?.();
+  }
+
+  /**
+   * QEMU 7.2's job_sleep_ns for a rate-limit delay: one sleep, which a verb (set-speed, pause,
+   * cancel) may end early; then the job goes on (7.2 does not sleep the rest of the delay).
+   */
+  async rateSleep(ms: number): Promise<void> {
+    if (ms <= 0 || this.cancelled) return;
+    this.rateSleeping = true;
+    try {
+      await this.sleep(ms);
+    } finally {
+      this.rateSleeping = false;
+    }
   }
 
   complete(): void {
     this.checkVerb('complete');
     this.completeRequested = true;
     if (this.status === 'standby') this.resume();
+    // QEMU's mirror converges and pivots before a later command is dispatched: from here verbs
+    // wait until the job has finished (or failed) its completion.
+    if (this.working && !this.cancelled) this.completing = true;
     this.wake?.();
   }
 
@@ -292,6 +354,7 @@ export class Job {
   pause(verb = true): void {
     if (verb) this.checkVerb('pause');
     this.pauseWanted = true;
+    if (this.completing) this.releaseGraphWaiters();
     if (this.status === 'running') this.to('paused');
     else if (this.status === 'ready') this.to('standby');
   }
@@ -308,9 +371,13 @@ export class Job {
   setSpeed(speed: number): void {
     this.checkVerb('set-speed');
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
+    const old = this.speed;
     this.speed = speed;
+    this.rate.setSpeed(speed);
     this.rateStart = Date.now();
     this.rateBytes = 0;
+    // As QEMU's block_job_set_speed: only a higher speed (or none) wakes a sleeping job.
+    if (speed && speed <= old) return;
     this.wake?.();
   }
 
@@ -385,6 +452,8 @@ export class Job {
    */
   drainBegin(): boolean {
     if (this.pauseWanted || this.done) return false;
+    // QEMU's job_pause enters the job: a rate-limit sleep ends there (7.2 does not sleep the rest).
+    if (this.rateSleeping) this.wake?.();
     if (this.status === 'running') this.to('paused');
     else if (this.status === 'ready') this.to('standby');
     else return false;

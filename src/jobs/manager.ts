@@ -6,12 +6,14 @@ import { Job, type JobEvents } from './job.js';
 import { streamWork } from './stream.js';
 import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
+import { mirrorStart } from './mirror-init.js';
+import { verbCommands } from './verbs.js';
+import { drainAllJobs, drainSection, drains } from '../daemon/job-drain.js';
 import { BACKUP_GRANULE, backupWork } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
-import { onlyArgs, optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
-import { verbAllowed, type JobVerb } from './state.js';
+import { optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import { onErrorArg, type OnError } from './errors.js';
 import { FileStorage } from '../storage/file.js';
 import { createQcow2 } from '../qcow2/create.js';
@@ -26,6 +28,8 @@ export interface JobHost {
   moveExports(from: string, to: string): void;
   /** The daemon's dirty bitmaps (backups read and update them). */
   bitmaps: BitmapRegistry;
+  /** A block job is gone: nodes only it used may be released. */
+  jobGone?: () => void;
 }
 
 export class JobManager {
@@ -50,23 +54,31 @@ export class JobManager {
     for (const j of this.jobs.values()) if (j.filterOn === from) j.filterOn = to;
   }
 
-  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report']): Job {
+  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report'], backupSourceOk?: string): Job {
     const id = this.jobId(a);
-    this.checkNodes(type, device, nodes);
+    this.checkNodes(type, device, nodes, backupSourceOk);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
     if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
     const job = new Job({ id, type, nodes, speed, autoFinalize: optBool(a, 'auto-finalize', true), autoDismiss: optBool(a, 'auto-dismiss', true), onReadError: policies[0], onWriteError: policies[1] },
-      this.events, (j) => this.jobs.delete(j.id));
+      this.events, (j) => {
+        this.jobs.delete(j.id);
+        this.host.jobGone?.();
+      });
     this.jobs.set(id, job);
     return job;
   }
 
-  /** No other job may hold the nodes; backups of the same device may run side by side (each has its own copy-before-write). */
-  private checkNodes(type: Job['type'], device: FormatNode, nodes: string[]): void {
+  /**
+   * No other job may hold the nodes; backups of the same device may run side by side (each has its
+   * own copy-before-write). `backupSourceOk`: a node a backup may read from meanwhile (QEMU blocks
+   * the backup's filter above its source, not the source: an intermediate commit's top).
+   */
+  private checkNodes(type: Job['type'], device: FormatNode, nodes: string[], backupSourceOk?: string): void {
     for (const n of nodes) {
       const busy = [...this.jobs.values()].find((j) => j.nodes.includes(n) && j.status !== 'concluded' && j.status !== 'null' &&
-        !(type === 'backup' && j.type === 'backup' && n === device.name && j.nodes[0] === n));
+        !(type === 'backup' && j.type === 'backup' && n === device.name && j.nodes[0] === n) &&
+        !(n === backupSourceOk && j.type === 'backup' && j.nodes[0] === n));
       if (busy) throw new QmpError(`Node '${n}' is busy: block device is in use by block job: ${busy.type}`);
     }
   }
@@ -111,7 +123,7 @@ export class JobManager {
     return undefined;
   }
 
-  stream(a: Args): void {
+  async stream(a: Args): Promise<void> {
     const top = this.graph.formatNode(str(a, 'device'));
     const base = this.findBelow(top, a, 'base', 'base-node') ?? null;
     if (!base && optStr(a, 'backing-file') !== undefined) throw new QmpError('backing file specified, but streaming the entire chain');
@@ -119,7 +131,20 @@ export class JobManager {
     const between = layers.slice(0, base ? layers.indexOf(base) : layers.length).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
     const job = this.common(a, top, 'stream', between, [onError, onError]);
-    const { work, prepare } = streamWork(this.graph, { top, base, backingFile: optStr(a, 'backing-file') });
+    // QEMU's stream_start reopens a read-only top read-write before block-stream returns; it is
+    // read-only again once the job has ended, however it ended (stream_clean).
+    const topWasReadOnly = top.driver.readOnly;
+    if (topWasReadOnly) {
+      try {
+        await this.reopen(top, false);
+      } catch (e) {
+        this.jobs.delete(job.id);
+        throw e;
+      }
+    }
+    let sealed: Promise<void> | null = null;
+    const sealTop = (): Promise<void> => (sealed ??= topWasReadOnly ? this.reopen(top, true).catch(() => {}) : Promise.resolve());
+    const { work, prepare } = streamWork(this.graph, { top, base, backingFile: optStr(a, 'backing-file'), sealTop });
     // The backing link changes with the top's exports drained (no request sees half a change).
     job.start(work, async () => {
       const undrain = await this.host.drain(top.name);
@@ -127,12 +152,16 @@ export class JobManager {
         await prepare();
       } finally {
         undrain();
+        await sealTop();
       }
-    });
+    }, () => void sealTop());
   }
 
   async commit(a: Args): Promise<void> {
-    const device = this.graph.formatNode(str(a, 'device'));
+    const name = str(a, 'device');
+    // qmp_block_commit's own lookup and error class.
+    if (!this.graph.nodes.has(name)) throw new QmpError(`Device '${name}' not found`, 'DeviceNotFound');
+    const device = this.graph.formatNode(name);
     // A node under a job has the job as a parent in QEMU's graph: not a root node either.
     if (this.graph.parentsOf(device).some((p) => p.backing === device) || this.jobOn(device.name) || this.filterOn(device.name)) throw new QmpError('Need a root block node');
     const layers = this.chainNodes(device);
@@ -156,7 +185,7 @@ export class JobManager {
     const overlay = layers[layers.indexOf(top) - 1];
     const nodes = layers.slice(layers.indexOf(top), layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
-    const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError]);
+    const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError], top.name);
     // QEMU reopens a read-only base read-write before block-commit returns.
     const baseWasReadOnly = base.driver.readOnly;
     if (baseWasReadOnly) {
@@ -168,7 +197,16 @@ export class JobManager {
       }
     }
     const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, baseWasReadOnly, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
-    job.start(work, prepare);
+    job.start(work, async () => {
+      // QEMU's commit_prepare drains the committed nodes three times (dropping the intermediate
+      // nodes, removing its filter): a backup reading from the top pauses and resumes each time.
+      const others = [...this.jobs.values()].filter((j) => j !== job && drains(this.graph, top.name, j));
+      for (let pass = 0; pass < 3; pass++) drainSection(others);
+      await prepare();
+      // Such a backup's filter now sits on the base (QEMU replaces the top under it): the base is
+      // the backup's too, and no other job may change it under the backup's view.
+      for (const j of others) if (j.type === 'backup' && j.nodes[0] === top.name) j.nodes.push(base.name);
+    });
   }
 
   /** Reopen a node with no guest request in flight (old handles may be in use by running requests). */
@@ -187,7 +225,7 @@ export class JobManager {
     const nodes = layers.slice(0, layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
     const job = this.common(a, device, 'commit', nodes, [onError, onError]);
-    const work = mirrorWork(this.graph, {
+    const { work, prepare } = mirrorWork(this.graph, {
       source: device, target: base, initial: 'allocated',
       depth: (chain) => chain.layers.findIndex((l) => l.driver === base.driver),
       drain: () => this.host.drain(device.name),
@@ -210,7 +248,7 @@ export class JobManager {
     job.start(async (j) => {
       await growBase(base, device.driver.size);
       await work(j);
-    }, async () => {});
+    }, prepare);
   }
 
   /**
@@ -230,10 +268,11 @@ export class JobManager {
       throw new QmpError('Granularity must be a power of 2 between 512 and 64M');
     }
     const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
-    const work = mirrorWork(this.graph, {
+    const { work, prepare } = mirrorWork(this.graph, {
       source: device, target, granularity,
       depth: (chain) => (sync === 'full' ? chain.layers.length : sync === 'top' ? 1 : 0),
-      initial: sync === 'full' ? 'all' : sync === 'top' ? 'allocated' : 'none',
+      // drive-mirror's own new image (backing 'source') reads as zeros.
+      ...mirrorStart(sync as 'full' | 'top' | 'none', target, backing === 'source'),
       drain: () => this.host.drain(device.name),
       pivot: async () => {
         if (backing === 'open') await this.openOwnBacking(target);
@@ -242,7 +281,7 @@ export class JobManager {
         this.graph.changed();
       },
     });
-    job.start(work, async () => {});
+    job.start(work, prepare);
   }
 
   /** Attach the backing chain a target's header names, as implicit read-only nodes (QEMU's bdrv_open_backing_file). */
@@ -400,33 +439,6 @@ export class JobManager {
     }, async () => {});
   }
 
-  private byId(id: string): Job {
-    const j = this.jobs.get(id);
-    if (!j) throw new QmpError('Job not found');
-    return j;
-  }
-
-  private byDevice(device: string): Job {
-    const j = this.jobs.get(device);
-    if (!j) throw new QmpError(`Block job '${device}' not found`, 'DeviceNotActive');
-    return j;
-  }
-
-  private verb(j: Job, v: JobVerb, force = true, legacy = false): void | Promise<void> {
-    switch (v) {
-      case 'cancel':
-        // Legacy block-job-cancel refuses a paused job unless forced.
-        if (legacy && !force && j.userPaused && verbAllowed(j.status, 'cancel')) throw new QmpError(`The block job for device '${j.id}' is currently paused`);
-        return j.cancel(force);
-      case 'pause': return j.pause();
-      case 'resume': return j.resume();
-      case 'finalize': return j.finalize();
-      case 'dismiss': return j.dismiss();
-      case 'complete': return j.complete();
-      case 'set-speed': return;
-    }
-  }
-
   commands(): Array<[string, Handler]> {
     const out: Array<[string, Handler]> = [
       ['block-stream', (a) => this.stream(a)],
@@ -435,18 +447,15 @@ export class JobManager {
       // Newest job first, as QEMU keeps its job list.
       ['query-jobs', () => [...this.jobs.values()].reverse().map((j) => j.jobInfo())],
       ['query-block-jobs', () => [...this.jobs.values()].reverse().filter((j) => j.type !== 'create').map((j) => j.blockJobInfo())],
-      ['block-job-set-speed', (a) => this.byDevice(str(a, 'device')).setSpeed(optInt(a, 'speed') ?? 0)],
+      ...verbCommands(this.jobs),
     ];
-    for (const v of ['cancel', 'pause', 'resume', 'complete', 'finalize', 'dismiss'] as const) {
-      out.push([`job-${v}`, (a) => this.verb(this.byId(str(onlyArgs(a, ['id']), 'id')), v)]);
-    }
-    for (const v of ['cancel', 'pause', 'resume', 'complete'] as const) {
-      out.push([`block-job-${v}`, (a) => this.verb(this.byDevice(str(onlyArgs(a, v === 'cancel' ? ['device', 'force'] : ['device']), 'device')), v, v === 'cancel' ? optBool(a, 'force', false) : true, true)]);
-    }
     out.push(['blockdev-mirror', (a) => this.mirror(a, this.graph.formatNode(str(a, 'target')))]);
-    out.push(['blockdev-backup', (a) => this.backup(a, this.graph.formatNode(str(a, 'target')))]);
-    out.push(['block-job-finalize', (a) => this.verb(this.byId(str(a, 'id')), 'finalize')]);
-    out.push(['block-job-dismiss', (a) => this.verb(this.byId(str(a, 'id')), 'dismiss')]);
+    // A one-action transaction in QEMU: all jobs are drained first.
+    out.push(['blockdev-backup', (a) => {
+      const target = str(a, 'target');
+      drainAllJobs([...this.jobs.values()]);
+      return this.backup(a, this.graph.formatNode(target));
+    }]);
     return out;
   }
 }

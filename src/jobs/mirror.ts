@@ -16,8 +16,12 @@ export interface MirrorPlan {
   target: FormatNode;
   /** How many layers of the source chain to copy (active commit: down to the base, exclusive). */
   depth: (chain: Chain) => number;
-  /** Initial work: 'allocated' (what the copied layers hold), 'all' (the whole disk, sync=full), 'none' (sync=none). */
+  /** Initial work: 'allocated' (what the copied layers hold), 'all' (the whole disk), 'none' (sync=none). */
   initial: 'allocated' | 'all' | 'none';
+  /** Zero the whole target (unmapping) before the copy, uncounted (see mirror-init.ts). */
+  zeroTarget?: boolean;
+  /** Zeroing the target is free for the rate limit (it can write zeros by unmapping). */
+  zeroesFree?: boolean;
   granularity?: number;
   /** Graph change at completion (inside the drained section). */
   pivot: () => Promise<void>;
@@ -25,10 +29,29 @@ export interface MirrorPlan {
   drain: () => Promise<() => void>;
 }
 
+/** One copy request at most (QEMU's MAX_IO_BYTES). */
 const MAX_RUN = 1024 * 1024;
+/** A batch at most (QEMU's default buf-size, DEFAULT_MIRROR_BUF_SIZE). */
+const BUF_SIZE = 16 * 1024 * 1024;
 
-export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Promise<void> {
-  return async (job: Job): Promise<void> => {
+/**
+ * The mirror's work and prepare stage. With auto-finalize the pivot ends the work, in the drained
+ * section of the last copy. Without it the work ends with the last copy and the pivot waits for
+ * job-finalize (prepare), as QEMU's mirror_prepare: meanwhile guest writes reach the source only,
+ * and a cancel leaves the graph as it was.
+ */
+export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
+  let pivotAtPrepare = false;
+  const prepare = async (): Promise<void> => {
+    if (!pivotAtPrepare) return;
+    const undrain = await p.drain();
+    try {
+      await p.pivot();
+    } finally {
+      undrain();
+    }
+  };
+  const work = async (job: Job): Promise<void> => {
     const size = p.source.driver.size;
     const g = p.granularity ?? 64 * 1024;
     const n = Math.ceil(size / g);
@@ -48,6 +71,14 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
     const buf = Buffer.allocUnsafe(MAX_RUN);
     try {
       job.len = 0;
+      if (p.zeroTarget) {
+        const leave = await graph.io.enter();
+        try {
+          await p.target.driver.writeZeroes(0, size, { mayUnmap: true });
+        } finally {
+          leave();
+        }
+      }
       if (p.initial === 'all') mark(0, size);
       else if (p.initial === 'allocated') {
         // What the copied layers hold is the initial work.
@@ -60,26 +91,37 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
         }
       }
       let cursor = 0;
-      /** Copy one run of dirty granules starting at or after the cursor; false when none is left. */
-      const copyNext = async (final = false): Promise<boolean> => {
-        if (dirtyCount === 0) return false;
+      /**
+       * Take the first dirty granule at or after the cursor and the dirty ones right after it,
+       * at most `limit` bytes (one granule at least): [i, j), cleared; null when none is dirty.
+       */
+      const takeRun = (limit: number): [number, number] | null => {
+        if (dirtyCount === 0) return null;
         let i = cursor;
         for (let k = 0; k < n && !dirty[i]; k++) i = (i + 1) % n;
-        let j = i;
-        while (j < n && dirty[j] && (j - i + 1) * g <= MAX_RUN) j++;
+        let j = i + 1;
+        while (j < n && dirty[j] && (j - i + 1) * g <= limit) j++;
         for (let k = i; k < j; k++) dirty[k] = 0;
         dirtyCount -= j - i;
         cursor = j % n;
+        return [i, j];
+      };
+      /**
+       * Copy granules [i, j); the bytes the rate limit charges (QEMU: the whole run, or only the
+       * data copied when the target writes zeros by unmapping), 0 after a handled error.
+       */
+      const copyRun = async (i: number, j: number, final: boolean): Promise<number> => {
         const off = i * g, len = Math.min(size, j * g) - off;
+        const stats = { data: 0 };
         // The graph's io section (a reopen below waits for this copy), then the source's gate.
         const leave = await graph.io.enter();
-        let copied = 0;
         let failed: JobIoError | null = null;
         try {
           const chain = graph.chain(p.source);
           const release = await writeGate(p.source.driver).acquire(off, off + len);
           try {
-            copied = await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, len, buf);
+            const d = p.depth(chain);
+            await copyLayers(chain, 0, d, p.target.driver, off, len, buf, { zeroUnallocated: d === chain.layers.length, mayUnmap: true, stats });
           } finally {
             release();
           }
@@ -94,16 +136,33 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
           job.len -= (j - i) * g;
           mark(off, len);
           if (job.errorAction(failed) === 'report') throw failed;
-          return true;
+          return 0;
         }
         job.offset += (j - i) * g;
-        await job.checkpoint(copied);
-        return true;
+        return p.zeroesFree ? stats.data : len;
+      };
+      /**
+       * QEMU 7.2's mirror_iteration: one batch of up to BUF_SIZE consecutive dirty bytes, copied
+       * in runs of MAX_RUN; the rate limit counts the data copied and yields the delay to sleep.
+       */
+      const iteration = async (): Promise<number> => {
+        const batch = takeRun(BUF_SIZE);
+        if (!batch) return 0;
+        const step = Math.max(1, Math.floor(MAX_RUN / g));
+        let delay = 0;
+        for (let i = batch[0]; i < batch[1]; i += step) {
+          job.stopIfCancelled();
+          delay = job.rate.delay(await copyRun(i, Math.min(batch[1], i + step), false));
+        }
+        return delay;
       };
       let flushedForReady = false;
       for (;;) {
         await job.checkpoint();
-        if (await copyNext()) continue;
+        if (dirtyCount > 0) {
+          await job.rateSleep(await iteration());
+          continue;
+        }
         if (job.status === 'running' && !flushedForReady) {
           // As QEMU's mirror: the target is flushed once before READY (what was copied is then
           // on disk), so completing later only flushes what was copied since.
@@ -117,17 +176,22 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): (job: Job) => Prom
       }
       if (job.softCancelled) return;
       job.stopIfCancelled();
-      // Completion: no guest I/O from here to the pivot.
-      const undrain = await p.drain();
-      try {
-        while (await copyNext(true)) { /* the last dirty granules */ }
-        await p.target.driver.flush();
-        await p.pivot();
-      } finally {
-        undrain();
-      }
+      // Completion: no guest I/O from here to the pivot, and no verb (QEMU's job_exit is one step).
+      await job.graphChange(async () => {
+        const undrain = await p.drain();
+        try {
+          // The last dirty granules.
+          for (let r = takeRun(MAX_RUN); r; r = takeRun(MAX_RUN)) await copyRun(r[0], r[1], true);
+          await p.target.driver.flush();
+          if (job.autoFinalize) await p.pivot();
+          else pivotAtPrepare = true;
+        } finally {
+          undrain();
+        }
+      });
     } finally {
       unwatch();
     }
   };
+  return { work, prepare };
 }

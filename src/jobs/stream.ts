@@ -15,10 +15,23 @@ export interface StreamPlan {
   /** The new backing node (null: stream everything, the top becomes standalone). */
   base: FormatNode | null;
   backingFile?: string;
+  /** Reopen the top read-only again if the job made it read-write (idempotent). */
+  sealTop?: () => Promise<void>;
 }
 
 export function streamWork(graph: BlockGraph, p: StreamPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
   const work = async (job: Job): Promise<void> => {
+    try {
+      await copyAll(job);
+    } catch (e) {
+      // Failed or cancelled: the top goes back to read-only before the job's events.
+      await p.sealTop?.();
+      throw e;
+    }
+  };
+  const copyAll = async (job: Job): Promise<void> => {
+    // Nothing between the top and the base: nothing to stream, the job's length stays 0 (QEMU's stream_run).
+    if ((p.top.backing ?? null) === p.base) return;
     const top = p.top.driver;
     job.len = top.size;
     const buf = Buffer.allocUnsafe(JOB_CHUNK);
