@@ -8,6 +8,20 @@
 import type { Qcow2Image } from './image.js';
 import { TWO32 } from './constants.js';
 import { Refcounts } from './refcount.js';
+import { preWriteOverlapCheck } from './overlap.js';
+import { CheckFailedError } from './check-snapshots.js';
+import { CorruptionError } from '../image/errors.js';
+
+/** The overlap check before a write of the rebuild; a hit ends the check (QEMU: EIO). */
+async function guard(img: Qcow2Image, off: number, len: number, snapshotsSize: number, what: string, report: (l: string) => void): Promise<void> {
+  try {
+    await preWriteOverlapCheck(img, off, len, snapshotsSize);
+  } catch (e) {
+    if (!(e instanceof CorruptionError)) throw e;
+    report(`qemu-img: ERROR writing ${what}: Input/output error`);
+    throw new CheckFailedError('EIO');
+  }
+}
 
 /** The in-memory refcount table (QEMU's imrt): counts per cluster, growing on allocation. */
 class Imrt {
@@ -47,10 +61,13 @@ class Imrt {
   }
 }
 
-export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Array, nbClusters: number): Promise<void> {
+export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Array, nbClusters: number, snapshotsSize: number,
+  report: (l: string) => void): Promise<void> {
   const cs = img.clusterSize;
   const rc = img.refcounts;
   const perBlock = rc.perBlock;
+  // QEMU empties (writes back) its refcount block cache first.
+  await img.meta.run(() => rc.writePending());
   const imrt = new Imrt(counts, nbClusters);
   const enc = new Refcounts(img.storage, { clusterBits: img.clusterBits, refcountOrder: img.header.refcountOrder }, 0, 0, []);
   const table: number[] = [];
@@ -81,6 +98,7 @@ export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Ar
         const v = imrt.get(start + k);
         if (v) enc.encodeInto(buf, k, v);
       }
+      await guard(img, at, cs, snapshotsSize, 'refblock', report);
       await img.storage.write(buf, at);
       cluster = start + perBlock - 1;
     }
@@ -100,9 +118,11 @@ export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Ar
     raw.writeUInt32BE(Math.floor(o / TWO32), i * 8);
     raw.writeUInt32BE(o >>> 0, i * 8 + 4);
   });
+  await guard(img, tableOff, raw.length, snapshotsSize, 'reftable', report);
   await img.storage.write(raw, tableOff);
   await img.storage.flush();
   rc.table = table;
+  rc.farEntries.clear();
   rc.tableOffset = tableOff;
   rc.tableClusters = tableClusters;
   rc.dropCache();
