@@ -6,7 +6,7 @@
 import type { Qcow2Image } from './image.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
-import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE } from './constants.js';
+import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE, INCOMPAT_DIRTY, INCOMPAT_CORRUPT } from './constants.js';
 import { checkReadSnapshotTable, checkFixSnapshotTable, CheckFailedError } from './check-snapshots.js';
 import { errnoText } from '../storage/storage.js';
 import { rebuildRefcountStructure } from './check-rebuild.js';
@@ -40,7 +40,9 @@ class RefMap {
   /** Clusters of the file, plus a semi-allocated one past its end once counted (QEMU grows its array). */
   nbClusters: number;
   constructor(nbClusters: number, private fileLen: number, private readonly cs: number,
-    private readonly report: (l: string) => void, private readonly res: CheckResult) {
+    private readonly report: (l: string) => void, private readonly res: CheckResult,
+    /** Largest count the refcount width holds (QEMU's refcount_max). */
+    private readonly max: number) {
     this.nbClusters = nbClusters;
     this.counts = new Uint32Array(nbClusters + 1);
   }
@@ -60,7 +62,16 @@ class RefMap {
     if (!Number.isSafeInteger(offset + size)) return this.incExact(BigInt(offset), size);
     if (offset + size - this.fileLen >= this.cs) return this.beyond(BigInt(offset), size);
     const first = Math.floor(offset / this.cs), last = Math.floor((offset + size - 1) / this.cs);
-    for (let c = first; c <= last && c < this.counts.length; c++) this.counts[c]++;
+    for (let c = first; c <= last && c < this.counts.length; c++) {
+      // QEMU counts in an array of the image's refcount width: a full count stays full.
+      if (this.counts[c] >= this.max) {
+        this.report(`ERROR: overflow cluster offset=0x${(c * this.cs).toString(16)}`);
+        this.report('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+        this.res.corruptions++;
+        continue;
+      }
+      this.counts[c]++;
+    }
     if (last >= this.nbClusters) this.nbClusters = Math.min(last + 1, this.counts.length);
   }
   /** The same for an offset that may be past 2^53 (reported exactly). */
@@ -167,7 +178,8 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
 async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) => void, snapshotsSize: number, fix: FixMode | null): Promise<RefMap> {
   const cs = img.clusterSize;
   const fileSize = await img.storage.size();
-  const refs = new RefMap(Math.ceil(fileSize / cs), fileSize, cs, report, res);
+  const bits = img.refcounts.bits;
+  const refs = new RefMap(Math.ceil(fileSize / cs), fileSize, cs, report, res, bits >= 32 ? 0xffffffff : 2 ** bits - 1);
   refs.inc(0, cs);
   await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report);
   for (const sn of img.snapshots) {
@@ -477,7 +489,18 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
   if (repair) img.dropCaches();
   res.corruptions += snap.corruptions;
   res.corruptionsFixed += snap.corruptionsFixed;
+  if (fixing && !img.unusable && !res.checkErrors && !res.corruptions) await markCleanAndConsistent(img);
   return res;
+}
+
+/** qcow2_mark_clean, then qcow2_mark_consistent: a repaired image loses its dirty and corrupt bits. */
+async function markCleanAndConsistent(img: Qcow2Image): Promise<void> {
+  for (const bit of [BigInt(INCOMPAT_DIRTY), BigInt(INCOMPAT_CORRUPT)]) {
+    if ((img.header.incompatible & bit) === 0n) continue;
+    img.header.incompatible &= ~bit;
+    await img.storage.flush();
+    await img.writeHeader();
+  }
 }
 
 /** Set the repaired refcounts; a cluster left unused is discarded (QCOW2_DISCARD_ALWAYS; the file keeps its length). */

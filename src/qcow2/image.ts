@@ -1098,7 +1098,8 @@ export class Qcow2Image implements BlockDriver {
       await this.flushMetadata().catch((e: unknown) => { failed = e; });
       // A bitmap that cannot be stored stays in use on disk; the image is still closed cleanly.
       if (this.bitmaps) await this.bitmaps.store().catch((e: unknown) => { failed = e; });
-      if (this.dirtySet) {
+      // As qcow2_inactivate: a clean close clears the dirty bit, also one found on open (check mode).
+      if (this.dirtySet || (!failed && (this.header.incompatible & BigInt(C.INCOMPAT_DIRTY)) !== 0n)) {
         await this.storage.flush();
         this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
         await this.writeIncompat();
