@@ -74,6 +74,31 @@ const CASES: Case[] = [
     shape: "extl2-64k", target: "a.qcow2",
     patches: [{"off": 36, "hex": "00007860"}],
   },
+  {
+    why: "lazy-dirty: a repaired image with no errors left loses its dirty bit (qcow2_mark_clean)",
+    shape: "lazy-dirty", target: "a.qcow2",
+    patches: [{"off": 4096, "hex": "0000000000001000"}],
+  },
+  {
+    why: "lazy-dirty with errors left: the clean close clears the dirty bit by rewriting the whole header cluster",
+    shape: "lazy-dirty", target: "a.qcow2",
+    patches: [{"off": 10817, "hex": "fd"}, {"off": 14166, "hex": "64"}, {"off": 17670, "hex": "54"}, {"off": 20443, "hex": "6e"}, {"off": 15094, "hex": "80"}, {"off": 8429, "hex": "fa"}, {"off": 16534, "hex": "94"}, {"off": 1987, "hex": "16"}, {"off": 5821, "hex": "02"}, {"off": 317, "hex": "c4"}, {"off": 16584, "hex": "800000000000f000"}],
+  },
+  {
+    why: "rc1: references are counted at the refcount width; a second reference overflows (\"ERROR: overflow cluster offset=...\")",
+    shape: "rc1", target: "a.qcow2",
+    patches: [{"off": 60, "hex": "00020ff8"}, {"off": 4096, "hex": "0000000000004000"}, {"off": 12288, "hex": "7fffffffffffffff"}],
+  },
+  {
+    why: "an unaligned preallocated zero cluster is repaired into a zero cluster (fix_l2_entry_by_zero)",
+    shape: "rc8-lazy", target: "a.qcow2",
+    patches: [{"off": 262144, "hex": "0000000000008cfd"}],
+  },
+  {
+    why: "bitmaps, no snapshots, junk snapshot offset: the header rewritten at open (bitmaps in use) has a zero table offset, as QEMU in check mode",
+    shape: "bitmaps", target: "a.qcow2",
+    patches: [{"off": 64, "hex": "4000000000000000"}],
+  },
 ];
 
 /** Files larger than this are compared by size and first bytes only (a block far past EOF grows the file sparsely). */

@@ -97,7 +97,8 @@ const offsetOf = (hi: number, lo: number): bigint => (BigInt(hi & 0x00ffffff) <<
  * read where it points, even when it is unaligned (or is the header), and every allocated L2
  * entry's cluster is counted, aligned or not.
  */
-async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset: number, l1Size: number, active: boolean, report: (l: string) => void): Promise<void> {
+async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset: number, l1Size: number, active: boolean, report: (l: string) => void,
+  fix: FixMode | null, snapshotsSize: number): Promise<void> {
   const cs = img.clusterSize;
   if (!l1Size) return;
   refs.inc(l1Offset, l1Size * 8);
@@ -157,21 +158,64 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
         }
       } else if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
         const host = offsetOf(e.hi, e.lo);
-        if (host % BigInt(cs) !== 0n) {
-          // Preallocated: no data in the cluster (the zero flag, v2 images too; or no allocated subcluster).
-          const data = img.extL2 ? e.allocBits !== 0 : (e.lo & 1) === 0;
-          report(`ERROR offset=${host.toString(16)}: ${data ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
-          res.corruptions++;
-        }
         if (active) {
           res.allocatedClusters++;
           if (nextContiguous && host !== nextContiguous) res.fragmentedClusters++;
           nextContiguous = host + BigInt(cs);
         }
+        if (host % BigInt(cs) !== 0n) {
+          // Preallocated: no data in the cluster (the zero flag, v2 images too; or no allocated subcluster).
+          const data = img.extL2 ? e.allocBits !== 0 : (e.lo & 1) === 0;
+          const repair = !data && !!fix?.errors && !img.readOnly;
+          report(`${repair ? 'Repairing' : 'ERROR'} offset=${host.toString(16)}: ${data ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
+          res.corruptions++;
+          // fix_l2_entry_by_zero: the entry becomes a zero cluster, the cluster is not counted.
+          if (repair && await zeroL2Entry(img, res, t, Number(l2Off), j, active, snapshotsSize, report)) continue;
+        }
         refs.incExact(host, cs);
       }
     }
   }
+}
+
+/**
+ * QEMU's fix_l2_entry_by_zero: entry `j` of the L2 table `t` at `l2Off` becomes a zero cluster
+ * (extended L2: its allocated subclusters read as zero) and is written synced. Returns whether
+ * it was fixed; an overlap with other metadata fails the whole check, as in QEMU.
+ */
+async function zeroL2Entry(img: Qcow2Image, res: CheckResult, t: Buffer, l2Off: number, j: number, active: boolean,
+  snapshotsSize: number, report: (l: string) => void): Promise<boolean> {
+  const es = img.extL2 ? 16 : 8;
+  const at = j * es;
+  if (img.extL2) {
+    const zero = (t.readUInt32BE(at + 8) | t.readUInt32BE(at + 12)) >>> 0;
+    t.writeUInt32BE(zero, at + 8);
+    t.writeUInt32BE(0, at + 12);
+    t.writeUInt32BE(0, at);
+    t.writeUInt32BE(0, at + 4);
+  } else {
+    t.writeUInt32BE(0, at);
+    t.writeUInt32BE(1, at + 4); // QCOW_OFLAG_ZERO
+  }
+  // Inactive L2 tables are not in QEMU's default (cached) overlap check.
+  const hit = metadataOverlap(img, l2Off + at, es, snapshotsSize, active ? ['active L2 table'] : []);
+  if (hit) {
+    await img.signalCorruption(`Preventing invalid write on metadata (overlaps with ${hit})`).catch(() => {});
+    report('ERROR: Overlap check failed');
+    res.checkErrors++;
+    throw new CheckFailedError('EIO');
+  }
+  try {
+    await img.storage.write(t.subarray(at, at + es), l2Off + at);
+    await img.storage.flush();
+  } catch (e) {
+    report(`ERROR: Failed to overwrite L2 table entry: ${errnoText((e as { code?: string }).code)}`);
+    res.checkErrors++;
+    return false;
+  }
+  res.corruptions--;
+  res.corruptionsFixed++;
+  return true;
 }
 
 /** Walk all metadata and count references. */
@@ -181,7 +225,7 @@ async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) =>
   const bits = img.refcounts.bits;
   const refs = new RefMap(Math.ceil(fileSize / cs), fileSize, cs, report, res, bits >= 32 ? 0xffffffff : 2 ** bits - 1);
   refs.inc(0, cs);
-  await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report);
+  await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report, fix, snapshotsSize);
   for (const sn of img.snapshots) {
     const l1Off = sn.l1TableOffsetBig ?? BigInt(sn.l1TableOffset);
     if (l1Off % BigInt(cs) !== 0n) {
@@ -194,7 +238,7 @@ async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) =>
       res.corruptions++;
       continue;
     }
-    await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report);
+    await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report, fix, snapshotsSize);
   }
   refs.inc(img.header.snapshotsOffset, snapshotsSize);
   if ((img.header.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n && img.header.bitmapsExt) {

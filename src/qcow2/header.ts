@@ -267,7 +267,7 @@ export function serializeHeader(h: Qcow2Header): Buffer {
   out.writeBigUInt64BE(BigInt(h.backingFileOffset), 8);
   out.writeUInt32BE(h.backingFileSize, 16);
   out.writeUInt32BE(h.clusterBits, 20);
-  out.writeBigUInt64BE(BigInt(h.size), 24);
+  out.writeBigUInt64BE(BigInt(Math.floor(h.size / 512) * 512), 24); // QEMU writes total_sectors * 512
   out.writeUInt32BE(h.cryptMethod, 32);
   out.writeUInt32BE(h.l1Size, 36);
   out.writeBigUInt64BE(BigInt(h.l1TableOffset), 40);

@@ -184,6 +184,10 @@ export class Qcow2Image implements BlockDriver {
       opts.metadataCache !== 'writethrough');
     // Check mode (QEMU's BDRV_O_CHECK) leaves the snapshot table to the check, which reads it itself.
     if (!opts.checkMode) await img.loadSnapshots();
+    // QEMU has no table pointer until the check reads it, so a header rewritten before (bitmaps
+    // marked in use) gets a zero offset. Only done where no snapshot exists: QEMU would also
+    // write a count of 0 over existing snapshots, which qchain does not copy.
+    else if (header.nbSnapshots === 0) header.snapshotsOffset = 0;
     img.bitmaps = await Qcow2Bitmaps.open(img, img.log);
     if (!readOnly) await img.prepareForWriting(!!opts.noRepair);
     return img;
@@ -1099,10 +1103,15 @@ export class Qcow2Image implements BlockDriver {
       // A bitmap that cannot be stored stays in use on disk; the image is still closed cleanly.
       if (this.bitmaps) await this.bitmaps.store().catch((e: unknown) => { failed = e; });
       // As qcow2_inactivate: a clean close clears the dirty bit, also one found on open (check mode).
-      if (this.dirtySet || (!failed && (this.header.incompatible & BigInt(C.INCOMPAT_DIRTY)) !== 0n)) {
+      if (this.dirtySet) {
         await this.storage.flush();
         this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
         await this.writeIncompat();
+      } else if (!failed && (this.header.incompatible & BigInt(C.INCOMPAT_DIRTY)) !== 0n) {
+        // qcow2_mark_clean rewrites the whole header cluster.
+        await this.storage.flush();
+        this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
+        await this.writeHeader();
       }
       await this.storage.flush();
     }
