@@ -99,6 +99,16 @@ const CASES: Case[] = [
     shape: "bitmaps", target: "a.qcow2",
     patches: [{"off": 64, "hex": "4000000000000000"}],
   },
+  {
+    why: "a backing file two levels down has an invalid snapshot table offset: backing files are opened in check mode too (no snapshot table read), so the check runs",
+    shape: "chain-3-extl2", target: "a.qcow2",
+    patches: [{"truncate": 71}, {"off": 64, "hex": "80000000000000"}, {"truncate": 103}],
+  },
+  {
+    why: "rc64: a leaked refcount of 2^56 is reported exactly",
+    shape: "rc64", target: "a.qcow2",
+    patches: [{"off": 12288, "hex": "4000000000000000"}, {"off": 60, "hex": "00022000"}, {"off": 8760, "hex": "01"}, {"off": 907, "hex": "8c"}, {"off": 3482, "hex": "04"}, {"off": 6813, "hex": "10"}, {"off": 8574, "hex": "04"}, {"off": 13958, "hex": "dd"}, {"off": 4442, "hex": "fe"}],
+  },
 ];
 
 /** Files larger than this are compared by size and first bytes only (a block far past EOF grows the file sparsely). */

@@ -161,7 +161,8 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
       let opened;
       try {
         const writable = !!opts.writableDepths?.has(layers.length);
-        opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable) });
+        // Backing files inherit check mode (QEMU passes BDRV_O_CHECK down the chain).
+        opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode });
       } catch (e) {
         if (e instanceof ImageError) {
           // A backing file's format errors are not named again (its file errors are).

@@ -462,7 +462,8 @@ async function compareRefcounts(img: Qcow2Image, refs: RefMap, res: CheckResult,
     if (stored <= 0 && counted > 0) res.needsRebuild = true;
     else if (stored > counted && fix?.leaks) fixed = true;
     else if (stored < counted && fix?.errors) fixed = true;
-    report(`${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${Math.max(0, stored)} reference=${counted}`);
+    const shown = stored > Number.MAX_SAFE_INTEGER ? await img.refcounts.getExact(c) : Math.max(0, stored);
+    report(`${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${shown} reference=${counted}`);
     if (fixed) {
       fixes.push([c, counted]);
       if (stored > counted) res.leaksFixed++;

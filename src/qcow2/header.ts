@@ -133,7 +133,10 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
   // Check mode leaves the snapshot table pointer to the check (qcow2_check_read_snapshot_table).
   if (h.nbSnapshots > C.MAX_SNAPSHOTS && !opts.check) throw new ImageError('Snapshot table too large');
   const snOff = u64(buf, 64);
-  if ((snOff % BigInt(clusterSize) !== 0n || snOff > BigInt(Number.MAX_SAFE_INTEGER)) && !opts.check) throw new ImageError('Snapshot table offset invalid');
+  // QEMU's qcow2_validate_table bound is INT64_MAX; qchain reads tables below 2^53 only, but an
+  // empty table's offset is never used, so only QEMU's own bound applies to it.
+  const snLimit = h.nbSnapshots === 0 ? (1n << 63n) - 1n : BigInt(Number.MAX_SAFE_INTEGER);
+  if ((snOff % BigInt(clusterSize) !== 0n || snOff > snLimit) && !opts.check) throw new ImageError('Snapshot table offset invalid');
   h.snapshotsOffset = Number(snOff);
 
   if (h.l1Size * 8 > C.MAX_L1_SIZE) throw new ImageError('Active L1 table too large');

@@ -174,6 +174,15 @@ export class Refcounts {
     this.writeEntry(b, i, v);
   }
 
+  /** The exact refcount as a BigInt (64-bit refcounts may exceed 2^53); for reports. */
+  async getExact(ci: number): Promise<bigint> {
+    const v = await this.get(ci);
+    if (this.bits !== 64 || v <= Number.MAX_SAFE_INTEGER) return BigInt(v);
+    const bo = this.table[Math.floor(ci / this.perBlock)];
+    const b = await this.block(bo);
+    return b.readBigUInt64BE((ci % this.perBlock) * 8);
+  }
+
   /** Refcount of the cluster with index `ci` (0 when no block covers it). */
   async get(ci: number): Promise<number> {
     const ti = Math.floor(ci / this.perBlock);
