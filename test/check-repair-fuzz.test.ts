@@ -109,6 +109,21 @@ const CASES: Case[] = [
     shape: "rc64", target: "a.qcow2",
     patches: [{"off": 12288, "hex": "4000000000000000"}, {"off": 60, "hex": "00022000"}, {"off": 8760, "hex": "01"}, {"off": 907, "hex": "8c"}, {"off": 3482, "hex": "04"}, {"off": 6813, "hex": "10"}, {"off": 8574, "hex": "04"}, {"off": 13958, "hex": "dd"}, {"off": 4442, "hex": "fe"}],
   },
+  {
+    why: "refcount table at 2^55 + 4 KiB (valid for QEMU, past EOF): it reads as zeros, every refcount is rebuilt",
+    shape: "lazy-dirty", target: "a.qcow2",
+    patches: [{"off": 48, "hex": "0080000000001000"}, {"off": 112, "hex": "6803f857000000000000000000000000"}],
+  },
+  {
+    why: "active L1 table at 2^62 (valid for QEMU, past EOF): it reads as zeros, the clusters it held leak",
+    shape: "rc8-lazy", target: "a.qcow2",
+    patches: [{"off": 40, "hex": "4000000000000000"}],
+  },
+  {
+    why: "bitmaps: marking them in use at open would overwrite a refcount block (overlap check): the image is marked corrupt, \"Can't update bitmap directory\"",
+    shape: "bitmaps", target: "a.qcow2",
+    patches: [{"off": 4096, "hex": "000000000002b000"}],
+  },
 ];
 
 /** Files larger than this are compared by size and first bytes only (a block far past EOF grows the file sparsely). */

@@ -47,10 +47,15 @@ export interface Qcow2Header {
 
 const u64 = (b: Buffer, o: number): bigint => b.readBigUInt64BE(o);
 /** Reads a u64 that must be a safe JS number; values above 2^53 are reported as `tooBig`. */
-function safe(v: bigint, what: string): number {
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new ImageError(`${what} invalid`);
-  return Number(v);
+/**
+ * A table QEMU accepts (it ends by INT64_MAX) and qchain can name: below 2^53, or past it (beyond
+ * any file: it reads as zeros, writes fail) at an offset a number holds exactly.
+ */
+function farTableOk(off: bigint, bytes: number): boolean {
+  if (off + BigInt(bytes) > (1n << 63n) - 1n) return false;
+  return off + BigInt(bytes) <= BigInt(Number.MAX_SAFE_INTEGER) || BigInt(Number(off)) === off;
 }
+
 
 /** Parse and validate the header found in the first cluster (`buf` holds at least 2 MiB or the whole file). */
 /** `check`: opened for checking (QEMU's BDRV_O_CHECK): a missing refcount table is left to the check to report. */
@@ -125,7 +130,7 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
   const rtOff = u64(buf, 48);
   if (h.refcountTableClusters === 0 && !opts.check) throw new ImageError('Image does not contain a reference count table');
   if (h.refcountTableClusters * clusterSize > C.MAX_REFTABLE_SIZE) throw new ImageError('Reference count table too large');
-  if (rtOff % BigInt(clusterSize) !== 0n || rtOff + BigInt(h.refcountTableClusters * clusterSize) > BigInt(Number.MAX_SAFE_INTEGER)) {
+  if (rtOff % BigInt(clusterSize) !== 0n || !farTableOk(rtOff, h.refcountTableClusters * clusterSize)) {
     throw new ImageError('Reference count table offset invalid');
   }
   h.refcountTableOffset = Number(rtOff);
@@ -141,10 +146,10 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
 
   if (h.l1Size * 8 > C.MAX_L1_SIZE) throw new ImageError('Active L1 table too large');
   const l1Off = u64(buf, 40);
-  if (l1Off % BigInt(clusterSize) !== 0n || l1Off + BigInt(h.l1Size * 8) > BigInt(Number.MAX_SAFE_INTEGER)) {
+  if (l1Off % BigInt(clusterSize) !== 0n || !farTableOk(l1Off, h.l1Size * 8)) {
     throw new ImageError('Active L1 table offset invalid');
   }
-  h.l1TableOffset = safe(l1Off, 'Active L1 table offset');
+  h.l1TableOffset = Number(l1Off);
   // Virtual size (QEMU's order: after the tables are validated).
   const sizeBig = u64(buf, 24);
   const l2Bits = clusterBits - 3 - ((incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n ? 1 : 0);

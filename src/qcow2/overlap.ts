@@ -4,7 +4,7 @@
  * The first structure hit, in QEMU's order, names the corruption.
  */
 import type { Qcow2Image } from './image.js';
-import { TWO32 } from './constants.js';
+import { TWO32, AUTOCLEAR_BITMAPS } from './constants.js';
 
 export type OverlapKind = 'qcow2_header' | 'active L1 table' | 'refcount table' | 'snapshot table' |
   'inactive L1 table' | 'active L2 table' | 'refcount block' | 'bitmap directory';
@@ -40,7 +40,7 @@ export function metadataOverlap(img: Qcow2Image, offset: number, size: number, s
   if (on('refcount block')) {
     for (const bo of rc.table) if (bo > 0 && hits(bo, cs)) return 'refcount block';
   }
-  if (on('bitmap directory') && h.bitmapsExt) {
+  if (on('bitmap directory') && h.bitmapsExt && (h.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n) {
     const ext = h.bitmapsExt;
     const dirSize = ext.readUInt32BE(8) * TWO32 + ext.readUInt32BE(12);
     const dirOff = ext.readUInt32BE(16) * TWO32 + ext.readUInt32BE(20);
