@@ -124,6 +124,16 @@ const CASES: Case[] = [
     shape: "bitmaps", target: "a.qcow2",
     patches: [{"off": 4096, "hex": "000000000002b000"}],
   },
+  {
+    why: "4k clusters, a refcount block at 564 GiB: the file grows sparsely to hold it, counts are kept only where something is counted, and the rebuild walks 147M clusters",
+    shape: "v3-4k", target: "a.qcow2",
+    patches: [{"off": 14860, "hex": "80"}, {"off": 13225, "hex": "5e"}, {"off": 3435, "hex": "ef"}, {"off": 990, "hex": "80"}, {"off": 4323, "hex": "8d"}, {"off": 3664, "hex": "cd"}, {"off": 525, "hex": "20"}, {"off": 8272, "hex": "f180"}],
+  },
+  {
+    why: "4k clusters, refcount blocks up to 332 GiB past EOF: three resizes, a rebuild, an image end offset of 356482293760",
+    shape: "v3-4k", target: "a.qcow2",
+    patches: [{"off": 5437, "hex": "08"}, {"off": 3213, "hex": "01"}, {"off": 6360, "hex": "72"}, {"off": 16975, "hex": "52"}, {"off": 6931, "hex": "53"}, {"off": 18059, "hex": "9b"}, {"off": 5965, "hex": "f1"}, {"off": 12609, "hex": "02"}],
+  },
 ];
 
 /** Files larger than this are compared by size and first bytes only (a block far past EOF grows the file sparsely). */

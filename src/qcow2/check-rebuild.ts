@@ -8,6 +8,7 @@
 import type { Qcow2Image } from './image.js';
 import { TWO32 } from './constants.js';
 import { Refcounts } from './refcount.js';
+import type { SparseCounts } from './sparse-counts.js';
 import { preWriteOverlapCheck } from './overlap.js';
 import { CheckFailedError } from './check-snapshots.js';
 import { CorruptionError } from '../image/errors.js';
@@ -25,22 +26,21 @@ async function guard(img: Qcow2Image, off: number, len: number, snapshotsSize: n
 
 /** The in-memory refcount table (QEMU's imrt): counts per cluster, growing on allocation. */
 class Imrt {
-  private counts: Uint32Array;
-  constructor(counts: Uint32Array, public size: number) {
-    this.counts = Uint32Array.from(counts.subarray(0, size));
+  private counts: SparseCounts;
+  constructor(counts: SparseCounts, public size: number) {
+    this.counts = counts.clone();
   }
-  get(c: number): number { return c < this.size ? this.counts[c] : 0; }
+  get(c: number): number { return c < this.size ? this.counts.get(c) : 0; }
   set(c: number, v: number): void {
-    if (c >= this.counts.length) this.grow(c + 1);
-    this.counts[c] = v;
+    if (c >= this.size) this.size = c + 1;
+    this.counts.set(c, v);
   }
   grow(size: number): void {
-    if (size > this.counts.length) {
-      const n = new Uint32Array(Math.max(size, this.counts.length * 2));
-      n.set(this.counts);
-      this.counts = n;
-    }
     this.size = Math.max(this.size, size);
+  }
+  /** The first counted cluster in [from, end), or `end`. */
+  nextUsed(from: number, end: number): number {
+    return this.counts.nextNonZero(from, Math.min(end, this.size));
   }
   /** alloc_clusters_imrt: `count` contiguous free clusters from *firstFree on, marked used. */
   alloc(count: number, firstFree: { v: number }): number {
@@ -61,7 +61,7 @@ class Imrt {
   }
 }
 
-export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Array, nbClusters: number, snapshotsSize: number,
+export async function rebuildRefcountStructure(img: Qcow2Image, counts: SparseCounts, nbClusters: number, snapshotsSize: number,
   report: (l: string) => void): Promise<void> {
   const cs = img.clusterSize;
   const rc = img.refcounts;
@@ -77,7 +77,12 @@ export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Ar
     const firstFree = { v: 0 };
     let grown = false;
     for (let cluster = first; cluster < end; cluster++) {
-      if (!imrt.get(cluster)) continue;
+      if (!imrt.get(cluster)) {
+        // Jump over uncounted clusters (end only grows when a block is allocated).
+        const n = imrt.nextUsed(cluster, end);
+        if (n >= end) break;
+        cluster = n;
+      }
       const bi = Math.floor(cluster / perBlock), start = bi * perBlock;
       let at = table[bi] ?? 0;
       if (!at) {

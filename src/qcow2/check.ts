@@ -11,6 +11,7 @@ import { checkReadSnapshotTable, checkFixSnapshotTable, CheckFailedError } from 
 import { errnoText } from '../storage/storage.js';
 import { rebuildRefcountStructure } from './check-rebuild.js';
 import { metadataOverlap } from './overlap.js';
+import { SparseCounts } from './sparse-counts.js';
 
 export interface CheckResult {
   corruptions: number;
@@ -36,24 +37,22 @@ export type FixMode = { leaks: boolean; errors: boolean };
  * counts nothing.
  */
 class RefMap {
-  counts: Uint32Array;
+  readonly counts = new SparseCounts();
   /** Clusters of the file, plus a semi-allocated one past its end once counted (QEMU grows its array). */
   nbClusters: number;
+  /** Clusters the array holds (QEMU's refcount_table_size): the file's, plus one. */
+  private cap: number;
   constructor(nbClusters: number, private fileLen: number, private readonly cs: number,
     private readonly report: (l: string) => void, private readonly res: CheckResult,
     /** Largest count the refcount width holds (QEMU's refcount_max). */
     private readonly max: number) {
     this.nbClusters = nbClusters;
-    this.counts = new Uint32Array(nbClusters + 1);
+    this.cap = nbClusters + 1;
   }
   /** The file grew to `fileLen` bytes (a refcount block past its end was made part of it). */
   grow(fileLen: number): void {
     const n = Math.ceil(fileLen / this.cs);
-    if (n + 1 > this.counts.length) {
-      const c = new Uint32Array(n + 1);
-      c.set(this.counts);
-      this.counts = c;
-    }
+    this.cap = Math.max(this.cap, n + 1);
     this.fileLen = fileLen;
     this.nbClusters = Math.max(this.nbClusters, n);
   }
@@ -62,17 +61,18 @@ class RefMap {
     if (!Number.isSafeInteger(offset + size)) return this.incExact(BigInt(offset), size);
     if (offset + size - this.fileLen >= this.cs) return this.beyond(BigInt(offset), size);
     const first = Math.floor(offset / this.cs), last = Math.floor((offset + size - 1) / this.cs);
-    for (let c = first; c <= last && c < this.counts.length; c++) {
+    for (let c = first; c <= last && c < this.cap; c++) {
       // QEMU counts in an array of the image's refcount width: a full count stays full.
-      if (this.counts[c] >= this.max) {
+      const v = this.counts.get(c);
+      if (v >= this.max) {
         this.report(`ERROR: overflow cluster offset=0x${(c * this.cs).toString(16)}`);
         this.report('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
         this.res.corruptions++;
         continue;
       }
-      this.counts[c]++;
+      this.counts.set(c, v + 1);
     }
-    if (last >= this.nbClusters) this.nbClusters = Math.min(last + 1, this.counts.length);
+    if (last >= this.nbClusters) this.nbClusters = Math.min(last + 1, this.cap);
   }
   /** The same for an offset that may be past 2^53 (reported exactly). */
   incExact(offset: bigint, size: number): void {
@@ -255,9 +255,6 @@ async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) =>
   return refs;
 }
 
-/** Largest file (in clusters) a refcount block past the end may grow the check's array to. */
-const MAX_CHECK_CLUSTERS = 1 << 25;
-
 /**
  * Refcount blocks, in QEMU's order of checks (check_refblocks); each failed check needs a
  * rebuild. With `-r all`, a block past the end of the file becomes part of it: the file is
@@ -291,12 +288,7 @@ async function checkRefblocks(img: Qcow2Image, refs: RefMap, res: CheckResult, r
       if (!fix?.errors || img.readOnly) continue;
       const err = await extendFile(img, exact + BigInt(cs), report);
       if (err === null) {
-        const size = await img.storage.size();
-        if (Math.ceil(size / cs) > MAX_CHECK_CLUSTERS) {
-          res.checkErrors++;
-          throw new CheckFailedError('ENOMEM');
-        }
-        refs.grow(size);
+        refs.grow(await img.storage.size());
         res.corruptions--;
         res.corruptionsFixed++;
         refs.inc(Number(exact), cs);
@@ -308,7 +300,7 @@ async function checkRefblocks(img: Qcow2Image, refs: RefMap, res: CheckResult, r
     }
     const bo = Number(exact);
     refs.inc(bo, cs);
-    const n = refs.counts[bo / cs];
+    const n = refs.counts.get(bo / cs);
     if (n !== 1) {
       report(`ERROR refcount block ${i} refcount=${n}`);
       res.corruptions++;
@@ -432,6 +424,24 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
 }
 
 /**
+ * The clusters compare_refcounts can find different, ascending: those a refcount block covers
+ * and those counted. Any other cluster has no block (refcount 0) and no reference, so QEMU's walk
+ * over every cluster of the file reports nothing for it.
+ */
+function* candidates(img: Qcow2Image, refs: RefMap): Generator<number> {
+  const per = img.refcounts.perBlock;
+  const ranges: Array<[number, number]> = refs.counts.ranges();
+  img.refcounts.table.forEach((bo, ti) => { if (bo !== 0) ranges.push([ti * per, (ti + 1) * per]); });
+  ranges.sort((a, b) => a[0] - b[0]);
+  let next = 0;
+  for (const [a, b] of ranges) {
+    const end = Math.min(b, refs.nbClusters);
+    for (let c = Math.max(a, next); c < end; c++) yield c;
+    next = Math.max(next, end);
+  }
+}
+
+/**
  * QEMU's compare_refcounts: stored against counted refcount of every cluster. With `fix`, the
  * mismatches it allows are reported as "Repairing" and returned as (cluster, value) to set.
  */
@@ -439,7 +449,7 @@ async function compareRefcounts(img: Qcow2Image, refs: RefMap, res: CheckResult,
   fix: FixMode | null): Promise<{ highest: number; fixes: Array<[number, number]> }> {
   let highest = -1;
   const fixes: Array<[number, number]> = [];
-  for (let c = 0; c < refs.nbClusters; c++) {
+  for (const c of candidates(img, refs)) {
     let stored: number;
     try {
       stored = await img.refcounts.get(c);
@@ -455,7 +465,7 @@ async function compareRefcounts(img: Qcow2Image, refs: RefMap, res: CheckResult,
       res.checkErrors++;
       continue;
     }
-    const counted = refs.counts[c];
+    const counted = refs.counts.get(c);
     if (stored > 0 || counted > 0) highest = c;
     if (stored === counted) continue;
     let fixed = false;
