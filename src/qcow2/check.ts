@@ -289,6 +289,11 @@ async function checkRefblocks(img: Qcow2Image, refs: RefMap, res: CheckResult, r
       const err = await extendFile(img, exact + BigInt(cs), report);
       if (err === null) {
         refs.grow(await img.storage.size());
+        // QEMU's check handles at most INT_MAX clusters (it fails its next pass with EFBIG).
+        if (refs.nbClusters > 0x7fffffff) {
+          res.checkErrors++;
+          throw new CheckFailedError('EFBIG');
+        }
         res.corruptions--;
         res.corruptionsFixed++;
         refs.inc(Number(exact), cs);
