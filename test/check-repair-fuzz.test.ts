@@ -134,6 +134,16 @@ const CASES: Case[] = [
     shape: "v3-4k", target: "a.qcow2",
     patches: [{"off": 5437, "hex": "08"}, {"off": 3213, "hex": "01"}, {"off": 6360, "hex": "72"}, {"off": 16975, "hex": "52"}, {"off": 6931, "hex": "53"}, {"off": 18059, "hex": "9b"}, {"off": 5965, "hex": "f1"}, {"off": 12609, "hex": "02"}],
   },
+  {
+    why: "rc1: the repair marks the image corrupt yet succeeds; the second pass then fails as QEMU's driverless one (\"Check failed: No medium found\")",
+    shape: "rc1", target: "a.qcow2",
+    patches: [{"off": 4096, "hex": "7fffffffffffffff"}, {"off": 4096, "hex": "7ffffffffffffeff"}, {"off": 12288, "hex": "8000000000005000"}],
+  },
+  {
+    why: "512-byte clusters, a refcount block at 1 TiB: a rebuilt 64 MiB reftable, then the second pass refuses more than INT_MAX clusters (\"Check failed: File too large\")",
+    shape: "v3-512", target: "a.qcow2",
+    patches: [{"off": 1680, "hex": "8000000000006808"}, {"off": 144, "hex": "58"}, {"off": 1080, "hex": "d9"}, {"off": 1756, "hex": "20"}, {"off": 27132, "hex": "0b"}, {"off": 906, "hex": "01"}, {"off": 40, "hex": "0000000000007000"}],
+  },
 ];
 
 /** Files larger than this are compared by size and first bytes only (a block far past EOF grows the file sparsely). */

@@ -6,7 +6,10 @@
  * so the caller's next comparison finds it leaked and repairs it, as QEMU's does.
  */
 import type { Qcow2Image } from './image.js';
-import { TWO32, MAX_REFTABLE_SIZE } from './constants.js';
+import { TWO32 } from './constants.js';
+
+/** Largest reftable the rebuild builds in memory (bytes). */
+const MAX_REBUILT_REFTABLE = 128 * 1024 * 1024;
 import { Refcounts } from './refcount.js';
 import type { SparseCounts } from './sparse-counts.js';
 import { preWriteOverlapCheck } from './overlap.js';
@@ -92,8 +95,8 @@ export async function rebuildRefcountStructure(img: Qcow2Image, counts: SparseCo
         if (ci >= end) end = ci + 1; // the block counting this block must be written too
         if (table.length <= bi) {
           const entries = Math.ceil(((bi + 1) * 8) / cs) * (cs / 8);
-          // Bounded memory: a table QEMU could not open again (past 8 MiB) is not built.
-          if (entries * 8 > MAX_REFTABLE_SIZE) {
+          // Bounded memory (QEMU allocates what it needs; it could not even open past 8 MiB).
+          if (entries * 8 > MAX_REBUILT_REFTABLE) {
             report('qemu-img: ERROR allocating reftable memory');
             throw new CheckFailedError('ENOMEM');
           }

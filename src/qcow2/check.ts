@@ -289,11 +289,6 @@ async function checkRefblocks(img: Qcow2Image, refs: RefMap, res: CheckResult, r
       const err = await extendFile(img, exact + BigInt(cs), report);
       if (err === null) {
         refs.grow(await img.storage.size());
-        // QEMU's check handles at most INT_MAX clusters (it fails its next pass with EFBIG).
-        if (refs.nbClusters > 0x7fffffff) {
-          res.checkErrors++;
-          throw new CheckFailedError('EFBIG');
-        }
         res.corruptions--;
         res.corruptionsFixed++;
         refs.inc(Number(exact), cs);
@@ -502,6 +497,11 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
   // The snapshot table first (it may fail the whole check), as qcow2_co_check_locked.
   const repair = fix.errors && !img.readOnly;
   const snap = await checkReadSnapshotTable(img, report, repair);
+  // qcow2_check_refcounts handles at most INT_MAX clusters.
+  if (Math.ceil((await img.storage.size()) / img.clusterSize) > 0x7fffffff) {
+    res.checkErrors++;
+    throw new CheckFailedError('EFBIG');
+  }
   const refs = await collect(img, res, report, snap.size, fix);
   const cs = img.clusterSize;
   // QEMU's qcow2_check_refcounts: a first comparison only reports; with a repair mode and
@@ -545,7 +545,9 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
   }
   await checkCopied(img, res, report, repair, snap.size);
   if (repair) await checkFixSnapshotTable(img, snap, report);
-  if (!img.unusable) await img.meta.run(() => img.refcounts.writePending());
+  // Marked corrupt meanwhile: QEMU dropped its driver and the cached refcounts with it.
+  if (img.unusable) img.refcounts.dropCache();
+  else await img.meta.run(() => img.refcounts.writePending());
   if (repair) img.dropCaches();
   res.corruptions += snap.corruptions;
   res.corruptionsFixed += snap.corruptionsFixed;
