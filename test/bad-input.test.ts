@@ -60,8 +60,6 @@ const IO_AVAILABLE = fs.existsSync(path.join(ROOT, 'dist/src/cli/io/main.js'));
 type Known = string | { leak: string; parity?: string };
 
 const KNOWN_DIFFERENCES: Record<string, Known> = {
-  'version 1 (probed as the old qcow driver)':
-    'qemu probes the v1 "qcow" driver and fails "Cluster size must be between 512 and 64k" (info, check, map, qemu-io); we probe raw and succeed (check: "does not support checks", exit 63). Needs a qcow v1 probe (and header checks) in the format probing of src/chain/open.ts',
   'data-file extension naming /etc/passwd':
     'qemu opens the external data file: check exit 3 ("Leaked cluster 5", data clusters are not counted), map and qemu-io fail on the data cluster ("External data file host cluster offset 0x50000 does not match guest cluster offset: 0, L2 index: 0)"); we refuse at open: "External data files are not supported by qchain" (info matches)',
   '1 PiB sparse image (2Mi L1 entries beyond EOF)':

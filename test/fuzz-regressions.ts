@@ -72,4 +72,9 @@ export const REGRESSIONS: Regression[] = [
     patches: [{ off: 13556, hex: '40' }, { off: 14639, hex: 'a8' }, { off: 26481, hex: '10' }, { off: 5867, hex: '02' }, { off: 25507, hex: '40' }, { off: 9759, hex: '80' },
       { off: 176168, hex: '04' }, { off: 10663, hex: '97' }, { off: 8346, hex: '8d' }, { off: 12305, hex: '08' }, { off: 173144, hex: '02' }],
   },
+  {
+    why: 'check -r all: a refcount block at 4 TiB with 512-byte clusters grew the file to 2^33 clusters and the rebuild ran out of heap (SIGABRT); the rebuilt reftable is now bounded (128 MiB: "Check failed: Cannot allocate memory"; QEMU needs 17 GB and fails its second pass)',
+    shape: 'v3-512', target: 'a.qcow2', off: 63737, len: 106190, cli: true,
+    patches: [{ truncate: 29184 }, { off: 512, hex: '0000040000000000' }],
+  },
 ];

@@ -14,11 +14,13 @@ import type { BlockDriver } from '../image/driver.js';
 import { ImageError } from '../image/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { RawImage } from '../raw/raw.js';
+import { QcowImage } from '../qcow/image.js';
+import { probeQcow } from '../qcow/header.js';
 import { MAX_CHAIN_DEPTH } from '../qcow2/constants.js';
 import { Chain, type Layer } from './chain.js';
 import { combinePath, plainBackingName } from './resolve.js';
 
-export type ImageFormat = 'qcow2' | 'raw';
+export type ImageFormat = 'qcow2' | 'raw' | 'qcow';
 
 export interface OpenOptions {
   /** Format of the named image; probed when absent. */
@@ -51,7 +53,7 @@ export interface OpenOptions {
   noFlush?: boolean;
 }
 
-export const FORMATS: readonly ImageFormat[] = ['qcow2', 'raw'];
+export const FORMATS: readonly ImageFormat[] = ['qcow2', 'raw', 'qcow'];
 
 export function isFormat(s: string): s is ImageFormat {
   return (FORMATS as readonly string[]).includes(s);
@@ -61,7 +63,9 @@ export function isFormat(s: string): s is ImageFormat {
 export async function probeFormat(storage: Storage): Promise<ImageFormat> {
   const head = Buffer.alloc(512);
   await storage.read(head, 0);
-  return Qcow2Image.probe(head) ? 'qcow2' : 'raw';
+  if (Qcow2Image.probe(head)) return 'qcow2';
+  // qcow v1 (QFI\xfb, version 1): never raw, or a guest write could clobber its header.
+  return probeQcow(head) ? 'qcow' : 'raw';
 }
 
 async function openStorage(file: string, readOnly: boolean, lock: LockMode, noFlush = false): Promise<FileStorage> {
@@ -83,7 +87,8 @@ export async function openImage(file: string, opts: { format?: ImageFormat; read
     const fmt = opts.format ?? (await probeFormat(storage));
     const driver = fmt === 'qcow2'
       ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode })
-      : await RawImage.open(storage, { readOnly: opts.readOnly });
+      : fmt === 'qcow' ? await QcowImage.open(storage, { readOnly: opts.readOnly, noIo: opts.noIo })
+        : await RawImage.open(storage, { readOnly: opts.readOnly });
     if (driver instanceof RawImage && !opts.format && !driver.readOnly) {
       // A probed raw image must never become something else through guest writes.
       driver.restrictBlock0 = true;
@@ -156,7 +161,8 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
       let opened;
       try {
         const writable = !!opts.writableDepths?.has(layers.length);
-        opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable) });
+        // Backing files inherit check mode (QEMU passes BDRV_O_CHECK down the chain).
+        opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode });
       } catch (e) {
         if (e instanceof ImageError) {
           // A backing file's format errors are not named again (its file errors are).

@@ -52,7 +52,7 @@ export interface ResizeOptions {
 }
 
 export interface BlockDriver {
-  readonly format: 'qcow2' | 'raw';
+  readonly format: 'qcow2' | 'raw' | 'qcow';
   readonly storage: Storage;
   readonly readOnly: boolean;
   /** Guest-visible size in bytes. */

@@ -8,6 +8,8 @@
  * - bitmaps found in_use (left by a crash) are inconsistent: listed, removable, never stored.
  * All on-disk updates follow QEMU's order, so a crash leaves at worst leaked clusters.
  */
+import { metadataOverlap, preWriteOverlapCheck } from './overlap.js';
+import { serializeSnapshotTable } from './snapshot-table.js';
 import type { Qcow2Image } from './image.js';
 import { ImageError } from '../image/errors.js';
 import * as C from './constants.js';
@@ -210,6 +212,12 @@ export class Qcow2Bitmaps {
     await this.syncHeader();
     const dir = serializeBitmapDirectory(this.dir, this.img.clusterSize, this.img.size);
     if (dir.length !== this.ext.dirSize) throw new ImageError("Can't update bitmap directory: Invalid argument");
+    // bitmap_list_store's overlap check (the directory itself is not metadata while the bit is off).
+    const snapshotsSize = serializeSnapshotTable(this.img.snapshots).length;
+    if (metadataOverlap(this.img, this.ext.dirOffset, dir.length, snapshotsSize)) {
+      await preWriteOverlapCheck(this.img, this.ext.dirOffset, dir.length, snapshotsSize).catch(() => {});
+      throw new ImageError("Can't update bitmap directory: Input/output error");
+    }
     await this.img.storage.write(dir, this.ext.dirOffset);
     await this.syncHeader();
     h.autoclear |= BigInt(C.AUTOCLEAR_BITMAPS);

@@ -7,26 +7,43 @@
  */
 import type { Qcow2Image } from './image.js';
 import { TWO32 } from './constants.js';
+
+/** Largest reftable the rebuild builds in memory (bytes). */
+const MAX_REBUILT_REFTABLE = 128 * 1024 * 1024;
 import { Refcounts } from './refcount.js';
+import type { SparseCounts } from './sparse-counts.js';
+import { preWriteOverlapCheck } from './overlap.js';
+import { CheckFailedError } from './check-snapshots.js';
+import { CorruptionError } from '../image/errors.js';
+
+/** The overlap check before a write of the rebuild; a hit ends the check (QEMU: EIO). */
+async function guard(img: Qcow2Image, off: number, len: number, snapshotsSize: number, what: string, report: (l: string) => void): Promise<void> {
+  try {
+    await preWriteOverlapCheck(img, off, len, snapshotsSize);
+  } catch (e) {
+    if (!(e instanceof CorruptionError)) throw e;
+    report(`qemu-img: ERROR writing ${what}: Input/output error`);
+    throw new CheckFailedError('EIO');
+  }
+}
 
 /** The in-memory refcount table (QEMU's imrt): counts per cluster, growing on allocation. */
 class Imrt {
-  private counts: Uint32Array;
-  constructor(counts: Uint32Array, public size: number) {
-    this.counts = Uint32Array.from(counts.subarray(0, size));
+  private counts: SparseCounts;
+  constructor(counts: SparseCounts, public size: number) {
+    this.counts = counts.clone();
   }
-  get(c: number): number { return c < this.size ? this.counts[c] : 0; }
+  get(c: number): number { return c < this.size ? this.counts.get(c) : 0; }
   set(c: number, v: number): void {
-    if (c >= this.counts.length) this.grow(c + 1);
-    this.counts[c] = v;
+    if (c >= this.size) this.size = c + 1;
+    this.counts.set(c, v);
   }
   grow(size: number): void {
-    if (size > this.counts.length) {
-      const n = new Uint32Array(Math.max(size, this.counts.length * 2));
-      n.set(this.counts);
-      this.counts = n;
-    }
     this.size = Math.max(this.size, size);
+  }
+  /** The first counted cluster in [from, end), or `end`. */
+  nextUsed(from: number, end: number): number {
+    return this.counts.nextNonZero(from, Math.min(end, this.size));
   }
   /** alloc_clusters_imrt: `count` contiguous free clusters from *firstFree on, marked used. */
   alloc(count: number, firstFree: { v: number }): number {
@@ -47,10 +64,13 @@ class Imrt {
   }
 }
 
-export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Array, nbClusters: number): Promise<void> {
+export async function rebuildRefcountStructure(img: Qcow2Image, counts: SparseCounts, nbClusters: number, snapshotsSize: number,
+  report: (l: string) => void): Promise<void> {
   const cs = img.clusterSize;
   const rc = img.refcounts;
   const perBlock = rc.perBlock;
+  // QEMU empties (writes back) its refcount block cache first.
+  await img.meta.run(() => rc.writePending());
   const imrt = new Imrt(counts, nbClusters);
   const enc = new Refcounts(img.storage, { clusterBits: img.clusterBits, refcountOrder: img.header.refcountOrder }, 0, 0, []);
   const table: number[] = [];
@@ -60,7 +80,12 @@ export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Ar
     const firstFree = { v: 0 };
     let grown = false;
     for (let cluster = first; cluster < end; cluster++) {
-      if (!imrt.get(cluster)) continue;
+      if (!imrt.get(cluster)) {
+        // Jump over uncounted clusters (end only grows when a block is allocated).
+        const n = imrt.nextUsed(cluster, end);
+        if (n >= end) break;
+        cluster = n;
+      }
       const bi = Math.floor(cluster / perBlock), start = bi * perBlock;
       let at = table[bi] ?? 0;
       if (!at) {
@@ -70,6 +95,11 @@ export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Ar
         if (ci >= end) end = ci + 1; // the block counting this block must be written too
         if (table.length <= bi) {
           const entries = Math.ceil(((bi + 1) * 8) / cs) * (cs / 8);
+          // Bounded memory (QEMU allocates what it needs; it could not even open past 8 MiB).
+          if (entries * 8 > MAX_REBUILT_REFTABLE) {
+            report('qemu-img: ERROR allocating reftable memory');
+            throw new CheckFailedError('ENOMEM');
+          }
           while (table.length < entries) table.push(0);
           grown = true;
         }
@@ -81,6 +111,7 @@ export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Ar
         const v = imrt.get(start + k);
         if (v) enc.encodeInto(buf, k, v);
       }
+      await guard(img, at, cs, snapshotsSize, 'refblock', report);
       await img.storage.write(buf, at);
       cluster = start + perBlock - 1;
     }
@@ -100,9 +131,11 @@ export async function rebuildRefcountStructure(img: Qcow2Image, counts: Uint32Ar
     raw.writeUInt32BE(Math.floor(o / TWO32), i * 8);
     raw.writeUInt32BE(o >>> 0, i * 8 + 4);
   });
+  await guard(img, tableOff, raw.length, snapshotsSize, 'reftable', report);
   await img.storage.write(raw, tableOff);
   await img.storage.flush();
   rc.table = table;
+  rc.farEntries.clear();
   rc.tableOffset = tableOff;
   rc.tableClusters = tableClusters;
   rc.dropCache();

@@ -4,11 +4,14 @@
  * refcount table and blocks) and compared with the stored refcounts, as `qemu-img check` does.
  */
 import type { Qcow2Image } from './image.js';
-import { CorruptionError } from '../image/errors.js';
+import { CorruptionError, ImageError } from '../image/errors.js';
 import { ClusterType, readL1, readL2 } from './entry.js';
-import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE } from './constants.js';
-import { checkReadSnapshotTable, checkFixSnapshotTable } from './check-snapshots.js';
+import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE, INCOMPAT_DIRTY, INCOMPAT_CORRUPT } from './constants.js';
+import { checkReadSnapshotTable, checkFixSnapshotTable, CheckFailedError } from './check-snapshots.js';
+import { errnoText } from '../storage/storage.js';
 import { rebuildRefcountStructure } from './check-rebuild.js';
+import { metadataOverlap } from './overlap.js';
+import { SparseCounts } from './sparse-counts.js';
 
 export interface CheckResult {
   corruptions: number;
@@ -34,21 +37,42 @@ export type FixMode = { leaks: boolean; errors: boolean };
  * counts nothing.
  */
 class RefMap {
-  readonly counts: Uint32Array;
+  readonly counts = new SparseCounts();
   /** Clusters of the file, plus a semi-allocated one past its end once counted (QEMU grows its array). */
   nbClusters: number;
-  constructor(nbClusters: number, private readonly fileLen: number, private readonly cs: number,
-    private readonly report: (l: string) => void, private readonly res: CheckResult) {
+  /** Clusters the array holds (QEMU's refcount_table_size): the file's, plus one. */
+  private cap: number;
+  constructor(nbClusters: number, private fileLen: number, private readonly cs: number,
+    private readonly report: (l: string) => void, private readonly res: CheckResult,
+    /** Largest count the refcount width holds (QEMU's refcount_max). */
+    private readonly max: number) {
     this.nbClusters = nbClusters;
-    this.counts = new Uint32Array(nbClusters + 1);
+    this.cap = nbClusters + 1;
+  }
+  /** The file grew to `fileLen` bytes (a refcount block past its end was made part of it). */
+  grow(fileLen: number): void {
+    const n = Math.ceil(fileLen / this.cs);
+    this.cap = Math.max(this.cap, n + 1);
+    this.fileLen = fileLen;
+    this.nbClusters = Math.max(this.nbClusters, n);
   }
   inc(offset: number, size: number): void {
     if (size <= 0) return;
     if (!Number.isSafeInteger(offset + size)) return this.incExact(BigInt(offset), size);
     if (offset + size - this.fileLen >= this.cs) return this.beyond(BigInt(offset), size);
     const first = Math.floor(offset / this.cs), last = Math.floor((offset + size - 1) / this.cs);
-    for (let c = first; c <= last && c < this.counts.length; c++) this.counts[c]++;
-    if (last >= this.nbClusters) this.nbClusters = Math.min(last + 1, this.counts.length);
+    for (let c = first; c <= last && c < this.cap; c++) {
+      // QEMU counts in an array of the image's refcount width: a full count stays full.
+      const v = this.counts.get(c);
+      if (v >= this.max) {
+        this.report(`ERROR: overflow cluster offset=0x${(c * this.cs).toString(16)}`);
+        this.report('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+        this.res.corruptions++;
+        continue;
+      }
+      this.counts.set(c, v + 1);
+    }
+    if (last >= this.nbClusters) this.nbClusters = Math.min(last + 1, this.cap);
   }
   /** The same for an offset that may be past 2^53 (reported exactly). */
   incExact(offset: bigint, size: number): void {
@@ -73,7 +97,8 @@ const offsetOf = (hi: number, lo: number): bigint => (BigInt(hi & 0x00ffffff) <<
  * read where it points, even when it is unaligned (or is the header), and every allocated L2
  * entry's cluster is counted, aligned or not.
  */
-async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset: number, l1Size: number, active: boolean, report: (l: string) => void): Promise<void> {
+async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset: number, l1Size: number, active: boolean, report: (l: string) => void,
+  fix: FixMode | null, snapshotsSize: number): Promise<void> {
   const cs = img.clusterSize;
   if (!l1Size) return;
   refs.inc(l1Offset, l1Size * 8);
@@ -133,16 +158,19 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
         }
       } else if (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) {
         const host = offsetOf(e.hi, e.lo);
-        if (host % BigInt(cs) !== 0n) {
-          // Preallocated: no data in the cluster (the zero flag, v2 images too; or no allocated subcluster).
-          const data = img.extL2 ? e.allocBits !== 0 : (e.lo & 1) === 0;
-          report(`ERROR offset=${host.toString(16)}: ${data ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
-          res.corruptions++;
-        }
         if (active) {
           res.allocatedClusters++;
           if (nextContiguous && host !== nextContiguous) res.fragmentedClusters++;
           nextContiguous = host + BigInt(cs);
+        }
+        if (host % BigInt(cs) !== 0n) {
+          // Preallocated: no data in the cluster (the zero flag, v2 images too; or no allocated subcluster).
+          const data = img.extL2 ? e.allocBits !== 0 : (e.lo & 1) === 0;
+          const repair = !data && !!fix?.errors && !img.readOnly;
+          report(`${repair ? 'Repairing' : 'ERROR'} offset=${host.toString(16)}: ${data ? 'Data' : 'Preallocated'} cluster is not properly aligned; L2 entry corrupted.`);
+          res.corruptions++;
+          // fix_l2_entry_by_zero: the entry becomes a zero cluster, the cluster is not counted.
+          if (repair && await zeroL2Entry(img, res, t, Number(l2Off), j, active, snapshotsSize, report)) continue;
         }
         refs.incExact(host, cs);
       }
@@ -150,13 +178,54 @@ async function countL1(img: Qcow2Image, refs: RefMap, res: CheckResult, l1Offset
   }
 }
 
+/**
+ * QEMU's fix_l2_entry_by_zero: entry `j` of the L2 table `t` at `l2Off` becomes a zero cluster
+ * (extended L2: its allocated subclusters read as zero) and is written synced. Returns whether
+ * it was fixed; an overlap with other metadata fails the whole check, as in QEMU.
+ */
+async function zeroL2Entry(img: Qcow2Image, res: CheckResult, t: Buffer, l2Off: number, j: number, active: boolean,
+  snapshotsSize: number, report: (l: string) => void): Promise<boolean> {
+  const es = img.extL2 ? 16 : 8;
+  const at = j * es;
+  if (img.extL2) {
+    const zero = (t.readUInt32BE(at + 8) | t.readUInt32BE(at + 12)) >>> 0;
+    t.writeUInt32BE(zero, at + 8);
+    t.writeUInt32BE(0, at + 12);
+    t.writeUInt32BE(0, at);
+    t.writeUInt32BE(0, at + 4);
+  } else {
+    t.writeUInt32BE(0, at);
+    t.writeUInt32BE(1, at + 4); // QCOW_OFLAG_ZERO
+  }
+  // Inactive L2 tables are not in QEMU's default (cached) overlap check.
+  const hit = metadataOverlap(img, l2Off + at, es, snapshotsSize, active ? ['active L2 table'] : []);
+  if (hit) {
+    await img.signalCorruption(`Preventing invalid write on metadata (overlaps with ${hit})`).catch(() => {});
+    report('ERROR: Overlap check failed');
+    res.checkErrors++;
+    throw new CheckFailedError('EIO');
+  }
+  try {
+    await img.storage.write(t.subarray(at, at + es), l2Off + at);
+    await img.storage.flush();
+  } catch (e) {
+    report(`ERROR: Failed to overwrite L2 table entry: ${errnoText((e as { code?: string }).code)}`);
+    res.checkErrors++;
+    return false;
+  }
+  res.corruptions--;
+  res.corruptionsFixed++;
+  return true;
+}
+
 /** Walk all metadata and count references. */
-async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) => void, snapshotsSize: number): Promise<RefMap> {
+async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) => void, snapshotsSize: number, fix: FixMode | null): Promise<RefMap> {
   const cs = img.clusterSize;
   const fileSize = await img.storage.size();
-  const refs = new RefMap(Math.ceil(fileSize / cs), fileSize, cs, report, res);
+  const bits = img.refcounts.bits;
+  const refs = new RefMap(Math.ceil(fileSize / cs), fileSize, cs, report, res, bits >= 32 ? 0xffffffff : 2 ** bits - 1);
   refs.inc(0, cs);
-  await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report);
+  await countL1(img, refs, res, img.header.l1TableOffset, img.header.l1Size, true, report, fix, snapshotsSize);
   for (const sn of img.snapshots) {
     const l1Off = sn.l1TableOffsetBig ?? BigInt(sn.l1TableOffset);
     if (l1Off % BigInt(cs) !== 0n) {
@@ -169,47 +238,95 @@ async function collect(img: Qcow2Image, res: CheckResult, report: (l: string) =>
       res.corruptions++;
       continue;
     }
-    await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report);
+    await countL1(img, refs, res, sn.l1TableOffset, sn.l1Size, false, report, fix, snapshotsSize);
   }
   refs.inc(img.header.snapshotsOffset, snapshotsSize);
   if ((img.header.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n && img.header.bitmapsExt) {
+    // QEMU's bitmap directory load needs the driver, gone once the image was marked corrupt.
+    if (img.unusable) {
+      res.corruptions++;
+      throw new CheckFailedError('EINVAL');
+    }
     await countBitmaps(img, refs);
   }
   const rc = img.refcounts;
   refs.inc(rc.tableOffset, rc.tableClusters * cs);
-  // Refcount blocks, in QEMU's order of checks (check_refblocks); each of these needs a rebuild.
+  await checkRefblocks(img, refs, res, report, fix);
+  return refs;
+}
+
+/**
+ * Refcount blocks, in QEMU's order of checks (check_refblocks); each failed check needs a
+ * rebuild. With `-r all`, a block past the end of the file becomes part of it: the file is
+ * extended to hold it (QEMU's bdrv_truncate), or the failure to do so is reported.
+ */
+async function checkRefblocks(img: Qcow2Image, refs: RefMap, res: CheckResult, report: (l: string) => void, fix: FixMode | null): Promise<void> {
+  const cs = img.clusterSize;
+  const rc = img.refcounts;
   const raw = Buffer.alloc(rc.table.length * 8);
   await img.storage.read(raw, rc.tableOffset);
-  rc.table.forEach((bo, i) => {
-    if ((raw.readUInt32BE(i * 8 + 4) & 0x1ff) !== 0) {
+  for (let i = 0; i < rc.table.length; i++) {
+    const hi = raw.readUInt32BE(i * 8), lo = raw.readUInt32BE(i * 8 + 4);
+    if ((lo & 0x1ff) !== 0) {
       report(`ERROR refcount table entry ${i} has reserved bits set`);
       res.corruptions++;
       res.needsRebuild = true;
-      return;
+      continue;
     }
-    if (bo === 0) return;
-    const beyond = raw.readUInt32BE(i * 8) >>> 24 !== 0; // offset >= 2^56
-    if (!beyond && (bo < 0 || bo % cs !== 0)) {
+    if (hi === 0 && lo === 0) continue;
+    // All 55 offset bits (REFT_OFFSET_MASK); exact as a BigInt, as a number below 2^53.
+    const exact = (BigInt(hi) << 32n) | BigInt(lo >>> 0);
+    if (exact % BigInt(cs) !== 0n) {
       report(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
       res.corruptions++;
       res.needsRebuild = true;
-      return;
+      continue;
     }
-    if (beyond || bo / cs >= refs.nbClusters) {
-      report(`ERROR refcount block ${i} is outside image`);
+    if (exact / BigInt(cs) >= BigInt(refs.nbClusters)) {
       res.corruptions++;
+      report(`${fix?.errors ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
+      if (!fix?.errors || img.readOnly) continue;
+      const err = await extendFile(img, exact + BigInt(cs), report);
+      if (err === null) {
+        refs.grow(await img.storage.size());
+        res.corruptions--;
+        res.corruptionsFixed++;
+        refs.inc(Number(exact), cs);
+        continue;
+      }
       res.needsRebuild = true;
-      return;
+      report(`ERROR could not resize image: ${errnoText(err)}`);
+      continue;
     }
+    const bo = Number(exact);
     refs.inc(bo, cs);
-    const n = refs.counts[bo / cs];
+    const n = refs.counts.get(bo / cs);
     if (n !== 1) {
       report(`ERROR refcount block ${i} refcount=${n}`);
       res.corruptions++;
       res.needsRebuild = true;
     }
-  });
-  return refs;
+  }
+}
+
+/**
+ * Grow the file to `len` bytes (QEMU's bdrv_truncate from check_refblocks); returns the errno
+ * of a failure (already reported as QEMU's file layer does) or null.
+ */
+async function extendFile(img: Qcow2Image, len: bigint, report: (l: string) => void): Promise<string | null> {
+  if (len > (1n << 63n) - 1n) return 'EINVAL';
+  // Past 2^53 no Linux file system of a real installation takes the length (ext4: 16 TiB).
+  let code: string | undefined = 'EFBIG';
+  if (len <= BigInt(Number.MAX_SAFE_INTEGER)) {
+    try {
+      await img.storage.truncate(Number(len));
+      return null;
+    } catch (e) {
+      code = (e as { code?: string }).code ?? 'EIO';
+    }
+  }
+  report(`qemu-img: Could not resize file: ${errnoText(code)}`);
+  return code ?? 'EIO';
 }
 
 /** Persistent bitmaps: directory, tables and data clusters are referenced. */
@@ -248,7 +365,7 @@ async function countBitmaps(img: Qcow2Image, refs: RefMap): Promise<void> {
  * COPIED flags of the active tables must say "refcount is exactly one". With `fix` (errors), a
  * wrong flag is rewritten as QEMU's check_oflag_copied does (L1 entry, then the L2 table).
  */
-async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string) => void, fix: boolean): Promise<void> {
+async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string) => void, fix: boolean, snapshotsSize: number): Promise<void> {
   const cs = img.clusterSize;
   const es = img.extL2 ? 16 : 8;
   const fileClusters = Math.ceil((await img.storage.size()) / cs);
@@ -264,6 +381,13 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
       report(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex(hi, lo)} refcount=${rc}`);
       if (fix) {
         img.l1.writeUInt32BE(withFlag(hi, rc === 1), i * 8);
+        // qcow2_write_l1_entry: an overlap fails the check (no message of its own).
+        const hit = metadataOverlap(img, img.header.l1TableOffset + i * 8, 8, snapshotsSize, ['active L1 table']);
+        if (hit) {
+          await img.signalCorruption(`Preventing invalid write on metadata (overlaps with ${hit})`).catch(() => {});
+          res.checkErrors++;
+          throw new CheckFailedError('EIO');
+        }
         await img.storage.write(img.l1.subarray(i * 8, i * 8 + 8), img.header.l1TableOffset + i * 8);
         res.corruptionsFixed++;
       } else res.corruptions++;
@@ -286,7 +410,34 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
         }
       }
     }
-    if (dirty) await img.storage.write(t, l2Off);
+    if (dirty) {
+      const hit = metadataOverlap(img, l2Off, cs, snapshotsSize, ['active L2 table']);
+      if (hit) {
+        await img.signalCorruption(`Preventing invalid write on metadata (overlaps with ${hit})`).catch(() => {});
+        report('ERROR: Could not write L2 table; metadata overlap check failed: Input/output error');
+        res.checkErrors++;
+        throw new CheckFailedError('EIO');
+      }
+      await img.storage.write(t, l2Off);
+    }
+  }
+}
+
+/**
+ * The clusters compare_refcounts can find different, ascending: those a refcount block covers
+ * and those counted. Any other cluster has no block (refcount 0) and no reference, so QEMU's walk
+ * over every cluster of the file reports nothing for it.
+ */
+function* candidates(img: Qcow2Image, refs: RefMap): Generator<number> {
+  const per = img.refcounts.perBlock;
+  const ranges: Array<[number, number]> = refs.counts.ranges();
+  img.refcounts.table.forEach((bo, ti) => { if (bo !== 0) ranges.push([ti * per, (ti + 1) * per]); });
+  ranges.sort((a, b) => a[0] - b[0]);
+  let next = 0;
+  for (const [a, b] of ranges) {
+    const end = Math.min(b, refs.nbClusters);
+    for (let c = Math.max(a, next); c < end; c++) yield c;
+    next = Math.max(next, end);
   }
 }
 
@@ -295,36 +446,34 @@ async function checkCopied(img: Qcow2Image, res: CheckResult, report: (l: string
  * mismatches it allows are reported as "Repairing" and returned as (cluster, value) to set.
  */
 async function compareRefcounts(img: Qcow2Image, refs: RefMap, res: CheckResult, report: (l: string) => void,
-  fix: FixMode | null, noted: { corruption: boolean }): Promise<{ highest: number; fixes: Array<[number, number]> }> {
+  fix: FixMode | null): Promise<{ highest: number; fixes: Array<[number, number]> }> {
   let highest = -1;
   const fixes: Array<[number, number]> = [];
-  for (let c = 0; c < refs.nbClusters; c++) {
+  for (const c of candidates(img, refs)) {
     let stored: number;
     try {
       stored = await img.refcounts.get(c);
     } catch (e) {
-      if (!(e instanceof CorruptionError)) {
-        stored = -1;
-      } else {
-        // QEMU's get_refcount signals the corruption (once) and fails: a check error per cluster.
-        if (!noted.corruption) {
-          noted.corruption = true;
-          const ti = Math.floor(c / img.refcounts.perBlock);
-          report(`qcow2: Image is corrupt: ${e.message} (reftable index: ${ti ? `0x${ti.toString(16)}` : '0'}); further non-fatal corruption events will be suppressed`);
-        }
-        report(`Can't get refcount for cluster ${c}: Input/output error`);
-        res.checkErrors++;
-        continue;
+      const errno = e instanceof ImageError ? e.errno : (e as { code?: string }).code;
+      if (!(e instanceof CorruptionError) && !errno) throw e;
+      if (e instanceof CorruptionError) {
+        // QEMU's get_refcount signals the corruption (fatal on a writable image) and fails.
+        const ti = Math.floor(c / img.refcounts.perBlock);
+        await img.signalCorruption(`${e.message} (reftable index: ${ti ? `0x${ti.toString(16)}` : '0'})`).catch(() => {});
       }
+      report(`Can't get refcount for cluster ${c}: ${errnoText(e instanceof CorruptionError ? 'EIO' : errno)}`);
+      res.checkErrors++;
+      continue;
     }
-    const counted = refs.counts[c];
+    const counted = refs.counts.get(c);
     if (stored > 0 || counted > 0) highest = c;
     if (stored === counted) continue;
     let fixed = false;
     if (stored <= 0 && counted > 0) res.needsRebuild = true;
     else if (stored > counted && fix?.leaks) fixed = true;
     else if (stored < counted && fix?.errors) fixed = true;
-    report(`${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${Math.max(0, stored)} reference=${counted}`);
+    const shown = stored > Number.MAX_SAFE_INTEGER ? await img.refcounts.getExact(c) : Math.max(0, stored);
+    report(`${fixed ? 'Repairing' : stored < counted ? 'ERROR' : 'Leaked'} cluster ${c} refcount=${shown} reference=${counted}`);
     if (fixed) {
       fixes.push([c, counted]);
       if (stored > counted) res.leaksFixed++;
@@ -348,39 +497,43 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
   // The snapshot table first (it may fail the whole check), as qcow2_co_check_locked.
   const repair = fix.errors && !img.readOnly;
   const snap = await checkReadSnapshotTable(img, report, repair);
-  const refs = await collect(img, res, report, snap.size);
+  // qcow2_check_refcounts handles at most INT_MAX clusters.
+  if (Math.ceil((await img.storage.size()) / img.clusterSize) > 0x7fffffff) {
+    res.checkErrors++;
+    throw new CheckFailedError('EFBIG');
+  }
+  const refs = await collect(img, res, report, snap.size, fix);
   const cs = img.clusterSize;
   // QEMU's qcow2_check_refcounts: a first comparison only reports; with a repair mode and
   // something to repair (no rebuild needed), the result is reset and a second one reports
   // again, repairing what the mode allows.
   const pre = { ...res };
-  const noted = { corruption: false };
-  let cmp = await compareRefcounts(img, refs, res, report, null, noted);
+  let cmp = await compareRefcounts(img, refs, res, report, null);
   const fixing = (fix.leaks || fix.errors) && !img.readOnly;
   if (fixing && !(res.needsRebuild && fix.errors)) {
     // -r leaks facing a needed rebuild: the caller fails the check here (QEMU: EIO, no more checks).
     if (res.needsRebuild) return res;
     if (res.leaks || res.corruptions) {
       Object.assign(res, pre);
-      cmp = await compareRefcounts(img, refs, res, report, fix, noted);
+      cmp = await compareRefcounts(img, refs, res, report, fix);
     }
   }
   res.imageEndOffset = (cmp.highest + 1) * cs;
   await applyFixes(img, cmp.fixes);
   if (res.needsRebuild && fix.errors && !img.readOnly) {
     report('Rebuilding refcount structure');
-    await rebuildRefcountStructure(img, refs.counts, refs.nbClusters);
+    await rebuildRefcountStructure(img, refs.counts, refs.nbClusters, snap.size, report);
     // As QEMU: count the references again (the walk reports its errors again), then repair the
     // leaks the rebuild left (the old structure); only leaks it could not repair remain.
     const old = { corruptions: res.corruptions, leaks: res.leaks };
     res.corruptions = 0;
     res.leaks = 0;
     res.needsRebuild = false;
-    const again = await collect(img, res, report, snap.size);
+    const again = await collect(img, res, report, snap.size, null);
     let freshLeaks = 0;
     if (fix.leaks) {
       const fresh = { ...res, corruptions: 0, leaks: 0, checkErrors: 0, corruptionsFixed: 0, leaksFixed: 0, needsRebuild: false };
-      const c2 = await compareRefcounts(img, again, fresh, report, { leaks: true, errors: false }, noted);
+      const c2 = await compareRefcounts(img, again, fresh, report, { leaks: true, errors: false });
       await applyFixes(img, c2.fixes);
       if (fresh.needsRebuild) report('ERROR rebuilt refcount structure is still broken');
       freshLeaks = fresh.leaks;
@@ -390,24 +543,44 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
     if (res.leaks < old.leaks) res.leaksFixed += old.leaks - res.leaks;
     res.leaks += freshLeaks;
   }
-  await checkCopied(img, res, report, repair);
-  if (repair) {
-    await checkFixSnapshotTable(img, snap, report);
-    img.dropCaches();
-  }
+  await checkCopied(img, res, report, repair, snap.size);
+  if (repair) await checkFixSnapshotTable(img, snap, report);
+  // Marked corrupt meanwhile: QEMU dropped its driver and the cached refcounts with it.
+  if (img.unusable) img.refcounts.dropCache();
+  else await img.meta.run(() => img.refcounts.writePending());
+  if (repair) img.dropCaches();
   res.corruptions += snap.corruptions;
   res.corruptionsFixed += snap.corruptionsFixed;
+  if (fixing && !img.unusable && !res.checkErrors && !res.corruptions) await markCleanAndConsistent(img);
   return res;
+}
+
+/** qcow2_mark_clean, then qcow2_mark_consistent: a repaired image loses its dirty and corrupt bits. */
+async function markCleanAndConsistent(img: Qcow2Image): Promise<void> {
+  for (const bit of [BigInt(INCOMPAT_DIRTY), BigInt(INCOMPAT_CORRUPT)]) {
+    if ((img.header.incompatible & bit) === 0n) continue;
+    img.header.incompatible &= ~bit;
+    await img.storage.flush();
+    await img.writeHeader();
+  }
 }
 
 /** Set the repaired refcounts; a cluster left unused is discarded (QCOW2_DISCARD_ALWAYS; the file keeps its length). */
 async function applyFixes(img: Qcow2Image, fixes: Array<[number, number]>): Promise<void> {
   if (!fixes.length) return;
   const cs = img.clusterSize;
+  // The new refcounts stay in memory (QEMU's refcount block cache) until the check ends; an
+  // image marked corrupt meanwhile never gets them (QEMU drops its driver with the cache).
   await img.meta.run(async () => {
-    for (const [c, v] of fixes) {
-      await img.refcounts.set(c, v);
-      if (v === 0) await img.storage.punchHole?.(c * cs, cs);
+    const was = img.refcounts.lazy;
+    img.refcounts.lazy = true;
+    try {
+      for (const [c, v] of fixes) {
+        await img.refcounts.set(c, v);
+        if (v === 0) await img.storage.punchHole?.(c * cs, cs);
+      }
+    } finally {
+      img.refcounts.lazy = was;
     }
   });
 }

@@ -47,10 +47,15 @@ export interface Qcow2Header {
 
 const u64 = (b: Buffer, o: number): bigint => b.readBigUInt64BE(o);
 /** Reads a u64 that must be a safe JS number; values above 2^53 are reported as `tooBig`. */
-function safe(v: bigint, what: string): number {
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new ImageError(`${what} invalid`);
-  return Number(v);
+/**
+ * A table QEMU accepts (it ends by INT64_MAX) and qchain can name: below 2^53, or past it (beyond
+ * any file: it reads as zeros, writes fail) at an offset a number holds exactly.
+ */
+function farTableOk(off: bigint, bytes: number): boolean {
+  if (off + BigInt(bytes) > (1n << 63n) - 1n) return false;
+  return off + BigInt(bytes) <= BigInt(Number.MAX_SAFE_INTEGER) || BigInt(Number(off)) === off;
 }
+
 
 /** Parse and validate the header found in the first cluster (`buf` holds at least 2 MiB or the whole file). */
 /** `check`: opened for checking (QEMU's BDRV_O_CHECK): a missing refcount table is left to the check to report. */
@@ -125,7 +130,7 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
   const rtOff = u64(buf, 48);
   if (h.refcountTableClusters === 0 && !opts.check) throw new ImageError('Image does not contain a reference count table');
   if (h.refcountTableClusters * clusterSize > C.MAX_REFTABLE_SIZE) throw new ImageError('Reference count table too large');
-  if (rtOff % BigInt(clusterSize) !== 0n || rtOff + BigInt(h.refcountTableClusters * clusterSize) > BigInt(Number.MAX_SAFE_INTEGER)) {
+  if (rtOff % BigInt(clusterSize) !== 0n || !farTableOk(rtOff, h.refcountTableClusters * clusterSize)) {
     throw new ImageError('Reference count table offset invalid');
   }
   h.refcountTableOffset = Number(rtOff);
@@ -133,15 +138,18 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
   // Check mode leaves the snapshot table pointer to the check (qcow2_check_read_snapshot_table).
   if (h.nbSnapshots > C.MAX_SNAPSHOTS && !opts.check) throw new ImageError('Snapshot table too large');
   const snOff = u64(buf, 64);
-  if ((snOff % BigInt(clusterSize) !== 0n || snOff > BigInt(Number.MAX_SAFE_INTEGER)) && !opts.check) throw new ImageError('Snapshot table offset invalid');
+  // QEMU's qcow2_validate_table bound is INT64_MAX; qchain reads tables below 2^53 only, but an
+  // empty table's offset is never used, so only QEMU's own bound applies to it.
+  const snLimit = h.nbSnapshots === 0 ? (1n << 63n) - 1n : BigInt(Number.MAX_SAFE_INTEGER);
+  if ((snOff % BigInt(clusterSize) !== 0n || snOff > snLimit) && !opts.check) throw new ImageError('Snapshot table offset invalid');
   h.snapshotsOffset = Number(snOff);
 
   if (h.l1Size * 8 > C.MAX_L1_SIZE) throw new ImageError('Active L1 table too large');
   const l1Off = u64(buf, 40);
-  if (l1Off % BigInt(clusterSize) !== 0n || l1Off + BigInt(h.l1Size * 8) > BigInt(Number.MAX_SAFE_INTEGER)) {
+  if (l1Off % BigInt(clusterSize) !== 0n || !farTableOk(l1Off, h.l1Size * 8)) {
     throw new ImageError('Active L1 table offset invalid');
   }
-  h.l1TableOffset = safe(l1Off, 'Active L1 table offset');
+  h.l1TableOffset = Number(l1Off);
   // Virtual size (QEMU's order: after the tables are validated).
   const sizeBig = u64(buf, 24);
   const l2Bits = clusterBits - 3 - ((incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n ? 1 : 0);
@@ -267,7 +275,7 @@ export function serializeHeader(h: Qcow2Header): Buffer {
   out.writeBigUInt64BE(BigInt(h.backingFileOffset), 8);
   out.writeUInt32BE(h.backingFileSize, 16);
   out.writeUInt32BE(h.clusterBits, 20);
-  out.writeBigUInt64BE(BigInt(h.size), 24);
+  out.writeBigUInt64BE(BigInt(Math.floor(h.size / 512) * 512), 24); // QEMU writes total_sectors * 512
   out.writeUInt32BE(h.cryptMethod, 32);
   out.writeUInt32BE(h.l1Size, 36);
   out.writeBigUInt64BE(BigInt(h.l1TableOffset), 40);

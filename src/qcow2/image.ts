@@ -184,6 +184,10 @@ export class Qcow2Image implements BlockDriver {
       opts.metadataCache !== 'writethrough');
     // Check mode (QEMU's BDRV_O_CHECK) leaves the snapshot table to the check, which reads it itself.
     if (!opts.checkMode) await img.loadSnapshots();
+    // QEMU has no table pointer until the check reads it, so a header rewritten before (bitmaps
+    // marked in use) gets a zero offset. Only done where no snapshot exists: QEMU would also
+    // write a count of 0 over existing snapshots, which qchain does not copy.
+    else if (header.nbSnapshots === 0) header.snapshotsOffset = 0;
     img.bitmaps = await Qcow2Bitmaps.open(img, img.log);
     if (!readOnly) await img.prepareForWriting(!!opts.noRepair);
     return img;
@@ -243,15 +247,27 @@ export class Qcow2Image implements BlockDriver {
 
   /** Record detected corruption: set the corrupt bit on a writable image, then fail the request. */
   async signalCorruption(msg: string): Promise<never> {
-    if (!this.readOnly && !this.corrupt && this.header.version >= 3) {
+    // As qcow2_signal_corruption: fatal on a writable image; after the first event only a fatal
+    // one on an image not yet marked is reported.
+    const fatal = !this.readOnly;
+    if (this.signaledCorruption && (!fatal || this.corrupt)) throw new CorruptionError(msg);
+    this.signaledCorruption = true;
+    if (fatal && !this.corrupt) {
+      // qcow2_mark_corrupt: the bit in memory, the whole header rewritten (v2 has no field for it).
       this.log(`qcow2: Marking image as corrupt: ${msg}; further corruption events will be suppressed`);
+      this.unusable = true;
       this.header.incompatible |= BigInt(C.INCOMPAT_CORRUPT);
-      await this.writeIncompat().catch(() => {});
+      await this.writeHeader().catch(() => {});
     } else {
       this.log(`qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`);
     }
     throw new CorruptionError(msg);
   }
+
+  /** A corruption event was reported (QEMU's signaled_corruption). */
+  signaledCorruption = false;
+  /** The image was marked corrupt by this handle (QEMU then drops the driver: bs->drv = NULL). */
+  unusable = false;
 
   // ---- mapping -------------------------------------------------------------------------------
 
@@ -1095,15 +1111,22 @@ export class Qcow2Image implements BlockDriver {
     this.closed = true;
     await (await import('./compressed-write.js')).closeCompressedWriter(this);
     let failed: unknown = null;
-    if (!this.readOnly) {
+    // Marked corrupt by this handle: QEMU has dropped the driver, nothing more is written.
+    if (!this.readOnly && !this.unusable) {
       // Metadata that cannot be written back leaves a leak at worst; the bitmaps still try.
       await this.flushMetadata().catch((e: unknown) => { failed = e; });
       // A bitmap that cannot be stored stays in use on disk; the image is still closed cleanly.
       if (this.bitmaps) await this.bitmaps.store().catch((e: unknown) => { failed = e; });
+      // As qcow2_inactivate: a clean close clears the dirty bit, also one found on open (check mode).
       if (this.dirtySet) {
         await this.storage.flush();
         this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
         await this.writeIncompat();
+      } else if (!failed && (this.header.incompatible & BigInt(C.INCOMPAT_DIRTY)) !== 0n) {
+        // qcow2_mark_clean rewrites the whole header cluster.
+        await this.storage.flush();
+        this.header.incompatible &= ~BigInt(C.INCOMPAT_DIRTY);
+        await this.writeHeader();
       }
       await this.storage.flush();
     }

@@ -17,7 +17,7 @@
 import type { Storage } from '../storage/storage.js';
 import { Lru } from '../util/lru.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
-import { HI_OFFSET_MASK, TWO32 } from './constants.js';
+import { TWO32 } from './constants.js';
 import { MetaWriter } from './meta-writer.js';
 
 /**
@@ -31,6 +31,9 @@ export class RefcountRangeError extends ImageError {
   }
 }
 
+/** Stand-in for a refcount block offset past 2^53 (past any real file; reads as zeros). */
+export const FAR_BLOCK = 2 ** 60;
+
 export interface RefcountGeometry {
   clusterBits: number;
   refcountOrder: number;
@@ -42,8 +45,14 @@ export class Refcounts {
   /** refcount entries per block. */
   readonly perBlock: number;
   private readonly maxValue: number;
-  /** Reftable entries (block host offsets, 0 = none). */
+  /**
+   * Reftable entries (block host offsets, 0 = none). All 55 offset bits are kept, as QEMU's
+   * REFT_OFFSET_MASK: an offset past 2^53 is FAR_BLOCK (exact value in `farEntries`), past 2^63
+   * (a negative int64 for QEMU) is -1.
+   */
   table: number[];
+  /** Exact offsets of the FAR_BLOCK entries, by table index. */
+  farEntries = new Map<number, bigint>();
   tableOffset: number;
   tableClusters: number;
   /** Lowest cluster index that might be free (QEMU's free_cluster_index). */
@@ -87,18 +96,26 @@ export class Refcounts {
     const raw = Buffer.alloc(clusters * cs);
     await storage.read(raw, offset);
     const table: number[] = new Array(raw.length / 8);
+    const far = new Map<number, bigint>();
     for (let i = 0; i < table.length; i++) {
       const hi = raw.readUInt32BE(i * 8), lo = raw.readUInt32BE(i * 8 + 4);
-      table[i] = (hi & HI_OFFSET_MASK) * TWO32 + ((lo & 0xfffffe00) >>> 0);
-      if (hi >>> 24 !== 0) table[i] = -1; // offset beyond 2^56: corrupt entry
+      table[i] = hi * TWO32 + ((lo & 0xfffffe00) >>> 0);
+      if (hi >= 0x80000000) table[i] = -1; // a negative int64 for QEMU: every access fails (EIO)
+      else if (hi >= 0x200000) { // beyond exact numbers and any real file
+        table[i] = FAR_BLOCK;
+        far.set(i, (BigInt(hi) << 32n) | BigInt((lo & 0xfffffe00) >>> 0));
+      }
     }
-    return new Refcounts(storage, geo, offset, clusters, table);
+    const rc = new Refcounts(storage, geo, offset, clusters, table);
+    rc.farEntries = far;
+    return rc;
   }
 
   /** Re-read the table from a new location and forget cached blocks (after the image was rebuilt on disk). */
   async reload(offset: number, clusters: number): Promise<void> {
     const fresh = await Refcounts.load(this.storage, { clusterBits: Math.log2(this.clusterSize), refcountOrder: Math.log2(this.bits) }, offset, clusters);
     this.table = fresh.table;
+    this.farEntries = fresh.farEntries;
     this.tableOffset = offset;
     this.tableClusters = clusters;
     this.blocks.clear();
@@ -167,13 +184,28 @@ export class Refcounts {
     return b && this.readEntry(b, ci % this.perBlock);
   }
 
+  /** The exact refcount as a BigInt (64-bit refcounts may exceed 2^53); for reports. */
+  async getExact(ci: number): Promise<bigint> {
+    const v = await this.get(ci);
+    if (this.bits !== 64 || v <= Number.MAX_SAFE_INTEGER) return BigInt(v);
+    const bo = this.table[Math.floor(ci / this.perBlock)];
+    const b = await this.block(bo);
+    return b.readBigUInt64BE((ci % this.perBlock) * 8);
+  }
+
   /** Refcount of the cluster with index `ci` (0 when no block covers it). */
   async get(ci: number): Promise<number> {
     const ti = Math.floor(ci / this.perBlock);
     if (ti >= this.table.length) return 0;
     const bo = this.table[ti];
     if (bo === 0) return 0;
-    if (bo < 0) throw new CorruptionError(`Refblock offset invalid in reftable entry ${ti}`);
+    if (bo < 0) throw new ImageError('Input/output error', 'EIO');
+    if (bo === FAR_BLOCK) {
+      // Read past the end of the file: zeros (unless the exact offset is unaligned).
+      const exact = this.farEntries.get(ti) ?? 0n;
+      if (exact % BigInt(this.clusterSize) !== 0n) throw new CorruptionError(`Refblock offset 0x${exact.toString(16)} unaligned`);
+      return 0;
+    }
     return this.readEntry(await this.block(bo), ci % this.perBlock);
   }
 
@@ -237,7 +269,8 @@ export class Refcounts {
       const last = Math.min(this.perBlock, first + (n - i));
       const at = (k: number): number => deltaAt(i + k - first);
       const bo = ti < this.table.length ? this.table[ti] : 0;
-      if (bo < 0) throw new CorruptionError(`Refblock offset invalid in reftable entry ${ti}`);
+      if (bo < 0) throw new ImageError('Input/output error', 'EIO');
+      if (bo === FAR_BLOCK) throw new ImageError('File too large', 'EFBIG'); // a write there fails
       if (bo > 0) {
         const b = await this.block(bo);
         this.checkEntries(ti, first, last, (k) => this.readEntry(b, k), at);
@@ -343,7 +376,7 @@ export class Refcounts {
   }
 
   private async createBlock(ti: number): Promise<number> {
-    if (ti < this.table.length && this.table[ti] < 0) throw new CorruptionError(`Refblock offset invalid in reftable entry ${ti}`);
+    if (ti < this.table.length && this.table[ti] < 0) throw new ImageError('Input/output error', 'EIO');
     if (ti >= this.table.length) {
       // Grown table: its own clusters' refcounts reach the disk before the header names it.
       await this.growTable(ti + 1);

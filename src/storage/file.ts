@@ -226,6 +226,8 @@ export class FileStorage implements Storage {
 
   async write(buf: Buffer, offset: number): Promise<void> {
     if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+    // Past 2^53 no file system of a real installation holds data (ext4: 16 TiB): EFBIG, as pwrite.
+    if (!Number.isSafeInteger(offset + buf.length)) throw new StorageError(`${this.name}: ${errnoText('EFBIG')}`, 'EFBIG');
     if (this.batcher) return this.batcher.write(buf, offset);
     return this.writeNow(buf, offset);
   }

@@ -60,6 +60,7 @@ export function errnoText(code: string | undefined): string {
     case 'EIO': return 'Input/output error';
     case 'ENOTDIR': return 'Not a directory';
     case 'EFBIG': return 'File too large';
+    case 'ENOMEM': return 'Cannot allocate memory';
     case 'ELOOP': return 'Too many levels of symbolic links';
     default: return code ?? 'Unknown error';
   }

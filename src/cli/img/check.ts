@@ -88,8 +88,13 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
       if (output === 'human' && !quiet) {
         ctx.stdout.write(`The following inconsistencies were found and repaired:\n\n    ${fixedLeaks} leaked clusters\n    ${fixedCorruptions} corruptions\n\nDouble checking the fixed image now...\n`);
       }
+      // An image marked corrupt during the repair has lost its driver in QEMU: the second pass fails.
+      if (img.unusable) throw new CliError('Check failed: No medium found');
       await img.flush();
-      r = await checkImage(img, report);
+      r = await checkImage(img, report).catch((e: unknown) => {
+        if (e instanceof CheckFailedError) throw new CliError(`Check failed: ${errnoText(e.errno)}`);
+        throw e;
+      });
       r.leaksFixed = fixedLeaks;
       r.corruptionsFixed = fixedCorruptions;
     }

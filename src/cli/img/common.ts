@@ -37,6 +37,13 @@ export function formatArg(name: string): ImageFormat {
   return name;
 }
 
+/** Validates a format to write (`create -f`, `convert -O`, `dd -O`): qcow (v1) is read only. */
+export function outputFormatArg(name: string): ImageFormat {
+  const f = formatArg(name);
+  if (f === 'qcow') throw new CliError('qchain reads qcow (v1) images but does not write them; use qcow2');
+  return f;
+}
+
 /**
  * A source image's `-f` name, checked when the image is opened (qemu-img names the file:
  * "Could not open 'x': Unknown driver 'y'").

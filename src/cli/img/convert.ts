@@ -3,7 +3,7 @@ import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { accumulateOptions, hasHelpOption, parseOptString, parseOptionSize, parseSize } from '../util/options.js';
 import { ProgressPrinter } from '../util/progress.js';
-import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, formatArg, open, parseArgs } from './common.js';
+import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, formatArg, outputFormatArg, open, parseArgs } from './common.js';
 import type { Chain } from '../../chain/chain.js';
 import type { ImageFormat } from '../../chain/open.js';
 import { FileStorage } from '../../storage/file.js';
@@ -33,7 +33,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       case 'h': ctx.stdout.write('usage: qchain img convert [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-S sparse_size] [-m num_coroutines] [-W] filename [filename2 [...]] output_filename\n'); return 0;
       case 'f': srcFmt = formatArg(a); break;
       case 'U': forceShare = true; break;
-      case 'O': outFmt = formatArg(a); break;
+      case 'O': outFmt = outputFormatArg(a); break;
       case 'B': backing = a; break;
       case 'F': backingFmt = a; break;
       case 'c': compress = true; break;

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { accumulateOptions, escapeOptValue, hasHelpOption, parseOptString, parseSizeBig, parseOptionSize } from '../util/options.js';
-import { HELP, OBJECT, PROG, asCliError, formatArg, open, parseArgs } from './common.js';
+import { HELP, OBJECT, PROG, asCliError, formatArg, outputFormatArg, open, parseArgs } from './common.js';
 import { FileStorage } from '../../storage/file.js';
 import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2CreateOptions } from '../../qcow2/create.js';
 import { combinePath } from '../../chain/resolve.js';
@@ -94,7 +94,7 @@ export async function createMain(argv: string[], ctx: CliContext): Promise<numbe
   const named = (e: unknown): never => { throw new CliError(`${file}: ${asCliError(e).message}`); };
   let fmt: ImageFormat;
   try {
-    fmt = formatArg(fmtArg);
+    fmt = outputFormatArg(fmtArg);
   } catch (e) {
     return named(e);
   }

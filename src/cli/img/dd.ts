@@ -50,6 +50,7 @@ export async function ddMain(argv: string[], ctx: CliContext): Promise<number> {
     if (fmt !== undefined && !isFormat(fmt)) throw new CliError(`Could not open '${inFile}': Unknown driver '${fmt}'`);
     src = await open(inFile, { format: fmt as ImageFormat | undefined, readOnly: true }, ctx);
     if (!isFormat(outFmt)) throw new CliError('Unknown file format');
+    if (outFmt === 'qcow') throw new CliError('qchain reads qcow (v1) images but does not write them; use qcow2');
     // qemu-img's arithmetic: count limits the end, skip moves the start (count includes skip).
     let size = BigInt(src.size);
     if (count !== null && count <= INT64_MAX / bs && count * bs < size) size = count * bs;

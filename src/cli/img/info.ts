@@ -6,6 +6,7 @@ import { FORCE_SHARE, FORMAT, HELP, IMAGE_OPTS, OBJECT, OUTPUT, sourceFormat, as
 import type { Chain } from '../../chain/chain.js';
 import type { BlockDriver } from '../../image/driver.js';
 import { Qcow2Image } from '../../qcow2/image.js';
+import { QcowImage } from '../../qcow/image.js';
 import { AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE } from '../../qcow2/constants.js';
 import type { Snapshot } from '../../qcow2/snapshot-table.js';
 import type { BitmapInfo } from '../../qcow2/bitmaps.js';
@@ -19,9 +20,10 @@ export async function imageInfo(d: BlockDriver, filename: string): Promise<Recor
   if (d instanceof Qcow2Image && d.snapshots.length) o.snapshots = d.snapshots.map(snapshotInfo);
   o['virtual-size'] = d.size;
   o.filename = filename;
-  if (d instanceof Qcow2Image) o['cluster-size'] = d.clusterSize;
+  if (d instanceof Qcow2Image || d instanceof QcowImage) o['cluster-size'] = d.clusterSize;
   o.format = d.format;
   o['actual-size'] = await d.storage.allocatedSize();
+  if (d instanceof QcowImage && d.encrypted) o.encrypted = true;
   if (d instanceof Qcow2Image) {
     const bitmaps = d.bitmaps?.info() ?? [];
     const data: Record<string, unknown> = d.version >= 3
@@ -76,6 +78,7 @@ export function humanInfo(info: Record<string, unknown>, d: BlockDriver): string
   lines.push(`file format: ${info.format}`);
   lines.push(`virtual size: ${sizeToStr(info['virtual-size'] as number)} (${info['virtual-size']} bytes)`);
   lines.push(`disk size: ${sizeToStr(info['actual-size'] as number)}`);
+  if (info.encrypted) lines.push('encrypted: yes');
   if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${info['cluster-size']}`);
   if (info['dirty-flag']) lines.push('cleanly shut down: no');
   if (info['backing-filename'] !== undefined) {

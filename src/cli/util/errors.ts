@@ -52,6 +52,7 @@ const HINT_LINE = new RegExp('^(' + [
   'and exabytes, respectively\\.',
   'Could not open backing image\\.',
   'You can force-remove this extra metadata with qemu-img check -r all',
+  "Try the 'qcow2' driver instead\\.",
 ].join('|') + ')$');
 
 /** `program: msg\n` for every line of `msg` (QEMU's `error_report()` format); hint lines unprefixed. */
