@@ -2,7 +2,7 @@
  * The allocator's synchronous path (writeback guest writes): a run from cached, existing refcount
  * blocks, counted in memory as pending; otherwise null with nothing changed, so the caller takes
  * the asynchronous path (new block, uncached block, refused run). Pending counts reach the file
- * only with writePending().
+ * only with writePending(). The asynchronous allocator's free-cluster hint is checked too.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -55,4 +55,15 @@ test('tryAllocSync: null without change when a new block is needed, the block is
   assert.equal(cold.tryAllocSync(1, () => false), null, 'uncached block');
   assert.equal(await cold.alloc(1), 253 * CS, 'the async path works and caches the block');
   assert.equal(cold.tryAllocSync(1, () => false), 254 * CS, 'then the sync path can');
+});
+
+test('alloc: consecutive allocations take consecutive runs; a freed cluster below the hint is reused', async () => {
+  const { rc } = await setup();
+  assert.equal(await rc.alloc(4), 3 * CS);
+  assert.equal(await rc.alloc(2), 7 * CS);
+  await rc.free(4 * CS, 1);
+  assert.equal(await rc.alloc(1), 4 * CS, 'the hole is found again');
+  assert.equal(await rc.alloc(1), 9 * CS);
+  for (let c = 0; c < 10; c++) assert.equal(await rc.get(c), 1, `cluster ${c}`);
+  assert.equal(await rc.get(10), 0);
 });

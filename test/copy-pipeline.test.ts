@@ -2,7 +2,7 @@
  * The pipelined copy (convert without -W): a job's turn ends once its clusters are allocated
  * (`onPlaced`), so the next job allocates while the data is in flight, yet the target is laid out
  * in guest order and every byte arrives. Also the small pieces it relies on: the counting
- * semaphore, the LRU's most-recently-used shortcut and the allocator's free-cluster hint.
+ * semaphore and the LRU's most-recently-used shortcut (the allocator's hint: alloc-fast-path).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,7 +10,6 @@ import { MemoryStorage } from '../src/storage/memory.js';
 import { createQcow2 } from '../src/qcow2/create.js';
 import { Qcow2Image } from '../src/qcow2/image.js';
 import { RawImage } from '../src/raw/raw.js';
-import { Refcounts } from '../src/qcow2/refcount.js';
 import { Lru } from '../src/util/lru.js';
 import { Semaphore } from '../src/util/mutex.js';
 import { copyChains } from '../src/ops/copy.js';
@@ -163,26 +162,6 @@ test('Lru: hits on the most recent key keep the order right for eviction', () =>
   l.clear();
   assert.equal(l.get('f'), undefined);
   assert.equal(l.size, 0);
-});
-
-test('Refcounts: consecutive allocations take consecutive runs; a freed cluster below the hint is reused', async () => {
-  const CS = 512;
-  const st = new MemoryStorage();
-  const table = Buffer.alloc(CS);
-  table.writeUInt32BE(2 * CS, 4);
-  await st.write(table, CS);
-  await st.write(Buffer.alloc(CS), 2 * CS);
-  const rc = await Refcounts.load(st, { clusterBits: 9, refcountOrder: 4 }, CS, 1);
-  await rc.update(0, 3, 1); // header, table, block
-  const a = await rc.alloc(4);
-  const b = await rc.alloc(2);
-  assert.equal(a, 3 * CS);
-  assert.equal(b, 7 * CS);
-  await rc.free(4 * CS, 1);
-  assert.equal(await rc.alloc(1), 4 * CS, 'the hole is found again');
-  assert.equal(await rc.alloc(1), 9 * CS);
-  for (let c = 0; c < 10; c++) assert.equal(await rc.get(c), 1, `cluster ${c}`);
-  assert.equal(await rc.get(10), 0);
 });
 
 test('copyChains -W: writes may overlap and all bytes still arrive', async () => {
