@@ -98,6 +98,17 @@ export interface ChainExtent {
 
 const CHUNK = 4 * 1024 * 1024;
 
+/**
+ * The part [offset, offset+length) of run `r` at `depth`, built field by field (one object shape
+ * on the read fast path; object spread of extents of varying shapes measured slow there).
+ */
+function subExtent(r: Extent, offset: number, length: number, depth: number): ChainExtent {
+  const x: ChainExtent = { offset, length, kind: r.kind, depth };
+  if (r.hostOffset !== undefined) x.hostOffset = r.hostOffset + (offset - r.offset);
+  if (r.compressed) x.compressed = true;
+  return x;
+}
+
 export class Chain {
   private readonly backingCache = new Lru<number, ChainExtent[]>(4096);
   private readonly pending = new Map<number, Promise<ChainExtent[]>>();
@@ -274,7 +285,7 @@ export class Chain {
     if (depth === 0) {
       const e = this.layers[0].driver.mapSync?.(offset, length);
       if (!e) return null;
-      if (e.kind === 'data') x = { ...e, depth: 0 };
+      if (e.kind === 'data') x = subExtent(e, offset, length, 0);
       else if (e.kind === 'unallocated' && this.layers.length > 1) x = this.cachedRun(1, offset, length);
       else return null;
     } else x = this.cachedRun(depth, offset, length);
@@ -298,7 +309,7 @@ export class Chain {
     }
     const r = runs[lo];
     if (!r || r.offset > offset || r.offset + r.length < offset + length) return null;
-    return { ...r, offset, length, ...(r.hostOffset !== undefined ? { hostOffset: r.hostOffset + (offset - r.offset) } : {}) };
+    return subExtent(r, offset, length, r.depth);
   }
 
   async read(buf: Buffer, offset: number): Promise<void> {
