@@ -13,7 +13,7 @@ import type { Chain } from '../chain/chain.js';
 import { ImageError } from '../image/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { RateLimiter, runPool } from './pool.js';
-import { Semaphore } from '../util/mutex.js';
+import { Mutex } from '../util/mutex.js';
 
 export interface CommitOptions {
   /** Keep the top's content (qemu-img commit -d; -b implies it). */
@@ -109,7 +109,7 @@ export async function commit(chain: Chain, baseDepth: number, opts: CommitOption
     const buffers: Buffer[] = [];
     // Reads overlap; writes into the base go one at a time: buffered writes to one file
     // serialise in the kernel anyway, and concurrent ones only add lock contention.
-    const writeSlot = new Semaphore(1);
+    const writing = new Mutex();
     await runPool(jobs(), opts.parallel ?? 8, async (j) => {
       if (j.kind === 'zero') {
         await base.writeZeroes(j.offset, j.length, { mayUnmap: true });
@@ -119,12 +119,7 @@ export async function commit(chain: Chain, baseDepth: number, opts: CommitOption
         const buf = full.subarray(0, j.length);
         try {
           await chain.read(buf, j.offset);
-          const release = await writeSlot.acquire();
-          try {
-            await base.write(buf, j.offset);
-          } finally {
-            release();
-          }
+          await writing.run(() => base.write(buf, j.offset));
         } finally {
           buffers.push(full);
         }

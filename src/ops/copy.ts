@@ -118,7 +118,7 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
 
   const it = jobs();
   let failure: unknown = null;
-  // In-order mode: job n writes only after job n-1's writes finished (reads still overlap).
+  // In-order mode: job n allocates only after job n-1 has allocated (reads still overlap).
   const turns = new Turns(opts.outOfOrder);
   // In order, one data write at a time: buffered writes to one file serialise in the kernel
   // anyway (measured: concurrent ones made a raw flatten ~1.5x slower); the slot is taken after

@@ -14,7 +14,7 @@ import type { BlockDriver } from '../image/driver.js';
 import { ImageError } from '../image/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { runPool } from './pool.js';
-import { Semaphore } from '../util/mutex.js';
+import { Mutex } from '../util/mutex.js';
 
 /** The guest view of layers [depth..] of a chain. */
 export interface ChainView {
@@ -117,7 +117,7 @@ export async function rebaseCopy(chain: Chain, next: ChainView | null, opts: Reb
   const pool: Array<[Buffer, Buffer]> = [];
   // Reads and compares overlap; writes into the image go one request at a time (buffered writes
   // to one file serialise in the kernel; concurrent ones only add contention).
-  const writeSlot = new Semaphore(1);
+  const writing = new Mutex();
   await runPool(chunks(), opts.parallel ?? 8, async (c) => {
     const beyondOld = c.offset >= oldSize;
     const oldStatus = beyondOld ? [] : await chain.statusFrom(1, c.offset, c.length);
@@ -136,15 +136,12 @@ export async function rebaseCopy(chain: Chain, next: ChainView | null, opts: Reb
       ]);
       const runs = differingRuns(a, b, top.granularity);
       if (runs.length === 0) return;
-      const release = await writeSlot.acquire();
-      try {
+      await writing.run(async () => {
         for (const [s, e] of runs) {
           if (beyondOld) await top.writeZeroes(c.offset + s, e - s);
           else await top.write(a.subarray(s, e), c.offset + s);
         }
-      } finally {
-        release();
-      }
+      });
     } finally {
       pool.push(bufs);
     }

@@ -304,13 +304,11 @@ export class Refcounts {
   }
 
   private async writeBlockRange(bo: number, b: Buffer, first: number, last: number): Promise<void> {
-    // Write whole 512-byte sectors covering the changed entries.
-    const startByte = Math.floor((first * this.bits) / 8 / 512) * 512;
-    const endByte = Math.min(this.clusterSize, Math.ceil(Math.ceil((last * this.bits) / 8) / 512) * 512);
     if (this.lazy) {
       this.markPending(bo, b, first, last);
       return;
     }
+    const [startByte, endByte] = this.sectorRange(first, last);
     const w = this.writer.write(bo, b, startByte, endByte);
     if (this.deferred) {
       w.catch(() => {});
@@ -318,10 +316,17 @@ export class Refcounts {
     } else await w;
   }
 
+  /** The bytes of a block holding entries [first, last), widened to whole 512-byte sectors. */
+  private sectorRange(first: number, last: number): [number, number] {
+    return [
+      Math.floor((first * this.bits) / 8 / 512) * 512,
+      Math.min(this.clusterSize, Math.ceil(Math.ceil((last * this.bits) / 8) / 512) * 512),
+    ];
+  }
+
   /** Record entries [first, last) of block `bo` as changed in memory only (lazy mode). */
   private markPending(bo: number, b: Buffer, first: number, last: number): void {
-    const startByte = Math.floor((first * this.bits) / 8 / 512) * 512;
-    const endByte = Math.min(this.clusterSize, Math.ceil(Math.ceil((last * this.bits) / 8) / 512) * 512);
+    const [startByte, endByte] = this.sectorRange(first, last);
     const p = this.pending.get(bo);
     if (!p) this.pending.set(bo, { buf: b, lo: startByte, hi: endByte });
     else {
