@@ -133,15 +133,7 @@ export class JobManager {
     const job = this.common(a, top, 'stream', between, [onError, onError]);
     // QEMU's stream_start reopens a read-only top read-write before block-stream returns; it is
     // read-only again once the job has ended, however it ended (stream_clean).
-    const topWasReadOnly = top.driver.readOnly;
-    if (topWasReadOnly) {
-      try {
-        await this.reopen(top, false);
-      } catch (e) {
-        this.jobs.delete(job.id);
-        throw e;
-      }
-    }
+    const topWasReadOnly = await this.writableForJob(job, top);
     let sealed: Promise<void> | null = null;
     const sealTop = (): Promise<void> => (sealed ??= topWasReadOnly ? this.reopen(top, true).catch(() => {}) : Promise.resolve());
     const { work, prepare } = streamWork(this.graph, { top, base, backingFile: optStr(a, 'backing-file'), sealTop });
@@ -187,15 +179,7 @@ export class JobManager {
     const onError = onErrorArg(a, 'on-error');
     const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError], top.name);
     // QEMU reopens a read-only base read-write before block-commit returns.
-    const baseWasReadOnly = base.driver.readOnly;
-    if (baseWasReadOnly) {
-      try {
-        await this.reopen(base, false);
-      } catch (e) {
-        this.jobs.delete(job.id);
-        throw e;
-      }
-    }
+    const baseWasReadOnly = await this.writableForJob(job, base);
     const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, baseWasReadOnly, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
     job.start(work, async () => {
       // QEMU's commit_prepare drains the committed nodes three times (dropping the intermediate
@@ -207,6 +191,21 @@ export class JobManager {
       // the backup's too, and no other job may change it under the backup's view.
       for (const j of others) if (j.type === 'backup' && j.nodes[0] === top.name) j.nodes.push(base.name);
     });
+  }
+
+  /**
+   * Reopen a read-only node read-write for a job before its command returns (as QEMU's job
+   * starts do); whether it was read-only. If that fails the job is dropped and the error thrown.
+   */
+  private async writableForJob(job: Job, node: FormatNode): Promise<boolean> {
+    if (!node.driver.readOnly) return false;
+    try {
+      await this.reopen(node, false);
+    } catch (e) {
+      this.jobs.delete(job.id);
+      throw e;
+    }
+    return true;
   }
 
   /** Reopen a node with no guest request in flight (old handles may be in use by running requests). */
@@ -235,14 +234,7 @@ export class JobManager {
       },
     });
     // As for an intermediate commit, the base is read-write before block-commit returns.
-    if (base.driver.readOnly) {
-      try {
-        await this.reopen(base, false);
-      } catch (e) {
-        this.jobs.delete(job.id);
-        throw e;
-      }
-    }
+    await this.writableForJob(job, base);
     // Unlike an intermediate commit, a cancelled or failed active commit leaves the base
     // read-write (as qemu-storage-daemon 7.2 does).
     job.start(async (j) => {
