@@ -9,19 +9,14 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import { oracle, qemuChain, qemuImg, scratch } from './helpers/qemu.js';
 import { MONITOR, jobEvent, norm, ok, qcow2Node, quit, repliesThenEvents, start, type Tool } from './helpers/live-qmp.js';
 
 async function session(tool: Tool, dir: string, autoFinalize: boolean): Promise<{ log: unknown[]; target: Buffer }> {
-  fs.mkdirSync(dir, { recursive: true });
-  const mk = (a: string[]): Promise<unknown> => qemuImg(['create', '-q', '-f', 'qcow2', ...a], dir);
-  await mk(['base.qcow2', '16M']);
-  await qemuIo(['-c', 'write -q -P 1 0 1M', 'base.qcow2'], dir);
-  await mk(['-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2']);
-  await qemuIo(['-c', 'write -q -P 2 1M 1M', 'mid.qcow2'], dir);
-  await mk(['-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2']);
-  await qemuIo(['-c', 'write -q -P 3 2M 1M', 'top.qcow2'], dir);
-  await mk(['bt.qcow2', '16M']);
+  await qemuChain(dir, '16M', [
+    ['base.qcow2', 'write -q -P 1 0 1M'], ['mid.qcow2', 'write -q -P 2 1M 1M'], ['top.qcow2', 'write -q -P 3 2M 1M'],
+  ]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'bt.qcow2', '16M'], dir);
   const d = await start(tool, dir, [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid'), ...qcow2Node('bt'),
     '--nbd-server', 'addr.type=unix,addr.path=nbd.sock', '--export', 'type=nbd,id=et,node-name=top,name=t,writable=on', ...MONITOR]);
   let n = 0;

@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import { oracle, qemuChain, qemuImg, scratch } from './helpers/qemu.js';
 import { chainArgs, jobEvent, quit, start, type Tool } from './helpers/live-qmp.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
 import { Job } from '../src/jobs/job.js';
@@ -46,14 +46,8 @@ const ALLOWED: Record<Scenario, string[]> = {
 
 async function images(dir: string): Promise<void> {
   fs.rmSync(dir, { recursive: true, force: true });
-  fs.mkdirSync(dir, { recursive: true });
-  const img = (args: string[]): Promise<unknown> => qemuImg(['create', '-q', '-f', 'qcow2', ...args], dir);
-  await img(['base.qcow2', '4M']);
-  await qemuIo(['-c', 'write -q -P 1 0 1M', 'base.qcow2'], dir);
-  await img(['-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2']);
-  await qemuIo(['-c', 'write -q -P 2 1M 1M', 'mid.qcow2'], dir);
-  await img(['-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2']);
-  await img(['tgt.qcow2', '4M']);
+  await qemuChain(dir, '4M', [['base.qcow2', 'write -q -P 1 0 1M'], ['mid.qcow2', 'write -q -P 2 1M 1M'], ['top.qcow2']]);
+  await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '4M'], dir);
 }
 
 /** One round on a fresh chain: start the job, cancel it `delay` ms later or on its pending event (mirror: right after job-complete). */
