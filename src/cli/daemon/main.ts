@@ -29,6 +29,8 @@ and takes QMP commands.
 
 Short form: --nbd SOCKET (or --nbd-tcp [HOST:]PORT) exports FILE writable (unless -r) under
 the name NAME (default: empty), with qemu:allocation-depth; --qmp SOCKET adds a monitor.
+In QMP the image is node 'disk0' and the export 'export0' (e.g. blockdev-snapshot-sync with
+"node-name": "disk0").
 `;
 
 export async function daemonMain(argv: string[], ctx: CliContext): Promise<number> {
