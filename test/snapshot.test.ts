@@ -417,7 +417,8 @@ describe('crash safety (SIGKILL during qchain img snapshot -c / -d)', oracle(), 
     const r = rng(77);
     let made = 0;
     let killed = 0;
-    for (let it = 0; it < 12; it++) {
+    // 12 runs, more while fewer than 6 were killed mid-way (a run may finish before its kill lands).
+    for (let it = 0; it < 12 || (killed < 6 && it < 40); it++) {
       const del = snaps.size > 0 && r() < 0.45;
       const name = del ? [...snaps.keys()][randInt(r, 0, snaps.size - 1)] : `k${++made}`;
       const args = ['img', 'snapshot', del ? '-d' : '-c', name, f];
