@@ -13,7 +13,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { benchDir, numOption, sh, table } from './util.js';
+import { benchDir, numOption, sh, table, warmCache } from './util.js';
 import { KINDS, fio, fioAsync, median, peakRssKiB, startServer, type ServerKind } from './servers.js';
 import { QmpClient, type QmpMessage } from '../test/helpers/qmp-client.js';
 
@@ -61,6 +61,7 @@ async function readBench(): Promise<string[][]> {
   const iops: Record<number, Record<ServerKind, number>> = {};
   for (const depth of depths) {
     iops[depth] = await interleaved(async (k) => {
+      warmCache(Array.from({ length: depth }, (_, d) => path.join(dir, `d${d}.qcow2`)));
       const s = await startServer(k, dir, `d${depth - 1}.qcow2`, false);
       try {
         return fio(s.uri, 'read', ['--rw=randread', '--bs=4k', '--iodepth=32', '--time_based', `--runtime=${runtime}`, '--ramp_time=1', `--size=${sizeMiB}M`, '--randrepeat=0']).iops;
@@ -97,6 +98,7 @@ async function writeBench(): Promise<string[][]> {
   const w = await interleaved(async (k) => {
     fs.rmSync(path.join(dir, 'ov.qcow2'), { force: true });
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'd0.qcow2', '-F', 'qcow2', 'ov.qcow2'], dir);
+    warmCache([path.join(dir, 'd0.qcow2')]);
     const s = await startServer(k, dir, 'ov.qcow2', true);
     try {
       return fio(s.uri, 'write', [`--read_iolog=${log}`, '--iodepth=32']).iops;
@@ -118,6 +120,7 @@ async function seqBench(): Promise<string[][]> {
   if (!fs.existsSync(raw)) sh('qemu-img', ['convert', '-O', 'raw', 'd0.qcow2', raw], dir);
   const bytes = sizeMiB * MiB;
   const rd = await interleaved(async (k) => {
+    warmCache([path.join(dir, 'd0.qcow2')]);
     const s = await startServer(k, dir, 'd0.qcow2', false);
     try {
       return bytes / MiB / seconds(() => sh('nbdcopy', ['--request-size=1048576', s.uri, 'null:']));
@@ -128,6 +131,7 @@ async function seqBench(): Promise<string[][]> {
   const wr = await interleaved(async (k) => {
     fs.rmSync(path.join(dir, 'w.qcow2'), { force: true });
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', 'w.qcow2', `${sizeMiB}M`], dir);
+    warmCache([raw]);
     const s = await startServer(k, dir, 'w.qcow2', true);
     try {
       return bytes / MiB / seconds(() => sh('nbdcopy', ['--request-size=1048576', raw, s.uri]));

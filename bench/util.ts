@@ -71,6 +71,24 @@ export function peakRssKiB(cmd: string, args: string[], cwd?: string): number | 
   return Number(lines[lines.length - 1]);
 }
 
+/**
+ * Reads files through once so their pages are in the page cache. This machine's kernel evicts
+ * pages it has not seen used for a while (even with free memory), so each server is measured
+ * right after its images were warmed, not after whatever the previous run left cached.
+ */
+export function warmCache(paths: string[]): void {
+  const buf = Buffer.allocUnsafe(4 * 1024 * 1024);
+  for (const p of paths) {
+    const fd = fs.openSync(p, 'r');
+    try {
+      let pos = 0, n: number;
+      while ((n = fs.readSync(fd, buf, 0, buf.length, pos)) > 0) pos += n;
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+}
+
 export function benchDir(name: string): string {
   const base = process.env.QCHAIN_BENCH_DIR ?? os.tmpdir();
   const dir = fs.mkdtempSync(path.join(base, `qchain-bench-${name}-`));

@@ -9,6 +9,7 @@ import * as P from './protocol.js';
 import { ClosedError, SocketReader } from './reader.js';
 import type { NbdExport } from './export.js';
 import { handshake, type Negotiated } from './handshake.js';
+import { ReplyQueue } from './reply-queue.js';
 import type { ChainExtent } from '../chain/chain.js';
 
 /** Requests executing at once per connection; header reading pauses beyond this. */
@@ -33,16 +34,13 @@ export class NbdConnection {
   private bytesInFlight = 0;
   private slotWaiter: (() => void) | null = null;
   private idle: (() => void) | null = null;
-  /** Replies are corked until the end of the current event-loop turn, then leave in one writev. */
-  private corked = false;
-  private readonly uncork = (): void => {
-    this.corked = false;
-    this.socket.uncork();
-  };
+  /** Replies leave together at the end of the current event-loop turn. */
+  private readonly replies: ReplyQueue;
 
   constructor(private readonly socket: Socket, private readonly exports: (name: string) => NbdExport | undefined,
     private readonly listExports: () => NbdExport[], private readonly log: ConnectionLog = () => {}) {
     this.reader = new SocketReader(socket);
+    this.replies = new ReplyQueue(socket);
     socket.setNoDelay(true);
     socket.on('error', () => {});
   }
@@ -55,6 +53,7 @@ export class NbdConnection {
       if (!(e instanceof ClosedError)) this.log(`NBD client dropped: ${e instanceof Error ? e.message : String(e)}`);
     } finally {
       await this.drained();
+      this.replies.flush();
       this.socket.destroySoon?.();
       this.socket.end();
     }
@@ -69,7 +68,7 @@ export class NbdConnection {
     for (;;) {
       if (this.inFlight >= MAX_IN_FLIGHT) await this.slot();
       // A client that does not read its replies is not read from either: memory stays bounded.
-      if (this.socket.writableLength > MAX_UNSENT) await this.sent();
+      while (this.replies.unsent > MAX_UNSENT && !this.socket.destroyed) await this.sent();
       // Requests already buffered are parsed without a promise each.
       const h = this.reader.tryRead(28) ?? await this.reader.read(28);
       if (h.readUInt32BE(0) !== P.REQUEST_MAGIC) throw new Error('bad request magic');
@@ -105,9 +104,11 @@ export class NbdConnection {
     return new Promise<void>((r) => { this.slotWaiter = r; });
   }
 
-  /** Until the client has taken the replies written so far (or is gone). */
+  /** Until the client has taken the replies written so far (or is gone); queued ones are written first. */
   private sent(): Promise<void> {
     if (this.socket.destroyed) return Promise.resolve();
+    // Below the limit the backlog is in the queue, which the turn's end writes out.
+    if (this.socket.writableLength <= MAX_UNSENT) return new Promise<void>((r) => setImmediate(r));
     return new Promise<void>((r) => {
       const done = (): void => {
         this.socket.off('drain', done);
@@ -117,14 +118,6 @@ export class NbdConnection {
       this.socket.on('drain', done);
       this.socket.on('close', done);
     });
-  }
-
-  /** Start a reply: batch it with the other replies sent in this event-loop turn. */
-  private batch(): void {
-    if (this.corked) return;
-    this.corked = true;
-    this.socket.cork();
-    setImmediate(this.uncork);
   }
 
   /**
@@ -148,9 +141,7 @@ export class NbdConnection {
         const h = Buffer.alloc(16);
         h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
         handle.copy(h, 8);
-        this.batch();
-        this.socket.write(h);
-        this.socket.write(buf);
+        this.replies.push2(h, buf);
       }
       return true;
     } catch {
@@ -220,8 +211,7 @@ export class NbdConnection {
     const b = Buffer.alloc(16);
     b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
     r.handle.copy(b, 8);
-    this.batch();
-    this.socket.write(b);
+    this.replies.push(b);
   }
 
   /** An error reply: a structured ERROR chunk when negotiated, else a simple reply. */
@@ -231,8 +221,7 @@ export class NbdConnection {
       b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
       b.writeUInt32BE(code, 4);
       r.handle.copy(b, 8);
-      this.batch();
-      this.socket.write(b);
+      this.replies.push(b);
       return;
     }
     const m = Buffer.from(msg.slice(0, 4096), 'utf8');
@@ -250,9 +239,8 @@ export class NbdConnection {
     h.writeUInt16BE(type, 6);
     r.handle.copy(h, 8);
     h.writeUInt32BE(parts.reduce((a, b) => a + b.length, 0), 16);
-    this.batch();
-    this.socket.write(h);
-    for (const p of parts) this.socket.write(p);
+    this.replies.push(h);
+    for (const p of parts) this.replies.push(p);
   }
 
   /** One OFFSET_DATA chunk: header and offset in one small buffer, then the data. */
@@ -265,9 +253,7 @@ export class NbdConnection {
     h.writeUInt32BE(8 + data.length, 16);
     h.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
     h.writeUInt32BE(offset >>> 0, 24);
-    this.batch();
-    this.socket.write(h);
-    this.socket.write(data);
+    this.replies.push2(h, data);
   }
 
   private async read(n: Negotiated, r: Request): Promise<void> {
@@ -279,9 +265,7 @@ export class NbdConnection {
       const h = Buffer.alloc(16);
       h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
       r.handle.copy(h, 8);
-      this.batch();
-      this.socket.write(h);
-      this.socket.write(buf);
+      this.replies.push2(h, buf);
       return;
     }
     if (r.length === 0) return this.chunk(r, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, []);
