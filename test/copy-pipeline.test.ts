@@ -143,24 +143,28 @@ test('Semaphore: at most N holders, FIFO hand-over, double release is harmless',
   again.forEach((r) => r());
 });
 
-test('Lru: hits on the most recent key keep the order right for eviction', () => {
+test('Lru: second chance — a hit spares an entry from the next eviction, without reordering on hits', () => {
   const evicted: string[] = [];
   const l = new Lru<string, number>(3, (k) => evicted.push(k));
   l.set('a', 1);
   l.set('b', 2);
   l.set('c', 3);
-  assert.equal(l.get('c'), 3); // most recent: no reordering needed
-  assert.equal(l.get('a'), 1); // a becomes most recent
-  assert.equal(l.get('a'), 1);
-  l.set('d', 4); // evicts b, the least recent
+  assert.equal(l.get('a'), 1); // a is used: skipped once by eviction
+  l.set('d', 4); // oldest unused is b
   assert.deepEqual(evicted, ['b']);
-  l.delete('d');
-  assert.equal(l.get('d'), undefined);
-  l.set('e', 5);
-  l.set('f', 6); // evicts c
+  l.set('e', 5); // a lost its bit when passed over, c is older and unused
   assert.deepEqual(evicted, ['b', 'c']);
-  l.clear();
+  l.set('f', 6); // order now d, a, e: d is unused
+  assert.deepEqual(evicted, ['b', 'c', 'd']);
+  l.set('a', 10); // an update counts as a use
+  l.set('g', 7); // a passed over again, e evicted
+  assert.deepEqual(evicted, ['b', 'c', 'd', 'e']);
+  assert.equal(l.get('a'), 10);
+  l.delete('f');
   assert.equal(l.get('f'), undefined);
+  assert.equal(l.size, 2);
+  l.clear();
+  assert.equal(l.get('a'), undefined);
   assert.equal(l.size, 0);
 });
 

@@ -109,9 +109,45 @@ function subExtent(r: Extent, offset: number, length: number, depth: number): Ch
   return x;
 }
 
+/**
+ * A run of the backing cache. All runs have this one class (one hidden class): the cache is
+ * searched on every read below the top, and runs of mixed shapes (extents with and without
+ * hostOffset/compressed) made those property loads megamorphic, missing V8's handler cache and
+ * allocating a handler per read (hundreds of thousands of them per second on a deep chain).
+ */
+class Run {
+  constructor(readonly offset: number, readonly length: number, readonly kind: ExtentKind, readonly depth: number,
+    /** -1: none. */
+    readonly host: number, readonly compressed: boolean) {}
+
+  static of(x: ChainExtent): Run {
+    return new Run(x.offset, x.length, x.kind, x.depth, x.hostOffset ?? -1, !!x.compressed);
+  }
+
+  /** The part [offset, offset+length) as a ChainExtent. */
+  part(offset: number, length: number): ChainExtent {
+    const x: ChainExtent = { offset, length, kind: this.kind, depth: this.depth };
+    if (this.host >= 0) x.hostOffset = this.host + (offset - this.offset);
+    if (this.compressed) x.compressed = true;
+    return x;
+  }
+}
+
+/** Index of the first run in `runs` (sorted, disjoint) that ends after `pos`. */
+function firstEndingAfter(runs: Run[], pos: number): number {
+  let lo = 0, hi = runs.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    const r = runs[mid];
+    if (r.offset + r.length <= pos) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
 export class Chain {
-  private readonly backingCache = new Lru<number, ChainExtent[]>(4096);
-  private readonly pending = new Map<number, Promise<ChainExtent[]>>();
+  private readonly backingCache = new Lru<number, Run[]>(4096);
+  private readonly pending = new Map<number, Promise<Run[]>>();
   private generation = 0;
   /** The backing resolution may be cached while the layers below the top are not written. */
   cacheBacking = true;
@@ -177,28 +213,22 @@ export class Chain {
       const key = c * 1024 + depth; // depth < 1024 (chain depth limit)
       const runs = this.backingCache.get(key) ?? await this.resolveChunk(key, depth, c);
       const a = Math.max(offset, c * CHUNK), b = Math.min(end, (c + 1) * CHUNK);
-      // Binary search the first run that ends after a.
-      let lo = 0, hi = runs.length;
-      while (lo < hi) {
-        const mid = (lo + hi) >> 1;
-        if (runs[mid].offset + runs[mid].length <= a) lo = mid + 1;
-        else hi = mid;
-      }
-      for (let i = lo; i < runs.length && runs[i].offset < b; i++) {
+      for (let i = firstEndingAfter(runs, a); i < runs.length && runs[i].offset < b; i++) {
         const r = runs[i];
         const s = Math.max(a, r.offset), e = Math.min(b, r.offset + r.length);
-        push(out, { ...r, offset: s, length: e - s, ...(r.hostOffset !== undefined ? { hostOffset: r.hostOffset + (s - r.offset) } : {}) });
+        push(out, r.part(s, e - s));
       }
     }
     return out;
   }
 
   /** Resolve one chunk for the cache; concurrent misses on the same chunk share one resolution. */
-  private resolveChunk(key: number, depth: number, c: number): Promise<ChainExtent[]> {
+  private resolveChunk(key: number, depth: number, c: number): Promise<Run[]> {
     let p = this.pending.get(key);
     if (p) return p;
     const gen = this.generation;
-    p = this.resolve(depth, c * CHUNK, CHUNK, false).then((runs) => {
+    p = this.resolve(depth, c * CHUNK, CHUNK, false).then((exts) => {
+      const runs = exts.map(Run.of);
       if (gen === this.generation) this.backingCache.set(key, runs);
       return runs;
     }).finally(() => {
@@ -301,15 +331,9 @@ export class Chain {
     if (Math.floor((offset + length - 1) / CHUNK) !== c || offset + length > this.layers[depth].driver.size) return null;
     const runs = this.backingCache.get(c * 1024 + depth);
     if (!runs) return null;
-    let lo = 0, hi = runs.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >> 1;
-      if (runs[mid].offset + runs[mid].length <= offset) lo = mid + 1;
-      else hi = mid;
-    }
-    const r = runs[lo];
+    const r = runs[firstEndingAfter(runs, offset)];
     if (!r || r.offset > offset || r.offset + r.length < offset + length) return null;
-    return subExtent(r, offset, length, r.depth);
+    return r.part(offset, length);
   }
 
   async read(buf: Buffer, offset: number): Promise<void> {

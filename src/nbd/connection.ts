@@ -133,16 +133,32 @@ export class NbdConnection {
       if (flags & ~READ_FAST_FLAGS || length === 0 || length > P.MAX_BUFFER || !Number.isSafeInteger(offset)) return false;
       const chain = exp.chain();
       if (offset + length > chain.size) return false;
-      const buf = Buffer.allocUnsafe(length);
-      if (!chain.tryReadSync(buf, offset)) return false;
-      const r = { flags, type: P.CMD_READ, handle, offset, length, payload: null };
-      if (n.structured) this.dataChunk(r, P.REPLY_FLAG_DONE, offset, buf);
-      else {
-        const h = Buffer.alloc(16);
-        h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
-        handle.copy(h, 8);
-        this.replies.push2(h, buf);
+      // Header and data go straight into the turn's reply slab when they fit.
+      const hl = n.structured ? 28 : 16;
+      const slot = this.replies.reserve(hl + length);
+      const buf = slot ? slot.subarray(hl) : Buffer.allocUnsafe(length);
+      let ok = false;
+      try {
+        ok = chain.tryReadSync(buf, offset) !== null;
+      } finally {
+        if (!ok && slot) this.replies.unreserve(hl + length);
       }
+      if (!ok) return false;
+      const h = slot ? slot.subarray(0, hl) : Buffer.allocUnsafe(hl);
+      if (n.structured) {
+        h.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
+        h.writeUInt16BE(P.REPLY_FLAG_DONE, 4);
+        h.writeUInt16BE(P.REPLY_TYPE_OFFSET_DATA, 6);
+        handle.copy(h, 8);
+        h.writeUInt32BE(8 + length, 16);
+        h.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
+        h.writeUInt32BE(offset >>> 0, 24);
+      } else {
+        h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+        h.writeUInt32BE(0, 4);
+        handle.copy(h, 8);
+      }
+      if (!slot) this.replies.push2(h, buf);
       return true;
     } catch {
       return false;
@@ -208,10 +224,10 @@ export class NbdConnection {
   }
 
   private ok(r: Request): void {
-    const b = Buffer.alloc(16);
+    const b = this.replies.reserve(16) as Buffer;
     b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+    b.writeUInt32BE(0, 4);
     r.handle.copy(b, 8);
-    this.replies.push(b);
   }
 
   /** An error reply: a structured ERROR chunk when negotiated, else a simple reply. */

@@ -13,6 +13,8 @@ interface Slot {
   /** Dirty byte range [lo, hi); hi = 0 when clean. */
   lo: number;
   hi: number;
+  /** Hit since eviction last passed it (second-chance eviction; hits do not reorder the Map). */
+  used: boolean;
 }
 
 /** A dirty range taken for writing back. */
@@ -42,8 +44,7 @@ export class L2Cache {
   peek(offset: number): Buffer | undefined {
     const slot = this.map.get(offset);
     if (!slot) return undefined;
-    this.map.delete(offset);
-    this.map.set(offset, slot);
+    slot.used = true;
     return slot.buf;
   }
 
@@ -52,8 +53,7 @@ export class L2Cache {
     const slot = this.map.get(offset);
     if (!slot) return undefined;
     slot.pins++;
-    this.map.delete(offset);
-    this.map.set(offset, slot);
+    slot.used = true;
     return slot.buf;
   }
 
@@ -62,8 +62,7 @@ export class L2Cache {
     const slot = this.map.get(offset);
     if (slot) {
       slot.pins++;
-      this.map.delete(offset);
-      this.map.set(offset, slot);
+      slot.used = true;
       return slot.buf;
     }
     let p = this.loading.get(offset);
@@ -88,7 +87,7 @@ export class L2Cache {
       again.pins++;
       return again.buf;
     }
-    this.map.set(offset, { buf, pins: 1, lo: 0, hi: 0 });
+    this.map.set(offset, { buf, pins: 1, lo: 0, hi: 0, used: false });
     this.evict();
     return buf;
   }
@@ -96,7 +95,7 @@ export class L2Cache {
   /** Installs a freshly built table (e.g. a new or copied L2), pinned. */
   install(offset: number, buf: Buffer): Buffer {
     this.forget(offset);
-    this.map.set(offset, { buf, pins: 1, lo: 0, hi: 0 });
+    this.map.set(offset, { buf, pins: 1, lo: 0, hi: 0, used: false });
     this.evict();
     return buf;
   }
@@ -176,9 +175,15 @@ export class L2Cache {
 
   private evict(): void {
     if (this.map.size <= this.capacity) return;
+    // Oldest first; a used table goes to the back with its bit cleared (visited again at most
+    // once more, so the walk ends). Pinned and dirty tables stay.
     for (const [k, s] of this.map) {
       if (this.map.size <= this.capacity) break;
-      if (s.pins === 0 && s.hi === 0) {
+      if (s.used) {
+        s.used = false;
+        this.map.delete(k);
+        this.map.set(k, s);
+      } else if (s.pins === 0 && s.hi === 0) {
         this.map.delete(k);
         if (this.spare.length < 32) this.spare.push(s.buf);
       }
