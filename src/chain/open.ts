@@ -18,6 +18,7 @@ import { QcowImage } from '../qcow/image.js';
 import { probeQcow } from '../qcow/header.js';
 import { MAX_CHAIN_DEPTH } from '../qcow2/constants.js';
 import { Chain, type Layer } from './chain.js';
+import type { CacheSizeOptions } from '../qcow2/cache-sizes.js';
 import { combinePath, plainBackingName } from './resolve.js';
 
 export type ImageFormat = 'qcow2' | 'raw' | 'qcow';
@@ -51,6 +52,10 @@ export interface OpenOptions {
   noLock?: boolean;
   /** The named image's flushes do nothing (cache=unsafe). */
   noFlush?: boolean;
+  /** The named image's qcow2 cache options (QEMU's l2-cache-size, cache-size). */
+  cache?: CacheSizeOptions;
+  /** L2 cache size of images opened without cache options (backing files; default QEMU's 32 MiB). */
+  defaultL2CacheBytes?: number;
 }
 
 export const FORMATS: readonly ImageFormat[] = ['qcow2', 'raw', 'qcow'];
@@ -81,12 +86,21 @@ async function openStorage(file: string, readOnly: boolean, lock: LockMode, noFl
 }
 
 /** Open one image file with a known or probed format. Errors read "Could not open 'F': reason". */
-export async function openImage(file: string, opts: { format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; noIo?: boolean; checkMode?: boolean; lock?: LockMode; noFlush?: boolean } = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
+export interface ImageOpenOptions {
+  format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; noIo?: boolean; checkMode?: boolean;
+  lock?: LockMode; noFlush?: boolean;
+  /** qcow2 cache options (l2-cache-size, cache-size) and the L2 cache size without them. */
+  cache?: CacheSizeOptions; defaultL2CacheBytes?: number;
+}
+
+export async function openImage(file: string, opts: ImageOpenOptions = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
   const storage = await openStorage(file, !!opts.readOnly, opts.lock ?? (opts.readOnly ? 'read' : 'write'), opts.noFlush);
   try {
     const fmt = opts.format ?? (await probeFormat(storage));
     const driver = fmt === 'qcow2'
-      ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode })
+      ? await Qcow2Image.open(storage, { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode,
+        l2CacheBytes: opts.cache?.l2CacheBytes ?? (opts.cache?.cacheSize === undefined ? opts.defaultL2CacheBytes : undefined),
+        refcountCacheBytes: opts.cache?.refcountCacheBytes, cacheSize: opts.cache?.cacheSize })
       : fmt === 'qcow' ? await QcowImage.open(storage, { readOnly: opts.readOnly, noIo: opts.noIo })
         : await RawImage.open(storage, { readOnly: opts.readOnly });
     if (driver instanceof RawImage && !opts.format && !driver.readOnly) {
@@ -125,7 +139,8 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
   try {
     let top;
     try {
-      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly), noFlush: opts.noFlush });
+      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly), noFlush: opts.noFlush,
+        cache: opts.cache, defaultL2CacheBytes: opts.defaultL2CacheBytes });
     } catch (e) {
       if (e instanceof ImageError && e.errno === 'ELOCKED') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
       if (e instanceof ImageError && e.errno === 'ENOTREG') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
@@ -162,7 +177,7 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
       try {
         const writable = !!opts.writableDepths?.has(layers.length);
         // Backing files inherit check mode (QEMU passes BDRV_O_CHECK down the chain).
-        opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode });
+        opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode, defaultL2CacheBytes: opts.defaultL2CacheBytes });
       } catch (e) {
         if (e instanceof ImageError) {
           // A backing file's format errors are not named again (its file errors are).

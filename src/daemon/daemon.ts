@@ -19,6 +19,7 @@ import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps
 import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js';
 import { runTransaction } from './transaction.js';
 import type { DirtyBitmapView } from '../nbd/export.js';
+import type { CacheSizeOptions } from '../qcow2/cache-sizes.js';
 
 export interface ExportEntry {
   id: string;
@@ -270,7 +271,7 @@ export class Daemon {
     else throw new QmpError("Parameter 'file' is missing");
     const b = a.backing;
     if (b !== undefined && b !== null && typeof b !== 'string') throw new QmpError("Invalid parameter type for 'backing', expected: string");
-    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard });
+    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard, cache: cacheOptions(a) });
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
@@ -421,4 +422,17 @@ export function parseAddr(v: unknown): NbdAddress {
     return { type, host: optStr(d, 'host') ?? '127.0.0.1', port };
   }
   throw new CommandError(`Parameter 'type' does not accept value '${type}'`);
+}
+
+/** blockdev-add's qcow2 cache options (l2-cache-size, cache-size: integers in bytes). */
+function cacheOptions(a: Args): CacheSizeOptions | undefined {
+  const out: CacheSizeOptions = {};
+  for (const [key, field] of [['l2-cache-size', 'l2CacheBytes'], ['refcount-cache-size', 'refcountCacheBytes'], ['cache-size', 'cacheSize']] as const) {
+    const v = a[key];
+    if (v === undefined) continue;
+    // Negative integers are the open's to refuse (QEMU: "expects a non-negative number").
+    if (typeof v !== 'number' || !Number.isInteger(v)) throw new QmpError(`Invalid parameter type for '${key}', expected: integer`);
+    out[field] = v;
+  }
+  return Object.keys(out).length ? out : undefined;
 }

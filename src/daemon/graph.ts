@@ -7,6 +7,15 @@
 import type { BlockDriver } from '../image/driver.js';
 import { Chain, moveWriteHooks, type Layer } from '../chain/chain.js';
 import { openChain, openImage, isFormat, type ImageFormat } from '../chain/open.js';
+import { checkCacheOptions, type CacheSizeOptions } from '../qcow2/cache-sizes.js';
+
+/**
+ * L2 cache per qcow2 node unless its blockdev options say otherwise: half QEMU's 32 MiB. It
+ * still covers every table of images up to 128 GiB (64 KiB clusters); a daemon holds many
+ * nodes, and a Node.js process starts ~45 MiB above qemu-storage-daemon, so the memory a 1 TiB
+ * export reaches stays bounded (see docs/PERFORMANCE.md). `l2-cache-size` raises it per node.
+ */
+export const DAEMON_L2_CACHE_BYTES = 16 * 1024 * 1024;
 import { ImageError } from '../image/errors.js';
 import fs from 'node:fs';
 import { FileStorage } from '../storage/file.js';
@@ -45,6 +54,8 @@ export interface FormatNode {
   /** Opened by blockdev-snapshot-sync, not blockdev-add: QEMU frees it with its last user. */
   unowned?: boolean;
   discard: boolean;
+  /** The node's own qcow2 cache options (kept for reopens). */
+  cache?: CacheSizeOptions;
 }
 
 export type BlockNode = FileNode | FormatNode;
@@ -98,8 +109,13 @@ export class BlockGraph {
    * the chain named in the header (implicit nodes), null opens no backing, a name attaches that node.
    */
   async addFormat(opts: { name: string | undefined; format: ImageFormat | 'auto'; file: string; fileIsNode: boolean;
-    backing?: string | null; readOnly?: boolean; discard?: boolean }): Promise<FormatNode> {
+    backing?: string | null; readOnly?: boolean; discard?: boolean; cache?: CacheSizeOptions }): Promise<FormatNode> {
     const name = this.checkNewName(opts.name);
+    try {
+      if (opts.cache) checkCacheOptions(opts.cache);
+    } catch (e) {
+      throw new QmpError(e instanceof Error ? e.message : String(e));
+    }
     let filename = opts.file, fileNode: string | null = null, discard = !!opts.discard;
     if (opts.fileIsNode) {
       const f = this.node(opts.file);
@@ -126,11 +142,11 @@ export class BlockGraph {
       };
       let top: FormatNode;
       if (opts.backing === undefined) {
-        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log });
+        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES });
         // The top becomes the named node, the rest implicit read-only nodes.
         const layers = chain.layers.map((l, d): FormatNode => ({
           kind: 'format', name: d === 0 ? name : '', format: l.driver.format, driver: l.driver,
-          filename: l.filename, fileNode: null, backing: null, implicit: d > 0, discard: d === 0 && discard,
+          filename: l.filename, fileNode: null, backing: null, implicit: d > 0, discard: d === 0 && discard, cache: d === 0 ? opts.cache : undefined,
         }));
         layers.forEach((n, d) => {
           n.backing = layers[d + 1] ?? null;
@@ -139,8 +155,8 @@ export class BlockGraph {
         });
         top = layers[0];
       } else {
-        const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log });
-        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, implicit: false, discard }, fileNode);
+        const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES });
+        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, implicit: false, discard, cache: opts.cache }, fileNode);
       }
       for (const n of added) this.nodes.set(n.name, n);
       this.changed();
@@ -220,7 +236,7 @@ export class BlockGraph {
     const old = node.driver;
     await old.flush();
     await old.close();
-    const open = (ro: boolean) => openImage(node.filename, { format: node.format, readOnly: ro, log: this.log, lock: 'none' });
+    const open = (ro: boolean) => openImage(node.filename, { format: node.format, readOnly: ro, log: this.log, lock: 'none', cache: node.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES });
     let next, failure: unknown = null;
     try {
       next = await open(readOnly);

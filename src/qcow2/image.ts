@@ -24,11 +24,16 @@ import { readSnapshotTable } from './snapshot-read.js';
 import { decompressCluster, type CompressionType } from './compress.js';
 import { Qcow2Bitmaps } from './bitmaps.js';
 import { MetaWriter } from './meta-writer.js';
+import { resolveCacheSizes } from './cache-sizes.js';
 
 export interface Qcow2OpenOptions {
   readOnly?: boolean;
-  /** L2 cache capacity in bytes (default 32 MiB, as QEMU's default maximum). */
+  /** L2 cache capacity in bytes (QEMU's l2-cache-size; default 32 MiB, as QEMU's default maximum). */
   l2CacheBytes?: number;
+  /** QEMU's refcount-cache-size in bytes. */
+  refcountCacheBytes?: number;
+  /** QEMU's cache-size: the L2 and refcount caches together (see resolveCacheSizes). */
+  cacheSize?: number;
   /** Called with diagnostic lines (e.g. refcount repair on a dirty image). */
   log?: (line: string) => void;
   /** Skip the automatic refcount rebuild of a dirty image (used by `check`). */
@@ -178,9 +183,11 @@ export class Qcow2Image implements BlockDriver {
     }
     const l1 = Buffer.alloc(header.l1Size * 8);
     if (header.l1Size) await storage.read(l1, header.l1TableOffset);
+    const extL2 = (header.incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n;
+    const caches = resolveCacheSizes(opts, header.size, 2 ** header.clusterBits, extL2 ? 16 : 8);
     const refcounts = await Refcounts.load(storage, { clusterBits: header.clusterBits, refcountOrder: header.refcountOrder },
-      header.refcountTableOffset, header.refcountTableClusters);
-    const img = new Qcow2Image(storage, header, refcounts, l1, readOnly, opts.l2CacheBytes ?? 32 * 1024 * 1024, opts.log ?? (() => {}),
+      header.refcountTableOffset, header.refcountTableClusters, caches.refcountBlocks);
+    const img = new Qcow2Image(storage, header, refcounts, l1, readOnly, caches.l2Bytes, opts.log ?? (() => {}),
       opts.metadataCache !== 'writethrough');
     // Check mode (QEMU's BDRV_O_CHECK) leaves the snapshot table to the check, which reads it itself.
     if (!opts.checkMode) await img.loadSnapshots();

@@ -7,6 +7,14 @@
  */
 import type { Storage } from '../storage/storage.js';
 
+/**
+ * Buffers of evicted tables kept for the next loads. As many as loads can be in flight at once,
+ * so a cache that churns (random reads over a huge image) allocates nothing: dropped 64 KiB
+ * buffers are collected only by full GCs, and thousands per second of them raised a daemon's
+ * peak memory by tens of MiB.
+ */
+const SPARE_TABLES = 128;
+
 interface Slot {
   buf: Buffer;
   pins: number;
@@ -185,7 +193,7 @@ export class L2Cache {
         this.map.set(k, s);
       } else if (s.pins === 0 && s.hi === 0) {
         this.map.delete(k);
-        if (this.spare.length < 32) this.spare.push(s.buf);
+        if (this.spare.length < SPARE_TABLES) this.spare.push(s.buf);
       }
     }
   }

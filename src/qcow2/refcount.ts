@@ -91,7 +91,7 @@ export class Refcounts {
   }
 
   /** Load the refcount table from disk (entries validated lazily when blocks are used). */
-  static async load(storage: Storage, geo: RefcountGeometry, offset: number, clusters: number): Promise<Refcounts> {
+  static async load(storage: Storage, geo: RefcountGeometry, offset: number, clusters: number, cacheBlocks?: number): Promise<Refcounts> {
     const cs = 2 ** geo.clusterBits;
     const raw = Buffer.alloc(clusters * cs);
     await storage.read(raw, offset);
@@ -106,7 +106,7 @@ export class Refcounts {
         far.set(i, (BigInt(hi) << 32n) | BigInt((lo & 0xfffffe00) >>> 0));
       }
     }
-    const rc = new Refcounts(storage, geo, offset, clusters, table);
+    const rc = new Refcounts(storage, geo, offset, clusters, table, cacheBlocks);
     rc.farEntries = far;
     return rc;
   }

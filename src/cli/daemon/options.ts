@@ -4,6 +4,8 @@
  * ("a=b,c=d", a literal comma written ",,").
  */
 import { UsageError } from '../util/errors.js';
+import { qemuStrtosz } from '../util/options.js';
+import type { CacheSizeOptions } from '../../qcow2/cache-sizes.js';
 
 export function parseKeyval(s: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -33,7 +35,11 @@ export function parseKeyval(s: string): Map<string, string> {
   return out;
 }
 
-export interface BlockdevSpec { driver: string; nodeName: string; filename?: string; file?: string; backing?: string | null; readOnly: boolean; discard: boolean }
+export interface BlockdevSpec {
+  driver: string; nodeName: string; filename?: string; file?: string; backing?: string | null; readOnly: boolean; discard: boolean;
+  /** qcow2 l2-cache-size / cache-size, when given. */
+  cache?: CacheSizeOptions;
+}
 export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[] }
 export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
 
@@ -58,6 +64,19 @@ function discardOpt(v: string | undefined): boolean {
   if (v === undefined || v === 'ignore' || v === 'off') return false;
   if (v === 'unmap' || v === 'on') return true;
   throw new UsageError(`Invalid discard option '${v}'`);
+}
+
+/** The qcow2 cache options among a --blockdev's keys (sizes with QEMU's k/M/G suffixes). */
+function cacheOpts(kv: Map<string, string>): CacheSizeOptions | undefined {
+  const out: CacheSizeOptions = {};
+  for (const [key, field] of [['l2-cache-size', 'l2CacheBytes'], ['refcount-cache-size', 'refcountCacheBytes'], ['cache-size', 'cacheSize']] as const) {
+    const v = kv.get(key);
+    if (v === undefined) continue;
+    const r = qemuStrtosz(v);
+    if (!r.ok || r.value > BigInt(Number.MAX_SAFE_INTEGER)) throw new UsageError(`Parameter '${key}' expects a non-negative number below 2^64`);
+    out[field] = Number(r.value);
+  }
+  return Object.keys(out).length ? out : undefined;
 }
 
 function addr(kv: Map<string, string>): AddrSpec {
@@ -99,7 +118,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
         if (!driver) throw new UsageError("Parameter 'driver' is missing");
         if (!nodeName) throw new UsageError('A block device must be given a node-name');
         const backing = kv.has('backing') ? (kv.get('backing') === 'null' ? null : kv.get('backing')) : undefined;
-        o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')) });
+        o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv) });
         break;
       }
       case '--nbd-server': o.nbdServers.push(addr(parseKeyval(value()))); break;
