@@ -13,7 +13,7 @@ import type { Storage } from '../storage/storage.js';
  * buffers are collected only by full GCs, and thousands per second of them raised a daemon's
  * peak memory by tens of MiB.
  */
-const SPARE_TABLES = 128;
+const SPARE_TABLES = 64;
 
 interface Slot {
   buf: Buffer;
