@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeInterleaved } from './util.js';
+import { QCHAIN, benchDir, fmtCpu, fmtRatio, numOption, sh, table, timeInterleavedDetailed } from './util.js';
 
 const MiB = 1024 ** 2;
 const dirtyGiB = numOption('--dirty-gib', 1);
@@ -29,12 +29,15 @@ const restore = (sub: string) => (): void => {
   for (const f of ['base.qcow2', 'top.qcow2']) fs.copyFileSync(path.join(dir, `orig-${f}`), path.join(dir, sub, f));
 };
 
-const [q, c] = timeInterleaved([
+const [q, c] = timeInterleavedDetailed([
   { cmd: 'qemu-img', args: ['commit', 'top.qcow2'], before: restore('q'), cwd: path.join(dir, 'q') },
   { cmd: QCHAIN, args: ['img', 'commit', 'top.qcow2'], before: restore('c'), cwd: path.join(dir, 'c') },
 ], reps);
 const cmp = sh('qemu-img', ['compare', path.join(dir, 'q/base.qcow2'), path.join(dir, 'c/base.qcow2')]);
 if (!cmp.includes('identical')) throw new Error(`results differ: ${cmp}`);
 console.log(`commit: ${dirtyGiB} GiB dirty top into its base (${2 * dirtyGiB} GiB virtual), best of ${reps} interleaved runs`);
-console.log(table([['qemu-img commit (s)', 'qchain img commit (s)', 'qchain / qemu-img'], [q.toFixed(2), c.toFixed(2), fmtRatio(c, q)]]));
+console.log(table([
+  ['qemu-img commit (s)', 'qchain img commit (s)', 'qchain / qemu-img', 'CPU user / sys, qemu-img (s)', 'CPU user / sys, qchain (s)'],
+  [q.wall.toFixed(2), c.wall.toFixed(2), fmtRatio(c.wall, q.wall), fmtCpu(q), fmtCpu(c)],
+]));
 fs.rmSync(dir, { recursive: true, force: true });

@@ -5,7 +5,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeInterleaved } from './util.js';
+import { QCHAIN, benchDir, fmtCpu, fmtRatio, numOption, sh, table, timeInterleavedDetailed } from './util.js';
 
 const GiB = 1024 ** 3, MiB = 1024 ** 2;
 const sizeGiB = numOption('--size-gib', 4);
@@ -30,16 +30,17 @@ const top = path.join(dir, 'l3.qcow2');
 const out = (n: string): string => path.join(dir, n);
 const rm = (n: string) => () => fs.rmSync(out(n), { force: true });
 
-const rows: string[][] = [['target', 'qemu-img (s)', 'qemu-img -m 8 -W (s)', 'qchain (s)', 'qchain / qemu-img', 'qchain / qemu-img -W']];
+const rows: string[][] = [['target', 'qemu-img (s)', 'qemu-img -m 8 -W (s)', 'qchain (s)', 'qchain / qemu-img', 'qchain / qemu-img -W',
+  'CPU user / sys (s): qemu-img', 'qemu-img -W', 'qchain']];
 for (const fmt of ['qcow2', 'raw']) {
-  const [q, qw, c] = timeInterleaved([
+  const [q, qw, c] = timeInterleavedDetailed([
     { cmd: 'qemu-img', args: ['convert', '-O', fmt, top, out(`q.${fmt}`)], before: rm(`q.${fmt}`) },
     { cmd: 'qemu-img', args: ['convert', '-m', '8', '-W', '-O', fmt, top, out(`qw.${fmt}`)], before: rm(`qw.${fmt}`) },
     { cmd: QCHAIN, args: ['img', 'convert', '-O', fmt, top, out(`c.${fmt}`)], before: rm(`c.${fmt}`) },
   ], reps);
   const cmp = sh('qemu-img', ['compare', '-f', fmt, '-F', fmt, out(`q.${fmt}`), out(`c.${fmt}`)]);
   if (!cmp.includes('identical')) throw new Error(`outputs differ: ${cmp}`);
-  rows.push([fmt, q.toFixed(2), qw.toFixed(2), c.toFixed(2), fmtRatio(c, q), fmtRatio(c, qw)]);
+  rows.push([fmt, q.wall.toFixed(2), qw.wall.toFixed(2), c.wall.toFixed(2), fmtRatio(c.wall, q.wall), fmtRatio(c.wall, qw.wall), fmtCpu(q), fmtCpu(qw), fmtCpu(c)]);
   for (const n of [`q.${fmt}`, `qw.${fmt}`, `c.${fmt}`]) rm(n)();
 }
 console.log(`convert: 4-layer chain, ${sizeGiB} GiB virtual, best of ${reps} interleaved runs (lower ratio = qchain faster)`);

@@ -11,6 +11,7 @@
  *
  * Usage: node dist/bench/daemon.js [read|write|seq|commit|rss ...] [--runtime S] [--reps N] [--size-mib N] [--depths 1,16,64]
  */
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { benchDir, numOption, sh, table, warmCache } from './util.js';
@@ -31,10 +32,18 @@ const MiB = 1024 * 1024;
 const CLUSTER = 65536;
 const dir = benchDir('daemon');
 
-/** Run `measure` for each server `reps` times, interleaved; the per-server medians. */
+/**
+ * Run `measure` for each server `reps` times, interleaved; the per-server medians. Dirty page
+ * cache is written back before each run, so no server's writes are throttled for another's.
+ */
 async function interleaved(measure: (k: ServerKind) => Promise<number>): Promise<Record<ServerKind, number>> {
   const got: Record<ServerKind, number[]> = { qchain: [], qsd: [] };
-  for (let i = 0; i < reps; i++) for (const k of KINDS) got[k].push(await measure(k));
+  for (let i = 0; i < reps; i++) {
+    for (const k of KINDS) {
+      spawnSync('sync');
+      got[k].push(await measure(k));
+    }
+  }
   return { qchain: median(got.qchain), qsd: median(got.qsd) };
 }
 

@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { QCHAIN, benchDir, fmtRatio, numOption, sh, table, timeInterleaved } from './util.js';
+import { QCHAIN, benchDir, fmtCpu, fmtRatio, numOption, sh, table, timeInterleavedDetailed } from './util.js';
 
 const MiB = 1024 ** 2;
 const sizeGiB = numOption('--size-gib', 2);
@@ -33,12 +33,15 @@ const restore = (sub: string) => (): void => {
   fs.copyFileSync(path.join(dir, 'top.qcow2'), path.join(dir, sub, 'top.qcow2'));
 };
 const cmd = ['rebase', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'];
-const [q, c] = timeInterleaved([
+const [q, c] = timeInterleavedDetailed([
   { cmd: 'qemu-img', args: cmd, before: restore('q'), cwd: path.join(dir, 'q') },
   { cmd: QCHAIN, args: ['img', ...cmd], before: restore('c'), cwd: path.join(dir, 'c') },
 ], reps);
 const cmp = sh('qemu-img', ['compare', path.join(dir, 'q/top.qcow2'), path.join(dir, 'c/top.qcow2')]);
 if (!cmp.includes('identical')) throw new Error(`results differ: ${cmp}`);
 console.log(`rebase: drop the middle of a 3-layer chain (${sizeGiB} GiB virtual), best of ${reps} interleaved runs`);
-console.log(table([['qemu-img rebase (s)', 'qchain img rebase (s)', 'qchain / qemu-img'], [q.toFixed(2), c.toFixed(2), fmtRatio(c, q)]]));
+console.log(table([
+  ['qemu-img rebase (s)', 'qchain img rebase (s)', 'qchain / qemu-img', 'CPU user / sys, qemu-img (s)', 'CPU user / sys, qchain (s)'],
+  [q.wall.toFixed(2), c.wall.toFixed(2), fmtRatio(c.wall, q.wall), fmtCpu(q), fmtCpu(c)],
+]));
 fs.rmSync(dir, { recursive: true, force: true });

@@ -42,24 +42,57 @@ export interface TimedCommand {
   cwd?: string;
 }
 
+/** Seconds of one command: wall clock, and CPU in user space and in the kernel. */
+export interface Timing {
+  wall: number;
+  user: number;
+  sys: number;
+}
+
+/** CPU seconds (user, sys) used so far by this process's waited-for children (Linux /proc; zeros elsewhere). */
+function childCpu(): { user: number; sys: number } {
+  try {
+    const stat = fs.readFileSync('/proc/self/stat', 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // f[0] is field 3 (state)
+    const tick = 100; // USER_HZ, 100 on Linux
+    return { user: Number(f[13]) / tick, sys: Number(f[14]) / tick }; // cutime, cstime
+  } catch {
+    return { user: 0, sys: 0 };
+  }
+}
+
 /**
- * Best wall-clock seconds of each command over `reps` rounds, the commands interleaved (the order
- * rotating each round) and the page cache's dirty data written back before every timed run, so
- * no command pays for another's writeback and slow phases of the machine hit all of them alike.
+ * Each command's best wall-clock seconds over `reps` rounds, and its least user and kernel CPU
+ * time, the commands interleaved (the order rotating each round) and the page cache's dirty data
+ * written back before every timed run, so no command pays for another's writeback and slow
+ * phases of the machine hit all of them alike. On this project's VM the kernel time of writing
+ * new data (page-cache pages the hypervisor must back) varies several-fold from run to run, so
+ * for I/O-bound commands the user CPU time is the stable part of the comparison.
  */
-export function timeInterleaved(cmds: TimedCommand[], reps: number, cwd?: string): number[] {
-  const best = cmds.map(() => Infinity);
+export function timeInterleavedDetailed(cmds: TimedCommand[], reps: number, cwd?: string): Timing[] {
+  const best = cmds.map(() => ({ wall: Infinity, user: Infinity, sys: Infinity }));
   for (let r = 0; r < reps; r++) {
     for (let k = 0; k < cmds.length; k++) {
       const i = (k + r) % cmds.length;
       cmds[i].before?.();
       spawnSync('sync');
+      const c0 = childCpu();
       const t0 = process.hrtime.bigint();
       sh(cmds[i].cmd, cmds[i].args, cmds[i].cwd ?? cwd);
-      best[i] = Math.min(best[i], Number(process.hrtime.bigint() - t0) / 1e9);
+      const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+      const c1 = childCpu();
+      const b = best[i];
+      b.wall = Math.min(b.wall, wall);
+      b.user = Math.min(b.user, c1.user - c0.user);
+      b.sys = Math.min(b.sys, c1.sys - c0.sys);
     }
   }
   return best;
+}
+
+/** "user / sys" CPU seconds. */
+export function fmtCpu(t: Timing): string {
+  return `${t.user.toFixed(2)} / ${t.sys.toFixed(2)}`;
 }
 
 /** Peak resident set size (KiB) of a command, via GNU time if present, else /proc polling is skipped. */
