@@ -22,6 +22,8 @@ and takes QMP commands.
 
   --blockdev driver=file,node-name=N,filename=F[,discard=unmap]
   --blockdev driver=qcow2|raw,node-name=N,file=FILENODE[,backing=NODE|null][,read-only=on]
+             qcow2 caches: [,l2-cache-size=SIZE][,refcount-cache-size=SIZE][,cache-size=SIZE]
+             (QEMU's rules; L2 cache default 16M per node here, QEMU's is 32M)
   --nbd-server addr.type=unix,addr.path=P | addr.type=inet,addr.host=H,addr.port=N
   --export type=nbd,id=ID,node-name=N[,name=NAME][,writable=on][,allocation-depth=on][,bitmaps.0=BITMAP]
   --chardev socket,id=ID,path=P,server=on,wait=off   with   --monitor chardev=ID
