@@ -3,25 +3,13 @@ import { Storage, StorageError, errnoText } from './storage.js';
 import { SEEK_DATA, SEEK_HOLE, nativeFs, nativeSeek } from './native.js';
 import { lockImage, type LockMode } from './lock.js';
 import { WriteBatcher } from './write-batcher.js';
+import { SyncGate } from './sync-gate.js';
 
-/**
- * Small reads are served synchronously while they keep hitting the page cache: a cached 4 KiB
- * pread costs a few microseconds, far less than a trip through libuv's thread pool. Reads slower
- * than SLOW_MS (the data came from the device) send this file's small reads back to the thread
- * pool for BACKOFF_MS, so a cold disk never serialises behind the event loop: after SLOW_STRIKES
- * of them within WINDOW calls (a lone slow call is usually the scheduler, not the disk), or at
- * once after one slower than VERY_SLOW_MS.
- */
+/** Reads and writes up to this size may be made synchronously (see SyncGate). */
 const SYNC_MAX = 64 * 1024;
+/** A small read slower than this counts as slow (it came from the device). */
 const SLOW_MS = 0.05;
-const VERY_SLOW_MS = 5;
-const SLOW_STRIKES = 8;
-const WINDOW = 64;
-const BACKOFF_MS = 250;
-/**
- * Small writes are likewise written synchronously while the page cache absorbs them quickly;
- * writes slower than SLOW_WRITE_MS (writeback throttling, device I/O) count the same way.
- */
+/** A small write slower than this counts as slow (writeback throttling, device I/O). */
 const SLOW_WRITE_MS = 0.25;
 /**
  * A vector write (a daemon's coalesced writes of one turn) up to this size is written
@@ -29,35 +17,6 @@ const SLOW_WRITE_MS = 0.25;
  * more than copying it into the page cache itself (allocating writes: ~20% less CPU per write).
  */
 const SYNC_WRITEV_MAX = 1024 * 1024;
-/**
- * Larger calls get more time before they count as slow: a page-cache copy of 64 KiB takes tens
- * of microseconds on a busy machine, while a device read of it takes hundreds.
- */
-const SLOW_MS_PER_KIB = 0.001;
-
-/** Decides when synchronous calls stop paying off (see SLOW_STRIKES). */
-class SyncGate {
-  /** performance.now() until which calls go through the thread pool. */
-  until = 0;
-  private calls = 0;
-  private strikes = 0;
-  constructor(private readonly slowMs: number) {}
-
-  /** Records a synchronous call of `bytes` that started at t0. */
-  record(t0: number, bytes: number): void {
-    const took = performance.now() - t0 - (bytes >> 10) * SLOW_MS_PER_KIB;
-    if (++this.calls >= WINDOW) {
-      this.calls = 0;
-      this.strikes = 0;
-    }
-    if (took <= this.slowMs) return;
-    if (took > VERY_SLOW_MS || ++this.strikes >= SLOW_STRIKES) {
-      this.until = t0 + BACKOFF_MS;
-      this.calls = 0;
-      this.strikes = 0;
-    }
-  }
-}
 
 function pwriteSync(fd: number, buf: Buffer, offset: number): void {
   let done = 0;
@@ -221,7 +180,7 @@ export class FileStorage implements Storage {
     try {
       if (buf.length <= SYNC_MAX) {
         const t0 = performance.now();
-        if (t0 >= this.readGate.until) {
+        if (this.readGate.open(t0)) {
           n = preadSync(this.fd, buf, offset);
           this.readGate.record(t0, buf.length);
         } else n = await preadFull(this.fd, buf, offset);
@@ -235,7 +194,7 @@ export class FileStorage implements Storage {
   readSync(buf: Buffer, offset: number): boolean {
     if (buf.length > SYNC_MAX || !Number.isSafeInteger(offset + buf.length) || offset < 0 || this.fd < 0) return false;
     const t0 = performance.now();
-    if (t0 < this.readGate.until) return false;
+    if (!this.readGate.open(t0)) return false;
     let n: number;
     try {
       n = preadSync(this.fd, buf, offset);
@@ -259,7 +218,7 @@ export class FileStorage implements Storage {
     try {
       if (buf.length <= SYNC_MAX) {
         const t0 = performance.now();
-        if (t0 >= this.writeGate.until) {
+        if (this.writeGate.open(t0)) {
           pwriteSync(this.fd, buf, offset);
           this.writeGate.record(t0, buf.length);
           return;
@@ -282,7 +241,7 @@ export class FileStorage implements Storage {
       for (const b of bufs) bytes += b.length;
       if (bytes <= SYNC_WRITEV_MAX && bufs.length <= 1024) {
         const t0 = performance.now();
-        if (t0 >= this.writeGate.until) {
+        if (this.writeGate.open(t0)) {
           pwritevSync(this.fd, bufs, offset);
           this.writeGate.record(t0, bytes);
           return;
