@@ -5,7 +5,10 @@
  * order (the JSON text, not only the parsed value). Covered: a lone qcow2 node and a raw node; a
  * 3-layer chain opened from one --blockdev (implicit backing nodes); a chain linked with explicit
  * backing= node names; each after blockdev-snapshot-sync, a finished block-commit and a finished
- * block-stream; a dirty bitmap on a node with a backing file; invalid arguments.
+ * block-stream; a dirty bitmap on a node with a backing file; invalid arguments; nodes whose
+ * attached backing is not the one their header names (another node, none, a subfolder's node
+ * named by a header-relative string, a header rewritten with a different string), which QEMU
+ * shows under a json:{...} pseudo-filename, with `backing_file` naming the node attached.
  *
  * Normalised: implicit node names ('#blockNNN' -> '#block', by `norm`), since QEMU numbers every
  * node it ever created and which number a node gets is not part of the interface; command ids
@@ -18,20 +21,30 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
 import { MONITOR, chainArgs, jobEvent, norm, onBoth, qcow2Node, quit, serve, withDaemon, type Daemon, type Tool } from './helpers/live-qmp.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
 
 type Step = (x: (cmd: string, args?: Record<string, unknown>) => Promise<QmpMessage>, d: Daemon) => Promise<void>;
 
-/** base.qcow2 <- mid.qcow2 <- top.qcow2 (16 MiB), each with data of its own; a 4 MiB raw image. */
+/**
+ * base.qcow2 <- mid.qcow2 <- top.qcow2 (16 MiB), each with data of its own; a 4 MiB raw image;
+ * o1.qcow2 and o2.qcow2 over base.qcow2; sub/b.qcow2 <- sub/t.qcow2 and sub/c.qcow2 <- sub/s.qcow2
+ * (headers name their backing relative to sub/).
+ */
 async function images(dir: string): Promise<void> {
-  fs.mkdirSync(dir, { recursive: true });
+  fs.mkdirSync(path.join(dir, 'sub'), { recursive: true });
   const img = async (args: string[]): Promise<void> => assert.equal((await qemuImg(args, dir)).code, 0);
   await img(['create', '-q', '-f', 'qcow2', 'base.qcow2', '16M']);
   await img(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'mid.qcow2']);
   await img(['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', 'top.qcow2']);
   await img(['create', '-q', '-f', 'raw', 'disk.raw', '4M']);
+  for (const o of ['o1', 'o2']) await img(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', `${o}.qcow2`]);
+  for (const [b, t] of [['b', 't'], ['c', 's']]) {
+    await img(['create', '-q', '-f', 'qcow2', `sub/${b}.qcow2`, '8M']);
+    await img(['create', '-q', '-f', 'qcow2', '-b', `${b}.qcow2`, '-F', 'qcow2', `sub/${t}.qcow2`]);
+  }
   for (const [f, off] of [['base.qcow2', 0], ['mid.qcow2', 4], ['top.qcow2', 8]] as const) {
     const r = await qemuIo(['-f', 'qcow2', '-c', `write -q -P ${off + 1} ${off}M 2M`, f], dir);
     assert.equal(r.code, 0, r.stderr);
@@ -98,8 +111,8 @@ async function same(args: string[], steps: Step[]): Promise<Array<Record<string,
   return want;
 }
 
-interface Entry { 'node-name': string; drv: string; backing_file_depth: number; backing_file?: string; image: Image }
-interface Image { filename: string; 'backing-image'?: Image }
+interface Entry { 'node-name': string; drv: string; backing_file_depth: number; backing_file?: string; file: string; image: Image }
+interface Image { filename: string; 'backing-filename'?: string; 'backing-image'?: Image }
 
 const listing = (r: Record<string, unknown>): Entry[] => r.return as Entry[];
 const byName = (r: Record<string, unknown>, name: string): Entry => {
@@ -170,4 +183,39 @@ test('named nodes: a chain linked by backing= node names, with a bitmap, after c
   assert.deepEqual(nested(byName(r[11], 'mid')), ['mid.qcow2', 'base.qcow2']);
   assert.deepEqual(nested(byName(r[16], 'snap')), ['snap.qcow2', 'top.qcow2', 'base.qcow2']);
   assert.deepEqual(nested(byName(r[21], 'snap')), ['snap.qcow2', 'base.qcow2']);
+});
+
+test('named nodes: backing nodes other than the header names show json: pseudo-filenames', oracle(), async () => {
+  const args = [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid'),
+    '--blockdev', 'driver=file,node-name=r-file,filename=disk.raw', '--blockdev', 'driver=raw,node-name=r,file=r-file',
+    ...qcow2Node('b', '', 'sub/b.qcow2'), ...qcow2Node('t', ',backing=b', 'sub/t.qcow2'),
+    '--blockdev', 'driver=qcow2,node-name=s,file.driver=file,file.filename=sub/s.qcow2', ...MONITOR];
+  const r = await same(args, [
+    QUERIES,
+    async (x) => {
+      await x('blockdev-add', { driver: 'qcow2', 'node-name': 'o1', file: { driver: 'file', filename: 'o1.qcow2' }, backing: null });
+      await x('blockdev-add', { driver: 'qcow2', 'node-name': 'o2', file: { driver: 'file', filename: 'o2.qcow2' }, backing: 'r' });
+    },
+    QUERIES,
+    job('block-commit', { device: 'top', 'top-node': 'mid', 'base-node': 'base', 'backing-file': './base.qcow2' }), QUERIES,
+    job('block-stream', { device: 't' }), QUERIES,
+  ]);
+  // A header-relative backing string opened from the header: plain names, backing_file the node's.
+  assert.equal(byName(r[1], 's').file, 'sub/s.qcow2');
+  assert.equal(byName(r[1], 's').backing_file, 'sub/c.qcow2');
+  assert.equal(byName(r[1], 's').image['backing-filename'], 'c.qcow2');
+  // The same string with the node named by backing=: overridden.
+  assert.match(byName(r[1], 't').file, /^json:\{"backing": \{"driver": "qcow2", "file": \{"driver": "file", "filename": "sub\/b.qcow2"\}\}/);
+  assert.equal(byName(r[1], 't').backing_file, 'sub/b.qcow2');
+  assert.equal(byName(r[1], 'top').file, 'top.qcow2');
+  assert.equal(byName(r[7], 'o1').file, 'json:{"backing": null, "driver": "qcow2", "file": {"driver": "file", "filename": "o1.qcow2"}}');
+  assert.ok(!('backing_file' in byName(r[7], 'o1')));
+  assert.equal(byName(r[7], 'o2').backing_file, 'disk.raw');
+  assert.deepEqual(nested(byName(r[7], 'o2')).slice(1), ['disk.raw']);
+  // A commit writing another string than the base's name.
+  assert.match(byName(r[12], 'top').file, /^json:/);
+  assert.equal(byName(r[12], 'top').image['backing-filename'], './base.qcow2');
+  // A full stream leaves no backing: plain again.
+  assert.equal(byName(r[17], 't').file, 'sub/t.qcow2');
+  assert.ok(!('backing_file' in byName(r[17], 't')));
 });

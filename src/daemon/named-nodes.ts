@@ -3,16 +3,20 @@
  * them), format nodes with their image info and dirty bitmaps, protocol (file) nodes with the
  * file's size and allocation, whether or not a format node sits on them. Unless `flat`, a format
  * node's image info nests its backing nodes' (`backing-image`, top down) and `backing_file_depth`
- * counts them; flat listings have neither (depth 0), as QEMU's bdrv_block_device_info.
+ * counts them; flat listings have neither (depth 0), as QEMU's bdrv_block_device_info. Format
+ * nodes show the names of node-filename.ts (json:{...} where the backing is overridden), and
+ * `backing_file` is the name of the node attached below, absent when none is.
  */
 import fs from 'node:fs';
 import { imageInfo } from '../cli/img/info.js';
 import type { BitmapRegistry } from './bitmaps.js';
-import type { BlockGraph, FileNode, FormatNode } from './graph.js';
+import type { BlockGraph, BlockNode, FileNode, FormatNode } from './graph.js';
+import { shownNames } from './node-filename.js';
 
 const SECTOR = 512;
 
 type Info = Record<string, unknown>;
+type Shown = (n: BlockNode) => string;
 
 /**
  * The fields every entry has, around the node-specific ones (`extra`: backing_file, then
@@ -49,9 +53,10 @@ async function fileEntry(graph: BlockGraph, n: FileNode): Promise<Info> {
  * fields (backing-filename...) come from the node's own header, the nested info from the node
  * actually attached, which may differ (backing=other-node, or backing=null: no nesting).
  */
-async function chainImage(n: FormatNode, flat: boolean): Promise<Info> {
-  const image = await imageInfo(n.driver, n.filename);
-  return flat || !n.backing ? image : { 'backing-image': await chainImage(n.backing, false), ...image };
+async function chainImage(n: FormatNode, flat: boolean, shown: Shown): Promise<Info> {
+  // The backing fields are resolved against the real file name; the shown one may be json:{...}.
+  const image = { ...await imageInfo(n.driver, n.filename), filename: shown(n) };
+  return flat || !n.backing ? image : { 'backing-image': await chainImage(n.backing, false, shown), ...image };
 }
 
 /** How many backing nodes lie below `n` (QEMU's backing_file_depth in a non-flat listing). */
@@ -61,18 +66,20 @@ function depthBelow(n: FormatNode): number {
   return d;
 }
 
-async function formatEntry(n: FormatNode, bitmaps: BitmapRegistry, flat: boolean): Promise<Info> {
+async function formatEntry(n: FormatNode, bitmaps: BitmapRegistry, flat: boolean, shown: Shown): Promise<Info> {
   const extra: Info = {};
-  if (n.driver.backingFile) extra.backing_file = n.driver.backingFile;
+  // The node attached below, not the header's string (which the image info reports).
+  if (n.backing) extra.backing_file = shown(n.backing);
   const dirty = await bitmaps.info(n);
   if (dirty.length) extra['dirty-bitmaps'] = dirty;
-  return entry(await chainImage(n, flat), n.driver.readOnly, n.name, n.format, n.filename, flat ? 0 : depthBelow(n), extra);
+  return entry(await chainImage(n, flat, shown), n.driver.readOnly, n.name, n.format, shown(n), flat ? 0 : depthBelow(n), extra);
 }
 
 /** The listing; `flat` as the command's argument (default false). */
 export async function namedNodes(graph: BlockGraph, bitmaps: BitmapRegistry, flat = false): Promise<Info[]> {
   const out: Info[] = [];
+  const shown = shownNames(graph);
   // Newest node first, as QEMU lists its graph.
-  for (const n of [...graph.nodes.values()].reverse()) out.push(n.kind === 'file' ? await fileEntry(graph, n) : await formatEntry(n, bitmaps, flat));
+  for (const n of [...graph.nodes.values()].reverse()) out.push(n.kind === 'file' ? await fileEntry(graph, n) : await formatEntry(n, bitmaps, flat, shown));
   return out;
 }
