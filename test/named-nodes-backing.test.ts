@@ -66,6 +66,15 @@ const job = (cmd: string, args: Record<string, unknown>): Step => async (x, d) =
   d.q.received.length = 0;
 };
 
+/** An active commit of `device`: wait until ready, complete, wait until the job has gone. */
+const activeCommit = (device: string): Step => async (x, d) => {
+  await x('block-commit', { 'job-id': 'j', device });
+  await d.q.waitFor((m) => m.event === 'BLOCK_JOB_READY', 30000);
+  await x('job-complete', { id: 'j' });
+  await d.q.waitFor(jobEvent('j', 'null'), 30000);
+  d.q.received.length = 0;
+};
+
 /** The script's replies (normalised, ids dropped) as JSON text, one line per command. */
 async function session(tool: Tool, dir: string, args: string[], steps: Step[]): Promise<string[]> {
   await images(dir);
@@ -141,7 +150,7 @@ test('named nodes: a lone qcow2 node and a raw node; invalid arguments', oracle(
   assert.ok('error' in r[5] && 'error' in r[6] && 'error' in r[7]);
 });
 
-test('named nodes: a 3-layer chain from one --blockdev, after snapshot, stream and commit', oracle(), async () => {
+test('named nodes: a 3-layer chain from one --blockdev, after commit, snapshot, stream and active commit', oracle(), async () => {
   const args = ['--blockdev', 'driver=qcow2,node-name=top,file.driver=file,file.filename=top.qcow2', ...serve('top')];
   const r = await same(args, [
     QUERIES,
@@ -150,6 +159,7 @@ test('named nodes: a 3-layer chain from one --blockdev, after snapshot, stream a
     async (x) => void await x('blockdev-snapshot-sync', { 'node-name': 'top', 'snapshot-file': 'snap.qcow2', 'snapshot-node-name': 'snap', format: 'qcow2' }),
     QUERIES,
     job('block-stream', { device: 'snap', base: 'base.qcow2' }), QUERIES,
+    activeCommit('snap'), QUERIES,
   ]);
   // Before: top nests mid and base; the implicit mid nests base; flat listings nest nothing.
   assert.deepEqual(nested(byName(r[1], 'top')), ['top.qcow2', 'mid.qcow2', 'base.qcow2']);
@@ -163,6 +173,10 @@ test('named nodes: a 3-layer chain from one --blockdev, after snapshot, stream a
   assert.deepEqual(nested(byName(r[16], 'snap')), ['snap.qcow2', 'base.qcow2']);
   assert.equal(byName(r[16], 'snap').backing_file, 'base.qcow2');
   assert.deepEqual(r[19], { return: [] });
+  // After the active commit snap has gone (the snapshot made it, nobody else holds it); top stays (the
+  // command line added it), still over base, which is now the exported node.
+  assert.deepEqual(listing(r[22]).map((n) => `${n['node-name']}:${n.drv}:${n.file}:${n.backing_file_depth}`),
+    ['#block:qcow2:base.qcow2:0', '#block:file:base.qcow2:0', 'top:qcow2:top.qcow2:1', '#block:file:top.qcow2:0']);
 });
 
 test('named nodes: a chain linked by backing= node names, with a bitmap, after commit, snapshot and stream', oracle(), async () => {
