@@ -5,7 +5,8 @@
  * order (the JSON text, not only the parsed value). Covered: a lone qcow2 node and a raw node; a
  * 3-layer chain opened from one --blockdev (implicit backing nodes); a chain linked with explicit
  * backing= node names; each after blockdev-snapshot-sync, a finished block-commit and a finished
- * block-stream; a dirty bitmap on a node with a backing file; invalid arguments; nodes whose
+ * block-stream (and, for the implicit chain, a finished active commit of the snapshot overlay);
+ * a dirty bitmap on a node with a backing file; invalid arguments; nodes whose
  * attached backing is not the one their header names (another node, none, a subfolder's node
  * named by a header-relative string, a header rewritten with a different string), which QEMU
  * shows under a json:{...} pseudo-filename, with `backing_file` naming the node attached.
