@@ -4,7 +4,7 @@
  */
 import { BlockGraph, QmpError, backingNameFor, formatArg, type BlockNode, type FormatNode } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
-import { CommandError, VERSION, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
+import { CommandError, VERSION, onlyArgs, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import { namedNodes } from './named-nodes.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
@@ -339,9 +339,10 @@ export class Daemon {
   commands(): Map<string, Handler> {
     const c = new Map<string, Handler>();
     c.set('query-version', () => VERSION);
-    c.set('query-block', () => []);
+    // QSD has no named block backends (no guest devices): query-block always lists none.
+    c.set('query-block', (a) => (onlyArgs(a, []), []));
     c.set('query-block-exports', () => [...this.exports.values()].map((e) => ({ 'node-name': e.nodeName, 'shutting-down': false, type: 'nbd', id: e.id })));
-    c.set('query-named-block-nodes', () => namedNodes(this.graph, this.bitmaps));
+    c.set('query-named-block-nodes', (a) => namedNodes(this.graph, this.bitmaps, optBool(onlyArgs(a, ['flat']), 'flat', false)));
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
     c.set('blockdev-del', (a) => this.graph.remove(str(a, 'node-name'), (n) => this.userOf(n)));
     c.set('nbd-server-start', (a) => this.startNbd(parseAddr(a.addr)));

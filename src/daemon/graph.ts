@@ -49,6 +49,13 @@ export interface FormatNode {
   /** The protocol node it sits on, if one was named. */
   fileNode: string | null;
   backing: FormatNode | null;
+  /**
+   * The backing file name the node would open by itself (QEMU's auto_backing_file): its backing
+   * node's file name when that was opened from the header with it, else the header's backing
+   * string as opened or as last rewritten ('' for none). Query replies compare it with the node
+   * attached below (see node-filename.ts).
+   */
+  autoBacking: string;
   /** Opened implicitly as part of a chain ("#blockNNN" names). */
   implicit: boolean;
   /** Opened by blockdev-snapshot-sync, not blockdev-add: QEMU frees it with its last user. */
@@ -146,7 +153,7 @@ export class BlockGraph {
         // The top becomes the named node, the rest implicit read-only nodes.
         const layers = chain.layers.map((l, d): FormatNode => ({
           kind: 'format', name: d === 0 ? name : '', format: l.driver.format, driver: l.driver,
-          filename: l.filename, fileNode: null, backing: null, implicit: d > 0, discard: d === 0 && discard, cache: d === 0 ? opts.cache : undefined,
+          filename: l.filename, fileNode: null, backing: null, autoBacking: chain.layers[d + 1]?.filename ?? l.driver.backingFile ?? '', implicit: d > 0, discard: d === 0 && discard, cache: d === 0 ? opts.cache : undefined,
         }));
         layers.forEach((n, d) => {
           n.backing = layers[d + 1] ?? null;
@@ -156,7 +163,7 @@ export class BlockGraph {
         top = layers[0];
       } else {
         const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES });
-        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, implicit: false, discard, cache: opts.cache }, fileNode);
+        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, autoBacking: img.driver.backingFile ?? '', implicit: false, discard, cache: opts.cache }, fileNode);
       }
       for (const n of added) this.nodes.set(n.name, n);
       this.changed();
@@ -179,8 +186,12 @@ export class BlockGraph {
     return c;
   }
 
-  /** Make `base` the backing node of `node`; implicit nodes nobody uses any more are closed. */
-  relink(node: FormatNode, base: FormatNode | null): void {
+  /**
+   * Make `base` the backing node of `node`, whose header now names `backingName`; implicit nodes
+   * nobody uses any more are closed.
+   */
+  relink(node: FormatNode, base: FormatNode | null, backingName: string | null): void {
+    node.autoBacking = backingName ?? '';
     const dropped: FormatNode[] = [];
     for (let b = node.backing; b && b !== base; b = b.backing) dropped.push(b);
     node.backing = base;

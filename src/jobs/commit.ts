@@ -59,13 +59,14 @@ export function commitWork(graph: BlockGraph, p: CommitPlan): { work: (job: Job)
     // A read-only overlay (the old active node of an external snapshot) is read-write only while
     // its header changes (QEMU's bdrv_child_cb_update_filename).
     const overlayWasReadOnly = p.overlay.driver.readOnly;
+    const backingName = p.backingFile ?? p.base.filename;
     if (overlayWasReadOnly) await p.reopen(p.overlay, false);
     try {
-      await setBackingLink(p.overlay.driver, p.backingFile ?? p.base.filename, p.base.format);
+      await setBackingLink(p.overlay.driver, backingName, p.base.format);
     } finally {
       if (overlayWasReadOnly) await p.reopen(p.overlay, true).catch(() => {});
     }
-    graph.relink(p.overlay, p.base);
+    graph.relink(p.overlay, p.base, backingName);
     if (p.baseWasReadOnly) await p.reopen(p.base, true);
   };
   return { work, prepare };

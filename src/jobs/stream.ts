@@ -52,7 +52,7 @@ export function streamWork(graph: BlockGraph, p: StreamPlan): { work: (job: Job)
   const prepare = async (): Promise<void> => {
     const name = p.base ? (p.backingFile ?? p.base.filename) : null;
     await setBackingLink(p.top.driver, name, p.base ? p.base.format : null);
-    graph.relink(p.top, p.base);
+    graph.relink(p.top, p.base, name);
   };
   return { work, prepare };
 }
