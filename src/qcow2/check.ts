@@ -587,5 +587,13 @@ async function applyFixes(img: Qcow2Image, fixes: Array<[number, number]>): Prom
 
 /** Repair on read-write open of a dirty (lazy refcounts) image, as QEMU does automatically. */
 export async function repairRefcounts(img: Qcow2Image, log: (l: string) => void): Promise<void> {
-  await checkImage(img, log, { leaks: true, errors: true });
+  // As qcow2_do_open: a repair that failed or met errors it could not handle fails the open.
+  let res: CheckResult;
+  try {
+    res = await checkImage(img, log, { leaks: true, errors: true });
+  } catch (e) {
+    if (e instanceof CheckFailedError) throw new ImageError(`Could not repair dirty image: ${errnoText(e.errno ?? 'EIO')}`, e.errno);
+    throw e;
+  }
+  if (res.checkErrors) throw new ImageError(`Could not repair dirty image: ${errnoText('EIO')}`, 'EIO');
 }

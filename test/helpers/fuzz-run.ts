@@ -263,7 +263,7 @@ export function judge(spec: CommandSpec, argv: string[], r: RunResult): Failure[
     add('silent-failure', `exit ${r.code} with nothing on stderr`);
   }
   // Check-style report lines (a dirty image is repaired on open, as QEMU does) are not counted.
-  const errLines = r.stderr.split('\n').filter((l) => l && !/^(ERROR|Repairing|Rebuilding|Leaked|Warning: cluster|qcow2: )/.test(l));
+  const errLines = r.stderr.split('\n').filter((l) => l && !/^(ERROR|Repairing|Rebuilding|Leaked|Warning: cluster|qcow2: |Can't get refcount for cluster)/.test(l));
   if (r.code === 1 && !spec.longReport && errLines.length > 8) add('noisy-failure', `${r.stderr.split('\n').length} stderr lines: ${JSON.stringify(clip(r.stderr))}`);
   if (r.rssKb !== undefined && r.rssKb > RSS_LIMIT_KB) add('memory', `peak RSS ${(r.rssKb / 1024).toFixed(0)} MiB`);
   return f;
