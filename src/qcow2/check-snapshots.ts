@@ -10,6 +10,7 @@ import { errnoText } from '../storage/storage.js';
 import { readSnapshotTable } from './snapshot-read.js';
 import { serializeSnapshotTable } from './snapshot-table.js';
 import { MAX_SNAPSHOTS } from './constants.js';
+import { metadataOverlap } from './overlap.js';
 
 /**
  * The snapshot table could not be read: the check fails (QEMU: check error, no report). The
@@ -109,12 +110,30 @@ export async function checkFixSnapshotTable(img: Qcow2Image, check: SnapshotTabl
   const table = serializeSnapshotTable(list);
   const oldOff = h.snapshotsOffset;
   await img.meta.run(async () => {
-    const off = table.length ? await img.refcounts.alloc(Math.ceil(table.length / cs)) : 0;
+    let off = 0;
+    if (table.length) {
+      // The new refcounts stay cached (QEMU's refcount block cache) ...
+      const was = img.refcounts.lazy;
+      img.refcounts.lazy = true;
+      try {
+        off = await img.refcounts.alloc(Math.ceil(table.length / cs));
+      } finally {
+        img.refcounts.lazy = was;
+      }
+      // ... until qcow2_write_snapshots flushes: every cached refcount block, each through the
+      // overlap check (a block inside the old table fails it: image marked corrupt, check failed).
+      const hit = await img.writeRefblocksGuarded((bo) => metadataOverlap(img, bo, cs, check.size, ['refcount block']));
+      if (hit) {
+        report('ERROR failed to update snapshot table: Input/output error');
+        throw new CheckFailedError('EIO');
+      }
+      await img.storage.flush();
+    }
     // QEMU's overlap check: the old table's clusters may be free by the refcounts (a table
     // reaching past EOF is not counted) but must not be overwritten.
     if (table.length && off < oldOff + check.size && oldOff < off + table.length) {
-      // The allocation stays (QEMU's driver is unusable after a fatal corruption: its free of the
-      // new clusters never reaches the disk).
+      // The allocation stays (written above; QEMU's driver is unusable after a fatal corruption:
+      // its free of the new clusters never reaches the disk).
       await img.signalCorruption('Preventing invalid write on metadata (overlaps with snapshot table)').catch(() => {});
       report('ERROR failed to update snapshot table: Input/output error');
       throw new CheckFailedError('EIO');
