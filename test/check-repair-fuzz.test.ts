@@ -204,6 +204,11 @@ const CASES: Case[] = [
     shape: "chain-3-extl2", target: "c.qcow2",
     patches: [{"off": 2464, "hex": "4000000000000000"}, {"off": 2464, "hex": "0000000000000000"}, {"off": 60, "hex": "00000400"}],
   },
+  {
+    why: "512-byte clusters, 2^32 - 512 snapshots: the rewritten 4 MiB table needs refcount blocks that do not exist; QEMU's allocator places one after the run, its flush hits the old table (image marked corrupt, the block written, not hooked up)",
+    shape: "v3-512", target: "a.qcow2",
+    patches: [{"off": 60, "hex": "fffffe00"}],
+  },
 ];
 
 /** Files larger than this are compared by size and first bytes only (a block far past EOF grows the file sparsely). */

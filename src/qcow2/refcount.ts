@@ -347,6 +347,15 @@ export class Refcounts {
     }
   }
 
+  /**
+   * A new refcount block `buf` at `bo`, cached with all of it pending and not yet in the table
+   * (QEMU's qcow2_cache_get_empty for a block alloc_refcount_block creates).
+   */
+  installPending(bo: number, buf: Buffer): void {
+    this.blocks.set(bo, buf);
+    this.markPending(bo, buf, 0, this.perBlock);
+  }
+
   /** Offsets of the blocks with pending (unwritten) changes. */
   pendingBlocks(): number[] { return [...this.pending.keys()]; }
 
