@@ -10,6 +10,7 @@ import { errnoText } from '../storage/storage.js';
 import { readSnapshotTable } from './snapshot-read.js';
 import { serializeSnapshotTable } from './snapshot-table.js';
 import { MAX_SNAPSHOTS } from './constants.js';
+import { metadataOverlap } from './overlap.js';
 
 /**
  * The snapshot table could not be read: the check fails (QEMU: check error, no report). The
@@ -100,6 +101,85 @@ export async function checkReadSnapshotTable(img: Qcow2Image, report: (l: string
   return res;
 }
 
+/**
+ * qcow2_alloc_clusters as QEMU 7.2 runs it, where the run needs refcount blocks that do not exist
+ * yet (qchain's own allocator places those differently): first fit from the start of the file
+ * (alloc_clusters_noref), counting the run; a missing block is allocated at the first free
+ * cluster after the run (itself counted by a block allocated after it, unless it describes
+ * itself), every cached block is flushed through the overlap check, the block is hooked into the
+ * table and the search restarts (EAGAIN, the counts made so far undone). Returns the offset, or
+ * null (nothing changed) when the run needs no new block or would grow the refcount table: then
+ * qchain's allocator does it. A failed flush marks the image corrupt and fails the check.
+ */
+async function qemuAlloc(img: Qcow2Image, n: number, snapshotsSize: number, report: (l: string) => void): Promise<number | null> {
+  const rc = img.refcounts;
+  const per = rc.perBlock;
+  const cs = img.clusterSize;
+  let free = 0;
+  const noref = async (k: number): Promise<number> => {
+    for (let i = 0; i < k;) {
+      const c = free++;
+      if ((await rc.get(c)) !== 0) i = 0;
+      else i++;
+    }
+    return free - k;
+  };
+  const missing = (c: number): boolean => rc.table[Math.floor(c / per)] === 0;
+  // Where the first attempt lands; QEMU's path is taken only when it needs new blocks, all
+  // within the current table (with room for the blocks themselves after the run).
+  const first = await noref(n);
+  free = 0;
+  let needs = false;
+  for (let ti = Math.floor(first / per); ti <= Math.floor((first + n - 1) / per); ti++) if (rc.table[ti] === 0) needs = true;
+  if (!needs) return null;
+  if ((first + n + 2 * (Math.ceil(n / per) + 2)) > rc.table.length * per) return null;
+  const guard = (bo: number) => metadataOverlap(img, bo, cs, snapshotsSize, ['refcount block']);
+  const flush = async (): Promise<void> => {
+    if (await img.writeRefblocksGuarded(guard)) {
+      report('ERROR failed to update snapshot table: Input/output error');
+      throw new CheckFailedError('EIO');
+    }
+  };
+  /** alloc_refcount_block for cluster `c` (no block): always EAGAIN ('again') once hooked. */
+  const allocBlock = async (c: number): Promise<'again'> => {
+    const ti = Math.floor(c / per);
+    const nb = await noref(1);
+    const buf = Buffer.alloc(cs);
+    if (Math.floor(nb / per) === ti) rc.encodeInto(buf, nb % per, 1);
+    else {
+      if (nb >= rc.table.length * per) throw new CheckFailedError('EFBIG'); // not reached (bounded above)
+      // Counted by another block, which may have to be allocated first (then: EAGAIN).
+      if ((await update(nb, 1)) === 'again') return 'again';
+      await flush();
+    }
+    rc.installPending(nb * cs, buf);
+    await flush();
+    const e = Buffer.alloc(8);
+    e.writeBigUInt64BE(BigInt(nb * cs), 0);
+    await img.storage.write(e, rc.tableOffset + ti * 8);
+    await img.storage.flush();
+    rc.table[ti] = nb * cs;
+    return 'again';
+  };
+  /** update_refcount(+1) over [start, start+count): 'again' after undoing what it counted. */
+  const update = async (start: number, count: number): Promise<'again' | 'ok'> => {
+    for (let c = start; c < start + count; c++) {
+      if (missing(c)) {
+        await allocBlock(c);
+        if (c > start) await rc.update(start, c - start, -1);
+        free = Math.min(free, start);
+        return 'again';
+      }
+      await rc.update(c, 1, 1);
+    }
+    return 'ok';
+  };
+  for (;;) {
+    const at = await noref(n);
+    if ((await update(at, n)) === 'ok') return at * cs;
+  }
+}
+
 /** `-r all` with table problems: write the table anew (complete entries), free the old one. */
 export async function checkFixSnapshotTable(img: Qcow2Image, check: SnapshotTableCheck, report: (l: string) => void): Promise<void> {
   if (!check.corruptions) return;
@@ -109,12 +189,32 @@ export async function checkFixSnapshotTable(img: Qcow2Image, check: SnapshotTabl
   const table = serializeSnapshotTable(list);
   const oldOff = h.snapshotsOffset;
   await img.meta.run(async () => {
-    const off = table.length ? await img.refcounts.alloc(Math.ceil(table.length / cs)) : 0;
+    let off = 0;
+    if (table.length) {
+      // The new refcounts stay cached (QEMU's refcount block cache) ...
+      const was = img.refcounts.lazy;
+      img.refcounts.lazy = true;
+      try {
+        const n = Math.ceil(table.length / cs);
+        const q = await qemuAlloc(img, n, check.size, report);
+        off = q ?? await img.refcounts.alloc(n);
+      } finally {
+        img.refcounts.lazy = was;
+      }
+      // ... until qcow2_write_snapshots flushes: every cached refcount block, each through the
+      // overlap check (a block inside the old table fails it: image marked corrupt, check failed).
+      const hit = await img.writeRefblocksGuarded((bo) => metadataOverlap(img, bo, cs, check.size, ['refcount block']));
+      if (hit) {
+        report('ERROR failed to update snapshot table: Input/output error');
+        throw new CheckFailedError('EIO');
+      }
+      await img.storage.flush();
+    }
     // QEMU's overlap check: the old table's clusters may be free by the refcounts (a table
     // reaching past EOF is not counted) but must not be overwritten.
     if (table.length && off < oldOff + check.size && oldOff < off + table.length) {
-      // The allocation stays (QEMU's driver is unusable after a fatal corruption: its free of the
-      // new clusters never reaches the disk).
+      // The allocation stays (written above; QEMU's driver is unusable after a fatal corruption:
+      // its free of the new clusters never reaches the disk).
       await img.signalCorruption('Preventing invalid write on metadata (overlaps with snapshot table)').catch(() => {});
       report('ERROR failed to update snapshot table: Input/output error');
       throw new CheckFailedError('EIO');

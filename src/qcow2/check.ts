@@ -10,7 +10,7 @@ import { TWO32, AUTOCLEAR_BITMAPS, HI_COPIED, MAX_L1_SIZE, INCOMPAT_DIRTY, INCOM
 import { checkReadSnapshotTable, checkFixSnapshotTable, CheckFailedError } from './check-snapshots.js';
 import { errnoText } from '../storage/storage.js';
 import { rebuildRefcountStructure } from './check-rebuild.js';
-import { metadataOverlap } from './overlap.js';
+import { metadataOverlap, type OverlapKind } from './overlap.js';
 import { SparseCounts } from './sparse-counts.js';
 
 export interface CheckResult {
@@ -547,12 +547,27 @@ export async function checkImage(img: Qcow2Image, report: (l: string) => void, f
   if (repair) await checkFixSnapshotTable(img, snap, report);
   // Marked corrupt meanwhile: QEMU dropped its driver and the cached refcounts with it.
   if (img.unusable) img.refcounts.dropCache();
-  else await img.meta.run(() => img.refcounts.writePending());
+  else await writeRepairedRefblocks(img, snap.size);
   if (repair) img.dropCaches();
   res.corruptions += snap.corruptions;
   res.corruptionsFixed += snap.corruptionsFixed;
   if (fixing && !img.unusable && !res.checkErrors && !res.corruptions) await markCleanAndConsistent(img);
   return res;
+}
+
+/**
+ * The repaired refcount blocks, as QEMU's refcount block cache writes them: each write passes the
+ * metadata overlap check first. When one would fail, QEMU keeps them all cached until the image is
+ * closed (the second pass sees the repaired counts); its flush there marks the image corrupt and
+ * writes only the blocks that pass. The image is left to do the same on close.
+ */
+async function writeRepairedRefblocks(img: Qcow2Image, snapshotsSize: number): Promise<void> {
+  const guard = (bo: number): OverlapKind | null => metadataOverlap(img, bo, img.clusterSize, snapshotsSize, ['refcount block']);
+  if (img.refcounts.pendingBlocks().some((bo) => guard(bo) !== null)) {
+    img.refblockGuard = guard;
+    return;
+  }
+  await img.meta.run(() => img.refcounts.writePending());
 }
 
 /** qcow2_mark_clean, then qcow2_mark_consistent: a repaired image loses its dirty and corrupt bits. */

@@ -43,6 +43,11 @@ export interface Qcow2Header {
   unknownExtensions: HeaderExtension[];
   /** The feature name table found in the file (names for unknown bits). */
   featureNames: Array<{ type: number; bit: number; name: string }>;
+  /**
+   * The virtual size is within one L1 entry's reach of 2^64: QEMU's L1 checks pass (its index
+   * wraps) and the open fails once the driver has opened ("Could not refresh total sector count").
+   */
+  sizeTooLarge?: boolean;
 }
 
 const u64 = (b: Buffer, o: number): bigint => b.readBigUInt64BE(o);
@@ -57,9 +62,19 @@ function farTableOk(off: bigint, bytes: number): boolean {
 }
 
 
+/** How the image is opened (QEMU's open flags that change the header checks). */
+export interface HeaderOpenOptions {
+  /** BDRV_O_CHECK: opened to be checked (or repaired). */
+  check?: boolean;
+  /** BDRV_O_RDWR. */
+  writable?: boolean;
+  /** BDRV_O_NO_IO (info): no data will be read, so encryption keys and data files are not needed. */
+  noIo?: boolean;
+}
+
 /** Parse and validate the header found in the first cluster (`buf` holds at least 2 MiB or the whole file). */
 /** `check`: opened for checking (QEMU's BDRV_O_CHECK): a missing refcount table is left to the check to report. */
-export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boolean } = {}): Qcow2Header {
+export function parseHeader(buf: Buffer, fileSize: number, opts: HeaderOpenOptions = {}): Qcow2Header {
   if (buf.length < C.V2_HEADER_LENGTH || buf.readUInt32BE(0) !== C.QCOW2_MAGIC) {
     throw new ImageError('Image is not in qcow2 format');
   }
@@ -98,8 +113,6 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
     backingFile: null, backingFormat: null, bitmapsExt: null, dataFile: null, unknownExtensions: [], featureNames: [],
   };
 
-  readExtensions(buf, h, clusterSize);
-
   // QEMU's validate_compression_type(), before the feature bits are looked at.
   if (compressionType > 1) throw new ImageError(`qcow2: unknown compression type: ${compressionType}`);
   if (((incompatible & BigInt(C.INCOMPAT_COMPRESSION)) !== 0n)) {
@@ -110,6 +123,8 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
 
   const unknownIncompat = incompatible & ~BigInt(C.INCOMPAT_MASK);
   if (unknownIncompat !== 0n) {
+    // QEMU reads the extensions for the feature name table only, ignoring their errors.
+    try { readExtensions(buf, h, clusterSize, opts); } catch { /* the names read so far are used */ }
     const names: string[] = [];
     let rest = unknownIncompat;
     for (const f of h.featureNames) {
@@ -121,11 +136,15 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
     if (rest !== 0n) names.push(`Unknown incompatible feature: ${rest.toString(16)}`);
     throw new ImageError(`Unsupported qcow2 feature(s): ${names.join(', ')}`);
   }
-  if (refcountOrder > 6) throw new ImageError('Reference count entry width too large; may not exceed 64 bits');
-  if (h.cryptMethod > 2) throw new ImageError(`Unsupported encryption method ${h.cryptMethod | 0}`);
-  if (((incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n) && clusterBits < 14) {
-    throw new ImageError('The cluster size must be at least 16384 bytes when using extended L2 entries');
+  // Corrupt images may be written to only to be repaired (QEMU's BDRV_O_CHECK).
+  if (opts.writable && !opts.check && (incompatible & BigInt(C.INCOMPAT_CORRUPT)) !== 0n) {
+    throw new ImageError('qcow2: Image is corrupt; cannot be opened read/write');
   }
+  // Extended L2: 32 subclusters per cluster, each at least 512 bytes.
+  if (((incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n) && clusterBits < 14) {
+    throw new ImageError(`Unsupported subcluster size: ${clusterSize / 32}`);
+  }
+  if (refcountOrder > 6) throw new ImageError('Reference count entry width too large; may not exceed 64 bits');
 
   const rtOff = u64(buf, 48);
   if (h.refcountTableClusters === 0 && !opts.check) throw new ImageError('Image does not contain a reference count table');
@@ -153,13 +172,34 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
   // Virtual size (QEMU's order: after the tables are validated).
   const sizeBig = u64(buf, 24);
   const l2Bits = clusterBits - 3 - ((incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n ? 1 : 0);
-  const entriesPerL1 = 2 ** (clusterBits + l2Bits);
-  // L1 index of the last byte must fit an int (QEMU: "Image is too big").
-  if (Number(sizeBig) / entriesPerL1 > 0x7fffffff) throw new ImageError('Image is too big');
-  if (h.l1Size < Math.ceil(Number(sizeBig) / entriesPerL1)) throw new ImageError('L1 table is too small');
+  // QEMU's size_to_l1 in 64-bit arithmetic: a size within one L1 entry's reach of 2^64 wraps to
+  // a small index; the open then fails later, when the block layer refreshes the sector count.
+  const l1Shift = BigInt(clusterBits + l2Bits);
+  const l1Index = ((sizeBig + (1n << l1Shift) - 1n) & ((1n << 64n) - 1n)) >> l1Shift;
+  if (l1Index > 0x7fffffffn) throw new ImageError('Image is too big');
+  if (BigInt(h.l1Size) < l1Index) throw new ImageError('L1 table is too small');
+  const wrapped = sizeBig + (1n << l1Shift) - 1n >= 1n << 64n;
   // Guest offsets are exact JavaScript integers (qchain's own limit, 8 PiB).
-  if (sizeBig > BigInt(Number.MAX_SAFE_INTEGER)) throw new ImageError('Image is too big');
-  h.size = Number(sizeBig);
+  if (sizeBig > BigInt(Number.MAX_SAFE_INTEGER) && !wrapped) throw new ImageError('Image is too big');
+  h.size = wrapped ? 0 : Number(sizeBig);
+  if (wrapped) h.sizeTooLarge = true;
+
+  // qcow2_update_options: the encryption method must be one QEMU knows.
+  if (h.cryptMethod > 2) throw new ImageError(`Unsupported encryption method ${h.cryptMethod | 0}`);
+
+  readExtensions(buf, h, clusterSize, opts);
+
+  if (!opts.noIo && (incompatible & BigInt(C.INCOMPAT_DATA_FILE)) !== 0n) {
+    throw new ImageError(h.dataFile === null ? "'data-file' is required for this image" : 'External data files are not supported by qchain');
+  }
+  if (!opts.noIo && (autoclear & BigInt(C.AUTOCLEAR_DATA_FILE_RAW)) !== 0n) throw new ImageError('data-file-raw requires a data file');
+  // Encryption: qchain has no keys, so an encrypted image fails where QEMU's open without a
+  // key-secret does (the LUKS one on its crypto header extension, read above).
+  if (h.cryptMethod !== 0) {
+    if (opts.noIo) throw new ImageError('Encrypted images are not supported by qchain');
+    if (h.cryptMethod === 1) throw new ImageError(KEY_SECRET);
+    throw new ImageError(`Missing CRYPTO header for crypt method ${h.cryptMethod}`);
+  }
 
   if (backingFileOffset !== 0) {
     if (backingFileSize > C.MAX_BACKING_FILE_NAME || backingFileSize > clusterSize - backingFileOffset) {
@@ -174,7 +214,9 @@ export function parseHeader(buf: Buffer, fileSize: number, opts: { check?: boole
   return h;
 }
 
-function readExtensions(buf: Buffer, h: Qcow2Header, clusterSize: number): void {
+const KEY_SECRET = "Parameter 'encrypt.key-secret' is required for cipher";
+
+function readExtensions(buf: Buffer, h: Qcow2Header, clusterSize: number, opts: HeaderOpenOptions): void {
   const end = h.backingFileOffset !== 0 ? h.backingFileOffset : clusterSize;
   let off = h.headerLength;
   const seen = new Set<number>();
@@ -212,7 +254,12 @@ function readExtensions(buf: Buffer, h: Qcow2Header, clusterSize: number): void 
         break;
       case C.EXT_CRYPTO:
         if (h.cryptMethod !== 2) throw new ImageError('CRYPTO header extension only expected with LUKS encryption method');
-        h.unknownExtensions.push({ type, data });
+        if (len !== 16) throw new ImageError(`CRYPTO header extension size ${len}, but expected size 16`);
+        if (data.readBigUInt64BE(0) % BigInt(clusterSize) !== 0n) {
+          throw new ImageError(`Encryption header offset '${data.readBigUInt64BE(0)}' is not a multiple of cluster size '${clusterSize}'`);
+        }
+        // The LUKS header would be opened here; without a key-secret that fails.
+        throw new ImageError(opts.noIo ? 'Encrypted images are not supported by qchain' : KEY_SECRET);
         break;
       default:
         h.unknownExtensions.push({ type, data });
@@ -240,7 +287,8 @@ export function serializeHeader(h: Qcow2Header): Buffer {
   const parts: Buffer[] = [];
   for (const e of h.unknownExtensions) if (e.type === C.EXT_CRYPTO) pushExt(parts, e.type, e.data);
   if (h.backingFormat) pushExt(parts, C.EXT_BACKING_FORMAT, Buffer.from(h.backingFormat, 'utf8'));
-  if (h.dataFile) pushExt(parts, C.EXT_DATA_FILE, Buffer.from(h.dataFile, 'utf8'));
+  // Only an image with an external data file keeps its name (QEMU's has_data_file()).
+  if (h.dataFile && (h.incompatible & BigInt(C.INCOMPAT_DATA_FILE)) !== 0n) pushExt(parts, C.EXT_DATA_FILE, Buffer.from(h.dataFile, 'utf8'));
   // QEMU 7.2 writes the feature name table only for clusters of 8 KiB and more (observed).
   if (h.version === 3 && clusterSize >= 8192) {
     const ft = Buffer.alloc(48 * C.FEATURE_TABLE.length);

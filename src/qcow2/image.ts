@@ -10,6 +10,7 @@
  * structural operation, and when too much is pending.
  * Overlapping guest requests are serialised by a range lock; metadata changes by one mutex.
  */
+import type { OverlapKind } from './overlap.js';
 import { errnoText, type Storage } from '../storage/storage.js';
 import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteOptions, WriteZeroesOptions } from '../image/driver.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
@@ -172,15 +173,7 @@ export class Qcow2Image implements BlockDriver {
     const first = Buffer.alloc(Math.min(2 * 1024 * 1024, Math.max(4096, fileSize)));
     await storage.read(first, 0);
     // Header fields first (bounded read), then the full first cluster for extensions.
-    const header = parseHeader(first, fileSize, { check: opts.checkMode });
-    if (!opts.noIo && (header.incompatible & BigInt(C.INCOMPAT_DATA_FILE)) !== 0n) {
-      throw new ImageError(header.dataFile === null ? "'data-file' is required for this image" : 'External data files are not supported by qchain');
-    }
-    if (!opts.noIo && (header.autoclear & BigInt(C.AUTOCLEAR_DATA_FILE_RAW)) !== 0n) throw new ImageError('data-file-raw requires a data file');
-    if (header.cryptMethod !== 0) throw new ImageError('Encrypted images are not supported by qchain');
-    if (!readOnly && ((header.incompatible & BigInt(C.INCOMPAT_CORRUPT)) !== 0n)) {
-      throw new ImageError('qcow2: Image is corrupt; cannot be opened read/write');
-    }
+    const header = parseHeader(first, fileSize, { check: opts.checkMode, writable: !readOnly, noIo: opts.noIo });
     const l1 = Buffer.alloc(header.l1Size * 8);
     if (header.l1Size) await storage.read(l1, header.l1TableOffset);
     const extL2 = (header.incompatible & BigInt(C.INCOMPAT_EXTL2)) !== 0n;
@@ -197,6 +190,8 @@ export class Qcow2Image implements BlockDriver {
     else if (header.nbSnapshots === 0) header.snapshotsOffset = 0;
     img.bitmaps = await Qcow2Bitmaps.open(img, img.log);
     if (!readOnly) await img.prepareForWriting(!!opts.noRepair);
+    // The block layer's refresh after the driver opened (QEMU's refresh_total_sectors).
+    if (header.sizeTooLarge) throw new ImageError('Could not refresh total sector count: File too large');
     return img;
   }
 
@@ -269,6 +264,30 @@ export class Qcow2Image implements BlockDriver {
       this.log(`qcow2: Image is corrupt: ${msg}; further non-fatal corruption events will be suppressed`);
     }
     throw new CorruptionError(msg);
+  }
+
+  /**
+   * Set by a check whose repaired refcount blocks could not all be written (metadata overlap):
+   * they stay cached, and the flush on close writes those that pass and marks the image corrupt.
+   */
+  refblockGuard: ((blockOffset: number) => OverlapKind | null) | null = null;
+
+  /**
+   * Write the pending refcount blocks as QEMU's refcount block cache flush does: each passes
+   * `guard` (the metadata overlap check) first; those that fail stay unwritten and the first
+   * failure marks the image corrupt. Returns what was hit, or null. The caller holds `meta`.
+   */
+  async writeRefblocksGuarded(guard: (blockOffset: number) => OverlapKind | null): Promise<OverlapKind | null> {
+    let hit: OverlapKind | null = null;
+    for (const bo of this.refcounts.pendingBlocks()) {
+      const h = guard(bo);
+      if (!h) continue;
+      hit ??= h;
+      this.refcounts.dropPending(bo);
+    }
+    await this.refcounts.writePending();
+    if (hit) await this.signalCorruption(`Preventing invalid write on metadata (overlaps with ${hit})`).catch(() => {});
+    return hit;
   }
 
   /** A corruption event was reported (QEMU's signaled_corruption). */
@@ -855,7 +874,8 @@ export class Qcow2Image implements BlockDriver {
 
   private async writeBackLocked(): Promise<void> {
     if (!this.pendingMetadata) return;
-    await this.refcounts.writePending();
+    // Refcount blocks held back by a check (see refblockGuard) are written on close only.
+    if (!this.refblockGuard) await this.refcounts.writePending();
     if (this.l2.dirtyCount > 0) await this.storage.flush();
     // Taken together, with no await between: every queued free's L2 change is in `tables`
     // (or was written by a non-lazy write already).
@@ -1118,6 +1138,8 @@ export class Qcow2Image implements BlockDriver {
     this.closed = true;
     await (await import('./compressed-write.js')).closeCompressedWriter(this);
     let failed: unknown = null;
+    const guard = this.refblockGuard;
+    if (!this.readOnly && !this.unusable && guard) await this.meta.run(() => this.writeRefblocksGuarded(guard)).catch(() => {});
     // Marked corrupt by this handle: QEMU has dropped the driver, nothing more is written.
     if (!this.readOnly && !this.unusable) {
       // Metadata that cannot be written back leaves a leak at worst; the bitmaps still try.
@@ -1255,7 +1277,7 @@ export class Qcow2Image implements BlockDriver {
 
   /** Forget cached L2 tables (after a rewrite behind the cache, e.g. snapshot apply; flushMetadata first). */
   dropCaches(): void {
-    if (this.pendingMetadata) throw new Error('internal error: L2 cache dropped with metadata not written back');
+    if (this.l2.dirtyCount > 0 || this.pendingFrees.length > 0) throw new Error('internal error: L2 cache dropped with metadata not written back');
     this.l2.clear();
     this.lastCompressed = null;
   }

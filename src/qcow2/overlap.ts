@@ -40,7 +40,10 @@ export function metadataOverlap(img: Qcow2Image, offset: number, size: number, s
   if (on('refcount block')) {
     for (const bo of rc.table) if (bo > 0 && hits(bo, cs)) return 'refcount block';
   }
-  if (on('bitmap directory') && h.bitmapsExt && (h.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n) {
+  if (on('bitmap directory') && (h.autoclear & BigInt(AUTOCLEAR_BITMAPS)) !== 0n) {
+    // No extension: QEMU's directory is (0, 0), a range whose last byte wraps to 2^64 - 1, so
+    // every range reaching this far overlaps it.
+    if (!h.bitmapsExt) return 'bitmap directory';
     const ext = h.bitmapsExt;
     const dirSize = ext.readUInt32BE(8) * TWO32 + ext.readUInt32BE(12);
     const dirOff = ext.readUInt32BE(16) * TWO32 + ext.readUInt32BE(20);

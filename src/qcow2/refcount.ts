@@ -300,6 +300,17 @@ export class Refcounts {
   /** Set a refcount to an absolute value (repair). */
   async set(ci: number, v: number): Promise<void> {
     const cur = await this.get(ci);
+    if (!Number.isSafeInteger(cur)) {
+      // A 64-bit refcount past 2^53 (its block exists): the difference would not be exact, so the
+      // new value is written as such (QEMU subtracts the exact difference: the same result).
+      const bo = this.table[Math.floor(ci / this.perBlock)];
+      const b = await this.block(bo);
+      const k = ci % this.perBlock;
+      this.writeEntry(b, k, v);
+      if (v === 0 && ci < this.freeHint) this.freeHint = ci;
+      await this.writeBlockRange(bo, b, k, k + 1);
+      return;
+    }
     if (cur !== v) await this.update(ci, 1, v - cur);
   }
 
@@ -334,6 +345,24 @@ export class Refcounts {
       p.lo = Math.min(p.lo, startByte);
       p.hi = Math.max(p.hi, endByte);
     }
+  }
+
+  /**
+   * A new refcount block `buf` at `bo`, cached with all of it pending and not yet in the table
+   * (QEMU's qcow2_cache_get_empty for a block alloc_refcount_block creates).
+   */
+  installPending(bo: number, buf: Buffer): void {
+    this.blocks.set(bo, buf);
+    this.markPending(bo, buf, 0, this.perBlock);
+  }
+
+  /** Offsets of the blocks with pending (unwritten) changes. */
+  pendingBlocks(): number[] { return [...this.pending.keys()]; }
+
+  /** Forget the pending changes of block `bo` (its write was refused); the cached block goes too. */
+  dropPending(bo: number): void {
+    this.pending.delete(bo);
+    this.blocks.delete(bo);
   }
 
   /** Number of blocks with pending (unwritten) changes. */
