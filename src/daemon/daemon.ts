@@ -20,6 +20,7 @@ import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js'
 import { runTransaction } from './transaction.js';
 import type { DirtyBitmapView } from '../nbd/export.js';
 import type { CacheSizeOptions } from '../qcow2/cache-sizes.js';
+import { checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
 
 export interface ExportEntry {
   id: string;
@@ -256,6 +257,8 @@ export class Daemon {
 
   async blockdevAdd(a: Args): Promise<void> {
     const driver = str(a, 'driver');
+    checkBlockdevNames(a);
+    checkBlockdevSupport(a);
     const name = optStr(a, 'node-name');
     const discard = (optStr(a, 'discard') ?? 'ignore') === 'unmap';
     const readOnly = optBool(a, 'read-only', false);

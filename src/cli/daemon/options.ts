@@ -6,6 +6,7 @@
 import { UsageError } from '../util/errors.js';
 import { qemuStrtosz } from '../util/options.js';
 import type { CacheSizeOptions } from '../../qcow2/cache-sizes.js';
+import { checkBlockdevNames, checkBlockdevSupport } from '../../daemon/blockdev-options.js';
 
 export function parseKeyval(s: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -66,6 +67,26 @@ function discardOpt(v: string | undefined): boolean {
   throw new UsageError(`Invalid discard option '${v}'`);
 }
 
+/** blockdev-add's name and support checks on a --blockdev's keys (nested by their dots; on/off as booleans). */
+function blockdevChecks(kv: Map<string, string>): void {
+  const root: Record<string, unknown> = {};
+  for (const [k, v] of kv) {
+    const parts = k.split('.');
+    let o = root;
+    for (const p of parts.slice(0, -1)) {
+      if (typeof o[p] !== 'object' || o[p] === null) o[p] = {};
+      o = o[p] as Record<string, unknown>;
+    }
+    o[parts[parts.length - 1]] = parts[0] === 'cache' || parts[1] === 'cache' ? (v === 'on' || v === 'true' ? true : v === 'off' || v === 'false' ? false : v) : v;
+  }
+  try {
+    checkBlockdevNames(root);
+    checkBlockdevSupport(root);
+  } catch (e) {
+    throw new UsageError(e instanceof Error ? e.message : String(e));
+  }
+}
+
 /** The qcow2 cache options among a --blockdev's keys (sizes with QEMU's k/M/G suffixes). */
 function cacheOpts(kv: Map<string, string>): CacheSizeOptions | undefined {
   const out: CacheSizeOptions = {};
@@ -113,6 +134,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
     switch (flag) {
       case '--blockdev': {
         const kv = parseKeyval(value());
+        blockdevChecks(kv);
         const driver = kv.get('driver');
         const nodeName = kv.get('node-name');
         if (!driver) throw new UsageError("Parameter 'driver' is missing");

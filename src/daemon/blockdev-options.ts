@@ -1,0 +1,52 @@
+/**
+ * blockdev-add's argument names as QEMU 7.2's QAPI schema defines them (BlockdevOptions for the
+ * file, raw and qcow2 drivers): an unknown name is refused with QEMU's text, as its input
+ * visitor does before anything is opened. Options QEMU has and qchain does not implement are
+ * refused with a clear message when they ask for other than the default, never silently ignored.
+ */
+import { QmpError } from './graph.js';
+
+type Args = Record<string, unknown>;
+
+const COMMON = ['driver', 'node-name', 'discard', 'cache', 'read-only', 'auto-read-only', 'force-share', 'detect-zeroes'];
+const BY_DRIVER: Record<string, string[]> = {
+  file: ['filename', 'pr-manager', 'locking', 'aio', 'aio-max-batch', 'drop-cache', 'x-check-cache-dropped'],
+  raw: ['file', 'offset', 'size'],
+  qcow2: ['file', 'backing', 'lazy-refcounts', 'pass-discard-request', 'pass-discard-snapshot', 'pass-discard-other', 'overlap-check',
+    'cache-size', 'l2-cache-size', 'l2-cache-entry-size', 'refcount-cache-size', 'cache-clean-interval', 'encrypt', 'data-file'],
+};
+const CACHE = ['direct', 'no-flush'];
+
+/** Throws QEMU's "Parameter 'x' is unexpected" for a name the driver's options do not have (`prefix` for nested objects). */
+export function checkBlockdevNames(a: Args, prefix = ''): void {
+  const driver = typeof a.driver === 'string' ? a.driver : '';
+  const known = BY_DRIVER[driver];
+  if (!known) return; // unknown drivers are refused by name elsewhere
+  for (const k of Object.keys(a)) {
+    if (!COMMON.includes(k) && !known.includes(k)) throw new QmpError(`Parameter '${prefix}${k}' is unexpected`);
+  }
+  const cache = a.cache;
+  if (cache && typeof cache === 'object') {
+    for (const k of Object.keys(cache)) if (!CACHE.includes(k)) throw new QmpError(`Parameter '${prefix}cache.${k}' is unexpected`);
+  }
+  if (a.file && typeof a.file === 'object') checkBlockdevNames(a.file as Args, `${prefix}file.`);
+}
+
+/**
+ * Values qchain does not implement, refused (QEMU's own checks first). `discard` is the node's
+ * discard option as given.
+ */
+export function checkBlockdevSupport(a: Args, prefix = ''): void {
+  const dz = a['detect-zeroes'];
+  if (dz !== undefined) {
+    if (dz !== 'off' && dz !== 'on' && dz !== 'unmap') throw new QmpError(`Parameter '${prefix}detect-zeroes' does not accept value '${String(dz)}'`);
+    if (dz === 'unmap' && a.discard !== 'unmap') throw new QmpError('setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
+    if (dz !== 'off') throw new QmpError(`detect-zeroes=${dz} is not supported by qchain`);
+  }
+  const cache = a.cache as Args | undefined;
+  if (cache && typeof cache === 'object') {
+    if (cache.direct === true) throw new QmpError('cache.direct=on is not supported by qchain (I/O goes through the page cache)');
+    if (cache['no-flush'] === true) throw new QmpError('cache.no-flush=on is not supported by qchain');
+  }
+  if (a.file && typeof a.file === 'object') checkBlockdevSupport(a.file as Args, `${prefix}file.`);
+}
