@@ -8,15 +8,14 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, scratch } from './helpers/qemu.js';
-import { MONITOR, norm, quit, start, type Tool } from './helpers/live-qmp.js';
+import { MONITOR, norm, quit, withDaemon, onBoth, type Tool } from './helpers/live-qmp.js';
 
 async function session(tool: Tool, dir: string): Promise<unknown[]> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'a.qcow2', '4M'], dir);
-  const d = await start(tool, dir, ['--nbd-server', 'addr.type=unix,addr.path=nbd.sock', ...MONITOR]);
   const out: unknown[] = [];
-  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
-  try {
+  await withDaemon(tool, dir, ['--nbd-server', 'addr.type=unix,addr.path=nbd.sock', ...MONITOR], async (d) => {
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
     await x('qmp_capabilities');
     await x('blockdev-add', { driver: 'qcow2', 'node-name': 'a', file: { driver: 'file', filename: 'a.qcow2' } });
     await x('block-export-add', { type: 'nbd', id: 'e', 'node-name': 'a' });
@@ -27,17 +26,12 @@ async function session(tool: Tool, dir: string): Promise<unknown[]> {
     await x('block-export-del', { id: 'e2' });
     await x('blockdev-del', { 'node-name': 'a' });
     await quit(d, 'quit');
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
+  });
   return out;
 }
 
 test('blockdev-del of an exported node: refused as qemu-storage-daemon refuses it', oracle(), async () => {
-  const root = scratch();
-  const want = await session('qemu', path.join(root, 'qemu'));
-  const got = await session('qchain', path.join(root, 'qchain'));
+  const { qemu: want, qchain: got } = await onBoth(scratch(), session);
   assert.deepEqual(want[3], { id: 3, error: { class: 'GenericError', desc: 'Node a is in use' } });
   assert.deepEqual(got, want);
 });

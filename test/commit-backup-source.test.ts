@@ -10,18 +10,17 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuChain, qemuImg, scratch } from './helpers/qemu.js';
-import { MONITOR, jobEvent, norm, ok, qcow2Node, quit, repliesThenEvents, start, type Tool } from './helpers/live-qmp.js';
+import { MONITOR, jobEvent, norm, ok, qcow2Node, quit, repliesThenEvents, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 async function session(tool: Tool, dir: string, autoFinalize: boolean): Promise<{ log: unknown[]; target: Buffer }> {
   await qemuChain(dir, '16M', [
     ['base.qcow2', 'write -q -P 1 0 1M'], ['mid.qcow2', 'write -q -P 2 1M 1M'], ['top.qcow2', 'write -q -P 3 2M 1M'],
   ]);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'bt.qcow2', '16M'], dir);
-  const d = await start(tool, dir, [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid'), ...qcow2Node('bt'),
-    '--nbd-server', 'addr.type=unix,addr.path=nbd.sock', '--export', 'type=nbd,id=et,node-name=top,name=t,writable=on', ...MONITOR]);
-  let n = 0;
-  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { await d.q.execute(cmd, args, `${cmd}-${++n}`); };
-  try {
+  const received = await withDaemon(tool, dir, [...qcow2Node('base'), ...qcow2Node('mid', ',backing=base'), ...qcow2Node('top', ',backing=mid'), ...qcow2Node('bt'),
+    '--nbd-server', 'addr.type=unix,addr.path=nbd.sock', '--export', 'type=nbd,id=et,node-name=top,name=t,writable=on', ...MONITOR], async (d) => {
+    let n = 0;
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { await d.q.execute(cmd, args, `${cmd}-${++n}`); };
     await x('qmp_capabilities');
     // The backup of mid is held back by its rate limit until the commit is over.
     await x('blockdev-backup', { 'job-id': 'bk', device: 'mid', target: 'bt', sync: 'full', speed: 1024 });
@@ -32,14 +31,12 @@ async function session(tool: Tool, dir: string, autoFinalize: boolean): Promise<
     await x('block-job-set-speed', { device: 'bk', speed: 0 });
     await d.q.waitFor(jobEvent('bk', 'null'));
     ok(await quit(d, 'quit'));
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
+    return d.q.received;
+  });
   const raw = path.join(dir, 'bt.raw');
   const c = await qemuImg(['convert', '-O', 'raw', 'bt.qcow2', raw], dir);
   assert.equal(c.code, 0, c.stderr);
-  return { log: repliesThenEvents(d.q.received.map((m) => norm(m, true))), target: fs.readFileSync(raw) };
+  return { log: repliesThenEvents(received.map((m) => norm(m, true))), target: fs.readFileSync(raw) };
 }
 
 for (const autoFinalize of [true, false]) {

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Job } from '../src/jobs/job.js';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { start, jobEvent, type Tool } from './helpers/live-qmp.js';
+import { start, jobEvent, onBoth, type Tool } from './helpers/live-qmp.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
 
 const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
@@ -127,9 +127,7 @@ async function session(tool: Tool, dir: string): Promise<unknown[]> {
 }
 
 test('query-block-jobs busy matches qemu-storage-daemon (sleeping, paused, pending, concluded, ready, standby)', oracle(), async () => {
-  const root = scratch();
-  const want = await session('qemu', path.join(root, 'qemu'));
-  const got = await session('qchain', path.join(root, 'qchain'));
+  const { qemu: want, qchain: got } = await onBoth(scratch(), session);
   const states = want.map((r) => (r as Array<{ status: string; busy: boolean }>).map((j) => `${j.status}:${j.busy}`).join());
   assert.deepEqual(states, ['running:false', 'paused:false', 'pending:false', 'concluded:false', 'ready:false', 'standby:false']);
   assert.deepEqual(got, want);

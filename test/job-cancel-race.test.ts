@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuChain, qemuImg, scratch } from './helpers/qemu.js';
-import { chainArgs, jobEvent, quit, start, type Tool } from './helpers/live-qmp.js';
+import { chainArgs, jobEvent, quit, withDaemon, type Tool } from './helpers/live-qmp.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
 import { Job } from '../src/jobs/job.js';
 import { JobIoError } from '../src/jobs/errors.js';
@@ -54,8 +54,7 @@ async function images(dir: string): Promise<void> {
 async function round(tool: Tool, dir: string, scen: Scenario, delay: number | 'pending'): Promise<string> {
   await images(dir);
   const args = [...chainArgs(), '--blockdev', 'driver=file,node-name=tgt-file,filename=tgt.qcow2', '--blockdev', 'driver=qcow2,node-name=tgt,file=tgt-file'];
-  const d = await start(tool, dir, args);
-  try {
+  return withDaemon(tool, dir, args, async (d) => {
     await d.q.execute('qmp_capabilities');
     const id = 'j';
     let cancel: QmpMessage;
@@ -81,10 +80,7 @@ async function round(tool: Tool, dir: string, scen: Scenario, delay: number | 'p
     const events = d.q.received.filter((m) => m.event && ['JOB_STATUS_CHANGE', 'BLOCK_JOB_CANCELLED', 'BLOCK_JOB_COMPLETED', 'BLOCK_JOB_READY'].includes(m.event as string))
       .map((m) => (m.event === 'JOB_STATUS_CHANGE' ? (m.data as { status: string }).status : m.event));
     return JSON.stringify({ cancel: 'error' in cancel ? (cancel.error as { desc: string }).desc : 'ok', events, exported });
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
+  });
 }
 
 for (const scen of ['stream', 'commit', 'mirror', 'legacy'] as const) {

@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { MONITOR, jobEvent, norm, ok, qcow2Node, quit, repliesThenEvents, start, type Tool } from './helpers/live-qmp.js';
+import { MONITOR, jobEvent, norm, ok, qcow2Node, quit, repliesThenEvents, withDaemon, onBoth, type Tool } from './helpers/live-qmp.js';
 
 const NODES = ['a', 'ta', 'b', 'tb', 'c', 'tc', 'd', 'e'];
 
@@ -21,19 +21,18 @@ async function session(tool: Tool, dir: string): Promise<unknown[]> {
   fs.mkdirSync(dir, { recursive: true });
   for (const n of [...NODES, 'oe']) await qemuImg(['create', '-q', '-f', 'qcow2', `${n}.qcow2`, n === 'a' || n === 'ta' ? '256M' : '16M'], dir);
   await qemuIo(['-c', 'write -q -P 1 0 32M', 'a.qcow2'], dir);
-  const d = await start(tool, dir, [...NODES.flatMap((n) => qcow2Node(n)), '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
-    '--export', 'type=nbd,id=eb,node-name=b,name=b', '--export', 'type=nbd,id=ed,node-name=d,name=d,writable=on', ...MONITOR]);
-  /** Each command once no job is busy with I/O (the polls are left out of the transcript). */
-  let n = 0;
-  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
-    for (let i = 0; ; i++) {
-      const jobs = (await d.q.execute('query-block-jobs', undefined, 'poll')).return as Array<{ busy: boolean }>;
-      if (jobs.every((j) => !j.busy) || i > 200) break;
-      await new Promise((r) => setTimeout(r, 20));
-    }
-    await d.q.execute(cmd, args, `${cmd}-${++n}`);
-  };
-  try {
+  const received = await withDaemon(tool, dir, [...NODES.flatMap((n) => qcow2Node(n)), '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
+    '--export', 'type=nbd,id=eb,node-name=b,name=b', '--export', 'type=nbd,id=ed,node-name=d,name=d,writable=on', ...MONITOR], async (d) => {
+    /** Each command once no job is busy with I/O (the polls are left out of the transcript). */
+    let n = 0;
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => {
+      for (let i = 0; ; i++) {
+        const jobs = (await d.q.execute('query-block-jobs', undefined, 'poll')).return as Array<{ busy: boolean }>;
+        if (jobs.every((j) => !j.busy) || i > 200) break;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+      await d.q.execute(cmd, args, `${cmd}-${++n}`);
+    };
     ok(await d.q.execute('qmp_capabilities', undefined, 'caps'));
     // m1 runs (rate-limited: 16 batches of 16 MiB, one each time a drain ends its sleep); m2 is ready.
     await x('blockdev-mirror', { 'job-id': 'm1', device: 'a', target: 'ta', sync: 'full', speed: 1024 });
@@ -53,11 +52,9 @@ async function session(tool: Tool, dir: string): Promise<unknown[]> {
     await x('block-export-del', { id: 'ed' });
     await x('block-export-del', { id: 'nosuch' });
     ok(await quit(d, 'quit'));
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
-  return sortDrainRuns(repliesThenEvents(d.q.received.filter((m) => m.id !== 'poll').map((m) => norm(m, true))));
+    return d.q.received;
+  });
+  return sortDrainRuns(repliesThenEvents(received.filter((m) => m.id !== 'poll').map((m) => norm(m, true))));
 }
 
 const PAUSE = ['paused', 'standby'], RESUME = ['running', 'ready'];
@@ -86,9 +83,7 @@ function sortDrainRuns(msgs: Array<Record<string, unknown>>): Array<Record<strin
 }
 
 test('drained sections pause and resume jobs as in qemu-storage-daemon', oracle(), async () => {
-  const root = scratch();
-  const want = await session('qemu', path.join(root, 'qemu'));
-  const got = await session('qchain', path.join(root, 'qchain'));
+  const { qemu: want, qchain: got } = await onBoth(scratch(), session);
   // The oracle really pauses: the empty transaction alone gives m1 paused/running and m2 standby/ready.
   const statuses = want.filter((m) => (m as { event?: string }).event === 'JOB_STATUS_CHANGE').map((m) => {
     const data = (m as { data: { id: string; status: string } }).data;

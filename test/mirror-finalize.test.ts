@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { guest, jobEvent, norm, ok, qcow2Node, quit, repliesThenEvents, serve, start, type Tool } from './helpers/live-qmp.js';
+import { guest, jobEvent, norm, ok, qcow2Node, quit, repliesThenEvents, serve, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 type Kind = 'mirror' | 'commit';
 type End = 'finalize' | 'cancel';
@@ -22,11 +22,10 @@ async function session(tool: Tool, dir: string, kind: Kind, end: End): Promise<u
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
   await qemuIo(['-c', 'write -q -P 2 1M 1M', 'top.qcow2'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '4M'], dir);
-  const d = await start(tool, dir, [...qcow2Node('base'), ...qcow2Node('top', ',backing=base'), ...qcow2Node('tgt'), ...serve('top')]);
   let n = 0;
-  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { await d.q.execute(cmd, args, `${cmd}-${++n}`); };
   const out: unknown[] = [];
-  try {
+  await withDaemon(tool, dir, [...qcow2Node('base'), ...qcow2Node('top', ',backing=base'), ...qcow2Node('tgt'), ...serve('top')], async (d) => {
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { await d.q.execute(cmd, args, `${cmd}-${++n}`); };
     await x('qmp_capabilities');
     if (kind === 'mirror') await x('blockdev-mirror', { 'job-id': 'j', device: 'top', target: 'tgt', sync: 'full', 'auto-finalize': false });
     else await x('block-commit', { 'job-id': 'j', device: 'top', 'auto-finalize': false });
@@ -38,11 +37,8 @@ async function session(tool: Tool, dir: string, kind: Kind, end: End): Promise<u
     await d.q.waitFor(jobEvent('j', 'null'));
     await x('query-block-exports');
     ok(await quit(d, 'quit'));
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
-  out.push(...repliesThenEvents(d.q.received.map((m) => norm(m, true))));
+    out.push(...repliesThenEvents(d.q.received.map((m) => norm(m, true))));
+  });
   for (const f of ['top.qcow2', kind === 'mirror' ? 'tgt.qcow2' : 'base.qcow2']) {
     const raw = path.join(dir, `${f}.raw`);
     const c = await qemuImg(['convert', '-O', 'raw', f, raw], dir);

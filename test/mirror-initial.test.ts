@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { jobEvent, norm, ok, qcow2Node, quit, serve, start, type Tool } from './helpers/live-qmp.js';
+import { jobEvent, norm, ok, qcow2Node, quit, serve, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 type Source = 'empty' | 'backing' | 'zero';
 type How = 'blockdev' | 'blockdev-unmap' | 'drive';
@@ -29,10 +29,9 @@ async function session(tool: Tool, dir: string, src: Source, how: How): Promise<
   await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '4M'], dir);
   await qemuIo(['-c', 'write -q -P 9 3M 128k', 'tgt.qcow2'], dir);
   const tgt = how === 'blockdev-unmap' ? ',discard=unmap' : '';
-  const d = await start(tool, dir, [...qcow2Node('base'), ...qcow2Node('top', ',backing=base'), ...qcow2Node('tgt', tgt), ...serve('top')]);
   const out: unknown[] = [];
-  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
-  try {
+  await withDaemon(tool, dir, [...qcow2Node('base'), ...qcow2Node('top', ',backing=base'), ...qcow2Node('tgt', tgt), ...serve('top')], async (d) => {
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
     await x('qmp_capabilities');
     if (how === 'drive') await x('drive-mirror', { 'job-id': 'm', device: 'top', target: 'new.qcow2', format: 'qcow2', sync: 'full' });
     else await x('blockdev-mirror', { 'job-id': 'm', device: 'top', target: 'tgt', sync: 'full' });
@@ -42,10 +41,7 @@ async function session(tool: Tool, dir: string, src: Source, how: How): Promise<
     await d.q.waitFor(jobEvent('m', 'null'));
     ok(await quit(d));
     out.push(...d.q.received.filter((m) => typeof m.event === 'string' && m.event.startsWith('BLOCK_JOB')).map((m) => norm(m, false)));
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
+  });
   const file = how === 'drive' ? 'new.qcow2' : 'tgt.qcow2';
   const map = await qemuImg(['map', '--output=json', file], dir);
   assert.equal(map.code, 0, map.stderr);

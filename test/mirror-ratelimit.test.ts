@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { jobEvent, ok, qcow2Node, quit, serve, start, type Tool } from './helpers/live-qmp.js';
+import { jobEvent, ok, qcow2Node, quit, serve, withDaemon, onBoth, type Tool } from './helpers/live-qmp.js';
 import { RateLimit } from '../src/jobs/ratelimit.js';
 
 const M = 1024 * 1024;
@@ -24,9 +24,8 @@ async function session(tool: Tool, dir: string): Promise<string[]> {
   await qemuImg(['create', '-q', '-f', 'qcow2', 'top.qcow2', '64M'], dir);
   await qemuIo(['-c', 'write -q -P 1 0 32M', 'top.qcow2'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', '64M'], dir);
-  const d = await start(tool, dir, [...qcow2Node('top'), ...qcow2Node('tgt'), ...serve('top')]);
   const out: string[] = [];
-  try {
+  await withDaemon(tool, dir, [...qcow2Node('top'), ...qcow2Node('tgt'), ...serve('top')], async (d) => {
     ok(await d.q.execute('qmp_capabilities'));
     ok(await d.q.execute('blockdev-mirror', { 'job-id': 'm', device: 'top', target: 'tgt', sync: 'full', speed: SPEED }));
     const t0 = Date.now();
@@ -40,17 +39,12 @@ async function session(tool: Tool, dir: string): Promise<string[]> {
     ok(await d.q.execute('job-cancel', { id: 'm' }));
     await d.q.waitFor(jobEvent('m', 'null'));
     ok(await quit(d));
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
+  });
   return out;
 }
 
 test('rate-limited blockdev-mirror: progress at fixed times as qemu-storage-daemon', oracle(), async () => {
-  const root = scratch();
-  const want = await session('qemu', path.join(root, 'qemu'));
-  const got = await session('qchain', path.join(root, 'qchain'));
+  const { qemu: want, qchain: got } = await onBoth(scratch(), session);
   // The oracle really shows batches: all of the first 16 MiB at once, then nothing until it is paid for.
   assert.deepEqual(want.map((l) => l.split(' ')[1]), ['16/64', '16/64', '32/64', '32/64', '48/64']);
   assert.deepEqual(got, want);

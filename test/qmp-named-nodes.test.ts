@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, scratch } from './helpers/qemu.js';
-import { start, norm, type Tool } from './helpers/live-qmp.js';
+import { start, norm, onBoth, type Tool } from './helpers/live-qmp.js';
 
 const ARGS = [
   '--blockdev', 'driver=file,node-name=lone,filename=lone.raw',
@@ -72,9 +72,7 @@ async function session(tool: Tool, dir: string): Promise<unknown[]> {
 }
 
 test('query-named-block-nodes lists lone file nodes as qemu-storage-daemon does', oracle(), async () => {
-  const root = scratch();
-  const want = await session('qemu', path.join(root, 'qemu'));
-  const got = await session('qchain', path.join(root, 'qchain'));
+  const { qemu: want, qchain: got } = await onBoth(scratch(), session);
   // The listings really contain the protocol nodes (not just equal because both are empty).
   const names = (want[1] as { return: Array<{ 'node-name': string }> }).return.map((n) => n['node-name']);
   assert.deepEqual(names, ['ro-file', 'disk', 'disk-file', 'lone']);

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { MONITOR, norm, ok, qcow2Node, quit, serve, start, jobEvent, type Tool } from './helpers/live-qmp.js';
+import { MONITOR, norm, ok, qcow2Node, quit, serve, jobEvent, withDaemon, onBoth, type Tool } from './helpers/live-qmp.js';
 
 type Snap = 'sync' | 'blockdev' | 'tx-sync' | 'tx-blockdev';
 
@@ -33,11 +33,10 @@ async function session(tool: Tool, dir: string, how: Snap): Promise<unknown[]> {
   await qemuImg(['create', '-q', '-f', 'qcow2', 'a.qcow2', '4M'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', 'ov.qcow2', '4M'], dir);
   // The export keeps a snapshot-sync overlay in the graph (QSD frees an overlay nobody uses).
-  const d = await start(tool, dir, ['--blockdev', 'driver=qcow2,node-name=a,file.driver=file,file.filename=a.qcow2',
-    '--nbd-server', 'addr.type=unix,addr.path=nbd.sock', '--export', 'type=nbd,id=exp0,node-name=a,name=vda,writable=on', ...MONITOR]);
   const out: unknown[] = [];
-  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
-  try {
+  await withDaemon(tool, dir, ['--blockdev', 'driver=qcow2,node-name=a,file.driver=file,file.filename=a.qcow2',
+    '--nbd-server', 'addr.type=unix,addr.path=nbd.sock', '--export', 'type=nbd,id=exp0,node-name=a,name=vda,writable=on', ...MONITOR], async (d) => {
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
     await x('qmp_capabilities');
     out.push(await locks(dir));
     const sync = { 'node-name': 'a', 'snapshot-file': 'o.qcow2', 'snapshot-node-name': 'o', format: 'qcow2' };
@@ -63,10 +62,7 @@ async function session(tool: Tool, dir: string, how: Snap): Promise<unknown[]> {
     await x('block-commit', { 'job-id': 'c2', device: 'o' });
     out.push(await locks(dir));
     ok(await quit(d));
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
+  });
   return out;
 }
 
@@ -88,15 +84,14 @@ async function streamSession(tool: Tool, dir: string): Promise<unknown[]> {
   await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '4M'], dir);
   await qemuIo(['-c', 'write -q -P 1 0 1M', 'base.qcow2'], dir);
   await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir);
-  const d = await start(tool, dir, [...qcow2Node('base'), ...qcow2Node('top', ',backing=base'), ...serve('top')]);
   const out: unknown[] = [];
-  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
-  /** The ro flag of node 'top' (QSD also lists its copy-on-read filter while a stream runs). */
-  const topRo = async (): Promise<void> => {
-    const r = await d.q.execute('query-named-block-nodes', { flat: true });
-    out.push((r.return as Array<{ 'node-name': string; ro: boolean }>).find((n) => n['node-name'] === 'top')?.ro);
-  };
-  try {
+  await withDaemon(tool, dir, [...qcow2Node('base'), ...qcow2Node('top', ',backing=base'), ...serve('top')], async (d) => {
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
+    /** The ro flag of node 'top' (QSD also lists its copy-on-read filter while a stream runs). */
+    const topRo = async (): Promise<void> => {
+      const r = await d.q.execute('query-named-block-nodes', { flat: true });
+      out.push((r.return as Array<{ 'node-name': string; ro: boolean }>).find((n) => n['node-name'] === 'top')?.ro);
+    };
     await x('qmp_capabilities');
     await x('blockdev-snapshot-sync', { 'node-name': 'top', 'snapshot-file': 's.qcow2', 'snapshot-node-name': 's', format: 'qcow2' });
     await topRo();
@@ -112,17 +107,12 @@ async function streamSession(tool: Tool, dir: string): Promise<unknown[]> {
     await topRo();
     ok(await quit(d));
     out.push(...d.q.received.filter((m) => m.event).map((m) => norm(m, false)));
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
+  });
   return out;
 }
 
 test('block-stream into the read-only node under an overlay, as qemu-storage-daemon', oracle(), async () => {
-  const root = scratch();
-  const want = await streamSession('qemu', path.join(root, 'qemu'));
-  const got = await streamSession('qchain', path.join(root, 'qchain'));
+  const { qemu: want, qchain: got } = await onBoth(scratch(), streamSession);
   assert.deepEqual(want.filter((v) => typeof v === 'boolean'), [true, false, false, true, true]);
   assert.deepEqual(got, want);
 });
@@ -131,10 +121,9 @@ test('block-stream into the read-only node under an overlay, as qemu-storage-dae
 async function unusedSession(tool: Tool, dir: string): Promise<unknown[]> {
   fs.mkdirSync(dir, { recursive: true });
   await qemuImg(['create', '-q', '-f', 'qcow2', 'a.qcow2', '4M'], dir);
-  const d = await start(tool, dir, ['--blockdev', 'driver=qcow2,node-name=a,file.driver=file,file.filename=a.qcow2', ...MONITOR]);
   const out: unknown[] = [];
-  const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
-  try {
+  await withDaemon(tool, dir, ['--blockdev', 'driver=qcow2,node-name=a,file.driver=file,file.filename=a.qcow2', ...MONITOR], async (d) => {
+    const x = async (cmd: string, args?: Record<string, unknown>): Promise<void> => { out.push(norm(await d.q.execute(cmd, args, out.length), false)); };
     await x('qmp_capabilities');
     await x('blockdev-snapshot-sync', { 'node-name': 'a', 'snapshot-file': 'o.qcow2', 'snapshot-node-name': 'o', format: 'qcow2' });
     out.push(await roList(d.q));
@@ -143,10 +132,7 @@ async function unusedSession(tool: Tool, dir: string): Promise<unknown[]> {
     out.push(await roList(d.q));
     out.push((await backingChainOf(dir, 'o.qcow2')));
     ok(await quit(d));
-  } finally {
-    d.q.close();
-    d.child.kill();
-  }
+  });
   return out;
 }
 
@@ -156,9 +142,7 @@ async function backingChainOf(dir: string, file: string): Promise<string> {
 }
 
 test('a snapshot-sync overlay nobody uses is freed, as qemu-storage-daemon frees it', oracle(), async () => {
-  const root = scratch();
-  const want = await unusedSession('qemu', path.join(root, 'qemu'));
-  const got = await unusedSession('qchain', path.join(root, 'qchain'));
+  const { qemu: want, qchain: got } = await onBoth(scratch(), unusedSession);
   assert.deepEqual(want[2], ['a true', '#implicit true']);
   assert.deepEqual(got, want);
 });

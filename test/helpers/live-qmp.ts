@@ -95,6 +95,7 @@ export async function withDaemon<T>(tool: Tool, dir: string, args: string[], bod
   try {
     return await body(d);
   } finally {
+    d.q.close();
     killIfRunning(d.child);
   }
 }
