@@ -12,7 +12,7 @@ import { execFile } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { buildCorpus, materialiseCase, recipeFor } from '../test/helpers/fuzz.js';
+import { buildCorpus, fileHead, materialiseCase, recipeFor } from '../test/helpers/fuzz.js';
 import { QCHAIN, QEMU_IMG } from '../test/helpers/qemu.js';
 
 interface R { code: number | null; stdout: string; stderr: string; timedOut: boolean }
@@ -24,14 +24,6 @@ function run(cmd: string, args: string[], cwd: string, timeout = 120_000): Promi
       resolve({ code: e ? (typeof e.code === 'number' ? e.code : null) : 0, stdout, stderr, timedOut: !!e?.killed });
     });
   });
-}
-
-const WHOLE = 64 << 20;
-function head(f: string): Buffer {
-  const b = Buffer.alloc(Math.min(fs.statSync(f).size, WHOLE));
-  const fd = fs.openSync(f, 'r');
-  try { fs.readSync(fd, b, 0, b.length, 0); } finally { fs.closeSync(fd); }
-  return b;
 }
 
 function firstDiff(a: Buffer, b: Buffer): number {
@@ -73,7 +65,7 @@ for (const seed of seeds) {
   const sq = fs.statSync(q).size, sm = fs.statSync(m).size;
   if (sq !== sm) diffs.push(`size ${sm} (qemu-img ${sq})`);
   else {
-    const hq = head(q), hm = head(m);
+    const hq = fileHead(q), hm = fileHead(m);
     if (!hq.equals(hm)) diffs.push(`files differ from byte ${firstDiff(hq, hm)}`);
   }
   const qa = await run(QEMU_IMG, ['check', name], path.dirname(q));

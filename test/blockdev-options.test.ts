@@ -7,8 +7,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { QCHAIN, oracle, qemuImg, run, scratch } from './helpers/qemu.js';
-import { MONITOR, QSD, onBoth, quit, withDaemon, type Tool } from './helpers/live-qmp.js';
+import { QCHAIN, oracle, run, scratch } from './helpers/qemu.js';
+import { QSD, blockdevAddReplies, onBoth } from './helpers/live-qmp.js';
 
 const SAME: Array<Record<string, unknown>> = [
   { foo: 1 },
@@ -24,41 +24,16 @@ const OURS: Array<[Record<string, unknown>, string]> = [
   [{ cache: { 'no-flush': true } }, 'cache.no-flush=on is not supported by qchain'],
 ];
 
-function add(i: number, extra: Record<string, unknown>): Record<string, unknown> {
-  const file = { driver: 'file', filename: `a${i}.qcow2` };
-  const f = extra.file as Record<string, unknown> | undefined;
-  return { driver: 'qcow2', 'node-name': `n${i}`, ...extra, file: f ? { ...file, ...f, filename: `a${i}.qcow2` } : file };
-}
-
-async function session(tool: Tool, dir: string): Promise<unknown[]> {
-  fs.mkdirSync(dir, { recursive: true });
-  for (let i = 0; i < SAME.length; i++) assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', `a${i}.qcow2`, '16M'], dir)).code, 0);
-  return withDaemon(tool, dir, [...MONITOR], async (d) => {
-    await d.q.execute('qmp_capabilities');
-    const out: unknown[] = [];
-    for (const [i, extra] of SAME.entries()) out.push(await d.q.execute('blockdev-add', add(i, extra), i));
-    await quit(d);
-    return out;
-  });
-}
-
 test('blockdev-add option names and QEMU\'s value checks: the same replies as qemu-storage-daemon', { skip: oracle().skip ?? (fs.existsSync(QSD) ? undefined : 'no qemu-storage-daemon'), timeout: 60000 }, async () => {
-  const { qemu, qchain } = await onBoth(scratch('qchain-bdopts-'), session);
+  const { qemu, qchain } = await onBoth(scratch('qchain-bdopts-'), (tool, dir) => blockdevAddReplies(tool, dir, SAME));
   assert.deepEqual(qchain, qemu);
   assert.equal(qemu.filter((r) => 'error' in (r as object)).length, 4);
 });
 
 test('options qchain does not implement are refused, not ignored (blockdev-add and --blockdev)', { skip: oracle().skip, timeout: 60000 }, async () => {
   const dir = scratch('qchain-bdunsup-');
-  for (let i = 0; i < OURS.length; i++) assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', `a${i}.qcow2`, '16M'], dir)).code, 0);
-  await withDaemon('qchain', dir, [...MONITOR], async (d) => {
-    await d.q.execute('qmp_capabilities');
-    for (const [i, [extra, msg]] of OURS.entries()) {
-      const r = await d.q.execute('blockdev-add', add(i, extra));
-      assert.deepEqual(r.error, { class: 'GenericError', desc: msg });
-    }
-    await quit(d);
-  });
+  const replies = await blockdevAddReplies('qchain', dir, OURS.map(([extra]) => extra));
+  for (const [i, [, msg]] of OURS.entries()) assert.deepEqual(replies[i].error, { class: 'GenericError', desc: msg });
   for (const [bad, msg] of [['foo=1', "Parameter 'foo' is unexpected"], ['cache.direct=on', 'cache.direct=on is not supported by qchain'], ['detect-zeroes=on', 'detect-zeroes=on is not supported by qchain']]) {
     const r = await run(process.execPath, [QCHAIN, 'daemon', '--blockdev', 'driver=file,node-name=f,filename=a0.qcow2', '--blockdev', `driver=qcow2,node-name=d,file=f,${bad}`], { cwd: dir, timeout: 20000 });
     assert.equal(r.code, 1, r.stderr);

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { resolveCacheSizes } from '../src/qcow2/cache-sizes.js';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { MONITOR, QSD, nbdUri, onBoth, quit, withDaemon, type Tool } from './helpers/live-qmp.js';
+import { MONITOR, QSD, blockdevAddReplies, nbdUri, onBoth, quit, withDaemon } from './helpers/live-qmp.js';
 
 const K = 1024, M = 1024 * K, G = 1024 * M;
 
@@ -48,23 +48,9 @@ const ADDS: Array<Record<string, unknown>> = [
   { 'refcount-cache-size': 256 * K },
 ];
 
-async function addSession(tool: Tool, dir: string): Promise<unknown[]> {
-  fs.mkdirSync(dir, { recursive: true });
-  for (let i = 0; i < ADDS.length; i++) assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', `a${i}.qcow2`, '64M'], dir)).code, 0);
-  return withDaemon(tool, dir, [...MONITOR], async (d) => {
-    await d.q.execute('qmp_capabilities');
-    const out: unknown[] = [];
-    for (const [i, extra] of ADDS.entries()) {
-      out.push(await d.q.execute('blockdev-add', { driver: 'qcow2', 'node-name': `n${i}`, file: { driver: 'file', filename: `a${i}.qcow2` }, ...extra }, i));
-    }
-    await quit(d);
-    return out;
-  });
-}
-
 test('blockdev-add cache options: the same replies as qemu-storage-daemon', { skip: oracle().skip ?? (fs.existsSync(QSD) ? undefined : 'no qemu-storage-daemon'), timeout: 60000 }, async () => {
   const root = scratch('qchain-cacheopt-');
-  const { qemu, qchain } = await onBoth(root, addSession);
+  const { qemu, qchain } = await onBoth(root, (tool, dir) => blockdevAddReplies(tool, dir, ADDS));
   assert.deepEqual(qchain, qemu);
   assert.ok(qemu.some((r) => 'error' in (r as object)) && qemu.some((r) => 'return' in (r as object)));
 });

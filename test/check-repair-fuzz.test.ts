@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { oracle, qchain, qemuImg, scratch } from './helpers/qemu.js';
-import { buildCorpus, materialiseCase, type Recipe } from './helpers/fuzz.js';
+import { buildCorpus, fileHead, materialiseCase, type Recipe } from './helpers/fuzz.js';
 import type { Shape } from './helpers/fuzz-corpus.js';
 
 interface Case extends Recipe { why: string }
@@ -211,16 +211,6 @@ const CASES: Case[] = [
   },
 ];
 
-/** Files larger than this are compared by size and first bytes only (a block far past EOF grows the file sparsely). */
-const WHOLE = 64 << 20;
-
-function head(f: string): Buffer {
-  const b = Buffer.alloc(Math.min(fs.statSync(f).size, WHOLE));
-  const fd = fs.openSync(f, 'r');
-  try { fs.readSync(fd, b, 0, b.length, 0); } finally { fs.closeSync(fd); }
-  return b;
-}
-
 let shapes: Map<string, Shape>;
 let tmp: string;
 
@@ -241,7 +231,7 @@ for (const [i, c] of CASES.entries()) {
     assert.equal(mr.stdout, qr.stdout, 'stdout');
     assert.equal(mr.code, qr.code, 'exit status');
     assert.equal(fs.statSync(m).size, fs.statSync(q).size, 'repaired file sizes');
-    assert.ok(head(m).equals(head(q)), 'repaired files differ');
+    assert.ok(fileHead(m).equals(fileHead(q)), 'repaired files differ');
     const qa = await qemuImg(['check', name], path.dirname(q));
     const ma = await qemuImg(['check', name], path.dirname(m));
     assert.equal(ma.code, qa.code, 'qemu-img check afterwards');

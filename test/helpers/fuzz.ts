@@ -65,6 +65,17 @@ export function materialiseCase(recipe: Recipe, shapes: Map<string, Shape>, dir:
   return path.join(dir, shape.entry);
 }
 
+/** Files larger than this are compared by size and first bytes only (a block far past EOF grows the file sparsely). */
+const HEAD_BYTES = 64 << 20;
+
+/** The first HEAD_BYTES of a repaired image (all of a normal one), for comparing two tools' results. */
+export function fileHead(f: string): Buffer {
+  const b = Buffer.alloc(Math.min(fs.statSync(f).size, HEAD_BYTES));
+  const fd = fs.openSync(f, 'r');
+  try { fs.readSync(fd, b, 0, b.length, 0); } finally { fs.closeSync(fd); }
+  return b;
+}
+
 /** Run the command matrix on one recipe; every command writing gets a private copy of the files. */
 export async function runCase(recipe: Recipe, shapes: Map<string, Shape>, runner: Runner, work: string, commands: CommandSpec[] = availableCommands(), onRun?: (spec: CommandSpec, r: RunResult) => void): Promise<Failure[]> {
   const shape = shapes.get(recipe.shape);

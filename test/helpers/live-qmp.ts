@@ -116,6 +116,26 @@ export async function quit(d: Daemon, id?: unknown): Promise<QmpMessage> {
   return r;
 }
 
+/**
+ * A daemon with only a monitor takes one blockdev-add per entry of `adds`: node n<i> on a fresh
+ * 16 MiB qcow2 file a<i>.qcow2, the entry's members merged in (a `file` member into the file's
+ * own options). The replies, in order (ids are the indexes).
+ */
+export async function blockdevAddReplies(tool: Tool, dir: string, adds: Array<Record<string, unknown>>): Promise<QmpMessage[]> {
+  fs.mkdirSync(dir, { recursive: true });
+  for (let i = 0; i < adds.length; i++) assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', `a${i}.qcow2`, '16M'], dir)).code, 0);
+  return withDaemon(tool, dir, [...MONITOR], async (d) => {
+    await d.q.execute('qmp_capabilities');
+    const out: QmpMessage[] = [];
+    for (const [i, extra] of adds.entries()) {
+      const file = { driver: 'file', ...(extra.file as Record<string, unknown> | undefined), filename: `a${i}.qcow2` };
+      out.push(await d.q.execute('blockdev-add', { driver: 'qcow2', 'node-name': `n${i}`, ...extra, file }, i));
+    }
+    await quit(d);
+    return out;
+  });
+}
+
 /** Run `session` against QSD, then against qchain, each in its own folder `root`/<tool>. */
 export async function onBoth<T>(root: string, session: (tool: Tool, dir: string) => Promise<T>): Promise<Record<Tool, T>> {
   const res: Partial<Record<Tool, T>> = {};
