@@ -19,7 +19,7 @@ import { BitmapRegistry, bitmapView, ALLOW_RO, type NodeBitmap } from './bitmaps
 import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js';
 import { runTransaction } from './transaction.js';
 import type { DirtyBitmapView } from '../nbd/export.js';
-import type { CacheSizeOptions } from '../qcow2/cache-sizes.js';
+import { collectCacheOptions, type CacheSizeOptions } from '../qcow2/cache-sizes.js';
 import { checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
 
 export interface ExportEntry {
@@ -428,15 +428,12 @@ export function parseAddr(v: unknown): NbdAddress {
   throw new CommandError(`Parameter 'type' does not accept value '${type}'`);
 }
 
-/** blockdev-add's qcow2 cache options (l2-cache-size, cache-size: integers in bytes). */
+/** blockdev-add's qcow2 cache options (integers in bytes). */
 function cacheOptions(a: Args): CacheSizeOptions | undefined {
-  const out: CacheSizeOptions = {};
-  for (const [key, field] of [['l2-cache-size', 'l2CacheBytes'], ['refcount-cache-size', 'refcountCacheBytes'], ['cache-size', 'cacheSize']] as const) {
-    const v = a[key];
-    if (v === undefined) continue;
+  return collectCacheOptions((name) => {
+    const v = a[name];
     // Negative integers are the open's to refuse (QEMU: "expects a non-negative number").
-    if (typeof v !== 'number' || !Number.isInteger(v)) throw new QmpError(`Invalid parameter type for '${key}', expected: integer`);
-    out[field] = v;
-  }
-  return Object.keys(out).length ? out : undefined;
+    if (v !== undefined && (typeof v !== 'number' || !Number.isInteger(v))) throw new QmpError(`Invalid parameter type for '${name}', expected: integer`);
+    return v;
+  });
 }

@@ -145,19 +145,8 @@ export class NbdConnection {
       }
       if (!ok) return false;
       const h = slot ? slot.subarray(0, hl) : Buffer.allocUnsafe(hl);
-      if (n.structured) {
-        h.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
-        h.writeUInt16BE(P.REPLY_FLAG_DONE, 4);
-        h.writeUInt16BE(P.REPLY_TYPE_OFFSET_DATA, 6);
-        handle.copy(h, 8);
-        h.writeUInt32BE(8 + length, 16);
-        h.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
-        h.writeUInt32BE(offset >>> 0, 24);
-      } else {
-        h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
-        h.writeUInt32BE(0, 4);
-        handle.copy(h, 8);
-      }
+      if (n.structured) dataHeader(h, P.REPLY_FLAG_DONE, handle, offset, length);
+      else simpleHeader(h, handle, 0);
       if (!slot) this.replies.push2(h, buf);
       return true;
     } catch {
@@ -224,20 +213,13 @@ export class NbdConnection {
   }
 
   private ok(r: Request): void {
-    const b = this.replies.reserve(16) as Buffer;
-    b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
-    b.writeUInt32BE(0, 4);
-    r.handle.copy(b, 8);
+    simpleHeader(this.replies.reserve(16) as Buffer, r.handle, 0);
   }
 
   /** An error reply: a structured ERROR chunk when negotiated, else a simple reply. */
   private error(n: Negotiated, r: Request, code: number, msg: string): void {
     if (!n.structured) {
-      const b = Buffer.alloc(16);
-      b.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
-      b.writeUInt32BE(code, 4);
-      r.handle.copy(b, 8);
-      this.replies.push(b);
+      simpleHeader(this.replies.reserve(16) as Buffer, r.handle, code);
       return;
     }
     const m = Buffer.from(msg.slice(0, 4096), 'utf8');
@@ -261,15 +243,8 @@ export class NbdConnection {
 
   /** One OFFSET_DATA chunk: header and offset in one small buffer, then the data. */
   private dataChunk(r: Request, flags: number, offset: number, data: Buffer): void {
-    const h = Buffer.allocUnsafe(28);
-    h.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
-    h.writeUInt16BE(flags, 4);
-    h.writeUInt16BE(P.REPLY_TYPE_OFFSET_DATA, 6);
-    r.handle.copy(h, 8);
-    h.writeUInt32BE(8 + data.length, 16);
-    h.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
-    h.writeUInt32BE(offset >>> 0, 24);
-    this.replies.push2(h, data);
+    dataHeader(this.replies.reserve(28) as Buffer, flags, r.handle, offset, data.length);
+    this.replies.push(data);
   }
 
   private async read(n: Negotiated, r: Request): Promise<void> {
@@ -278,10 +253,8 @@ export class NbdConnection {
     const buf = Buffer.allocUnsafe(r.length);
     if (!n.structured) {
       await chain.read(buf, r.offset);
-      const h = Buffer.alloc(16);
-      h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
-      r.handle.copy(h, 8);
-      this.replies.push2(h, buf);
+      simpleHeader(this.replies.reserve(16) as Buffer, r.handle, 0);
+      this.replies.push(buf);
       return;
     }
     if (r.length === 0) return this.chunk(r, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, []);
@@ -361,4 +334,22 @@ interface Request {
   offset: number;
   length: number;
   payload: Buffer | null;
+}
+
+/** A simple reply's 16-byte header into `h`. */
+function simpleHeader(h: Buffer, handle: Buffer, error: number): void {
+  h.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+  h.writeUInt32BE(error, 4);
+  handle.copy(h, 8);
+}
+
+/** The 28-byte header of an OFFSET_DATA chunk of `length` data bytes into `h`. */
+function dataHeader(h: Buffer, flags: number, handle: Buffer, offset: number, length: number): void {
+  h.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
+  h.writeUInt16BE(flags, 4);
+  h.writeUInt16BE(P.REPLY_TYPE_OFFSET_DATA, 6);
+  handle.copy(h, 8);
+  h.writeUInt32BE(8 + length, 16);
+  h.writeUInt32BE(Math.floor(offset / 0x100000000), 20);
+  h.writeUInt32BE(offset >>> 0, 24);
 }

@@ -21,6 +21,19 @@ export interface CacheSizeOptions {
   cacheSize?: number;
 }
 
+/** Each option's QEMU name and its field. */
+const CACHE_OPTIONS = [['l2-cache-size', 'l2CacheBytes'], ['refcount-cache-size', 'refcountCacheBytes'], ['cache-size', 'cacheSize']] as const;
+
+/** The cache options among a node's options, `value(name)` giving each one's bytes (undefined: not given); undefined when none is. */
+export function collectCacheOptions(value: (name: string) => number | undefined): CacheSizeOptions | undefined {
+  const out: CacheSizeOptions = {};
+  for (const [name, field] of CACHE_OPTIONS) {
+    const v = value(name);
+    if (v !== undefined) out[field] = v;
+  }
+  return Object.keys(out).length ? out : undefined;
+}
+
 export interface CacheSizes {
   l2Bytes: number;
   /** Refcount blocks to cache. */
@@ -29,7 +42,8 @@ export interface CacheSizes {
 
 /** The checks that need no image (QEMU's texts); throws ImageError. */
 export function checkCacheOptions(o: CacheSizeOptions): void {
-  for (const [name, v] of [['l2-cache-size', o.l2CacheBytes], ['refcount-cache-size', o.refcountCacheBytes], ['cache-size', o.cacheSize]] as const) {
+  for (const [name, field] of CACHE_OPTIONS) {
+    const v = o[field];
     if (v !== undefined && (!Number.isSafeInteger(v) || v < 0)) throw new ImageError(`Parameter '${name}' expects a non-negative number below 2^64`);
   }
   const { l2CacheBytes: l2, refcountCacheBytes: rc, cacheSize: all } = o;

@@ -5,7 +5,7 @@
  */
 import { UsageError } from '../util/errors.js';
 import { qemuStrtosz } from '../util/options.js';
-import type { CacheSizeOptions } from '../../qcow2/cache-sizes.js';
+import { collectCacheOptions, type CacheSizeOptions } from '../../qcow2/cache-sizes.js';
 import { checkBlockdevNames, checkBlockdevSupport } from '../../daemon/blockdev-options.js';
 
 export function parseKeyval(s: string): Map<string, string> {
@@ -89,15 +89,13 @@ function blockdevChecks(kv: Map<string, string>): void {
 
 /** The qcow2 cache options among a --blockdev's keys (sizes with QEMU's k/M/G suffixes). */
 function cacheOpts(kv: Map<string, string>): CacheSizeOptions | undefined {
-  const out: CacheSizeOptions = {};
-  for (const [key, field] of [['l2-cache-size', 'l2CacheBytes'], ['refcount-cache-size', 'refcountCacheBytes'], ['cache-size', 'cacheSize']] as const) {
-    const v = kv.get(key);
-    if (v === undefined) continue;
+  return collectCacheOptions((name) => {
+    const v = kv.get(name);
+    if (v === undefined) return undefined;
     const r = qemuStrtosz(v);
-    if (!r.ok || r.value > BigInt(Number.MAX_SAFE_INTEGER)) throw new UsageError(`Parameter '${key}' expects a non-negative number below 2^64`);
-    out[field] = Number(r.value);
-  }
-  return Object.keys(out).length ? out : undefined;
+    if (!r.ok || r.value > BigInt(Number.MAX_SAFE_INTEGER)) throw new UsageError(`Parameter '${name}' expects a non-negative number below 2^64`);
+    return Number(r.value);
+  });
 }
 
 function addr(kv: Map<string, string>): AddrSpec {
