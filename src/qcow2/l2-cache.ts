@@ -8,7 +8,7 @@
 import type { Storage } from '../storage/storage.js';
 
 /**
- * Buffers of evicted tables kept for the next loads. As many as loads can be in flight at once,
+ * Buffers of evicted tables kept for the next loads. As many as one connection has requests in flight (64),
  * so a cache that churns (random reads over a huge image) allocates nothing: dropped 64 KiB
  * buffers are collected only by full GCs, and thousands per second of them raised a daemon's
  * peak memory by tens of MiB.

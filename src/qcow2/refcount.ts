@@ -19,6 +19,7 @@ import { Lru } from '../util/lru.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { TWO32 } from './constants.js';
 import { MetaWriter } from './meta-writer.js';
+import { DEFAULT_REFCOUNT_CACHE_BLOCKS } from './cache-sizes.js';
 
 /**
  * A refcount update that would drop below zero or exceed the maximum the refcount width holds.
@@ -77,7 +78,7 @@ export class Refcounts {
     tableOffset: number,
     tableClusters: number,
     table: number[],
-    cacheBlocks = 256,
+    cacheBlocks = DEFAULT_REFCOUNT_CACHE_BLOCKS,
   ) {
     this.clusterSize = 2 ** geo.clusterBits;
     this.bits = 2 ** geo.refcountOrder;
