@@ -568,6 +568,7 @@ export class Refcounts {
 
   /** Allocate `n` contiguous clusters (refcount 1, on disk) and return the host offset of the first. */
   async alloc(n: number): Promise<number> {
+    if (n > this.perBlock / 2) return this.allocLong(n);
     // A new refcount block may be placed inside the range we chose; then retry. Each retry moves
     // past a new block, so a range that will not settle means the refcounts are inconsistent.
     for (let attempt = 0; attempt < 64; attempt++) {
@@ -583,6 +584,72 @@ export class Refcounts {
       await this.update(ci, n, -1);
     }
     throw new CorruptionError('Cannot allocate clusters: inconsistent refcounts');
+  }
+
+  /**
+   * A run longer than half a refcount block's span (an L1 table of a large image with small
+   * clusters): the blocks its ranges lack cannot sit at the start of their own ranges, inside the
+   * run, so they are created first at free clusters outside it, as QEMU's alloc_refcount_block
+   * places them (at the first free cluster); then the run is searched again and counted.
+   */
+  private async allocLong(n: number): Promise<number> {
+    for (let attempt = 0; attempt < 64; attempt++) {
+      const ci = await this.findFree(n);
+      const missing: number[] = [];
+      for (let ti = Math.floor(ci / this.perBlock); ti <= Math.floor((ci + n - 1) / this.perBlock); ti++) {
+        if (ti >= this.table.length || this.table[ti] === 0) missing.push(ti);
+      }
+      if (missing.length === 0) {
+        await this.update(ci, n, 1);
+        if (ci === this.freeHint) this.freeHint = ci + n;
+        return ci * this.clusterSize;
+      }
+      // The last range first: its block goes right after the run and describes itself; the
+      // blocks of earlier ranges are then counted in it (or wherever a free cluster is).
+      for (const ti of missing.reverse()) await this.eager(() => this.createBlockOutside(ti, ci, ci + n));
+    }
+    throw new CorruptionError('Cannot allocate clusters: inconsistent refcounts');
+  }
+
+  /** Create the block for table index `ti` at the first free cluster outside clusters [lo, hi). */
+  private async createBlockOutside(ti: number, lo: number, hi: number): Promise<void> {
+    if (ti < this.table.length && this.table[ti] < 0) throw new ImageError('Input/output error', 'EIO');
+    if (ti >= this.table.length) {
+      await this.growTable(ti + 1);
+      if (this.table[ti] > 0) return;
+    }
+    let c = this.freeHint;
+    for (;;) {
+      if (c >= lo && c < hi) {
+        c = hi;
+        continue;
+      }
+      const r = Math.floor(c / this.perBlock);
+      if (r === ti) break; // ti's range has no block: every cluster of it is free
+      if (r >= this.table.length || this.table[r] === 0) {
+        // Another range without a block: a start of it outside the run gets its own block
+        // (self-describing, as createBlock); otherwise skip the range.
+        if (c === r * this.perBlock) await this.createBlock(r);
+        else c = (r + 1) * this.perBlock;
+        continue;
+      }
+      if ((this.getCached(c) ?? (await this.get(c))) === 0) break;
+      c++;
+    }
+    const bo = c * this.clusterSize;
+    const nb = Buffer.alloc(this.clusterSize);
+    const own = Math.floor(c / this.perBlock) === ti;
+    if (own) this.writeEntry(nb, c % this.perBlock, 1);
+    await this.storage.write(nb, bo);
+    this.blocks.set(bo, nb);
+    // The block's own refcount is durable before the table entry makes it reachable.
+    if (!own) await this.update(c, 1, 1);
+    await this.storage.flush();
+    this.table[ti] = bo;
+    const e = Buffer.alloc(8);
+    e.writeUInt32BE(Math.floor(bo / TWO32), 0);
+    e.writeUInt32BE(bo >>> 0, 4);
+    await this.storage.write(e, this.tableOffset + ti * 8);
   }
 
   /**
