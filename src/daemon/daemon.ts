@@ -20,7 +20,7 @@ import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js'
 import { runTransaction } from './transaction.js';
 import type { DirtyBitmapView } from '../nbd/export.js';
 import { collectCacheOptions, type CacheSizeOptions } from '../qcow2/cache-sizes.js';
-import { checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
+import { backingRef, checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
 
 export interface ExportEntry {
   id: string;
@@ -272,9 +272,10 @@ export class Daemon {
     if (typeof f === 'string') { file = f; fileIsNode = true; }
     else if (f && typeof f === 'object' && (f as Args).driver === 'file') { file = str(f as Args, 'filename'); fileIsNode = false; }
     else throw new QmpError("Parameter 'file' is missing");
-    const b = a.backing;
-    if (b !== undefined && b !== null && typeof b !== 'string') throw new QmpError("Invalid parameter type for 'backing', expected: string");
-    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard, cache: cacheOptions(a) });
+    const cache = cacheOptions(a);
+    // A QMP command's warnings go to stderr without the program's name (QEMU's error_report with a monitor current).
+    const backing = backingRef(a.backing, this.log);
+    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing, readOnly, discard, cache });
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
