@@ -20,6 +20,7 @@ import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js'
 import { runTransaction } from './transaction.js';
 import type { DirtyBitmapView } from '../nbd/export.js';
 import { collectCacheOptions, type CacheSizeOptions } from '../qcow2/cache-sizes.js';
+import { nbdServerStartArgs, startChecks } from './nbd-server-args.js';
 import { backingRef, checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
 
 export interface ExportEntry {
@@ -349,7 +350,11 @@ export class Daemon {
     c.set('query-named-block-nodes', (a) => namedNodes(this.graph, this.bitmaps, optBool(onlyArgs(a, ['flat']), 'flat', false)));
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
     c.set('blockdev-del', (a) => this.graph.remove(str(a, 'node-name'), (n) => this.userOf(n)));
-    c.set('nbd-server-start', (a) => this.startNbd(parseAddr(a.addr)));
+    c.set('nbd-server-start', (a) => {
+      const args = nbdServerStartArgs(a);
+      if (this.nbdRunning) throw new QmpError('NBD server already running');
+      return this.startNbd(startChecks(args));
+    });
     c.set('nbd-server-stop', () => this.stopNbd());
     c.set('block-export-add', (a) => {
       if (str(a, 'type') !== 'nbd') throw new CommandError(`Parameter 'type' does not accept value '${String(a.type)}'`);
@@ -412,21 +417,6 @@ export class Daemon {
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }
-}
-
-/** nbd-server-start's address: flat ({type, path}) or legacy ({type, data: {...}}). */
-export function parseAddr(v: unknown): NbdAddress {
-  if (!v || typeof v !== 'object') throw new CommandError("Parameter 'addr' is missing");
-  const a = v as Args;
-  const type = str(a, 'type');
-  const d = (a.data && typeof a.data === 'object' ? a.data : a) as Args;
-  if (type === 'unix') return { type, path: str(d, 'path') };
-  if (type === 'inet') {
-    const port = Number(str(d, 'port'));
-    if (!Number.isInteger(port)) throw new CommandError(`Parameter 'port' expects a port number`);
-    return { type, host: optStr(d, 'host') ?? '127.0.0.1', port };
-  }
-  throw new CommandError(`Parameter 'type' does not accept value '${type}'`);
 }
 
 /** blockdev-add's qcow2 cache options (integers in bytes). */
