@@ -2,10 +2,11 @@
  * The storage daemon: the block graph, the NBD server and its exports, and the QMP commands
  * that change them. Front ends (the `qchain daemon` command line, QMP) call into this.
  */
-import { BlockGraph, QmpError, backingNameFor, formatArg, type BlockNode, type FormatNode } from './graph.js';
+import { BlockGraph, QmpError, formatArg, type BlockNode, type FormatNode } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { CommandError, VERSION, onlyArgs, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import { namedNodes } from './named-nodes.js';
+import { shownNames } from './node-filename.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
 import type { Job } from '../jobs/job.js';
@@ -197,7 +198,10 @@ export class Daemon {
       if (format !== 'qcow2') throw new QmpError("Format 'raw' does not support backing files");
       const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
       try {
-        const img = await createQcow2(st, { size: node.driver.size, version: 3, backingFile: backingNameFor(node), backingFormat: node.format });
+        // The node's name as QEMU shows it (bs->filename): a json:{...} pseudo-filename when its
+        // attached backing is not its header's, so that the new overlay's header reopens the chain
+        // the guest saw (the node over its attached backing), not the node's header chain.
+        const img = await createQcow2(st, { size: node.driver.size, version: 3, backingFile: shownNames(this.graph)(node), backingFormat: node.format });
         await img.close();
       } catch (e) {
         await st.close().catch(() => {});
@@ -300,7 +304,8 @@ export class Daemon {
           await st.close();
         } else {
           const b = backingNode;
-          const img = await createQcow2(st, { size: device.driver.size, version: 3, backingFile: b ? b.filename : null, backingFormat: b ? b.format : null });
+          // As for snapshots: the backing node's name as QEMU shows it (json:{...} when its own backing is overridden).
+          const img = await createQcow2(st, { size: device.driver.size, version: 3, backingFile: b ? shownNames(this.graph)(b) : null, backingFormat: b ? b.format : null });
           await img.close();
         }
       } catch (e) {

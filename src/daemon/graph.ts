@@ -339,8 +339,3 @@ export function formatArg(v: unknown): ImageFormat | 'auto' {
   if (typeof v !== 'string' || (!isFormat(v) && v !== 'auto')) throw new QmpError(`Invalid parameter value for 'driver': '${String(v)}'`);
   return v;
 }
-
-/** The backing name an overlay created for `node` records: the node's file name as it was opened (QEMU's bs->filename). */
-export function backingNameFor(node: FormatNode): string {
-  return node.filename;
-}
