@@ -23,7 +23,16 @@ export function plainBackingName(name: string): string {
   return name;
 }
 
-/** The full backing file name QEMU shows (`full-backing-filename`). */
+/** QEMU's path_has_protocol: a ':' before any '/' ('json:{...}', 'file:x', 'nbd:...'). */
+export function hasProtocol(name: string): boolean {
+  const m = /[:/\\]/.exec(name);
+  return m !== null && m[0] === ':';
+}
+
+/**
+ * The full backing file name QEMU shows (`full-backing-filename`): names with a protocol prefix
+ * (json: pseudo-filenames included) are taken as they are, others are joined to the overlay's folder.
+ */
 export function fullBackingName(overlayPath: string, name: string): string {
-  return combinePath(overlayPath, name);
+  return hasProtocol(name) ? name : combinePath(overlayPath, name);
 }

@@ -50,3 +50,23 @@ export function checkBlockdevSupport(a: Args, prefix = ''): void {
   }
   if (a.file && typeof a.file === 'object') checkBlockdevSupport(a.file as Args, `${prefix}file.`);
 }
+
+/** QEMU's warning for `"backing": ""` (bdrv_open_inherit), printed before the node is opened. */
+export const EMPTY_BACKING_WARNING = 'warning: Use of "backing": "" is deprecated; use "backing": null instead';
+
+/**
+ * A qcow2 node's `backing` (BlockdevRefOrNull): a node name, null for no backing, undefined when
+ * absent (the header's chain is opened). The string "null" is a node name like any other; the
+ * empty string means no backing, as null, and `warn` is called with QEMU's deprecation warning.
+ * Backing options given inline (an object) are refused: qchain attaches named nodes only.
+ */
+export function backingRef(v: unknown, warn: (line: string) => void): string | null | undefined {
+  if (v === undefined || v === null) return v;
+  if (typeof v === 'string') {
+    if (v !== '') return v;
+    warn(EMPTY_BACKING_WARNING);
+    return null;
+  }
+  if (typeof v === 'object' && !Array.isArray(v)) throw new QmpError('backing given as options is not supported by qchain (add the backing node, then name it: backing=NODE)');
+  throw new QmpError("Invalid parameter type for 'backing', expected: BlockdevRefOrNull");
+}

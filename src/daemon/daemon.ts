@@ -2,10 +2,11 @@
  * The storage daemon: the block graph, the NBD server and its exports, and the QMP commands
  * that change them. Front ends (the `qchain daemon` command line, QMP) call into this.
  */
-import { BlockGraph, QmpError, backingNameFor, formatArg, type BlockNode, type FormatNode } from './graph.js';
+import { BlockGraph, QmpError, formatArg, type BlockNode, type FormatNode } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { CommandError, VERSION, onlyArgs, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import { namedNodes } from './named-nodes.js';
+import { shownNames } from './node-filename.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
 import type { Job } from '../jobs/job.js';
@@ -20,7 +21,8 @@ import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js'
 import { runTransaction } from './transaction.js';
 import type { DirtyBitmapView } from '../nbd/export.js';
 import { collectCacheOptions, type CacheSizeOptions } from '../qcow2/cache-sizes.js';
-import { checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
+import { nbdServerStartArgs, startChecks } from './nbd-server-args.js';
+import { backingRef, checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
 
 export interface ExportEntry {
   id: string;
@@ -196,7 +198,10 @@ export class Daemon {
       if (format !== 'qcow2') throw new QmpError("Format 'raw' does not support backing files");
       const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
       try {
-        const img = await createQcow2(st, { size: node.driver.size, version: 3, backingFile: backingNameFor(node), backingFormat: node.format });
+        // The node's name as QEMU shows it (bs->filename): a json:{...} pseudo-filename when its
+        // attached backing is not its header's, so that the new overlay's header reopens the chain
+        // the guest saw (the node over its attached backing), not the node's header chain.
+        const img = await createQcow2(st, { size: node.driver.size, version: 3, backingFile: shownNames(this.graph)(node), backingFormat: node.format });
         await img.close();
       } catch (e) {
         await st.close().catch(() => {});
@@ -272,9 +277,10 @@ export class Daemon {
     if (typeof f === 'string') { file = f; fileIsNode = true; }
     else if (f && typeof f === 'object' && (f as Args).driver === 'file') { file = str(f as Args, 'filename'); fileIsNode = false; }
     else throw new QmpError("Parameter 'file' is missing");
-    const b = a.backing;
-    if (b !== undefined && b !== null && typeof b !== 'string') throw new QmpError("Invalid parameter type for 'backing', expected: string");
-    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard, cache: cacheOptions(a) });
+    const cache = cacheOptions(a);
+    // A QMP command's warnings go to stderr without the program's name (QEMU's error_report with a monitor current).
+    const backing = backingRef(a.backing, this.log);
+    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing, readOnly, discard, cache });
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
@@ -298,7 +304,8 @@ export class Daemon {
           await st.close();
         } else {
           const b = backingNode;
-          const img = await createQcow2(st, { size: device.driver.size, version: 3, backingFile: b ? b.filename : null, backingFormat: b ? b.format : null });
+          // As for snapshots: the backing node's name as QEMU shows it (json:{...} when its own backing is overridden).
+          const img = await createQcow2(st, { size: device.driver.size, version: 3, backingFile: b ? shownNames(this.graph)(b) : null, backingFormat: b ? b.format : null });
           await img.close();
         }
       } catch (e) {
@@ -348,7 +355,11 @@ export class Daemon {
     c.set('query-named-block-nodes', (a) => namedNodes(this.graph, this.bitmaps, optBool(onlyArgs(a, ['flat']), 'flat', false)));
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
     c.set('blockdev-del', (a) => this.graph.remove(str(a, 'node-name'), (n) => this.userOf(n)));
-    c.set('nbd-server-start', (a) => this.startNbd(parseAddr(a.addr)));
+    c.set('nbd-server-start', (a) => {
+      const args = nbdServerStartArgs(a);
+      if (this.nbdRunning) throw new QmpError('NBD server already running');
+      return this.startNbd(startChecks(args));
+    });
     c.set('nbd-server-stop', () => this.stopNbd());
     c.set('block-export-add', (a) => {
       if (str(a, 'type') !== 'nbd') throw new CommandError(`Parameter 'type' does not accept value '${String(a.type)}'`);
@@ -411,21 +422,6 @@ export class Daemon {
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }
-}
-
-/** nbd-server-start's address: flat ({type, path}) or legacy ({type, data: {...}}). */
-export function parseAddr(v: unknown): NbdAddress {
-  if (!v || typeof v !== 'object') throw new CommandError("Parameter 'addr' is missing");
-  const a = v as Args;
-  const type = str(a, 'type');
-  const d = (a.data && typeof a.data === 'object' ? a.data : a) as Args;
-  if (type === 'unix') return { type, path: str(d, 'path') };
-  if (type === 'inet') {
-    const port = Number(str(d, 'port'));
-    if (!Number.isInteger(port)) throw new CommandError(`Parameter 'port' expects a port number`);
-    return { type, host: optStr(d, 'host') ?? '127.0.0.1', port };
-  }
-  throw new CommandError(`Parameter 'type' does not accept value '${type}'`);
 }
 
 /** blockdev-add's qcow2 cache options (integers in bytes). */

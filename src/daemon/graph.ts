@@ -132,7 +132,6 @@ export class BlockGraph {
       discard ||= f.discard;
     }
     const format = opts.format === 'auto' ? undefined : opts.format;
-    const below = typeof opts.backing === 'string' ? this.formatNode(opts.backing) : null;
     try {
       // Nodes enter the graph as QEMU creates them: each protocol node just before its format
       // node, a backing node after its overlay (listings show the newest first).
@@ -163,6 +162,16 @@ export class BlockGraph {
         top = layers[0];
       } else {
         const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES });
+        // QEMU opens the image first, then its backing child (bdrv_open_backing_file's prefix on failure).
+        let below: FormatNode | null = null;
+        if (typeof opts.backing === 'string') {
+          try {
+            below = this.formatNode(opts.backing);
+          } catch (e) {
+            await img.driver.close().catch(() => {});
+            throw new QmpError(`Could not open backing file: ${(e as Error).message}`);
+          }
+        }
         top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, autoBacking: img.driver.backingFile ?? '', implicit: false, discard, cache: opts.cache }, fileNode);
       }
       for (const n of added) this.nodes.set(n.name, n);
@@ -329,9 +338,4 @@ export class BlockGraph {
 export function formatArg(v: unknown): ImageFormat | 'auto' {
   if (typeof v !== 'string' || (!isFormat(v) && v !== 'auto')) throw new QmpError(`Invalid parameter value for 'driver': '${String(v)}'`);
   return v;
-}
-
-/** The backing name an overlay created for `node` records: the node's file name as it was opened (QEMU's bs->filename). */
-export function backingNameFor(node: FormatNode): string {
-  return node.filename;
 }

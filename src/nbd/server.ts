@@ -4,7 +4,9 @@ import fs from 'node:fs';
 import type { NbdExport } from './export.js';
 import { NbdConnection } from './connection.js';
 
-export type NbdAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+import { listenError, tcpTarget, type NbdAddress } from './listen-address.js';
+
+export type { NbdAddress } from './listen-address.js';
 
 export class NbdServer {
   readonly exports = new Map<string, NbdExport>();
@@ -24,8 +26,12 @@ export class NbdServer {
     return this.exports.delete(name);
   }
 
-  /** Listen on `addr`; Unix sockets are created with mode 0600, TCP binds where told (loopback by default). */
+  /**
+   * Listen on `addr`; Unix sockets are created with mode 0600 (abstract ones have no file), TCP
+   * binds where told (every address for an empty host). Failures carry QEMU's messages.
+   */
   async listen(addr: NbdAddress): Promise<void> {
+    const tcp = addr.type === 'inet' ? tcpTarget(addr) : null;
     const srv = net.createServer((sock) => {
       this.sockets.add(sock);
       sock.on('close', () => this.sockets.delete(sock));
@@ -34,16 +40,20 @@ export class NbdServer {
       this.running.add(p);
     });
     await new Promise<void>((resolve, reject) => {
-      srv.once('error', reject);
       if (addr.type === 'unix') {
-        fs.rmSync(addr.path, { force: true });
+        if (!addr.abstract) fs.rmSync(addr.path, { force: true });
         const old = process.umask(0o177);
-        srv.listen(addr.path, () => {
+        srv.once('error', (e) => {
+          process.umask(old);
+          reject(listenError(addr, e));
+        });
+        srv.listen(addr.abstract ? `\0${addr.path}` : addr.path, () => {
           process.umask(old);
           resolve();
         });
       } else {
-        srv.listen(addr.port, addr.host, () => resolve());
+        srv.once('error', (e) => reject(listenError(addr, e)));
+        srv.listen(tcp?.port, tcp?.host, () => resolve());
       }
     });
     this.servers.push(srv);

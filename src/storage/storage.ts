@@ -62,6 +62,9 @@ export function errnoText(code: string | undefined): string {
     case 'EFBIG': return 'File too large';
     case 'ENOMEM': return 'Cannot allocate memory';
     case 'ELOOP': return 'Too many levels of symbolic links';
+    case 'EADDRINUSE': return 'Address already in use';
+    case 'EADDRNOTAVAIL': return 'Cannot assign requested address';
+    case 'ENAMETOOLONG': return 'File name too long';
     default: return code ?? 'Unknown error';
   }
 }

@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import type { CliContext } from '../context.js';
 import { CliError, UsageError, reportError } from '../util/errors.js';
-import { parseDaemonArgs, type DaemonOptions } from './options.js';
+import { located, parseDaemonArgs, type DaemonOptions } from './options.js';
 import { Daemon } from '../../daemon/daemon.js';
 import { formatArg } from '../../daemon/graph.js';
 import { QmpServer } from '../../qmp/server.js';
@@ -21,7 +21,8 @@ A storage daemon in the role of qemu-storage-daemon: it holds images open, expor
 and takes QMP commands.
 
   --blockdev driver=file,node-name=N,filename=F[,discard=unmap]
-  --blockdev driver=qcow2|raw,node-name=N,file=FILENODE[,backing=NODE|null][,read-only=on]
+  --blockdev driver=qcow2|raw,node-name=N,file=FILENODE[,backing=NODE|backing=][,read-only=on]
+             (backing= with nothing after it: no backing, deprecated as in QEMU)
              qcow2 caches: [,l2-cache-size=SIZE][,refcount-cache-size=SIZE][,cache-size=SIZE]
              (QEMU's rules; L2 cache default 16M per node here, QEMU's is 32M)
   --nbd-server addr.type=unix,addr.path=P | addr.type=inet,addr.host=H,addr.port=N
@@ -63,20 +64,31 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
     })();
     return stopped;
   };
+  /** Run one option's step; its errors start with the option as written, as QSD's. */
+  const at = async (where: string, step: () => unknown): Promise<void> => {
+    try {
+      await step();
+    } catch (e) {
+      throw new CliError(located(where, e instanceof Error ? e.message : String(e)));
+    }
+  };
   try {
     for (const b of opts.blockdevs) {
-      if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', { discard: b.discard, readOnly: b.readOnly });
-      else {
-        if (b.file === undefined && b.filename === undefined) throw new CliError("Parameter 'file' is missing");
-        await daemon.graph.addFormat({
-          name: b.nodeName, format: formatArg(b.driver), file: b.file ?? (b.filename as string), fileIsNode: b.file !== undefined,
-          backing: b.backing, readOnly: b.readOnly, discard: b.discard, cache: b.cache,
-        });
-      }
+      await at(b.where, async () => {
+        for (const w of b.warnings) log(`${PROG}: ${located(b.where, w)}`);
+        if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', { discard: b.discard, readOnly: b.readOnly });
+        else {
+          if (b.file === undefined && b.filename === undefined) throw new CliError("Parameter 'file' is missing");
+          await daemon.graph.addFormat({
+            name: b.nodeName, format: formatArg(b.driver), file: b.file ?? (b.filename as string), fileIsNode: b.file !== undefined,
+            backing: b.backing, readOnly: b.readOnly, discard: b.discard, cache: b.cache,
+          });
+        }
+      });
     }
-    for (const a of opts.nbdServers) await daemon.startNbd(a);
+    for (const n of opts.nbdServers) await at(n.where, () => daemon.startNbd(n.addr));
     for (const e of opts.exports) {
-      await daemon.addExport({ id: e.id, nodeName: e.nodeName, name: e.name, writable: e.writable, allocationDepth: e.allocationDepth, bitmaps: e.bitmaps });
+      await at(e.where, () => daemon.addExport({ id: e.id, nodeName: e.nodeName, name: e.name, writable: e.writable, allocationDepth: e.allocationDepth, bitmaps: e.bitmaps }));
     }
     for (const m of opts.monitors) await qmp.listen(m);
     if (opts.pidfile) fs.writeFileSync(opts.pidfile, `${process.pid}\n`);

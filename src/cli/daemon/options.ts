@@ -6,7 +6,7 @@
 import { UsageError } from '../util/errors.js';
 import { qemuStrtosz } from '../util/options.js';
 import { collectCacheOptions, type CacheSizeOptions } from '../../qcow2/cache-sizes.js';
-import { checkBlockdevNames, checkBlockdevSupport } from '../../daemon/blockdev-options.js';
+import { backingRef, checkBlockdevNames, checkBlockdevSupport } from '../../daemon/blockdev-options.js';
 
 export function parseKeyval(s: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -40,15 +40,25 @@ export interface BlockdevSpec {
   driver: string; nodeName: string; filename?: string; file?: string; backing?: string | null; readOnly: boolean; discard: boolean;
   /** qcow2 l2-cache-size / cache-size, when given. */
   cache?: CacheSizeOptions;
+  /** Warnings to print (with `where`) as the node is opened: `backing=` (empty) is deprecated. */
+  warnings: string[];
+  /** The option as written ('--blockdev driver=...'), which QEMU's messages about it start with; '' for the short form. */
+  where: string;
 }
-export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[] }
+export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[]; where: string }
 export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
+export interface NbdServerSpec { addr: AddrSpec; where: string }
+
+/** QEMU's message about an option: the option as written, then the message (error_report with a command line location). */
+export function located(where: string, msg: string): string {
+  return where ? `${where}: ${msg}` : msg;
+}
 
 export interface DaemonOptions {
   /** QMP monitor socket paths (--chardev socket,... with --monitor chardev=..., or --qmp PATH). */
   monitors: string[];
   blockdevs: BlockdevSpec[];
-  nbdServers: AddrSpec[];
+  nbdServers: NbdServerSpec[];
   exports: ExportSpec[];
   pidfile?: string;
 }
@@ -113,6 +123,18 @@ function addr(kv: Map<string, string>): AddrSpec {
   throw new UsageError(`Parameter 'addr.type' does not accept value '${type ?? ''}'`);
 }
 
+/** The options whose messages QEMU starts with the option as written. */
+const LOCATED = ['--blockdev', '--nbd-server', '--export', '--monitor'];
+
+/** A QmpError from the shared blockdev checks, as a command line error. */
+function qmpCheck<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    throw new UsageError(e instanceof Error ? e.message : String(e));
+  }
+}
+
 export function parseDaemonArgs(argv: string[]): DaemonOptions {
   const o: DaemonOptions = { monitors: [], blockdevs: [], nbdServers: [], exports: [] };
   const chardevs = new Map<string, string>();
@@ -129,76 +151,85 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
       if (i + 1 >= argv.length) throw new UsageError(`option '${flag}' requires an argument`);
       return argv[++i];
     };
-    switch (flag) {
-      case '--blockdev': {
-        const kv = parseKeyval(value());
-        blockdevChecks(kv);
-        const driver = kv.get('driver');
-        const nodeName = kv.get('node-name');
-        if (!driver) throw new UsageError("Parameter 'driver' is missing");
-        if (!nodeName) throw new UsageError('A block device must be given a node-name');
-        const backing = kv.has('backing') ? (kv.get('backing') === 'null' ? null : kv.get('backing')) : undefined;
-        o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv) });
-        break;
+    // What QEMU's messages about this option start with: the option as written (one or two words).
+    const where = inline !== undefined ? a : `${flag} ${argv[i + 1] ?? ''}`;
+    try {
+      switch (flag) {
+        case '--blockdev': {
+          const kv = parseKeyval(value());
+          blockdevChecks(kv);
+          const driver = kv.get('driver');
+          const nodeName = kv.get('node-name');
+          if (!driver) throw new UsageError("Parameter 'driver' is missing");
+          if (!nodeName) throw new UsageError('A block device must be given a node-name');
+          const warnings: string[] = [];
+          // backing=NAME names a node (also 'null'); backing= (empty) is no backing, deprecated.
+          const backing = qmpCheck(() => backingRef([...kv.keys()].some((k) => k.startsWith('backing.')) ? {} : kv.get('backing'), (w) => warnings.push(w)));
+          o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), warnings, where });
+          break;
+        }
+        case '--nbd-server': o.nbdServers.push({ addr: addr(parseKeyval(value())), where }); break;
+        case '--export': {
+          const kv = parseKeyval(value());
+          if (kv.get('type') !== 'nbd') throw new UsageError(`Parameter 'type' does not accept value '${kv.get('type') ?? ''}'`);
+          const id = kv.get('id'), nodeName = kv.get('node-name');
+          if (!id) throw new UsageError("Parameter 'id' is missing");
+          if (!nodeName) throw new UsageError("Parameter 'node-name' is missing");
+          o.exports.push({
+            id, nodeName, name: kv.get('name') ?? nodeName, writable: bool('writable', kv.get('writable'), false),
+            allocationDepth: bool('allocation-depth', kv.get('allocation-depth'), false),
+            bitmaps: [...kv.entries()].filter(([k]) => k.startsWith('bitmaps.')).map(([, v]) => v), where,
+          });
+          break;
+        }
+        case '--pidfile': o.pidfile = value(); break;
+        case '--chardev': {
+          const v = value();
+          const comma = v.indexOf(',');
+          const backend = comma < 0 ? v : v.slice(0, comma);
+          const kv = parseKeyval(comma < 0 ? '' : v.slice(comma + 1));
+          if (backend !== 'socket') throw new UsageError(`chardev backend '${backend}' is not supported (use socket)`);
+          const id = kv.get('id'), path = kv.get('path');
+          if (!id) throw new UsageError("Parameter 'id' is missing");
+          if (!path) throw new UsageError('chardev: socket: no path given (only unix sockets are supported)');
+          if (!bool('server', kv.get('server'), false)) throw new UsageError('chardev: only server=on sockets are supported');
+          chardevs.set(id, path);
+          break;
+        }
+        case '--monitor': {
+          const v = value();
+          const kv = v.includes('=') ? parseKeyval(v) : new Map([['chardev', v]]);
+          const id = kv.get('chardev') ?? '';
+          const path = chardevs.get(id);
+          if (path === undefined) throw new UsageError(`chardev "${id}" not found`);
+          o.monitors.push(path);
+          break;
+        }
+        case '--qmp': o.monitors.push(value()); break;
+        // Short form.
+        case '--nbd': shortNbd = { type: 'unix', path: value() }; break;
+        case '--nbd-tcp': {
+          const v = value();
+          const c = v.lastIndexOf(':');
+          shortNbd = { type: 'inet', host: c > 0 ? v.slice(0, c) : '127.0.0.1', port: Number(c >= 0 ? v.slice(c + 1) : v) };
+          break;
+        }
+        case '--name': shortName = value(); break;
+        case '--read-only': case '-r': shortWritable = false; break;
+        default:
+          if (a.startsWith('-')) throw new UsageError(`unrecognized option '${a}'`);
+          positional.push(a);
       }
-      case '--nbd-server': o.nbdServers.push(addr(parseKeyval(value()))); break;
-      case '--export': {
-        const kv = parseKeyval(value());
-        if (kv.get('type') !== 'nbd') throw new UsageError(`Parameter 'type' does not accept value '${kv.get('type') ?? ''}'`);
-        const id = kv.get('id'), nodeName = kv.get('node-name');
-        if (!id) throw new UsageError("Parameter 'id' is missing");
-        if (!nodeName) throw new UsageError("Parameter 'node-name' is missing");
-        o.exports.push({
-          id, nodeName, name: kv.get('name') ?? nodeName, writable: bool('writable', kv.get('writable'), false),
-          allocationDepth: bool('allocation-depth', kv.get('allocation-depth'), false),
-          bitmaps: [...kv.entries()].filter(([k]) => k.startsWith('bitmaps.')).map(([, v]) => v),
-        });
-        break;
-      }
-      case '--pidfile': o.pidfile = value(); break;
-      case '--chardev': {
-        const v = value();
-        const comma = v.indexOf(',');
-        const backend = comma < 0 ? v : v.slice(0, comma);
-        const kv = parseKeyval(comma < 0 ? '' : v.slice(comma + 1));
-        if (backend !== 'socket') throw new UsageError(`chardev backend '${backend}' is not supported (use socket)`);
-        const id = kv.get('id'), path = kv.get('path');
-        if (!id) throw new UsageError("Parameter 'id' is missing");
-        if (!path) throw new UsageError('chardev: socket: no path given (only unix sockets are supported)');
-        if (!bool('server', kv.get('server'), false)) throw new UsageError('chardev: only server=on sockets are supported');
-        chardevs.set(id, path);
-        break;
-      }
-      case '--monitor': {
-        const v = value();
-        const kv = v.includes('=') ? parseKeyval(v) : new Map([['chardev', v]]);
-        const id = kv.get('chardev') ?? '';
-        const path = chardevs.get(id);
-        if (path === undefined) throw new UsageError(`chardev "${id}" not found`);
-        o.monitors.push(path);
-        break;
-      }
-      case '--qmp': o.monitors.push(value()); break;
-      // Short form.
-      case '--nbd': shortNbd = { type: 'unix', path: value() }; break;
-      case '--nbd-tcp': {
-        const v = value();
-        const c = v.lastIndexOf(':');
-        shortNbd = { type: 'inet', host: c > 0 ? v.slice(0, c) : '127.0.0.1', port: Number(c >= 0 ? v.slice(c + 1) : v) };
-        break;
-      }
-      case '--name': shortName = value(); break;
-      case '--read-only': case '-r': shortWritable = false; break;
-      default:
-        if (a.startsWith('-')) throw new UsageError(`unrecognized option '${a}'`);
-        positional.push(a);
+    } catch (e) {
+      const hasValue = inline !== undefined || where !== `${flag} `;
+      throw e instanceof UsageError && hasValue && LOCATED.includes(flag) ? new UsageError(located(where, e.message)) : e;
     }
   }
   if (positional.length > 1) throw new UsageError('Expecting one image file name');
   if (positional.length === 1) {
-    o.blockdevs.push({ driver: 'auto', nodeName: 'disk0', filename: positional[0], readOnly: !shortWritable, discard: true });
-    if (shortNbd) o.nbdServers.push(shortNbd);
-    o.exports.push({ id: 'export0', nodeName: 'disk0', name: shortName, writable: shortWritable, allocationDepth: true, bitmaps: [] });
+    o.blockdevs.push({ driver: 'auto', nodeName: 'disk0', filename: positional[0], readOnly: !shortWritable, discard: true, warnings: [], where: '' });
+    if (shortNbd) o.nbdServers.push({ addr: shortNbd, where: '' });
+    o.exports.push({ id: 'export0', nodeName: 'disk0', name: shortName, writable: shortWritable, allocationDepth: true, bitmaps: [], where: '' });
   } else if (shortNbd) {
     throw new UsageError('--nbd needs an image file name');
   }
