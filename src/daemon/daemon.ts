@@ -149,12 +149,11 @@ export class Daemon {
     }
   }
 
-  /** Who uses a node, for blockdev-del's refusal. */
+  /** Who uses a node, for blockdev-del's refusal (see BlockGraph.remove and JobManager.delRefusal). */
   private userOf(n: BlockNode): string | null {
-    // A job's or an export's block backend on the node: QEMU's bdrv_has_blk ("Node X is in use").
-    if (this.jobs.jobOn(n.name)) return 'in use';
+    // An export's block backend on the node: QEMU's bdrv_has_blk ("Node X is in use").
     for (const e of this.exports.values()) if (e.nodeName === n.name) return 'in use';
-    return null;
+    return this.jobs.delRefusal(n.name);
   }
 
   /**
@@ -330,6 +329,9 @@ export class Daemon {
     let startJob: (() => Job) | null = null;
     let target: FormatNode | null = null;
     await this.driveJob(a, async (x, t) => {
+      // qmp_drive_backup opens its target with discard=unmap and detect-zeroes=unmap.
+      t.discard = true;
+      t.detectZeroesUnmap = true;
       target = t;
       startJob = await this.jobs.prepareBackup(x, t);
     });
@@ -390,7 +392,17 @@ export class Daemon {
     c.set('block_resize', (a) => blockResize({
       graph: this.graph, busy: (n) => this.jobs.jobOn(n) !== undefined, exported: (n) => [...this.exports.values()].some((e) => e.nodeName === n),
     }, a));
-    c.set('drive-mirror', (a) => this.driveJob(a, (x, t) => this.jobs.mirror(x, t, optStr(x, 'mode') === 'existing' ? 'open' : 'source')));
+    c.set('drive-mirror', (a) => {
+      // QEMU 7.2's drive-mirror has no filter-node-name (its filter is always implicit).
+      if (a['filter-node-name'] !== undefined) throw new CommandError("Parameter 'filter-node-name' is unexpected");
+      this.jobs.mirrorSource(a);
+      return this.driveJob(a, (x, t) => {
+        // The target is the job's: QEMU frees it with its last reference once the job is gone
+        // (after a cancel, or a pivot no export followed), as a snapshot-sync overlay.
+        t.unowned = true;
+        this.jobs.mirror(x, t, optStr(x, 'mode') === 'existing' ? 'open' : 'source');
+      });
+    });
     // A one-action transaction too: all jobs drained first.
     c.set('drive-backup', async (a) => { drainAllJobs(this.jobList()); await (await this.driveBackup(a)).commit(); });
     for (const name of BITMAP_COMMANDS) c.set(name, async (a) => (await bitmapAction(this.bitmaps, name, a)).commit());

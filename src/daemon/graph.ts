@@ -61,11 +61,39 @@ export interface FormatNode {
   /** Opened by blockdev-snapshot-sync, not blockdev-add: QEMU frees it with its last user. */
   unowned?: boolean;
   discard: boolean;
+  /** detect-zeroes=unmap (drive-backup's target); listings show it. */
+  detectZeroesUnmap?: boolean;
   /** The node's own qcow2 cache options (kept for reopens). */
   cache?: CacheSizeOptions;
 }
 
-export type BlockNode = FileNode | FormatNode;
+/**
+ * The filter node a block job inserts above a node for its lifetime (QEMU's mirror_top,
+ * commit_top, copy-on-read for block-stream, copy-before-write for backup). It is a listing and
+ * graph object only: its I/O is the job's own write interception on the filtered node.
+ */
+export interface FilterNode {
+  kind: 'filter';
+  name: string;
+  drv: FilterDriver;
+  /** The node it filters (its only child); a backup's moves up with an external snapshot. */
+  child: FormatNode;
+  /** Named by QEMU ("#blockNNN"), the job's filter-node-name not given. */
+  implicit: boolean;
+  readOnly: boolean;
+  /** Anonymous dirty bitmaps the filter's driver keeps (copy-before-write), newest first. */
+  bitmaps?: () => Array<Record<string, unknown>>;
+}
+
+export type FilterDriver = 'mirror_top' | 'commit_top' | 'copy-on-read' | 'copy-before-write';
+
+export type BlockNode = FileNode | FormatNode | FilterNode;
+
+/** QEMU's bdrv_assign_node_name for a name the user gave: well-formed (id_wellformed), then unique. */
+export function checkUserNodeName(nodes: ReadonlyMap<string, BlockNode>, name: string): void {
+  if (!/^[A-Za-z][A-Za-z0-9_.+-]{0,127}$/.test(name)) throw new QmpError(`Invalid node-name: '${name}'`);
+  if (nodes.has(name)) throw new QmpError(`Duplicate nodes with node-name='${name}'`);
+}
 
 export class BlockGraph {
   readonly nodes = new Map<string, BlockNode>();
@@ -284,24 +312,49 @@ export class BlockGraph {
     return [...this.nodes.values()].filter((n): n is FormatNode => n.kind === 'format' && (n.backing === node || n.fileNode === node.name));
   }
 
-  /** Remove a node nobody uses; implicit backing nodes that become unused go with it. */
+  /**
+   * Remove a node nobody uses; implicit backing nodes that become unused go with it. `inUse`
+   * answers for jobs and exports: 'in use' (a block backend on the node), 'referenced' (a job's
+   * filter sits on it), or the op blocker's reason ("block device is in use by block job: mirror").
+   * QEMU's order: backend, op blockers (a job's before the backing link's, as it came later),
+   * ownership, references.
+   */
   async remove(name: string, inUse: (n: BlockNode) => string | null): Promise<void> {
     const n = this.nodes.get(name);
     if (!n) throw new QmpError(`Failed to find node with node-name='${name}'`);
-    if (n.implicit) throw new QmpError(`Node ${name} is not owned by the monitor`);
     const user = inUse(n);
     if (user === 'in use') throw new QmpError(`Node ${name} is in use`);
+    if (user && user !== 'referenced') throw new QmpError(`Node '${name}' is busy: ${user}`);
+    if (n.kind === 'filter') throw new QmpError(`Node ${name} is not owned by the monitor`);
     const parent = this.parentsOf(n)[0];
+    if (n.implicit && !(parent && parent.backing === n)) throw new QmpError(`Node ${name} is not owned by the monitor`);
     // A backing node carries its overlay's op blocker; a file node is only referenced (QEMU's refcnt > 1).
     if (parent?.fileNode === n.name) throw new QmpError(`Block device ${name} is in use`);
     if (parent) throw new QmpError(`Node '${name}' is busy: node is used as backing hd of '${parent.name}'`);
-    if (user) throw new QmpError(`Node '${name}' is busy: ${user}`);
+    if (n.implicit) throw new QmpError(`Node ${name} is not owned by the monitor`);
+    if (user === 'referenced') throw new QmpError(`Block device ${name} is in use`);
     if (n.kind === 'file') {
       this.nodes.delete(name);
       this.changed();
     } else {
       await this.drop(n);
     }
+  }
+
+  /**
+   * Anonymous dirty bitmaps jobs keep on format nodes while they run (a mirror's dirty bitmap, a
+   * backup's copy bitmap), oldest first; listings show them before the node's own bitmaps.
+   */
+  readonly jobBitmaps: Array<{ node: FormatNode; info: () => Record<string, unknown> }> = [];
+
+  /** A job's filter enters the graph (the newest node). */
+  addFilter(f: FilterNode): void {
+    this.nodes.set(f.name, f);
+  }
+
+  /** The job's filter leaves the graph (the job has ended). */
+  removeFilter(f: FilterNode): void {
+    if (this.nodes.get(f.name) === f) this.nodes.delete(f.name);
   }
 
   /** Close and take out a format node nobody uses, with the implicit backing nodes it leaves unused. */

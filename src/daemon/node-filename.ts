@@ -28,6 +28,7 @@ export function shownNames(graph: BlockGraph): (n: BlockNode) => string {
   const overridden = (n: FormatNode): boolean => (n.backing ? n.autoBacking !== shown(n.backing) : n.autoBacking !== '');
   /** A node's full open options (bs->full_open_options), members in the order QEMU prints them. */
   const options = (n: BlockNode): Opts => {
+    if (n.kind === 'filter') return { driver: n.drv, file: options(n.child) };
     if (n.kind === 'file') return { driver: 'file', filename: n.filename };
     const file = n.fileNode === null ? undefined : graph.nodes.get(n.fileNode);
     const fileOpts = file ? options(file) : { driver: 'file', filename: n.filename };
@@ -37,6 +38,10 @@ export function shownNames(graph: BlockGraph): (n: BlockNode) => string {
   };
   const shown = (n: BlockNode): string => {
     let s = memo.get(n);
+    // A job's filter shows the name of the node it filters (mirror_top, commit_top and
+    // copy-before-write take their child's, an implicit node its child's), except a named
+    // copy-on-read filter: its options (QEMU's json: pseudo-filename).
+    if (n.kind === 'filter') return n.implicit || n.drv !== 'copy-on-read' ? shown(n.child) : `json:${qemuJson(options(n))}`;
     if (s === undefined) {
       s = n.kind === 'file' || !overridden(n) ? n.filename : `json:${qemuJson(options(n))}`;
       memo.set(n, s);

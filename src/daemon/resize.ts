@@ -33,7 +33,7 @@ export async function blockResize(h: ResizeHost, a: Args): Promise<void> {
     await fs.truncate(n.filename, size).catch((e: NodeJS.ErrnoException) => { throw new QmpError(e.message); });
     return;
   }
-  if (h.graph.parentsOf(n).some((p) => p.backing === n) || h.busy(n.name)) throw new QmpError("Device '(null)' is in use");
+  if (n.kind === 'filter' || h.graph.parentsOf(n).some((p) => p.backing === n) || h.busy(n.name)) throw new QmpError("Device '(null)' is in use");
   if (h.exported(n.name)) throw conflict(`an unnamed block device (uses node '${n.name}' as 'root' child)`);
   if (!n.driver.resize) throw new QmpError('Image format driver does not support resize');
   if (n.driver.readOnly) throw new QmpError('Block node is read-only');

@@ -39,6 +39,10 @@ export interface Backup {
   pending: Uint8Array;
   /** Bytes the job has to copy (its len). */
   len: number;
+  /** For listings (QEMU's anonymous bitmaps): what is left to copy, what was to copy at the start, what copy-before-write copied. */
+  copyBytes: () => number;
+  accessBytes: number;
+  cbwBytes: () => number;
 }
 
 /** Granules (of G bytes) a bitmap touches, 1 = to copy. */
@@ -92,8 +96,14 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
     if (job) job.offset = progress;
     return copied;
   };
+  /** Granules copy-before-write copied for guest writes (QEMU's done_bitmap). */
+  let cbwCopied = 0;
   const cbw = beforeWrites(p.source.driver, async (offset, length) => {
-    for (let i = Math.floor(offset / G); i < Math.min(n, Math.ceil((offset + length) / G)); i++) await copyGranule(i);
+    for (let i = Math.floor(offset / G); i < Math.min(n, Math.ceil((offset + length) / G)); i++) {
+      if (!pending[i]) continue;
+      await copyGranule(i);
+      cbwCopied++;
+    }
   });
   const work = async (j: Job): Promise<void> => {
     job = j;
@@ -132,5 +142,6 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
       cbw();
     }
   };
-  return { work, pending, len };
+  const count = (): number => pending.reduce((a, x) => a + x, 0) * G;
+  return { work, pending, len, copyBytes: count, accessBytes: count(), cbwBytes: () => cbwCopied * G };
 }

@@ -4,7 +4,7 @@
  * itself (stream, commit, ...) is a function that calls `checkpoint()` between chunks.
  */
 import { canTransition, verbAllowed, type JobStatus, type JobVerb } from './state.js';
-import { QmpError } from '../daemon/graph.js';
+import { QmpError, type FilterNode } from '../daemon/graph.js';
 import { JobIoError, actionFor, jobErrorText, type ErrorAction, type OnError } from './errors.js';
 import type { JobGroup } from './group.js';
 import { RateLimit } from './ratelimit.js';
@@ -80,6 +80,10 @@ export class Job {
    * filter as its parent, so it is no root node (block-commit refuses it as its device).
    */
   filterOn: string | null = null;
+  /** The filter node the job put above its top (job-filter.ts), listed while the job runs. */
+  filter: FilterNode | null = null;
+  /** Run as the job concludes, however it ended: its filter leaves the graph (QEMU drops it in prepare/abort/clean). */
+  readonly ended: Array<() => void> = [];
   /** The transaction group (completion-mode=grouped) the job belongs to. */
   group: JobGroup | null = null;
   /** Run when the job is gone (status null): what only the job referenced is released (drive-backup's target). */
@@ -233,6 +237,7 @@ export class Job {
     this.done = true;
     if (this.preparing || this.completing) this.graphChangesOver();
     for (const r of this.concludedWaiters.splice(0)) r();
+    for (const f of this.ended.splice(0)) f();
     this.to('concluded');
     if (this.autoDismiss) this.to('null');
     const f = this.finalized;
@@ -438,6 +443,16 @@ export class Job {
     const done = new Promise<void>((r) => { this.finalized = r; });
     this.finalizeGo?.();
     return done;
+  }
+
+  /**
+   * A job created but not started gives up (its filter could not be made, as an intermediate
+   * commit's): created, then null, as QEMU's job_early_fail.
+   */
+  abandon(): void {
+    this.to('created');
+    this.done = true;
+    this.to('null');
   }
 
   dismiss(): void {

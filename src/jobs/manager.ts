@@ -9,7 +9,7 @@ import { mirrorWork } from './mirror.js';
 import { mirrorStart } from './mirror-init.js';
 import { verbCommands } from './verbs.js';
 import { drainAllJobs, drainSection, drains } from '../daemon/job-drain.js';
-import { BACKUP_GRANULE, backupWork } from './backup.js';
+import { BACKUP_GRANULE, backupWork, type Backup } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
@@ -20,6 +20,8 @@ import { createQcow2 } from '../qcow2/create.js';
 import { findBackingImage } from '../chain/find-backing.js';
 import { combinePath, plainBackingName } from '../chain/resolve.js';
 import { isFormat } from '../chain/open.js';
+import { anonymousBitmap, attachFilter, attachJobBitmap, checkFilterName, dropFilter, type FilterPlan } from './job-filter.js';
+import { delRefusal } from './job-holds.js';
 
 /** What jobs need from the daemon: draining a node's exports and moving them (pivot). */
 export interface JobHost {
@@ -51,21 +53,50 @@ export class JobManager {
 
   /** An external snapshot put `overlay` over `node`: a filter on node now sits on the overlay (undone with `to`, `from` swapped). */
   moveFilters(from: string, to: string): void {
-    for (const j of this.jobs.values()) if (j.filterOn === from) j.filterOn = to;
+    for (const j of this.jobs.values()) {
+      if (j.filterOn !== from) continue;
+      j.filterOn = to;
+      const n = this.graph.nodes.get(to);
+      if (j.filter && n?.kind === 'format') j.filter.child = n;
+    }
   }
 
-  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report'], backupSourceOk?: string): Job {
-    const id = this.jobId(a);
+  /** What blockdev-del of `name` runs into from the jobs (job-holds.ts). */
+  delRefusal(name: string): string | null {
+    return delRefusal(this.graph, this.jobs.values(), name);
+  }
+
+  private common(a: Args, device: FormatNode, type: Job['type'], nodes: string[], policies: [OnError, OnError] = ['report', 'report'], backupSourceOk?: string, filter?: FilterPlan): Job {
     this.checkNodes(type, device, nodes, backupSourceOk);
+    // QEMU creates a job's filter before the job (its name is refused before the job ID), an
+    // intermediate commit's after it.
+    const filterName = optStr(a, 'filter-node-name');
+    if (filter && !filter.late) checkFilterName(this.graph, filterName, !!filter.prefixed);
+    const id = this.jobId(a);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
-    if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
-    const job = new Job({ id, type, nodes, speed, autoFinalize: optBool(a, 'auto-finalize', true), autoDismiss: optBool(a, 'auto-dismiss', true), onReadError: policies[0], onWriteError: policies[1] },
+    const job = new Job({ id, type, nodes, speed: Math.max(0, speed), autoFinalize: optBool(a, 'auto-finalize', true), autoDismiss: optBool(a, 'auto-dismiss', true), onReadError: policies[0], onWriteError: policies[1] },
       this.events, (j) => {
         this.jobs.delete(j.id);
         this.host.jobGone?.();
       });
     this.jobs.set(id, job);
+    // block_job_create sets the speed once the job exists: a negative one ends it at once.
+    if (speed < 0) {
+      job.abandon();
+      throw new QmpError("Parameter 'speed' expects a non-negative value");
+    }
+    if (filter) {
+      if (filter.late) {
+        try {
+          checkFilterName(this.graph, filterName, !!filter.prefixed);
+        } catch (e) {
+          job.abandon();
+          throw e;
+        }
+      }
+      attachFilter(this.graph, job, filter.drv, filter.child, filterName, { readOnly: filter.readOnly });
+    }
     return job;
   }
 
@@ -130,7 +161,7 @@ export class JobManager {
     const layers = this.chainNodes(top);
     const between = layers.slice(0, base ? layers.indexOf(base) : layers.length).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
-    const job = this.common(a, top, 'stream', between, [onError, onError]);
+    const job = this.common(a, top, 'stream', between, [onError, onError], undefined, { drv: 'copy-on-read', child: top, prefixed: true });
     // QEMU's stream_start reopens a read-only top read-write before block-stream returns; it is
     // read-only again once the job has ended, however it ended (stream_clean).
     const topWasReadOnly = await this.writableForJob(job, top);
@@ -177,7 +208,7 @@ export class JobManager {
     const overlay = layers[layers.indexOf(top) - 1];
     const nodes = layers.slice(layers.indexOf(top), layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
-    const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError], top.name);
+    const job = this.common(a, device, 'commit', [device.name, ...nodes], [onError, onError], top.name, { drv: 'commit_top', child: top, late: true, readOnly: true });
     // QEMU reopens a read-only base read-write before block-commit returns.
     const baseWasReadOnly = await this.writableForJob(job, base);
     const { work, prepare } = commitWork(this.graph, { device, top, overlay, base, baseWasReadOnly, backingFile: optStr(a, 'backing-file'), reopen: (n, ro) => this.reopen(n, ro) });
@@ -202,6 +233,7 @@ export class JobManager {
     try {
       await this.reopen(node, false);
     } catch (e) {
+      dropFilter(job);
       this.jobs.delete(job.id);
       throw e;
     }
@@ -223,8 +255,8 @@ export class JobManager {
     const layers = this.chainNodes(device);
     const nodes = layers.slice(0, layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
-    const job = this.common(a, device, 'commit', nodes, [onError, onError]);
-    const { work, prepare } = mirrorWork(this.graph, {
+    const job = this.common(a, device, 'commit', nodes, [onError, onError], undefined, { drv: 'mirror_top', child: device });
+    const { work, prepare, dirtyBytes, granularity: g } = mirrorWork(this.graph, {
       source: device, target: base, initial: 'allocated',
       depth: (chain) => chain.layers.findIndex((l) => l.driver === base.driver),
       drain: () => this.host.drain(device.name),
@@ -233,6 +265,7 @@ export class JobManager {
         this.graph.changed();
       },
     });
+    attachJobBitmap(this.graph, job, device, true, g, dirtyBytes);
     // As for an intermediate commit, the base is read-write before block-commit returns.
     await this.writableForJob(job, base);
     // Unlike an intermediate commit, a cancelled or failed active commit leaves the base
@@ -250,7 +283,7 @@ export class JobManager {
    * header names (drive-mirror mode=existing).
    */
   mirror(a: Args, target: FormatNode, backing: 'leave' | 'source' | 'open' = 'leave'): void {
-    const device = this.graph.formatNode(str(a, 'device'));
+    const device = this.mirrorSource(a);
     const sync = str(a, 'sync');
     if (!['full', 'top', 'none'].includes(sync)) throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
     if (target === device) throw new QmpError("Can't mirror node into itself");
@@ -259,8 +292,8 @@ export class JobManager {
     if (granularity !== undefined && (granularity < 512 || granularity > 64 * 1024 * 1024 || (granularity & (granularity - 1)) !== 0)) {
       throw new QmpError('Granularity must be a power of 2 between 512 and 64M');
     }
-    const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
-    const { work, prepare } = mirrorWork(this.graph, {
+    const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')], undefined, { drv: 'mirror_top', child: device });
+    const { work, prepare, dirtyBytes, granularity: g } = mirrorWork(this.graph, {
       source: device, target, granularity,
       depth: (chain) => (sync === 'full' ? chain.layers.length : sync === 'top' ? 1 : 0),
       // drive-mirror's own new image (backing 'source') reads as zeros.
@@ -273,7 +306,20 @@ export class JobManager {
         this.graph.changed();
       },
     });
+    attachJobBitmap(this.graph, job, device, true, g, dirtyBytes);
     job.start(work, prepare);
+  }
+
+  /**
+   * A mirror's device, as qmp_get_root_bs finds it (before anything else is looked at): an
+   * overlay's backing node, or a node under a job's filter or blocked by a job (all but a
+   * mirror's target, which the job holds through a block backend), is no root.
+   */
+  mirrorSource(a: Args): FormatNode {
+    const device = this.graph.formatNode(str(a, 'device'));
+    const held = this.delRefusal(device.name);
+    if (this.graph.parentsOf(device).some((p) => p.backing === device) || (held !== null && held !== 'in use')) throw new QmpError('Need a root block node');
+    return device;
   }
 
   /** Attach the backing chain a target's header names, as implicit read-only nodes (QEMU's bdrv_open_backing_file). */
@@ -328,11 +374,18 @@ export class JobManager {
     this.checkFree(a, device, [device.name, target.name]);
     const bitmap = bm, bitmapMode = mode;
     return () => {
-      const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')]);
+      const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')], undefined, { drv: 'copy-before-write', child: device, prefixed: true });
       job.filterOn = device.name;
       const depth = (chain: { layers: unknown[] }): number => (sync === 'top' ? 1 : chain.layers.length);
+      /** QEMU's block-copy bitmap on the source, and copy-before-write's access and done bitmaps on its filter. */
+      const listed = (b: Backup): void => {
+        attachJobBitmap(this.graph, job, device, false, BACKUP_GRANULE, b.copyBytes);
+        if (job.filter) job.filter.bitmaps = () => [anonymousBitmap(false, BACKUP_GRANULE, b.accessBytes), anonymousBitmap(false, BACKUP_GRANULE, b.cbwBytes())];
+      };
       if (!bitmap) {
-        job.start(backupWork(this.graph, { source: device, target, depth, none: sync === 'none' }).work, async () => {});
+        const b = backupWork(this.graph, { source: device, target, depth, none: sync === 'none' });
+        listed(b);
+        job.start(b.work, async () => {});
         return job;
       }
       // Freeze the bitmap: what it holds now is what the job copies; a successor records writes from here on.
@@ -341,6 +394,7 @@ export class JobManager {
       bitmap.frozen = frozen;
       bitmap.data = new DirtyBitmap(frozen.size, frozen.granularityBits, frozen.chunkBytes);
       const b = backupWork(this.graph, { source: device, target, depth, bitmap: sync === 'bitmap' ? frozen : undefined });
+      listed(b);
       const end = (ok: boolean): void => {
         const successor = bitmap.data;
         // Synced: the bitmap becomes the successor (what was written meanwhile); otherwise it keeps everything.
@@ -359,11 +413,16 @@ export class JobManager {
 
   /** The checks common() makes, without creating the job. */
   private checkFree(a: Args, device: FormatNode, nodes: string[]): void {
-    const id = this.jobId(a);
     this.checkNodes('backup', device, nodes);
+    checkFilterName(this.graph, optStr(a, 'filter-node-name'), true);
+    const id = this.jobId(a);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
-    if (speed < 0) throw new QmpError("Parameter 'speed' expects a non-negative value");
+    if (speed < 0) {
+      // QEMU creates the job before it refuses the speed: created, then null.
+      new Job({ id, type: 'backup', nodes: [] }, this.events, () => {}).abandon();
+      throw new QmpError("Parameter 'speed' expects a non-negative value");
+    }
   }
 
   /** Without job-id QEMU takes the device's BlockBackend name, which the storage daemon's nodes lack: ''. */
@@ -441,7 +500,10 @@ export class JobManager {
       ['query-block-jobs', () => [...this.jobs.values()].reverse().filter((j) => j.type !== 'create').map((j) => j.blockJobInfo())],
       ...verbCommands(this.jobs),
     ];
-    out.push(['blockdev-mirror', (a) => this.mirror(a, this.graph.formatNode(str(a, 'target')))]);
+    out.push(['blockdev-mirror', (a) => {
+      this.mirrorSource(a);
+      return this.mirror(a, this.graph.formatNode(str(a, 'target')));
+    }]);
     // A one-action transaction in QEMU: all jobs are drained first.
     out.push(['blockdev-backup', (a) => {
       const target = str(a, 'target');

@@ -40,8 +40,11 @@ const BUF_SIZE = 16 * 1024 * 1024;
  * job-finalize (prepare), as QEMU's mirror_prepare: meanwhile guest writes reach the source only,
  * and a cancel leaves the graph as it was.
  */
-export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void> } {
+export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void>; dirtyBytes: () => number; granularity: number } {
   let pivotAtPrepare = false;
+  const g = p.granularity ?? 64 * 1024;
+  /** Dirty granules not yet taken for copying (QEMU's dirty bitmap count: bits clear as a copy is issued). */
+  let dirtyCount = 0;
   const prepare = async (): Promise<void> => {
     if (!pivotAtPrepare) return;
     const undrain = await p.drain();
@@ -53,10 +56,9 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job)
   };
   const work = async (job: Job): Promise<void> => {
     const size = p.source.driver.size;
-    const g = p.granularity ?? 64 * 1024;
     const n = Math.ceil(size / g);
     const dirty = new Uint8Array(n);
-    let dirtyCount = 0;
+    dirtyCount = 0;
     const mark = (offset: number, length: number): void => {
       for (let i = Math.floor(offset / g); i < Math.min(n, Math.ceil((offset + length) / g)); i++) {
         if (!dirty[i]) {
@@ -193,5 +195,5 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job)
       unwatch();
     }
   };
-  return { work, prepare };
+  return { work, prepare, dirtyBytes: () => dirtyCount * g, granularity: g };
 }
