@@ -426,18 +426,29 @@ export class Refcounts {
     if (bo === 0 || hitsTable) {
       throw new CorruptionError(`Preventing invalid write on metadata (overlaps with ${bo === 0 ? 'qcow2_header' : 'refcount table'})`);
     }
+    await this.placeBlock(ti, bo, 0);
+    return bo;
+  }
+
+  /**
+   * Write a new, zeroed refcount block for table index `ti` at `bo` and make it reachable.
+   * `ownIndex` is the entry counting the block itself when it lies in its own range; otherwise
+   * the block's cluster is counted in the (existing) block of its range first.
+   */
+  private async placeBlock(ti: number, bo: number, ownIndex: number | null): Promise<void> {
     const nb = Buffer.alloc(this.clusterSize);
-    this.writeEntry(nb, 0, 1);
+    if (ownIndex !== null) this.writeEntry(nb, ownIndex, 1);
     await this.storage.write(nb, bo);
     this.blocks.set(bo, nb);
-    // The table entry goes last, once the block is durable: only now is it reachable.
+    if (ownIndex === null) await this.update(bo / this.clusterSize, 1, 1);
+    // The table entry goes last, once the block and its own refcount are durable: only now is
+    // it reachable.
     await this.storage.flush();
     this.table[ti] = bo;
     const e = Buffer.alloc(8);
     e.writeUInt32BE(Math.floor(bo / TWO32), 0);
     e.writeUInt32BE(bo >>> 0, 4);
     await this.storage.write(e, this.tableOffset + ti * 8);
-    return bo;
   }
 
   /**
@@ -636,20 +647,7 @@ export class Refcounts {
       if ((this.getCached(c) ?? (await this.get(c))) === 0) break;
       c++;
     }
-    const bo = c * this.clusterSize;
-    const nb = Buffer.alloc(this.clusterSize);
-    const own = Math.floor(c / this.perBlock) === ti;
-    if (own) this.writeEntry(nb, c % this.perBlock, 1);
-    await this.storage.write(nb, bo);
-    this.blocks.set(bo, nb);
-    // The block's own refcount is durable before the table entry makes it reachable.
-    if (!own) await this.update(c, 1, 1);
-    await this.storage.flush();
-    this.table[ti] = bo;
-    const e = Buffer.alloc(8);
-    e.writeUInt32BE(Math.floor(bo / TWO32), 0);
-    e.writeUInt32BE(bo >>> 0, 4);
-    await this.storage.write(e, this.tableOffset + ti * 8);
+    await this.placeBlock(ti, c * this.clusterSize, Math.floor(c / this.perBlock) === ti ? c % this.perBlock : null);
   }
 
   /**
