@@ -1,6 +1,8 @@
 /**
- * Contiguous runs longer than half a refcount block's span (the L1 table of a large image with
- * small clusters): the refcount blocks such a run needs are placed outside it. qemu-img judges.
+ * Refcount blocks made for an allocation: contiguous runs longer than half a refcount block's
+ * span (the L1 table of a large image with small clusters) get theirs outside the run, and
+ * blocks are made before a run is counted (1-bit refcounts cannot count a block twice).
+ * qemu-img judges.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -38,3 +40,18 @@ for (const [options, size] of cases) {
     assert.doesNotMatch(q.stdout, /verification failed/i);
   });
 }
+
+test('1-bit refcounts: data runs that reach ranges without a refcount block (the block is made before counting)', oracle(), async () => {
+  const dir = scratch();
+  const img = path.join(dir, 'b.qcow2');
+  // 512 B clusters and 1-bit refcounts: one refcount block covers 2 MiB of the file.
+  const created = await qchain(['img', 'create', '-q', '-f', 'qcow2', '-o', 'cluster_size=512,refcount_bits=1', img, '100G']);
+  assert.equal(created.code, 0, created.stderr);
+  const w = await qchain(['io', '-c', 'write -P 0x44 0 10M', '-c', 'write -P 0x55 5G 3M', img]);
+  assert.equal(w.code, 0, w.stderr);
+  const chk = await qemuImg(['check', img]);
+  assert.equal(chk.code, 0, chk.stdout + chk.stderr);
+  const q = await qemuIo(['-c', 'read -P 0x44 0 10M', '-c', 'read -P 0x55 5G 3M', img]);
+  assert.equal(q.code, 0, q.stdout + q.stderr);
+  assert.doesNotMatch(q.stdout, /verification failed/i);
+});

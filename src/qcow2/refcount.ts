@@ -579,11 +579,25 @@ export class Refcounts {
 
   /** Allocate `n` contiguous clusters (refcount 1, on disk) and return the host offset of the first. */
   async alloc(n: number): Promise<number> {
-    if (n > this.perBlock / 2) return this.allocLong(n);
-    // A new refcount block may be placed inside the range we chose; then retry. Each retry moves
-    // past a new block, so a range that will not settle means the refcounts are inconsistent.
+    // The refcount blocks a run needs are created before it is counted, then the run is searched
+    // again (a new block may sit inside it). A short run's blocks go at the start of their own
+    // ranges (self-describing); a run longer than half a block's span would never fit around
+    // those, so its blocks go at free clusters outside it, as QEMU's alloc_refcount_block places
+    // them. Counting only into existing blocks also keeps 1-bit refcounts from overflowing.
+    const long = n > this.perBlock / 2;
     for (let attempt = 0; attempt < 64; attempt++) {
       const ci = await this.findFree(n);
+      const missing: number[] = [];
+      for (let ti = Math.floor(ci / this.perBlock); ti <= Math.floor((ci + n - 1) / this.perBlock); ti++) {
+        if (ti >= this.table.length || this.table[ti] === 0) missing.push(ti);
+      }
+      if (missing.length) {
+        // Long runs: the last range first; its block goes right after the run and describes
+        // itself, the blocks of earlier ranges are then counted in it (or at a free cluster).
+        if (long) for (const ti of missing.reverse()) await this.eager(() => this.createBlockOutside(ti, ci, ci + n));
+        else for (const ti of missing) await this.ensureBlock(ti);
+        continue;
+      }
       await this.update(ci, n, 1);
       let ok = true;
       for (let k = 0; k < n && ok; k++) ok = (this.getCached(ci + k) ?? (await this.get(ci + k))) === 1;
@@ -597,38 +611,12 @@ export class Refcounts {
     throw new CorruptionError('Cannot allocate clusters: inconsistent refcounts');
   }
 
-  /**
-   * A run longer than half a refcount block's span (an L1 table of a large image with small
-   * clusters): the blocks its ranges lack cannot sit at the start of their own ranges, inside the
-   * run, so they are created first at free clusters outside it, as QEMU's alloc_refcount_block
-   * places them (at the first free cluster); then the run is searched again and counted.
-   */
-  private async allocLong(n: number): Promise<number> {
-    for (let attempt = 0; attempt < 64; attempt++) {
-      const ci = await this.findFree(n);
-      const missing: number[] = [];
-      for (let ti = Math.floor(ci / this.perBlock); ti <= Math.floor((ci + n - 1) / this.perBlock); ti++) {
-        if (ti >= this.table.length || this.table[ti] === 0) missing.push(ti);
-      }
-      if (missing.length === 0) {
-        await this.update(ci, n, 1);
-        if (ci === this.freeHint) this.freeHint = ci + n;
-        return ci * this.clusterSize;
-      }
-      // The last range first: its block goes right after the run and describes itself; the
-      // blocks of earlier ranges are then counted in it (or wherever a free cluster is).
-      for (const ti of missing.reverse()) await this.eager(() => this.createBlockOutside(ti, ci, ci + n));
-    }
-    throw new CorruptionError('Cannot allocate clusters: inconsistent refcounts');
-  }
-
   /** Create the block for table index `ti` at the first free cluster outside clusters [lo, hi). */
   private async createBlockOutside(ti: number, lo: number, hi: number): Promise<void> {
     if (ti < this.table.length && this.table[ti] < 0) throw new ImageError('Input/output error', 'EIO');
-    if (ti >= this.table.length) {
-      await this.growTable(ti + 1);
-      if (this.table[ti] > 0) return;
-    }
+    // Growing the table (for this or an earlier index) may have created the block already.
+    if (ti >= this.table.length) await this.growTable(ti + 1);
+    if (this.table[ti] > 0) return;
     let c = this.freeHint;
     for (;;) {
       if (c >= lo && c < hi) {
