@@ -4,7 +4,7 @@
  */
 import { BlockGraph, QmpError, backingNameFor, formatArg, type BlockNode, type FormatNode } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
-import { CommandError, VERSION, onlyArgs, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
+import { CommandError, VERSION, onlyArgs, optBool, optStr, str, uint64, type Args, type Handler } from '../qmp/server.js';
 import { namedNodes } from './named-nodes.js';
 import { FileStorage } from '../storage/file.js';
 import { JobManager } from '../jobs/manager.js';
@@ -20,7 +20,8 @@ import { BITMAP_COMMANDS, bitmapAction, type Action } from './bitmap-actions.js'
 import { runTransaction } from './transaction.js';
 import type { DirtyBitmapView } from '../nbd/export.js';
 import { collectCacheOptions, type CacheSizeOptions } from '../qcow2/cache-sizes.js';
-import { checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
+import { checkBlockdevNames, checkBlockdevSupport, nodeWriteOptions } from './blockdev-options.js';
+import { bindNode, setWriteThreshold } from './node-io.js';
 
 export interface ExportEntry {
   id: string;
@@ -51,6 +52,8 @@ export class Daemon {
     this.graph = new BlockGraph(log);
     this.nbd = new NbdServer(log);
     this.bitmaps = new BitmapRegistry(this.graph);
+    // Detect-zeroes and write thresholds follow each format node to every driver handle it gets.
+    this.graph.onDriver = (n) => bindNode(this.graph, n, (name, data) => this.emit(name, data));
     this.jobs = new JobManager(this.graph, { emit: (n, d) => this.emit(n, d) }, {
       drain: (node) => this.drainNode(node),
       drainAll: () => this.drainAll(),
@@ -262,8 +265,9 @@ export class Daemon {
     const name = optStr(a, 'node-name');
     const discard = (optStr(a, 'discard') ?? 'ignore') === 'unmap';
     const readOnly = optBool(a, 'read-only', false);
+    const { detectZeroes, noFlush } = nodeWriteOptions(a);
     if (driver === 'file') {
-      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly });
+      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly, detectZeroes, noFlush });
       return;
     }
     const fmt = formatArg(driver);
@@ -274,7 +278,8 @@ export class Daemon {
     else throw new QmpError("Parameter 'file' is missing");
     const b = a.backing;
     if (b !== undefined && b !== null && typeof b !== 'string') throw new QmpError("Invalid parameter type for 'backing', expected: string");
-    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard, cache: cacheOptions(a) });
+    const fileNoFlush = !fileIsNode ? nodeWriteOptions(f as Args).noFlushGiven : undefined;
+    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard, cache: cacheOptions(a), detectZeroes, noFlush, fileNoFlush });
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
@@ -347,6 +352,11 @@ export class Daemon {
     c.set('query-block-exports', () => [...this.exports.values()].map((e) => ({ 'node-name': e.nodeName, 'shutting-down': false, type: 'nbd', id: e.id })));
     c.set('query-named-block-nodes', (a) => namedNodes(this.graph, this.bitmaps, optBool(onlyArgs(a, ['flat']), 'flat', false)));
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
+    c.set('block-set-write-threshold', (a) => {
+      const name = str(a, 'node-name'), threshold = uint64(a, 'write-threshold');
+      onlyArgs(a, ['node-name', 'write-threshold']);
+      setWriteThreshold(this.graph, name, threshold, (n, d) => this.emit(n, d));
+    });
     c.set('blockdev-del', (a) => this.graph.remove(str(a, 'node-name'), (n) => this.userOf(n)));
     c.set('nbd-server-start', (a) => this.startNbd(parseAddr(a.addr)));
     c.set('nbd-server-stop', () => this.stopNbd());

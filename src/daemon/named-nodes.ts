@@ -22,10 +22,10 @@ type Shown = (n: BlockNode) => string;
  * The fields every entry has, around the node-specific ones (`extra`: backing_file, then
  * dirty-bitmaps), in the order QEMU's QDict prints them (hash order, not QAPI member order).
  */
-function entry(image: Info, ro: boolean, name: string, drv: string, file: string, depth = 0, extra: Info = {}): Info {
+function entry(n: BlockNode, image: Info, ro: boolean, drv: string, file: string, depth = 0, extra: Info = {}): Info {
   return {
-    iops_rd: 0, detect_zeroes: 'off', image, iops_wr: 0, ro, 'node-name': name, backing_file_depth: depth, drv, iops: 0, bps_wr: 0,
-    write_threshold: 0, ...extra, encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file,
+    iops_rd: 0, detect_zeroes: n.detectZeroes, image, iops_wr: 0, ro, 'node-name': n.name, backing_file_depth: depth, drv, iops: 0, bps_wr: 0,
+    write_threshold: n.writeThreshold, ...extra, encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': n.noFlush, direct: false, writeback: true }, file,
   };
 }
 
@@ -44,7 +44,7 @@ async function fileEntry(graph: BlockGraph, n: FileNode): Promise<Info> {
   const image = { 'virtual-size': virtual, filename: n.filename, format: 'file', 'actual-size': allocated, 'dirty-flag': false };
   // An implicit protocol node is opened (and reopened) in its format node's mode; a named one keeps its own.
   const ro = n.implicit && user ? user.driver.readOnly : n.readOnly;
-  return entry(image, ro, n.name, 'file', n.filename);
+  return entry(n, image, ro, 'file', n.filename);
 }
 
 /**
@@ -72,7 +72,7 @@ async function formatEntry(n: FormatNode, bitmaps: BitmapRegistry, flat: boolean
   if (n.backing) extra.backing_file = shown(n.backing);
   const dirty = await bitmaps.info(n);
   if (dirty.length) extra['dirty-bitmaps'] = dirty;
-  return entry(await chainImage(n, flat, shown), n.driver.readOnly, n.name, n.format, shown(n), flat ? 0 : depthBelow(n), extra);
+  return entry(n, await chainImage(n, flat, shown), n.driver.readOnly, n.format, shown(n), flat ? 0 : depthBelow(n), extra);
 }
 
 /** The listing; `flat` as the command's argument (default false). */

@@ -6,7 +6,8 @@
 import { UsageError } from '../util/errors.js';
 import { qemuStrtosz } from '../util/options.js';
 import { collectCacheOptions, type CacheSizeOptions } from '../../qcow2/cache-sizes.js';
-import { checkBlockdevNames, checkBlockdevSupport } from '../../daemon/blockdev-options.js';
+import { checkBlockdevNames, checkBlockdevSupport, nodeWriteOptions } from '../../daemon/blockdev-options.js';
+import type { DetectZeroes } from '../../daemon/graph.js';
 
 export function parseKeyval(s: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -40,6 +41,9 @@ export interface BlockdevSpec {
   driver: string; nodeName: string; filename?: string; file?: string; backing?: string | null; readOnly: boolean; discard: boolean;
   /** qcow2 l2-cache-size / cache-size, when given. */
   cache?: CacheSizeOptions;
+  detectZeroes: DetectZeroes; noFlush: boolean;
+  /** An inline file's (file.cache.no-flush), when given. */
+  fileNoFlush?: boolean;
 }
 export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[] }
 export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
@@ -67,8 +71,11 @@ function discardOpt(v: string | undefined): boolean {
   throw new UsageError(`Invalid discard option '${v}'`);
 }
 
-/** blockdev-add's name and support checks on a --blockdev's keys (nested by their dots; on/off as booleans). */
-function blockdevChecks(kv: Map<string, string>): void {
+/**
+ * blockdev-add's name and support checks on a --blockdev's keys (nested by their dots; on/off as
+ * booleans); the options as blockdev-add's arguments.
+ */
+function blockdevChecks(kv: Map<string, string>): Record<string, unknown> {
   const root: Record<string, unknown> = {};
   for (const [k, v] of kv) {
     const parts = k.split('.');
@@ -85,6 +92,7 @@ function blockdevChecks(kv: Map<string, string>): void {
   } catch (e) {
     throw new UsageError(e instanceof Error ? e.message : String(e));
   }
+  return root;
 }
 
 /** The qcow2 cache options among a --blockdev's keys (sizes with QEMU's k/M/G suffixes). */
@@ -132,13 +140,15 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
     switch (flag) {
       case '--blockdev': {
         const kv = parseKeyval(value());
-        blockdevChecks(kv);
+        const root = blockdevChecks(kv);
+        const { detectZeroes, noFlush } = nodeWriteOptions(root);
+        const inlineFile = root.file && typeof root.file === 'object' ? nodeWriteOptions(root.file as Record<string, unknown>).noFlushGiven : undefined;
         const driver = kv.get('driver');
         const nodeName = kv.get('node-name');
         if (!driver) throw new UsageError("Parameter 'driver' is missing");
         if (!nodeName) throw new UsageError('A block device must be given a node-name');
         const backing = kv.has('backing') ? (kv.get('backing') === 'null' ? null : kv.get('backing')) : undefined;
-        o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv) });
+        o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inlineFile });
         break;
       }
       case '--nbd-server': o.nbdServers.push(addr(parseKeyval(value()))); break;
@@ -196,7 +206,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
   }
   if (positional.length > 1) throw new UsageError('Expecting one image file name');
   if (positional.length === 1) {
-    o.blockdevs.push({ driver: 'auto', nodeName: 'disk0', filename: positional[0], readOnly: !shortWritable, discard: true });
+    o.blockdevs.push({ driver: 'auto', nodeName: 'disk0', filename: positional[0], readOnly: !shortWritable, discard: true, detectZeroes: 'off', noFlush: false });
     if (shortNbd) o.nbdServers.push(shortNbd);
     o.exports.push({ id: 'export0', nodeName: 'disk0', name: shortName, writable: shortWritable, allocationDepth: true, bitmaps: [] });
   } else if (shortNbd) {
