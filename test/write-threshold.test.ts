@@ -128,3 +128,27 @@ test('thresholds stay on a node across its reopens (snapshot, then active commit
   assert.deepEqual(qchain, qemu);
   assert.equal((qemu[qemu.length - 1] as unknown[]).length, 2);
 });
+
+test('block-stream\'s copy-on-read writes pass below the top\'s threshold (its file\'s counts) and write zero buffers as zeroes', { skip, timeout: 60000 }, async () => {
+  const { qemu, qchain } = await onBoth(scratch('qchain-wthr-stream-'), async (tool, dir) => {
+    fs.mkdirSync(dir, { recursive: true });
+    assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '16M'], dir)).code, 0);
+    assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir)).code, 0);
+    assert.equal((await qemuIo(['-c', 'write -P 7 1M 64k', '-c', 'write -P 0 4M 64k', 'base.qcow2'], dir)).code, 0);
+    const evs = await withDaemon(tool, dir, [...qcow2Node('base'), ...qcow2Node('top', ',backing=base'), ...serve('top')], async (d) => {
+      await d.q.execute('qmp_capabilities');
+      await d.q.execute('block-set-write-threshold', { 'node-name': 'top', 'write-threshold': 1024 * K + 4 * K });
+      await d.q.execute('block-set-write-threshold', { 'node-name': 'top-file', 'write-threshold': 0x48000 });
+      assert.ok('return' in await d.q.execute('block-stream', { 'job-id': 'j', device: 'top' }));
+      await d.q.waitFor((m) => m.event === 'BLOCK_JOB_COMPLETED');
+      const e = events(d);
+      await quit(d);
+      return e;
+    });
+    const map = await qemuImg(['map', '--output=json', 'top.qcow2'], dir);
+    assert.equal(map.code, 0, map.stderr);
+    return { evs, map: JSON.parse(map.stdout) as unknown };
+  });
+  assert.deepEqual(qchain, qemu);
+  assert.equal(qemu.evs.length, 1);
+});

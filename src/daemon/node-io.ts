@@ -70,6 +70,20 @@ function bindFile(f: FileNode, user: FormatNode, emit: EmitEvent): void {
   else st.watchWritesAbove(Infinity, null);
 }
 
+/**
+ * Copy-on-read writes (block-stream into its top): QEMU makes them below the node's request
+ * checks (bdrv_co_do_copy_on_readv calls the driver directly), so the node's write threshold and
+ * detect-zeroes do not see them, and a buffer of zeroes is always written as a zero write.
+ */
+export function copyOnReadWrite(d: BlockDriver, buf: Buffer, offset: number): Promise<void> {
+  const own = Object.getPrototypeOf(d) as Methods;
+  return isZero(buf) ? own.writeZeroes.call(d, offset, buf.length) : own.write.call(d, buf, offset);
+}
+
+export function copyOnReadZeroes(d: BlockDriver, offset: number, length: number): Promise<void> {
+  return (Object.getPrototypeOf(d) as Methods).writeZeroes.call(d, offset, length);
+}
+
 /** block-set-write-threshold: set (0: clear) a node's threshold and bind it. */
 export function setWriteThreshold(graph: BlockGraph, name: string, threshold: number, emit: EmitEvent): void {
   const n = graph.nodes.get(name);
