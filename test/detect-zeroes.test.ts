@@ -50,11 +50,11 @@ function guestMap(map: MapEntry[]): MapEntry[] {
   return out;
 }
 
-async function session(tool: 'qemu' | 'qchain', dir: string, opts: string): Promise<{ map: unknown; listing: unknown }> {
+async function session(tool: 'qemu' | 'qchain', dir: string, opts: string, fileOpts = ''): Promise<{ map: unknown; listing: unknown; size: number }> {
   fs.mkdirSync(dir, { recursive: true });
   assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', 'd.qcow2', '16M'], dir)).code, 0);
   assert.equal((await qemuIo(PREFILL.flatMap((c) => ['-c', c]).concat(['d.qcow2']), dir)).code, 0);
-  const args = ['--blockdev', 'driver=file,node-name=d-file,filename=d.qcow2', '--blockdev', `driver=qcow2,node-name=d,file=d-file${opts}`, ...serve('d')];
+  const args = ['--blockdev', `driver=file,node-name=d-file,filename=d.qcow2${fileOpts}`, '--blockdev', `driver=qcow2,node-name=d,file=d-file${opts}`, ...serve('d')];
   const listing = await withDaemon(tool, dir, args, async (d) => {
     await d.q.execute('qmp_capabilities');
     await guest(dir, GUEST);
@@ -66,7 +66,7 @@ async function session(tool: 'qemu' | 'qchain', dir: string, opts: string): Prom
   assert.equal(map.code, 0, map.stderr);
   const check = await qemuImg(['check', 'd.qcow2'], dir);
   assert.equal(check.code, 0, check.stdout + check.stderr);
-  return { map: JSON.parse(map.stdout), listing };
+  return { map: JSON.parse(map.stdout), listing, size: fs.statSync(`${dir}/d.qcow2`).size };
 }
 
 for (const [mode, opts] of [['on', ',detect-zeroes=on'], ['unmap', ',detect-zeroes=unmap,discard=unmap'], ['off', '']] as const) {
@@ -77,6 +77,12 @@ for (const [mode, opts] of [['on', ',detect-zeroes=on'], ['unmap', ',detect-zero
     assert.deepEqual(qemu.listing, [['d', mode], ['d-file', 'off']]);
   });
 }
+
+test('detect-zeroes=on on the protocol node: the qcow2 driver\'s zero host writes leave qemu-storage-daemon\'s file and map', { skip: oracle().skip ?? (fs.existsSync(QSD) ? undefined : 'no qemu-storage-daemon'), timeout: 60000 }, async () => {
+  const { qemu, qchain } = await onBoth(scratch('qchain-dz-file-'), (tool, dir) => session(tool, dir, '', ',detect-zeroes=on'));
+  assert.deepEqual(qchain, qemu);
+  assert.deepEqual(qemu.listing, [['d', 'off'], ['d-file', 'on']]);
+});
 
 test('detect-zeroes applies to the writes of a job into the node too (backup target)', { skip: oracle().skip ?? (fs.existsSync(QSD) ? undefined : 'no qemu-storage-daemon'), timeout: 60000 }, async () => {
   const { qemu, qchain } = await onBoth(scratch('qchain-dz-job-'), async (tool, dir) => {
