@@ -4,7 +4,7 @@
  * by backing nodes opened from the header); a qcow2 node with no-flush over a file node without it
  * still syncs (QEMU's bdrv_co_flush flushes the children). strace watches both daemons, and
  * the fdatasync/fsync calls that guest flushes over NBD cause are counted per export; the node
- * listings' cache objects must be qemu-storage-daemon's.
+ * listings' cache objects (and detect_zeroes) must be qemu-storage-daemon's.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -24,7 +24,7 @@ const ARGS = [
   // b: no-flush on the file node.
   '--blockdev', 'driver=file,node-name=b-file,filename=b.qcow2,cache.no-flush=on', '--blockdev', 'driver=qcow2,node-name=b,file=b-file',
   // c: an inline file inherits the qcow2 node's no-flush; so do the backing node and its file.
-  '--blockdev', 'driver=qcow2,node-name=c,cache.no-flush=on,file.driver=file,file.filename=c.qcow2',
+  '--blockdev', 'driver=qcow2,node-name=c,cache.no-flush=on,file.driver=file,file.filename=c.qcow2,file.detect-zeroes=on',
   // e: nothing set.
   '--blockdev', 'driver=file,node-name=e-file,filename=e.qcow2', '--blockdev', 'driver=qcow2,node-name=e,file=e-file',
   '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
@@ -59,7 +59,7 @@ async function session(tool: Tool, dir: string): Promise<{ flushes: Record<strin
       flushes[n] = syncs(trace) > before;
     }
     const list = await q.execute('query-named-block-nodes', { flat: true });
-    const cache = (list.return as Array<Record<string, unknown>>).map((x) => [String(x['node-name']).replace(/#block\d+/, '#block'), x.cache]);
+    const cache = (list.return as Array<Record<string, unknown>>).map((x) => [String(x['node-name']).replace(/#block\d+/, '#block'), x.cache, x.detect_zeroes]);
     await quit({ child, q });
     // The data is there after all.
     for (const n of ['a', 'b', 'c', 'e']) {
@@ -80,4 +80,6 @@ test('cache.no-flush=on: guest flushes sync the disk exactly where qemu-storage-
   assert.deepEqual(qemu.flushes, { a: true, b: false, c: false, e: true });
   assert.deepEqual(qchain.flushes, qemu.flushes);
   assert.deepEqual(qchain.cache, qemu.cache);
+  // The inline file of c: its own detect-zeroes, c's no-flush.
+  assert.equal((qemu.cache as unknown[][]).filter((x) => x[2] === 'on' && (x[1] as Record<string, unknown>)['no-flush'] === true).length, 1);
 });

@@ -278,8 +278,9 @@ export class Daemon {
     else throw new QmpError("Parameter 'file' is missing");
     const b = a.backing;
     if (b !== undefined && b !== null && typeof b !== 'string') throw new QmpError("Invalid parameter type for 'backing', expected: string");
-    const fileNoFlush = !fileIsNode ? nodeWriteOptions(f as Args).noFlushGiven : undefined;
-    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard, cache: cacheOptions(a), detectZeroes, noFlush, fileNoFlush });
+    const inline = fileIsNode ? undefined : nodeWriteOptions(f as Args);
+    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing: b as string | null | undefined, readOnly, discard, cache: cacheOptions(a),
+      detectZeroes, noFlush, fileNoFlush: inline?.noFlushGiven, fileDetectZeroes: inline?.detectZeroes });
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */

@@ -138,7 +138,9 @@ export class BlockGraph {
     backing?: string | null; readOnly?: boolean; discard?: boolean; cache?: CacheSizeOptions;
     detectZeroes?: DetectZeroes; noFlush?: boolean;
     /** An inline file's own cache.no-flush (else it inherits the format node's, as QEMU's child options). */
-    fileNoFlush?: boolean; }): Promise<FormatNode> {
+    fileNoFlush?: boolean;
+    /** An inline file's own detect-zeroes (shown in listings; not inherited). */
+    fileDetectZeroes?: DetectZeroes; }): Promise<FormatNode> {
     const name = this.checkNewName(opts.name);
     try {
       if (opts.cache) checkCacheOptions(opts.cache);
@@ -164,11 +166,11 @@ export class BlockGraph {
       // Nodes enter the graph as QEMU creates them: each protocol node just before its format
       // node, a backing node after its overlay (listings show the newest first).
       const added: BlockNode[] = [];
-      const withFile = (n: FormatNode, explicitFile: string | null, fileNoFlush: boolean): FormatNode => {
+      const withFile = (n: FormatNode, explicitFile: string | null, fileNoFlush: boolean, fileDetectZeroes: DetectZeroes = 'off'): FormatNode => {
         if (explicitFile) n.fileNode = explicitFile;
         else {
           const f: FileNode = { kind: 'file', name: this.implicitName(), filename: n.filename, discard: false, readOnly: n.driver.readOnly, implicit: true,
-            detectZeroes: 'off', noFlush: fileNoFlush, writeThreshold: 0 };
+            detectZeroes: fileDetectZeroes, noFlush: fileNoFlush, writeThreshold: 0 };
           n.fileNode = f.name;
           added.push(f);
         }
@@ -188,12 +190,12 @@ export class BlockGraph {
           n.backing = layers[d + 1] ?? null;
           if (d > 0) n.name = this.implicitName();
           // Backing nodes and their files inherit the cache options (QEMU's bdrv_backing_options).
-          withFile(n, d === 0 ? fileNode : null, d === 0 ? storageNoFlush : noFlush);
+          withFile(n, d === 0 ? fileNode : null, d === 0 ? storageNoFlush : noFlush, d === 0 ? opts.fileDetectZeroes : 'off');
         });
         top = layers[0];
       } else {
         const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush });
-        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, autoBacking: img.driver.backingFile ?? '', implicit: false, discard, cache: opts.cache, ...own(0) }, fileNode, storageNoFlush);
+        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, autoBacking: img.driver.backingFile ?? '', implicit: false, discard, cache: opts.cache, ...own(0) }, fileNode, storageNoFlush, opts.fileDetectZeroes);
       }
       for (const n of added) this.nodes.set(n.name, n);
       this.changed();

@@ -71,7 +71,7 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
         if (b.file === undefined && b.filename === undefined) throw new CliError("Parameter 'file' is missing");
         await daemon.graph.addFormat({
           name: b.nodeName, format: formatArg(b.driver), file: b.file ?? (b.filename as string), fileIsNode: b.file !== undefined,
-          backing: b.backing, readOnly: b.readOnly, discard: b.discard, cache: b.cache, detectZeroes: b.detectZeroes, noFlush: b.noFlush, fileNoFlush: b.fileNoFlush,
+          backing: b.backing, readOnly: b.readOnly, discard: b.discard, cache: b.cache, detectZeroes: b.detectZeroes, noFlush: b.noFlush, fileNoFlush: b.fileNoFlush, fileDetectZeroes: b.fileDetectZeroes,
         });
       }
     }

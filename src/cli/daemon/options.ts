@@ -42,8 +42,8 @@ export interface BlockdevSpec {
   /** qcow2 l2-cache-size / cache-size, when given. */
   cache?: CacheSizeOptions;
   detectZeroes: DetectZeroes; noFlush: boolean;
-  /** An inline file's (file.cache.no-flush), when given. */
-  fileNoFlush?: boolean;
+  /** An inline file's (file.cache.no-flush, file.detect-zeroes), when given. */
+  fileNoFlush?: boolean; fileDetectZeroes?: DetectZeroes;
 }
 export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[] }
 export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
@@ -142,13 +142,13 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
         const kv = parseKeyval(value());
         const root = blockdevChecks(kv);
         const { detectZeroes, noFlush } = nodeWriteOptions(root);
-        const inlineFile = root.file && typeof root.file === 'object' ? nodeWriteOptions(root.file as Record<string, unknown>).noFlushGiven : undefined;
+        const inline = root.file && typeof root.file === 'object' ? nodeWriteOptions(root.file as Record<string, unknown>) : undefined;
         const driver = kv.get('driver');
         const nodeName = kv.get('node-name');
         if (!driver) throw new UsageError("Parameter 'driver' is missing");
         if (!nodeName) throw new UsageError('A block device must be given a node-name');
         const backing = kv.has('backing') ? (kv.get('backing') === 'null' ? null : kv.get('backing')) : undefined;
-        o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inlineFile });
+        o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inline?.noFlushGiven, fileDetectZeroes: inline?.detectZeroes });
         break;
       }
       case '--nbd-server': o.nbdServers.push(addr(parseKeyval(value()))); break;
