@@ -4,7 +4,7 @@
  */
 import { BlockGraph, QmpError, formatArg, type BlockNode, type FormatNode } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
-import { CommandError, VERSION, onlyArgs, optBool, optStr, str, type Args, type Handler } from '../qmp/server.js';
+import { CommandError, VERSION, onlyArgs, optBool, optStr, str, uint64, type Args, type Handler } from '../qmp/server.js';
 import { namedNodes } from './named-nodes.js';
 import { shownNames } from './node-filename.js';
 import { FileStorage } from '../storage/file.js';
@@ -22,7 +22,8 @@ import { runTransaction } from './transaction.js';
 import type { DirtyBitmapView } from '../nbd/export.js';
 import { collectCacheOptions, type CacheSizeOptions } from '../qcow2/cache-sizes.js';
 import { nbdServerStartArgs, startChecks } from './nbd-server-args.js';
-import { backingRef, checkBlockdevNames, checkBlockdevSupport } from './blockdev-options.js';
+import { backingRef, checkBlockdevNames, checkBlockdevSupport, nodeWriteOptions } from './blockdev-options.js';
+import { bindNode, setWriteThreshold } from './node-io.js';
 
 export interface ExportEntry {
   id: string;
@@ -53,6 +54,8 @@ export class Daemon {
     this.graph = new BlockGraph(log);
     this.nbd = new NbdServer(log);
     this.bitmaps = new BitmapRegistry(this.graph);
+    // Detect-zeroes and write thresholds follow each format node to every driver handle it gets.
+    this.graph.onDriver = (n) => bindNode(this.graph, n, (name, data) => this.emit(name, data));
     this.jobs = new JobManager(this.graph, { emit: (n, d) => this.emit(n, d) }, {
       drain: (node) => this.drainNode(node),
       drainAll: () => this.drainAll(),
@@ -266,8 +269,9 @@ export class Daemon {
     const name = optStr(a, 'node-name');
     const discard = (optStr(a, 'discard') ?? 'ignore') === 'unmap';
     const readOnly = optBool(a, 'read-only', false);
+    const { detectZeroes, noFlush } = nodeWriteOptions(a);
     if (driver === 'file') {
-      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly });
+      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly, detectZeroes, noFlush });
       return;
     }
     const fmt = formatArg(driver);
@@ -279,7 +283,9 @@ export class Daemon {
     const cache = cacheOptions(a);
     // A QMP command's warnings go to stderr without the program's name (QEMU's error_report with a monitor current).
     const backing = backingRef(a.backing, this.log);
-    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing, readOnly, discard, cache });
+    const inline = fileIsNode ? undefined : nodeWriteOptions(f as Args);
+    await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing, readOnly, discard, cache,
+      detectZeroes, noFlush, fileNoFlush: inline?.noFlushGiven, fileDetectZeroes: inline?.detectZeroes });
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
@@ -331,7 +337,8 @@ export class Daemon {
     await this.driveJob(a, async (x, t) => {
       // qmp_drive_backup opens its target with discard=unmap and detect-zeroes=unmap.
       t.discard = true;
-      t.detectZeroesUnmap = true;
+      t.detectZeroes = 'unmap';
+      bindNode(this.graph, t, (name, data) => this.emit(name, data));
       target = t;
       startJob = await this.jobs.prepareBackup(x, t);
     });
@@ -356,6 +363,11 @@ export class Daemon {
     c.set('query-block-exports', () => [...this.exports.values()].map((e) => ({ 'node-name': e.nodeName, 'shutting-down': false, type: 'nbd', id: e.id })));
     c.set('query-named-block-nodes', (a) => namedNodes(this.graph, this.bitmaps, optBool(onlyArgs(a, ['flat']), 'flat', false)));
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
+    c.set('block-set-write-threshold', (a) => {
+      const name = str(a, 'node-name'), threshold = uint64(a, 'write-threshold');
+      onlyArgs(a, ['node-name', 'write-threshold']);
+      setWriteThreshold(this.graph, name, threshold, (n, d) => this.emit(n, d));
+    });
     c.set('blockdev-del', (a) => this.graph.remove(str(a, 'node-name'), (n) => this.userOf(n)));
     c.set('nbd-server-start', (a) => {
       const args = nbdServerStartArgs(a);

@@ -28,7 +28,22 @@ export class QmpError extends Error {
   }
 }
 
-export interface FileNode {
+/** QEMU's detect-zeroes: whether (and how) writes of all-zero buffers become zero writes. */
+export type DetectZeroes = 'off' | 'on' | 'unmap';
+
+/** Options every node has (QEMU's BlockdevOptions base) that change how writes through it are done. */
+export interface NodeWriteOptions {
+  detectZeroes: DetectZeroes;
+  /** cache.no-flush: flushes do not reach the disk (QEMU's BDRV_O_NO_FLUSH). */
+  noFlush: boolean;
+  /**
+   * block-set-write-threshold's value as given (0: none); the first write through the node
+   * ending past it fires BLOCK_WRITE_THRESHOLD and sets it back to 0 (see node-io.ts).
+   */
+  writeThreshold: number;
+}
+
+export interface FileNode extends NodeWriteOptions {
   kind: 'file';
   name: string;
   filename: string;
@@ -39,7 +54,7 @@ export interface FileNode {
   implicit?: boolean;
 }
 
-export interface FormatNode {
+export interface FormatNode extends NodeWriteOptions {
   kind: 'format';
   name: string;
   format: ImageFormat;
@@ -61,8 +76,6 @@ export interface FormatNode {
   /** Opened by blockdev-snapshot-sync, not blockdev-add: QEMU frees it with its last user. */
   unowned?: boolean;
   discard: boolean;
-  /** detect-zeroes=unmap (drive-backup's target); listings show it. */
-  detectZeroesUnmap?: boolean;
   /** The node's own qcow2 cache options (kept for reopens). */
   cache?: CacheSizeOptions;
 }
@@ -70,9 +83,10 @@ export interface FormatNode {
 /**
  * The filter node a block job inserts above a node for its lifetime (QEMU's mirror_top,
  * commit_top, copy-on-read for block-stream, copy-before-write for backup). It is a listing and
- * graph object only: its I/O is the job's own write interception on the filtered node.
+ * graph object only: its I/O is the job's own write interception on the filtered node, so its
+ * write options are listed only (block-set-write-threshold may arm it; no write passes through it).
  */
-export interface FilterNode {
+export interface FilterNode extends NodeWriteOptions {
   kind: 'filter';
   name: string;
   drv: FilterDriver;
@@ -102,6 +116,9 @@ export class BlockGraph {
 
   constructor(private readonly log: (line: string) => void = () => {}) {}
 
+  /** Called whenever a format node gets a driver handle (added, reopened): the daemon binds the node's write options to it. */
+  onDriver: (node: FormatNode) => void = () => {};
+
   /** A fresh "#blockNNN" name for a node the user did not name. */
   implicitName(): string {
     return `#block${this.implicitSeq++}`;
@@ -127,14 +144,15 @@ export class BlockGraph {
   }
 
   /** A protocol node: the file must exist (QEMU opens it at once). */
-  addFile(name: string | undefined, filename: string, opts: { discard?: boolean; readOnly?: boolean } = {}): FileNode {
+  addFile(name: string | undefined, filename: string, opts: { discard?: boolean; readOnly?: boolean; detectZeroes?: DetectZeroes; noFlush?: boolean } = {}): FileNode {
     const checked = this.checkNewName(name);
     try {
       fs.accessSync(filename);
     } catch (e) {
       throw new QmpError(`Could not open '${filename}': ${errnoText((e as NodeJS.ErrnoException).code)}`);
     }
-    const n: FileNode = { kind: 'file', name: checked, filename, discard: !!opts.discard, readOnly: !!opts.readOnly };
+    const n: FileNode = { kind: 'file', name: checked, filename, discard: !!opts.discard, readOnly: !!opts.readOnly,
+      detectZeroes: opts.detectZeroes ?? 'off', noFlush: !!opts.noFlush, writeThreshold: 0 };
     this.nodes.set(n.name, n);
     return n;
   }
@@ -144,7 +162,12 @@ export class BlockGraph {
    * the chain named in the header (implicit nodes), null opens no backing, a name attaches that node.
    */
   async addFormat(opts: { name: string | undefined; format: ImageFormat | 'auto'; file: string; fileIsNode: boolean;
-    backing?: string | null; readOnly?: boolean; discard?: boolean; cache?: CacheSizeOptions }): Promise<FormatNode> {
+    backing?: string | null; readOnly?: boolean; discard?: boolean; cache?: CacheSizeOptions;
+    detectZeroes?: DetectZeroes; noFlush?: boolean;
+    /** An inline file's own cache.no-flush (else it inherits the format node's, as QEMU's child options). */
+    fileNoFlush?: boolean;
+    /** An inline file's own detect-zeroes (shown in listings; not inherited). */
+    fileDetectZeroes?: DetectZeroes; }): Promise<FormatNode> {
     const name = this.checkNewName(opts.name);
     try {
       if (opts.cache) checkCacheOptions(opts.cache);
@@ -152,22 +175,28 @@ export class BlockGraph {
       throw new QmpError(e instanceof Error ? e.message : String(e));
     }
     let filename = opts.file, fileNode: string | null = null, discard = !!opts.discard;
+    const noFlush = !!opts.noFlush;
+    // What the file's flushes do: the protocol node's own option (an implicit one inherits).
+    let storageNoFlush = opts.fileNoFlush ?? noFlush;
     if (opts.fileIsNode) {
       const f = this.node(opts.file);
       if (f.kind !== 'file') throw new QmpError(`Node '${opts.file}' is not a protocol node`);
       filename = f.filename;
       fileNode = f.name;
       discard ||= f.discard;
+      storageNoFlush = f.noFlush;
     }
+    const own = (d: number): NodeWriteOptions => ({ detectZeroes: d === 0 ? opts.detectZeroes ?? 'off' : 'off', noFlush, writeThreshold: 0 });
     const format = opts.format === 'auto' ? undefined : opts.format;
     try {
       // Nodes enter the graph as QEMU creates them: each protocol node just before its format
       // node, a backing node after its overlay (listings show the newest first).
       const added: BlockNode[] = [];
-      const withFile = (n: FormatNode, explicitFile: string | null): FormatNode => {
+      const withFile = (n: FormatNode, explicitFile: string | null, fileNoFlush: boolean, fileDetectZeroes: DetectZeroes = 'off'): FormatNode => {
         if (explicitFile) n.fileNode = explicitFile;
         else {
-          const f: FileNode = { kind: 'file', name: this.implicitName(), filename: n.filename, discard: false, readOnly: n.driver.readOnly, implicit: true };
+          const f: FileNode = { kind: 'file', name: this.implicitName(), filename: n.filename, discard: false, readOnly: n.driver.readOnly, implicit: true,
+            detectZeroes: fileDetectZeroes, noFlush: fileNoFlush, writeThreshold: 0 };
           n.fileNode = f.name;
           added.push(f);
         }
@@ -176,20 +205,22 @@ export class BlockGraph {
       };
       let top: FormatNode;
       if (opts.backing === undefined) {
-        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES });
+        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush });
         // The top becomes the named node, the rest implicit read-only nodes.
         const layers = chain.layers.map((l, d): FormatNode => ({
           kind: 'format', name: d === 0 ? name : '', format: l.driver.format, driver: l.driver,
           filename: l.filename, fileNode: null, backing: null, autoBacking: chain.layers[d + 1]?.filename ?? l.driver.backingFile ?? '', implicit: d > 0, discard: d === 0 && discard, cache: d === 0 ? opts.cache : undefined,
+          ...own(d),
         }));
         layers.forEach((n, d) => {
           n.backing = layers[d + 1] ?? null;
           if (d > 0) n.name = this.implicitName();
-          withFile(n, d === 0 ? fileNode : null);
+          // Backing nodes and their files inherit the cache options (QEMU's bdrv_backing_options).
+          withFile(n, d === 0 ? fileNode : null, d === 0 ? storageNoFlush : noFlush, d === 0 ? opts.fileDetectZeroes : 'off');
         });
         top = layers[0];
       } else {
-        const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES });
+        const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush });
         // QEMU opens the image first, then its backing child (bdrv_open_backing_file's prefix on failure).
         let below: FormatNode | null = null;
         if (typeof opts.backing === 'string') {
@@ -200,10 +231,11 @@ export class BlockGraph {
             throw new QmpError(`Could not open backing file: ${(e as Error).message}`);
           }
         }
-        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, autoBacking: img.driver.backingFile ?? '', implicit: false, discard, cache: opts.cache }, fileNode);
+        top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, autoBacking: img.driver.backingFile ?? '', implicit: false, discard, cache: opts.cache, ...own(0) }, fileNode, storageNoFlush, opts.fileDetectZeroes);
       }
       for (const n of added) this.nodes.set(n.name, n);
       this.changed();
+      for (const n of added) if (n.kind === 'format') this.onDriver(n);
       return top;
     } catch (e) {
       if (e instanceof ImageError) throw new QmpError(e.message);
@@ -284,7 +316,9 @@ export class BlockGraph {
     const old = node.driver;
     await old.flush();
     await old.close();
-    const open = (ro: boolean) => openImage(node.filename, { format: node.format, readOnly: ro, log: this.log, lock: 'none', cache: node.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES });
+    const f = node.fileNode === null ? undefined : this.nodes.get(node.fileNode);
+    const noFlush = f?.kind === 'file' ? f.noFlush : node.noFlush;
+    const open = (ro: boolean) => openImage(node.filename, { format: node.format, readOnly: ro, log: this.log, lock: 'none', cache: node.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush });
     let next, failure: unknown = null;
     try {
       next = await open(readOnly);
@@ -295,6 +329,7 @@ export class BlockGraph {
     node.driver = next.driver;
     // Copy-before-write hooks, write watchers and the write gate follow the node, not the handle.
     moveWriteHooks(old, next.driver);
+    this.onDriver(node);
     this.changed();
     const st = next.driver.storage;
     if (st instanceof FileStorage) st.lock(next.driver.readOnly ? 'read' : 'write');

@@ -11,7 +11,7 @@
 import fs from 'node:fs';
 import { imageInfo } from '../cli/img/info.js';
 import type { BitmapRegistry } from './bitmaps.js';
-import type { BlockGraph, BlockNode, FileNode, FilterNode, FormatNode } from './graph.js';
+import type { BlockGraph, BlockNode, FileNode, FilterNode, FormatNode, NodeWriteOptions } from './graph.js';
 import { shownNames } from './node-filename.js';
 
 const SECTOR = 512;
@@ -23,10 +23,10 @@ type Shown = (n: BlockNode) => string;
  * The fields every entry has, around the node-specific ones (`extra`: backing_file, then
  * dirty-bitmaps), in the order QEMU's QDict prints them (hash order, not QAPI member order).
  */
-function entry(image: Info, ro: boolean, name: string, drv: string, file: string, depth = 0, extra: Info = {}, detectZeroes = 'off'): Info {
+function entry(image: Info, ro: boolean, name: string, drv: string, file: string, depth = 0, extra: Info = {}, w: NodeWriteOptions): Info {
   return {
-    iops_rd: 0, detect_zeroes: detectZeroes, image, iops_wr: 0, ro, 'node-name': name, backing_file_depth: depth, drv, iops: 0, bps_wr: 0,
-    write_threshold: 0, ...extra, encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': false, direct: false, writeback: true }, file,
+    iops_rd: 0, detect_zeroes: w.detectZeroes, image, iops_wr: 0, ro, 'node-name': name, backing_file_depth: depth, drv, iops: 0, bps_wr: 0,
+    write_threshold: w.writeThreshold, ...extra, encrypted: false, bps: 0, bps_rd: 0, cache: { 'no-flush': w.noFlush, direct: false, writeback: true }, file,
   };
 }
 
@@ -45,7 +45,7 @@ async function fileEntry(graph: BlockGraph, n: FileNode): Promise<Info> {
   const image = { 'virtual-size': virtual, filename: n.filename, format: 'file', 'actual-size': allocated, 'dirty-flag': false };
   // An implicit protocol node is opened (and reopened) in its format node's mode; a named one keeps its own.
   const ro = n.implicit && user ? user.driver.readOnly : n.readOnly;
-  return entry(image, ro, n.name, 'file', n.filename);
+  return entry(image, ro, n.name, 'file', n.filename, 0, {}, n);
 }
 
 /**
@@ -108,7 +108,7 @@ async function formatEntry(graph: BlockGraph, n: FormatNode, bitmaps: BitmapRegi
   const anonymous = graph.jobBitmaps.filter((b) => b.node === n).reverse().map((b) => b.info());
   const dirty = [...anonymous, ...await bitmaps.info(n)];
   if (dirty.length) extra['dirty-bitmaps'] = dirty;
-  return entry(await chainImage(n, flat, shown, below), n.driver.readOnly, n.name, n.format, shown(n), flat ? 0 : depthBelow(n, below), extra, n.detectZeroesUnmap ? 'unmap' : 'off');
+  return entry(await chainImage(n, flat, shown, below), n.driver.readOnly, n.name, n.format, shown(n), flat ? 0 : depthBelow(n, below), extra, n);
 }
 
 /** A job's filter node: no backing_file (a filter has no backing file name of its own). */
@@ -116,7 +116,7 @@ async function filterEntry(f: FilterNode, flat: boolean, shown: Shown, below: Be
   const extra: Info = {};
   const dirty = f.bitmaps?.() ?? [];
   if (dirty.length) extra['dirty-bitmaps'] = dirty;
-  return entry(await chainImage(f, flat, shown, below), f.readOnly, f.name, f.drv, shown(f), flat ? 0 : depthBelow(f, below), extra);
+  return entry(await chainImage(f, flat, shown, below), f.readOnly, f.name, f.drv, shown(f), flat ? 0 : depthBelow(f, below), extra, f);
 }
 
 /** The listing; `flat` as the command's argument (default false). */

@@ -38,7 +38,8 @@ export function checkFilterName(graph: BlockGraph, name: string | undefined, pre
 /** Put the job's filter over `child`; it leaves the graph when the job concludes. */
 export function attachFilter(graph: BlockGraph, job: Job, drv: FilterDriver, child: FormatNode, name: string | undefined,
   opts: { readOnly?: boolean; bitmaps?: () => Array<Record<string, unknown>> } = {}): FilterNode {
-  const f: FilterNode = { kind: 'filter', name: name ?? graph.implicitName(), drv, child, implicit: name === undefined, readOnly: !!opts.readOnly, bitmaps: opts.bitmaps };
+  const f: FilterNode = { kind: 'filter', name: name ?? graph.implicitName(), drv, child, implicit: name === undefined, readOnly: !!opts.readOnly, bitmaps: opts.bitmaps,
+    detectZeroes: 'off', noFlush: false, writeThreshold: 0 };
   graph.addFilter(f);
   job.filter = f;
   job.ended.push(() => {

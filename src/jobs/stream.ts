@@ -9,6 +9,7 @@ import type { BlockGraph, FormatNode } from '../daemon/graph.js';
 import { setBackingLink } from './backing-link.js';
 import { writeGate } from '../chain/chain.js';
 import { tagged, type JobIoError } from './errors.js';
+import { copyOnReadWrite, copyOnReadZeroes } from '../daemon/node-io.js';
 
 export interface StreamPlan {
   top: FormatNode;
@@ -69,11 +70,12 @@ async function streamChunk(graph: BlockGraph, p: StreamPlan, off: number, n: num
       if (own.kind !== 'unallocated') continue;
       for (const x of await chain.statusFrom(1, own.offset, own.length)) {
         if (x.depth >= baseDepth || x.kind === 'unallocated') continue;
-        if (x.kind === 'zero') await top.writeZeroes(x.offset, x.length);
+        // QEMU's copy-on-read: below the top's request checks, zero buffers written as zeroes.
+        if (x.kind === 'zero') await copyOnReadZeroes(top, x.offset, x.length);
         else {
           const b = buf.subarray(0, x.length);
           await chain.readFrom(1, b, x.offset);
-          await top.write(b, x.offset);
+          await copyOnReadWrite(top, b, x.offset);
         }
         copied += x.length;
       }

@@ -6,7 +6,7 @@
  * are sector (512-byte) granular, relative to the chunk start, as qemu-img computes them.
  */
 import type { Chain } from '../chain/chain.js';
-import { isZero } from './copy.js';
+import { isZeroRange } from '../util/zero.js';
 import { BLOCK_ALLOCATED, BLOCK_ZERO, StatusCursor } from './status.js';
 
 /** qemu-img's IO_BUF_SIZE: the largest chunk compared at once. */
@@ -84,12 +84,12 @@ function firstDifferingSector(a: Buffer, b: Buffer): number {
 
 /** find_nonzero: the first sector boundary whose sector holds a non-zero byte. */
 function firstNonZeroSector(b: Buffer): number {
-  if (isZero(b, 0, b.length)) return -1;
+  if (isZeroRange(b, 0, b.length)) return -1;
   const step = 64 * 1024;
   for (let p = 0; p < b.length; p += step) {
     const q = Math.min(b.length, p + step);
-    if (isZero(b, p, q)) continue;
-    for (let s = p; s < q; s += SECTOR) if (!isZero(b, s, Math.min(q, s + SECTOR))) return s;
+    if (isZeroRange(b, p, q)) continue;
+    for (let s = p; s < q; s += SECTOR) if (!isZeroRange(b, s, Math.min(q, s + SECTOR))) return s;
   }
   return -1;
 }

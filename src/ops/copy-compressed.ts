@@ -11,7 +11,8 @@
 import type { Chain, ChainExtent } from '../chain/chain.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { prepareCompressed, reserveCompressed, type PreparedCompressed } from '../qcow2/compressed-write.js';
-import { isZero, type CopyOptions } from './copy.js';
+import type { CopyOptions } from './copy.js';
+import { isZeroRange } from '../util/zero.js';
 import { Turns } from './turns.js';
 
 type Kind = 'data' | 'zero' | 'unallocated';
@@ -162,7 +163,7 @@ export async function copyChainsCompressed(sources: Chain[], target: Qcow2Image,
           const preps: Array<Promise<void>> = [];
           for (let p = 0; p < j.length; p += cs) {
             const q = Math.min(j.length, p + cs);
-            if (sparse !== 0 && isZero(buf, p, q)) {
+            if (sparse !== 0 && isZeroRange(buf, p, q)) {
               if (runStart >= 0) preps.push(flushRun(p));
               zeros.push([j.offset + p, q - p]);
             } else if (runStart < 0) runStart = p;

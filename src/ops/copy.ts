@@ -7,6 +7,7 @@ import type { Chain, ChainExtent } from '../chain/chain.js';
 import type { BlockDriver } from '../image/driver.js';
 import { Turns } from './turns.js';
 import { Semaphore } from '../util/mutex.js';
+import { isZeroRange } from '../util/zero.js';
 
 export interface CopyOptions {
   /** Minimum run of zero bytes inside data to leave unwritten (qemu-img -S; 0 = write all data). */
@@ -36,21 +37,6 @@ interface Job {
   kind: 'data' | 'zero';
 }
 
-const ZEROS = Buffer.alloc(1024 * 1024);
-
-/**
- * Whether b[from, to) is all zero. Data almost always starts non-zero, so the first byte decides
- * most calls; otherwise a native compare against a zero buffer (no per-byte JS loop, no subarray).
- */
-export function isZero(b: Buffer, from: number, to: number): boolean {
-  if (from < to && b[from] !== 0) return false;
-  for (let p = from; p < to; p += ZEROS.length) {
-    const n = Math.min(ZEROS.length, to - p);
-    if (b.compare(ZEROS, 0, n, p, p + n) !== 0) return false;
-  }
-  return true;
-}
-
 /** Split a data buffer into runs to write, leaving zero runs of at least `sparse` bytes (aligned) out. */
 export function nonZeroRuns(b: Buffer, sparse: number): Array<[number, number]> {
   if (sparse <= 0) return [[0, b.length]];
@@ -58,7 +44,7 @@ export function nonZeroRuns(b: Buffer, sparse: number): Array<[number, number]> 
   let runStart = -1;
   for (let p = 0; p < b.length; p += sparse) {
     const q = Math.min(b.length, p + sparse);
-    if (isZero(b, p, q)) {
+    if (isZeroRange(b, p, q)) {
       if (runStart >= 0) {
         runs.push([runStart, p]);
         runStart = -1;

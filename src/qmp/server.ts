@@ -192,6 +192,17 @@ export function optInt(a: Args, key: string): number | undefined {
   return v;
 }
 
+/**
+ * A uint64 member: any JSON integer (QEMU takes a negative one as 2^64 + v; it is kept as given
+ * here, and shown so, as QEMU's int64 query fields show it), anything else refused with QEMU's text.
+ */
+export function uint64(a: Args, key: string): number {
+  const v = a[key];
+  if (v === undefined) throw new CommandError(`Parameter '${key}' is missing`);
+  if (typeof v !== 'number' || !Number.isInteger(v)) throw new CommandError(`Parameter '${key}' expects uint64`);
+  return v;
+}
+
 /** Refuse members a command does not declare, as QEMU's generated visitors do. */
 export function onlyArgs(a: Args, allowed: readonly string[]): Args {
   for (const k of Object.keys(a)) if (!allowed.includes(k)) throw new CommandError(`Parameter '${k}' is unexpected`);

@@ -129,6 +129,10 @@ export class FileStorage implements Storage {
   /** The same for small writes (see SLOW_WRITE_MS). */
   private readonly writeGate = new SyncGate(SLOW_WRITE_MS);
 
+  /** The end past which a write calls `onAbove` (Infinity: not armed; one compare per write). */
+  private writeLimit = Infinity;
+  private onAbove: ((end: number) => void) | null = null;
+
   /** Set when writes of one event-loop turn are coalesced (see WriteBatcher). */
   private readonly batcher: WriteBatcher | null;
 
@@ -210,6 +214,7 @@ export class FileStorage implements Storage {
     if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
     // Past 2^53 no file system of a real installation holds data (ext4: 16 TiB): EFBIG, as pwrite.
     if (!Number.isSafeInteger(offset + buf.length)) throw new StorageError(`${this.name}: ${errnoText('EFBIG')}`, 'EFBIG');
+    if (offset + buf.length > this.writeLimit) this.above(offset + buf.length);
     if (this.batcher) return this.batcher.write(buf, offset);
     return this.writeNow(buf, offset);
   }
@@ -232,6 +237,11 @@ export class FileStorage implements Storage {
 
   async writev(bufs: Buffer[], offset: number): Promise<void> {
     if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+    if (this.writeLimit !== Infinity) {
+      let end = offset;
+      for (const b of bufs) end += b.length;
+      if (end > this.writeLimit) this.above(end);
+    }
     return this.writevNow(bufs, offset);
   }
 
@@ -259,6 +269,8 @@ export class FileStorage implements Storage {
     if (!nfs) return undefined;
     return async (offset: number, length: number): Promise<void> => {
       if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
+      // The request as made counts, even the part past the end of the file.
+      if (offset + length > this.writeLimit) this.above(offset + length);
       const end = Math.min(offset + length, await this.size());
       if (end <= offset) return;
       try {
@@ -267,6 +279,19 @@ export class FileStorage implements Storage {
         throw wrap(this.name, e);
       }
     };
+  }
+
+  watchWritesAbove(limit: number, fn: ((end: number) => void) | null): void {
+    this.writeLimit = fn ? limit : Infinity;
+    this.onAbove = fn;
+  }
+
+  /** A write ends past the armed limit: disarm, then tell the watcher. */
+  private above(end: number): void {
+    const fn = this.onAbove;
+    this.writeLimit = Infinity;
+    this.onAbove = null;
+    fn?.(end);
   }
 
   get seekData(): ((offset: number) => number) | undefined {

@@ -34,6 +34,12 @@ export interface Storage {
    */
   seekData?(offset: number): number;
   seekHole?(offset: number): number;
+  /**
+   * Call `fn` once, with the request's end, for the first write (data, vector, hole punch) that
+   * ends past `limit`; then disarm. `fn` null disarms. Optional (the daemon's write threshold on
+   * a protocol node).
+   */
+  watchWritesAbove?(limit: number, fn: ((end: number) => void) | null): void;
   /** Bytes actually allocated on the host (st_blocks*512 for files). */
   allocatedSize(): Promise<number>;
   close(): Promise<void>;

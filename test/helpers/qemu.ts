@@ -11,7 +11,8 @@ import { fileURLToPath } from 'node:url';
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const QCHAIN = path.join(ROOT, 'bin/qchain.js');
 
-function which(cmd: string): string | null {
+/** The path of `cmd` on PATH, or null. */
+export function which(cmd: string): string | null {
   for (const dir of (process.env.PATH ?? '').split(':')) {
     const p = path.join(dir, cmd);
     try {

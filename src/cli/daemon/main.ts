@@ -20,8 +20,9 @@ const HELP = `Usage: qchain daemon [options]
 A storage daemon in the role of qemu-storage-daemon: it holds images open, exports them over NBD
 and takes QMP commands.
 
-  --blockdev driver=file,node-name=N,filename=F[,discard=unmap]
+  --blockdev driver=file,node-name=N,filename=F[,discard=unmap][,cache.no-flush=on]
   --blockdev driver=qcow2|raw,node-name=N,file=FILENODE[,backing=NODE|backing=][,read-only=on]
+             [,detect-zeroes=on|unmap][,cache.no-flush=on]
              (backing= with nothing after it: no backing, deprecated as in QEMU)
              qcow2 caches: [,l2-cache-size=SIZE][,refcount-cache-size=SIZE][,cache-size=SIZE]
              (QEMU's rules; L2 cache default 16M per node here, QEMU's is 32M)
@@ -76,12 +77,13 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
     for (const b of opts.blockdevs) {
       await at(b.where, async () => {
         for (const w of b.warnings) log(`${PROG}: ${located(b.where, w)}`);
-        if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', { discard: b.discard, readOnly: b.readOnly });
+        if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', { discard: b.discard, readOnly: b.readOnly, detectZeroes: b.detectZeroes, noFlush: b.noFlush });
         else {
           if (b.file === undefined && b.filename === undefined) throw new CliError("Parameter 'file' is missing");
           await daemon.graph.addFormat({
             name: b.nodeName, format: formatArg(b.driver), file: b.file ?? (b.filename as string), fileIsNode: b.file !== undefined,
             backing: b.backing, readOnly: b.readOnly, discard: b.discard, cache: b.cache,
+            detectZeroes: b.detectZeroes, noFlush: b.noFlush, fileNoFlush: b.fileNoFlush, fileDetectZeroes: b.fileDetectZeroes,
           });
         }
       });

@@ -6,7 +6,8 @@
 import { UsageError } from '../util/errors.js';
 import { qemuStrtosz } from '../util/options.js';
 import { collectCacheOptions, type CacheSizeOptions } from '../../qcow2/cache-sizes.js';
-import { backingRef, checkBlockdevNames, checkBlockdevSupport } from '../../daemon/blockdev-options.js';
+import { backingRef, checkBlockdevNames, checkBlockdevSupport, nodeWriteOptions } from '../../daemon/blockdev-options.js';
+import type { DetectZeroes } from '../../daemon/graph.js';
 
 export function parseKeyval(s: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -44,6 +45,9 @@ export interface BlockdevSpec {
   warnings: string[];
   /** The option as written ('--blockdev driver=...'), which QEMU's messages about it start with; '' for the short form. */
   where: string;
+  detectZeroes: DetectZeroes; noFlush: boolean;
+  /** An inline file's (file.cache.no-flush, file.detect-zeroes), when given. */
+  fileNoFlush?: boolean; fileDetectZeroes?: DetectZeroes;
 }
 export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[]; where: string }
 export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
@@ -77,8 +81,11 @@ function discardOpt(v: string | undefined): boolean {
   throw new UsageError(`Invalid discard option '${v}'`);
 }
 
-/** blockdev-add's name and support checks on a --blockdev's keys (nested by their dots; on/off as booleans). */
-function blockdevChecks(kv: Map<string, string>): void {
+/**
+ * blockdev-add's name and support checks on a --blockdev's keys (nested by their dots; on/off as
+ * booleans); the options as blockdev-add's arguments.
+ */
+function blockdevChecks(kv: Map<string, string>): Record<string, unknown> {
   const root: Record<string, unknown> = {};
   for (const [k, v] of kv) {
     const parts = k.split('.');
@@ -95,6 +102,7 @@ function blockdevChecks(kv: Map<string, string>): void {
   } catch (e) {
     throw new UsageError(e instanceof Error ? e.message : String(e));
   }
+  return root;
 }
 
 /** The qcow2 cache options among a --blockdev's keys (sizes with QEMU's k/M/G suffixes). */
@@ -157,7 +165,9 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
       switch (flag) {
         case '--blockdev': {
           const kv = parseKeyval(value());
-          blockdevChecks(kv);
+          const root = blockdevChecks(kv);
+          const { detectZeroes, noFlush } = nodeWriteOptions(root);
+          const inlineFile = root.file && typeof root.file === 'object' ? nodeWriteOptions(root.file as Record<string, unknown>) : undefined;
           const driver = kv.get('driver');
           const nodeName = kv.get('node-name');
           if (!driver) throw new UsageError("Parameter 'driver' is missing");
@@ -165,7 +175,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
           const warnings: string[] = [];
           // backing=NAME names a node (also 'null'); backing= (empty) is no backing, deprecated.
           const backing = qmpCheck(() => backingRef([...kv.keys()].some((k) => k.startsWith('backing.')) ? {} : kv.get('backing'), (w) => warnings.push(w)));
-          o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), warnings, where });
+          o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inlineFile?.noFlushGiven, fileDetectZeroes: inlineFile?.detectZeroes, warnings, where });
           break;
         }
         case '--nbd-server': o.nbdServers.push({ addr: addr(parseKeyval(value())), where }); break;
@@ -227,7 +237,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
   }
   if (positional.length > 1) throw new UsageError('Expecting one image file name');
   if (positional.length === 1) {
-    o.blockdevs.push({ driver: 'auto', nodeName: 'disk0', filename: positional[0], readOnly: !shortWritable, discard: true, warnings: [], where: '' });
+    o.blockdevs.push({ driver: 'auto', nodeName: 'disk0', filename: positional[0], readOnly: !shortWritable, discard: true, detectZeroes: 'off', noFlush: false, warnings: [], where: '' });
     if (shortNbd) o.nbdServers.push({ addr: shortNbd, where: '' });
     o.exports.push({ id: 'export0', nodeName: 'disk0', name: shortName, writable: shortWritable, allocationDepth: true, bitmaps: [], where: '' });
   } else if (shortNbd) {
