@@ -83,7 +83,7 @@ const during = (filter: string | null, nodes: string[], backup: boolean): Step =
   await x('query-jobs');
   for (const n of [...nodes, ...(filter ? [filter] : [])]) await x('blockdev-del', { 'node-name': n });
   // Not during a backup: QEMU starts a stream or a second backup of a backup's source (the
-  // backup blocks its filter, not the source); qchain refuses the stream.
+  // backup blocks its filter, not the source); job-limits-live.test.ts runs those.
   if (!backup) await x('block-stream', { 'job-id': 'k', device: 'top' });
   await x('blockdev-mirror', { 'job-id': 'k', device: 'top', target: 'tgt', sync: 'full' });
   if (!backup) await x('blockdev-backup', { 'job-id': 'k', device: 'top', target: 'tgt', sync: 'full' });

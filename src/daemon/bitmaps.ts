@@ -12,9 +12,20 @@ import { BitmapError, type MemBitmap } from '../qcow2/bitmaps.js';
 import { watchWrites } from '../chain/chain.js';
 import { CommandError } from '../qmp/server.js';
 
+let lastSeq = 0;
+/**
+ * Creation order across a node's named bitmaps and the jobs' anonymous ones (QEMU keeps one
+ * list per node, newest first).
+ */
+export function nextBitmapSeq(): number {
+  return ++lastSeq;
+}
+
 export class NodeBitmap {
   /** In use by a job or an export. */
   busy = false;
+  /** When it joined the node's list (see nextBitmapSeq); 0 for those loaded with the image. */
+  seq = nextBitmapSeq();
   /** During a backup: the bitmap as it was at the job's start (what the job copies). */
   frozen: DirtyBitmap | null = null;
   private ownEnabled: boolean;
@@ -54,12 +65,16 @@ export class NodeBitmap {
   /** Dirty bytes (whole granules), as bdrv_get_dirty_count. */
   count(): number {
     if (this.inconsistent) return 0;
-    const d = this.frozen ?? this.data;
-    return d.dirtyRanges().reduce((a, [off, len]) => {
-      const first = Math.floor(off / this.granularity), end = Math.ceil((off + len) / this.granularity);
-      return a + (end - first) * this.granularity;
-    }, 0);
+    return dirtyBytes(this.frozen ?? this.data, this.granularity);
   }
+}
+
+/** The bytes of the whole granules a bitmap marks (bdrv_get_dirty_count). */
+export function dirtyBytes(d: DirtyBitmap, granularity: number): number {
+  return d.dirtyRanges().reduce((a, [off, len]) => {
+    const first = Math.floor(off / granularity), end = Math.ceil((off + len) / granularity);
+    return a + (end - first) * granularity;
+  }, 0);
 }
 
 /** bdrv_dirty_bitmap_check's flags. */
@@ -121,7 +136,10 @@ export class BitmapRegistry {
       d.bitmaps.nodeName = node.name;
       for (const m of d.bitmaps.list()) {
         if (!m.inconsistent && !m.data) m.data = await d.bitmaps.content(m);
-        l.unshift(new NodeBitmap(m.name, 2 ** m.granularityBits, true, m, null, m.enabled));
+        const b = new NodeBitmap(m.name, 2 ** m.granularityBits, true, m, null, m.enabled);
+        // Loaded at the node's open in QEMU, however late qchain reads them.
+        b.seq = 0;
+        l.unshift(b);
       }
     }
     this.lists.set(node, l);
@@ -134,14 +152,13 @@ export class BitmapRegistry {
     return l;
   }
 
-  /** The bitmap becomes the node's newest (a backup's successor takes its place: bdrv_dirty_bitmap_abdicate). */
-  toFront(node: FormatNode, b: NodeBitmap): void {
-    const l = this.lists.get(node);
-    const i = l ? l.indexOf(b) : -1;
-    if (l && i > 0) {
-      l.splice(i, 1);
-      l.unshift(b);
-    }
+  /**
+   * A backup's successor takes the bitmap's place (bdrv_dirty_bitmap_abdicate): the bitmap now
+   * dates from the successor's creation (`seq`), among the node's bitmaps newest first.
+   */
+  takeSuccessorPlace(node: FormatNode, b: NodeBitmap, seq: number): void {
+    b.seq = seq;
+    this.lists.get(node)?.sort((x, y) => y.seq - x.seq);
   }
 
   /** A bitmap of a node (block_dirty_bitmap_lookup). */

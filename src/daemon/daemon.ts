@@ -2,7 +2,7 @@
  * The storage daemon: the block graph, the NBD server and its exports, and the QMP commands
  * that change them. Front ends (the `qchain daemon` command line, QMP) call into this.
  */
-import { BlockGraph, QmpError, formatArg, type BlockNode, type FormatNode } from './graph.js';
+import { BlockGraph, QmpError, formatArg, type BlockNode, type FilterNode, type FormatNode, nextGraphSeq } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { CommandError, VERSION, onlyArgs, optBool, optStr, str, uint64, type Args, type Handler } from '../qmp/server.js';
 import { namedNodes } from './named-nodes.js';
@@ -13,6 +13,8 @@ import type { Job } from '../jobs/job.js';
 import type { JobGroup } from '../jobs/group.js';
 import { Drain } from './drain.js';
 import { quiesce } from './shutdown.js';
+import { mirrorArgTypes } from '../jobs/mirror-args.js';
+import { filterNamed } from '../jobs/filter-use.js';
 import { drainAllJobs, drainSection, drains, exportCloseDrains } from './job-drain.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { blockResize } from './resize.js';
@@ -38,6 +40,10 @@ export interface ExportEntry {
   bitmaps?: string[];
   /** The bitmaps held busy by the export. */
   held?: NodeBitmap[];
+  /** Added on a job's filter node (it serves the filter's child, shown as the filter while it lasts). */
+  on?: FilterNode;
+  /** When it was added (nextGraphSeq): a filter put over its node later is shown as its node. */
+  seq?: number;
 }
 
 export class Daemon {
@@ -81,6 +87,13 @@ export class Daemon {
     if (this.exports.has(e.id)) throw new QmpError(`Block export id '${e.id}' is already in use`);
     // blk_exp_add looks the node up by node name only.
     if (!this.graph.nodes.has(e.nodeName)) throw new QmpError(`Cannot find device='' nor node-name='${e.nodeName}'`);
+    // A job's filter reads through to its child (and guest writes reach the child's chain, where
+    // the job intercepts them): the export serves the child, and shows the filter while it lasts.
+    const filter = filterNamed(this.graph, e.nodeName);
+    if (filter) {
+      if (e.writable && filter.readOnly) throw new QmpError('Cannot export read-only node as writable');
+      e = { ...e, nodeName: filter.child.name, on: filter };
+    }
     const node = this.graph.formatNode(e.nodeName);
     if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
@@ -99,7 +112,7 @@ export class Daemon {
     }
     for (const b of held) b.busy = true;
     const drain = new Drain();
-    this.exports.set(e.id, { ...e, drain, held });
+    this.exports.set(e.id, { ...e, drain, held, seq: nextGraphSeq() });
     const entry = this.exports.get(e.id) as ExportEntry;
     this.nbd.addExport({
       enter: () => drain.enter(),
@@ -109,6 +122,22 @@ export class Daemon {
       chain: () => this.graph.chain(this.graph.formatNode(entry.nodeName)),
       bitmaps: views,
     });
+  }
+
+  /**
+   * The node query-block-exports names: QEMU puts a job's filter over a node in place of it for
+   * all its parents, exports included, and drops it onto its child when the job ends. So an
+   * export shows the filter it was added on while that lasts, else the oldest filter put over
+   * its node after it was added, else its node.
+   */
+  exportShownNode(e: ExportEntry): string {
+    if (e.on && this.graph.nodes.get(e.on.name) === e.on) return e.on.name;
+    let shown: FilterNode | null = null;
+    for (const n of this.graph.nodes.values()) {
+      if (n.kind !== 'filter' || n.child.name !== e.nodeName || (n.seq ?? 0) <= (e.seq ?? 0)) continue;
+      if (!shown || (n.seq ?? 0) < (shown.seq ?? 0)) shown = n;
+    }
+    return shown?.name ?? e.nodeName;
   }
 
   deleteExport(id: string): void {
@@ -187,7 +216,7 @@ export class Daemon {
     const device = optStr(a, 'device'), nodeName = optStr(a, 'node-name');
     const ref = nodeName ?? device;
     if (!ref) throw new QmpError('Cannot find device= nor node_name=');
-    const node = this.graph.formatNode(ref);
+    const node = this.jobs.node(ref, 'snapshot');
     this.snapshotPrepare(node);
     const file = str(a, 'snapshot-file');
     const overlayName = optStr(a, 'snapshot-node-name');
@@ -252,7 +281,7 @@ export class Daemon {
   }
 
   snapshot(a: Args): { node: FormatNode; overlay: FormatNode } {
-    const node = this.graph.formatNode(str(a, 'node'));
+    const node = this.jobs.node(str(a, 'node'), 'snapshot');
     this.snapshotPrepare(node);
     const overlay = this.graph.formatNode(str(a, 'overlay'));
     this.checkNoOverlay(node);
@@ -360,7 +389,8 @@ export class Daemon {
     c.set('query-version', () => VERSION);
     // QSD has no named block backends (no guest devices): query-block always lists none.
     c.set('query-block', (a) => (onlyArgs(a, []), []));
-    c.set('query-block-exports', () => [...this.exports.values()].map((e) => ({ 'node-name': e.nodeName, 'shutting-down': false, type: 'nbd', id: e.id })));
+    // Newest first, as QEMU keeps its export list.
+    c.set('query-block-exports', () => [...this.exports.values()].reverse().map((e) => ({ 'node-name': this.exportShownNode(e), 'shutting-down': false, type: 'nbd', id: e.id })));
     c.set('query-named-block-nodes', (a) => namedNodes(this.graph, this.bitmaps, optBool(onlyArgs(a, ['flat']), 'flat', false)));
     c.set('blockdev-add', (a) => this.blockdevAdd(a));
     c.set('block-set-write-threshold', (a) => {
@@ -407,6 +437,7 @@ export class Daemon {
     c.set('drive-mirror', (a) => {
       // QEMU 7.2's drive-mirror has no filter-node-name (its filter is always implicit).
       if (a['filter-node-name'] !== undefined) throw new CommandError("Parameter 'filter-node-name' is unexpected");
+      mirrorArgTypes(a);
       this.jobs.mirrorSource(a);
       return this.driveJob(a, (x, t) => {
         // The target is the job's: QEMU frees it with its last reference once the job is gone

@@ -97,6 +97,14 @@ export interface FilterNode extends NodeWriteOptions {
   readOnly: boolean;
   /** Anonymous dirty bitmaps the filter's driver keeps (copy-before-write), newest first. */
   bitmaps?: () => Array<Record<string, unknown>>;
+  /** When it entered the graph (nextGraphSeq): exports older than it show it as their node. */
+  seq?: number;
+}
+
+let graphSeq = 0;
+/** Order of filters entering the graph and exports being added (see FilterNode.seq). */
+export function nextGraphSeq(): number {
+  return ++graphSeq;
 }
 
 export type FilterDriver = 'mirror_top' | 'commit_top' | 'copy-on-read' | 'copy-before-write';
@@ -378,9 +386,10 @@ export class BlockGraph {
 
   /**
    * Anonymous dirty bitmaps jobs keep on format nodes while they run (a mirror's dirty bitmap, a
-   * backup's copy bitmap), oldest first; listings show them before the node's own bitmaps.
+   * backup's copy bitmap and successor), oldest first; listings place them among the node's own
+   * bitmaps by creation (`seq`, see nextBitmapSeq).
    */
-  readonly jobBitmaps: Array<{ node: FormatNode; info: () => Record<string, unknown> }> = [];
+  readonly jobBitmaps: Array<{ node: FormatNode; seq: number; info: () => Record<string, unknown> }> = [];
 
   /** A job's filter enters the graph (the newest node). */
   addFilter(f: FilterNode): void {

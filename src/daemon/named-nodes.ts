@@ -52,12 +52,25 @@ async function fileEntry(graph: BlockGraph, n: FileNode): Promise<Info> {
  * The node listed below a format node: its backing node, or the commit_top filter a running
  * intermediate commit put over that node (QEMU inserts it between the top and its overlay).
  */
-type Below = (n: FormatNode) => FormatNode | FilterNode | null;
+type Below = (n: FormatNode | FilterNode) => FormatNode | FilterNode | null;
+
+/**
+ * The node listed under a filter: filters put over the same node stack, each newer one between
+ * the older ones and the node (QEMU inserts a filter between a node and all its parents).
+ */
+function underFilter(graph: BlockGraph, f: FilterNode): FormatNode | FilterNode {
+  let next: FilterNode | null = null;
+  for (const x of graph.nodes.values()) {
+    if (x.kind !== 'filter' || x === f || x.child !== f.child || (x.seq ?? 0) <= (f.seq ?? 0)) continue;
+    if (!next || (x.seq ?? 0) < (next.seq ?? 0)) next = x;
+  }
+  return next ?? f.child;
+}
 
 function belowOf(graph: BlockGraph): Below {
   const between = new Map<FormatNode, FilterNode>();
   for (const x of graph.nodes.values()) if (x.kind === 'filter' && x.drv === 'commit_top') between.set(x.child, x);
-  return (n) => (n.backing ? between.get(n.backing) ?? n.backing : null);
+  return (n) => (n.kind === 'filter' ? underFilter(graph, n) : n.backing ? between.get(n.backing) ?? n.backing : null);
 }
 
 /**
@@ -85,7 +98,7 @@ async function filterImage(f: FilterNode, shown: Shown): Promise<Info> {
 async function chainImage(n: FormatNode | FilterNode, flat: boolean, shown: Shown, below: Below): Promise<Info> {
   if (n.kind === 'filter') {
     const image = await filterImage(n, shown);
-    return flat ? image : { 'backing-image': await chainImage(n.child, false, shown, below), ...image };
+    return flat ? image : { 'backing-image': await chainImage(below(n) ?? n.child, false, shown, below), ...image };
   }
   // The backing fields are resolved against the real file name; the shown one may be json:{...}.
   const image = { ...await imageInfo(n.driver, n.filename), filename: shown(n) };
@@ -96,7 +109,7 @@ async function chainImage(n: FormatNode | FilterNode, flat: boolean, shown: Show
 /** How many nodes lie below `n` (QEMU's backing_file_depth in a non-flat listing). */
 function depthBelow(n: FormatNode | FilterNode, below: Below): number {
   let d = 0;
-  for (let b = n.kind === 'filter' ? n.child : below(n); b; b = b.kind === 'filter' ? b.child : below(b)) d++;
+  for (let b = below(n); b; b = below(b)) d++;
   return d;
 }
 
@@ -104,9 +117,10 @@ async function formatEntry(graph: BlockGraph, n: FormatNode, bitmaps: BitmapRegi
   const extra: Info = {};
   // The node attached below, not the header's string (which the image info reports).
   if (n.backing) extra.backing_file = shown(n.backing);
-  // Running jobs' anonymous bitmaps are the newest (QEMU lists a node's bitmaps newest first).
-  const anonymous = graph.jobBitmaps.filter((b) => b.node === n).reverse().map((b) => b.info());
-  const dirty = [...anonymous, ...await bitmaps.info(n)];
+  // Running jobs' anonymous bitmaps among the named ones, newest first (QEMU's one list per node).
+  const named = await bitmaps.list(n), infos = await bitmaps.info(n);
+  const dirty = [...graph.jobBitmaps.filter((b) => b.node === n).map((b) => ({ seq: b.seq, info: b.info() })),
+    ...named.map((b, i) => ({ seq: b.seq, info: infos[i] }))].sort((a, b) => b.seq - a.seq).map((x) => x.info);
   if (dirty.length) extra['dirty-bitmaps'] = dirty;
   return entry(await chainImage(n, flat, shown, below), n.driver.readOnly, n.name, n.format, shown(n), flat ? 0 : depthBelow(n, below), extra, n);
 }

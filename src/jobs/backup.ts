@@ -39,7 +39,7 @@ export interface Backup {
   pending: Uint8Array;
   /** Bytes the job has to copy (its len). */
   len: number;
-  /** For listings (QEMU's anonymous bitmaps): what is left to copy, what was to copy at the start, what copy-before-write copied. */
+  /** For listings (QEMU's anonymous bitmaps): what is left to copy, the filter's access bitmap (the whole disk), the granules guest writes reached. */
   copyBytes: () => number;
   accessBytes: number;
   cbwBytes: () => number;
@@ -96,13 +96,16 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
     if (job) job.offset = progress;
     return copied;
   };
-  /** Granules copy-before-write copied for guest writes (QEMU's done_bitmap). */
-  let cbwCopied = 0;
+  /** Granules guest writes have reached, copied first where still to copy (QEMU's done_bitmap, set for every write). */
+  const done = new Uint8Array(n);
+  let doneCount = 0;
   const cbw = beforeWrites(p.source.driver, async (offset, length) => {
     for (let i = Math.floor(offset / G); i < Math.min(n, Math.ceil((offset + length) / G)); i++) {
-      if (!pending[i]) continue;
-      await copyGranule(i);
-      cbwCopied++;
+      if (pending[i]) await copyGranule(i);
+      if (!done[i]) {
+        done[i] = 1;
+        doneCount++;
+      }
     }
   });
   const work = async (j: Job): Promise<void> => {
@@ -143,5 +146,6 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
     }
   };
   const count = (): number => pending.reduce((a, x) => a + x, 0) * G;
-  return { work, pending, len, copyBytes: count, accessBytes: count(), cbwBytes: () => cbwCopied * G };
+  // The access bitmap covers the whole disk (only discards through the filter would clear it).
+  return { work, pending, len, copyBytes: count, accessBytes: n * G, cbwBytes: () => doneCount * G };
 }

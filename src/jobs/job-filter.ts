@@ -5,8 +5,9 @@
  * `filter-node-name`, else implicitly ("#blockNNN"). The node is for listings and the graph's
  * refusals only: its I/O is the job's existing write interception on the filtered node.
  */
-import { QmpError, checkUserNodeName, type BlockGraph, type FilterDriver, type FilterNode, type FormatNode } from '../daemon/graph.js';
+import { QmpError, checkUserNodeName, nextGraphSeq, type BlockGraph, type FilterDriver, type FilterNode, type FormatNode } from '../daemon/graph.js';
 import type { Job } from './job.js';
+import { nextBitmapSeq } from '../daemon/bitmaps.js';
 
 /**
  * The filter a job puts over `child`. `late`: its name is checked once the job
@@ -39,7 +40,7 @@ export function checkFilterName(graph: BlockGraph, name: string | undefined, pre
 export function attachFilter(graph: BlockGraph, job: Job, drv: FilterDriver, child: FormatNode, name: string | undefined,
   opts: { readOnly?: boolean; bitmaps?: () => Array<Record<string, unknown>> } = {}): FilterNode {
   const f: FilterNode = { kind: 'filter', name: name ?? graph.implicitName(), drv, child, implicit: name === undefined, readOnly: !!opts.readOnly, bitmaps: opts.bitmaps,
-    detectZeroes: 'off', noFlush: false, writeThreshold: 0 };
+    seq: nextGraphSeq(), detectZeroes: 'off', noFlush: false, writeThreshold: 0 };
   graph.addFilter(f);
   job.filter = f;
   job.ended.push(() => {
@@ -52,15 +53,16 @@ export function attachFilter(graph: BlockGraph, job: Job, drv: FilterDriver, chi
 /**
  * An anonymous dirty bitmap the job keeps on `node` (QEMU's BdrvDirtyInfo without a name), listed
  * until the job concludes: `recording` as QEMU's (a mirror's records writes, a backup's copy
- * bitmap is disabled), `count` the dirty bytes it holds.
+ * bitmap is disabled), `count` the dirty bytes it holds. Its place among the node's bitmaps.
  */
-export function attachJobBitmap(graph: BlockGraph, job: Job, node: FormatNode, recording: boolean, granularity: number, count: () => number): void {
-  const b = { node, info: () => anonymousBitmap(recording, granularity, count()) };
+export function attachJobBitmap(graph: BlockGraph, job: Job, node: FormatNode, recording: boolean, granularity: number, count: () => number): number {
+  const b = { node, seq: nextBitmapSeq(), info: () => anonymousBitmap(recording, granularity, count()) };
   graph.jobBitmaps.push(b);
   job.ended.push(() => {
     const i = graph.jobBitmaps.indexOf(b);
     if (i >= 0) graph.jobBitmaps.splice(i, 1);
   });
+  return b.seq;
 }
 
 /** A BlockDirtyInfo without a name, members in QEMU's order. */

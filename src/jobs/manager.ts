@@ -7,11 +7,12 @@ import { streamWork } from './stream.js';
 import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
 import { mirrorStart } from './mirror-init.js';
+import { mirrorArgTypes, mirrorGranularity } from './mirror-args.js';
 import { verbCommands } from './verbs.js';
 import { drainAllJobs, drainSection, drains } from '../daemon/job-drain.js';
 import { BACKUP_GRANULE, backupWork, type Backup } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
-import { ALLOW_RO, DEFAULT, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
+import { ALLOW_RO, DEFAULT, dirtyBytes, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
 import { optBool, optInt, optStr, str, type Args, type Handler } from '../qmp/server.js';
 import { onErrorArg, type OnError } from './errors.js';
@@ -22,6 +23,7 @@ import { combinePath, plainBackingName } from '../chain/resolve.js';
 import { isFormat } from '../chain/open.js';
 import { anonymousBitmap, attachFilter, attachJobBitmap, checkFilterName, dropFilter, type FilterPlan } from './job-filter.js';
 import { delRefusal } from './job-holds.js';
+import { filterNamed, jobNode, refuseFilterUse, type FilterUse } from './filter-use.js';
 
 /** What jobs need from the daemon: draining a node's exports and moving them (pivot). */
 export interface JobHost {
@@ -140,6 +142,11 @@ export class JobManager {
     const byName = optStr(a, nodeKey), byFile = optStr(a, key);
     if (byName !== undefined && byFile !== undefined) throw new QmpError(`'${key}' and '${nodeKey}' cannot be specified at the same time`);
     if (byName !== undefined) {
+      const f = filterNamed(this.graph, byName);
+      // A job's filter is in the chain only as an intermediate commit's commit_top, whose job holds the top.
+      const holder = f?.drv === 'commit_top' ? this.jobOn(top.name) : undefined;
+      if (holder) throw new QmpError(`Node '${top.name}' is busy: block device is in use by block job: ${holder.type}`);
+      if (f) throw new QmpError(nodeScope === 'chain' ? `'${byName}' is not in this backing file chain` : `Node '${byName}' is not a backing image of '${top.name}'`);
       const n = this.graph.formatNode(byName);
       const chain = this.chainNodes(top);
       if (nodeScope === 'chain' && !chain.includes(n)) throw new QmpError(`'${byName}' is not in this backing file chain`);
@@ -154,14 +161,21 @@ export class JobManager {
     return undefined;
   }
 
+  /** The format node a job command names (a job's filter gets QEMU's refusal for `use`). */
+  node(name: string, use: FilterUse): FormatNode {
+    return jobNode(this.graph, this.jobs.values(), name, use);
+  }
+
   async stream(a: Args): Promise<void> {
-    const top = this.graph.formatNode(str(a, 'device'));
+    const top = this.node(str(a, 'device'), 'stream');
     const base = this.findBelow(top, a, 'base', 'base-node') ?? null;
     if (!base && optStr(a, 'backing-file') !== undefined) throw new QmpError('backing file specified, but streaming the entire chain');
     const layers = this.chainNodes(top);
     const between = layers.slice(0, base ? layers.indexOf(base) : layers.length).map((n) => n.name);
+    this.checkStreamFilters(layers, base);
     const onError = onErrorArg(a, 'on-error');
-    const job = this.common(a, top, 'stream', between, [onError, onError], undefined, { drv: 'copy-on-read', child: top, prefixed: true });
+    // A backup of the top itself does not stop a stream (QEMU blocks the backup's filter, above the top).
+    const job = this.common(a, top, 'stream', between, [onError, onError], top.name, { drv: 'copy-on-read', child: top, prefixed: true });
     // QEMU's stream_start reopens a read-only top read-write before block-stream returns; it is
     // read-only again once the job has ended, however it ended (stream_clean).
     const topWasReadOnly = await this.writableForJob(job, top);
@@ -180,11 +194,24 @@ export class JobManager {
     }, () => void sealTop());
   }
 
+  /**
+   * qmp_block_stream walks from the top down to the base through filters: a backup's
+   * copy-before-write filter above a lower layer (or above the base) is met, and refused, before
+   * that layer (the newest filter first, as it sits highest).
+   */
+  private checkStreamFilters(layers: FormatNode[], base: FormatNode | null): void {
+    const end = base ? layers.indexOf(base) : layers.length - 1;
+    for (let i = 1; i <= end; i++) {
+      const j = [...this.jobs.values()].reverse().find((x) => x.filter && x.filterOn === layers[i].name && x.status !== 'concluded' && x.status !== 'null');
+      if (j?.filter) throw new QmpError(`Node '${j.filter.name}' is busy: block device is in use by block job: ${j.type}`);
+    }
+  }
+
   async commit(a: Args): Promise<void> {
     const name = str(a, 'device');
     // qmp_block_commit's own lookup and error class.
     if (!this.graph.nodes.has(name)) throw new QmpError(`Device '${name}' not found`, 'DeviceNotFound');
-    const device = this.graph.formatNode(name);
+    const device = this.node(name, 'commit');
     // A node under a job has the job as a parent in QEMU's graph: not a root node either.
     if (this.graph.parentsOf(device).some((p) => p.backing === device) || this.jobOn(device.name) || this.filterOn(device.name)) throw new QmpError('Need a root block node');
     const layers = this.chainNodes(device);
@@ -285,13 +312,15 @@ export class JobManager {
   mirror(a: Args, target: FormatNode, backing: 'leave' | 'source' | 'open' = 'leave'): void {
     const device = this.mirrorSource(a);
     const sync = str(a, 'sync');
-    if (!['full', 'top', 'none'].includes(sync)) throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
+    // blockdev_mirror_common: the granularity, then the op blockers (the source's and the
+    // target's jobs, the target's overlay: a mirror may not write into a backing node), then
+    // mirror_start_job's buffer size and node checks.
+    const granularity = mirrorGranularity(a);
+    this.checkNodes('mirror', device, [device.name, target.name]);
+    const overlay = this.graph.parentsOf(target).find((p) => p.backing === target);
+    if (overlay) throw new QmpError(`Node '${target.name}' is busy: node is used as backing hd of '${overlay.name}'`);
+    if ((optInt(a, 'buf-size') ?? 0) < 0) throw new QmpError("Invalid parameter 'buf-size'");
     if (target === device) throw new QmpError("Can't mirror node into itself");
-    if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
-    const granularity = optInt(a, 'granularity');
-    if (granularity !== undefined && (granularity < 512 || granularity > 64 * 1024 * 1024 || (granularity & (granularity - 1)) !== 0)) {
-      throw new QmpError('Granularity must be a power of 2 between 512 and 64M');
-    }
     const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')], undefined, { drv: 'mirror_top', child: device });
     const { work, prepare, dirtyBytes, granularity: g } = mirrorWork(this.graph, {
       source: device, target, granularity,
@@ -307,7 +336,11 @@ export class JobManager {
       },
     });
     attachJobBitmap(this.graph, job, device, true, g, dirtyBytes);
-    job.start(work, prepare);
+    // QEMU's mirror_run compares the sizes once the job runs: the job fails, nothing is copied.
+    job.start(async (j) => {
+      if (target.driver.size !== device.driver.size) throw new Error('Source and target image have different sizes');
+      await work(j);
+    }, prepare);
   }
 
   /**
@@ -316,7 +349,7 @@ export class JobManager {
    * mirror's target, which the job holds through a block backend), is no root.
    */
   mirrorSource(a: Args): FormatNode {
-    const device = this.graph.formatNode(str(a, 'device'));
+    const device = this.node(str(a, 'device'), 'mirror-source');
     const held = this.delRefusal(device.name);
     if (this.graph.parentsOf(device).some((p) => p.backing === device) || (held !== null && held !== 'in use')) throw new QmpError('Need a root block node');
     return device;
@@ -335,6 +368,12 @@ export class JobManager {
     target.backing = b;
   }
 
+  /** blockdev-backup's target (a filter as the device is refused first, as qmp_blockdev_backup looks both up before it checks them). */
+  backupTarget(a: Args): FormatNode {
+    refuseFilterUse(this.graph, this.jobs.values(), str(a, 'device'), 'backup-source');
+    return this.node(str(a, 'target'), 'backup-target');
+  }
+
   /** blockdev-backup / drive-backup: check everything, then start at once. */
   async backup(a: Args, target: FormatNode): Promise<void> {
     (await this.prepareBackup(a, target))();
@@ -345,7 +384,7 @@ export class JobManager {
    * it (a transaction starts it at commit). sync=incremental is sync=bitmap with on-success.
    */
   async prepareBackup(a: Args, target: FormatNode): Promise<() => Job> {
-    const device = this.graph.formatNode(str(a, 'device'));
+    const device = this.node(str(a, 'device'), 'backup-source');
     let sync = str(a, 'sync');
     const bitmapName = optStr(a, 'bitmap');
     let mode = optStr(a, 'bitmap-mode');
@@ -369,9 +408,11 @@ export class JobManager {
       throw new QmpError('Cannot specify bitmap sync mode without a bitmap');
     }
     if (target === device) throw new QmpError("Can't back up node into itself");
+    // backup_job_create: the op blockers (busy nodes) before the sizes.
+    this.checkNodes('backup', device, [device.name, target.name]);
     if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
     if (bm && mode !== 'never') this.host.bitmaps.check(device, bm, DEFAULT);
-    this.checkFree(a, device, [device.name, target.name]);
+    this.checkFree(a, device, target);
     const bitmap = bm, bitmapMode = mode;
     return () => {
       const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')], undefined, { drv: 'copy-before-write', child: device, prefixed: true });
@@ -393,12 +434,16 @@ export class JobManager {
       const frozen = bitmap.data;
       bitmap.frozen = frozen;
       bitmap.data = new DirtyBitmap(frozen.size, frozen.granularityBits, frozen.chunkBytes);
+      // QEMU lists the successor as an anonymous bitmap on the source until the job ends, just
+      // below the job's copy bitmap (created after it).
+      const fresh = bitmap.data;
+      const successorSeq = attachJobBitmap(this.graph, job, device, bitmap.enabled, bitmap.granularity, () => dirtyBytes(fresh, bitmap.granularity));
       const b = backupWork(this.graph, { source: device, target, depth, bitmap: sync === 'bitmap' ? frozen : undefined });
       listed(b);
       const end = (ok: boolean): void => {
         const successor = bitmap.data;
         // Synced: the bitmap becomes the successor (what was written meanwhile); otherwise it keeps everything.
-        if ((ok || bitmapMode === 'always') && bitmapMode !== 'never') this.host.bitmaps.toFront(device, bitmap);
+        if ((ok || bitmapMode === 'always') && bitmapMode !== 'never') this.host.bitmaps.takeSuccessorPlace(device, bitmap, successorSeq);
         else successor.merge(frozen);
         if (!ok && bitmapMode === 'always') {
           for (let i = 0; i < b.pending.length; i++) if (b.pending[i]) successor.set(i * BACKUP_GRANULE, BACKUP_GRANULE);
@@ -412,9 +457,17 @@ export class JobManager {
   }
 
   /** The checks common() makes, without creating the job. */
-  private checkFree(a: Args, device: FormatNode, nodes: string[]): void {
-    this.checkNodes('backup', device, nodes);
-    checkFilterName(this.graph, optStr(a, 'filter-node-name'), true);
+  private checkFree(a: Args, device: FormatNode, target: FormatNode): void {
+    this.checkNodes('backup', device, [device.name, target.name]);
+    const filterName = optStr(a, 'filter-node-name');
+    checkFilterName(this.graph, filterName, true);
+    // The filter takes write on its target child: refused where the target is the backing of an
+    // overlay that a backup reads from (its copy-before-write filter unshares write down the
+    // chain). Without such a backup QEMU 7.2 lets a backup write into a backing node.
+    const overlay = this.graph.parentsOf(target).find((p) => p.backing === target);
+    if (overlay && this.filterOn(overlay.name)?.type === 'backup') {
+      throw new QmpError(`Could not create node: Permission conflict on node '${target.name}': permissions 'write' are both required by node '${filterName ?? this.graph.implicitName()}' (uses node '${target.name}' as 'target' child) and unshared by node '${overlay.name}' (uses node '${target.name}' as 'backing' child).`);
+    }
     const id = this.jobId(a);
     if (this.jobs.has(id)) throw new QmpError(`Job ID '${id}' already in use`);
     const speed = optInt(a, 'speed') ?? 0;
@@ -501,14 +554,15 @@ export class JobManager {
       ...verbCommands(this.jobs),
     ];
     out.push(['blockdev-mirror', (a) => {
+      mirrorArgTypes(a);
       this.mirrorSource(a);
-      return this.mirror(a, this.graph.formatNode(str(a, 'target')));
+      return this.mirror(a, this.node(str(a, 'target'), 'mirror-target'));
     }]);
     // A one-action transaction in QEMU: all jobs are drained first.
     out.push(['blockdev-backup', (a) => {
-      const target = str(a, 'target');
+      const target = this.backupTarget(a);
       drainAllJobs([...this.jobs.values()]);
-      return this.backup(a, this.graph.formatNode(target));
+      return this.backup(a, target);
     }]);
     return out;
   }

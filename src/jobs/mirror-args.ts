@@ -1,0 +1,28 @@
+/**
+ * blockdev-mirror / drive-mirror arguments QEMU 7.2 checks in its generated visitor (before any
+ * node is looked up, in schema order: sync, then granularity) and in blockdev_mirror_common.
+ */
+import { QmpError } from '../daemon/graph.js';
+import type { Args } from '../qmp/server.js';
+
+const SYNC = ['full', 'top', 'none'];
+
+/** The visitor's checks: sync's enum, granularity's type (uint32). */
+export function mirrorArgTypes(a: Args): void {
+  const sync = a.sync;
+  if (typeof sync === 'string' && !SYNC.includes(sync)) throw new QmpError(`Parameter 'sync' does not accept value '${sync}'`);
+  const g = a.granularity;
+  if (g === undefined) return;
+  if (typeof g !== 'number' || !Number.isInteger(g)) throw new QmpError("Parameter 'granularity' expects uint64");
+  if (g < 0 || g > 0xffffffff) throw new QmpError("Parameter 'granularity' expects uint32_t");
+}
+
+/** blockdev_mirror_common's checks: the granularity asked for (0 or absent: the default), or undefined. */
+export function mirrorGranularity(a: Args): number | undefined {
+  mirrorArgTypes(a);
+  const g = a.granularity as number | undefined;
+  if (!g) return undefined;
+  if (g < 512 || g > 64 * 1024 * 1024) throw new QmpError("Parameter 'granularity' expects a value in range [512B, 64MB]");
+  if (g & (g - 1)) throw new QmpError("Parameter 'granularity' expects a power of 2");
+  return g;
+}
