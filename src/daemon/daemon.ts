@@ -177,7 +177,7 @@ export class Daemon {
       const n = [...this.graph.nodes.values()].find((x): x is FormatNode => x.kind === 'format' && !!x.unowned &&
         this.userOf(x) === null && !this.jobs.filterOn(x.name) && this.graph.parentsOf(x).length === 0);
       if (!n) return;
-      await this.graph.drop(n);
+      await this.graph.drop(n, (b) => this.userOf(b) !== null || !!this.jobs.filterOn(b.name));
     }
   }
 

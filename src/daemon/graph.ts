@@ -402,11 +402,13 @@ export class BlockGraph {
   }
 
   /** Close and take out a format node nobody uses, with the implicit backing nodes it leaves unused. */
-  async drop(n: FormatNode): Promise<void> {
+  async drop(n: FormatNode, inUse: (b: FormatNode) => boolean = () => false): Promise<void> {
     this.forget(n);
     await n.driver.flush().catch(() => {});
     await n.driver.close();
-    for (let b = n.backing; b && b.implicit && this.parentsOf(b).length === 0; b = b.backing) {
+    // Its implicit backing nodes go with it unless something else holds them (another node, or
+    // an export a pivot moved onto one: QEMU's block backend keeps its node alive).
+    for (let b = n.backing; b && b.implicit && this.parentsOf(b).length === 0 && !inUse(b); b = b.backing) {
       this.forget(b);
       await b.driver.close();
     }
