@@ -81,8 +81,10 @@ export function writeGate(d: BlockDriver): RangeLock {
 
 export interface Layer {
   driver: BlockDriver;
-  /** The file name as opened (the overlay-relative join, as QEMU shows it). */
+  /** The file name as opened (the overlay-relative join, as QEMU shows it; a json: description's file). */
   filename: string;
+  /** The layer below was given by a json: description (or none by `"backing": null`), not by the header. */
+  backingOverridden?: boolean;
 }
 
 /** A run of guest bytes, resolved through the chain. */

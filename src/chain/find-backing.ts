@@ -2,7 +2,10 @@
  * QEMU's bdrv_find_backing_image: which layer of an opened chain a user-given name designates.
  * For each layer from the top, the name is made absolute against that layer's directory and
  * compared (after realpath) with the layer's own backing file name resolved the same way; the
- * match is that layer's backing file. Names with a protocol prefix are compared as strings.
+ * match is that layer's backing file. Names with a protocol prefix are compared as strings. A
+ * layer whose backing was overridden (a json: description) is matched by its backing layer's
+ * file name only, as it is (QEMU compares with the node's filename; a backing that is itself
+ * overridden would show a json: name, which is not matched here).
  */
 import fs from 'node:fs';
 import type { Chain } from './chain.js';
@@ -22,6 +25,11 @@ function realpath(p: string): string | null {
 export function findBackingImage(chain: Chain, name: string): number | null {
   for (let d = 0; d + 1 < chain.depth; d++) {
     const cur = chain.layers[d];
+    if (cur.backingOverridden) {
+      const below = chain.layers[d + 1];
+      if (!below.backingOverridden && name === below.filename) return d + 1;
+      continue;
+    }
     const stored = cur.driver.backingFile;
     if (!stored) continue;
     if (hasProtocol(name) || hasProtocol(stored)) {

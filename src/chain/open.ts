@@ -20,6 +20,7 @@ import { MAX_CHAIN_DEPTH } from '../qcow2/constants.js';
 import { Chain, type Layer } from './chain.js';
 import type { CacheSizeOptions } from '../qcow2/cache-sizes.js';
 import { combinePath, plainBackingName } from './resolve.js';
+import { fileLeftoverError, isJsonName, leftoverError, nodeSpec, parseJsonName, qcow2CacheOptions, type FlatOptions, type NodeSpec } from './json-filename.js';
 
 export type ImageFormat = 'qcow2' | 'raw' | 'qcow';
 
@@ -129,19 +130,72 @@ function identity(file: string): string {
   }
 }
 
-/** Open `file` and (unless noBacking) its whole backing chain. */
+/** What a layer is opened from: a file name, or a `json:` description (its file name inside). */
+interface Source {
+  name: string;
+  spec?: NodeSpec;
+  format?: ImageFormat;
+  /** Named by a header (not by the caller): the directory gate and loop detection apply. */
+  implicit: boolean;
+  /** The name as the header stores it (loop errors). */
+  stored: string;
+}
+
+/** Open the image of a description: its file with its options, then its file options checked. */
+async function openSpec(spec: NodeSpec, o: ImageOpenOptions): Promise<BlockDriver> {
+  const readOnly = !!o.readOnly || !!spec.readOnly;
+  const lock: LockMode | undefined = spec.noLock ? 'none' : readOnly && o.lock === 'write' ? 'read' : o.lock;
+  const cache = qcow2CacheOptions(spec);
+  const { driver } = await openImage(spec.filename, { ...o, format: spec.driver as ImageFormat | undefined, readOnly, lock, cache: cache ?? o.cache });
+  const err = fileLeftoverError(spec);
+  if (err) {
+    await driver.close().catch(() => {});
+    throw err;
+  }
+  return driver;
+}
+
+/** The description of a `json:` name given by the caller (`-f` replaces its driver). */
+function topSource(file: string, opts: OpenOptions): Source {
+  if (!isJsonName(file)) return { name: file, format: opts.format, implicit: false, stored: file };
+  try {
+    const spec = nodeSpec(parseJsonName(file), { formatOverride: opts.format, noBacking: opts.noBacking });
+    return { name: spec.filename, spec, implicit: false, stored: file };
+  } catch (e) {
+    if (e instanceof ImageError) throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
+    throw e;
+  }
+}
+
+/**
+ * Open `file` and (unless noBacking) its whole backing chain. `file` may be a `json:{...}`
+ * description (see json-filename.ts), and so may the backing file names headers store: a
+ * described backing replaces the header's (or `"backing": null` drops it). Every file a header
+ * leads to, described or named, passes the directory gate and the loop check.
+ */
 export async function openChain(file: string, opts: OpenOptions = {}): Promise<Chain> {
   const maxDepth = opts.maxDepth ?? MAX_CHAIN_DEPTH;
   const lockFor = (readOnly: boolean): LockMode =>
     opts.noLock ? 'none' : readOnly ? (opts.forceShare ? 'shared' : 'read') : 'write';
   const layers: Layer[] = [];
+  /** Each layer's description and error prefix, for the left-over option check at the end. */
+  const specs: Array<{ spec?: NodeSpec; prefix: string; implicit?: boolean }> = [];
   const seen = new Set<string>();
+  let src: Source;
   try {
-    let top;
+    src = topSource(file, opts);
+    let top: BlockDriver;
     try {
-      top = await openImage(file, { format: opts.format, readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly), noFlush: opts.noFlush,
-        cache: opts.cache, defaultL2CacheBytes: opts.defaultL2CacheBytes });
+      const o: ImageOpenOptions = { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly), noFlush: opts.noFlush,
+        cache: opts.cache, defaultL2CacheBytes: opts.defaultL2CacheBytes };
+      top = src.spec ? await openSpec(src.spec, o) : (await openImage(file, { ...o, format: opts.format })).driver;
     } catch (e) {
+      if (src.spec && e instanceof ImageError) {
+        // A description's file is named once (its own error), its format errors not at all.
+        const own = `Could not open '${src.name}': `;
+        const msg = !e.errno && e.message.startsWith(own) ? e.message.slice(own.length) : e.message;
+        throw new ImageError(`Could not open '${file}': ${msg}`, e.errno);
+      }
       if (e instanceof ImageError && e.errno === 'ELOCKED') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
       if (e instanceof ImageError && e.errno === 'ENOTREG') throw new ImageError(`Could not open '${file}': ${e.message}`, e.errno);
       // qemu-img names the file twice when the file itself cannot be opened (the block layer and
@@ -152,45 +206,92 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
       }
       throw e;
     }
-    layers.push({ driver: top.driver, filename: file });
-    seen.add(identity(file));
+    layers.push({ driver: top, filename: src.name, backingOverridden: src.spec?.backing !== undefined });
+    specs.push({ spec: src.spec, prefix: '' });
+    seen.add(identity(src.name));
     let cur = layers[0];
+    let curSpec = src.spec;
     let prefix = '';
-    while (!opts.noBacking && cur.driver.backingFile) {
-      const stored = cur.driver.backingFile;
-      const name = combinePath(cur.filename, plainBackingName(stored));
-      prefix += 'Could not open backing file: ';
+    while (!opts.noBacking) {
+      const fail = (msg: string, errno?: string): never => { throw new ImageError(`Could not open '${file}': ${prefix}${msg}`, errno); };
+      let next: Source;
+      const explicit = curSpec?.backing;
+      if (explicit === null) break;
+      if (explicit !== undefined) {
+        // A described backing (the caller's, or one inside a description a header named).
+        if (cur.driver.format === 'raw') fail("Driver doesn't support backing files");
+        prefix += 'Could not open backing file: ';
+        if ('ref' in explicit) fail(`Cannot find device='${explicit.ref}' nor node-name='${explicit.ref}'`);
+        let spec: NodeSpec;
+        try {
+          spec = nodeSpec((explicit as { options: FlatOptions }).options, { defaultDriver: cur.driver.backingFormat ?? undefined });
+        } catch (e) {
+          if (e instanceof ImageError) fail(e.message, e.errno);
+          throw e;
+        }
+        next = { name: spec.filename, spec, implicit: !!specs[layers.length - 1].implicit, stored: spec.filename };
+      } else {
+        const stored = cur.driver.backingFile;
+        if (!stored) break;
+        prefix += 'Could not open backing file: ';
+        const fmtName = cur.driver.backingFormat;
+        if (isJsonName(stored)) {
+          // The header's backing format replaces the description's driver (QEMU joins the two, its own first).
+          let spec: NodeSpec;
+          try {
+            spec = nodeSpec(parseJsonName(stored), { formatOverride: fmtName ?? undefined });
+          } catch (e) {
+            if (e instanceof ImageError) fail(e.message, e.errno);
+            throw e;
+          }
+          next = { name: spec.filename, spec, implicit: true, stored };
+        } else {
+          next = { name: combinePath(cur.filename, plainBackingName(stored)), implicit: true, stored };
+        }
+        if (fmtName) {
+          if (!isFormat(fmtName)) fail(`Unknown driver '${fmtName}'`);
+          next.format = fmtName as ImageFormat;
+        }
+      }
       if (layers.length >= maxDepth) throw new ImageError(`Backing chain of '${file}' is deeper than ${maxDepth} images`);
+      const name = next.name;
       const id = identity(name);
-      if (seen.has(id)) throw new ImageError(`Backing file '${stored}' creates an infinite loop.`, 'ELOOP');
-      if (opts.allowBacking && !opts.allowBacking(path.resolve(name))) {
-        throw new ImageError(`Could not open '${file}': ${prefix}Refusing to open '${name}': outside the allowed directories`, 'EACCES');
+      if (next.implicit) {
+        if (seen.has(id)) throw new ImageError(`Backing file '${next.stored}' creates an infinite loop.`, 'ELOOP');
+        if (opts.allowBacking && !opts.allowBacking(path.resolve(name))) {
+          fail(`Refusing to open '${name}': outside the allowed directories`, 'EACCES');
+        }
       }
       seen.add(id);
-      const fmtName = cur.driver.backingFormat;
-      let format: ImageFormat | undefined;
-      if (fmtName) {
-        if (!isFormat(fmtName)) throw new ImageError(`Could not open '${file}': ${prefix}Unknown driver '${fmtName}'`);
-        format = fmtName;
-      }
-      let opened;
+      let opened: BlockDriver;
       try {
         const writable = !!opts.writableDepths?.has(layers.length);
         // Backing files inherit check mode (QEMU passes BDRV_O_CHECK down the chain).
-        opened = await openImage(name, { format, readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode, defaultL2CacheBytes: opts.defaultL2CacheBytes });
+        const o: ImageOpenOptions = { readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode, defaultL2CacheBytes: opts.defaultL2CacheBytes };
+        opened = next.spec ? await openSpec(next.spec, o) : (await openImage(name, { ...o, format: next.format })).driver;
       } catch (e) {
         if (e instanceof ImageError) {
           // A backing file's format errors are not named again (its file errors are).
           const own = `Could not open '${name}': `;
           const msg = !e.errno && e.message.startsWith(own) ? e.message.slice(own.length) : e.message;
-          throw new ImageError(`Could not open '${file}': ${prefix}${msg}`, e.errno);
+          fail(msg, e.errno);
         }
         throw e;
       }
-      const layer = { driver: opened.driver, filename: name };
+      const layer: Layer = { driver: opened, filename: name, backingOverridden: next.spec?.backing !== undefined };
       layers.push(layer);
+      specs.push({ spec: next.spec, prefix, implicit: next.implicit });
       cur = layer;
+      curSpec = next.spec;
     }
+    // Options nobody took are refused once the node and its backing are open, the deepest first.
+    for (let d = layers.length - 1; d >= 0; d--) {
+      const { spec, prefix: p } = specs[d];
+      const err = spec && leftoverError(spec, layers[d].driver.format);
+      if (err) throw new ImageError(`Could not open '${file}': ${p}${err.message}`);
+    }
+    // A description's read-only=on refuses a writer once the node is open (QEMU's permission check).
+    if (src.spec?.readOnly && !opts.readOnly) throw new ImageError(`Could not open '${file}': Block node is read-only`, 'EACCES');
   } catch (e) {
     for (const l of layers) await l.driver.close().catch(() => {});
     throw e;

@@ -21,6 +21,7 @@ import fs from 'node:fs';
 import { FileStorage } from '../storage/file.js';
 import { errnoText } from '../storage/storage.js';
 import { Drain } from './drain.js';
+import { shownNames } from './node-filename.js';
 
 export class QmpError extends Error {
   constructor(message: string, readonly errorClass = 'GenericError') {
@@ -212,6 +213,8 @@ export class BlockGraph {
         return n;
       };
       let top: FormatNode;
+      /** Header-opened chain layers, whose autoBacking is their backing node's shown name (set once the nodes are in). */
+      let chainLayers: Array<{ n: FormatNode; l: Layer }> = [];
       if (opts.backing === undefined) {
         const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush });
         // The top becomes the named node, the rest implicit read-only nodes.
@@ -220,6 +223,7 @@ export class BlockGraph {
           filename: l.filename, fileNode: null, backing: null, autoBacking: chain.layers[d + 1]?.filename ?? l.driver.backingFile ?? '', implicit: d > 0, discard: d === 0 && discard, cache: d === 0 ? opts.cache : undefined,
           ...own(d),
         }));
+        chainLayers = layers.map((n, d) => ({ n, l: chain.layers[d] }));
         layers.forEach((n, d) => {
           n.backing = layers[d + 1] ?? null;
           if (d > 0) n.name = this.implicitName();
@@ -242,6 +246,13 @@ export class BlockGraph {
         top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, autoBacking: img.driver.backingFile ?? '', implicit: false, discard, cache: opts.cache, ...own(0) }, fileNode, storageNoFlush, opts.fileDetectZeroes);
       }
       for (const n of added) this.nodes.set(n.name, n);
+      // QEMU's auto_backing_file: a backing opened from the header gives its overlay its own
+      // (refreshed) name; one a json: description gave in its place leaves the header's string,
+      // so that the overlay shows as overridden. Bottom up, as the names below come first.
+      for (let d = chainLayers.length - 1; d >= 0; d--) {
+        const { n, l } = chainLayers[d];
+        n.autoBacking = l.backingOverridden ? (l.driver.backingFile ?? '') : n.backing ? shownNames(this)(n.backing) : (l.driver.backingFile ?? '');
+      }
       this.changed();
       for (const n of added) if (n.kind === 'format') this.onDriver(n);
       return top;

@@ -19,7 +19,7 @@ import { onErrorArg, type OnError } from './errors.js';
 import { FileStorage } from '../storage/file.js';
 import { createQcow2 } from '../qcow2/create.js';
 import { findBackingImage } from '../chain/find-backing.js';
-import { combinePath, plainBackingName } from '../chain/resolve.js';
+import { backingOpenName } from '../chain/resolve.js';
 import { isFormat } from '../chain/open.js';
 import { anonymousBitmap, attachFilter, attachJobBitmap, checkFilterName, dropFilter, type FilterPlan } from './job-filter.js';
 import { delRefusal } from './job-holds.js';
@@ -362,7 +362,7 @@ export class JobManager {
     const fmt = target.driver.backingFormat;
     const b = await this.graph.addFormat({
       name: this.graph.implicitName(), format: fmt && isFormat(fmt) ? fmt : 'auto',
-      file: combinePath(target.filename, plainBackingName(name)), fileIsNode: false, readOnly: true,
+      file: backingOpenName(target.filename, name), fileIsNode: false, readOnly: true,
     });
     b.implicit = true;
     target.backing = b;

@@ -1,12 +1,11 @@
 /** `qemu-img create`: new qcow2 or raw images, with backing files and creation options. */
-import fs from 'node:fs';
 import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { accumulateOptions, escapeOptValue, hasHelpOption, parseOptString, parseSizeBig, parseOptionSize } from '../util/options.js';
 import { HELP, OBJECT, PROG, asCliError, formatArg, outputFormatArg, open, parseArgs } from './common.js';
 import { FileStorage } from '../../storage/file.js';
 import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2CreateOptions } from '../../qcow2/create.js';
-import { combinePath } from '../../chain/resolve.js';
+import { backingOpenName } from '../../chain/resolve.js';
 import { ImageError } from '../../image/errors.js';
 import { isFormat, type ImageFormat } from '../../chain/open.js';
 
@@ -119,20 +118,18 @@ export async function createMain(argv: string[], ctx: CliContext): Promise<numbe
   // The size defaults to the backing file's (which is then opened to validate it).
   const fail = (msg: string): never => { throw new CliError(`${file}: ${msg}`); };
   if (fmt === 'raw' && backingFile !== undefined) throw new CliError(`${file}: Backing file not supported for file format 'raw'`);
-  if (backingFile !== undefined && !kv.get('backing_fmt')) {
+  if (backingFile !== undefined && !kv.get('backing_fmt') && unsafe) {
     ctx.stderr.write(`${PROG}: ${file}: Backing file specified without backing format\n`);
-    // qemu-img 7.2 then names the format it would have detected (without a trailing newline).
-    const detected = await detectFormat(combinePath(file, backingFile));
-    if (detected) ctx.stderr.write(`Detected format of ${detected}.`);
     return 1;
   }
   if (backingFile !== undefined && !unsafe) {
-    const bpath = combinePath(file, backingFile);
-    const bfmtArg = kv.get('backing_fmt') as string;
+    // A json: description is opened as it is (its file names are relative to the current directory).
+    const bpath = backingOpenName(file, backingFile);
+    const bfmtArg = kv.get('backing_fmt');
     let chain;
     try {
-      if (!isFormat(bfmtArg)) throw new CliError(`Unknown driver '${bfmtArg}'`);
-      chain = await open(bpath, { format: bfmtArg, readOnly: true, singleFilePrefix: true }, ctx);
+      if (bfmtArg !== undefined && !isFormat(bfmtArg)) throw new CliError(`Unknown driver '${bfmtArg}'`);
+      chain = await open(bpath, { format: bfmtArg as ImageFormat | undefined, readOnly: true, singleFilePrefix: true }, ctx);
     } catch (e) {
       let msg = asCliError(e).message;
       // qemu-img names the file only for errors of the file itself, not of its format.
@@ -141,6 +138,13 @@ export async function createMain(argv: string[], ctx: CliContext): Promise<numbe
         msg = msg.slice(prefix.length);
       }
       ctx.stderr.write(`${PROG}: ${file}: ${msg}\nCould not open backing image.\n`);
+      return 1;
+    }
+    if (bfmtArg === undefined) {
+      // qemu-img 7.2 opens the backing file first, then names the format it detected (without a trailing newline).
+      const detected = chain.top.format;
+      await chain.close();
+      ctx.stderr.write(`${PROG}: ${file}: Backing file specified without backing format\nDetected format of ${detected}.`);
       return 1;
     }
     if (size === undefined) {
@@ -159,18 +163,6 @@ export async function createMain(argv: string[], ctx: CliContext): Promise<numbe
     throw new CliError(`${file}: ${asCliError(e).message}`);
   }
   return 0;
-}
-
-async function detectFormat(path: string): Promise<string | null> {
-  try {
-    const fd = fs.openSync(path, 'r');
-    const b = Buffer.alloc(4);
-    fs.readSync(fd, b, 0, 4, 0);
-    fs.closeSync(fd);
-    return b.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
-  } catch {
-    return null;
-  }
 }
 
 /**

@@ -10,7 +10,7 @@ import { QcowImage } from '../../qcow/image.js';
 import { AUTOCLEAR_DATA_FILE_RAW, INCOMPAT_DATA_FILE } from '../../qcow2/constants.js';
 import type { Snapshot } from '../../qcow2/snapshot-table.js';
 import type { BitmapInfo } from '../../qcow2/bitmaps.js';
-import { combinePath, fullBackingName, plainBackingName } from '../../chain/resolve.js';
+import { backingOpenName, fullBackingName } from '../../chain/resolve.js';
 import type { ImageFormat } from '../../chain/open.js';
 
 /** The ImageInfo object, keys in the order qemu-img 7.2 prints them. */
@@ -142,8 +142,10 @@ export async function infoMain(argv: string[], ctx: CliContext): Promise<number>
     const chain: Chain = await open(name, { format, readOnly: true, noBacking: true, noRepair: true, noIo: true, forceShare }, ctx);
     let next: string | null;
     let nextFormat: string | null;
+    // A json: description shows (and resolves names against) its file's name.
+    const shown = chain.layers[0].filename;
     try {
-      const info = await imageInfo(chain.top, name);
+      const info = await imageInfo(chain.top, shown);
       infos.push(info);
       texts.push(humanInfo(info, chain.top));
       next = chain.top.backingFile ?? null;
@@ -153,7 +155,7 @@ export async function infoMain(argv: string[], ctx: CliContext): Promise<number>
     }
     if (!chainMode || !next) break;
     try {
-      name = combinePath(name, plainBackingName(next));
+      name = backingOpenName(shown, next);
     } catch (e) {
       throw new CliError(`Could not open '${next}': ${asCliError(e).message}`);
     }

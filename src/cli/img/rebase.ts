@@ -7,7 +7,7 @@ import { QEMU_FORMATS, imageFormat, validCacheMode } from './chainops-common.js'
 import type { Chain } from '../../chain/chain.js';
 import { isFormat, openChain } from '../../chain/open.js';
 import { findBackingImage } from '../../chain/find-backing.js';
-import { combinePath } from '../../chain/resolve.js';
+import { backingOpenName } from '../../chain/resolve.js';
 import { ImageError } from '../../image/errors.js';
 import { changeBackingFile, rebaseCopy, type ChainView } from '../../ops/rebase.js';
 
@@ -49,7 +49,7 @@ export async function rebaseMain(argv: string[], ctx: CliContext): Promise<numbe
     if (!unsafe) {
       let next: ChainView | null = null;
       if (backing) {
-        const real = combinePath(file, backing);
+        const real = backingOpenName(file, backing);
         const depth = findBackingImage(chain, real);
         if (depth !== null) next = { chain, depth };
         else {
@@ -97,6 +97,8 @@ function newBackingError(e: unknown, real: string): string {
   const prefix = `Could not open '${real}': `;
   if (!msg.startsWith(prefix)) return msg;
   const rest = msg.slice(prefix.length);
+  // A json: description is not named (its file is, in its own error).
+  if (real.startsWith('json:')) return rest;
   const fileError = e instanceof ImageError && e.errno !== undefined && !rest.startsWith('Could not open backing file: ');
   return fileError ? msg : rest;
 }
