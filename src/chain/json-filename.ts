@@ -14,7 +14,7 @@
  */
 import { ImageError } from '../image/errors.js';
 import type { CacheSizeOptions } from '../qcow2/cache-sizes.js';
-import { qemuStrtosz } from '../cli/util/options.js';
+import { qemuStrtosz } from '../util/strtosz.js';
 import { JsonParseError, parseQemuJson, type JsonValue } from './qemu-json.js';
 
 /** Flattened options: dotted keys, scalars (or an empty object/list kept whole). */
