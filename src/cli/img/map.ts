@@ -39,10 +39,18 @@ function mergeable(a: MapEntry, b: MapEntry): boolean {
 /** Map entries for [start, start+length), chunked so memory stays bounded on huge images. */
 export async function* mapEntries(chain: Chain, start: number, length: number): AsyncGenerator<MapEntry> {
   const end = Math.min(chain.size, start + length);
-  const STEP = 1024 * 1024 * 1024;
+  // Status is asked 1 GiB at a time; while each answer is one run (an empty stretch of a huge
+  // sparse image) the step doubles, up to what 2^18 runs of the finest layer can cover, so the
+  // runs one answer can hold stay bounded.
+  const MIN_STEP = 1024 * 1024 * 1024;
+  const finest = Math.min(...chain.layers.map((l) => l.driver.granularity));
+  const maxStep = Math.max(MIN_STEP, finest * 2 ** 18);
+  let step = MIN_STEP;
   let pending: MapEntry | null = null;
-  for (let pos = start; pos < end; pos += STEP) {
-    for (const x of await chain.blockStatus(pos, Math.min(STEP, end - pos))) {
+  for (let pos = start; pos < end;) {
+    const len = Math.min(step, end - pos);
+    const xs = await chain.blockStatus(pos, len);
+    for (const x of xs) {
       const e = toEntry(x, chain);
       if (pending && mergeable(pending, e)) pending.length += e.length;
       else {
@@ -50,6 +58,8 @@ export async function* mapEntries(chain: Chain, start: number, length: number): 
         pending = e;
       }
     }
+    pos += len;
+    step = xs.length === 1 ? Math.min(maxStep, step * 2) : MIN_STEP;
   }
   if (pending) yield pending;
 }
