@@ -167,3 +167,42 @@ test('random writes and discards, -o cluster_size=512: same map as qemu-io -d un
   await img.close();
   await assertSameLayout(q, c);
 });
+
+/**
+ * preallocation=falloc/full, as qcow2_co_truncate: refcount structures covering all of the new
+ * area first (qcow2_refcount_area, exact size: a new table past the last used cluster), then
+ * the data area, then the L2 tables from the free cluster index (the old table's place first).
+ */
+test('preallocation=falloc/full, create and resize: same map and refcount table as qemu-img', oracle(), async () => {
+  const dir = scratch();
+  const creates: Array<[options: string, size: string]> = [
+    ['cluster_size=512,preallocation=falloc', '32M'],
+    ['cluster_size=512,refcount_bits=64,preallocation=full', '8M'],
+    ['cluster_size=4k,preallocation=falloc', '100M'],
+    ['preallocation=full', '3M'],
+  ];
+  for (const [options, size] of creates) {
+    const q = path.join(dir, 'q.qcow2'), c = path.join(dir, 'c.qcow2');
+    for (const f of [q, c]) fs.rmSync(f, { force: true });
+    assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, q, size])).code, 0);
+    const r = await qchain(['img', 'create', '-q', '-f', 'qcow2', '-o', options, c, size]);
+    assert.equal(r.code, 0, r.stderr);
+    await assertSameLayout(q, c);
+  }
+  const resizes: Array<[options: string, size: string, mode: string, newSize: string]> = [
+    ['cluster_size=512', '8M', 'falloc', '40M'],
+    ['cluster_size=4k', '999K', 'full', '3M'], // the old end inside a cluster
+    ['cluster_size=65536', '1M', 'falloc', '1056K'],
+  ];
+  for (const [options, size, mode, newSize] of resizes) {
+    const q = path.join(dir, 'rq.qcow2'), c = path.join(dir, 'rc.qcow2');
+    for (const f of [q, c]) fs.rmSync(f, { force: true });
+    assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', '-o', options, q, size])).code, 0);
+    assert.equal((await qemuIo(['-c', 'write -P 1 0 64k', q])).code, 0);
+    fs.copyFileSync(q, c);
+    assert.equal((await qemuImg(['resize', '-q', `--preallocation=${mode}`, q, newSize])).code, 0);
+    const r = await qchain(['img', 'resize', '-q', `--preallocation=${mode}`, c, newSize]);
+    assert.equal(r.code, 0, r.stderr);
+    await assertSameLayout(q, c);
+  }
+});

@@ -1089,6 +1089,8 @@ export class Qcow2Image implements BlockDriver {
    * allocated just before the data clusters it maps, as QEMU lays it out.
    */
   async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+    // falloc/full: qcow2_co_truncate's layout (refcount structures, then the data area, then L2 tables).
+    if (mode !== 'metadata' && (await (await import('./resize.js')).preallocateArea(this, 0, this.size, mode))) return;
     const cs = this.clusterSize;
     const total = Math.ceil(this.size / cs);
     let end = 0;

@@ -540,25 +540,35 @@ export class Refcounts {
     // Past the table: a new table and the blocks that describe it, from the start of the range
     // after both the counted cluster and the new block.
     const blocksUsed = Math.ceil(Math.max(cluster + 1, nb + 1) / this.perBlock);
-    await this.refcountArea(blocksUsed * this.perBlock, ti, bo);
+    await this.refcountArea(blocksUsed * this.perBlock, 0, false, ti, bo);
   }
 
   /**
-   * QEMU's qcow2_refcount_area (exact_size false, no additional clusters): from cluster `start`
-   * (past everything in use) new refcount blocks for the table indices from start's range up to
-   * the count qcow2_refcount_metadata_size gives, then a table 1.5 times that count (whole
-   * clusters), all counted in those blocks. The blocks reach the disk first, then the table,
-   * then the header names it; the old table is released last. Entry `newIndex` of the new table
-   * names the block at `newOffset` (already written).
+   * qcow2_refcount_area with exact_size (preallocation=falloc/full): a new table and the blocks
+   * that cover it and `additional` clusters after it, from cluster `start` (past everything in
+   * use). Returns the cluster after them, where the additional clusters may go.
    */
-  private async refcountArea(start: number, newIndex: number, newOffset: number): Promise<void> {
+  async preallocArea(start: number, additional: number): Promise<number> {
+    return this.eager(() => this.refcountArea(start, additional, true));
+  }
+
+  /**
+   * QEMU's qcow2_refcount_area: from cluster `start` (past everything in use) new refcount blocks
+   * for the table indices from start's range up to the count qcow2_refcount_metadata_size gives
+   * for them, their table and `additional` clusters, then the table (that count, or 1.5 times it
+   * without `exact`, in whole clusters), all counted in those blocks. The blocks reach the disk
+   * first, then the table, then the header names it; the old table is released last. Entry
+   * `newIndex` of the new table names the block at `newOffset` (already written) when given.
+   * Returns the cluster after the table.
+   */
+  private async refcountArea(start: number, additional: number, exact: boolean, newIndex = -1, newOffset = 0): Promise<number> {
     const cs = this.clusterSize, pb = this.perBlock;
     const maxEntries = 8 * 1024 * 1024; // QCOW_MAX_REFTABLE_SIZE, compared with entry counts as QEMU does
-    const total = refcountBlocksFor(start, cs, this.bits, true);
+    const total = refcountBlocksFor(start + additional, cs, this.bits, !exact);
     if (total > maxEntries) throw new ImageError('File too large', 'EFBIG');
     const areaIndex = Math.floor(start / pb);
     const perTableCluster = cs / 8;
-    const tableSize = Math.ceil((total + Math.ceil(total / 2)) / perTableCluster) * perTableCluster;
+    const tableSize = Math.ceil((exact ? total : total + Math.ceil(total / 2)) / perTableCluster) * perTableCluster;
     const tableClusters = (tableSize * 8) / cs;
     if (tableSize > maxEntries) throw new ImageError('File too large', 'EFBIG');
     let maxIndex = this.table.length - 1;
@@ -566,10 +576,10 @@ export class Refcounts {
     const newTable: number[] = new Array(tableSize).fill(0);
     const copy = tableSize > maxIndex ? maxIndex + 1 : tableSize;
     for (let i = 0; i < copy && i < this.table.length; i++) newTable[i] = this.table[i];
-    newTable[newIndex] = newOffset;
-    let additional = 0;
-    for (let i = areaIndex; i < total; i++) if (newTable[i] === 0) additional++;
-    const tableStart = start + additional;
+    if (newOffset) newTable[newIndex] = newOffset;
+    let newBlocks = 0;
+    for (let i = areaIndex; i < total; i++) if (newTable[i] === 0) newBlocks++;
+    const tableStart = start + newBlocks;
     const end = tableStart + tableClusters;
     let next = start;
     const fresh: Array<[number, Buffer]> = [];
@@ -623,6 +633,7 @@ export class Refcounts {
     await this.storage.flush();
     // Only after the header points at the new table (durably) is the old one released.
     await this.update(oldOffset / cs, oldClusters, -1);
+    return end;
   }
 
   /**
