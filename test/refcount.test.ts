@@ -86,11 +86,16 @@ test('1-bit refcounts: a second reference is an overflow, not a wrap to zero', a
 
 test('no refcount block is created for an update that cannot fit', async () => {
   const { storage, rc } = await layout(0);
-  // Table entry 2 has no block: a new one would count itself (1) at its first entry.
+  // Table entry 2 has no block: a 1-bit refcount cannot take +2.
   const base = 2 * rc.perBlock;
   await assertUnchanged(storage, rc, [base + 1], () => rc.update(base + 1, 1, 2));
-  await assertUnchanged(storage, rc, [base], () => rc.update(base, 1, 1));
   assert.equal(rc.table[2], 0);
+  // +1 fits: the block goes at the first free cluster (QEMU's alloc_refcount_block), here in
+  // the first range, and is counted there; it does not count itself in range 2.
+  await rc.update(base, 1, 1);
+  assert.equal(rc.table[2], 4 * CS);
+  assert.equal(await rc.get(4), 1);
+  assert.equal(await rc.get(base), 1);
 });
 
 test('a decrement where no block exists is EINVAL and creates nothing', async () => {

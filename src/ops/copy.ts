@@ -16,7 +16,7 @@ export interface CopyOptions {
   topOnly?: boolean;
   /** Requests in flight (qemu-img -m, default 8). */
   parallel?: number;
-  /** Bytes per request (default 1 MiB, or the target's cluster when larger). */
+  /** Bytes per request (default 2 MiB, or the target's cluster when larger). */
   chunkSize?: number;
   /** The target reads as zero already (fresh image), so zero ranges need no writes. */
   targetIsZero?: boolean;
@@ -57,10 +57,12 @@ export function nonZeroRuns(b: Buffer, sparse: number): Array<[number, number]> 
 
 /** Copy the concatenation of `sources` into `target` starting at offset 0. */
 export async function copyChains(sources: Chain[], target: BlockDriver, opts: CopyOptions = {}): Promise<void> {
-  // 1 MiB requests (measured on a 4-layer flatten: 2 MiB ones cost ~25% more kernel time, the
-  // buffer no longer staying in the CPU cache between read and write), or one target cluster.
+  // 2 MiB data requests, as qemu-img convert's buffer (IO_BUF_SIZE, or one target cluster when
+  // larger): where each request ends decides where the target's allocations split, so the host
+  // layout (a new refcount block lands right after the run that needed it) follows QEMU's.
+  // (1 MiB requests measured ~25% less kernel time on a 4-layer flatten, but lay out differently.)
   const gran = Math.max(1, target.granularity);
-  const chunk = opts.chunkSize ?? Math.ceil(Math.max(1024 * 1024, gran) / gran) * gran;
+  const chunk = opts.chunkSize ?? Math.ceil(Math.max(2 * 1024 * 1024, gran) / gran) * gran;
   const parallel = Math.max(1, opts.parallel ?? 8);
   const sparse = opts.sparseSize ?? 4096;
   const total = sources.reduce((a, s) => a + s.size, 0) || 1;
@@ -75,6 +77,7 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
   async function* jobs(): AsyncGenerator<Job> {
     let base = 0;
     for (const src of sources) {
+      let dataStart = 0, dataEnd = -1;
       const STEP = 256 * chunk;
       for (let pos = 0; pos < src.size; pos += STEP) {
         const len = Math.min(STEP, src.size - pos);
@@ -97,12 +100,18 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
             report(x.length);
             continue;
           }
+          // Data: requests of `chunk` bytes from the start of the data run, which may have begun
+          // in the previous window (qemu-img convert's convert_iteration_sectors). Zero ranges:
+          // ends aligned to the chunk grid.
+          if (kind !== 'data') dataEnd = -1;
+          else if (x.offset !== dataEnd) dataStart = x.offset;
           for (let p = x.offset; p < x.offset + x.length;) {
-            // Align request ends to the chunk grid so requests map onto whole target clusters.
-            const next = Math.min(x.offset + x.length, (Math.floor(p / chunk) + 1) * chunk);
+            const grid = kind === 'data' ? dataStart : 0;
+            const next = Math.min(x.offset + x.length, grid + (Math.floor((p - grid) / chunk) + 1) * chunk);
             yield { seq: seq++, src, srcOffset: p, dstOffset: base + p, length: next - p, kind };
             p = next;
           }
+          if (kind === 'data') dataEnd = x.offset + x.length;
         }
       }
       base += src.size;

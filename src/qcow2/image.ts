@@ -17,7 +17,7 @@ import { CorruptionError, ImageError } from '../image/errors.js';
 import { Mutex, RangeLock } from '../util/mutex.js';
 import * as C from './constants.js';
 import { parseHeader, serializeHeader, type Qcow2Header } from './header.js';
-import { Refcounts, RefcountRangeError } from './refcount.js';
+import { Refcounts, RefcountRangeError, type AllocChain } from './refcount.js';
 import { L2Cache } from './l2-cache.js';
 import { ClusterType, readL1, readL2, writeL2, encodeU64, type EntryGeometry, type L2Entry } from './entry.js';
 import type { Snapshot } from './snapshot-table.js';
@@ -543,10 +543,12 @@ export class Qcow2Image implements BlockDriver {
   /** @internal */ async writeUnlocked(buf: Buffer, offset: number, onPlaced?: () => void, beforeData?: () => Promise<void>): Promise<void> {
     let pos = offset;
     const end = offset + buf.length;
+    // Where the write continues in the file: new clusters follow on from the previous ones where free.
+    const chain: AllocChain = { next: null };
     while (pos < end) {
       const segEnd = Math.min(end, (Math.floor(pos / this.l2Coverage) + 1) * this.l2Coverage);
       // Segments run one after another, so the write is placed once its last one has allocated.
-      await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos, segEnd === end ? onPlaced : undefined, beforeData);
+      await this.writeSegment(buf.subarray(pos - offset, segEnd - offset), pos, segEnd === end ? onPlaced : undefined, beforeData, chain);
       pos = segEnd;
     }
   }
@@ -615,7 +617,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Whether the layer content of a cluster must be copied (COW) from old state for bytes outside the write. */
-  private async writeSegment(data: Buffer, pos: number, onPlaced?: () => void, beforeData?: () => Promise<void>): Promise<void> {
+  private async writeSegment(data: Buffer, pos: number, onPlaced?: () => void, beforeData?: () => Promise<void>, chain: AllocChain = { next: null }): Promise<void> {
     const cs = this.clusterSize, sc = this.subclusterSize;
     const l1i = Math.floor(pos / this.l2Coverage);
     const { offset: l2Off, table } = await this.writableL2(l1i);
@@ -652,19 +654,23 @@ export class Qcow2Image implements BlockDriver {
         }
         plans.push(p);
       }
-      // Allocate all new clusters of the segment as one contiguous run.
+      // New clusters as QEMU's qcow2_alloc_host_offset gathers them: each stretch continues
+      // where the write's previous clusters end if free there, else a run from the free index.
       const nNew = plans.filter((p) => p.isNew).length;
+      const wanted = plans.map((p) => (p.isNew ? null : p.host));
       // The new clusters' refcounts reach the disk alongside the data (group-committed with
       // other writers'); both are complete before the L2 entries point at the clusters.
       let counted = null as Promise<unknown> | null;
-      // Common writeback case without awaits: the run comes from cached refcount blocks.
+      // Common writeback case without awaits: the runs come from cached refcount blocks.
       const quick = nNew > 0 && this.writeback && this.meta.free
-        ? this.refcounts.tryAllocSync(nNew, (host, n) => this.overlapsMetadata(host, n))
+        ? this.refcounts.tryAllocSegmentSync(wanted, chain, (host, n) => this.overlapsMetadata(host, n))
         : null;
       if (quick !== null) {
         let k = 0;
-        for (const p of plans) if (p.isNew) p.host = quick + this.clusterSize * k++;
-      } else if (nNew > 0) {
+        for (const p of plans) if (p.isNew) p.host = quick[k++];
+      } else if (nNew === 0) {
+        chain.next = plans[plans.length - 1].host + this.clusterSize; // the write continues past the kept clusters
+      } else {
         const hosts = await this.meta.run(async () => {
           // Writeback: counted in memory only, written back before any L2 table that points at
           // them. Otherwise the block writes are collected and awaited with the data below.
@@ -672,7 +678,7 @@ export class Qcow2Image implements BlockDriver {
           if (this.writeback) this.refcounts.lazy = true;
           else this.refcounts.deferred = deferred;
           try {
-            const list = await this.refcounts.allocMany(nNew);
+            const list = await this.refcounts.allocSegment(wanted, chain);
             for (const h of list) await this.checkOverlap(h, 1);
             return list;
           } finally {
@@ -1083,6 +1089,8 @@ export class Qcow2Image implements BlockDriver {
    * allocated just before the data clusters it maps, as QEMU lays it out.
    */
   async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+    // falloc/full: qcow2_co_truncate's layout (refcount structures, then the data area, then L2 tables).
+    if (mode !== 'metadata' && (await (await import('./resize.js')).preallocateArea(this, 0, this.size, mode))) return;
     const cs = this.clusterSize;
     const total = Math.ceil(this.size / cs);
     let end = 0;

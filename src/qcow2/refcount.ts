@@ -10,8 +10,9 @@
  * In `lazy` mode (writeback caching, guest write path only) changed block ranges stay in memory
  * as pending until writePending(); the image then writes them before any L2 table that may
  * point at the counted clusters. Pending ranges only ever hold increments (the image defers
- * frees until the L2 tables that dropped the references are on disk), so writing them early
- * is always safe. New blocks and a grown table are always written through.
+ * frees until the L2 tables that dropped the references are on disk; a run counted in part and
+ * back down while a new block is made was never referenced), so writing them early is always
+ * safe. New blocks and a grown table are always written through.
  * All mutating methods must be called under the image's metadata mutex.
  */
 import type { Storage } from '../storage/storage.js';
@@ -35,6 +36,36 @@ export class RefcountRangeError extends ImageError {
 /** Stand-in for a refcount block offset past 2^53 (past any real file; reads as zeros). */
 export const FAR_BLOCK = 2 ** 60;
 
+/** QCOW_MAX_CLUSTER_OFFSET + 1: a cluster allocation must end at or below 2^56. */
+const MAX_CLUSTER_OFFSET = 2 ** 56;
+
+/** Where a guest write continues in the file (QEMU's host offset in qcow2_alloc_host_offset); null: nowhere yet. */
+export interface AllocChain {
+  next: number | null;
+}
+
+/**
+ * QEMU's qcow2_refcount_metadata_size, its refblock count: the refcount blocks needed to count
+ * `clusters` clusters plus those blocks and their table (`generous`: with room for the table to
+ * grow by half).
+ */
+export function refcountBlocksFor(clusters: number, clusterSize: number, bits: number, generous: boolean): number {
+  const perTableCluster = clusterSize / 8, perBlock = (clusterSize * 8) / bits;
+  let table = 0, blocks = 0, n = 0, last = 0;
+  do {
+    last = n;
+    blocks = Math.ceil((clusters + table + blocks) / perBlock);
+    table = Math.ceil(blocks / perTableCluster);
+    n = clusters + blocks + table;
+    if (n === last && generous) {
+      clusters += Math.ceil(table / 2);
+      n = 0;
+      generous = false;
+    }
+  } while (n !== last);
+  return blocks;
+}
+
 export interface RefcountGeometry {
   clusterBits: number;
   refcountOrder: number;
@@ -56,8 +87,11 @@ export class Refcounts {
   farEntries = new Map<number, bigint>();
   tableOffset: number;
   tableClusters: number;
-  /** Lowest cluster index that might be free (QEMU's free_cluster_index). */
-  private freeHint = 0;
+  /**
+   * QEMU's free_cluster_index: where the search for free clusters starts. A search leaves it at
+   * the end of the run it found; a refcount dropping to 0 below it moves it down to that cluster.
+   */
+  private fci = 0;
   private readonly blocks: Lru<number, Buffer>;
   private readonly writer: MetaWriter;
   /**
@@ -121,7 +155,7 @@ export class Refcounts {
     this.tableClusters = clusters;
     this.blocks.clear();
     this.pending.clear();
-    this.freeHint = 0;
+    this.fci = 0;
   }
 
   private async block(blockOffset: number): Promise<Buffer> {
@@ -237,7 +271,7 @@ export class Refcounts {
     let i = 0;
     while (i < n) {
       const ti = Math.floor((ci + i) / this.perBlock);
-      const bo = await this.ensureBlock(ti);
+      const bo = await this.ensureBlock(ti, ci + i);
       const b = await this.block(bo);
       const first = (ci + i) % this.perBlock;
       const last = Math.min(this.perBlock, first + (n - i));
@@ -249,7 +283,7 @@ export class Refcounts {
         if (d === 0) continue;
         const v = this.readEntry(b, k) + d;
         this.writeEntry(b, k, v);
-        if (v === 0 && ti * this.perBlock + k < this.freeHint) this.freeHint = ti * this.perBlock + k;
+        if (v === 0 && ti * this.perBlock + k < this.fci) this.fci = ti * this.perBlock + k;
       }
       await this.writeBlockRange(bo, b, first, last);
       i += last - first;
@@ -277,13 +311,13 @@ export class Refcounts {
         this.checkEntries(ti, first, last, (k) => this.readEntry(b, k), at);
       } else {
         // No block: a decrement never creates one (QEMU: EINVAL, or EFBIG past the largest
-        // refcount table); a new block counts only itself, at the first entry of its range.
+        // refcount table); the entries read as 0 (checked again once the block exists).
         for (let k = first; k < last; k++) {
           if (at(k) >= 0) continue;
           if (ti >= (8 * 1024 * 1024) / 8) throw new ImageError('File too large', 'EFBIG');
           throw new ImageError('Invalid argument', 'EINVAL');
         }
-        this.checkEntries(ti, first, last, (k) => (k === 0 ? 1 : 0), at);
+        this.checkEntries(ti, first, last, () => 0, at);
       }
       i += last - first;
     }
@@ -308,7 +342,7 @@ export class Refcounts {
       const b = await this.block(bo);
       const k = ci % this.perBlock;
       this.writeEntry(b, k, v);
-      if (v === 0 && ci < this.freeHint) this.freeHint = ci;
+      if (v === 0 && ci < this.fci) this.fci = ci;
       await this.writeBlockRange(bo, b, k, k + 1);
       return;
     }
@@ -393,264 +427,377 @@ export class Refcounts {
     if (failure) throw failure;
   }
 
-  /** Runs `fn` with changes written through (structures that other metadata will point at). */
+  /** Runs `fn` with changes written through and awaited (structures that other metadata will point at). */
   private async eager<T>(fn: () => Promise<T>): Promise<T> {
-    const was = this.lazy;
+    const was = this.lazy, deferred = this.deferred;
     this.lazy = false;
+    this.deferred = null;
     try {
       return await fn();
     } finally {
       this.lazy = was;
+      this.deferred = deferred;
     }
   }
 
-  /** Returns the offset of the block for table index `ti`, creating it (self-describing) if missing. */
-  private async ensureBlock(ti: number): Promise<number> {
-    if (ti < this.table.length && this.table[ti] > 0) return this.table[ti];
-    return this.eager(() => this.createBlock(ti));
-  }
-
-  private async createBlock(ti: number): Promise<number> {
-    if (ti < this.table.length && this.table[ti] < 0) throw new ImageError('Input/output error', 'EIO');
-    if (ti >= this.table.length) {
-      // Grown table: its own clusters' refcounts reach the disk before the header names it.
-      await this.growTable(ti + 1);
-      if (this.table[ti] > 0) return this.table[ti];
-    }
-    // With no block, every cluster of this block's range has refcount 0: put the block at the
-    // first cluster of its own range, so it describes itself (no recursion into other blocks).
-    const bi = ti * this.perBlock;
-    const bo = bi * this.clusterSize;
-    // Only a corrupt table lacks the block covering the header or the table itself: never write there.
-    const hitsTable = bo < this.tableOffset + this.tableClusters * this.clusterSize && this.tableOffset < bo + this.clusterSize;
-    if (bo === 0 || hitsTable) {
-      throw new CorruptionError(`Preventing invalid write on metadata (overlaps with ${bo === 0 ? 'qcow2_header' : 'refcount table'})`);
-    }
-    await this.placeBlock(ti, bo, 0);
-    return bo;
+  /** Whether table index `ti` names a block (QEMU: a nonzero reftable entry). */
+  private hasBlock(ti: number): boolean {
+    return ti < this.table.length && this.table[ti] !== 0;
   }
 
   /**
-   * Write a new, zeroed refcount block for table index `ti` at `bo` and make it reachable.
-   * `ownIndex` is the entry counting the block itself when it lies in its own range; otherwise
-   * the block's cluster is counted in the (existing) block of its range first.
+   * Returns the offset of the block for table index `ti`, making it first if missing (for
+   * `cluster`, as QEMU's alloc_refcount_block; see allocBlock).
    */
-  private async placeBlock(ti: number, bo: number, ownIndex: number | null): Promise<void> {
-    const nb = Buffer.alloc(this.clusterSize);
-    if (ownIndex !== null) this.writeEntry(nb, ownIndex, 1);
-    await this.storage.write(nb, bo);
-    this.blocks.set(bo, nb);
-    if (ownIndex === null) await this.update(bo / this.clusterSize, 1, 1);
-    // The table entry goes last, once the block and its own refcount are durable: only now is
-    // it reachable.
-    await this.storage.flush();
-    this.table[ti] = bo;
-    const e = Buffer.alloc(8);
-    e.writeUInt32BE(Math.floor(bo / TWO32), 0);
-    e.writeUInt32BE(bo >>> 0, 4);
-    await this.storage.write(e, this.tableOffset + ti * 8);
+  private async ensureBlock(ti: number, cluster: number): Promise<number> {
+    while (!this.hasBlock(ti)) await this.eager(() => this.allocBlock(ti, cluster));
+    if (this.table[ti] < 0) throw new ImageError('Input/output error', 'EIO');
+    return this.table[ti];
   }
 
   /**
-   * Grow the reftable to hold at least `minEntries`, placing the new table (and the refcount
-   * blocks that describe it) past the end of everything allocated, then switch the header to it.
+   * QEMU's alloc_clusters_noref: the first run of `n` clusters with refcount 0, searched from the
+   * free cluster index, which is left at the end of the run (clusters skipped on the way are not
+   * searched again until a refcount drops to 0 below the index). Counts nothing.
    */
-  private async growTable(minEntries: number): Promise<void> {
-    const cs = this.clusterSize;
-    const fileClusters = Math.ceil((await this.storage.size()) / cs);
-    const start = Math.max(fileClusters, this.coveredClusters());
-    // The new area: [new blocks for uncovered table indices][new table]. Iterate to a fixed point.
-    if (minEntries * 8 > 8 * 1024 * 1024) throw new ImageError('Reference count table too large');
-    let entries = Math.max(minEntries, Math.ceil(this.table.length * 1.5));
-    let tableClusters = 0, newBlocks = 0, areaEnd = 0;
-    for (;;) {
-      tableClusters = Math.ceil((entries * 8) / cs);
-      areaEnd = start + newBlocks + tableClusters;
-      const firstTi = Math.floor(start / this.perBlock), lastTi = Math.floor((areaEnd - 1) / this.perBlock);
-      let need = 0;
-      for (let ti = firstTi; ti <= lastTi; ti++) if (ti >= this.table.length || this.table[ti] === 0) need++;
-      const needEntries = Math.max(entries, lastTi + 1);
-      if (need === newBlocks && needEntries === entries) break;
-      newBlocks = need;
-      entries = needEntries;
-    }
-    if (tableClusters * cs > 8 * 1024 * 1024) throw new ImageError('Reference count table too large');
-    const newTable = this.table.slice();
-    while (newTable.length < (tableClusters * cs) / 8) newTable.push(0);
-    // Lay out the new blocks at the start of the area, in table-index order.
-    const blockBufs = new Map<number, Buffer>();
-    let next = start;
-    const firstTi = Math.floor(start / this.perBlock), lastTi = Math.floor((areaEnd - 1) / this.perBlock);
-    for (let ti = firstTi; ti <= lastTi; ti++) {
-      if (ti < this.table.length && this.table[ti] !== 0) continue;
-      newTable[ti] = next * cs;
-      blockBufs.set(ti, Buffer.alloc(cs));
-      next++;
-    }
-    const tableStart = next;
-    // Count every area cluster: in a new block directly, or in an existing block (written now).
-    for (let c = start; c < areaEnd; c++) {
+  private async noref(n: number): Promise<number> {
+    let i = 0;
+    while (i < n) {
+      const c = this.fci;
       const ti = Math.floor(c / this.perBlock);
-      const nb = blockBufs.get(ti);
-      if (nb) this.writeEntry(nb, c % this.perBlock, 1);
-      else await this.update(c, 1, 1);
+      if (!this.hasBlock(ti)) {
+        // A range without a block reads as all free.
+        const k = Math.min(n - i, (ti + 1) * this.perBlock - c);
+        this.fci = c + k;
+        i += k;
+        continue;
+      }
+      this.fci = c + 1;
+      const v = this.getCached(c) ?? (await this.get(c));
+      i = v === 0 ? i + 1 : 0;
     }
-    for (const [ti, nb] of blockBufs) {
-      await this.storage.write(nb, newTable[ti]);
-      this.blocks.set(newTable[ti], nb);
+    if (this.fci - 1 > MAX_CLUSTER_OFFSET / this.clusterSize - 1) throw new ImageError('File too large', 'EFBIG');
+    return this.fci - n;
+  }
+
+  /**
+   * update_refcount(+1) of the free clusters [start, start + n): false when a range of them had
+   * no refcount block, which is made now (QEMU: -EAGAIN; the free cluster index goes back to
+   * `start` and the caller searches again). Nothing of the run is counted then.
+   */
+  private async countNew(start: number, n: number): Promise<boolean> {
+    const pb = this.perBlock;
+    for (let ti = Math.floor(start / pb); ti <= Math.floor((start + n - 1) / pb); ti++) {
+      if (this.hasBlock(ti)) continue;
+      // QEMU has counted the run's clusters before this range when it makes the block: they
+      // are in use for the block's search (which starts below them after an allocation at a
+      // given offset), and are counted back down afterwards.
+      const c = Math.max(start, ti * pb);
+      if (c > start) await this.update(start, c - start, 1);
+      await this.eager(() => this.allocBlock(ti, c));
+      if (this.fci > start) this.fci = start;
+      if (c > start) await this.update(start, c - start, -1);
+      return false;
     }
+    await this.update(start, n, 1);
+    return true;
+  }
+
+  /**
+   * QEMU's alloc_refcount_block for table index `ti` without a block (`cluster`: the cluster
+   * being counted): the block goes at the first free cluster from the free cluster index. It
+   * counts itself when it lies in its own range; otherwise it is counted in the block of the
+   * range it lies in (made first, in which case this block is not made now: the caller searches
+   * again). A block whose index is past the table grows the table (refcountArea). Order on disk:
+   * the block's own refcount, the block, then the table entry naming it.
+   */
+  private async allocBlock(ti: number, cluster: number): Promise<void> {
+    const cs = this.clusterSize;
+    const nb = await this.noref(1);
+    if (nb === 0) throw new CorruptionError('Preventing invalid allocation of refcount block at offset 0');
+    const bo = nb * cs;
+    // Only a corrupt image has the table's own clusters free: never write there.
+    if (bo < this.tableOffset + this.tableClusters * cs && this.tableOffset < bo + cs) {
+      throw new CorruptionError('Preventing invalid write on metadata (overlaps with refcount table)');
+    }
+    const buf = Buffer.alloc(cs);
+    if (Math.floor(nb / this.perBlock) === ti) this.writeEntry(buf, nb % this.perBlock, 1);
+    else if (!(await this.countNew(nb, 1))) return;
+    await this.storage.write(buf, bo);
+    this.blocks.set(bo, buf);
+    await this.storage.flush();
+    if (ti < this.table.length) {
+      // The table entry goes last, once the block and its own refcount are durable.
+      this.table[ti] = bo;
+      this.farEntries.delete(ti);
+      const e = Buffer.alloc(8);
+      e.writeUInt32BE(Math.floor(bo / TWO32), 0);
+      e.writeUInt32BE(bo >>> 0, 4);
+      await this.storage.write(e, this.tableOffset + ti * 8);
+      await this.storage.flush();
+      return;
+    }
+    // Past the table: a new table and the blocks that describe it, from the start of the range
+    // after both the counted cluster and the new block.
+    const blocksUsed = Math.ceil(Math.max(cluster + 1, nb + 1) / this.perBlock);
+    await this.refcountArea(blocksUsed * this.perBlock, 0, false, ti, bo);
+  }
+
+  /**
+   * qcow2_refcount_area with exact_size (preallocation=falloc/full): a new table and the blocks
+   * that cover it and `additional` clusters after it, from cluster `start` (past everything in
+   * use). Returns the cluster after them, where the additional clusters may go.
+   */
+  async preallocArea(start: number, additional: number): Promise<number> {
+    return this.eager(() => this.refcountArea(start, additional, true));
+  }
+
+  /**
+   * QEMU's qcow2_refcount_area: from cluster `start` (past everything in use) new refcount blocks
+   * for the table indices from start's range up to the count qcow2_refcount_metadata_size gives
+   * for them, their table and `additional` clusters, then the table (that count, or 1.5 times it
+   * without `exact`, in whole clusters), all counted in those blocks. The blocks reach the disk
+   * first, then the table, then the header names it; the old table is released last. Entry
+   * `newIndex` of the new table names the block at `newOffset` (already written) when given.
+   * Returns the cluster after the table.
+   */
+  private async refcountArea(start: number, additional: number, exact: boolean, newIndex = -1, newOffset = 0): Promise<number> {
+    const cs = this.clusterSize, pb = this.perBlock;
+    const maxEntries = 8 * 1024 * 1024; // QCOW_MAX_REFTABLE_SIZE, compared with entry counts as QEMU does
+    const total = refcountBlocksFor(start + additional, cs, this.bits, !exact);
+    if (total > maxEntries) throw new ImageError('File too large', 'EFBIG');
+    const areaIndex = Math.floor(start / pb);
+    const perTableCluster = cs / 8;
+    const tableSize = Math.ceil((exact ? total : total + Math.ceil(total / 2)) / perTableCluster) * perTableCluster;
+    const tableClusters = (tableSize * 8) / cs;
+    if (tableSize > maxEntries) throw new ImageError('File too large', 'EFBIG');
+    let maxIndex = this.table.length - 1;
+    while (maxIndex > 0 && this.table[maxIndex] === 0) maxIndex--;
+    const newTable: number[] = new Array(tableSize).fill(0);
+    const copy = tableSize > maxIndex ? maxIndex + 1 : tableSize;
+    for (let i = 0; i < copy && i < this.table.length; i++) newTable[i] = this.table[i];
+    if (newOffset) newTable[newIndex] = newOffset;
+    let newBlocks = 0;
+    for (let i = areaIndex; i < total; i++) if (newTable[i] === 0) newBlocks++;
+    const tableStart = start + newBlocks;
+    const end = tableStart + tableClusters;
+    let next = start;
+    const fresh: Array<[number, Buffer]> = [];
+    const existing: Array<[number, Buffer, number, number]> = [];
+    for (let i = areaIndex; i < total; i++) {
+      let buf: Buffer;
+      let isNew = false;
+      if (newTable[i] !== 0) buf = await this.block(newTable[i]);
+      else {
+        buf = Buffer.alloc(cs);
+        newTable[i] = next++ * cs;
+        isNew = true;
+      }
+      const first = i * pb;
+      let lo = 0, hi = 0;
+      if (first < end) {
+        lo = first < start ? start - first : 0;
+        hi = Math.min(end - first, pb);
+        for (let j = lo; j < hi; j++) this.writeEntry(buf, j, this.readEntry(buf, j) + 1);
+      }
+      if (isNew) fresh.push([newTable[i], buf]);
+      else if (hi > lo) existing.push([newTable[i], buf, lo, hi]);
+    }
+    for (const [bo, buf] of fresh) {
+      await this.storage.write(buf, bo);
+      this.blocks.set(bo, buf);
+    }
+    for (const [bo, buf, lo, hi] of existing) {
+      const [a, b] = this.sectorRange(lo, hi);
+      await this.writer.write(bo, buf, a, b);
+    }
+    await this.storage.flush();
     const raw = Buffer.alloc(tableClusters * cs);
     newTable.forEach((v, i) => {
-      raw.writeUInt32BE(Math.floor(v / TWO32), i * 8);
-      raw.writeUInt32BE(v >>> 0, i * 8 + 4);
+      const exact = this.farEntries.get(i);
+      if (v === FAR_BLOCK && exact !== undefined) raw.writeBigUInt64BE(exact, i * 8);
+      else if (v < 0) raw.writeBigUInt64BE(0xffffffffffffffffn, i * 8);
+      else {
+        raw.writeUInt32BE(Math.floor(v / TWO32), i * 8);
+        raw.writeUInt32BE(v >>> 0, i * 8 + 4);
+      }
     });
     await this.storage.write(raw, tableStart * cs);
     await this.storage.flush();
     const oldOffset = this.tableOffset, oldClusters = this.tableClusters;
     this.table = newTable;
+    for (const i of [...this.farEntries.keys()]) if (i >= tableSize) this.farEntries.delete(i);
     this.tableOffset = tableStart * cs;
     this.tableClusters = tableClusters;
     await this.onTableMoved(this.tableOffset, tableClusters);
     await this.storage.flush();
     // Only after the header points at the new table (durably) is the old one released.
     await this.update(oldOffset / cs, oldClusters, -1);
+    return end;
   }
 
-  /** Number of clusters the current table's blocks can describe. */
-  private coveredClusters(): number {
-    return this.table.length * this.perBlock;
-  }
-
-  /** Index of the first run of `n` free clusters at or after the hint. Does not change refcounts. */
-  async findFree(n: number): Promise<number> {
-    let ci = this.freeHint;
-    let runStart = ci;
+  /**
+   * QEMU's qcow2_alloc_clusters: `n` contiguous clusters (refcount 1) at the first free run from
+   * the free cluster index; when the run needs a refcount block, the block is made and the run
+   * searched again. Returns the host offset of the first.
+   */
+  async alloc(n: number): Promise<number> {
     for (;;) {
-      const ti = Math.floor(ci / this.perBlock);
-      if (ti >= this.table.length) return runStart; // nothing past the table's coverage is in use
-      if (this.table[ti] === 0) {
-        ci = (ti + 1) * this.perBlock; // a missing block: its whole range is free
-      } else if ((this.getCached(ci) ?? (await this.get(ci))) === 0) {
-        ci++;
-      } else {
-        if (ci === this.freeHint) this.freeHint = ci + 1;
-        runStart = ++ci;
-        continue;
-      }
-      if (ci - runStart >= n) return runStart;
+      const start = await this.noref(n);
+      if (await this.countNew(start, n)) return start * this.clusterSize;
     }
   }
 
   /**
-   * alloc(n) without I/O or awaits, for the writeback guest path: a run of `n` free clusters
-   * inside existing, cached refcount blocks, counted in memory only (pending, as in lazy mode).
-   * Null when that is not possible (a block is missing or not cached, the run would reach past
-   * the table, the search gets long, or `refuse` rejects the run); nothing is changed then and
-   * the caller takes the asynchronous path. The caller must hold (or find free) the metadata mutex.
+   * QEMU's qcow2_alloc_clusters_at: count the clusters from host `offset` on that are free, at
+   * most `n` and stopping at the first one in use; returns how many (0: none free there).
+   */
+  async allocAt(offset: number, n: number): Promise<number> {
+    const ci = offset / this.clusterSize;
+    for (;;) {
+      let i = 0;
+      while (i < n && (this.getCached(ci + i) ?? (await this.get(ci + i))) === 0) i++;
+      if (i === 0 || (await this.countNew(ci, i))) return i;
+    }
+  }
+
+  /**
+   * Host clusters for one L2 table's part of a guest write, as QEMU's qcow2_alloc_host_offset
+   * gathers them. `hosts` lists the part's clusters in guest order: the host of a cluster kept as
+   * it is (in use, COPIED), or null for one that needs a new cluster. Kept clusters move
+   * `chain.next` (the host offset the write would continue at) past them; each stretch of new
+   * clusters is first taken at `chain.next` as far as the clusters there are free
+   * (qcow2_alloc_clusters_at), the rest (or all, without a place to continue) as one run from
+   * the free cluster index (qcow2_alloc_clusters). Returns the new clusters' hosts in order.
+   * `chain` spans the L2 tables of one write request; it starts with next = null.
+   */
+  async allocSegment(hosts: Array<number | null>, chain: AllocChain): Promise<number[]> {
+    const cs = this.clusterSize;
+    const out: number[] = [];
+    for (let i = 0; i < hosts.length;) {
+      const h = hosts[i];
+      if (h !== null) {
+        chain.next = h + cs;
+        i++;
+        continue;
+      }
+      let k = 1;
+      while (i + k < hosts.length && hosts[i + k] === null) k++;
+      let got = 0;
+      if (chain.next !== null) {
+        got = await this.allocAt(chain.next, k);
+        for (let j = 0; j < got; j++) out.push(chain.next + j * cs);
+        chain.next = got === k ? chain.next + k * cs : null;
+      }
+      if (got < k) {
+        const start = await this.alloc(k - got);
+        for (let j = 0; j < k - got; j++) out.push(start + j * cs);
+        chain.next = start + (k - got) * cs;
+      }
+      i += k;
+    }
+    return out;
+  }
+
+  /**
+   * allocSegment without I/O or awaits, for the writeback guest path: the same clusters the
+   * asynchronous path would pick, counted in memory only (pending, as in lazy mode). Null when
+   * that is not possible (a refcount block is missing or not cached, the search gets long, or
+   * `refuse` rejects a run); nothing is changed then and the caller takes the asynchronous path.
+   * The caller must hold (or find free) the metadata mutex.
+   */
+  tryAllocSegmentSync(hosts: Array<number | null>, chain: AllocChain, refuse: (host: number, n: number) => boolean): number[] | null {
+    const cs = this.clusterSize, pb = this.perBlock;
+    let fci = this.fci, next = chain.next;
+    const runs: Array<[number, number]> = [];
+    const value = (c: number): number | undefined => {
+      for (const [s, n] of runs) if (c >= s && c < s + n) return 1;
+      return this.getCached(c);
+    };
+    // Every range of a run must have a cached block (otherwise the async path would make or read one).
+    const ready = (s: number, n: number): boolean => {
+      for (let ti = Math.floor(s / pb); ti <= Math.floor((s + n - 1) / pb); ti++) {
+        const bo = ti < this.table.length ? this.table[ti] : 0;
+        if (bo <= 0 || bo === FAR_BLOCK || !this.blocks.get(bo)) return false;
+      }
+      return true;
+    };
+    const out: number[] = [];
+    for (let i = 0; i < hosts.length;) {
+      const h = hosts[i];
+      if (h !== null) {
+        next = h + cs;
+        i++;
+        continue;
+      }
+      let k = 1;
+      while (i + k < hosts.length && hosts[i + k] === null) k++;
+      if (k > pb / 2) return null;
+      let got = 0;
+      if (next !== null) {
+        const s = next / cs;
+        for (; got < k; got++) {
+          const v = value(s + got);
+          if (v === undefined) return null;
+          if (v !== 0) break;
+        }
+        if (got > 0) {
+          if (!ready(s, got)) return null;
+          runs.push([s, got]);
+          for (let j = 0; j < got; j++) out.push(next + j * cs);
+        }
+        next = got === k ? next + k * cs : null;
+      }
+      if (got < k) {
+        const n = k - got;
+        for (let run = 0, steps = 0; run < n;) {
+          if (++steps > pb) return null;
+          const v = value(fci++);
+          if (v === undefined) return null;
+          run = v === 0 ? run + 1 : 0;
+        }
+        const s = fci - n;
+        if (!ready(s, n)) return null;
+        runs.push([s, n]);
+        for (let j = 0; j < n; j++) out.push((s + j) * cs);
+        next = (s + n) * cs;
+      }
+      i += k;
+    }
+    for (const [s, n] of runs) if (refuse(s * cs, n)) return null;
+    // Every entry of the runs was just read from a cached block (nothing evicted since: no await).
+    for (const [s, n] of runs) {
+      for (let c = s; c < s + n;) {
+        const ti = Math.floor(c / pb);
+        const bo = this.table[ti];
+        const b = this.blocks.get(bo) as Buffer;
+        const first = c % pb;
+        const last = Math.min(pb, first + (s + n - c));
+        for (let k = first; k < last; k++) this.writeEntry(b, k, this.readEntry(b, k) + 1);
+        this.markPending(bo, b, first, last);
+        c += last - first;
+      }
+    }
+    this.fci = fci;
+    chain.next = next;
+    return out;
+  }
+
+  /**
+   * alloc(n) without I/O or awaits (see tryAllocSegmentSync): the run the asynchronous path
+   * would pick, counted in memory only, or null with nothing changed.
    */
   tryAllocSync(n: number, refuse: (host: number, n: number) => boolean): number | null {
-    if (n > this.perBlock / 2) return null;
-    let ci = this.freeHint, runStart = ci;
-    for (let steps = 0; ci - runStart < n; steps++) {
-      if (steps > this.perBlock) return null;
-      const v = this.getCached(ci);
-      if (v === undefined || this.table[Math.floor(ci / this.perBlock)] <= 0) return null;
-      if (v === 0) ci++;
-      else {
-        if (ci === this.freeHint) this.freeHint = ci + 1;
-        runStart = ++ci;
-      }
-    }
-    if (refuse(runStart * this.clusterSize, n)) return null;
-    // Every entry of the run was just read from a cached block (nothing evicted since: no await).
-    for (let c = runStart; c < runStart + n;) {
-      const ti = Math.floor(c / this.perBlock);
-      const bo = this.table[ti];
-      const b = this.blocks.get(bo) as Buffer;
-      const first = c % this.perBlock;
-      const last = Math.min(this.perBlock, first + (runStart + n - c));
-      for (let k = first; k < last; k++) this.writeEntry(b, k, 1);
-      this.markPending(bo, b, first, last);
-      c += last - first;
-    }
-    if (runStart === this.freeHint) this.freeHint = runStart + n;
-    return runStart * this.clusterSize;
+    const hosts = this.tryAllocSegmentSync(new Array<number | null>(n).fill(null), { next: null }, refuse);
+    return hosts ? hosts[0] : null;
   }
 
-  /** Allocate `n` contiguous clusters (refcount 1, on disk) and return the host offset of the first. */
-  async alloc(n: number): Promise<number> {
-    // The refcount blocks a run needs are created before it is counted, then the run is searched
-    // again (a new block may sit inside it). A short run's blocks go at the start of their own
-    // ranges (self-describing); a run longer than half a block's span would never fit around
-    // those, so its blocks go at free clusters outside it, as QEMU's alloc_refcount_block places
-    // them. Counting only into existing blocks also keeps 1-bit refcounts from overflowing.
-    const long = n > this.perBlock / 2;
-    for (let attempt = 0; attempt < 64; attempt++) {
-      const ci = await this.findFree(n);
-      const missing: number[] = [];
-      for (let ti = Math.floor(ci / this.perBlock); ti <= Math.floor((ci + n - 1) / this.perBlock); ti++) {
-        if (ti >= this.table.length || this.table[ti] === 0) missing.push(ti);
-      }
-      if (missing.length) {
-        // Long runs: the last range first; its block goes right after the run and describes
-        // itself, the blocks of earlier ranges are then counted in it (or at a free cluster).
-        if (long) for (const ti of missing.reverse()) await this.eager(() => this.createBlockOutside(ti, ci, ci + n));
-        else for (const ti of missing) await this.ensureBlock(ti);
-        continue;
-      }
-      await this.update(ci, n, 1);
-      let ok = true;
-      for (let k = 0; k < n && ok; k++) ok = (this.getCached(ci + k) ?? (await this.get(ci + k))) === 1;
-      if (ok) {
-        // The run is in use now: the next search need not walk it again.
-        if (ci === this.freeHint) this.freeHint = ci + n;
-        return ci * this.clusterSize;
-      }
-      await this.update(ci, n, -1);
-    }
-    throw new CorruptionError('Cannot allocate clusters: inconsistent refcounts');
-  }
-
-  /** Create the block for table index `ti` at the first free cluster outside clusters [lo, hi). */
-  private async createBlockOutside(ti: number, lo: number, hi: number): Promise<void> {
-    if (ti < this.table.length && this.table[ti] < 0) throw new ImageError('Input/output error', 'EIO');
-    // Growing the table (for this or an earlier index) may have created the block already.
-    if (ti >= this.table.length) await this.growTable(ti + 1);
-    if (this.table[ti] > 0) return;
-    let c = this.freeHint;
-    for (;;) {
-      if (c >= lo && c < hi) {
-        c = hi;
-        continue;
-      }
-      const r = Math.floor(c / this.perBlock);
-      if (r === ti) break; // ti's range has no block: every cluster of it is free
-      if (r >= this.table.length || this.table[r] === 0) {
-        // Another range without a block: a start of it outside the run gets its own block
-        // (self-describing, as createBlock); otherwise skip the range.
-        if (c === r * this.perBlock) await this.createBlock(r);
-        else c = (r + 1) * this.perBlock;
-        continue;
-      }
-      if ((this.getCached(c) ?? (await this.get(c))) === 0) break;
-      c++;
-    }
-    await this.placeBlock(ti, c * this.clusterSize, Math.floor(c / this.perBlock) === ti ? c % this.perBlock : null);
-  }
-
-  /**
-   * Allocate `n` clusters as a few contiguous runs and return each cluster's host offset.
-   * Runs are capped at half a refcount block's span: new blocks sit at the start of the range
-   * they describe, so a longer contiguous run could never be found.
-   */
+  /** Allocate `n` clusters as one contiguous run (alloc) and return each cluster's host offset. */
   async allocMany(n: number): Promise<number[]> {
-    const maxRun = Math.max(1, Math.floor(this.perBlock / 2));
+    if (n <= 0) return [];
+    const base = await this.alloc(n);
     const out: number[] = [];
-    while (out.length < n) {
-      const k = Math.min(maxRun, n - out.length);
-      const base = await this.alloc(k);
-      for (let i = 0; i < k; i++) out.push(base + i * this.clusterSize);
-    }
+    for (let i = 0; i < n; i++) out.push(base + i * this.clusterSize);
     return out;
   }
 
@@ -701,11 +848,12 @@ export class Refcounts {
     await this.storage.write(raw, this.tableOffset);
     for (let ti = 0; ti < keep.length; ti++) {
       if (keep[ti] === 0 && this.table[ti] > 0) {
+        // QEMU frees the block's own cluster: the free cluster index moves down to it.
+        this.fci = Math.min(this.fci, this.table[ti] / this.clusterSize);
         this.blocks.delete(this.table[ti]);
         this.table[ti] = 0;
       }
     }
-    this.freeHint = 0;
   }
 
   /** qcow2_get_last_cluster: the highest cluster index below `clusters` with a refcount, or -1. */
@@ -725,6 +873,6 @@ export class Refcounts {
   dropCache(): void {
     this.blocks.clear();
     this.pending.clear();
-    this.freeHint = 0;
+    this.fci = 0;
   }
 }

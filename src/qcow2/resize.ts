@@ -42,7 +42,9 @@ export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOpt
     await shrink(img, size, newL1);
   } else {
     await growL1(img, newL1);
-    if (prealloc !== 'off') await preallocateRange(img, old, size, prealloc);
+    if (prealloc === 'metadata' || (prealloc !== 'off' && !(await preallocateArea(img, old, size, prealloc)))) {
+      await preallocateRange(img, old, size, prealloc);
+    }
     const backingLen = img.backing?.size ?? 0;
     if (size > old && backingLen > old) {
       // The block layer asks for zeroes when the backing file would show through the new area.
@@ -135,6 +137,67 @@ async function clearEntries(img: Qcow2Image, l1i: number, from: number, to: numb
   } finally {
     img.l2.unpin(l2Off);
   }
+}
+
+/**
+ * preallocation=falloc/full as qcow2_co_truncate: refcount structures covering everything new
+ * are laid out first, past the last cluster in use (qcow2_refcount_area with exact size: a new
+ * table), the data clusters follow them as one area (written with zeros: Node has no
+ * fallocate), then the L2 entries are linked table by table; new L2 tables come from the free
+ * cluster index, so they go where the old refcount table was first. Only without extended L2
+ * and with every cluster from the one holding the old end on unallocated; false (nothing done)
+ * otherwise.
+ */
+export async function preallocateArea(img: Qcow2Image, old: number, size: number, mode: 'falloc' | 'full'): Promise<boolean> {
+  const cs = img.clusterSize;
+  if (img.subclusterSize !== cs) return false;
+  const first = Math.floor(old / cs);
+  const nData = Math.ceil(size / cs) - first;
+  if (nData <= 0) return false;
+  for (let l1i = Math.floor(first / img.l2Entries); l1i * img.l2Entries < first + nData; l1i++) {
+    const l2 = l1i < img.header.l1Size ? readL1(img.l1, l1i).offset : 0;
+    if (!l2) continue;
+    const table = await img.l2.pin(l2);
+    try {
+      for (let ci = Math.max(first, l1i * img.l2Entries); ci < Math.min(first + nData, (l1i + 1) * img.l2Entries); ci++) {
+        const e = readL2(table, ci % img.l2Entries, img.geo);
+        if (e.type !== ClusterType.Unallocated || e.host !== 0 || e.zeroBits !== 0) return false;
+      }
+    } finally {
+      img.l2.unpin(l2);
+    }
+  }
+  const fileClusters = Math.ceil((await img.storage.size()) / cs);
+  const last = await img.refcounts.lastUsedCluster(fileClusters);
+  const start = last >= 0 ? last + 1 : fileClusters;
+  // One more L2 table for an unaligned head or tail.
+  const nL2 = Math.ceil(nData / img.l2Entries) + 1;
+  const dataStart = await img.meta.run(() => img.refcounts.preallocArea(start, nData + nL2));
+  const got = await img.meta.run(() => img.refcounts.allocAt(dataStart * cs, nData));
+  if (got !== nData) throw new ImageError('Input/output error', 'EIO');
+  // The data area holds zeros before any entry points at it.
+  const end = (dataStart + nData) * cs;
+  const zero = Buffer.alloc(Math.min(4 * 1024 * 1024, nData * cs));
+  for (let p = Math.max(dataStart * cs, Math.min(end, await img.storage.size())); p < end; p += zero.length) {
+    await img.storage.write(zero.subarray(0, Math.min(zero.length, end - p)), p);
+  }
+  for (let guest = first, host = dataStart, left = nData; left > 0;) {
+    const l1i = Math.floor(guest / img.l2Entries), idx = guest % img.l2Entries;
+    const nb = Math.min(left, img.l2Entries - idx);
+    const { offset: l2Off, table } = await img.writableL2(l1i);
+    try {
+      await img.meta.run(async () => {
+        for (let k = 0; k < nb; k++) writeL2(table, idx + k, img.geo, (host + k) * cs, { copied: true, allocBits: 0, zeroBits: 0 });
+        await img.writeL2Range(l2Off, table, idx, idx + nb - 1);
+      });
+    } finally {
+      img.l2.unpin(l2Off);
+    }
+    guest += nb;
+    host += nb;
+    left -= nb;
+  }
+  return true;
 }
 
 /**
