@@ -6,7 +6,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { FileStorage } from '../storage/file.js';
+import { FileStorage, type DirectMode } from '../storage/file.js';
 import type { LockMode } from '../storage/lock.js';
 import type { Storage } from '../storage/storage.js';
 import { StorageError } from '../storage/storage.js';
@@ -53,6 +53,8 @@ export interface OpenOptions {
   noLock?: boolean;
   /** The named image's flushes do nothing (cache=unsafe). */
   noFlush?: boolean;
+  /** Bulk data writes bypass the page cache, in every writable layer (see FileOpenOptions.direct). */
+  direct?: DirectMode;
   /** The named image's qcow2 cache options (QEMU's l2-cache-size, cache-size). */
   cache?: CacheSizeOptions;
   /** L2 cache size of images opened without cache options (backing files; default QEMU's 32 MiB). */
@@ -74,10 +76,10 @@ export async function probeFormat(storage: Storage): Promise<ImageFormat> {
   return probeQcow(head) ? 'qcow' : 'raw';
 }
 
-async function openStorage(file: string, readOnly: boolean, lock: LockMode, noFlush = false): Promise<FileStorage> {
+async function openStorage(file: string, readOnly: boolean, lock: LockMode, noFlush = false, direct: DirectMode = 'off'): Promise<FileStorage> {
   if (file === '') throw new ImageError("Could not open '': The 'file' block driver requires a file name");
   try {
-    return await FileStorage.open(file, { readOnly, lock, noFlush });
+    return await FileStorage.open(file, { readOnly, lock, noFlush, direct });
   } catch (e) {
     // Lock conflicts are named by the caller (QEMU prefixes them once, or not at all for backing files).
     if (e instanceof StorageError && (e.code === 'ELOCKED' || e.code === 'ENOTREG')) throw new ImageError(e.message, e.code);
@@ -89,13 +91,13 @@ async function openStorage(file: string, readOnly: boolean, lock: LockMode, noFl
 /** Open one image file with a known or probed format. Errors read "Could not open 'F': reason". */
 export interface ImageOpenOptions {
   format?: ImageFormat; readOnly?: boolean; log?: (l: string) => void; noRepair?: boolean; noIo?: boolean; checkMode?: boolean;
-  lock?: LockMode; noFlush?: boolean;
+  lock?: LockMode; noFlush?: boolean; direct?: DirectMode;
   /** qcow2 cache options (l2-cache-size, cache-size) and the L2 cache size without them. */
   cache?: CacheSizeOptions; defaultL2CacheBytes?: number;
 }
 
 export async function openImage(file: string, opts: ImageOpenOptions = {}): Promise<{ driver: BlockDriver; probed: boolean }> {
-  const storage = await openStorage(file, !!opts.readOnly, opts.lock ?? (opts.readOnly ? 'read' : 'write'), opts.noFlush);
+  const storage = await openStorage(file, !!opts.readOnly, opts.lock ?? (opts.readOnly ? 'read' : 'write'), opts.noFlush, opts.direct);
   try {
     const fmt = opts.format ?? (await probeFormat(storage));
     const driver = fmt === 'qcow2'
@@ -186,7 +188,7 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
     src = topSource(file, opts);
     let top: BlockDriver;
     try {
-      const o: ImageOpenOptions = { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly), noFlush: opts.noFlush,
+      const o: ImageOpenOptions = { readOnly: opts.readOnly, log: opts.log, noRepair: opts.noRepair, noIo: opts.noIo, checkMode: opts.checkMode, lock: lockFor(!!opts.readOnly), noFlush: opts.noFlush, direct: opts.direct,
         cache: opts.cache, defaultL2CacheBytes: opts.defaultL2CacheBytes };
       top = src.spec ? await openSpec(src.spec, o) : (await openImage(file, { ...o, format: opts.format })).driver;
     } catch (e) {
@@ -267,7 +269,8 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
       try {
         const writable = !!opts.writableDepths?.has(layers.length);
         // Backing files inherit check mode (QEMU passes BDRV_O_CHECK down the chain).
-        const o: ImageOpenOptions = { readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode, defaultL2CacheBytes: opts.defaultL2CacheBytes };
+        const o: ImageOpenOptions = { readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode, defaultL2CacheBytes: opts.defaultL2CacheBytes,
+          direct: opts.direct };
         opened = next.spec ? await openSpec(next.spec, o) : (await openImage(name, { ...o, format: next.format })).driver;
       } catch (e) {
         if (e instanceof ImageError) {

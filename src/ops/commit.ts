@@ -14,6 +14,7 @@ import { ImageError } from '../image/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { RateLimiter, runPool } from './pool.js';
 import { Mutex } from '../util/mutex.js';
+import { alignedBuffer } from '../storage/aligned.js';
 
 export interface CommitOptions {
   /** Keep the top's content (qemu-img commit -d; -b implies it). */
@@ -107,19 +108,21 @@ export async function commit(chain: Chain, baseDepth: number, opts: CommitOption
     }
     const limiter = new RateLimiter(opts.rateLimit ?? 0);
     const buffers: Buffer[] = [];
-    // Reads overlap; writes into the base go one at a time: buffered writes to one file
-    // serialise in the kernel anyway, and concurrent ones only add lock contention.
-    const writing = new Mutex();
+    // Reads overlap. Buffered writes into the base go one at a time (they serialise in the
+    // kernel anyway, and concurrent ones only add lock contention); direct ones overlap, as the
+    // device takes several at once. Buffers are page-aligned so that they can go direct.
+    const writing = base.storage.direct ? null : new Mutex();
     await runPool(jobs(), opts.parallel ?? 8, async (j) => {
       if (j.kind === 'zero') {
         await base.writeZeroes(j.offset, j.length, { mayUnmap: true });
       } else {
         await limiter.take(j.length);
-        const full = buffers.pop() ?? Buffer.allocUnsafe(chunk);
+        const full = buffers.pop() ?? alignedBuffer(chunk);
         const buf = full.subarray(0, j.length);
         try {
           await chain.read(buf, j.offset);
-          await writing.run(() => base.write(buf, j.offset));
+          if (writing) await writing.run(() => base.write(buf, j.offset));
+          else await base.write(buf, j.offset);
         } finally {
           buffers.push(full);
         }

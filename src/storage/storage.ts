@@ -6,6 +6,8 @@ export interface Storage {
   /** Human-readable name (file path or "memory:…"), used in messages. */
   readonly name: string;
   readonly readOnly: boolean;
+  /** Large aligned writes bypass the host's page cache (O_DIRECT); absent means no. */
+  readonly direct?: boolean;
   /** Read up to buf.length bytes at `offset`; bytes past the end read as zero. */
   read(buf: Buffer, offset: number): Promise<void>;
   /**

@@ -1,10 +1,20 @@
 /** Pieces shared by `img commit` and `img rebase`: cache modes, format names, opening by -f. */
 import { CliError } from '../util/errors.js';
 import { isFormat, type ImageFormat } from '../../chain/open.js';
+import type { DirectMode } from '../../storage/file.js';
 
 /** bdrv_parse_cache_mode's accepted names. */
 export function validCacheMode(s: string): boolean {
   return ['none', 'off', 'directsync', 'writeback', 'unsafe', 'writethrough'].includes(s);
+}
+
+/**
+ * Whether a cache mode bypasses the page cache for writes: none/off/directsync do (QEMU's
+ * cache.direct=on); a command's default (`undefined`) gives `dflt`; the others do not.
+ */
+export function cacheDirect(mode: string | undefined, dflt: DirectMode): DirectMode {
+  if (mode === undefined) return dflt;
+  return mode === 'none' || mode === 'off' || mode === 'directsync' ? 'on' : 'off';
 }
 
 /** Format names qemu-img 7.2 knows (bdrv_find_format), so -F accepts exactly what it accepts. */

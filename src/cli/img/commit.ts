@@ -4,7 +4,7 @@ import { CliError, UsageError } from '../util/errors.js';
 import { parseSize } from '../util/options.js';
 import { ProgressPrinter } from '../util/progress.js';
 import { HELP, IMAGE_OPTS, OBJECT, asCliError, open, parseArgs } from './common.js';
-import { imageFormat, validCacheMode } from './chainops-common.js';
+import { cacheDirect, imageFormat, validCacheMode } from './chainops-common.js';
 import type { Chain } from '../../chain/chain.js';
 import { findBackingImage } from '../../chain/find-backing.js';
 import { commit } from '../../ops/commit.js';
@@ -13,7 +13,7 @@ const USAGE = 'usage: qchain img commit [-q] [-f fmt] [-t cache] [-b base] [-r r
 
 export async function commitMain(argv: string[], ctx: CliContext): Promise<number> {
   const { opts, rest } = parseArgs(argv, ':f:ht:b:dpqr:', [HELP, OBJECT, IMAGE_OPTS]);
-  let fmt: string | undefined, cache = 'writeback', base: string | undefined;
+  let fmt: string | undefined, cache: string | undefined, base: string | undefined;
   let drop = false, progress = false, quiet = false, rate = 0;
   for (const o of opts) {
     const a = o.arg as string;
@@ -33,12 +33,15 @@ export async function commitMain(argv: string[], ctx: CliContext): Promise<numbe
   if (quiet) progress = false;
   if (rest.length !== 1) throw new UsageError('Expecting one image file name');
   const file = rest[0];
-  if (!validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
+  if (cache !== undefined && !validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
   const format = imageFormat(fmt, file);
+  // Commit ends with a flush of the base, so its bulk writes may as well go straight to the
+  // device: the same durability, no page-cache copy, no host cache evicted (see PERFORMANCE.md).
+  const direct = cacheDirect(cache, 'auto');
 
   // Without -b the base is the backing file: the chain opens once, with it writable. With -b
   // the base is found by name first, then the chain is opened again with that layer writable.
-  let chain: Chain | null = await open(file, { format, readOnly: false, ...(base === undefined ? { writableDepths: new Set([1]) } : {}) }, ctx);
+  let chain: Chain | null = await open(file, { format, readOnly: false, direct, ...(base === undefined ? { writableDepths: new Set([1]) } : {}) }, ctx);
   const bar = new ProgressPrinter(progress, ctx.stdout, 1.0, ctx.stderr);
   bar.print(0, 100);
   try {
@@ -49,7 +52,7 @@ export async function commitMain(argv: string[], ctx: CliContext): Promise<numbe
       // Reopen with the base writable (backing files are otherwise read-only).
       await chain.close();
       chain = null;
-      chain = await open(file, { format, readOnly: false, writableDepths: new Set([depth]) }, ctx);
+      chain = await open(file, { format, readOnly: false, direct, writableDepths: new Set([depth]) }, ctx);
     } else {
       depth = chain.depth > 1 ? 1 : null;
       if (depth === null) throw new CliError('Image does not have a backing file');
