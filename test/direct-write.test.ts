@@ -125,3 +125,14 @@ test('commit through the library with direct writes: the data goes direct, the r
   assert.match(qemuImgSync(['compare', path.join(q, 'base.qcow2'), path.join(c, 'base.qcow2')]), /Images are identical/);
   assert.match(qemuImgSync(['check', 'base.qcow2'], c), /No errors were found/);
 });
+
+test('img convert -t none: direct writes overlap, yet the host layout is qemu-img convert -t none\'s', oracle(), () => {
+  const q = scratch(), c = scratch();
+  chain(q);
+  chain(c);
+  qemuImgSync(['convert', '-t', 'none', '-O', 'qcow2', 'top.qcow2', 'out.qcow2'], q);
+  execFileSync(QCHAIN, ['img', 'convert', '-t', 'none', '-O', 'qcow2', 'top.qcow2', 'out.qcow2'], { cwd: c });
+  assert.match(qemuImgSync(['compare', path.join(q, 'out.qcow2'), path.join(c, 'out.qcow2')]), /Images are identical/);
+  assert.equal(qemuImgSync(['map', '--output=json', 'out.qcow2'], c), qemuImgSync(['map', '--output=json', 'out.qcow2'], q));
+  assert.match(qemuImgSync(['check', 'out.qcow2'], c), /No errors were found/);
+});

@@ -14,7 +14,7 @@ import { ImageError } from '../image/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { RateLimiter, runPool } from './pool.js';
 import { Mutex } from '../util/mutex.js';
-import { alignedBuffer } from '../storage/aligned.js';
+import { alignedBuffer, releaseAligned } from '../storage/aligned.js';
 
 export interface CommitOptions {
   /** Keep the top's content (qemu-img commit -d; -b implies it). */
@@ -129,6 +129,7 @@ export async function commit(chain: Chain, baseDepth: number, opts: CommitOption
       }
       advance(j.length);
     });
+    for (const b of buffers) releaseAligned(b); // all jobs are done with them
     await base.flush();
     if (!opts.drop && top instanceof Qcow2Image) {
       await top.makeEmpty();

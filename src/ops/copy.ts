@@ -3,6 +3,7 @@
  * source reports as unallocated or zero (block status) and, with a sparse size, all-zero runs
  * inside data. Several requests are in flight; each is a large aligned buffer.
  */
+import { alignedBuffer, releaseAligned } from '../storage/aligned.js';
 import type { Chain, ChainExtent } from '../chain/chain.js';
 import type { BlockDriver } from '../image/driver.js';
 import { Turns } from './turns.js';
@@ -124,10 +125,17 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
   const turns = new Turns(opts.outOfOrder);
   // In order, one data write at a time: buffered writes to one file serialise in the kernel
   // anyway (measured: concurrent ones made a raw flatten ~1.5x slower); the slot is taken after
-  // placement, so the next job's allocation still overlaps the write in flight. -W lets them all go.
-  const writeSlots = new Semaphore(opts.outOfOrder ? parallel : 1);
+  // placement, so the next job's allocation still overlaps the write in flight. -W lets them all
+  // go, and so do direct writes (the device takes several at once). Buffers are page-aligned so
+  // that a direct target can take them as they are.
+  const writeSlots = new Semaphore(opts.outOfOrder || target.storage.direct ? parallel : 1);
   const worker = async (): Promise<void> => {
-    const buf = Buffer.allocUnsafe(chunk);
+    const buf = alignedBuffer(chunk);
+    await work(buf);
+    // Not after a failure: a write that failed may have left others of its job in flight.
+    if (!failure) releaseAligned(buf);
+  };
+  const work = async (buf: Buffer): Promise<void> => {
     for (;;) {
       if (failure) return;
       const r = await it.next();

@@ -7,7 +7,7 @@ import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, formatArg, out
 import type { Chain } from '../../chain/chain.js';
 import type { ImageFormat } from '../../chain/open.js';
 import { FileStorage } from '../../storage/file.js';
-import { validCacheMode } from './chainops-common.js';
+import { cacheDirect, validCacheMode } from './chainops-common.js';
 import { createQcow2, validateCreateOptions, type Preallocation, type Qcow2CreateOptions } from '../../qcow2/create.js';
 import { copyChains, type CopyOptions } from '../../ops/copy.js';
 import { copyChainsCompressed } from '../../ops/copy-compressed.js';
@@ -99,7 +99,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
     if (!noCreate) await createTarget(target, outFmt, total, optstr, backing, backingFmt);
     if (!validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
     try {
-      dst = await open(target, { format: outFmt, readOnly: false, noFlush: cache === 'unsafe' }, ctx);
+      dst = await open(target, { format: outFmt, readOnly: false, noFlush: cache === 'unsafe', direct: cacheDirect(cache, 'off') }, ctx);
     } catch (e) {
       throw new CliError(asCliError(e).message);
     }
