@@ -307,8 +307,15 @@ export class Qcow2Image implements BlockDriver {
     }
   }
 
+  /** Whether validateEntry has nothing to report (checked synchronously; no await per entry). */
+  private entryValid(e: L2Entry): boolean {
+    if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) return false;
+    return !this.extL2 || e.type === ClusterType.Compressed || ((e.allocBits & e.zeroBits) === 0 && (e.host !== 0 || e.allocBits === 0));
+  }
+
   /** Checks a data entry before it is used; corrupt entries mark the image and fail the I/O. */
   /** @internal */ async validateEntry(e: L2Entry, l2Offset: number, idx: number): Promise<void> {
+    if (this.entryValid(e)) return;
     if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) {
       await this.signalCorruption(`Cluster allocation offset 0x${e.host.toString(16)} unaligned (L2 offset: 0x${l2Offset.toString(16)}, L2 index: ${idx ? `0x${idx.toString(16)}` : '0'})`);
     }
@@ -349,8 +356,28 @@ export class Qcow2Image implements BlockDriver {
           const idx = ci % this.l2Entries;
           const cStart = ci * this.clusterSize;
           const cEnd = Math.min(segEnd, cStart + this.clusterSize);
+          if (!this.extL2) {
+            // Common case without an entry object or an await per cluster: a standard entry that
+            // is not compressed and whose host offset is aligned (else the general path below).
+            const hi = table.readUInt32BE(idx * 8), lo = table.readUInt32BE(idx * 8 + 4);
+            const host = (hi & C.HI_OFFSET_MASK) * C.TWO32 + ((lo & C.LO_OFFSET_MASK) >>> 0);
+            if ((hi & C.HI_COMPRESSED) === 0 && host % this.clusterSize === 0) {
+              const zero = this.geo.zeroFlag && (lo & C.LO_ZERO) !== 0;
+              const kind = zero ? 'zero' : host ? 'data' : 'unallocated';
+              const hostOffset = host && kind !== 'unallocated' ? host + (pos - cStart) : undefined;
+              const last = out[out.length - 1];
+              if (last && last.kind === kind && !last.compressed && last.offset + last.length === pos &&
+                (hostOffset === undefined ? last.hostOffset === undefined : last.hostOffset !== undefined && last.hostOffset + last.length === hostOffset)) {
+                last.length += cEnd - pos;
+              } else {
+                out.push(hostOffset === undefined ? { offset: pos, length: cEnd - pos, kind } : { offset: pos, length: cEnd - pos, kind, hostOffset });
+              }
+              pos = cEnd;
+              continue;
+            }
+          }
           const e = readL2(table, idx, this.geo);
-          await this.validateEntry(e, l1e.offset, idx);
+          if (!this.entryValid(e)) await this.validateEntry(e, l1e.offset, idx);
           if (!this.extL2 || e.type === ClusterType.Compressed) {
             push(this.extentOf(e, pos, cEnd - pos, pos - cStart));
           } else {
@@ -627,7 +654,7 @@ export class Qcow2Image implements BlockDriver {
       for (let c = Math.floor(pos / cs) * cs; c < end; c += cs) {
         const idx = Math.floor(c / cs) % this.l2Entries;
         const old = readL2(table, idx, this.geo);
-        await this.validateEntry(old, l2Off, idx);
+        if (!this.entryValid(old)) await this.validateEntry(old, l2Off, idx);
         const da = Math.max(pos, c) - c, db = Math.min(end, c + cs) - c;
         const reuse = (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc) && old.copied;
         const p: ClusterPlan = { index: idx, guest: c, old, host: reuse ? old.host : 0, isNew: !reuse, wa: 0, wb: cs, da, db, allocBits: 0, zeroBits: 0 };
