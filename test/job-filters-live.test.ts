@@ -22,6 +22,7 @@ import path from 'node:path';
 import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
 import { MONITOR, jobEvent, norm, onBoth, qcow2Node, quit, withDaemon, type Daemon, type Tool } from './helpers/live-qmp.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
+import { firstDiff } from './helpers/job-script.js';
 
 type X = (cmd: string, args?: Record<string, unknown>) => Promise<QmpMessage>;
 type Step = (x: X, d: Daemon) => Promise<void>;
@@ -138,20 +139,6 @@ async function same(steps: Step[]): Promise<string[]> {
 }
 
 const reply = (line: string): unknown => (line.includes(' -> ') ? JSON.parse(line.slice(line.indexOf(' -> ') + 4)) : JSON.parse(line));
-
-/** Where two replies first differ (member order included), for the failure message. */
-function firstDiff(ours: unknown, want: unknown, at: string): string {
-  if (ours && want && typeof ours === 'object' && typeof want === 'object') {
-    const a = Object.keys(ours), b = Object.keys(want);
-    if (a.join() !== b.join()) return `${at}: members ${JSON.stringify(a)} vs QSD's ${JSON.stringify(b)}`;
-    for (const k of a) {
-      const d = firstDiff((ours as Record<string, unknown>)[k], (want as Record<string, unknown>)[k], `${at}.${k}`);
-      if (d) return d;
-    }
-    return '';
-  }
-  return JSON.stringify(ours) === JSON.stringify(want) ? '' : `${at}: ${JSON.stringify(ours)} vs QSD's ${JSON.stringify(want)}`;
-}
 
 /** The drivers of the nodes a listing line names, in order. */
 function drivers(line: string): string[] {

@@ -120,7 +120,7 @@ export async function same(steps: Step[], after?: (dir: string) => Promise<strin
 export const replyOf = (line: string): Record<string, unknown> => JSON.parse(line.slice(line.indexOf(' -> ') + 4)) as Record<string, unknown>;
 
 /** Where two replies first differ (member order included), for the failure message. */
-function firstDiff(ours: unknown, want: unknown, at: string): string {
+export function firstDiff(ours: unknown, want: unknown, at: string): string {
   if (ours && want && typeof ours === 'object' && typeof want === 'object') {
     const a = Object.keys(ours), b = Object.keys(want);
     if (a.join() !== b.join()) return `${at}: members ${JSON.stringify(a)} vs QSD's ${JSON.stringify(b)}`;
