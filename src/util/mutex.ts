@@ -61,18 +61,25 @@ export class Semaphore {
  * overlaps its own. Non-overlapping requests proceed in parallel.
  */
 export class RangeLock {
-  private active: Array<{ start: number; end: number; done: Promise<void> }> = [];
+  /** Held and waiting ranges in issue order; `waiters` is made only when someone waits. */
+  private active: Array<{ start: number; end: number; waiters: Array<() => void> | null }> = [];
 
-  async acquire(start: number, end: number): Promise<() => void> {
-    const waits = this.active.filter((r) => r.start < end && start < r.end).map((r) => r.done);
-    let release!: () => void;
-    const entry = { start, end, done: new Promise<void>((r) => (release = r)) };
+  /** Registers the range at once (later overlapping requests queue behind it); resolves when held. */
+  acquire(start: number, end: number): Promise<() => void> {
+    let waits: Array<Promise<void>> | null = null;
+    for (const r of this.active) {
+      if (r.start < end && start < r.end) (waits ??= []).push(new Promise<void>((res) => (r.waiters ??= []).push(res)));
+    }
+    const entry = { start, end, waiters: null as Array<() => void> | null };
     this.active.push(entry);
-    if (waits.length) await Promise.all(waits);
-    return () => {
+    const release = (): void => {
       const i = this.active.indexOf(entry);
       if (i >= 0) this.active.splice(i, 1);
-      release();
+      const w = entry.waiters;
+      entry.waiters = null;
+      if (w) for (const f of w) f();
     };
+    if (!waits) return Promise.resolve(release);
+    return Promise.all(waits).then(() => release);
   }
 }
