@@ -371,7 +371,6 @@ const CASES: Case[] = [
   },
   {
     name: 'corrupt image: the write path names the data cluster',
-    todo: 'engine: the write path reports "Cluster allocation offset ... (L2 offset ..., L2 index ...)" where QEMU says "Data cluster offset 0x50200 unaligned (guest offset: 0)"',
     setup: async (d) => {
       await createQcow2(d);
       await qio(['-c', 'write 0 64k', 't.img'], d);

@@ -657,6 +657,11 @@ export class Qcow2Image implements BlockDriver {
       for (let c = Math.floor(pos / cs) * cs; c < end; c += cs) {
         const idx = Math.floor(c / cs) % this.l2Entries;
         const old = readL2(table, idx, this.geo);
+        if ((old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc) && old.copied && old.host % cs !== 0) {
+          // QEMU's handle_copied names the cluster and the guest offset the write starts at.
+          const g = Math.max(pos, c);
+          await this.signalCorruption(`${old.type === ClusterType.ZeroAlloc ? 'Preallocated zero' : 'Data'} cluster offset 0x${old.host.toString(16)} unaligned (guest offset: ${g ? `0x${g.toString(16)}` : '0'})`);
+        }
         await this.validateEntry(old, l2Off, idx);
         const da = Math.max(pos, c) - c, db = Math.min(end, c + cs) - c;
         const reuse = (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc) && old.copied;
