@@ -322,7 +322,7 @@ const CASES: Case[] = [
     args: ['-f', 'raw', ...c('truncate 2M', 'length', 'write -P 1 1M 4k', 'truncate -m full 3M', 'truncate -m metadata 4M', 'truncate 1536k', 'length', 'map', 'read -P 0 1M 4k'), 't.img'],
     map: false,
   },
-  // ---- known engine differences ----
+  // ---- cases that once differed from QEMU (kept as parity checks) ----
   {
     name: 'qcow2 v3: a partial zero write on an unallocated cluster makes the whole cluster a zero cluster',
     setup: (d) => createQcow2(d),
@@ -350,7 +350,6 @@ const CASES: Case[] = [
   },
   {
     name: 'dirty image with lazy refcounts is repaired on a read-write open',
-    todo: 'engine: the repair log lacks QEMU\'s "Repairing cluster N refcount=1 reference=0" lines',
     setup: async (d) => {
       await createQcow2(d, ['-o', 'lazy_refcounts=on']);
       // Kill qemu-io after a write so that the dirty bit stays set.
@@ -360,7 +359,6 @@ const CASES: Case[] = [
   },
   {
     name: 'corrupt v2 image, read-write: fatal corruption event',
-    todo: 'engine: signalCorruption() treats a writable v2 image as non-fatal ("Image is corrupt ... non-fatal") where QEMU marks it corrupt and stops all I/O',
     setup: async (d) => {
       await createQcow2(d, ['-o', 'compat=0.10']);
       await qio(['-c', 'write 0 64k', 't.img'], d);
@@ -371,7 +369,6 @@ const CASES: Case[] = [
   },
   {
     name: 'corrupt image: the write path names the data cluster',
-    todo: 'engine: the write path reports "Cluster allocation offset ... (L2 offset ..., L2 index ...)" where QEMU says "Data cluster offset 0x50200 unaligned (guest offset: 0)"',
     setup: async (d) => {
       await createQcow2(d);
       await qio(['-c', 'write 0 64k', 't.img'], d);

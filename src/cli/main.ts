@@ -8,7 +8,9 @@ import { processContext, type CliContext } from './context.js';
 const USAGE = `qchain - qcow2 backing-chain management (qemu-img / qemu-io compatible)
 
 Usage:
-  qchain img <command> [options...]   the qemu-img command line (create, info, map, check, convert)
+  qchain img <command> [options...]   the qemu-img command line (create, info, map, check, convert,
+                                      commit, rebase, snapshot, compare, measure, resize, amend,
+                                      bitmap, dd, bench)
   qchain io [options...] [-c cmd]... file   the qemu-io command line
   qchain daemon [options] [file]       the storage daemon: NBD exports of open chains (qemu-storage-daemon)
   qchain demo                          build the seed walk-through chain in a temporary folder and show it

@@ -10,7 +10,7 @@
  * structural operation, and when too much is pending.
  * Overlapping guest requests are serialised by a range lock; metadata changes by one mutex.
  */
-import type { OverlapKind } from './overlap.js';
+import { metadataOverlap, type OverlapKind } from './overlap.js';
 import { errnoText, type Storage } from '../storage/storage.js';
 import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteOptions, WriteZeroesOptions } from '../image/driver.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
@@ -20,7 +20,7 @@ import { parseHeader, serializeHeader, type Qcow2Header } from './header.js';
 import { Refcounts, RefcountRangeError, type AllocChain } from './refcount.js';
 import { L2Cache } from './l2-cache.js';
 import { ClusterType, readL1, readL2, writeL2, encodeU64, type EntryGeometry, type L2Entry } from './entry.js';
-import type { Snapshot } from './snapshot-table.js';
+import { serializeSnapshotTable, type Snapshot } from './snapshot-table.js';
 import { readSnapshotTable } from './snapshot-read.js';
 import { decompressCluster, type CompressionType } from './compress.js';
 import { Qcow2Bitmaps } from './bitmaps.js';
@@ -643,6 +643,36 @@ export class Qcow2Image implements BlockDriver {
       hit(this.refcounts.tableOffset, this.refcounts.tableClusters * cs);
   }
 
+  /** Bytes of the snapshot table (QEMU's snapshots_size), recomputed when the table changes. */
+  private snapshotsSizeMemo: { list: Snapshot[] | null; count: number; offset: number; size: number } = { list: null, count: -1, offset: -1, size: 0 };
+  private snapshotsSize(): number {
+    const m = this.snapshotsSizeMemo;
+    if (m.list !== this.snapshots || m.count !== this.snapshots.length || m.offset !== this.header.snapshotsOffset) {
+      m.list = this.snapshots;
+      m.count = this.snapshots.length;
+      m.offset = this.header.snapshotsOffset;
+      m.size = m.count ? serializeSnapshotTable(this.snapshots).length : 0;
+    }
+    return m.size;
+  }
+
+  /**
+   * QEMU's pre-write overlap check on guest data going into clusters the L2 table already maps
+   * (qcow2_co_pwritev_task): a range over the header, the active L1 table, the refcount table, the
+   * snapshot table, an inactive L1 table or the bitmap directory marks the image corrupt and fails
+   * the write (EIO) instead of overwriting the metadata. Active L2 tables and refcount blocks are
+   * not looked for here: that needs a scan of the whole L1 and refcount tables on every write.
+   */
+  private async dataOverlapCheck(host: number, len: number): Promise<void> {
+    if (len <= 0) return;
+    // Quick exit for the common case: none of the cheap structures can be hit.
+    const mayHit = this.overlapsMetadata(Math.floor(host / this.clusterSize) * this.clusterSize, Math.ceil((host % this.clusterSize + len) / this.clusterSize)) ||
+      this.snapshots.length > 0 || (this.header.autoclear & BigInt(C.AUTOCLEAR_BITMAPS)) !== 0n;
+    if (!mayHit) return;
+    const hit = metadataOverlap(this, host, len, this.snapshotsSize(), ['active L2 table', 'refcount block']);
+    if (hit) await this.signalCorruption(`Preventing invalid write on metadata (overlaps with ${hit})`);
+  }
+
   /** Whether the layer content of a cluster must be copied (COW) from old state for bytes outside the write. */
   private async writeSegment(data: Buffer, pos: number, onPlaced?: () => void, beforeData?: () => Promise<void>, chain: AllocChain = { next: null }): Promise<void> {
     const cs = this.clusterSize, sc = this.subclusterSize;
@@ -654,6 +684,11 @@ export class Qcow2Image implements BlockDriver {
       for (let c = Math.floor(pos / cs) * cs; c < end; c += cs) {
         const idx = Math.floor(c / cs) % this.l2Entries;
         const old = readL2(table, idx, this.geo);
+        if ((old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc) && old.copied && old.host % cs !== 0) {
+          // QEMU's handle_copied names the cluster and the guest offset the write starts at.
+          const g = Math.max(pos, c);
+          await this.signalCorruption(`${old.type === ClusterType.ZeroAlloc ? 'Preallocated zero' : 'Data'} cluster offset 0x${old.host.toString(16)} unaligned (guest offset: ${g ? `0x${g.toString(16)}` : '0'})`);
+        }
         if (!this.entryValid(old)) await this.validateEntry(old, l2Off, idx);
         const da = Math.max(pos, c) - c, db = Math.min(end, c + cs) - c;
         const reuse = (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc) && old.copied;
@@ -718,6 +753,7 @@ export class Qcow2Image implements BlockDriver {
         let k = 0;
         for (const p of plans) if (p.isNew) p.host = hosts[k++];
       }
+      for (const p of plans) if (!p.isNew) await this.dataOverlapCheck(p.host + p.wa, p.wb - p.wa);
       onPlaced?.();
       if (beforeData) await beforeData();
       // Build and issue the data writes (COW fill + guest data), merging host-contiguous pieces.

@@ -100,8 +100,9 @@ export async function checkMain(argv: string[], ctx: CliContext): Promise<number
     }
     // Internal errors during the check: qemu-img reports no result, only that the check failed.
     if (r.checkErrors) throw new CliError('Check failed');
-    if (output === 'json') ctx.stdout.write(qemuJson(jsonResult(r, file)) + '\n');
-    else if (!quiet) ctx.stdout.write(humanResult(r));
+    // -q silences the JSON result too (qemu-img's dump_json_image_check prints with qprintf).
+    if (quiet) { /* nothing */ } else if (output === 'json') ctx.stdout.write(qemuJson(jsonResult(r, file)) + '\n');
+    else ctx.stdout.write(humanResult(r));
     if (r.checkErrors) return 1;
     if (r.corruptions) return 2;
     if (r.leaks) return 3;
