@@ -15,6 +15,7 @@ import { ImageError } from '../image/errors.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { runPool } from './pool.js';
 import { Mutex } from '../util/mutex.js';
+import { alignedBuffer, releaseAligned } from '../storage/aligned.js';
 
 /** The guest view of layers [depth..] of a chain. */
 export interface ChainView {
@@ -115,16 +116,22 @@ export async function rebaseCopy(chain: Chain, next: ChainView | null, opts: Reb
   }
 
   const pool: Array<[Buffer, Buffer]> = [];
-  // Reads and compares overlap; writes into the image go one request at a time (buffered writes
-  // to one file serialise in the kernel; concurrent ones only add contention).
-  const writing = new Mutex();
+  // Reads and compares overlap; buffered writes into the image go one request at a time (they
+  // serialise in the kernel; concurrent ones only add contention), direct ones overlap.
+  const writing = top.storage.direct ? null : new Mutex();
+  const write = async (runs: Array<[number, number]>, a: Buffer, c: { offset: number }, beyondOld: boolean): Promise<void> => {
+    for (const [s, e] of runs) {
+      if (beyondOld) await top.writeZeroes(c.offset + s, e - s);
+      else await top.write(a.subarray(s, e), c.offset + s);
+    }
+  };
   await runPool(chunks(), opts.parallel ?? 8, async (c) => {
     const beyondOld = c.offset >= oldSize;
     const oldStatus = beyondOld ? [] : await chain.statusFrom(1, c.offset, c.length);
     const inNew = Math.max(0, Math.min(c.length, newSize - c.offset));
     const newStatus = next && inNew > 0 ? await next.chain.statusFrom(next.depth, c.offset, inNew) : [];
     if (zeroish(oldStatus) && zeroish(newStatus)) return;
-    const bufs = pool.pop() ?? [Buffer.allocUnsafe(chunk), Buffer.allocUnsafe(chunk)];
+    const bufs = pool.pop() ?? [alignedBuffer(chunk), alignedBuffer(chunk)];
     try {
       const a = bufs[0].subarray(0, c.length), b = bufs[1].subarray(0, c.length);
       if (beyondOld) a.fill(0);
@@ -136,16 +143,16 @@ export async function rebaseCopy(chain: Chain, next: ChainView | null, opts: Reb
       ]);
       const runs = differingRuns(a, b, top.granularity);
       if (runs.length === 0) return;
-      await writing.run(async () => {
-        for (const [s, e] of runs) {
-          if (beyondOld) await top.writeZeroes(c.offset + s, e - s);
-          else await top.write(a.subarray(s, e), c.offset + s);
-        }
-      });
+      if (writing) await writing.run(() => write(runs, a, c, beyondOld));
+      else await write(runs, a, c, beyondOld);
     } finally {
       pool.push(bufs);
     }
   });
+  for (const [a, b] of pool) {
+    releaseAligned(a);
+    releaseAligned(b);
+  }
   await top.flush();
   opts.onProgress?.(size, size);
 }

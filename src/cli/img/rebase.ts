@@ -3,7 +3,7 @@ import type { CliContext } from '../context.js';
 import { CliError, UsageError, reportError } from '../util/errors.js';
 import { ProgressPrinter } from '../util/progress.js';
 import { FORCE_SHARE, HELP, IMAGE_OPTS, OBJECT, PROG, asCliError, open, parseArgs } from './common.js';
-import { QEMU_FORMATS, imageFormat, validCacheMode } from './chainops-common.js';
+import { QEMU_FORMATS, cacheDirect, imageFormat, validCacheMode } from './chainops-common.js';
 import type { Chain } from '../../chain/chain.js';
 import { isFormat, openChain } from '../../chain/open.js';
 import { findBackingImage } from '../../chain/find-backing.js';
@@ -16,7 +16,7 @@ const USAGE = 'usage: qchain img rebase [-q] [-f fmt] [-t cache] [-T src_cache] 
 export async function rebaseMain(argv: string[], ctx: CliContext): Promise<number> {
   const { opts, rest } = parseArgs(argv, ':hf:F:b:upt:T:qU', [HELP, OBJECT, IMAGE_OPTS, FORCE_SHARE]);
   let fmt: string | undefined, backingFmt: string | undefined, backing: string | undefined;
-  let cache = 'writeback', srcCache = 'writeback', unsafe = false, progress = false, quiet = false;
+  let cache: string | undefined, srcCache = 'writeback', unsafe = false, progress = false, quiet = false;
   for (const o of opts) {
     const a = o.arg as string;
     switch (o.opt) {
@@ -41,10 +41,11 @@ export async function rebaseMain(argv: string[], ctx: CliContext): Promise<numbe
   bar.print(0, 100);
   let chain: Chain | null = null, other: Chain | null = null;
   try {
-    if (!validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
+    if (cache !== undefined && !validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
     if (!validCacheMode(srcCache)) throw new CliError(`Invalid source cache option: ${srcCache}`);
     // The old backing chain is not opened in unsafe mode (it may be missing or moved).
-    chain = await open(file, { format: imageFormat(fmt, file), readOnly: false, noBacking: unsafe }, ctx);
+    // As commit: the rebase ends with a flush, so the copied data may go straight to the device.
+    chain = await open(file, { format: imageFormat(fmt, file), readOnly: false, noBacking: unsafe, direct: cacheDirect(cache, 'auto') }, ctx);
     if (backingFmt !== undefined && !QEMU_FORMATS.includes(backingFmt)) throw new CliError(`Invalid format name: '${backingFmt}'`);
     if (!unsafe) {
       let next: ChainView | null = null;
