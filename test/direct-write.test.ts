@@ -136,3 +136,18 @@ test('img convert -t none: direct writes overlap, yet the host layout is qemu-im
   assert.equal(qemuImgSync(['map', '--output=json', 'out.qcow2'], c), qemuImgSync(['map', '--output=json', 'out.qcow2'], q));
   assert.match(qemuImgSync(['check', 'out.qcow2'], c), /No errors were found/);
 });
+
+test('img rebase (direct by default) drops the base as qemu-img rebase does: same views, clean check', oracle(), () => {
+  const q = scratch(), c = scratch();
+  for (const d of [q, c]) {
+    chain(d);
+    // top gets a new layer above it, then the middle one (top) is dropped by a safe rebase.
+    qemuImgSync(['create', '-q', '-f', 'qcow2', '-b', 'top.qcow2', '-F', 'qcow2', 'over.qcow2'], d);
+    qemuIoSync(['-c', 'write -P 0x66 3M 2M', 'over.qcow2'], d);
+  }
+  qemuImgSync(['rebase', '-b', 'base.qcow2', '-F', 'qcow2', 'over.qcow2'], q);
+  execFileSync(QCHAIN, ['img', 'rebase', '-b', 'base.qcow2', '-F', 'qcow2', 'over.qcow2'], { cwd: c });
+  assert.match(qemuImgSync(['compare', path.join(q, 'over.qcow2'), path.join(c, 'over.qcow2')]), /Images are identical/);
+  assert.match(qemuImgSync(['check', 'over.qcow2'], c), /No errors were found/);
+  assert.equal(qemuImgSync(['info', '--output=json', 'over.qcow2'], c).match(/"backing-filename": "([^"]*)"/)?.[1], 'base.qcow2');
+});
