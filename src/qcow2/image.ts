@@ -617,6 +617,7 @@ export class Qcow2Image implements BlockDriver {
       // old table's refcount drops only after the L1 entry is (QEMU writes L1 entries synced).
       await this.storage.flush();
       encodeU64(this.l1, l1i * 8, newOff, true);
+      this.l1Generation++;
       await this.storage.write(this.l1.subarray(l1i * 8, l1i * 8 + 8), this.header.l1TableOffset + l1i * 8);
       if (cur.offset) {
         await this.storage.flush();
@@ -659,18 +660,50 @@ export class Qcow2Image implements BlockDriver {
   /**
    * QEMU's pre-write overlap check on guest data going into clusters the L2 table already maps
    * (qcow2_co_pwritev_task): a range over the header, the active L1 table, the refcount table, the
-   * snapshot table, an inactive L1 table or the bitmap directory marks the image corrupt and fails
-   * the write (EIO) instead of overwriting the metadata. Active L2 tables and refcount blocks are
-   * not looked for here: that needs a scan of the whole L1 and refcount tables on every write.
+   * snapshot table, an inactive L1 table, an active L2 table, a refcount block or the bitmap
+   * directory marks the image corrupt and fails the write (EIO) instead of overwriting the
+   * metadata. Active L2 tables and refcount blocks are found through metaClusters (no scan per
+   * write); a hit there is confirmed by QEMU's full check, which also names the structure.
    */
   private async dataOverlapCheck(host: number, len: number): Promise<void> {
     if (len <= 0) return;
+    const cs = this.clusterSize;
+    const first = Math.floor(host / cs), last = Math.floor((host + len - 1) / cs);
     // Quick exit for the common case: none of the cheap structures can be hit.
-    const mayHit = this.overlapsMetadata(Math.floor(host / this.clusterSize) * this.clusterSize, Math.ceil((host % this.clusterSize + len) / this.clusterSize)) ||
-      this.snapshots.length > 0 || (this.header.autoclear & BigInt(C.AUTOCLEAR_BITMAPS)) !== 0n;
-    if (!mayHit) return;
-    const hit = metadataOverlap(this, host, len, this.snapshotsSize(), ['active L2 table', 'refcount block']);
+    const mayHit = this.overlapsMetadata(first * cs, last - first + 1) || this.snapshots.length > 0 ||
+      (this.header.autoclear & BigInt(C.AUTOCLEAR_BITMAPS)) !== 0n;
+    const tables = this.metaClusters();
+    let inTables = false;
+    for (let c = first; c <= last && !inTables; c++) inTables = tables.has(c);
+    if (!mayHit && !inTables) return;
+    const hit = metadataOverlap(this, host, len, this.snapshotsSize(), inTables ? [] : ['active L2 table', 'refcount block']);
     if (hit) await this.signalCorruption(`Preventing invalid write on metadata (overlaps with ${hit})`);
+  }
+
+  /** Cluster indices of the active L2 tables and the refcount blocks, with what they were built from. */
+  private metaIndex: { l1: Buffer; l1Gen: number; table: number[]; rcGen: number; set: Set<number> } | null = null;
+  /** Bumped when an L1 entry is pointed at a new L2 table in place. */
+  private l1Generation = 0;
+
+  /**
+   * The clusters holding active L2 tables or refcount blocks, rebuilt when the L1 table or the
+   * refcount table was replaced or changed since (a few thousand entries at most, and only when
+   * metadata moved). Entries cleared in place (a shrink, a repair) may leave a cluster listed
+   * that no longer is metadata; the full check that confirms a hit makes that harmless.
+   */
+  private metaClusters(): Set<number> {
+    const rc = this.refcounts;
+    let ix = this.metaIndex;
+    if (ix && ix.l1 === this.l1 && ix.l1Gen === this.l1Generation && ix.table === rc.table && ix.rcGen === rc.generation) return ix.set;
+    const cs = this.clusterSize, set = new Set<number>();
+    for (let i = 0; i < this.header.l1Size && i * 8 < this.l1.length; i++) {
+      const o = (this.l1.readUInt32BE(i * 8) & C.HI_OFFSET_MASK) * C.TWO32 + ((this.l1.readUInt32BE(i * 8 + 4) & C.LO_OFFSET_MASK) >>> 0);
+      if (o) set.add(Math.floor(o / cs));
+    }
+    for (const bo of rc.table) if (bo > 0) set.add(Math.floor(bo / cs));
+    ix = { l1: this.l1, l1Gen: this.l1Generation, table: rc.table, rcGen: rc.generation, set };
+    this.metaIndex = ix;
+    return set;
   }
 
   /** Whether the layer content of a cluster must be copied (COW) from old state for bytes outside the write. */

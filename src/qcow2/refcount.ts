@@ -83,6 +83,8 @@ export class Refcounts {
    * (a negative int64 for QEMU) is -1.
    */
   table: number[];
+  /** Bumped whenever a table entry changes in place (a block added or dropped). */
+  generation = 0;
   /** Exact offsets of the FAR_BLOCK entries, by table index. */
   farEntries = new Map<number, bigint>();
   tableOffset: number;
@@ -529,6 +531,7 @@ export class Refcounts {
     if (ti < this.table.length) {
       // The table entry goes last, once the block and its own refcount are durable.
       this.table[ti] = bo;
+      this.generation++;
       this.farEntries.delete(ti);
       const e = Buffer.alloc(8);
       e.writeUInt32BE(Math.floor(bo / TWO32), 0);
@@ -852,6 +855,7 @@ export class Refcounts {
         this.fci = Math.min(this.fci, this.table[ti] / this.clusterSize);
         this.blocks.delete(this.table[ti]);
         this.table[ti] = 0;
+        this.generation++;
       }
     }
   }
