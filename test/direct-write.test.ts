@@ -95,7 +95,7 @@ function chain(dir: string): void {
   qemuIoSync([...cmds.flatMap((c) => ['-c', c]), 'top.qcow2'], dir);
 }
 
-for (const mode of [null, 'none', 'writeback', 'directsync']) {
+for (const mode of [null, 'none', 'writeback', 'directsync', 'unsafe']) {
   test(`img commit ${mode ? `-t ${mode}` : '(default: direct)'}: same base as qemu-img commit, checks clean`, oracle(), () => {
     const q = scratch(), c = scratch();
     chain(q);

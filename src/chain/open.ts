@@ -51,7 +51,7 @@ export interface OpenOptions {
   forceShare?: boolean;
   /** Take no image locks at all (default: QEMU-compatible locks). */
   noLock?: boolean;
-  /** The named image's flushes do nothing (cache=unsafe). */
+  /** The named image's flushes do nothing (cache=unsafe), and those of the writable backing layers. */
   noFlush?: boolean;
   /** Bulk data writes bypass the page cache, in every writable layer (see FileOpenOptions.direct). */
   direct?: DirectMode;
@@ -270,7 +270,7 @@ export async function openChain(file: string, opts: OpenOptions = {}): Promise<C
         const writable = !!opts.writableDepths?.has(layers.length);
         // Backing files inherit check mode (QEMU passes BDRV_O_CHECK down the chain).
         const o: ImageOpenOptions = { readOnly: !writable, log: opts.log, lock: lockFor(!writable), checkMode: opts.checkMode, defaultL2CacheBytes: opts.defaultL2CacheBytes,
-          direct: opts.direct };
+          direct: opts.direct, noFlush: writable ? opts.noFlush : undefined };
         opened = next.spec ? await openSpec(next.spec, o) : (await openImage(name, { ...o, format: next.format })).driver;
       } catch (e) {
         if (e instanceof ImageError) {

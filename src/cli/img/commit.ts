@@ -41,7 +41,7 @@ export async function commitMain(argv: string[], ctx: CliContext): Promise<numbe
 
   // Without -b the base is the backing file: the chain opens once, with it writable. With -b
   // the base is found by name first, then the chain is opened again with that layer writable.
-  let chain: Chain | null = await open(file, { format, readOnly: false, direct, ...(base === undefined ? { writableDepths: new Set([1]) } : {}) }, ctx);
+  let chain: Chain | null = await open(file, { format, readOnly: false, direct, noFlush: cache === 'unsafe', ...(base === undefined ? { writableDepths: new Set([1]) } : {}) }, ctx);
   const bar = new ProgressPrinter(progress, ctx.stdout, 1.0, ctx.stderr);
   bar.print(0, 100);
   try {
@@ -52,7 +52,7 @@ export async function commitMain(argv: string[], ctx: CliContext): Promise<numbe
       // Reopen with the base writable (backing files are otherwise read-only).
       await chain.close();
       chain = null;
-      chain = await open(file, { format, readOnly: false, direct, writableDepths: new Set([depth]) }, ctx);
+      chain = await open(file, { format, readOnly: false, direct, noFlush: cache === 'unsafe', writableDepths: new Set([depth]) }, ctx);
     } else {
       depth = chain.depth > 1 ? 1 : null;
       if (depth === null) throw new CliError('Image does not have a backing file');

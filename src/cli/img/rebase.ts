@@ -45,7 +45,7 @@ export async function rebaseMain(argv: string[], ctx: CliContext): Promise<numbe
     if (!validCacheMode(srcCache)) throw new CliError(`Invalid source cache option: ${srcCache}`);
     // The old backing chain is not opened in unsafe mode (it may be missing or moved).
     // As commit: the rebase ends with a flush, so the copied data may go straight to the device.
-    chain = await open(file, { format: imageFormat(fmt, file), readOnly: false, noBacking: unsafe, direct: cacheDirect(cache, 'auto') }, ctx);
+    chain = await open(file, { format: imageFormat(fmt, file), readOnly: false, noBacking: unsafe, direct: cacheDirect(cache, 'auto'), noFlush: cache === 'unsafe' }, ctx);
     if (backingFmt !== undefined && !QEMU_FORMATS.includes(backingFmt)) throw new CliError(`Invalid format name: '${backingFmt}'`);
     if (!unsafe) {
       let next: ChainView | null = null;
