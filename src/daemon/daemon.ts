@@ -213,20 +213,23 @@ export class Daemon {
   }
 
   async snapshotSync(a: Args): Promise<{ node: FormatNode; overlay: FormatNode }> {
-    const device = optStr(a, 'device'), nodeName = optStr(a, 'node-name');
-    const ref = nodeName ?? device;
-    if (!ref) throw new QmpError('Cannot find device= nor node_name=');
-    const node = this.jobs.node(ref, 'snapshot');
-    this.snapshotPrepare(node);
+    // QEMU's external_snapshot_prepare, in its order. `device` names a block backend, and QSD
+    // has none: only `node-name` finds a node (bdrv_lookup_bs).
     const file = str(a, 'snapshot-file');
+    const mode = optStr(a, 'mode') ?? 'absolute-paths';
+    if (mode !== 'absolute-paths' && mode !== 'existing') throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
+    const device = optStr(a, 'device'), nodeName = optStr(a, 'node-name');
+    if (nodeName === undefined || !this.graph.nodes.has(nodeName)) throw new QmpError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+    const node = this.jobs.node(nodeName, 'snapshot');
+    this.snapshotPrepare(node);
+    this.checkNoOverlay(node);
     const overlayName = optStr(a, 'snapshot-node-name');
     const format = optStr(a, 'format') ?? 'qcow2';
-    const mode = optStr(a, 'mode') ?? 'absolute-paths';
-    if (format !== 'qcow2' && format !== 'raw') throw new QmpError(`Unknown driver '${format}'`);
-    if (overlayName && this.graph.nodes.has(overlayName)) throw new QmpError(`Duplicate nodes with node-name='${overlayName}'`);
-    this.checkNoOverlay(node);
+    if (overlayName === undefined) throw new QmpError('New overlay node-name missing');
+    if (this.graph.nodes.has(overlayName)) throw new QmpError('New overlay node-name already in use');
+    if (format !== 'qcow2' && format !== 'raw') throw new QmpError(mode === 'existing' ? `Unknown driver '${format}'` : `Unknown file format '${format}'`);
     if (mode === 'absolute-paths') {
-      if (format !== 'qcow2') throw new QmpError("Format 'raw' does not support backing files");
+      if (format !== 'qcow2') throw new QmpError("Backing file not supported for file format 'raw'");
       const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
       try {
         // The node's name as QEMU shows it (bs->filename): a json:{...} pseudo-filename when its
@@ -238,10 +241,8 @@ export class Daemon {
         await st.close().catch(() => {});
         throw new QmpError(e instanceof Error ? e.message : String(e));
       }
-    } else if (mode !== 'existing') {
-      throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
     }
-    const overlay = await this.graph.addFormat({ name: overlayName ?? this.graph.implicitName(), format: formatArg(format), file, fileIsNode: false, backing: null });
+    const overlay = await this.graph.addFormat({ name: overlayName, format: formatArg(format), file, fileIsNode: false, backing: null });
     overlay.unowned = true;
     this.attachOverlay(node, overlay);
     return { node, overlay };
