@@ -2,6 +2,7 @@
  * The storage daemon: the block graph, the NBD server and its exports, and the QMP commands
  * that change them. Front ends (the `qchain daemon` command line, QMP) call into this.
  */
+import { cacheRange } from './nbd-cache.js';
 import { BlockGraph, QmpError, formatArg, type BlockNode, type FilterNode, type FormatNode, nextGraphSeq } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { CommandError, VERSION, onlyArgs, optBool, optStr, str, uint64, type Args, type Handler } from '../qmp/server.js';
@@ -120,6 +121,7 @@ export class Daemon {
       name: e.name, description: e.description, writable: e.writable, allocationDepth: e.allocationDepth,
       get discard() { return node.discard; },
       chain: () => this.graph.chain(this.graph.formatNode(entry.nodeName)),
+      cache: (offset, length) => cacheRange(this.graph, this.graph.formatNode(entry.nodeName), offset, length),
       bitmaps: views,
     });
   }

@@ -212,6 +212,7 @@ export class NbdConnection {
           await chain.flush();
           return this.ok(r);
         case P.CMD_CACHE:
+          await exp.cache?.(r.offset, r.length);
           return this.ok(r);
         case P.CMD_BLOCK_STATUS:
           return await this.blockStatus(n, r);
