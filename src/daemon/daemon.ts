@@ -295,6 +295,16 @@ export class Daemon {
   }
 
   async blockdevAdd(a: Args): Promise<void> {
+    try {
+      await this.blockdevAddNode(a);
+    } catch (e) {
+      // QMP shows no hints (QEMU's error_append_hint text is for the command line only).
+      if (e instanceof QmpError && e.message.includes('\nIs another process using the image')) throw new QmpError(e.message.slice(0, e.message.indexOf('\n')), e.errorClass);
+      throw e;
+    }
+  }
+
+  private async blockdevAddNode(a: Args): Promise<void> {
     const driver = str(a, 'driver');
     checkBlockdevNames(a);
     checkBlockdevSupport(a);

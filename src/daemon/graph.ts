@@ -146,7 +146,7 @@ export class BlockGraph {
   }
 
   private checkNewName(name: string | undefined): string {
-    if (!name) throw new QmpError('A block device must be given a node-name');
+    if (!name) throw new QmpError("'node-name' must be specified for the root node");
     if (!name.startsWith('#block') && !/^[A-Za-z][A-Za-z0-9_.+-]{0,127}$/.test(name)) throw new QmpError('Invalid node-name: \'' + name + '\'');
     if (this.nodes.has(name)) throw new QmpError(`Duplicate nodes with node-name='${name}'`);
     return name;
@@ -257,7 +257,11 @@ export class BlockGraph {
       for (const n of added) if (n.kind === 'format') this.onDriver(n);
       return top;
     } catch (e) {
-      if (e instanceof ImageError) throw new QmpError(e.message);
+      if (e instanceof ImageError) {
+        // A lock refused is the file driver's own error in QEMU, with no "Could not open" prefix.
+        const prefix = `Could not open '${filename}': `;
+        throw new QmpError(e.errno === 'ELOCKED' && e.message.startsWith(prefix) ? e.message.slice(prefix.length) : e.message);
+      }
       throw e;
     }
   }

@@ -171,7 +171,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
           const driver = kv.get('driver');
           const nodeName = kv.get('node-name');
           if (!driver) throw new UsageError("Parameter 'driver' is missing");
-          if (!nodeName) throw new UsageError('A block device must be given a node-name');
+          if (!nodeName) throw new UsageError("'node-name' must be specified for the root node");
           const warnings: string[] = [];
           // backing=NAME names a node (also 'null'); backing= (empty) is no backing, deprecated.
           const backing = qmpCheck(() => backingRef([...kv.keys()].some((k) => k.startsWith('backing.')) ? {} : kv.get('backing'), (w) => warnings.push(w)));
