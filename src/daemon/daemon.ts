@@ -43,6 +43,8 @@ export interface ExportEntry {
   held?: NodeBitmap[];
   /** Added on a job's filter node (it serves the filter's child, shown as the filter while it lasts). */
   on?: FilterNode;
+  /** The iothread asked for (qchain has none: refused as QEMU refuses an unknown one). */
+  iothread?: string;
   /** When it was added (nextGraphSeq): a filter put over its node later is shown as its node. */
   seq?: number;
 }
@@ -72,22 +74,31 @@ export class Daemon {
     });
   }
 
-  async startNbd(addr: NbdAddress): Promise<void> {
+  async startNbd(addr: NbdAddress, maxConnections = 0): Promise<void> {
     if (this.nbdRunning) throw new QmpError('NBD server already running');
+    this.nbd.maxConnections = maxConnections;
     await this.nbd.listen(addr);
     this.nbdRunning = true;
   }
 
   async stopNbd(): Promise<void> {
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
+    // QEMU's qmp_nbd_server_stop closes every NBD export first (BLOCK_EXPORT_DELETED each,
+    // oldest first), then the server.
+    for (const e of [...this.exports.values()]) {
+      exportCloseDrains(this.graph, e.nodeName, this.jobList());
+      this.deleteExport(e.id);
+    }
     await this.nbd.close();
     this.nbdRunning = false;
+    await this.releaseUnused();
   }
 
   async addExport(e: ExportEntry): Promise<void> {
     if (this.exports.has(e.id)) throw new QmpError(`Block export id '${e.id}' is already in use`);
     // blk_exp_add looks the node up by node name only.
     if (!this.graph.nodes.has(e.nodeName)) throw new QmpError(`Cannot find device='' nor node-name='${e.nodeName}'`);
+    if (e.iothread !== undefined) throw new QmpError(`iothread "${e.iothread}" not found`);
     // A job's filter reads through to its child (and guest writes reach the child's chain, where
     // the job intercepts them): the export serves the child, and shows the filter while it lasts.
     const filter = filterNamed(this.graph, e.nodeName);
@@ -98,16 +109,20 @@ export class Daemon {
     const node = this.graph.formatNode(e.nodeName);
     if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
+    // nbd_export_create: NBD strings are at most 4096 bytes.
+    if (Buffer.byteLength(e.name) > 4096) throw new QmpError(`export name '${e.name}' too long`);
+    if (e.description !== undefined && Buffer.byteLength(e.description) > 4096) throw new QmpError(`description '${e.description}' too long`);
     if ([...this.exports.values()].some((x) => x.name === e.name)) throw new QmpError(`NBD server already has export named '${e.name}'`);
     const views = new Map<string, DirtyBitmapView>();
     const held: NodeBitmap[] = [];
     for (const name of e.bitmaps ?? []) {
       const found = await this.bitmaps.findInChain(node, name);
       if (!found) throw new QmpError(`Bitmap '${name}' is not found`);
-      this.bitmaps.check(found.node, found.bitmap, ALLOW_RO);
+      // QEMU 7.2 refuses an enabled bitmap on a read-only export before it looks at the bitmap's state.
       if (!e.writable && !found.node.driver.readOnly && !this.graph.parentsOf(found.node).some((p) => p.backing === found.node) && found.bitmap.enabled) {
         throw new QmpError(`Enabled bitmap '${name}' incompatible with readonly export`);
       }
+      this.bitmaps.check(found.node, found.bitmap, ALLOW_RO);
       views.set(name, bitmapView(found.bitmap));
       held.push(found.bitmap);
     }
@@ -415,7 +430,7 @@ export class Daemon {
     c.set('nbd-server-start', (a) => {
       const args = nbdServerStartArgs(a);
       if (this.nbdRunning) throw new QmpError('NBD server already running');
-      return this.startNbd(startChecks(args));
+      return this.startNbd(startChecks(args), args.maxConnections);
     });
     c.set('nbd-server-stop', () => this.stopNbd());
     c.set('block-export-add', (a) => {
@@ -428,7 +443,7 @@ export class Daemon {
       return this.addExport({
         bitmaps: bitmaps as string[] | undefined,
         id: str(a, 'id'), nodeName, name: optStr(a, 'name') ?? nodeName, writable: optBool(a, 'writable', false),
-        allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'),
+        allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'), iothread: optStr(a, 'iothread'),
       });
     });
     c.set('block-export-del', async (a) => {

@@ -88,7 +88,7 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
         }
       });
     }
-    for (const n of opts.nbdServers) await at(n.where, () => daemon.startNbd(n.addr));
+    for (const n of opts.nbdServers) await at(n.where, () => daemon.startNbd(n.addr, n.maxConnections));
     for (const e of opts.exports) {
       await at(e.where, () => daemon.addExport({ id: e.id, nodeName: e.nodeName, name: e.name, writable: e.writable, allocationDepth: e.allocationDepth, bitmaps: e.bitmaps }));
     }

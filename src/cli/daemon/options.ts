@@ -51,7 +51,7 @@ export interface BlockdevSpec {
 }
 export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[]; where: string }
 export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
-export interface NbdServerSpec { addr: AddrSpec; where: string }
+export interface NbdServerSpec { addr: AddrSpec; where: string; maxConnections?: number }
 
 /** QEMU's message about an option: the option as written, then the message (error_report with a command line location). */
 export function located(where: string, msg: string): string {
@@ -178,7 +178,13 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
           o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inlineFile?.noFlushGiven, fileDetectZeroes: inlineFile?.detectZeroes, warnings, where });
           break;
         }
-        case '--nbd-server': o.nbdServers.push({ addr: addr(parseKeyval(value())), where }); break;
+        case '--nbd-server': {
+          const kv = parseKeyval(value());
+          const mc = kv.get('max-connections');
+          if (mc !== undefined && !/^[0-9]+$/.test(mc)) throw new UsageError("Parameter 'max-connections' expects uint32_t");
+          o.nbdServers.push({ addr: addr(kv), where, maxConnections: mc === undefined ? 0 : Number(mc) });
+          break;
+        }
         case '--export': {
           const kv = parseKeyval(value());
           if (kv.get('type') !== 'nbd') throw new UsageError(`Parameter 'type' does not accept value '${kv.get('type') ?? ''}'`);
