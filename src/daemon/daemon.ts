@@ -328,7 +328,7 @@ export class Daemon {
     const readOnly = optBool(a, 'read-only', false);
     const { detectZeroes, noFlush } = nodeWriteOptions(a);
     if (driver === 'file') {
-      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly, detectZeroes, noFlush });
+      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly, detectZeroes, noFlush, noLock: lockingOff(a) });
       return;
     }
     const fmt = formatArg(driver);
@@ -342,7 +342,7 @@ export class Daemon {
     const backing = backingRef(a.backing, this.log);
     const inline = fileIsNode ? undefined : nodeWriteOptions(f as Args);
     await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing, readOnly, discard, cache,
-      detectZeroes, noFlush, fileNoFlush: inline?.noFlushGiven, fileDetectZeroes: inline?.detectZeroes });
+      detectZeroes, noFlush, fileNoFlush: inline?.noFlushGiven, fileDetectZeroes: inline?.detectZeroes, noLock: fileIsNode ? false : lockingOff(f as Args) });
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
@@ -505,6 +505,14 @@ export class Daemon {
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }
+}
+
+/** A file node's `locking` option (OnOffAuto; auto locks, as QEMU's file-posix when OFD locks exist): whether it is off. */
+export function lockingOff(a: Args, prefix = ''): boolean {
+  const l = a.locking;
+  if (l === undefined) return false;
+  if (l !== 'on' && l !== 'off' && l !== 'auto') throw new QmpError(`Parameter '${prefix}locking' does not accept value '${String(l)}'`);
+  return l === 'off';
 }
 
 /** blockdev-add's qcow2 cache options (integers in bytes). */

@@ -46,6 +46,8 @@ export interface BlockdevSpec {
   /** The option as written ('--blockdev driver=...'), which QEMU's messages about it start with; '' for the short form. */
   where: string;
   detectZeroes: DetectZeroes; noFlush: boolean;
+  /** locking=off on the protocol node (file.locking=off for an inline one). */
+  noLock?: boolean;
   /** An inline file's (file.cache.no-flush, file.detect-zeroes), when given. */
   fileNoFlush?: boolean; fileDetectZeroes?: DetectZeroes;
 }
@@ -175,7 +177,9 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
           const warnings: string[] = [];
           // backing=NAME names a node (also 'null'); backing= (empty) is no backing, deprecated.
           const backing = qmpCheck(() => backingRef([...kv.keys()].some((k) => k.startsWith('backing.')) ? {} : kv.get('backing'), (w) => warnings.push(w)));
-          o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inlineFile?.noFlushGiven, fileDetectZeroes: inlineFile?.detectZeroes, warnings, where });
+          const locking = kv.get(driver === 'file' ? 'locking' : 'file.locking');
+          if (locking !== undefined && !['on', 'off', 'auto'].includes(locking)) throw new UsageError(`Parameter '${driver === 'file' ? '' : 'file.'}locking' does not accept value '${locking}'`);
+          o.blockdevs.push({ noLock: locking === 'off', driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inlineFile?.noFlushGiven, fileDetectZeroes: inlineFile?.detectZeroes, warnings, where });
           break;
         }
         case '--nbd-server': {
