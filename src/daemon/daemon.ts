@@ -301,12 +301,23 @@ export class Daemon {
   snapshot(a: Args): { node: FormatNode; overlay: FormatNode } {
     const node = this.jobs.node(str(a, 'node'), 'snapshot');
     this.snapshotPrepare(node);
-    const overlay = this.graph.formatNode(str(a, 'overlay'));
     this.checkNoOverlay(node);
-    if (overlay.backing) throw new QmpError(`The overlay already has a backing image`);
-    if (overlay.driver.readOnly) throw new QmpError(`The overlay '${overlay.name}' is not writable`);
-    this.attachOverlay(node, overlay);
-    return { node, overlay };
+    // QEMU's external_snapshot_prepare, once the node passed: the overlay is looked up, must
+    // have no user but a backing link (no export, not a format node's file), no backing of its
+    // own, support backing files (qcow2) and be writable (bdrv_append's permissions).
+    const name = str(a, 'overlay');
+    const ov = this.graph.nodes.get(name);
+    if (!ov) throw new QmpError(`Cannot find device='${name}' nor node-name='${name}'`);
+    const exported = [...this.exports.values()].some((e) => e.nodeName === name || e.on?.name === name);
+    const isFile = [...this.graph.nodes.values()].some((n) => n.kind === 'format' && n.fileNode === name);
+    if (exported || isFile) throw new QmpError('The overlay is already in use');
+    if (ov.kind === 'filter') this.jobs.node(name, 'snapshot');
+    if (ov.kind !== 'format') throw new QmpError('The overlay does not support backing images');
+    if (ov.backing) throw new QmpError('The overlay already has a backing image');
+    if (ov.format === 'raw') throw new QmpError('The overlay does not support backing images');
+    if (ov.driver.readOnly) throw new QmpError('Block node is read-only');
+    this.attachOverlay(node, ov);
+    return { node, overlay: ov };
   }
 
   async blockdevAdd(a: Args): Promise<void> {
