@@ -3,7 +3,9 @@
  * that is exported or is a format node's file is "already in use" (one that is only another
  * node's backing is not), a protocol or raw node "does not support backing images", one with a
  * backing "already has a backing image", a read-only one is refused ("Block node is
- * read-only"), and an overlay that is the node's own backing (a loop) can never be attached.
+ * read-only"), an overlay under an exported node's chain is in use too (the node's own backing
+ * even once not exported itself), and one that would close a loop is refused ("would create a
+ * cycle").
  * Same script against both daemons; the export follows the one accepted overlay.
  */
 import { test } from 'node:test';
@@ -35,6 +37,10 @@ const SCRIPT: Array<[string, Record<string, unknown>]> = [
   ['blockdev-add', { driver: 'qcow2', 'node-name': 'y', file: { driver: 'file', filename: 'y.qcow2' }, backing: null }],
   ['blockdev-add', { driver: 'qcow2', 'node-name': 'z', file: { driver: 'file', filename: 'z.qcow2' }, backing: 'y' }],
   ['blockdev-snapshot', { node: 'top', overlay: 'z' }],
+  ['blockdev-snapshot', { node: 'z', overlay: 'y' }],
+  ['block-export-del', { id: 'exp1' }],
+  ['wait-deleted', {}],
+  ['blockdev-snapshot', { node: 'top', overlay: 'base' }],
   ['blockdev-snapshot', { node: 'top', overlay: 'y' }],
   ['blockdev-snapshot', { node: 'top', overlay: 'x' }],
   ['query-block-exports', {}],
@@ -49,6 +55,10 @@ async function session(tool: Tool, dir: string): Promise<unknown[]> {
     const out: unknown[] = [];
     await d.q.execute('qmp_capabilities');
     for (const [i, [cmd, args]] of SCRIPT.entries()) {
+      if (cmd === 'wait-deleted') {
+        await d.q.waitFor((m) => m.event === 'BLOCK_EXPORT_DELETED');
+        continue;
+      }
       const r: QmpMessage = await d.q.execute(cmd, args, i);
       out.push([cmd, r]);
     }

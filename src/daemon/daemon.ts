@@ -308,7 +308,12 @@ export class Daemon {
     const name = str(a, 'overlay');
     const ov = this.graph.nodes.get(name);
     if (!ov) throw new QmpError(`Cannot find device='${name}' nor node-name='${name}'`);
-    const exported = [...this.exports.values()].some((e) => e.nodeName === name || e.on?.name === name);
+    // In use as QSD finds it: exported, or under an exported node's backing chain, or a format node's file.
+    const exported = [...this.exports.values()].some((e) => {
+      if (e.on?.name === name) return true;
+      for (let n = this.graph.nodes.get(e.nodeName); n?.kind === 'format'; n = n.backing ?? undefined) if (n.name === name) return true;
+      return false;
+    });
     const isFile = [...this.graph.nodes.values()].some((n) => n.kind === 'format' && n.fileNode === name);
     if (exported || isFile) throw new QmpError('The overlay is already in use');
     if (ov.kind === 'filter') this.jobs.node(name, 'snapshot');
@@ -316,6 +321,10 @@ export class Daemon {
     if (ov.backing) throw new QmpError('The overlay already has a backing image');
     if (ov.format === 'raw') throw new QmpError('The overlay does not support backing images');
     if (ov.driver.readOnly) throw new QmpError('Block node is read-only');
+    // bdrv_append: the node may not become a backing child of a node of its own chain.
+    for (let n: FormatNode | null = node; n; n = n.backing) {
+      if (n === ov) throw new QmpError(`Making '${node.name}' a backing child of '${ov.name}' would create a cycle`);
+    }
     this.attachOverlay(node, ov);
     return { node, overlay: ov };
   }
