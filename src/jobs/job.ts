@@ -181,6 +181,10 @@ export class Job {
         return;
       }
       this.error = jobErrorText(e);
+      // Work that failed while the job was paused (its I/O was in flight when the pause came)
+      // leaves as a cancel does: back to the status it paused in first (QEMU's pause point).
+      if (this.status === 'paused') this.to('running');
+      else if (this.status === 'standby') this.to('ready');
       this.runAbortHook();
       this.to('aborting');
       this.legacy('BLOCK_JOB_COMPLETED', { error: this.error });
