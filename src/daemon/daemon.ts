@@ -2,6 +2,7 @@
  * The storage daemon: the block graph, the NBD server and its exports, and the QMP commands
  * that change them. Front ends (the `qchain daemon` command line, QMP) call into this.
  */
+import { cacheRange } from './nbd-cache.js';
 import { BlockGraph, QmpError, formatArg, type BlockNode, type FilterNode, type FormatNode, nextGraphSeq } from './graph.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { CommandError, VERSION, onlyArgs, optBool, optStr, str, uint64, type Args, type Handler } from '../qmp/server.js';
@@ -42,6 +43,8 @@ export interface ExportEntry {
   held?: NodeBitmap[];
   /** Added on a job's filter node (it serves the filter's child, shown as the filter while it lasts). */
   on?: FilterNode;
+  /** The iothread asked for (qchain has none: refused as QEMU refuses an unknown one). */
+  iothread?: string;
   /** When it was added (nextGraphSeq): a filter put over its node later is shown as its node. */
   seq?: number;
 }
@@ -71,22 +74,31 @@ export class Daemon {
     });
   }
 
-  async startNbd(addr: NbdAddress): Promise<void> {
+  async startNbd(addr: NbdAddress, maxConnections = 0): Promise<void> {
     if (this.nbdRunning) throw new QmpError('NBD server already running');
+    this.nbd.maxConnections = maxConnections;
     await this.nbd.listen(addr);
     this.nbdRunning = true;
   }
 
   async stopNbd(): Promise<void> {
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
+    // QEMU's qmp_nbd_server_stop closes every NBD export first (BLOCK_EXPORT_DELETED each,
+    // oldest first), then the server.
+    for (const e of [...this.exports.values()]) {
+      exportCloseDrains(this.graph, e.nodeName, this.jobList());
+      this.deleteExport(e.id);
+    }
     await this.nbd.close();
     this.nbdRunning = false;
+    await this.releaseUnused();
   }
 
   async addExport(e: ExportEntry): Promise<void> {
     if (this.exports.has(e.id)) throw new QmpError(`Block export id '${e.id}' is already in use`);
     // blk_exp_add looks the node up by node name only.
     if (!this.graph.nodes.has(e.nodeName)) throw new QmpError(`Cannot find device='' nor node-name='${e.nodeName}'`);
+    if (e.iothread !== undefined) throw new QmpError(`iothread "${e.iothread}" not found`);
     // A job's filter reads through to its child (and guest writes reach the child's chain, where
     // the job intercepts them): the export serves the child, and shows the filter while it lasts.
     const filter = filterNamed(this.graph, e.nodeName);
@@ -97,16 +109,20 @@ export class Daemon {
     const node = this.graph.formatNode(e.nodeName);
     if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
+    // nbd_export_create: NBD strings are at most 4096 bytes.
+    if (Buffer.byteLength(e.name) > 4096) throw new QmpError(`export name '${e.name}' too long`);
+    if (e.description !== undefined && Buffer.byteLength(e.description) > 4096) throw new QmpError(`description '${e.description}' too long`);
     if ([...this.exports.values()].some((x) => x.name === e.name)) throw new QmpError(`NBD server already has export named '${e.name}'`);
     const views = new Map<string, DirtyBitmapView>();
     const held: NodeBitmap[] = [];
     for (const name of e.bitmaps ?? []) {
       const found = await this.bitmaps.findInChain(node, name);
       if (!found) throw new QmpError(`Bitmap '${name}' is not found`);
-      this.bitmaps.check(found.node, found.bitmap, ALLOW_RO);
+      // QEMU 7.2 refuses an enabled bitmap on a read-only export before it looks at the bitmap's state.
       if (!e.writable && !found.node.driver.readOnly && !this.graph.parentsOf(found.node).some((p) => p.backing === found.node) && found.bitmap.enabled) {
         throw new QmpError(`Enabled bitmap '${name}' incompatible with readonly export`);
       }
+      this.bitmaps.check(found.node, found.bitmap, ALLOW_RO);
       views.set(name, bitmapView(found.bitmap));
       held.push(found.bitmap);
     }
@@ -120,6 +136,7 @@ export class Daemon {
       name: e.name, description: e.description, writable: e.writable, allocationDepth: e.allocationDepth,
       get discard() { return node.discard; },
       chain: () => this.graph.chain(this.graph.formatNode(entry.nodeName)),
+      cache: (offset, length) => cacheRange(this.graph, this.graph.formatNode(entry.nodeName), offset, length),
       bitmaps: views,
     });
   }
@@ -213,20 +230,23 @@ export class Daemon {
   }
 
   async snapshotSync(a: Args): Promise<{ node: FormatNode; overlay: FormatNode }> {
-    const device = optStr(a, 'device'), nodeName = optStr(a, 'node-name');
-    const ref = nodeName ?? device;
-    if (!ref) throw new QmpError('Cannot find device= nor node_name=');
-    const node = this.jobs.node(ref, 'snapshot');
-    this.snapshotPrepare(node);
+    // QEMU's external_snapshot_prepare, in its order. `device` names a block backend, and QSD
+    // has none: only `node-name` finds a node (bdrv_lookup_bs).
     const file = str(a, 'snapshot-file');
+    const mode = optStr(a, 'mode') ?? 'absolute-paths';
+    if (mode !== 'absolute-paths' && mode !== 'existing') throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
+    const device = optStr(a, 'device'), nodeName = optStr(a, 'node-name');
+    if (nodeName === undefined || !this.graph.nodes.has(nodeName)) throw new QmpError(`Cannot find device='${device ?? ''}' nor node-name='${nodeName ?? ''}'`);
+    const node = this.jobs.node(nodeName, 'snapshot');
+    this.snapshotPrepare(node);
+    this.checkNoOverlay(node);
     const overlayName = optStr(a, 'snapshot-node-name');
     const format = optStr(a, 'format') ?? 'qcow2';
-    const mode = optStr(a, 'mode') ?? 'absolute-paths';
-    if (format !== 'qcow2' && format !== 'raw') throw new QmpError(`Unknown driver '${format}'`);
-    if (overlayName && this.graph.nodes.has(overlayName)) throw new QmpError(`Duplicate nodes with node-name='${overlayName}'`);
-    this.checkNoOverlay(node);
+    if (overlayName === undefined) throw new QmpError('New overlay node-name missing');
+    if (this.graph.nodes.has(overlayName)) throw new QmpError('New overlay node-name already in use');
+    if (format !== 'qcow2' && format !== 'raw') throw new QmpError(mode === 'existing' ? `Unknown driver '${format}'` : `Unknown file format '${format}'`);
     if (mode === 'absolute-paths') {
-      if (format !== 'qcow2') throw new QmpError("Format 'raw' does not support backing files");
+      if (format !== 'qcow2') throw new QmpError("Backing file not supported for file format 'raw'");
       const st = await FileStorage.open(file, { create: true, lock: 'write' }).catch((e: Error) => { throw new QmpError(`Could not create '${file}': ${e.message}`); });
       try {
         // The node's name as QEMU shows it (bs->filename): a json:{...} pseudo-filename when its
@@ -238,10 +258,8 @@ export class Daemon {
         await st.close().catch(() => {});
         throw new QmpError(e instanceof Error ? e.message : String(e));
       }
-    } else if (mode !== 'existing') {
-      throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
     }
-    const overlay = await this.graph.addFormat({ name: overlayName ?? this.graph.implicitName(), format: formatArg(format), file, fileIsNode: false, backing: null });
+    const overlay = await this.graph.addFormat({ name: overlayName, format: formatArg(format), file, fileIsNode: false, backing: null });
     overlay.unowned = true;
     this.attachOverlay(node, overlay);
     return { node, overlay };
@@ -283,15 +301,45 @@ export class Daemon {
   snapshot(a: Args): { node: FormatNode; overlay: FormatNode } {
     const node = this.jobs.node(str(a, 'node'), 'snapshot');
     this.snapshotPrepare(node);
-    const overlay = this.graph.formatNode(str(a, 'overlay'));
     this.checkNoOverlay(node);
-    if (overlay.backing) throw new QmpError(`The overlay already has a backing image`);
-    if (overlay.driver.readOnly) throw new QmpError(`The overlay '${overlay.name}' is not writable`);
-    this.attachOverlay(node, overlay);
-    return { node, overlay };
+    // QEMU's external_snapshot_prepare, once the node passed: the overlay is looked up, must
+    // have no user but a backing link (no export, not a format node's file), no backing of its
+    // own, support backing files (qcow2) and be writable (bdrv_append's permissions).
+    const name = str(a, 'overlay');
+    const ov = this.graph.nodes.get(name);
+    if (!ov) throw new QmpError(`Cannot find device='${name}' nor node-name='${name}'`);
+    // In use as QSD finds it: exported, or under an exported node's backing chain, or a format node's file.
+    const exported = [...this.exports.values()].some((e) => {
+      if (e.on?.name === name) return true;
+      for (let n = this.graph.nodes.get(e.nodeName); n?.kind === 'format'; n = n.backing ?? undefined) if (n.name === name) return true;
+      return false;
+    });
+    const isFile = [...this.graph.nodes.values()].some((n) => n.kind === 'format' && n.fileNode === name);
+    if (exported || isFile) throw new QmpError('The overlay is already in use');
+    if (ov.kind === 'filter') this.jobs.node(name, 'snapshot');
+    if (ov.kind !== 'format') throw new QmpError('The overlay does not support backing images');
+    if (ov.backing) throw new QmpError('The overlay already has a backing image');
+    if (ov.format === 'raw') throw new QmpError('The overlay does not support backing images');
+    if (ov.driver.readOnly) throw new QmpError('Block node is read-only');
+    // bdrv_append: the node may not become a backing child of a node of its own chain.
+    for (let n: FormatNode | null = node; n; n = n.backing) {
+      if (n === ov) throw new QmpError(`Making '${node.name}' a backing child of '${ov.name}' would create a cycle`);
+    }
+    this.attachOverlay(node, ov);
+    return { node, overlay: ov };
   }
 
   async blockdevAdd(a: Args): Promise<void> {
+    try {
+      await this.blockdevAddNode(a);
+    } catch (e) {
+      // QMP shows no hints (QEMU's error_append_hint text is for the command line only).
+      if (e instanceof QmpError && e.message.includes('\nIs another process using the image')) throw new QmpError(e.message.slice(0, e.message.indexOf('\n')), e.errorClass);
+      throw e;
+    }
+  }
+
+  private async blockdevAddNode(a: Args): Promise<void> {
     const driver = str(a, 'driver');
     checkBlockdevNames(a);
     checkBlockdevSupport(a);
@@ -300,7 +348,7 @@ export class Daemon {
     const readOnly = optBool(a, 'read-only', false);
     const { detectZeroes, noFlush } = nodeWriteOptions(a);
     if (driver === 'file') {
-      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly, detectZeroes, noFlush });
+      this.graph.addFile(name, str(a, 'filename'), { discard, readOnly, detectZeroes, noFlush, noLock: lockingOff(a) });
       return;
     }
     const fmt = formatArg(driver);
@@ -314,7 +362,7 @@ export class Daemon {
     const backing = backingRef(a.backing, this.log);
     const inline = fileIsNode ? undefined : nodeWriteOptions(f as Args);
     await this.graph.addFormat({ name, format: fmt, file, fileIsNode, backing, readOnly, discard, cache,
-      detectZeroes, noFlush, fileNoFlush: inline?.noFlushGiven, fileDetectZeroes: inline?.detectZeroes });
+      detectZeroes, noFlush, fileNoFlush: inline?.noFlushGiven, fileDetectZeroes: inline?.detectZeroes, noLock: fileIsNode ? false : lockingOff(f as Args) });
   }
 
   /** drive-mirror / drive-backup: create (or open, mode=existing) the target image, add it as a node, start the job on it. */
@@ -402,7 +450,7 @@ export class Daemon {
     c.set('nbd-server-start', (a) => {
       const args = nbdServerStartArgs(a);
       if (this.nbdRunning) throw new QmpError('NBD server already running');
-      return this.startNbd(startChecks(args));
+      return this.startNbd(startChecks(args), args.maxConnections);
     });
     c.set('nbd-server-stop', () => this.stopNbd());
     c.set('block-export-add', (a) => {
@@ -415,7 +463,7 @@ export class Daemon {
       return this.addExport({
         bitmaps: bitmaps as string[] | undefined,
         id: str(a, 'id'), nodeName, name: optStr(a, 'name') ?? nodeName, writable: optBool(a, 'writable', false),
-        allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'),
+        allocationDepth: optBool(a, 'allocation-depth', false), description: optStr(a, 'description'), iothread: optStr(a, 'iothread'),
       });
     });
     c.set('block-export-del', async (a) => {
@@ -477,6 +525,14 @@ export class Daemon {
     if (this.nbdRunning) await this.stopNbd();
     await this.graph.closeAll();
   }
+}
+
+/** A file node's `locking` option (OnOffAuto; auto locks, as QEMU's file-posix when OFD locks exist): whether it is off. */
+export function lockingOff(a: Args, prefix = ''): boolean {
+  const l = a.locking;
+  if (l === undefined) return false;
+  if (l !== 'on' && l !== 'off' && l !== 'auto') throw new QmpError(`Parameter '${prefix}locking' does not accept value '${String(l)}'`);
+  return l === 'off';
 }
 
 /** blockdev-add's qcow2 cache options (integers in bytes). */

@@ -53,6 +53,8 @@ export interface FileNode extends NodeWriteOptions {
   readOnly: boolean;
   /** Created with its format node, which was given a file name ("#blockNNN"); goes with it. */
   implicit?: boolean;
+  /** locking=off: the image over it takes no byte-range locks. */
+  noLock?: boolean;
 }
 
 export interface FormatNode extends NodeWriteOptions {
@@ -76,6 +78,8 @@ export interface FormatNode extends NodeWriteOptions {
   implicit: boolean;
   /** Opened by blockdev-snapshot-sync, not blockdev-add: QEMU frees it with its last user. */
   unowned?: boolean;
+  /** Its file has locking=off: no byte-range locks, reopens included. */
+  noLock?: boolean;
   discard: boolean;
   /** The node's own qcow2 cache options (kept for reopens). */
   cache?: CacheSizeOptions;
@@ -146,14 +150,14 @@ export class BlockGraph {
   }
 
   private checkNewName(name: string | undefined): string {
-    if (!name) throw new QmpError('A block device must be given a node-name');
+    if (!name) throw new QmpError("'node-name' must be specified for the root node");
     if (!name.startsWith('#block') && !/^[A-Za-z][A-Za-z0-9_.+-]{0,127}$/.test(name)) throw new QmpError('Invalid node-name: \'' + name + '\'');
     if (this.nodes.has(name)) throw new QmpError(`Duplicate nodes with node-name='${name}'`);
     return name;
   }
 
   /** A protocol node: the file must exist (QEMU opens it at once). */
-  addFile(name: string | undefined, filename: string, opts: { discard?: boolean; readOnly?: boolean; detectZeroes?: DetectZeroes; noFlush?: boolean } = {}): FileNode {
+  addFile(name: string | undefined, filename: string, opts: { discard?: boolean; readOnly?: boolean; detectZeroes?: DetectZeroes; noFlush?: boolean; noLock?: boolean } = {}): FileNode {
     const checked = this.checkNewName(name);
     try {
       fs.accessSync(filename);
@@ -161,7 +165,7 @@ export class BlockGraph {
       throw new QmpError(`Could not open '${filename}': ${errnoText((e as NodeJS.ErrnoException).code)}`);
     }
     const n: FileNode = { kind: 'file', name: checked, filename, discard: !!opts.discard, readOnly: !!opts.readOnly,
-      detectZeroes: opts.detectZeroes ?? 'off', noFlush: !!opts.noFlush, writeThreshold: 0 };
+      detectZeroes: opts.detectZeroes ?? 'off', noFlush: !!opts.noFlush, writeThreshold: 0, ...(opts.noLock ? { noLock: true } : {}) };
     this.nodes.set(n.name, n);
     return n;
   }
@@ -176,14 +180,16 @@ export class BlockGraph {
     /** An inline file's own cache.no-flush (else it inherits the format node's, as QEMU's child options). */
     fileNoFlush?: boolean;
     /** An inline file's own detect-zeroes (shown in listings; not inherited). */
-    fileDetectZeroes?: DetectZeroes; }): Promise<FormatNode> {
+    fileDetectZeroes?: DetectZeroes;
+    /** An inline file's locking=off. */
+    noLock?: boolean; }): Promise<FormatNode> {
     const name = this.checkNewName(opts.name);
     try {
       if (opts.cache) checkCacheOptions(opts.cache);
     } catch (e) {
       throw new QmpError(e instanceof Error ? e.message : String(e));
     }
-    let filename = opts.file, fileNode: string | null = null, discard = !!opts.discard;
+    let filename = opts.file, fileNode: string | null = null, discard = !!opts.discard, noLock = !!opts.noLock;
     const noFlush = !!opts.noFlush;
     // What the file's flushes do: the protocol node's own option (an implicit one inherits).
     let storageNoFlush = opts.fileNoFlush ?? noFlush;
@@ -193,6 +199,7 @@ export class BlockGraph {
       filename = f.filename;
       fileNode = f.name;
       discard ||= f.discard;
+      if (f.noLock) noLock = true;
       storageNoFlush = f.noFlush;
     }
     const own = (d: number): NodeWriteOptions => ({ detectZeroes: d === 0 ? opts.detectZeroes ?? 'off' : 'off', noFlush, writeThreshold: 0 });
@@ -216,7 +223,9 @@ export class BlockGraph {
       /** Header-opened chain layers, whose autoBacking is their backing node's shown name (set once the nodes are in). */
       let chainLayers: Array<{ n: FormatNode; l: Layer }> = [];
       if (opts.backing === undefined) {
-        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush });
+        // locking=off reaches the backing files opened from the header too (QEMU would lock those:
+        // read locks only, so nothing a writer elsewhere is refused for is lost).
+        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush, noLock });
         // The top becomes the named node, the rest implicit read-only nodes.
         const layers = chain.layers.map((l, d): FormatNode => ({
           kind: 'format', name: d === 0 ? name : '', format: l.driver.format, driver: l.driver,
@@ -232,7 +241,7 @@ export class BlockGraph {
         });
         top = layers[0];
       } else {
-        const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush });
+        const img = await openImage(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush, ...(noLock ? { lock: 'none' as const } : {}) });
         // QEMU opens the image first, then its backing child (bdrv_open_backing_file's prefix on failure).
         let below: FormatNode | null = null;
         if (typeof opts.backing === 'string') {
@@ -245,7 +254,10 @@ export class BlockGraph {
         }
         top = withFile({ kind: 'format', name, format: img.driver.format, driver: img.driver, filename, fileNode: null, backing: below, autoBacking: img.driver.backingFile ?? '', implicit: false, discard, cache: opts.cache, ...own(0) }, fileNode, storageNoFlush, opts.fileDetectZeroes);
       }
-      for (const n of added) this.nodes.set(n.name, n);
+      for (const n of added) {
+        if (noLock && n.kind !== 'filter') n.noLock = true;
+        this.nodes.set(n.name, n);
+      }
       // QEMU's auto_backing_file: a backing opened from the header gives its overlay its own
       // (refreshed) name; one a json: description gave in its place leaves the header's string,
       // so that the overlay shows as overridden. Bottom up, as the names below come first.
@@ -257,7 +269,11 @@ export class BlockGraph {
       for (const n of added) if (n.kind === 'format') this.onDriver(n);
       return top;
     } catch (e) {
-      if (e instanceof ImageError) throw new QmpError(e.message);
+      if (e instanceof ImageError) {
+        // A lock refused is the file driver's own error in QEMU, with no "Could not open" prefix.
+        const prefix = `Could not open '${filename}': `;
+        throw new QmpError(e.errno === 'ELOCKED' && e.message.startsWith(prefix) ? e.message.slice(prefix.length) : e.message);
+      }
       throw e;
     }
   }
@@ -351,7 +367,7 @@ export class BlockGraph {
     this.onDriver(node);
     this.changed();
     const st = next.driver.storage;
-    if (st instanceof FileStorage) st.lock(next.driver.readOnly ? 'read' : 'write');
+    if (st instanceof FileStorage && !node.noLock) st.lock(next.driver.readOnly ? 'read' : 'write');
     for (const h of this.reopenHooks) await h(node, old);
     if (failure) throw new QmpError(failure instanceof Error ? failure.message : String(failure));
   }

@@ -81,7 +81,6 @@ export function startChecks(s: NbdServerStartArgs): NbdAddress {
   // qchain has no objects (no object-add), so no TLS credentials can exist. tls-authz without
   // tls-creds is accepted and has no effect, as in QEMU 7.2.
   if (s.tlsCreds !== undefined) throw new QmpError(`No TLS credentials with id '${s.tlsCreds}'`);
-  if (s.maxConnections !== 0) throw new QmpError('max-connections is not supported by qchain');
   const d = s.data;
   switch (s.type) {
     case 'unix':

@@ -73,15 +73,16 @@ function bindFile(f: FileNode, user: FormatNode, emit: EmitEvent): void {
 /**
  * Copy-on-read writes (block-stream into its top): QEMU makes them below the node's request
  * checks (bdrv_co_do_copy_on_readv calls the driver directly), so the node's write threshold and
- * detect-zeroes do not see them, and a buffer of zeroes is always written as a zero write.
+ * detect-zeroes do not see them, nor do dirty bitmaps (bdrv_driver_pwritev sets no dirty bit),
+ * and a buffer of zeroes is always written as a zero write.
  */
 export function copyOnReadWrite(d: BlockDriver, buf: Buffer, offset: number): Promise<void> {
   const own = Object.getPrototypeOf(d) as Methods;
-  return isZero(buf) ? own.writeZeroes.call(d, offset, buf.length) : own.write.call(d, buf, offset);
+  return isZero(buf) ? own.writeZeroes.call(d, offset, buf.length, { untracked: true }) : own.write.call(d, buf, offset, { untracked: true });
 }
 
 export function copyOnReadZeroes(d: BlockDriver, offset: number, length: number): Promise<void> {
-  return (Object.getPrototypeOf(d) as Methods).writeZeroes.call(d, offset, length);
+  return (Object.getPrototypeOf(d) as Methods).writeZeroes.call(d, offset, length, { untracked: true });
 }
 
 /** block-set-write-threshold: set (0: clear) a node's threshold and bind it. */

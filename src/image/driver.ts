@@ -38,11 +38,15 @@ export interface WriteOptions {
    * writes in flight without holding up the next write's allocation.
    */
   beforeData?: () => Promise<void>;
+  /** Not reported to the image's dirty trackers: a copy-on-read write (QEMU's sets no dirty bit). */
+  untracked?: boolean;
 }
 
 export interface WriteZeroesOptions {
   /** Deallocate where possible (qemu-io `write -z -u`). */
   mayUnmap?: boolean;
+  /** Not reported to the image's dirty trackers (see WriteOptions). */
+  untracked?: boolean;
 }
 
 /** Options of a resize (qemu-img resize --shrink / --preallocation). */

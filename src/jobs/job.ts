@@ -181,6 +181,10 @@ export class Job {
         return;
       }
       this.error = jobErrorText(e);
+      // Work that failed while the job was paused (its I/O was in flight when the pause came)
+      // leaves as a cancel does: back to the status it paused in first (QEMU's pause point).
+      if (this.status === 'paused') this.to('running');
+      else if (this.status === 'standby') this.to('ready');
       this.runAbortHook();
       this.to('aborting');
       this.legacy('BLOCK_JOB_COMPLETED', { error: this.error });
@@ -344,7 +348,7 @@ export class Job {
   complete(): void {
     this.checkVerb('complete');
     this.completeRequested = true;
-    if (this.status === 'standby') this.resume();
+    if (this.status === 'standby') this.resume(false);
     // QEMU's mirror converges and pivots before a later command is dispatched: from here verbs
     // wait until the job has finished (or failed) its completion.
     if (this.working && !this.cancelled) this.completing = true;
@@ -357,14 +361,20 @@ export class Job {
   }
 
   pause(verb = true): void {
-    if (verb) this.checkVerb('pause');
+    if (verb) {
+      this.checkVerb('pause');
+      // QEMU's job_user_pause: the verb table first, then the user's pause is taken once.
+      if (this.pauseWanted) throw new QmpError('Job is already paused');
+    }
     this.pauseWanted = true;
     if (this.completing) this.releaseGraphWaiters();
     if (this.status === 'running') this.to('paused');
     else if (this.status === 'ready') this.to('standby');
   }
 
-  resume(): void {
+  /** `user`: the resume verb (QEMU's job_user_resume checks the user's pause before the verb table). */
+  resume(user = true): void {
+    if (user && !this.pauseWanted) throw new QmpError("Can't resume a job that was not paused");
     this.checkVerb('resume');
     this.pauseWanted = false;
     this.ioStatus = 'ok';

@@ -7,7 +7,7 @@ import { streamWork } from './stream.js';
 import { commitWork, growBase } from './commit.js';
 import { mirrorWork } from './mirror.js';
 import { mirrorStart } from './mirror-init.js';
-import { mirrorArgTypes, mirrorGranularity } from './mirror-args.js';
+import { mirrorSyncSupported, mirrorArgTypes, mirrorGranularity } from './mirror-args.js';
 import { verbCommands } from './verbs.js';
 import { drainAllJobs, drainSection, drains } from '../daemon/job-drain.js';
 import { BACKUP_GRANULE, backupWork, type Backup } from './backup.js';
@@ -319,6 +319,7 @@ export class JobManager {
     this.checkNodes('mirror', device, [device.name, target.name]);
     const overlay = this.graph.parentsOf(target).find((p) => p.backing === target);
     if (overlay) throw new QmpError(`Node '${target.name}' is busy: node is used as backing hd of '${overlay.name}'`);
+    mirrorSyncSupported(sync);
     if ((optInt(a, 'buf-size') ?? 0) < 0) throw new QmpError("Invalid parameter 'buf-size'");
     if (target === device) throw new QmpError("Can't mirror node into itself");
     const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')], undefined, { drv: 'mirror_top', child: device });
@@ -408,6 +409,13 @@ export class JobManager {
       throw new QmpError('Cannot specify bitmap sync mode without a bitmap');
     }
     if (target === device) throw new QmpError("Can't back up node into itself");
+    // backup_job_create: compression before the op blockers. A raw target has no compressed
+    // writes (QEMU's text, the target's empty device name at its end); qchain's backup writes no
+    // compressed clusters, so it refuses compress on qcow2 too rather than ignore it.
+    if (optBool(a, 'compress', false)) {
+      if (target.format !== 'qcow2') throw new QmpError('Compression is not supported for this drive ');
+      throw new QmpError('compress=true is not supported by qchain\'s backup (the target would be written uncompressed)');
+    }
     // backup_job_create: the op blockers (busy nodes) before the sizes.
     this.checkNodes('backup', device, [device.name, target.name]);
     if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
@@ -511,6 +519,12 @@ export class JobManager {
       const version = optStr(opts, 'version');
       if (version !== undefined && version !== 'v2' && version !== 'v3') throw new QmpError(`Parameter 'version' does not accept value '${version}'`);
       work = async () => {
+        // QEMU's creation takes the node as the root of an unnamed block device, wanting write
+        // and resize: a format node over it (sharing neither) refuses that.
+        const user = [...this.graph.nodes.values()].find((n) => n.kind === 'format' && n.fileNode === fileNode.name);
+        if (user) {
+          throw new Error(`Permission conflict on node '${fileNode.name}': permissions 'write, resize' are both required by an unnamed block device (uses node '${fileNode.name}' as 'root' child) and unshared by node '${user.name}' (uses node '${fileNode.name}' as 'file' child).`);
+        }
         const st = await FileStorage.open(fileNode.filename, { create: true, lock: 'write' });
         try {
           if (driver === 'raw') await st.truncate(size);
@@ -538,8 +552,12 @@ export class JobManager {
     this.jobs.set(id, job);
     job.start(async (j) => {
       j.len = 1;
-      await work();
-      j.offset = 1;
+      // QEMU's blockdev_create_run counts the one step done whether the creation worked or not.
+      try {
+        await work();
+      } finally {
+        j.offset = 1;
+      }
     }, async () => {});
   }
 

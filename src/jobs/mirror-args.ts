@@ -5,7 +5,8 @@
 import { QmpError } from '../daemon/graph.js';
 import type { Args } from '../qmp/server.js';
 
-const SYNC = ['full', 'top', 'none'];
+/** MirrorSyncMode: incremental and bitmap pass the visitor; mirror_start refuses them (mirrorSyncSupported). */
+const SYNC = ['full', 'top', 'none', 'incremental', 'bitmap'];
 
 /** The visitor's checks: sync's enum, granularity's type (uint32). */
 export function mirrorArgTypes(a: Args): void {
@@ -15,6 +16,11 @@ export function mirrorArgTypes(a: Args): void {
   if (g === undefined) return;
   if (typeof g !== 'number' || !Number.isInteger(g)) throw new QmpError("Parameter 'granularity' expects uint64");
   if (g < 0 || g > 0xffffffff) throw new QmpError("Parameter 'granularity' expects uint32_t");
+}
+
+/** mirror_start's first check, once blockdev_mirror_common's are passed. */
+export function mirrorSyncSupported(sync: string): void {
+  if (sync === 'incremental' || sync === 'bitmap') throw new QmpError(`Sync mode '${sync}' not supported`);
 }
 
 /** blockdev_mirror_common's checks: the granularity asked for (0 or absent: the default), or undefined. */

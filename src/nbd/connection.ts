@@ -71,13 +71,19 @@ export class NbdConnection {
       while (this.replies.unsent > MAX_UNSENT && !this.socket.destroyed) await this.sent();
       // Requests already buffered are parsed without a promise each.
       const h = this.reader.tryRead(28) ?? await this.reader.read(28);
-      if (h.readUInt32BE(0) !== P.REQUEST_MAGIC) throw new Error('bad request magic');
       const flags = h.readUInt16BE(4), type = h.readUInt16BE(6);
       const handle = h.subarray(8, 16);
       const offset = h.readUInt32BE(16) * 0x100000000 + h.readUInt32BE(20);
       const length = h.readUInt32BE(24);
+      // As QEMU: an EINVAL reply to the request's handle, then the client is dropped (the stream
+      // cannot be followed past a bad header, nor past a payload larger than the limit).
+      const magic = h.readUInt32BE(0);
+      if (magic !== P.REQUEST_MAGIC) {
+        this.error(n, { handle }, P.EINVAL, `invalid magic (got 0x${magic.toString(16)})`);
+        throw new Error('bad request magic');
+      }
       if (type === P.CMD_WRITE && length > P.MAX_BUFFER) {
-        // The payload must be consumed to stay in sync; one larger than the limit ends the client.
+        this.error(n, { handle }, P.EINVAL, tooLong(length));
         throw new Error(`write of ${length} bytes exceeds the maximum`);
       }
       const cost = (type === P.CMD_WRITE || type === P.CMD_READ) && length <= P.MAX_BUFFER ? length : 0;
@@ -130,7 +136,7 @@ export class NbdConnection {
     const leave = exp.tryEnter?.() ?? null;
     if (exp.tryEnter && !leave) return false;
     try {
-      if (flags & ~READ_FAST_FLAGS || length === 0 || length > P.MAX_BUFFER || !Number.isSafeInteger(offset)) return false;
+      if (flags & ~(n.structured ? READ_FAST_FLAGS : P.CMD_FLAG_FUA) || length === 0 || length > P.MAX_BUFFER || !Number.isSafeInteger(offset)) return false;
       const chain = exp.chain();
       if (offset + length > chain.size) return false;
       // Header and data go straight into the turn's reply slab when they fit.
@@ -176,15 +182,18 @@ export class NbdConnection {
     try {
       const chain = exp.chain();
       const size = chain.size;
-      const known = P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_DF | P.CMD_FLAG_REQ_ONE | P.CMD_FLAG_FAST_ZERO;
-      if (r.flags & ~known) return this.error(n, r, P.EINVAL, `unsupported flags 0x${r.flags.toString(16)} (got 0x${r.flags.toString(16)})`);
-      if (r.type > P.CMD_BLOCK_STATUS || r.type === P.CMD_DISC) return this.error(n, r, P.EINVAL, `invalid request type (${r.type}) received`);
-      const ranged = r.type !== P.CMD_FLUSH;
-      if (ranged && (!Number.isSafeInteger(r.offset) || r.offset + r.length > size)) {
+      // QEMU 7.2's checks (nbd_co_receive_request), in its order and with its texts; every
+      // refusal is EINVAL (nbd_trip answers them all so).
+      if ((r.type === P.CMD_READ || r.type === P.CMD_CACHE) && r.length > P.MAX_BUFFER) return this.error(n, r, P.EINVAL, tooLong(r.length));
+      const writes = r.type === P.CMD_WRITE || r.type === P.CMD_TRIM || r.type === P.CMD_WRITE_ZEROES;
+      if (writes && !exp.writable) return this.error(n, r, P.EINVAL, 'Export is read-only');
+      if (!Number.isSafeInteger(r.offset) || r.offset > size || r.length > size - r.offset) {
         return this.error(n, r, P.EINVAL, `operation past EOF; From: ${r.offset}, Len: ${r.length}, Size: ${size}`);
       }
-      const writes = r.type === P.CMD_WRITE || r.type === P.CMD_TRIM || r.type === P.CMD_WRITE_ZEROES;
-      if (writes && !exp.writable) return this.error(n, r, P.EPERM, 'export is read-only');
+      const valid = P.CMD_FLAG_FUA | (r.type === P.CMD_READ && n.structured ? P.CMD_FLAG_DF : 0) |
+        (r.type === P.CMD_WRITE_ZEROES ? P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO : 0) | (r.type === P.CMD_BLOCK_STATUS ? P.CMD_FLAG_REQ_ONE : 0);
+      if (r.flags & ~valid) return this.error(n, r, P.EINVAL, `unsupported flags for command ${CMD_NAMES[r.type] ?? '<unknown>'} (got 0x${r.flags.toString(16)})`);
+      if (r.type > P.CMD_BLOCK_STATUS || r.type === P.CMD_DISC) return this.error(n, r, P.EINVAL, `invalid request type (${r.type}) received`);
       switch (r.type) {
         case P.CMD_READ: return await this.read(n, r);
         case P.CMD_WRITE:
@@ -203,6 +212,7 @@ export class NbdConnection {
           await chain.flush();
           return this.ok(r);
         case P.CMD_CACHE:
+          await exp.cache?.(r.offset, r.length);
           return this.ok(r);
         case P.CMD_BLOCK_STATUS:
           return await this.blockStatus(n, r);
@@ -217,7 +227,7 @@ export class NbdConnection {
   }
 
   /** An error reply: a structured ERROR chunk when negotiated, else a simple reply. */
-  private error(n: Negotiated, r: Request, code: number, msg: string): void {
+  private error(n: Negotiated, r: Pick<Request, 'handle'>, code: number, msg: string): void {
     if (!n.structured) {
       simpleHeader(this.replies.reserve(16) as Buffer, r.handle, code);
       return;
@@ -230,7 +240,7 @@ export class NbdConnection {
     this.chunk(r, P.REPLY_FLAG_DONE, P.REPLY_TYPE_ERROR, [p]);
   }
 
-  private chunk(r: Request, flags: number, type: number, parts: Buffer[]): void {
+  private chunk(r: Pick<Request, 'handle'>, flags: number, type: number, parts: Buffer[]): void {
     const h = Buffer.alloc(20);
     h.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
     h.writeUInt16BE(flags, 4);
@@ -248,7 +258,6 @@ export class NbdConnection {
   }
 
   private async read(n: Negotiated, r: Request): Promise<void> {
-    if (r.length > P.MAX_BUFFER) return this.error(n, r, P.EINVAL, `len (${r.length}) is larger than max len (${P.MAX_BUFFER})`);
     const chain = n.export.chain();
     const buf = Buffer.allocUnsafe(r.length);
     if (!n.structured) {
@@ -290,8 +299,8 @@ export class NbdConnection {
   }
 
   private async blockStatus(n: Negotiated, r: Request): Promise<void> {
-    if (!n.structured || n.contexts.length === 0) return this.error(n, r, P.EINVAL, 'no meta contexts negotiated');
-    if (r.length === 0) return this.error(n, r, P.EINVAL, 'block status of zero length');
+    if (r.length === 0) return this.error(n, r, P.EINVAL, 'need non-zero length');
+    if (!n.structured || n.contexts.length === 0) return this.error(n, r, P.EINVAL, 'CMD_BLOCK_STATUS not negotiated');
     const chain = n.export.chain();
     const one = (r.flags & P.CMD_FLAG_REQ_ONE) !== 0;
     let exts: ChainExtent[] | null = null;
@@ -325,6 +334,17 @@ export class NbdConnection {
     }
     parts.forEach((p, i) => this.chunk(r, i === parts.length - 1 ? P.REPLY_FLAG_DONE : 0, P.REPLY_TYPE_BLOCK_STATUS, p));
   }
+}
+
+/** QEMU's nbd_cmd_lookup. */
+const CMD_NAMES: Record<number, string> = {
+  [P.CMD_READ]: 'read', [P.CMD_WRITE]: 'write', [P.CMD_DISC]: 'disconnect', [P.CMD_FLUSH]: 'flush',
+  [P.CMD_TRIM]: 'trim', [P.CMD_CACHE]: 'cache', [P.CMD_WRITE_ZEROES]: 'write zeroes', [P.CMD_BLOCK_STATUS]: 'block status',
+};
+
+/** QEMU's text (with its stray space) for a read, write or cache longer than the limit. */
+function tooLong(length: number): string {
+  return `len (${length} ) is larger than max len (${P.MAX_BUFFER})`;
 }
 
 interface Request {

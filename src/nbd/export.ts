@@ -26,6 +26,8 @@ export interface NbdExport {
   enter?(): Promise<() => void>;
   /** `enter` without waiting: the leave function, or null when the caller must await `enter`. */
   tryEnter?(): (() => void) | null;
+  /** NBD_CMD_CACHE of a range (absent: CACHE succeeds and does nothing). */
+  cache?(offset: number, length: number): Promise<void>;
   /** Exported dirty bitmaps by name. */
   bitmaps?: Map<string, DirtyBitmapView>;
 }

@@ -41,6 +41,15 @@ class OptionError extends Error {
   }
 }
 
+/** QEMU's nbd_opt_lookup. */
+function optName(opt: number): string {
+  return OPTION_NAMES[opt] ?? '<unknown>';
+}
+
+/** QEMU's texts for option data shorter than its fields (nbd_opt_read), and longer (nbd_reject_length). */
+const shortData = (opt: number): OptionError => new OptionError(P.REP_ERR_INVALID, `Inconsistent lengths in option ${optName(opt)}`);
+const longData = (opt: number): OptionError => new OptionError(P.REP_ERR_INVALID, `option '${optName(opt)}' has unexpected length`);
+
 /** Runs the handshake; resolves with the negotiated export, or null when the client left cleanly. */
 export async function handshake(reader: SocketReader, socket: Socket, find: (name: string) => NbdExport | undefined,
   list: () => NbdExport[]): Promise<Negotiated | null> {
@@ -94,7 +103,7 @@ export async function handshake(reader: SocketReader, socket: Socket, find: (nam
           reply(opt, P.REP_ACK);
           return null;
         case P.OPT_LIST: {
-          if (len !== 0) throw new OptionError(P.REP_ERR_INVALID, 'no payload expected');
+          if (len !== 0) throw longData(opt);
           for (const e of list()) {
             const name = Buffer.from(e.name), desc = Buffer.from(e.description ?? '');
             const b = Buffer.alloc(4 + name.length + desc.length);
@@ -109,17 +118,18 @@ export async function handshake(reader: SocketReader, socket: Socket, find: (nam
         case P.OPT_STARTTLS:
           throw new OptionError(P.REP_ERR_POLICY, 'TLS not configured');
         case P.OPT_STRUCTURED_REPLY:
-          if (len !== 0) throw new OptionError(P.REP_ERR_INVALID, 'no payload expected');
+          if (len !== 0) throw longData(opt);
           if (structured) throw new OptionError(P.REP_ERR_INVALID, 'structured reply already negotiated');
           structured = true;
           reply(opt, P.REP_ACK);
           break;
         case P.OPT_INFO:
         case P.OPT_GO: {
-          const { name, rest } = readName(data);
-          if (rest.length < 2) throw new OptionError(P.REP_ERR_INVALID, 'request data too short');
+          const { name, rest } = readName(data, opt);
+          if (rest.length < 2) throw shortData(opt);
           const nreq = rest.readUInt16BE(0);
-          if (rest.length !== 2 + nreq * 2) throw new OptionError(P.REP_ERR_INVALID, 'request data has the wrong length');
+          if (rest.length < 2 + nreq * 2) throw shortData(opt);
+          if (rest.length > 2 + nreq * 2) throw longData(opt);
           const reqs = new Set<number>();
           for (let i = 0; i < nreq; i++) reqs.add(rest.readUInt16BE(2 + i * 2));
           const exp = find(name);
@@ -144,10 +154,10 @@ export async function handshake(reader: SocketReader, socket: Socket, find: (nam
         case P.OPT_LIST_META_CONTEXT:
         case P.OPT_SET_META_CONTEXT: {
           const set = opt === P.OPT_SET_META_CONTEXT;
-          if (set && !structured) throw new OptionError(P.REP_ERR_INVALID, 'requested structured replies first');
-          const { name, rest } = readName(data);
+          if (set && !structured) throw new OptionError(P.REP_ERR_INVALID, "request option 'set meta context' when structured reply is not negotiated");
+          const { name, rest } = readName(data, opt);
           const exp = find(name);
-          const queries = readQueries(rest);
+          const queries = readQueries(rest, opt);
           if (!exp) throw new OptionError(P.REP_ERR_UNKNOWN, `export '${name}' not present`);
           const matched = matchContexts(exp, queries, set);
           for (const c of matched) {
@@ -165,7 +175,7 @@ export async function handshake(reader: SocketReader, socket: Socket, find: (nam
           break;
         }
         default:
-          throw new OptionError(P.REP_ERR_UNSUP, `Unsupported option ${opt} (${OPTION_NAMES[opt] ?? '<unknown>'})`);
+          throw new OptionError(P.REP_ERR_UNSUP, `Unsupported option ${opt} (${optName(opt)})`);
       }
     } catch (e) {
       if (!(e instanceof OptionError)) throw e;
@@ -180,23 +190,25 @@ function u16(v: number): Buffer {
   return b;
 }
 
-function readName(data: Buffer): { name: string; rest: Buffer } {
-  if (data.length < 4) throw new OptionError(P.REP_ERR_INVALID, 'request data too short');
+function readName(data: Buffer, opt: number): { name: string; rest: Buffer } {
+  if (data.length < 4) throw shortData(opt);
   const n = data.readUInt32BE(0);
-  if (n > P.MAX_STRING || 4 + n > data.length) throw new OptionError(P.REP_ERR_INVALID, 'export name too long');
+  if (n > P.MAX_STRING) throw new OptionError(P.REP_ERR_INVALID, `Invalid name length: ${n}`);
+  if (4 + n > data.length) throw shortData(opt);
   return { name: data.toString('utf8', 4, 4 + n), rest: data.subarray(4 + n) };
 }
 
-function readQueries(rest: Buffer): string[] {
-  if (rest.length < 4) throw new OptionError(P.REP_ERR_INVALID, 'request data too short');
+function readQueries(rest: Buffer, opt: number): string[] {
+  if (rest.length < 4) throw shortData(opt);
   const nq = rest.readUInt32BE(0);
   const out: string[] = [];
   let p = 4;
   for (let i = 0; i < nq; i++) {
-    if (p + 4 > rest.length) throw new OptionError(P.REP_ERR_INVALID, 'query list truncated');
+    if (p + 4 > rest.length) throw shortData(opt);
     const l = rest.readUInt32BE(p);
-    if (l > P.MAX_STRING || p + 4 + l > rest.length) throw new OptionError(P.REP_ERR_INVALID, 'query too long');
-    out.push(rest.toString('utf8', p + 4, p + 4 + l));
+    if (p + 4 + l > rest.length) throw shortData(opt);
+    // QEMU skips a query longer than an NBD string may be.
+    if (l <= P.MAX_STRING) out.push(rest.toString('utf8', p + 4, p + 4 + l));
     p += 4 + l;
   }
   if (p !== rest.length) throw new OptionError(P.REP_ERR_INVALID, 'trailing data after queries');

@@ -14,6 +14,13 @@ export class NbdServer {
   private readonly sockets = new Set<net.Socket>();
   /** Connections still running (their requests in flight included). */
   private readonly running = new Set<Promise<void>>();
+  /**
+   * Clients served at once at most (0: no limit). Beyond it, as QEMU stops accepting (the
+   * kernel's backlog holds the clients), a connected client waits for its greeting until
+   * another one leaves.
+   */
+  maxConnections = 0;
+  private readonly waiting: net.Socket[] = [];
 
   constructor(private readonly log: (line: string) => void = () => {}) {}
 
@@ -35,9 +42,10 @@ export class NbdServer {
     const srv = net.createServer((sock) => {
       this.sockets.add(sock);
       sock.on('close', () => this.sockets.delete(sock));
-      const c = new NbdConnection(sock, (n) => this.exports.get(n), () => [...this.exports.values()], this.log);
-      const p = c.run().finally(() => this.running.delete(p));
-      this.running.add(p);
+      if (this.maxConnections && this.running.size >= this.maxConnections) {
+        sock.on('error', () => {});
+        this.waiting.push(sock);
+      } else this.serve(sock);
     });
     await new Promise<void>((resolve, reject) => {
       if (addr.type === 'unix') {
@@ -59,8 +67,21 @@ export class NbdServer {
     this.servers.push(srv);
   }
 
+  private serve(sock: net.Socket): void {
+    const c = new NbdConnection(sock, (n) => this.exports.get(n), () => [...this.exports.values()], this.log);
+    const p = c.run().finally(() => {
+      this.running.delete(p);
+      // A slot is free: the longest-waiting client still connected is greeted.
+      let next: net.Socket | undefined;
+      while ((next = this.waiting.shift()) && next.destroyed);
+      if (next) this.serve(next);
+    });
+    this.running.add(p);
+  }
+
   /** Stop listening and drop every client; resolves once their requests in flight are over. */
   async close(): Promise<void> {
+    this.waiting.length = 0;
     for (const s of this.sockets) s.destroy();
     await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
     await Promise.all([...this.running]);

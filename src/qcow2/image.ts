@@ -554,7 +554,7 @@ export class Qcow2Image implements BlockDriver {
     try {
       await this.markDirty();
       await this.writeUnlocked(buf, offset, opts?.onPlaced, opts?.beforeData);
-      this.tracked(offset, buf.length);
+      if (!opts?.untracked) this.tracked(offset, buf.length);
     } finally {
       release();
     }
@@ -1042,7 +1042,7 @@ export class Qcow2Image implements BlockDriver {
       if (headEnd > a) await this.writeUnlocked(Buffer.alloc(headEnd - a), a);
       if (tailStart > headEnd) await this.zeroAligned(headEnd, tailStart - headEnd, !!opts.mayUnmap, false);
       if (b > tailStart) await this.writeUnlocked(Buffer.alloc(b - tailStart), tailStart);
-      this.tracked(offset, length);
+      if (!opts.untracked) this.tracked(offset, length);
     } finally {
       release();
     }

@@ -22,10 +22,6 @@ function isSpace(c: number): boolean {
   return c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d || c === 0x0b || c === 0x0c;
 }
 
-function isDelimiter(c: number): boolean {
-  return isSpace(c) || c === OPEN_BRACE || c === CLOSE_BRACE || c === OPEN_BRACKET || c === CLOSE_BRACKET;
-}
-
 export class JsonStream {
   private depth = 0;
   private inString = false;
@@ -35,10 +31,17 @@ export class JsonStream {
   private size = 0;
   /** The current text broke a limit: it is skipped to its end. */
   private skipping = false;
-  /** A bad token outside any value: its first bytes, and whether it was already reported. */
+  /**
+   * A token outside any value (QEMU's lexer classes): a keyword [a-z]+, a number, a string, or
+   * one UTF-8 sequence; its first bytes, and whether it was already reported.
+   */
   private token: Buffer[] | null = null;
+  private tokenKind: 'keyword' | 'number' | 'string' | 'utf8' = 'keyword';
   private tokenLen = 0;
   private tokenReported = false;
+  /** Inside a top-level string: after a backslash; past its closing quote. */
+  private tokenEscape = false;
+  private tokenClosed = false;
 
   push(chunk: Buffer | string): Framed[] {
     const b = typeof chunk === 'string' ? Buffer.from(chunk, 'utf8') : chunk;
@@ -78,13 +81,25 @@ export class JsonStream {
         i++;
         continue;
       }
-      if (this.token && isDelimiter(c)) this.endToken(out);
+      if (this.token) {
+        if (this.continues(c)) {
+          this.addToken(out, b.subarray(i, i + 1));
+          i++;
+          continue;
+        }
+        this.endToken(out, c);
+      }
       if (c === OPEN_BRACE || c === OPEN_BRACKET) {
         this.depth = 1;
         start = i;
-      } else if (!isSpace(c)) {
-        this.addToken(out, b.subarray(i, i + 1));
-      }
+      } else if (c >= 0x61 && c <= 0x7a) this.startToken(out, 'keyword', b.subarray(i, i + 1));
+      else if (c === 0x2d || (c >= 0x30 && c <= 0x39)) this.startToken(out, 'number', b.subarray(i, i + 1));
+      else if (c === QUOTE) this.startToken(out, 'string', b.subarray(i, i + 1));
+      else if (c >= 0xc0 && c < 0xf8) this.startToken(out, 'utf8', b.subarray(i, i + 1));
+      // Tokens that are JSON but no value: the parser's text.
+      else if (c === CLOSE_BRACE || c === CLOSE_BRACKET || c === 0x3a || c === 0x2c) out.push({ error: 'JSON parse error, expecting value' });
+      else if (c >= 0x80) out.push(stray('\uFFFD'));
+      else if (!isSpace(c)) out.push(stray(String.fromCharCode(c)));
       i++;
     }
     keep(b.length);
@@ -107,27 +122,64 @@ export class JsonStream {
     }
   }
 
-  private addToken(out: Framed[], byte: Buffer): void {
-    if (!this.token) {
-      this.token = [];
-      this.tokenLen = 0;
-      this.tokenReported = false;
+  private startToken(out: Framed[], kind: JsonStream['tokenKind'], byte: Buffer): void {
+    this.token = [];
+    this.tokenKind = kind;
+    this.tokenLen = 0;
+    this.tokenReported = false;
+    this.tokenEscape = false;
+    this.tokenClosed = false;
+    this.addToken(out, byte);
+  }
+
+  /** Whether byte `c` belongs to the token under way. */
+  private continues(c: number): boolean {
+    switch (this.tokenKind) {
+      case 'keyword': return c >= 0x61 && c <= 0x7a;
+      case 'number': return (c >= 0x30 && c <= 0x39) || c === 0x2e || c === 0x65 || c === 0x45 || c === 0x2b || c === 0x2d;
+      case 'utf8': return c >= 0x80 && c < 0xc0;
+      case 'string':
+        if (this.tokenClosed) return false;
+        if (this.tokenEscape) this.tokenEscape = false;
+        else if (c === BACKSLASH) this.tokenEscape = true;
+        else if (c === QUOTE) this.tokenClosed = true;
+        return true;
     }
-    if (this.tokenReported) return;
+  }
+
+  private addToken(out: Framed[], byte: Buffer): void {
+    if (!this.token || this.tokenReported) return;
     this.token.push(byte);
     this.tokenLen++;
-    if (this.tokenLen >= MAX_TOKEN) {
-      out.push(tokenError(Buffer.concat(this.token).toString('utf8')));
+    if (this.tokenLen >= MAX_TOKEN && this.tokenKind === 'keyword') {
+      out.push(this.tokenError(''));
       this.tokenReported = true;
     }
   }
 
-  private endToken(out: Framed[]): void {
-    if (this.token && !this.tokenReported) out.push(tokenError(Buffer.concat(this.token).toString('utf8')));
+  /** The token ends before byte `next` (-1: at a delimiter QEMU's lexer needs no look at). */
+  private endToken(out: Framed[], next: number): void {
+    if (this.token && !this.tokenReported) out.push(this.tokenError(next >= 0 && next < 0x80 ? String.fromCharCode(next) : ''));
     this.token = null;
+  }
+
+  /** QEMU's answer to a complete token outside any object. */
+  private tokenError(next: string): Framed {
+    const tok = Buffer.concat(this.token ?? []).toString('latin1');
+    switch (this.tokenKind) {
+      case 'keyword':
+        return tok === 'true' || tok === 'false' || tok === 'null' ? { error: NOT_OBJECT } : { error: `JSON parse error, invalid keyword '${tok}'` };
+      case 'number':
+        // A well-formed number is a value; a broken one is a lexer error naming the byte it stopped at.
+        return /^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?$/.test(tok) ? { error: NOT_OBJECT } : stray(tok + next);
+      case 'string': return { error: NOT_OBJECT };
+      case 'utf8': return stray('\uFFFD');
+    }
   }
 }
 
-function tokenError(tok: string): Framed {
-  return { error: /^[A-Za-z]/.test(tok) ? `JSON parse error, invalid keyword '${tok}'` : 'QMP input must be a JSON object' };
+const NOT_OBJECT = 'QMP input must be a JSON object';
+
+function stray(s: string): Framed {
+  return { error: `JSON parse error, stray '${s}'` };
 }

@@ -8,6 +8,7 @@
 import net from 'node:net';
 import fs from 'node:fs';
 import { JsonStream, type Framed } from './framing.js';
+import { qemuJson } from './json-out.js';
 
 /** Commands read ahead of the one running, and reply bytes not yet taken by the client, at most. */
 const MAX_QUEUED = 256;
@@ -26,9 +27,11 @@ export type Handler = (args: Args, session: QmpSession) => Promise<unknown> | un
 
 export class QmpSession {
   negotiated = false;
+  /** The client enabled the 'oob' capability. */
+  oob = false;
   constructor(readonly socket: net.Socket) {}
   send(obj: unknown): void {
-    if (!this.socket.destroyed) this.socket.write(`${JSON.stringify(obj)}\r\n`);
+    if (!this.socket.destroyed) this.socket.write(`${qemuJson(obj)}\r\n`);
   }
 }
 
@@ -114,23 +117,34 @@ export class QmpServer {
     const idPart = 'id' in m ? { id: m.id } : {};
     const reply = (body: Record<string, unknown>): void => s.send({ ...body, ...idPart });
     const fail = (cls: string, desc: string): void => s.send({ ...idPart, error: { class: cls, desc } });
+    // QEMU's qmp_dispatch_check_obj: 'exec-oob' only once the client enabled OOB.
     for (const k of Object.keys(m)) {
-      if (!['execute', 'arguments', 'id', 'exec-oob', 'control'].includes(k)) return fail('GenericError', `QMP input member '${k}' is unexpected`);
+      if (!['execute', 'arguments', 'id', ...(s.oob ? ['exec-oob'] : [])].includes(k)) return fail('GenericError', `QMP input member '${k}' is unexpected`);
     }
-    if ('exec-oob' in m) return fail('GenericError', 'QMP input member \'exec-oob\' is unexpected');
-    const cmd = m.execute;
+    const oob = 'exec-oob' in m;
+    if (oob && 'execute' in m) return fail('GenericError', "QMP input member 'execute' clashes with 'exec-oob'");
+    const key = oob ? 'exec-oob' : 'execute';
+    const cmd = m[key];
     if (cmd === undefined) return fail('GenericError', "QMP input lacks member 'execute'");
-    if (typeof cmd !== 'string') return fail('GenericError', "QMP input member 'execute' must be a string");
+    if (typeof cmd !== 'string') return fail('GenericError', `QMP input member '${key}' must be a string`);
     const args = m.arguments ?? {};
     if (typeof args !== 'object' || args === null || Array.isArray(args)) return fail('GenericError', "QMP input member 'arguments' must be an object");
     if (!s.negotiated) {
       if (cmd !== 'qmp_capabilities') return fail('CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
+      if (oob) return fail('GenericError', 'The command qmp_capabilities does not support OOB');
+      try {
+        s.oob = capabilities(args as Args);
+      } catch (e) {
+        return fail('GenericError', (e as Error).message);
+      }
       s.negotiated = true;
       return reply({ return: {} });
     }
-    if (cmd === 'qmp_capabilities') return fail('CommandNotFound', 'Capabilities negotiation is already complete, command ignored');
+    if (cmd === 'qmp_capabilities') return fail(oob ? 'GenericError' : 'CommandNotFound', oob ? 'The command qmp_capabilities does not support OOB' : 'Capabilities negotiation is already complete, command ignored');
     const h = this.commands.get(cmd);
     if (!h) return fail('CommandNotFound', `The command ${cmd} has not been found`);
+    // No command of the daemon's may run out of band (QEMU: only a few migration and test commands).
+    if (oob) return fail('GenericError', `The command ${cmd} does not support OOB`);
     try {
       const ret = await h(args as Args, s);
       reply({ return: ret ?? {} });
@@ -150,6 +164,22 @@ export class QmpServer {
     for (const w of this.waiting) w.destroy();
     await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
   }
+}
+
+/**
+ * qmp_capabilities' arguments: whether 'oob' is enabled. QEMU's texts, the enum's one included
+ * (its visitor names a list element 'null').
+ */
+function capabilities(a: Args): boolean {
+  onlyArgs(a, ['enable']);
+  const e = a.enable;
+  if (e === undefined) return false;
+  if (!Array.isArray(e)) throw new CommandError("Invalid parameter type for 'enable', expected: array");
+  for (const v of e) {
+    if (typeof v !== 'string') throw new CommandError("Invalid parameter type for 'null', expected: string");
+    if (v !== 'oob') throw new CommandError(`Parameter 'null' does not accept value '${v}'`);
+  }
+  return e.length > 0;
 }
 
 /** Until the client has taken the replies written so far (or is gone). */

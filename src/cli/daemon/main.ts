@@ -77,18 +77,18 @@ export async function daemonMain(argv: string[], ctx: CliContext): Promise<numbe
     for (const b of opts.blockdevs) {
       await at(b.where, async () => {
         for (const w of b.warnings) log(`${PROG}: ${located(b.where, w)}`);
-        if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', { discard: b.discard, readOnly: b.readOnly, detectZeroes: b.detectZeroes, noFlush: b.noFlush });
+        if (b.driver === 'file') daemon.graph.addFile(b.nodeName, b.filename ?? '', { discard: b.discard, readOnly: b.readOnly, detectZeroes: b.detectZeroes, noFlush: b.noFlush, noLock: b.noLock });
         else {
           if (b.file === undefined && b.filename === undefined) throw new CliError("Parameter 'file' is missing");
           await daemon.graph.addFormat({
             name: b.nodeName, format: formatArg(b.driver), file: b.file ?? (b.filename as string), fileIsNode: b.file !== undefined,
             backing: b.backing, readOnly: b.readOnly, discard: b.discard, cache: b.cache,
-            detectZeroes: b.detectZeroes, noFlush: b.noFlush, fileNoFlush: b.fileNoFlush, fileDetectZeroes: b.fileDetectZeroes,
+            detectZeroes: b.detectZeroes, noFlush: b.noFlush, fileNoFlush: b.fileNoFlush, fileDetectZeroes: b.fileDetectZeroes, noLock: b.noLock,
           });
         }
       });
     }
-    for (const n of opts.nbdServers) await at(n.where, () => daemon.startNbd(n.addr));
+    for (const n of opts.nbdServers) await at(n.where, () => daemon.startNbd(n.addr, n.maxConnections));
     for (const e of opts.exports) {
       await at(e.where, () => daemon.addExport({ id: e.id, nodeName: e.nodeName, name: e.name, writable: e.writable, allocationDepth: e.allocationDepth, bitmaps: e.bitmaps }));
     }

@@ -46,12 +46,14 @@ export interface BlockdevSpec {
   /** The option as written ('--blockdev driver=...'), which QEMU's messages about it start with; '' for the short form. */
   where: string;
   detectZeroes: DetectZeroes; noFlush: boolean;
+  /** locking=off on the protocol node (file.locking=off for an inline one). */
+  noLock?: boolean;
   /** An inline file's (file.cache.no-flush, file.detect-zeroes), when given. */
   fileNoFlush?: boolean; fileDetectZeroes?: DetectZeroes;
 }
 export interface ExportSpec { id: string; nodeName: string; name: string; writable: boolean; allocationDepth: boolean; bitmaps: string[]; where: string }
 export type AddrSpec = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
-export interface NbdServerSpec { addr: AddrSpec; where: string }
+export interface NbdServerSpec { addr: AddrSpec; where: string; maxConnections?: number }
 
 /** QEMU's message about an option: the option as written, then the message (error_report with a command line location). */
 export function located(where: string, msg: string): string {
@@ -171,14 +173,22 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
           const driver = kv.get('driver');
           const nodeName = kv.get('node-name');
           if (!driver) throw new UsageError("Parameter 'driver' is missing");
-          if (!nodeName) throw new UsageError('A block device must be given a node-name');
+          if (!nodeName) throw new UsageError("'node-name' must be specified for the root node");
           const warnings: string[] = [];
           // backing=NAME names a node (also 'null'); backing= (empty) is no backing, deprecated.
           const backing = qmpCheck(() => backingRef([...kv.keys()].some((k) => k.startsWith('backing.')) ? {} : kv.get('backing'), (w) => warnings.push(w)));
-          o.blockdevs.push({ driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inlineFile?.noFlushGiven, fileDetectZeroes: inlineFile?.detectZeroes, warnings, where });
+          const locking = kv.get(driver === 'file' ? 'locking' : 'file.locking');
+          if (locking !== undefined && !['on', 'off', 'auto'].includes(locking)) throw new UsageError(`Parameter '${driver === 'file' ? '' : 'file.'}locking' does not accept value '${locking}'`);
+          o.blockdevs.push({ noLock: locking === 'off', driver, nodeName, filename: kv.get('filename') ?? kv.get('file.filename'), file: kv.get('file'), backing, readOnly: bool('read-only', kv.get('read-only'), false), discard: discardOpt(kv.get('discard')), cache: cacheOpts(kv), detectZeroes, noFlush, fileNoFlush: inlineFile?.noFlushGiven, fileDetectZeroes: inlineFile?.detectZeroes, warnings, where });
           break;
         }
-        case '--nbd-server': o.nbdServers.push({ addr: addr(parseKeyval(value())), where }); break;
+        case '--nbd-server': {
+          const kv = parseKeyval(value());
+          const mc = kv.get('max-connections');
+          if (mc !== undefined && !/^[0-9]+$/.test(mc)) throw new UsageError("Parameter 'max-connections' expects uint32_t");
+          o.nbdServers.push({ addr: addr(kv), where, maxConnections: mc === undefined ? 0 : Number(mc) });
+          break;
+        }
         case '--export': {
           const kv = parseKeyval(value());
           if (kv.get('type') !== 'nbd') throw new UsageError(`Parameter 'type' does not accept value '${kv.get('type') ?? ''}'`);
