@@ -185,7 +185,7 @@ export function parseDaemonArgs(argv: string[]): DaemonOptions {
         case '--nbd-server': {
           const kv = parseKeyval(value());
           const mc = kv.get('max-connections');
-          if (mc !== undefined && !/^[0-9]+$/.test(mc)) throw new UsageError("Parameter 'max-connections' expects uint32_t");
+          if (mc !== undefined && !/^[0-9]+$/.test(mc)) throw new UsageError("Parameter 'max-connections' expects integer");
           o.nbdServers.push({ addr: addr(kv), where, maxConnections: mc === undefined ? 0 : Number(mc) });
           break;
         }
