@@ -22,6 +22,13 @@ export interface Extent {
 export interface BackingReader {
   readonly size: number;
   read(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Whether [offset, offset+length) of the layers below reads as zero by their metadata alone
+   * (zero clusters, unallocated down to the bottom, past a shorter backing file's end): what
+   * QEMU's qcow2 is_zero() asks before it zeroes a partial cluster whole. Optional: without it
+   * a caller must assume data.
+   */
+  readsZero?(offset: number, length: number): Promise<boolean>;
 }
 
 export interface WriteOptions {

@@ -952,10 +952,19 @@ export class Qcow2Image implements BlockDriver {
     }
   }
 
-  /** Whether this layer's range reads as zero without looking below it (zero, or unallocated with no backing). */
+  /**
+   * Whether the range reads as zero by metadata (QEMU's is_zero): zero here, or unallocated here
+   * and zero by the metadata of the layers below (or no backing file).
+   */
   private async readsZero(offset: number, length: number): Promise<boolean> {
     const exts = await this.blockStatus(offset, length);
-    return exts.every((x) => x.kind === 'zero' || (x.kind === 'unallocated' && !this.backing));
+    for (const x of exts) {
+      if (x.kind === 'zero') continue;
+      if (x.kind !== 'unallocated') return false;
+      if (!this.backing) continue;
+      if (!this.backing.readsZero || !(await this.backing.readsZero(x.offset, x.length))) return false;
+    }
+    return true;
   }
 
   /** Discard whole clusters: they become zero (v3) or unallocated (v2); partial clusters are ignored. */
