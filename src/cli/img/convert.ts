@@ -136,6 +136,13 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       allocateAll: sparse === 0 && !noCreate,
       onProgress: (f) => bar.print(f * 100, 0),
     });
+    if (compress) {
+      // qemu-img ends a compressed copy with a zero-length compressed write, which rounds the
+      // file up to a whole sector.
+      const st = dst.top.storage;
+      const len = await st.size();
+      if (len % 512 !== 0) await st.truncate(len + 512 - (len % 512));
+    }
     if (bitmaps) {
       try {
         await copyBitmaps(persistentBitmaps(sources[0].top) as Qcow2Bitmaps, persistentBitmaps(dst.top) as Qcow2Bitmaps,
