@@ -56,3 +56,19 @@ test('create: a backing file with preallocation is allowed with extended_l2=on (
   assert.equal(rc.stdout, rq.stdout);
   assert.ok(fs.readFileSync(path.join(dir, 'x.qcow2')).equals(fs.readFileSync(path.join(dir, 'q.qcow2'))), 'byte-identical to qemu-img');
 });
+
+test('create: raw with preallocation=metadata leaves the empty file qemu-img leaves', oracle(), async () => {
+  const dir = scratch();
+  for (const existing of [false, true]) {
+    for (const side of ['q.raw', 'c.raw']) {
+      fs.rmSync(path.join(dir, side), { force: true });
+      if (existing) fs.writeFileSync(path.join(dir, side), Buffer.alloc(5000, 7));
+    }
+    const rq = await qemuImg(['create', '-f', 'raw', '-o', 'preallocation=metadata', 'q.raw', '1M'], dir);
+    const rc = await qchain(['img', 'create', '-f', 'raw', '-o', 'preallocation=metadata', 'c.raw', '1M'], dir);
+    assert.equal(rc.code, rq.code, rc.stderr);
+    assert.equal(rc.stderr, rq.stderr.replace('q.raw', 'c.raw'));
+    assert.equal(rc.stdout, rq.stdout.replace('q.raw', 'c.raw'));
+    assert.equal(fs.statSync(path.join(dir, 'c.raw')).size, fs.statSync(path.join(dir, 'q.raw')).size, `file size (existing file: ${existing})`);
+  }
+});

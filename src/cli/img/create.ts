@@ -214,7 +214,16 @@ function printFormatting(ctx: CliContext, quiet: boolean, file: string, fmt: Ima
 async function createImage(file: string, fmt: ImageFormat, size: number, kv: Map<string, string>): Promise<void> {
   const prealloc = (kv.get('preallocation') ?? 'off') as Preallocation;
   if (!['off', 'metadata', 'falloc', 'full'].includes(prealloc)) throw new ImageError(`Parameter 'preallocation' does not accept value '${prealloc}'`);
-  if (fmt === 'raw' && prealloc === 'metadata') throw new ImageError('Unsupported preallocation mode: metadata');
+  if (fmt === 'raw' && prealloc === 'metadata') {
+    // file-posix creates (and empties) the file before its truncate refuses the mode.
+    const st = await createFile(file);
+    try {
+      await st.truncate(0);
+    } finally {
+      await st.close();
+    }
+    throw new ImageError('Unsupported preallocation mode: metadata');
+  }
   if (fmt === 'raw') {
     const st = await createFile(file);
     try {
