@@ -189,6 +189,7 @@ export class IoSession {
     this.readOnly = req.readOnly;
     this.copyOnRead = req.copyOnRead;
     this.unmap = req.unmap;
+    if (chain.top instanceof Qcow2Image) chain.top.passDiscardRequests = req.unmap && !req.readOnly;
     this.snapshot = req.snapshot;
     this.ejected = false;
     this.corruptionReported = false;
