@@ -178,7 +178,11 @@ export class Chain {
         const xs = await this.statusFrom(depth, offset, end - offset);
         let covered = 0;
         for (const x of xs) {
-          if (x.kind === 'data') return false;
+          if (x.kind === 'data') {
+            // Data whose host range the file reports as holes reads zero too (QEMU recurses there).
+            const d = this.layers[x.depth].driver;
+            if (x.compressed || x.hostOffset === undefined || !d.hostReadsZero || !(await d.hostReadsZero(x.hostOffset, x.length))) return false;
+          }
           covered += x.length;
         }
         return covered === end - offset;

@@ -13,6 +13,7 @@
 import type { OverlapKind } from './overlap.js';
 import { errnoText, type Storage } from '../storage/storage.js';
 import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteOptions, WriteZeroesOptions } from '../image/driver.js';
+import { hostRuns, metadataPreallocated } from './metadata-prealloc.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { Mutex, RangeLock } from '../util/mutex.js';
 import * as C from './constants.js';
@@ -948,6 +949,12 @@ export class Qcow2Image implements BlockDriver {
       if (!(err instanceof ImageError)) throw err;
       this.log(`qcow2_free_clusters failed: ${errnoText(err.errno ?? 'EIO')}`);
     }
+  }
+
+  /** The file's holes inside data clusters, where QEMU asks for them (see metadata-prealloc.ts). */
+  async hostReadsZero(hostOffset: number, length: number): Promise<boolean> {
+    if (!(await metadataPreallocated(this))) return false;
+    return (await hostRuns(this, hostOffset, length)).every((r) => r.zero);
   }
 
   /**
