@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { oracle, qchain, qemuImg, qemuImgSync, qemuIo, qemuIoSync, scratch } from './helpers/qemu.js';
+import { filterTiming, oracle, qchain, qemuImg, qemuImgSync, qemuIo, qemuIoSync, scratch } from './helpers/qemu.js';
 
 /** base (4M): data, a zero range; mid (3M, shorter): whole-cluster data and a zero cluster. */
 function build(dir: string, topOpts: string[]): void {
@@ -77,5 +77,30 @@ test('write -z of a partial cluster over a backing whose data clusters have hole
     assert.equal(rq.code, 0, rq.stderr);
     assert.equal(rc.code, 0, rc.stderr);
     assert.ok(fs.readFileSync(path.join(c, 't.qcow2')).equals(fs.readFileSync(path.join(q, 't.qcow2'))), `byte-identical top layer (sparse copy: ${sparse})`);
+  }
+});
+
+test('write -z -n (no fallback) over a backing with holes in its data clusters: same answer as qemu-io', oracle(), async () => {
+  const root = scratch();
+  const src = path.join(root, 'src');
+  fs.mkdirSync(src);
+  qemuImgSync(['create', '-q', '-f', 'qcow2', 'b.qcow2', '4M'], src);
+  qemuImgSync(['create', '-q', '-f', 'qcow2', '-b', 'b.qcow2', '-F', 'qcow2', 'm.qcow2'], src);
+  qemuIoSync(['-c', `write -P 3 ${1100 * K} 4k`, 'm.qcow2'], src);
+  qemuImgSync(['create', '-q', '-f', 'qcow2', '-b', 'm.qcow2', '-F', 'qcow2', 't.qcow2'], src);
+  for (const sparse of [false, true]) {
+    const q = path.join(root, `q${sparse}`), c = path.join(root, `c${sparse}`);
+    for (const d of [q, c]) {
+      fs.mkdirSync(d);
+      for (const f of ['b.qcow2', 'm.qcow2', 't.qcow2']) {
+        assert.equal(spawnSync('cp', [`--sparse=${sparse ? 'always' : 'never'}`, path.join(src, f), path.join(d, f)]).status, 0);
+      }
+    }
+    const args = ['-c', `write -z -n ${1100 * K} 4k`, 't.qcow2'];
+    const rq = await qemuIo(args, q);
+    const rc = await qchain(['io', ...args], c);
+    assert.equal(rc.code, rq.code, `status (sparse copy: ${sparse})`);
+    assert.equal(filterTiming(rc.stdout + rc.stderr), filterTiming(rq.stdout + rq.stderr), `output (sparse copy: ${sparse})`);
+    assert.ok(fs.readFileSync(path.join(c, 't.qcow2')).equals(fs.readFileSync(path.join(q, 't.qcow2'))), `byte-identical (sparse copy: ${sparse})`);
   }
 });
