@@ -171,6 +171,22 @@ export class Chain {
     return {
       get size() { return layer.size; },
       read: async (buf, offset) => { if (!this.tryReadSyncFrom(depth, buf, offset)) await this.readFrom(depth, buf, offset); },
+      readsZero: async (offset, length) => {
+        // Past the end of this layer the guest reads zeros.
+        const end = Math.min(offset + length, layer.size);
+        if (end <= offset) return true;
+        const xs = await this.statusFrom(depth, offset, end - offset);
+        let covered = 0;
+        for (const x of xs) {
+          if (x.kind === 'data') {
+            // Data whose host range the file reports as holes reads zero too (QEMU recurses there).
+            const d = this.layers[x.depth].driver;
+            if (x.compressed || x.hostOffset === undefined || !d.hostReadsZero || !(await d.hostReadsZero(x.hostOffset, x.length))) return false;
+          }
+          covered += x.length;
+        }
+        return covered === end - offset;
+      },
     };
   }
 

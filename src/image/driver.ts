@@ -22,6 +22,13 @@ export interface Extent {
 export interface BackingReader {
   readonly size: number;
   read(buf: Buffer, offset: number): Promise<void>;
+  /**
+   * Whether [offset, offset+length) of the layers below reads as zero by their metadata alone
+   * (zero clusters, unallocated down to the bottom, past a shorter backing file's end): what
+   * QEMU's qcow2 is_zero() asks before it zeroes a partial cluster whole. Optional: without it
+   * a caller must assume data.
+   */
+  readsZero?(offset: number, length: number): Promise<boolean>;
 }
 
 export interface WriteOptions {
@@ -69,6 +76,12 @@ export interface BlockDriver {
   /** The reader for the layers below, attached by the chain (null = reads beyond this layer are zero). */
   backing: BackingReader | null;
 
+  /**
+   * Whether host bytes [hostOffset, hostOffset+length) of a data run read as zero by the file's
+   * own block status, where QEMU asks the file (qcow2 images it treats as metadata-preallocated:
+   * holes). Optional: without it data is data.
+   */
+  hostReadsZero?(hostOffset: number, length: number): Promise<boolean>;
   /** Status of this layer only, covering [offset, offset+length) with maximal runs (may stop early at a bound). */
   blockStatus(offset: number, length: number): Promise<Extent[]>;
   /** Reads guest data of this layer for a range whose extents are 'data' or 'zero' (unallocated reads as zero). */

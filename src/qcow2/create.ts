@@ -27,25 +27,30 @@ export interface Qcow2CreateOptions {
 
 /** Validates options the way qemu-img does (same messages). Returns normalised values. */
 export function validateCreateOptions(o: Qcow2CreateOptions): Required<Omit<Qcow2CreateOptions, 'backingFile' | 'backingFormat'>> & { backingFile: string | null; backingFormat: string | null } {
+  // The checks and their order are qcow2_co_create's (QEMU 7.2): the first failing one is reported.
   const clusterSize = o.clusterSize ?? 65536;
+  const version = o.version ?? 3;
+  if (o.extendedL2 && version < 3) {
+    throw new ImageError('Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
+  }
   const bits = Math.log2(clusterSize);
   if (!Number.isInteger(bits) || bits < C.MIN_CLUSTER_BITS || bits > C.MAX_CLUSTER_BITS) {
     throw new ImageError('Cluster size must be a power of two between 512 and 2048k');
   }
-  const version = o.version ?? 3;
+  if (o.extendedL2 && clusterSize < 16384) throw new ImageError('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
+  if (o.backingFile && (o.preallocation ?? 'off') !== 'off' && !o.extendedL2) {
+    throw new ImageError('Backing file and preallocation can only be used at the same time if extended_l2 is on');
+  }
+  if (o.backingFormat && !o.backingFile) throw new ImageError('Backing format cannot be used without backing file');
+  if (version < 3 && o.lazyRefcounts) {
+    throw new ImageError('Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)');
+  }
   const refcountBits = o.refcountBits ?? 16;
   if (!Number.isInteger(Math.log2(refcountBits)) || refcountBits > 64 || refcountBits < 1) {
     throw new ImageError('Refcount width must be a power of two and may not exceed 64 bits');
   }
   if (version < 3 && refcountBits !== 16) {
     throw new ImageError('Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)');
-  }
-  if (version < 3 && o.lazyRefcounts) {
-    throw new ImageError('Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)');
-  }
-  if (o.extendedL2) {
-    if (version < 3) throw new ImageError('Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)');
-    if (clusterSize < 16384) throw new ImageError('Extended L2 entries are only supported with cluster sizes of at least 16384 bytes');
   }
   const compressionType = o.compressionType ?? 'zlib';
   if (compressionType !== 'zlib' && version < 3) {

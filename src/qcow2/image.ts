@@ -13,6 +13,7 @@
 import { metadataOverlap, type OverlapKind } from './overlap.js';
 import { errnoText, type Storage } from '../storage/storage.js';
 import type { BackingReader, BlockDriver, Extent, ResizeOptions, WriteOptions, WriteZeroesOptions } from '../image/driver.js';
+import { hostRuns, metadataPreallocated } from './metadata-prealloc.js';
 import { CorruptionError, ImageError } from '../image/errors.js';
 import { Mutex, RangeLock } from '../util/mutex.js';
 import * as C from './constants.js';
@@ -100,6 +101,14 @@ export class Qcow2Image implements BlockDriver {
   readonly writeback: boolean;
   /** References dropped in (dirty) L2 tables whose refcount decrement waits for write-back. */
   private pendingFrees: L2Entry[] = [];
+  /**
+   * Guest discards and zero writes pass their freed clusters on to the file, as QEMU's
+   * pass-discard-request on an image opened with BDRV_O_UNMAP (qemu-io's default): a cluster
+   * they leave unused is punched, so it reads as zeros as in QEMU's files. Set by the front end.
+   */
+  passDiscardRequests = false;
+  /** Entries dropped by guest discards / zero writes (QCOW2_DISCARD_REQUEST), freed later. */
+  private readonly discardRequested = new WeakSet<L2Entry>();
   /** The write-back in progress, if any. */
   private writingBack: Promise<void> | null = null;
   /** Spare cluster-sized buffers for copy-on-write fills (allocating writes churn otherwise). */
@@ -744,8 +753,21 @@ export class Qcow2Image implements BlockDriver {
             const headAlloc = (old.allocBits >>> sa) & 1, tailAlloc = (old.allocBits >>> (sb - 1)) & 1;
             if (reuse && headAlloc && da === p.wa + 0) p.wa = da;
             if (reuse && headAlloc && tailAlloc) { p.wa = da; p.wb = db; }
+          } else {
+            // A shared cluster (snapshot) is copied from its first to its last allocated
+            // subcluster, and over the touched ones: QEMU's calculate_l2_meta skips leading and
+            // trailing zero or unallocated subclusters; what is copied becomes allocated.
+            const alloc = old.allocBits >>> 0;
+            const first = Math.min(sa, alloc ? 31 - Math.clz32(alloc & -alloc) : 32);
+            const lastEx = Math.max(sb, alloc ? 32 - Math.clz32(alloc) : 0);
+            p.wa = first * sc;
+            p.wb = Math.min(cs, lastEx * sc);
+            let range = 0;
+            for (let s = first; s < lastEx; s++) range |= 1 << s;
+            range >>>= 0;
+            p.allocBits = (old.allocBits | range) >>> 0;
+            p.zeroBits = (old.zeroBits & ~range) >>> 0;
           }
-          // A shared cluster (snapshot) is copied whole, keeping its subcluster bitmap.
         }
         plans.push(p);
       }
@@ -1004,6 +1026,13 @@ export class Qcow2Image implements BlockDriver {
    */
   /** @internal */ async freeEntryClusters(e: L2Entry, discard = false): Promise<void> {
     try {
+      if (!discard && this.discardRequested.has(e)) {
+        if (e.type === ClusterType.Compressed) {
+          await this.punchUnshared(Math.floor(e.cOffset / this.clusterSize), Math.floor((e.cOffset + e.cLength - 1) / this.clusterSize));
+        } else if (e.host) {
+          await this.punchUnshared(e.host / this.clusterSize, e.host / this.clusterSize);
+        }
+      }
       if (e.type === ClusterType.Compressed) {
         const first = Math.floor(e.cOffset / this.clusterSize);
         const last = Math.floor((e.cOffset + e.cLength - 1) / this.clusterSize);
@@ -1015,6 +1044,24 @@ export class Qcow2Image implements BlockDriver {
       // As QEMU's qcow2_free_clusters: a failed free is reported and leaks; the request goes on.
       if (!(err instanceof ImageError)) throw err;
       this.log(`qcow2_free_clusters failed: ${errnoText(err.errno ?? 'EIO')}`);
+    }
+  }
+
+  /** The file's holes inside data clusters, where QEMU asks for them (see metadata-prealloc.ts). */
+  async hostReadsZero(hostOffset: number, length: number): Promise<boolean> {
+    if (!(await metadataPreallocated(this))) return false;
+    return (await hostRuns(this, hostOffset, length)).every((r) => r.zero);
+  }
+
+  /**
+   * Discard host clusters [first, last] that this reference alone holds (refcount 1), before the
+   * reference is dropped, so no allocation can take them meanwhile: QEMU discards a cluster
+   * whose refcount reaches 0. A failed discard is ignored, as qcow2_process_discards does.
+   */
+  private async punchUnshared(first: number, last: number): Promise<void> {
+    if (!this.storage.punchHole) return;
+    for (let ci = first; ci <= last; ci++) {
+      if ((await this.refcounts.get(ci)) === 1) await this.storage.punchHole(ci * this.clusterSize, this.clusterSize).catch(() => {});
     }
   }
 
@@ -1048,10 +1095,19 @@ export class Qcow2Image implements BlockDriver {
     }
   }
 
-  /** Whether this layer's range reads as zero without looking below it (zero, or unallocated with no backing). */
+  /**
+   * Whether the range reads as zero by metadata (QEMU's is_zero): zero here, or unallocated here
+   * and zero by the metadata of the layers below (or no backing file).
+   */
   private async readsZero(offset: number, length: number): Promise<boolean> {
     const exts = await this.blockStatus(offset, length);
-    return exts.every((x) => x.kind === 'zero' || (x.kind === 'unallocated' && !this.backing));
+    for (const x of exts) {
+      if (x.kind === 'zero') continue;
+      if (x.kind !== 'unallocated') return false;
+      if (!this.backing) continue;
+      if (!this.backing.readsZero || !(await this.backing.readsZero(x.offset, x.length))) return false;
+    }
+    return true;
   }
 
   /** Discard whole clusters: they become zero (v3) or unallocated (v2); partial clusters are ignored. */
@@ -1102,9 +1158,11 @@ export class Qcow2Image implements BlockDriver {
               if (isDiscard && !this.backing && old.type !== ClusterType.Compressed && old.type !== ClusterType.Normal && old.type !== ClusterType.ZeroAlloc) continue;
               if (this.extL2) {
                 if (a === 0 && b === cs) {
-                  const keep = !unmap && old.copied && old.host !== 0 && old.type !== ClusterType.Compressed;
+                  // As QEMU's zero_in_l2_slice: without unmap an allocated cluster keeps its host
+                  // cluster (and its COPIED flag: a snapshot's shared cluster stays shared).
+                  const keep = !unmap && old.host !== 0 && old.type !== ClusterType.Compressed;
                   if (isDiscard) writeL2(table, idx, this.geo, 0, { copied: false, allocBits: 0, zeroBits: 0xffffffff });
-                  else writeL2(table, idx, this.geo, keep ? old.host : 0, { copied: keep, allocBits: 0, zeroBits: 0xffffffff });
+                  else writeL2(table, idx, this.geo, keep ? old.host : 0, { copied: keep && old.copied, allocBits: 0, zeroBits: 0xffffffff });
                   if (!keep && (old.host || old.type === ClusterType.Compressed)) frees.push(old);
                 } else {
                   // Subcluster-aligned part of a cluster: set zero bits for those subclusters.
@@ -1118,8 +1176,10 @@ export class Qcow2Image implements BlockDriver {
                   writeL2(table, idx, this.geo, old.host, { copied: old.host ? old.copied : false, allocBits: (old.allocBits & ~bits) >>> 0, zeroBits: (old.zeroBits | bits) >>> 0 });
                 }
               } else {
-                const keep = !unmap && old.copied && (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc);
-                if (keep) writeL2(table, idx, this.geo, old.host, { copied: true, zero: true });
+                // As QEMU's zero_in_l2_slice: without unmap an allocated cluster keeps its host
+                // cluster (and its COPIED flag: a snapshot's shared cluster stays shared).
+                const keep = !unmap && (old.type === ClusterType.Normal || old.type === ClusterType.ZeroAlloc);
+                if (keep) writeL2(table, idx, this.geo, old.host, { copied: old.copied, zero: true });
                 else writeL2(table, idx, this.geo, 0, { copied: false, zero: true });
                 if (!keep && ownsCluster(old)) frees.push(old);
               }
@@ -1171,6 +1231,7 @@ export class Qcow2Image implements BlockDriver {
 
   /** Guest zero/discard: persist changed entries [lo, hi], then drop the references they held. */
   private async commitEntries(l2Off: number, table: Buffer, lo: number, hi: number, frees: L2Entry[]): Promise<void> {
+    if (this.passDiscardRequests) for (const e of frees) this.discardRequested.add(e);
     if (this.writeback) {
       this.pendingFrees.push(...frees);
       if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi, true);

@@ -144,13 +144,12 @@ async function clearEntries(img: Qcow2Image, l1i: number, from: number, to: numb
  * are laid out first, past the last cluster in use (qcow2_refcount_area with exact size: a new
  * table), the data clusters follow them as one area (written with zeros: Node has no
  * fallocate), then the L2 entries are linked table by table; new L2 tables come from the free
- * cluster index, so they go where the old refcount table was first. Only without extended L2
- * and with every cluster from the one holding the old end on unallocated; false (nothing done)
- * otherwise.
+ * cluster index, so they go where the old refcount table was first. With extended L2 the
+ * entries are allocated with every subcluster unallocated, as QEMU links them. Only with every
+ * cluster from the one holding the old end on unallocated; false (nothing done) otherwise.
  */
 export async function preallocateArea(img: Qcow2Image, old: number, size: number, mode: 'falloc' | 'full'): Promise<boolean> {
   const cs = img.clusterSize;
-  if (img.subclusterSize !== cs) return false;
   const first = Math.floor(old / cs);
   const nData = Math.ceil(size / cs) - first;
   if (nData <= 0) return false;

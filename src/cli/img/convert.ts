@@ -1,4 +1,5 @@
 /** `qemu-img convert`: flatten what the guest sees into a new (or existing) image. */
+import fs from 'node:fs';
 import type { CliContext } from '../context.js';
 import { CliError, UsageError } from '../util/errors.js';
 import { accumulateOptions, hasHelpOption, parseOptString, parseOptionSize, parseSize } from '../util/options.js';
@@ -65,7 +66,6 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   }
   if (skipBroken && !bitmaps) throw new CliError('Use of --skip-broken-bitmaps requires --bitmaps');
   if (rest.length < 2) throw new CliError('Must specify image file name');
-  if (backing !== undefined && !backingFmt) throw new CliError('Use of backing file requires explicit backing format');
   if (compress) {
     const prealloc = optstr !== undefined ? new Map(parseOptString(optstr)).get('preallocation') : undefined;
     if (!noCreate && outFmt !== 'qcow2') throw new CliError('Compression not supported for this file format');
@@ -74,16 +74,15 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   if (targetIsZero && !noCreate) throw new CliError('--target-is-zero requires use of -n flag');
   const { parseCreateOptions } = await import('./create.js');
   if (noCreate && optstr !== undefined) throw new CliError('-o has no effect when skipping image creation');
-  parseCreateOptions(outFmt, optstr);
   const target = rest[rest.length - 1];
   const srcNames = rest.slice(0, -1);
-  if (backing !== undefined && srcNames.length > 1) throw new CliError('Specifying backing image makes no sense when concatenating multiple input images');
   if (bitmaps && srcNames.length > 1) throw new CliError('Copying bitmaps only possible with single source');
 
   if (!validCacheMode(srcCache)) throw new CliError(`Invalid source cache option: ${srcCache}`);
   const sources: Chain[] = [];
   let dst: Chain | null = null;
   const bar = new ProgressPrinter(progress, ctx.stdout, 1.0, ctx.stderr);
+  let hasBacking = false;
   try {
     for (const s of srcNames) sources.push(await open(s, { format: srcFmt, readOnly: true, forceShare }, ctx));
     if (bitmaps) {
@@ -96,7 +95,25 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       }
     }
     const total = sources.reduce((a, c) => a + c.size, 0);
-    if (!noCreate) await createTarget(target, outFmt, total, optstr, backing, backingFmt);
+    // As qemu-img 7.2, once the sources are open: the target's options, where -B/-F override
+    // -o backing_file/backing_fmt; a backing file from either makes the copy top-only.
+    let targetBacking = backing, targetBackingFmt = backingFmt;
+    if (!noCreate) {
+      const kv = parseCreateOptions(outFmt, optstr);
+      if (outFmt === 'raw' && backing !== undefined) throw new CliError(`Backing file not supported for file format '${outFmt}'`);
+      if (outFmt === 'raw' && backingFmt !== undefined) throw new CliError(`Backing file format not supported for file format '${outFmt}'`);
+      targetBacking = backing ?? kv.get('backing_file');
+      targetBackingFmt = backingFmt ?? kv.get('backing_fmt');
+    }
+    hasBacking = targetBacking !== undefined;
+    if (targetIsZero && hasBacking) {
+      // qemu-img 7.2 reports this one and exits with status 0.
+      ctx.stderr.write(`${PROG}: Cannot use --target-is-zero when the destination image has a backing file\n`);
+      return 0;
+    }
+    if (srcNames.length > 1 && hasBacking) throw new CliError('Having a backing file for the target makes no sense when concatenating multiple input images');
+    if (!noCreate && hasBacking && !targetBackingFmt) throw new CliError('Use of backing file requires explicit backing format');
+    if (!noCreate) await createTarget(target, outFmt, total, optstr, targetBacking, targetBackingFmt);
     if (!validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
     try {
       dst = await open(target, { format: outFmt, readOnly: false, noFlush: cache === 'unsafe', direct: cacheDirect(cache, 'off') }, ctx);
@@ -104,7 +121,7 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       throw new CliError(asCliError(e).message);
     }
     if (bitmaps && !persistentBitmaps(dst.top)) throw new CliError(`Format driver '${dst.top.format}' does not support bitmaps`);
-    if (noCreate && dst.size < total) throw new CliError(`${target}: error while converting ${outFmt}: target image is too small`);
+    if (noCreate && dst.size < total) throw new CliError('output file is smaller than input file');
     if (compress && !(dst.top instanceof Qcow2Image)) throw new CliError('Compression not supported for this file format');
     if (progress) bar.print(0, 100);
     const copy = compress
@@ -112,13 +129,20 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       : copyChains;
     await copy(sources, dst.top, {
       sparseSize: sparse,
-      topOnly: backing !== undefined,
+      topOnly: hasBacking,
       parallel,
-      targetIsZero: (!noCreate && backing === undefined) || targetIsZero,
+      targetIsZero: (!noCreate && !hasBacking) || targetIsZero,
       outOfOrder,
       allocateAll: sparse === 0 && !noCreate,
       onProgress: (f) => bar.print(f * 100, 0),
     });
+    if (compress) {
+      // qemu-img ends a compressed copy with a zero-length compressed write, which rounds the
+      // file up to a whole sector.
+      const st = dst.top.storage;
+      const len = await st.size();
+      if (len % 512 !== 0) await st.truncate(len + 512 - (len % 512));
+    }
     if (bitmaps) {
       try {
         await copyBitmaps(persistentBitmaps(sources[0].top) as Qcow2Bitmaps, persistentBitmaps(dst.top) as Qcow2Bitmaps,
@@ -160,8 +184,8 @@ async function createTarget(file: string, fmt: ImageFormat, size: number, optstr
       lazyRefcounts: kv.get('lazy_refcounts') === 'on',
       extendedL2: kv.get('extended_l2') === 'on',
       compressionType: kv.get('compression_type') as 'zlib' | 'zstd' | undefined,
-      backingFile: backing ?? kv.get('backing_file') ?? null,
-      backingFormat: backingFmt ?? kv.get('backing_fmt') ?? null,
+      backingFile: backing ?? null,
+      backingFormat: backingFmt ?? null,
       preallocation: (kv.get('preallocation') ?? 'off') as Preallocation,
     };
     try {
@@ -169,6 +193,9 @@ async function createTarget(file: string, fmt: ImageFormat, size: number, optstr
       if (ct !== undefined && ct !== 'zlib' && ct !== 'zstd') throw new Error(`Parameter 'compression-type' does not accept value '${ct}'`);
       validateCreateOptions(o);
     } catch (e) {
+      // qcow2_co_create_opts deletes the file it created when the options are refused.
+      await st.close().catch(() => {});
+      await fs.promises.unlink(file).catch(() => {});
       throw new CliError(`${file}: error while converting qcow2: ${asCliError(e).message}`);
     }
     const img = await createQcow2(st, o);

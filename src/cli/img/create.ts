@@ -214,7 +214,16 @@ function printFormatting(ctx: CliContext, quiet: boolean, file: string, fmt: Ima
 async function createImage(file: string, fmt: ImageFormat, size: number, kv: Map<string, string>): Promise<void> {
   const prealloc = (kv.get('preallocation') ?? 'off') as Preallocation;
   if (!['off', 'metadata', 'falloc', 'full'].includes(prealloc)) throw new ImageError(`Parameter 'preallocation' does not accept value '${prealloc}'`);
-  if (fmt === 'raw' && prealloc === 'metadata') throw new ImageError('Unsupported preallocation mode: metadata');
+  if (fmt === 'raw' && prealloc === 'metadata') {
+    // file-posix creates (and empties) the file before its truncate refuses the mode.
+    const st = await createFile(file);
+    try {
+      await st.truncate(0);
+    } finally {
+      await st.close();
+    }
+    throw new ImageError('Unsupported preallocation mode: metadata');
+  }
   if (fmt === 'raw') {
     const st = await createFile(file);
     try {
@@ -229,8 +238,6 @@ async function createImage(file: string, fmt: ImageFormat, size: number, kv: Map
     }
     return;
   }
-  if (!kv.has('data_file') && kv.has('data_file_raw') && bool('data_file_raw', kv.get('data_file_raw') as string)) throw new ImageError('data-file-raw requires data-file');
-  if (kv.has('data_file')) throw new ImageError('External data files are not supported by qchain');
   if (kv.has('encryption') || kv.has('encrypt.format')) throw new ImageError('Encrypted images are not supported by qchain');
   const compat = kv.get('compat');
   let version: 2 | 3 = 3;
@@ -254,6 +261,9 @@ async function createImage(file: string, fmt: ImageFormat, size: number, kv: Map
     throw new ImageError(`Could not assign backing file '${o.backingFile}' with format '${o.backingFormat}': Invalid argument`);
   }
   validateCreateOptions(o); // before the file is touched
+  // qcow2_co_create checks the data file options after the refcount options.
+  if (!kv.has('data_file') && kv.has('data_file_raw') && bool('data_file_raw', kv.get('data_file_raw') as string)) throw new ImageError('data-file-raw requires data-file');
+  if (kv.has('data_file')) throw new ImageError('External data files are not supported by qchain');
   const st = await createFile(file);
   try {
     const img = await createQcow2(st, o);

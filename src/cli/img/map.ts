@@ -7,6 +7,8 @@ import type { Chain, ChainExtent } from '../../chain/chain.js';
 import type { ImageFormat } from '../../chain/open.js';
 import { ImageError } from '../../image/errors.js';
 import { StorageError, errnoText } from '../../storage/storage.js';
+import { Qcow2Image } from '../../qcow2/image.js';
+import { hostRuns, metadataPreallocated } from '../../qcow2/metadata-prealloc.js';
 
 export interface MapEntry {
   start: number;
@@ -36,6 +38,24 @@ function mergeable(a: MapEntry, b: MapEntry): boolean {
     ((a.offset === undefined && b.offset === undefined) || (a.offset !== undefined && b.offset !== undefined && a.offset + a.length === b.offset));
 }
 
+/**
+ * The entry as QEMU's block status reports it: data of a qcow2 layer QEMU treats as
+ * metadata-preallocated is split by the holes of its file, which read as zero.
+ */
+async function withHostZeros(e: MapEntry, chain: Chain): Promise<MapEntry[]> {
+  const d = chain.layers[e.depth].driver;
+  if (!e.data || e.zero || e.offset === undefined || !(d instanceof Qcow2Image) || !(await metadataPreallocated(d))) return [e];
+  const runs = await hostRuns(d, e.offset, e.length);
+  if (runs.length === 1 && !runs[0].zero) return [e];
+  const out: MapEntry[] = [];
+  let skip = 0;
+  for (const r of runs) {
+    out.push({ ...e, start: e.start + skip, length: r.length, offset: e.offset + skip, zero: r.zero });
+    skip += r.length;
+  }
+  return out;
+}
+
 /** Map entries for [start, start+length), chunked so memory stays bounded on huge images. */
 export async function* mapEntries(chain: Chain, start: number, length: number): AsyncGenerator<MapEntry> {
   const end = Math.min(chain.size, start + length);
@@ -51,11 +71,12 @@ export async function* mapEntries(chain: Chain, start: number, length: number): 
     const len = Math.min(step, end - pos);
     const xs = await chain.blockStatus(pos, len);
     for (const x of xs) {
-      const e = toEntry(x, chain);
-      if (pending && mergeable(pending, e)) pending.length += e.length;
-      else {
-        if (pending) yield pending;
-        pending = e;
+      for (const e of await withHostZeros(toEntry(x, chain), chain)) {
+        if (pending && mergeable(pending, e)) pending.length += e.length;
+        else {
+          if (pending) yield pending;
+          pending = e;
+        }
       }
     }
     pos += len;
@@ -112,7 +133,7 @@ export async function mapMain(argv: string[], ctx: CliContext): Promise<number> 
           ctx.stdout.write(out);
           throw new CliError('File contains external, encrypted or compressed clusters.');
         }
-        if (e.data && e.offset !== undefined) out += `${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${hex(e.offset).padEnd(16)}${e.filename}\n`;
+        if (e.data && !e.zero && e.offset !== undefined) out += `${hex(e.start).padEnd(16)}${hex(e.length).padEnd(16)}${hex(e.offset).padEnd(16)}${e.filename}\n`;
       }
       ctx.stdout.write(out);
     }

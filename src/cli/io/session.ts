@@ -189,6 +189,7 @@ export class IoSession {
     this.readOnly = req.readOnly;
     this.copyOnRead = req.copyOnRead;
     this.unmap = req.unmap;
+    if (chain.top instanceof Qcow2Image) chain.top.passDiscardRequests = req.unmap && !req.readOnly;
     this.snapshot = req.snapshot;
     this.ejected = false;
     this.corruptionReported = false;
@@ -431,7 +432,11 @@ export class IoSession {
     const exts = await chain.blockStatus(offset, bytes);
     let covered = 0;
     for (const x of exts) {
-      if (x.kind === 'data') return false;
+      if (x.kind === 'data') {
+        // Data whose host range the file reports as holes counts as zero where QEMU asks the file.
+        const d = chain.layers[x.depth].driver;
+        if (x.compressed || x.hostOffset === undefined || !d.hostReadsZero || !(await d.hostReadsZero(x.hostOffset, x.length))) return false;
+      }
       covered += x.length;
     }
     return covered >= Math.min(bytes, Math.max(0, chain.size - offset));
