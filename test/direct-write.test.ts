@@ -151,3 +151,27 @@ test('img rebase (direct by default) drops the base as qemu-img rebase does: sam
   assert.match(qemuImgSync(['check', 'over.qcow2'], c), /No errors were found/);
   assert.equal(qemuImgSync(['info', '--output=json', 'over.qcow2'], c).match(/"backing-filename": "([^"]*)"/)?.[1], 'base.qcow2');
 });
+
+test('FileStorage buffered writes go to the kernel in pieces, whatever their shape, and read back whole', async () => {
+  const dir = scratch();
+  const s = await FileStorage.open(path.join(dir, 'p'), { create: true });
+  try {
+    const data = crypto.randomBytes(3 * MiB + 12345);
+    await s.write(data.subarray(0, 2 * MiB + 777), 0);
+    // A vector of odd-sized buffers crossing the piece size several times.
+    const rest = data.subarray(2 * MiB + 777);
+    const bufs: Buffer[] = [];
+    for (let p = 0, k = 1; p < rest.length; k++) {
+      const n = Math.min(rest.length - p, k * 99_991);
+      bufs.push(rest.subarray(p, p + n));
+      p += n;
+    }
+    await s.writev(bufs, 2 * MiB + 777);
+    const back = Buffer.alloc(data.length);
+    await s.read(back, 0);
+    assert.ok(back.equals(data));
+    assert.equal(await s.size(), data.length);
+  } finally {
+    await s.close();
+  }
+});

@@ -20,16 +20,37 @@ const SLOW_WRITE_MS = 0.25;
 const SYNC_WRITEV_MAX = 1024 * 1024;
 /** Writes this large and larger, aligned, bypass the page cache when direct writes are on. */
 const DIRECT_MIN = 64 * 1024;
+/**
+ * Buffered writes reach the kernel in pieces of at most this size. Linux sizes the page-cache
+ * folios a write creates by the request, and large folios come from high-order free memory, which
+ * a VM with free page reporting has handed back to its host: every page of it faults on first
+ * touch. Measured on the project's VM (dd, 1 GiB of new file, 3 s apart): 2 MiB writes 1.8-2.3 s
+ * of kernel time, 1 MiB 0.6-1.3 s, 512 KiB and 256 KiB 0.2-0.3 s. Direct writes are not split.
+ */
+const BUFFERED_PIECE = 256 * 1024;
 
 function pwriteSync(fd: number, buf: Buffer, offset: number): void {
   let done = 0;
-  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, offset + done);
+  while (done < buf.length) done += fs.writeSync(fd, buf, done, Math.min(buf.length - done, BUFFERED_PIECE), offset + done);
+}
+
+/** The leading buffers of `list` up to `max` bytes (the last one cut), at most IOV_MAX (1024) of them. */
+function prefix(list: Buffer[], max: number): Buffer[] {
+  const out: Buffer[] = [];
+  let bytes = 0;
+  for (const b of list) {
+    if (out.length === 1024 || bytes >= max) break;
+    const take = Math.min(b.length, max - bytes);
+    out.push(take === b.length ? b : b.subarray(0, take));
+    bytes += take;
+  }
+  return out;
 }
 
 function pwritevSync(fd: number, bufs: Buffer[], offset: number): void {
   let list = bufs, pos = offset;
   while (list.length) {
-    let n = fs.writevSync(fd, list, pos);
+    let n = fs.writevSync(fd, prefix(list, BUFFERED_PIECE), pos);
     pos += n;
     let k = 0;
     while (k < list.length && n >= list[k].length) n -= list[k++].length;
@@ -65,11 +86,12 @@ function preadFull(fd: number, buf: Buffer, offset: number): Promise<number> {
   });
 }
 
-function pwriteFull(fd: number, buf: Buffer, offset: number): Promise<void> {
+/** Write all of buf, in requests of at most `max` bytes. */
+function pwriteFull(fd: number, buf: Buffer, offset: number, max = Infinity): Promise<void> {
   return new Promise((resolve, reject) => {
     let done = 0;
     const step = (): void => {
-      fs.write(fd, buf, done, buf.length - done, offset + done, (err, n) => {
+      fs.write(fd, buf, done, Math.min(buf.length - done, max), offset + done, (err, n) => {
         if (err) return reject(err);
         done += n;
         if (done >= buf.length) return resolve();
@@ -80,14 +102,14 @@ function pwriteFull(fd: number, buf: Buffer, offset: number): Promise<void> {
   });
 }
 
-function pwritevFull(fd: number, bufs: Buffer[], offset: number): Promise<void> {
+/** Write all of bufs back to back, in requests of at most `max` bytes. */
+function pwritevFull(fd: number, bufs: Buffer[], offset: number, max = Infinity): Promise<void> {
   return new Promise((resolve, reject) => {
     let list = bufs.filter((b) => b.length > 0);
     let pos = offset;
     const step = (): void => {
       if (list.length === 0) return resolve();
-      // IOV_MAX is 1024 on Linux.
-      const batch = list.slice(0, 1024);
+      const batch = prefix(list, max);
       fs.writev(fd, batch, pos, (err, n) => {
         if (err) return reject(err);
         pos += n;
@@ -278,7 +300,7 @@ export class FileStorage implements Storage {
           return;
         }
       }
-      await pwriteFull(this.fd, buf, offset);
+      await pwriteFull(this.fd, buf, offset, BUFFERED_PIECE);
     } catch (e) {
       throw wrap(this.name, e);
     }
@@ -313,7 +335,7 @@ export class FileStorage implements Storage {
           return;
         }
       }
-      await pwritevFull(this.fd, bufs, offset);
+      await pwritevFull(this.fd, bufs, offset, BUFFERED_PIECE);
     } catch (e) {
       throw wrap(this.name, e);
     }
