@@ -110,4 +110,28 @@ describe('point-in-time products and more jobs under guest writes (qchain daemon
     sameView(await qemuRawView(path.join(dir, 'tgt.qcow2')), want, 'tgt.qcow2 (the active image after the pivot)');
     await allClean(dir);
   });
+
+  test('mirror sync=none onto a copy of the source made before the writes: only new writes are copied; after the pivot the view is the model', async () => {
+    const root = scratch('qchain-live-mnone-');
+    const dir = path.join(root, 'live');
+    await buildChain(dir);
+    const w = writesFor(305, 120);
+    const [want] = await modelAfter(dir, root, 'ref', [w]);
+    // The target already holds what the source holds (same backing); the job copies what changes.
+    fs.copyFileSync(path.join(dir, 'top.qcow2'), path.join(dir, 'tgt.qcow2'));
+    await withDaemon('qchain', dir, chainArgs(), async (d) => {
+      await d.q.execute('qmp_capabilities');
+      let r = await d.q.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: 'tgt.qcow2' }, backing: 'mid' });
+      assert.ok('return' in r, JSON.stringify(r));
+      r = await d.q.execute('blockdev-mirror', { 'job-id': 'j', device: 'top', target: 'tgt', sync: 'none' });
+      assert.ok('return' in r, JSON.stringify(r));
+      await guest(dir, w);
+      await d.q.waitFor(jobEvent('j', 'ready'), 60000);
+      await d.q.execute('job-complete', { id: 'j' });
+      await d.q.waitFor(jobEvent('j', 'null'), 60000);
+      await quit(d);
+    });
+    sameView(await qemuRawView(path.join(dir, 'tgt.qcow2')), want, 'tgt.qcow2 (the active image after the pivot)');
+    await allClean(dir);
+  });
 });

@@ -283,7 +283,7 @@ export class JobManager {
     const nodes = layers.slice(0, layers.indexOf(base) + 1).map((n) => n.name);
     const onError = onErrorArg(a, 'on-error');
     const job = this.common(a, device, 'commit', nodes, [onError, onError], undefined, { drv: 'mirror_top', child: device });
-    const { work, prepare, dirtyBytes, granularity: g } = mirrorWork(this.graph, {
+    const { work, prepare, dirtyBytes, granularity: g, release } = mirrorWork(this.graph, {
       source: device, target: base, initial: 'allocated',
       depth: (chain) => chain.layers.findIndex((l) => l.driver === base.driver),
       drain: () => this.host.drain(device.name),
@@ -292,6 +292,7 @@ export class JobManager {
         this.graph.changed();
       },
     });
+    job.ended.push(release);
     attachJobBitmap(this.graph, job, device, true, g, dirtyBytes);
     // As for an intermediate commit, the base is read-write before block-commit returns.
     await this.writableForJob(job, base);
@@ -323,9 +324,12 @@ export class JobManager {
     if ((optInt(a, 'buf-size') ?? 0) < 0) throw new QmpError("Invalid parameter 'buf-size'");
     if (target === device) throw new QmpError("Can't mirror node into itself");
     const job = this.common(a, device, 'mirror', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')], undefined, { drv: 'mirror_top', child: device });
-    const { work, prepare, dirtyBytes, granularity: g } = mirrorWork(this.graph, {
+    const { work, prepare, dirtyBytes, granularity: g, release } = mirrorWork(this.graph, {
       source: device, target, granularity,
-      depth: (chain) => (sync === 'full' ? chain.layers.length : sync === 'top' ? 1 : 0),
+      // What a dirty granule is copied from: the top alone for sync=top (the target shares the
+      // source's backing); the whole guest view for full, and for none (QEMU's mirror reads the
+      // source above a NULL base: the target need not have the source below it).
+      depth: (chain) => (sync === 'top' ? 1 : chain.layers.length),
       // drive-mirror's own new image (backing 'source') reads as zeros.
       ...mirrorStart(sync as 'full' | 'top' | 'none', target, backing === 'source'),
       drain: () => this.host.drain(device.name),
@@ -336,6 +340,7 @@ export class JobManager {
         this.graph.changed();
       },
     });
+    job.ended.push(release);
     attachJobBitmap(this.graph, job, device, true, g, dirtyBytes);
     // QEMU's mirror_run compares the sizes once the job runs: the job fails, nothing is copied.
     job.start(async (j) => {

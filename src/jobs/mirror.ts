@@ -40,7 +40,12 @@ const BUF_SIZE = 16 * 1024 * 1024;
  * job-finalize (prepare), as QEMU's mirror_prepare: meanwhile guest writes reach the source only,
  * and a cancel leaves the graph as it was.
  */
-export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void>; dirtyBytes: () => number; granularity: number } {
+/**
+ * The mirror's work and pivot. Guest writes to the source are tracked from this call on;
+ * `release` stops that (the work does when it ends; the caller hands it to the job's end too,
+ * for a job that fails before its work starts).
+ */
+export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job) => Promise<void>; prepare: () => Promise<void>; dirtyBytes: () => number; granularity: number; release: () => void } {
   let pivotAtPrepare = false;
   const g = p.granularity ?? 64 * 1024;
   /** Dirty granules not yet taken for copying (QEMU's dirty bitmap count: bits clear as a copy is issued). */
@@ -54,25 +59,29 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job)
       undrain();
     }
   };
-  const work = async (job: Job): Promise<void> => {
-    const size = p.source.driver.size;
-    const n = Math.ceil(size / g);
-    const dirty = new Uint8Array(n);
-    dirtyCount = 0;
-    const mark = (offset: number, length: number): void => {
-      for (let i = Math.floor(offset / g); i < Math.min(n, Math.ceil((offset + length) / g)); i++) {
-        if (!dirty[i]) {
-          dirty[i] = 1;
-          dirtyCount++;
-          job.len += g;
-        }
+  const size = p.source.driver.size;
+  const n = Math.ceil(size / g);
+  const dirty = new Uint8Array(n);
+  /** The job once it runs (progress and wake-ups); guest writes are tracked from creation on. */
+  let running: Job | null = null;
+  const mark = (offset: number, length: number): void => {
+    for (let i = Math.floor(offset / g); i < Math.min(n, Math.ceil((offset + length) / g)); i++) {
+      if (!dirty[i]) {
+        dirty[i] = 1;
+        dirtyCount++;
+        if (running) running.len += g;
       }
-      job.kick();
-    };
-    const unwatch = watchWrites(p.source.driver, mark);
+    }
+    running?.kick();
+  };
+  // As QEMU's mirror_start_job creates its dirty bitmap: the source's writes are tracked from
+  // before the command returns, not from when the work first runs (sync=none copies only those).
+  const unwatch = watchWrites(p.source.driver, mark);
+  const work = async (job: Job): Promise<void> => {
+    running = job;
     const buf = Buffer.allocUnsafe(MAX_RUN);
     try {
-      job.len = 0;
+      job.len = dirtyCount * g;
       if (p.zeroTarget) {
         const leave = await graph.io.enter();
         try {
@@ -195,5 +204,5 @@ export function mirrorWork(graph: BlockGraph, p: MirrorPlan): { work: (job: Job)
       unwatch();
     }
   };
-  return { work, prepare, dirtyBytes: () => dirtyCount * g, granularity: g };
+  return { work, prepare, dirtyBytes: () => dirtyCount * g, granularity: g, release: () => { unwatch(); } };
 }
