@@ -25,7 +25,7 @@ export interface CopyOptions {
   allocateAll?: boolean;
   /** Allow writes to complete in any order (qemu-img -W); by default target writes are issued in order. */
   outOfOrder?: boolean;
-  /** Progress callback: fraction done in [0, 1]. */
+  /** Progress: the fraction of the counted requests (data; zero ones too with -S 0) taken so far, as qemu-img's. */
   onProgress?: (done: number) => void;
 }
 
@@ -66,11 +66,15 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
   const chunk = opts.chunkSize ?? Math.ceil(Math.max(2 * 1024 * 1024, gran) / gran) * gran;
   const parallel = Math.max(1, opts.parallel ?? 8);
   const sparse = opts.sparseSize ?? 4096;
-  const total = sources.reduce((a, s) => a + s.size, 0) || 1;
-  let done = 0;
-  const report = (n: number): void => {
-    done += n;
-    opts.onProgress?.(Math.min(1, done / total));
+  // Progress as qemu-img convert reports it: the bytes of the requests taken so far out of those
+  // of all requests, counting data requests (and zero ones with -S 0) only, both counted by a
+  // first pass over the same requests (QEMU's allocated_done / allocated_sectors).
+  const counted = (j: Job): boolean => j.kind === 'data' || sparse === 0;
+  let countedTotal = 0, countedDone = 0;
+  const taken = (j: Job): void => {
+    if (!opts.onProgress || !counted(j) || countedTotal === 0) return;
+    countedDone += j.length;
+    opts.onProgress(Math.min(1, countedDone / countedTotal));
   };
 
   // Produce jobs lazily from block status, chunk by chunk, so memory stays bounded.
@@ -78,7 +82,7 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
   async function* jobs(): AsyncGenerator<Job> {
     let base = 0;
     for (const src of sources) {
-      let dataStart = 0, dataEnd = -1;
+      let runStart = 0, runEnd = -1, runDepth = -1, runHostEnd = -1, runKind = '';
       const STEP = 256 * chunk;
       for (let pos = 0; pos < src.size; pos += STEP) {
         const len = Math.min(STEP, src.size - pos);
@@ -86,39 +90,48 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
         if (opts.topOnly) {
           exts = (await src.top.blockStatus(pos, len)).map((x) => ({ ...x, depth: 0 }));
         } else exts = await src.blockStatus(pos, len);
-        // Neighbouring runs of the same kind merge whatever layer holds them: one read through
-        // the chain serves them all, so requests stay large.
-        const merged: Array<{ offset: number; length: number; kind: ChainExtent['kind'] }> = [];
+        // Runs of one kind from one layer are one status extent, as QEMU's block status above
+        // the chain answers: a request never spans two layers' data (convert_iteration_sectors
+        // restarts at every extent), which decides where the target's allocations split and how
+        // progress advances.
+        // (Data extents are host-contiguous runs of one layer, as a qcow2 block status answers.)
+        const merged: Array<{ offset: number; length: number; kind: ChainExtent['kind']; depth: number; host: number }> = [];
         for (const x of exts) {
           const last = merged[merged.length - 1];
           const k = x.kind === 'data' ? 'data' : x.kind === 'zero' || !opts.topOnly ? 'zero' : 'unallocated';
-          if (last && last.kind === k && last.offset + last.length === x.offset) last.length += x.length;
-          else merged.push({ offset: x.offset, length: x.length, kind: k });
+          const depth = x.depth;
+          const host = k === 'data' ? x.hostOffset ?? -1 : -1;
+          if (last && last.kind === k && last.depth === depth && last.offset + last.length === x.offset &&
+            (host < 0 ? last.host < 0 : last.host >= 0 && last.host + last.length === host)) last.length += x.length;
+          else merged.push({ offset: x.offset, length: x.length, kind: k, depth, host });
         }
         for (const x of merged) {
           const kind = x.kind === 'data' ? 'data' : 'zero';
-          if (kind === 'zero' && (opts.targetIsZero || (opts.topOnly && x.kind === 'unallocated')) && !opts.allocateAll) {
-            report(x.length);
-            continue;
-          }
-          // Data: requests of `chunk` bytes from the start of the data run, which may have begun
-          // in the previous window (qemu-img convert's convert_iteration_sectors). Zero ranges:
-          // ends aligned to the chunk grid.
-          if (kind !== 'data') dataEnd = -1;
-          else if (x.offset !== dataEnd) dataStart = x.offset;
+          if (kind === 'zero' && (opts.targetIsZero || (opts.topOnly && x.kind === 'unallocated')) && !opts.allocateAll) continue;
+          // Data (and zeroes with -S 0, which are written as data): requests of `chunk` bytes from
+          // the start of the status extent, which may have begun in the previous window (qemu-img
+          // convert's convert_iteration_sectors). Other zero ranges: ends on the chunk grid.
+          if (x.offset !== runEnd || x.kind !== runKind || x.depth !== runDepth || (x.host >= 0 && x.host !== runHostEnd)) runStart = x.offset;
+          runEnd = x.offset + x.length;
+          runKind = x.kind;
+          runDepth = x.depth;
+          runHostEnd = x.host < 0 ? -1 : x.host + x.length;
           for (let p = x.offset; p < x.offset + x.length;) {
-            const grid = kind === 'data' ? dataStart : 0;
+            const grid = kind === 'data' || sparse === 0 ? runStart : 0;
             const next = Math.min(x.offset + x.length, grid + (Math.floor((p - grid) / chunk) + 1) * chunk);
             yield { seq: seq++, src, srcOffset: p, dstOffset: base + p, length: next - p, kind };
             p = next;
           }
-          if (kind === 'data') dataEnd = x.offset + x.length;
         }
       }
       base += src.size;
     }
   }
 
+  if (opts.onProgress) {
+    for await (const j of jobs()) if (counted(j)) countedTotal += j.length;
+    seq = 0;
+  }
   const it = jobs();
   let failure: unknown = null;
   // In-order mode: job n allocates only after job n-1 has allocated (reads still overlap).
@@ -141,9 +154,9 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
       const r = await it.next();
       if (r.done) return;
       const j = r.value;
+      taken(j);
       if (j.kind === 'zero') {
         await turns.run(j.seq, () => opts.allocateAll ? target.write(Buffer.alloc(j.length), j.dstOffset) : target.writeZeroes(j.dstOffset, j.length));
-        report(j.length);
         continue;
       }
       const b = buf.subarray(0, j.length);
@@ -159,7 +172,6 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
       // allocate while this job's data is still being written (the layout stays in guest order).
       const { written } = await turns.run(j.seq, () => placeData(j, b));
       await written;
-      report(j.length);
     }
   };
   /** Issues the job's writes; resolves once all are placed, with the promise of their completion. */
