@@ -171,23 +171,28 @@ export class Chain {
     return {
       get size() { return layer.size; },
       read: async (buf, offset) => { if (!this.tryReadSyncFrom(depth, buf, offset)) await this.readFrom(depth, buf, offset); },
-      readsZero: async (offset, length) => {
-        // Past the end of this layer the guest reads zeros.
-        const end = Math.min(offset + length, layer.size);
-        if (end <= offset) return true;
-        const xs = await this.statusFrom(depth, offset, end - offset);
-        let covered = 0;
-        for (const x of xs) {
-          if (x.kind === 'data') {
-            // Data whose host range the file reports as holes reads zero too (QEMU recurses there).
-            const d = this.layers[x.depth].driver;
-            if (x.compressed || x.hostOffset === undefined || !d.hostReadsZero || !(await d.hostReadsZero(x.hostOffset, x.length))) return false;
-          }
-          covered += x.length;
-        }
-        return covered === end - offset;
-      },
+      readsZero: (offset, length) => this.readsZeroFrom(depth, offset, length),
     };
+  }
+
+  /**
+   * QEMU's is_zero(): block status of layers [depth..] says [offset, offset+length) reads zero
+   * (not: the data happens to be zero). Past the end of that layer the guest reads zeros; data
+   * whose host range the file reports as holes reads zero too (QEMU recurses there).
+   */
+  async readsZeroFrom(depth: number, offset: number, length: number): Promise<boolean> {
+    const end = Math.min(offset + length, this.layers[depth].driver.size);
+    if (end <= offset) return true;
+    const xs = await this.statusFrom(depth, offset, end - offset);
+    let covered = 0;
+    for (const x of xs) {
+      if (x.kind === 'data') {
+        const d = this.layers[x.depth].driver;
+        if (x.compressed || x.hostOffset === undefined || !d.hostReadsZero || !(await d.hostReadsZero(x.hostOffset, x.length))) return false;
+      }
+      covered += x.length;
+    }
+    return covered === end - offset;
   }
 
   /** Block status resolved from `depth` down, covering [offset, offset+length) within that layer's size. */
