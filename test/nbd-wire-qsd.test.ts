@@ -13,23 +13,13 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
-import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
-import { Raw, ctx, named, u16, u32 } from './helpers/nbd-wire.js';
+import { oracle, scratch } from './helpers/qemu.js';
+import { Raw, bitmapChain, ctx, named, u16, u32 } from './helpers/nbd-wire.js';
 import { MONITOR, onBoth, qcow2Node, quit, withDaemon, type Tool } from './helpers/live-qmp.js';
 
 const M = 1024 * 1024;
 
-async function setup(dir: string): Promise<void> {
-  fs.mkdirSync(dir, { recursive: true });
-  const ok = async (p: Promise<{ code: number; stderr: string }>): Promise<void> => { const r = await p; assert.equal(r.code, 0, r.stderr); };
-  await ok(qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir));
-  await ok(qemuIo(['-c', 'write -P 0xaa 0 1M', '-c', 'write -z 4M 1M', 'base.qcow2'], dir));
-  await ok(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir));
-  await ok(qemuImg(['bitmap', '--add', 'top.qcow2', 'bm0'], dir));
-  await ok(qemuIo(['-c', 'write -P 0xbb 2M 64k', 'top.qcow2'], dir));
-}
 
 const ARGS = [...qcow2Node('base'), ...qcow2Node('top', ',backing=base'),
   '--nbd-server', 'addr.type=unix,addr.path=nbd.sock',
@@ -146,7 +136,7 @@ async function script(sock: string): Promise<string[]> {
 }
 
 async function session(tool: Tool, dir: string): Promise<string[]> {
-  await setup(dir);
+  await bitmapChain(dir);
   return withDaemon(tool, dir, ARGS, async (d) => {
     await d.q.execute('qmp_capabilities');
     const log = await script(path.join(dir, 'nbd.sock'));

@@ -1,6 +1,8 @@
 /** A raw NBD client for wire-level tests: option haggling and requests byte by byte, answers as comparable strings. */
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import net from 'node:net';
+import { qemuImg, qemuIo } from './qemu.js';
 
 export class Raw {
   private buf = Buffer.alloc(0);
@@ -97,3 +99,17 @@ export function ctx(name: string, queries: string[]): Buffer {
   return Buffer.concat([u32(name.length), Buffer.from(name), u32(queries.length), ...queries.flatMap((q) => [u32(q.length), Buffer.from(q)])]);
 }
 export const named = (name: string, rest: Buffer = u16(0)): Buffer => Buffer.concat([u32(name.length), Buffer.from(name), rest]);
+
+/**
+ * base.qcow2 (64 MiB: data at 0, zeroes at 4 MiB) <- top.qcow2 (persistent bitmap bm0, data at
+ * 2 MiB) in `dir`, the images the wire-level side-by-side tests export.
+ */
+export async function bitmapChain(dir: string): Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  const ok = async (p: Promise<{ code: number; stderr: string }>): Promise<void> => { const r = await p; assert.equal(r.code, 0, r.stderr); };
+  await ok(qemuImg(['create', '-q', '-f', 'qcow2', 'base.qcow2', '64M'], dir));
+  await ok(qemuIo(['-c', 'write -P 0xaa 0 1M', '-c', 'write -z 4M 1M', 'base.qcow2'], dir));
+  await ok(qemuImg(['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'], dir));
+  await ok(qemuImg(['bitmap', '--add', 'top.qcow2', 'bm0'], dir));
+  await ok(qemuIo(['-c', 'write -P 0xbb 2M 64k', 'top.qcow2'], dir));
+}
