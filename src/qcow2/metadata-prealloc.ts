@@ -28,7 +28,8 @@ async function detect(img: Qcow2Image): Promise<boolean> {
   for (let i = 0; i < endCluster && count < threshold; i++) {
     let rc: number;
     try {
-      rc = await img.refcounts.get(i);
+      // Cached blocks answer without an await (one per refcount block, not one per cluster).
+      rc = img.refcounts.getCached(i) ?? (await img.refcounts.get(i));
     } catch (e) {
       // As QEMU: a refcount that cannot be read makes the detection fail (not preallocated);
       // an unaligned refcount block is reported as corruption on the way.

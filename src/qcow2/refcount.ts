@@ -212,7 +212,7 @@ export class Refcounts {
   }
 
   /** get() without I/O: undefined when the covering block is not cached (or the entry is corrupt). */
-  private getCached(ci: number): number | undefined {
+  getCached(ci: number): number | undefined {
     const ti = Math.floor(ci / this.perBlock);
     if (ti >= this.table.length) return 0;
     const bo = this.table[ti];
