@@ -188,7 +188,7 @@ export class FileStorage implements Storage {
   private readonly batcher: WriteBatcher | null;
 
   private constructor(readonly name: string, private fd: number, readonly readOnly: boolean, private readonly noFlush = false, coalesce = false,
-    private directFd = -1) {
+    private directFd = -1, private readonly directMode: DirectMode = 'off') {
     this.batcher = coalesce && !readOnly
       ? new WriteBatcher({ write: (b, o) => this.writeNow(b, o), writev: (bs, o) => this.writevNow(bs, o) })
       : null;
@@ -220,7 +220,7 @@ export class FileStorage implements Storage {
         fs.closeSync(fd);
         throw e;
       }
-      return new FileStorage(path, fd, readOnly, !!opts.noFlush, opts.coalesceWrites ?? FileStorage.coalesceByDefault, directFd);
+      return new FileStorage(path, fd, readOnly, !!opts.noFlush, opts.coalesceWrites ?? FileStorage.coalesceByDefault, directFd, opts.direct ?? 'off');
     } catch (e) {
       if (e instanceof StorageError) throw e;
       const code = (e as NodeJS.ErrnoException).code;
@@ -285,12 +285,33 @@ export class FileStorage implements Storage {
 
   /** Bytes written with O_DIRECT so far. */
   directBytes = 0;
+  /** The direct descriptor after direct writes were turned off (closed with the file). */
+  private retiredDirectFd = -1;
+
+  /**
+   * A direct write failed with `e`: in 'auto' mode an EINVAL (a device whose logical blocks are
+   * larger than DIRECT_ALIGN, a file system that takes O_DIRECT opens but not the I/O) turns
+   * direct writes off for good and the caller redoes the write through the page cache.
+   */
+  private directRefused(e: unknown): boolean {
+    if (this.directMode !== 'auto' || (e as NodeJS.ErrnoException).code !== 'EINVAL') return false;
+    // Not closed here: other direct writes may still be in flight on it (and a closed number
+    // could be reused by the next open). close() closes it.
+    if (this.directFd >= 0) this.retiredDirectFd = this.directFd;
+    this.directFd = -1;
+    return true;
+  }
 
   private async writeNow(buf: Buffer, offset: number): Promise<void> {
     try {
       if (this.directFd >= 0 && buf.length >= DIRECT_MIN && (offset & (DIRECT_ALIGN - 1)) === 0 && isDirectBuffer(buf)) {
-        this.directBytes += buf.length;
-        return await pwriteFull(this.directFd, buf, offset);
+        try {
+          await pwriteFull(this.directFd, buf, offset);
+          this.directBytes += buf.length;
+          return;
+        } catch (e) {
+          if (!this.directRefused(e)) throw e;
+        }
       }
       if (buf.length <= SYNC_MAX) {
         const t0 = performance.now();
@@ -324,8 +345,13 @@ export class FileStorage implements Storage {
         if (direct && !isDirectBuffer(b)) direct = false;
       }
       if (direct && bytes >= DIRECT_MIN) {
-        this.directBytes += bytes;
-        return await pwritevFull(this.directFd, bufs, offset);
+        try {
+          await pwritevFull(this.directFd, bufs, offset);
+          this.directBytes += bytes;
+          return;
+        } catch (e) {
+          if (!this.directRefused(e)) throw e;
+        }
       }
       if (bytes <= SYNC_WRITEV_MAX && bufs.length <= 1024) {
         const t0 = performance.now();
@@ -411,11 +437,10 @@ export class FileStorage implements Storage {
     const fd = this.fd;
     if (fd < 0) return;
     this.fd = -1;
-    if (this.directFd >= 0) {
-      const dfd = this.directFd;
-      this.directFd = -1;
-      await new Promise<void>((res) => fs.close(dfd, () => res()));
+    for (const dfd of [this.directFd, this.retiredDirectFd]) {
+      if (dfd >= 0) await new Promise<void>((res) => fs.close(dfd, () => res()));
     }
+    this.directFd = this.retiredDirectFd = -1;
     return new Promise((res, rej) => fs.close(fd, (err) => (err ? rej(wrap(this.name, err)) : res())));
   }
 }

@@ -95,10 +95,14 @@ export function qemuIoSync(args: string[], cwd?: string): string {
   return execFileSync(QEMU_IO, args, { cwd, encoding: 'utf8' });
 }
 
+/** Scratch folders to remove when the process exits (one exit listener for all of them). */
+const scratchDirs: string[] = [];
+
 /** A fresh scratch folder, removed when the process exits. */
 export function scratch(prefix = 'qchain-test-'): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+  if (scratchDirs.length === 0) process.on('exit', () => { for (const d of scratchDirs) fs.rmSync(d, { recursive: true, force: true }); });
+  scratchDirs.push(dir);
   return dir;
 }
 

@@ -27,7 +27,9 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
   let sparse = 4096, parallel = 8, outOfOrder = false;
   let forceShare = false, bitmaps = false, skipBroken = false;
   // qemu-img convert writes its output with cache=unsafe unless told otherwise: no flushes.
-  let cache = 'unsafe', srcCache = 'writeback';
+  // Without -t, qchain also writes the bulk data with O_DIRECT where the file system allows it
+  // (see cacheDirect): -t unsafe or -t writeback keep it in the page cache.
+  let cache: string | undefined, srcCache = 'writeback';
   for (const o of opts) {
     const a = o.arg as string;
     switch (o.opt) {
@@ -114,9 +116,9 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
     if (srcNames.length > 1 && hasBacking) throw new CliError('Having a backing file for the target makes no sense when concatenating multiple input images');
     if (!noCreate && hasBacking && !targetBackingFmt) throw new CliError('Use of backing file requires explicit backing format');
     if (!noCreate) await createTarget(target, outFmt, total, optstr, targetBacking, targetBackingFmt);
-    if (!validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
+    if (cache !== undefined && !validCacheMode(cache)) throw new CliError(`Invalid cache option: ${cache}`);
     try {
-      dst = await open(target, { format: outFmt, readOnly: false, noFlush: cache === 'unsafe', direct: cacheDirect(cache, 'off') }, ctx);
+      dst = await open(target, { format: outFmt, readOnly: false, noFlush: (cache ?? 'unsafe') === 'unsafe', direct: cacheDirect(cache, 'auto') }, ctx);
     } catch (e) {
       throw new CliError(asCliError(e).message);
     }
@@ -134,7 +136,8 @@ export async function convertMain(argv: string[], ctx: CliContext): Promise<numb
       targetIsZero: (!noCreate && !hasBacking) || targetIsZero,
       outOfOrder,
       allocateAll: sparse === 0 && !noCreate,
-      onProgress: (f) => bar.print(f * 100, 0),
+      // Only with -p: progress needs a first pass over the block status to count the requests.
+      onProgress: progress ? (f) => bar.print(f * 100, 0) : undefined,
     });
     if (compress) {
       // qemu-img ends a compressed copy with a zero-length compressed write, which rounds the
