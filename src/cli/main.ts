@@ -3,6 +3,7 @@
  * `qchain demo`. Messages use the program names of the tools they mirror ("qemu-img: …"), so
  * scripts written against QEMU's tools read the same text.
  */
+import { packageVersion } from './util/version.js';
 import { processContext, type CliContext } from './context.js';
 
 const USAGE = `qchain - qcow2 backing-chain management (qemu-img / qemu-io compatible)
@@ -28,7 +29,7 @@ export async function main(argv: string[], ctx: CliContext = processContext): Pr
       case 'io': return await (await import('./io/main.js')).ioMain(rest, ctx);
       case 'demo': return await (await import('./demo.js')).demoMain(rest, ctx);
       case 'daemon': return await (await import('./daemon/main.js')).daemonMain(rest, ctx);
-      case '--version': case '-V': ctx.stdout.write(`qchain ${await version()}\n`); return 0;
+      case '--version': case '-V': ctx.stdout.write(`qchain ${await packageVersion()}\n`); return 0;
       case undefined: case '-h': case '--help': ctx.stdout.write(USAGE); return cmd === undefined ? 1 : 0;
       default:
         ctx.stderr.write(`qchain: unknown command '${cmd}'\nTry 'qchain --help' for more information\n`);
@@ -40,8 +41,4 @@ export async function main(argv: string[], ctx: CliContext = processContext): Pr
   }
 }
 
-async function version(): Promise<string> {
-  const { readFile } = await import('node:fs/promises');
-  const pkg = JSON.parse(await readFile(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
-  return pkg.version;
-}
+

@@ -9,6 +9,7 @@
  *
  * @module
  */
+import { packageVersion } from '../util/version.js';
 import readline from 'node:readline';
 import type { CliContext } from '../context.js';
 import { getopt, GetoptError, formatGetoptError, type LongOption } from '../util/getopt.js';
@@ -40,15 +41,7 @@ const LONG_OPTS: LongOption[] = [
   { name: 'force-share', hasArg: 'no', val: 'U' },
 ];
 
-async function version(): Promise<string> {
-  try {
-    const { readFile } = await import('node:fs/promises');
-    const pkg = JSON.parse(await readFile(new URL('../../../../package.json', import.meta.url), 'utf8')) as { version: string };
-    return pkg.version;
-  } catch {
-    return 'unknown';
-  }
-}
+
 
 export async function ioMain(argv: string[], ctx: CliContext): Promise<number> {
   const s = new IoSession(ctx.stdout, ctx.stderr);
@@ -100,7 +93,7 @@ export async function ioMain(argv: string[], ctx: CliContext): Promise<number> {
         break;
       case 'T': break; // tracing is not available
       case 'V':
-        ctx.stdout.write(`qemu-io version 7.2.0 (qchain ${await version()})\n`);
+        ctx.stdout.write(`qemu-io version 7.2.0 (qchain ${await packageVersion()})\n`);
         return 0;
       case 'h':
         ctx.stdout.write(USAGE);
