@@ -86,12 +86,12 @@ function preadFull(fd: number, buf: Buffer, offset: number): Promise<number> {
   });
 }
 
-/** Write all of buf, in requests of at most `max` bytes. */
-function pwriteFull(fd: number, buf: Buffer, offset: number, max = Infinity): Promise<void> {
+/** Write all of buf (one request, repeated for what a short write leaves). */
+function pwriteFull(fd: number, buf: Buffer, offset: number): Promise<void> {
   return new Promise((resolve, reject) => {
     let done = 0;
     const step = (): void => {
-      fs.write(fd, buf, done, Math.min(buf.length - done, max), offset + done, (err, n) => {
+      fs.write(fd, buf, done, buf.length - done, offset + done, (err, n) => {
         if (err) return reject(err);
         done += n;
         if (done >= buf.length) return resolve();
@@ -102,14 +102,14 @@ function pwriteFull(fd: number, buf: Buffer, offset: number, max = Infinity): Pr
   });
 }
 
-/** Write all of bufs back to back, in requests of at most `max` bytes. */
-function pwritevFull(fd: number, bufs: Buffer[], offset: number, max = Infinity): Promise<void> {
+/** Write all of bufs back to back (requests of at most IOV_MAX buffers). */
+function pwritevFull(fd: number, bufs: Buffer[], offset: number): Promise<void> {
   return new Promise((resolve, reject) => {
     let list = bufs.filter((b) => b.length > 0);
     let pos = offset;
     const step = (): void => {
       if (list.length === 0) return resolve();
-      const batch = prefix(list, max);
+      const batch = prefix(list, Infinity);
       fs.writev(fd, batch, pos, (err, n) => {
         if (err) return reject(err);
         pos += n;
@@ -123,6 +123,50 @@ function pwritevFull(fd: number, bufs: Buffer[], offset: number, max = Infinity)
     };
     step();
   });
+}
+
+/**
+ * Buffered writes of more than BUFFERED_PIECE bytes go out as pieces with two in flight: the
+ * kernel takes one file's buffered writes one at a time anyway, and the piece queued behind the
+ * one being copied saves a round trip through the event loop per piece.
+ */
+async function lanes(pieces: number, write: (i: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  const lane = async (): Promise<void> => {
+    while (next < pieces) await write(next++);
+  };
+  await Promise.all([lane(), lane()]);
+}
+
+function pwritePieces(fd: number, buf: Buffer, offset: number): Promise<void> {
+  if (buf.length <= BUFFERED_PIECE) return pwriteFull(fd, buf, offset);
+  return lanes(Math.ceil(buf.length / BUFFERED_PIECE), (i) => {
+    const a = i * BUFFERED_PIECE;
+    return pwriteFull(fd, buf.subarray(a, Math.min(buf.length, a + BUFFERED_PIECE)), offset + a);
+  });
+}
+
+function pwritevPieces(fd: number, bufs: Buffer[], offset: number): Promise<void> {
+  // Cut the vector into groups of at most BUFFERED_PIECE bytes (and IOV_MAX buffers).
+  const groups: Array<{ at: number; bufs: Buffer[] }> = [];
+  let cur: Buffer[] = [], curBytes = 0, at = offset;
+  for (let b of bufs) {
+    while (b.length > 0) {
+      const take = Math.min(b.length, BUFFERED_PIECE - curBytes);
+      cur.push(take === b.length ? b : b.subarray(0, take));
+      curBytes += take;
+      b = b.subarray(take);
+      if (curBytes === BUFFERED_PIECE || cur.length === 1024) {
+        groups.push({ at, bufs: cur });
+        at += curBytes;
+        cur = [];
+        curBytes = 0;
+      }
+    }
+  }
+  if (cur.length) groups.push({ at, bufs: cur });
+  if (groups.length <= 1) return pwritevFull(fd, groups[0]?.bufs ?? [], offset);
+  return lanes(groups.length, (i) => pwritevFull(fd, groups[i].bufs, groups[i].at));
 }
 
 function wrap(name: string, e: unknown): StorageError {
@@ -321,7 +365,7 @@ export class FileStorage implements Storage {
           return;
         }
       }
-      await pwriteFull(this.fd, buf, offset, BUFFERED_PIECE);
+      await pwritePieces(this.fd, buf, offset);
     } catch (e) {
       throw wrap(this.name, e);
     }
@@ -361,7 +405,7 @@ export class FileStorage implements Storage {
           return;
         }
       }
-      await pwritevFull(this.fd, bufs, offset, BUFFERED_PIECE);
+      await pwritevPieces(this.fd, bufs, offset);
     } catch (e) {
       throw wrap(this.name, e);
     }
