@@ -13,8 +13,9 @@
  * Space comes from qcow2_alloc_bytes: compressed streams are packed at byte granularity into the
  * "current" host cluster; a stream that does not fit continues into the next cluster if the next
  * free cluster directly follows, otherwise starts in a fresh one. Every host cluster a stream
- * touches gets one reference per stream. A cluster whose refcount is at the maximum (or that was
- * freed meanwhile) is not continued.
+ * touches gets one reference per stream. A cluster whose refcount is at the maximum is not
+ * continued; one freed meanwhile is while still free (as QEMU), not once another allocation
+ * took it (QEMU 7.2 would pack the stream into a cluster it no longer owns).
  *
  * Crash safety: refcounts are raised first (allocation), then the compressed bytes are written,
  * then the L2 entries point at them. A crash in between leaks clusters, never loses data.
@@ -242,15 +243,17 @@ async function allocStreams(img: Qcow2Image, sizes: number[]): Promise<number[]>
   // Per stream when counts cannot be shared, or the run would be too long to find in one piece.
   const maxRun = Math.max(1, Math.floor(rc.perBlock / 2));
   const total = sizes.reduce((x, y) => x + y, 0);
-  if (max < 2 || Math.ceil(total / cs) + 1 > maxRun) {
-    const out: number[] = [];
-    for (const size of sizes) out.push(await allocBytes(img, size));
-    return out;
-  }
   let start = st.freeByte, startRc = 0;
   if (start) {
     startRc = await rc.get(Math.floor(start / cs));
-    if (startRc === 0 || startRc >= max) start = 0;
+    if (!continues(img, start, startRc, max)) start = 0;
+  }
+  // A partly used cluster that is free again (freed meanwhile) could be taken by the batch's own
+  // run, which QEMU's first stream counts before searching: per stream then too.
+  if (max < 2 || Math.ceil(total / cs) + 1 > maxRun || (start && startRc === 0)) {
+    const out: number[] = [];
+    for (const size of sizes) out.push(await allocBytes(img, size));
+    return out;
   }
   // The run may or may not directly follow the partly used cluster: plan for both, allocate the larger.
   const near = start ? Math.ceil(start / cs) : -1;
@@ -271,7 +274,7 @@ async function allocStreams(img: Qcow2Image, sizes: number[]): Promise<number[]>
     if (plan.counts.some((c) => c !== 1)) await rc.addEach(base, plan.counts.map((c) => c - 1));
   }
   if (plan.startAdds > 0) await rc.update(Math.floor(start / cs), 1, plan.startAdds);
-  st.freeByte = plan.next;
+  setFreeByte(img, plan.next);
   return plan.offsets;
 }
 
@@ -287,7 +290,7 @@ async function allocBytes(img: Qcow2Image, size: number): Promise<number> {
   let off = st.freeByte;
   if (off) {
     const cur = await rc.get(Math.floor(off / cs));
-    if (cur === 0 || cur >= max) off = 0;
+    if (!continues(img, off, cur, max)) off = 0;
   }
   const freeInCluster = off ? cs - (off % cs) : 0;
   if (!off || freeInCluster < size) {
@@ -301,8 +304,25 @@ async function allocBytes(img: Qcow2Image, size: number): Promise<number> {
   } else {
     await rc.update(Math.floor(off / cs), 1, 1);
   }
-  st.freeByte = (off + size) % cs === 0 ? 0 : off + size;
+  setFreeByte(img, (off + size) % cs === 0 ? 0 : off + size);
   return off;
+}
+
+/**
+ * Whether qcow2_alloc_bytes goes on in the partly used cluster of byte `off`, whose refcount is
+ * `rc`: not at the maximum (QEMU), nor when the cluster was freed and then taken by another
+ * allocation (QEMU 7.2 would write the stream into it; qchain starts a new cluster). A freed
+ * cluster still free is continued, as QEMU does.
+ */
+function continues(img: Qcow2Image, off: number, rc: number, max: number): boolean {
+  if (rc >= max) return false;
+  return rc === 0 || !img.refcounts.freedSince(Math.floor(off / img.clusterSize));
+}
+
+/** Remember the next free byte, following its cluster's refcount (see continues). */
+function setFreeByte(img: Qcow2Image, next: number): void {
+  stateOf(img).freeByte = next;
+  if (next) img.refcounts.watch(Math.floor(next / img.clusterSize));
 }
 
 /** Compress and write `data` at `offset` (whole clusters, or up to the end of the image). */

@@ -6,8 +6,9 @@
  *   new L2 table contents → L1 entry.
  * With the writeback cache (the default, as QEMU's), guest writes change L2 entries and
  * refcounts in memory only; flushMetadata() writes them back in that same order (refcounts,
- * sync, L2 tables, sync, then the deferred refcount drops), on flush, close, before any
- * structural operation, and when too much is pending.
+ * sync, L2 tables, sync, then the refcount drops), on flush, close, before any structural
+ * operation, and when too much is pending. A drop counts for the allocator at once (QEMU's free
+ * cluster index moves down to a cluster left unused), only its block write waits.
  * Overlapping guest requests are serialised by a range lock; metadata changes by one mutex.
  */
 import { metadataOverlap, type OverlapKind } from './overlap.js';
@@ -99,7 +100,10 @@ export class Qcow2Image implements BlockDriver {
   private readonly l2Writer: MetaWriter;
   /** Guest writes keep metadata changes in the caches (see the header comment). */
   readonly writeback: boolean;
-  /** References dropped in (dirty) L2 tables whose refcount decrement waits for write-back. */
+  /**
+   * References dropped in (dirty) L2 tables and not yet made refcount drops (registerFrees, as
+   * soon as the metadata mutex is free).
+   */
   private pendingFrees: L2Entry[] = [];
   /**
    * Guest discards and zero writes pass their freed clusters on to the file, as QEMU's
@@ -147,6 +151,9 @@ export class Qcow2Image implements BlockDriver {
   /** Adopt a refcount structure; a table it moves is recorded in the header. (Amend swaps widths.) */
   useRefcounts(refcounts: Refcounts): void {
     this.refcounts = refcounts;
+    // Counting a cluster whose drop waits for the L2 tables: they go to disk first (the caller
+    // holds the metadata mutex), so no reference to it on disk outlives the drop.
+    refcounts.beforeReuse = () => this.writeBackLocked();
     refcounts.onTableMoved = async (offset, clusters) => {
       this.header.refcountTableOffset = offset;
       this.header.refcountTableClusters = clusters;
@@ -848,6 +855,9 @@ export class Qcow2Image implements BlockDriver {
         const { lo, hi, frees } = this.pointEntries(table, plans);
         this.pendingFrees.push(...frees);
         if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi, true);
+        // The old clusters are free for the next allocation once the request is done (QEMU
+        // frees them in qcow2_alloc_cluster_link_l2).
+        if (frees.length) await this.meta.run(() => this.registerFrees());
         return;
       }
       let l2Written: Promise<void> | null = null;
@@ -948,7 +958,7 @@ export class Qcow2Image implements BlockDriver {
     let b = Math.min(this.clusterSize, Math.ceil(((hi + 1) * es) / 512) * 512);
     if (this.writeback) {
       if (lazy) {
-        this.l2.markDirty(l2Off, a, b);
+        this.markL2Dirty(l2Off, lo, hi);
         await this.writeBackIfFull();
         return;
       }
@@ -962,14 +972,24 @@ export class Qcow2Image implements BlockDriver {
     await this.l2Writer.write(l2Off, table, a, b);
   }
 
-  private get pendingMetadata(): boolean {
-    return this.l2.dirtyCount > 0 || this.refcounts.pendingCount > 0 || this.pendingFrees.length > 0;
+  /** Mark entries [lo, hi] of the table at `l2Off` dirty (whole 512-byte sectors, as QEMU writes them). */
+  private markL2Dirty(l2Off: number, lo: number, hi: number): void {
+    const es = this.extL2 ? 16 : 8;
+    this.l2.markDirty(l2Off, Math.floor((lo * es) / 512) * 512, Math.min(this.clusterSize, Math.ceil(((hi + 1) * es) / 512) * 512));
   }
 
-  /** Starts a write-back when much is pending; waits for it when far too much is. */
+  private get pendingMetadata(): boolean {
+    return this.l2.dirtyCount > 0 || this.refcounts.pendingCount > 0 || this.pendingFrees.length > 0 || this.refcounts.pendingDropCount > 0;
+  }
+
+  /**
+   * Starts a write-back when much is pending; waits for it when far too much is. Never called
+   * with the metadata mutex held (the write-back takes it).
+   */
   private async writeBackIfFull(): Promise<void> {
     const cap = this.l2.capacity;
-    const level = Math.max(this.l2.dirtyCount / (cap / 2), this.refcounts.pendingCount / PENDING_REFBLOCKS, this.pendingFrees.length / PENDING_FREES);
+    const level = Math.max(this.l2.dirtyCount / (cap / 2), this.refcounts.pendingCount / PENDING_REFBLOCKS,
+      (this.pendingFrees.length + this.refcounts.pendingDropCount) / PENDING_FREES);
     if (level < 1) return;
     const w = this.writingBack ?? this.startWriteBack();
     // Below twice the mark, writers go on (a failure is reported by the next flush).
@@ -996,27 +1016,70 @@ export class Qcow2Image implements BlockDriver {
     if (this.pendingMetadata) await this.meta.run(() => this.writeBackLocked());
   }
 
+  /** Caller holds the metadata mutex. */
   private async writeBackLocked(): Promise<void> {
+    await this.registerFrees();
     if (!this.pendingMetadata) return;
     // Refcount blocks held back by a check (see refblockGuard) are written on close only.
     if (!this.refblockGuard) await this.refcounts.writePending();
     if (this.l2.dirtyCount > 0) await this.storage.flush();
-    // Taken together, with no await between: every queued free's L2 change is in `tables`
-    // (or was written by a non-lazy write already).
+    // Every pending drop's L2 change is in `tables` (or was written by a non-lazy write
+    // already): drops are made under the mutex, after their entries were marked dirty.
+    const drops = this.refcounts.pendingDropCount > 0;
     const tables = this.l2.takeDirty();
-    const frees = this.pendingFrees;
-    this.pendingFrees = [];
     const results = await Promise.allSettled(tables.map((t) => this.l2Writer.write(t.offset, t.buf, t.lo, t.hi)));
     for (const t of tables) this.l2.unpin(t.offset);
     const failed = results.findIndex((r) => r.status === 'rejected');
     if (failed >= 0) {
       results.forEach((r, i) => { if (r.status === 'rejected') this.l2.markDirty(tables[i].offset, tables[i].lo, tables[i].hi); });
-      this.pendingFrees = frees.concat(this.pendingFrees);
       throw (results[failed] as PromiseRejectedResult).reason;
     }
-    if (frees.length) {
+    if (drops) {
       await this.storage.flush();
-      for (const e of frees) await this.freeEntryClusters(e);
+      await this.refcounts.applyDrops();
+      if (!this.refblockGuard) await this.refcounts.writePending();
+    }
+  }
+
+  /**
+   * Make the queued frees refcount drops (caller holds the metadata mutex; their entries are
+   * changed and marked dirty already): the allocator sees them at once, as QEMU's
+   * qcow2_free_any_cluster; the blocks get them at the next write-back. Clusters of a guest
+   * discard or unmapping zero write left unused are discarded from the file now, as
+   * qcow2_process_discards does at the end of the request.
+   */
+  private async registerFrees(): Promise<void> {
+    const punch: number[] = [];
+    while (this.pendingFrees.length > 0) {
+      const e = this.pendingFrees.shift() as L2Entry;
+      let first: number, n: number;
+      if (e.type === ClusterType.Compressed) {
+        first = Math.floor(e.cOffset / this.clusterSize);
+        n = Math.floor((e.cOffset + e.cLength - 1) / this.clusterSize) - first + 1;
+      } else if (e.host) {
+        first = e.host / this.clusterSize;
+        n = 1;
+      } else continue;
+      let zeroed: number[];
+      try {
+        zeroed = await this.refcounts.dropLater(first, n);
+      } catch (err) {
+        // As QEMU's qcow2_free_clusters: a failed free is reported and leaks; the request goes on.
+        if (!(err instanceof ImageError)) throw err;
+        this.log(`qcow2_free_clusters failed: ${errnoText(err.errno ?? 'EIO')}`);
+        continue;
+      }
+      if (this.discardRequested.has(e)) punch.push(...zeroed);
+    }
+    if (punch.length === 0 || !this.storage.punchHole) return;
+    // Adjacent clusters in one hole, as update_refcount_discard merges them. A failed discard
+    // is ignored, as qcow2_process_discards does.
+    punch.sort((x, y) => x - y);
+    for (let i = 0; i < punch.length;) {
+      let j = i + 1;
+      while (j < punch.length && punch[j] === punch[j - 1] + 1) j++;
+      await this.storage.punchHole(punch[i] * this.clusterSize, (j - i) * this.clusterSize).catch(() => {});
+      i = j;
     }
   }
 
@@ -1191,6 +1254,7 @@ export class Qcow2Image implements BlockDriver {
         } finally {
           this.l2.unpin(l2Off);
         }
+        if (this.writeback) await this.writeBackIfFull();
         for (const [o, n] of fallback) await this.writeSegment(Buffer.alloc(n), o);
         pos = segEnd;
       }
@@ -1227,14 +1291,17 @@ export class Qcow2Image implements BlockDriver {
     } finally {
       this.l2.unpin(l2Off);
     }
+    if (this.writeback) await this.writeBackIfFull();
   }
 
   /** Guest zero/discard: persist changed entries [lo, hi], then drop the references they held. */
   private async commitEntries(l2Off: number, table: Buffer, lo: number, hi: number, frees: L2Entry[]): Promise<void> {
     if (this.passDiscardRequests) for (const e of frees) this.discardRequested.add(e);
     if (this.writeback) {
+      // Under the mutex: no write-back can come between the entries and their drops.
+      if (hi >= 0) this.markL2Dirty(l2Off, lo, hi);
       this.pendingFrees.push(...frees);
-      if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi, true);
+      await this.registerFrees();
       return;
     }
     if (hi >= 0) await this.writeL2Range(l2Off, table, lo, hi);
@@ -1442,7 +1509,7 @@ export class Qcow2Image implements BlockDriver {
 
   /** Forget cached L2 tables (after a rewrite behind the cache, e.g. snapshot apply; flushMetadata first). */
   dropCaches(): void {
-    if (this.l2.dirtyCount > 0 || this.pendingFrees.length > 0) throw new Error('internal error: L2 cache dropped with metadata not written back');
+    if (this.l2.dirtyCount > 0 || this.pendingFrees.length > 0 || this.refcounts.pendingDropCount > 0) throw new Error('internal error: L2 cache dropped with metadata not written back');
     this.l2.clear();
     this.lastCompressed = null;
   }

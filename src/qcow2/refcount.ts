@@ -9,10 +9,16 @@
  * So a crash leaves at worst leaked clusters (refcount > references), never a dangling reference.
  * In `lazy` mode (writeback caching, guest write path only) changed block ranges stay in memory
  * as pending until writePending(); the image then writes them before any L2 table that may
- * point at the counted clusters. Pending ranges only ever hold increments (the image defers
- * frees until the L2 tables that dropped the references are on disk; a run counted in part and
- * back down while a new block is made was never referenced), so writing them early is always
- * safe. New blocks and a grown table are always written through.
+ * point at the counted clusters. Pending ranges only ever hold increments and decrements whose
+ * references are gone on disk (a run counted in part and back down while a new block is made
+ * was never referenced), so writing them early is always safe. New blocks and a grown table
+ * are always written through.
+ * Frees of the writeback guest path are drops (dropLater): counted at once for everything that
+ * reads refcounts (the allocator sees the cluster free and the free cluster index moves down to
+ * it, as QEMU's update_refcount), but kept out of the block buffers until applyDrops(), which
+ * the image calls once the L2 tables that dropped the references are on disk (QEMU: the
+ * refcount block cache depends on the L2 table cache). Counting a cluster with a drop pending
+ * again first calls beforeReuse (the image writes its L2 tables back and applies the drops).
  * All mutating methods must be called under the image's metadata mutex.
  */
 import type { Storage } from '../storage/storage.js';
@@ -105,6 +111,16 @@ export class Refcounts {
   lazy = false;
   /** Block ranges changed in memory and not yet written (lazy mode). */
   private readonly pending = new Map<number, { buf: Buffer; lo: number; hi: number }>();
+  /**
+   * Refcount drops not yet in the blocks, by cluster index (see the header comment): every read
+   * of a refcount subtracts them.
+   */
+  private readonly drops = new Map<number, number>();
+  /**
+   * Called before a cluster with a drop pending is counted up again; must leave no drop pending
+   * (the image writes back its L2 tables, then applyDrops). Default: apply them.
+   */
+  beforeReuse: () => Promise<void> = () => this.applyDrops();
   /** Hook to persist a new reftable location in the header (offset, clusters). */
   onTableMoved: (offset: number, clusters: number) => Promise<void> = async () => {};
 
@@ -157,6 +173,7 @@ export class Refcounts {
     this.tableClusters = clusters;
     this.blocks.clear();
     this.pending.clear();
+    this.drops.clear();
     this.fci = 0;
   }
 
@@ -218,7 +235,12 @@ export class Refcounts {
     const bo = this.table[ti];
     if (bo === 0) return 0;
     const b = bo > 0 ? this.blocks.get(bo) : undefined;
-    return b && this.readEntry(b, ci % this.perBlock);
+    return b && this.readEntry(b, ci % this.perBlock) - this.dropOf(ci);
+  }
+
+  /** The drop pending for cluster `ci` (0 when none). */
+  private dropOf(ci: number): number {
+    return this.drops.size === 0 ? 0 : (this.drops.get(ci) ?? 0);
   }
 
   /** The exact refcount as a BigInt (64-bit refcounts may exceed 2^53); for reports. */
@@ -227,7 +249,7 @@ export class Refcounts {
     if (this.bits !== 64 || v <= Number.MAX_SAFE_INTEGER) return BigInt(v);
     const bo = this.table[Math.floor(ci / this.perBlock)];
     const b = await this.block(bo);
-    return b.readBigUInt64BE((ci % this.perBlock) * 8);
+    return b.readBigUInt64BE((ci % this.perBlock) * 8) - BigInt(this.dropOf(ci));
   }
 
   /** Refcount of the cluster with index `ci` (0 when no block covers it). */
@@ -243,7 +265,7 @@ export class Refcounts {
       if (exact % BigInt(this.clusterSize) !== 0n) throw new CorruptionError(`Refblock offset 0x${exact.toString(16)} unaligned`);
       return 0;
     }
-    return this.readEntry(await this.block(bo), ci % this.perBlock);
+    return this.readEntry(await this.block(bo), ci % this.perBlock) - this.dropOf(ci);
   }
 
   /**
@@ -269,6 +291,14 @@ export class Refcounts {
    */
   private async apply(ci: number, n: number, deltaAt: (k: number) => number): Promise<void> {
     if (n <= 0) return;
+    if (this.drops.size > 0) {
+      for (let k = 0; k < n; k++) {
+        if (deltaAt(k) > 0 && this.drops.has(ci + k)) {
+          await this.beforeReuse();
+          break;
+        }
+      }
+    }
     await this.checkRange(ci, n, deltaAt);
     let i = 0;
     while (i < n) {
@@ -278,14 +308,15 @@ export class Refcounts {
       const first = (ci + i) % this.perBlock;
       const last = Math.min(this.perBlock, first + (n - i));
       const at = (k: number): number => deltaAt(i + k - first);
+      const base = ti * this.perBlock;
       // Again against the block as it is now: growing the table may just have counted clusters in it.
-      this.checkEntries(ti, first, last, (k) => this.readEntry(b, k), at);
+      this.checkEntries(ti, first, last, (k) => this.readEntry(b, k) - this.dropOf(base + k), at);
       for (let k = first; k < last; k++) {
         const d = at(k);
         if (d === 0) continue;
         const v = this.readEntry(b, k) + d;
         this.writeEntry(b, k, v);
-        if (v === 0 && ti * this.perBlock + k < this.fci) this.fci = ti * this.perBlock + k;
+        if (v - this.dropOf(base + k) === 0) this.zeroed(base + k);
       }
       await this.writeBlockRange(bo, b, first, last);
       i += last - first;
@@ -310,7 +341,8 @@ export class Refcounts {
       if (bo === FAR_BLOCK) throw new ImageError('File too large', 'EFBIG'); // a write there fails
       if (bo > 0) {
         const b = await this.block(bo);
-        this.checkEntries(ti, first, last, (k) => this.readEntry(b, k), at);
+        const base = ti * this.perBlock;
+        this.checkEntries(ti, first, last, (k) => this.readEntry(b, k) - this.dropOf(base + k), at);
       } else {
         // No block: a decrement never creates one (QEMU: EINVAL, or EFBIG past the largest
         // refcount table); the entries read as 0 (checked again once the block exists).
@@ -768,6 +800,8 @@ export class Refcounts {
       i += k;
     }
     for (const [s, n] of runs) if (refuse(s * cs, n)) return null;
+    // A cluster with a drop pending is counted again on the asynchronous path (beforeReuse).
+    if (this.drops.size > 0) for (const [s, n] of runs) for (let c = s; c < s + n; c++) if (this.drops.has(c)) return null;
     // Every entry of the runs was just read from a cached block (nothing evicted since: no await).
     for (const [s, n] of runs) {
       for (let c = s; c < s + n;) {
@@ -826,6 +860,69 @@ export class Refcounts {
   }
 
   /**
+   * Drop one reference from each cluster of [ci, ci + n) for the allocator now and for the blocks
+   * later (see the header comment): fails as update(ci, n, -1) would, with nothing changed.
+   * A refcount reaching 0 moves the free cluster index down to its cluster (QEMU's
+   * update_refcount). Returns the clusters left without references, in order.
+   */
+  async dropLater(ci: number, n: number): Promise<number[]> {
+    if (n <= 0) return [];
+    await this.checkRange(ci, n, () => -1);
+    const zeroed: number[] = [];
+    for (let c = ci; c < ci + n; c++) {
+      const left = (await this.get(c)) - 1;
+      this.drops.set(c, this.dropOf(c) + 1);
+      if (left === 0) {
+        zeroed.push(c);
+        this.zeroed(c);
+      }
+    }
+    return zeroed;
+  }
+
+  /** A refcount reached 0: the free cluster index moves down to it (QEMU's update_refcount). */
+  private zeroed(c: number): void {
+    if (c < this.fci) this.fci = c;
+    if (c === this.watched) this.watchedFreed = true;
+  }
+
+  /** The cluster watch() follows, and whether its refcount has reached 0 since. */
+  private watched = -1;
+  private watchedFreed = false;
+
+  /** Follow cluster `ci`: freedSince(ci) tells whether its refcount reaches 0 from now on. */
+  watch(ci: number): void {
+    this.watched = ci;
+    this.watchedFreed = false;
+  }
+
+  /** Whether the refcount of `ci` (the watched cluster) has reached 0 since watch(ci). */
+  freedSince(ci: number): boolean {
+    return this.watched === ci && this.watchedFreed;
+  }
+
+  /** Number of clusters with a drop pending. */
+  get pendingDropCount(): number { return this.drops.size; }
+
+  /**
+   * Move the pending drops into the blocks, as pending ranges (written by writePending). Only
+   * once the references they drop are gone on disk. The free cluster index moved when they were
+   * made, so it is left alone.
+   */
+  async applyDrops(): Promise<void> {
+    if (this.drops.size === 0) return;
+    for (const c of [...this.drops.keys()].sort((x, y) => x - y)) {
+      const bo = this.table[Math.floor(c / this.perBlock)];
+      const b = await this.block(bo);
+      const k = c % this.perBlock;
+      // No await from reading the drop to taking it: a failed read above leaves it pending.
+      this.writeEntry(b, k, this.readEntry(b, k) - this.dropOf(c));
+      this.drops.delete(c);
+      this.markPending(bo, b, k, k + 1);
+    }
+  }
+
+  /**
    * qcow2_shrink_reftable: unhook refcount blocks that count nothing but themselves. The whole
    * table is rewritten first; a dropped block's own reference disappears with it. Blocks
    * counted by another block are kept (dropping them would leak their cluster).
@@ -877,6 +974,7 @@ export class Refcounts {
   dropCache(): void {
     this.blocks.clear();
     this.pending.clear();
+    this.drops.clear();
     this.fci = 0;
   }
 }
