@@ -22,6 +22,7 @@ import type { Qcow2Image } from './image.js';
 import { growL1Table, writeVirtualSize } from './l1-table.js';
 import { MAX_L1_SIZE } from './constants.js';
 import { Qcow2Bitmaps } from './bitmaps.js';
+import { preallocateMetadata } from './preallocate.js';
 
 export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOptions = {}): Promise<void> {
   await img.flushMetadata();
@@ -42,9 +43,8 @@ export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOpt
     await shrink(img, size, newL1);
   } else {
     await growL1(img, newL1);
-    if (prealloc === 'metadata' || (prealloc !== 'off' && !(await preallocateArea(img, old, size, prealloc)))) {
-      await preallocateRange(img, old, size, prealloc);
-    }
+    if (prealloc === 'metadata') await preallocateMetadata(img, old, size);
+    else if (prealloc !== 'off' && !(await preallocateArea(img, old, size, prealloc))) await preallocateRange(img, old, size, prealloc);
     const backingLen = img.backing?.size ?? 0;
     if (size > old && backingLen > old) {
       // The block layer asks for zeroes when the backing file would show through the new area.
@@ -200,17 +200,17 @@ export async function preallocateArea(img: Qcow2Image, old: number, size: number
 }
 
 /**
- * Allocate the clusters of [old, size) that have none (preallocate_co / the falloc and full
- * branch): entries become normal allocated clusters; for falloc and full the clusters are
- * written with zeros first (Node has no fallocate). With extended L2 the subclusters stay unallocated,
- * as for metadata preallocation at create time.
+ * falloc/full where preallocateArea does not apply (a cluster from the old end on is allocated):
+ * the clusters of [old, size) that have none are allocated as one area after everything in use
+ * and written with zeros first (Node has no fallocate); entries become normal allocated clusters
+ * (with extended L2 the subclusters stay unallocated).
  */
-async function preallocateRange(img: Qcow2Image, old: number, size: number, mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
+async function preallocateRange(img: Qcow2Image, old: number, size: number, mode: 'falloc' | 'full'): Promise<void> {
   const cs = img.clusterSize;
   let end = 0;
   const first = Math.floor(old / cs), last = Math.ceil(size / cs);
-  // falloc/full: the data clusters first, as one area after everything in use (QEMU's allocation_start).
-  const dataHosts = mode === 'metadata' ? [] : await img.meta.run(() => img.refcounts.allocMany(last - first));
+  // The data clusters first, as one area after everything in use (QEMU's allocation_start).
+  const dataHosts = await img.meta.run(() => img.refcounts.allocMany(last - first));
   for (let c = first; c < last;) {
     const l1i = Math.floor((c * cs) / img.l2Coverage);
     const stop = Math.min(last, (l1i + 1) * img.l2Entries);
@@ -221,9 +221,9 @@ async function preallocateRange(img: Qcow2Image, old: number, size: number, mode
         for (let ci = c; ci < stop; ci++) {
           const e = readL2(table, ci % img.l2Entries, img.geo);
           if (e.type === ClusterType.Unallocated && e.host === 0 && e.zeroBits === 0) todo.push(ci);
-          else if (mode !== 'metadata') await img.refcounts.free(dataHosts[ci - first], 1); // already has a cluster
+          else await img.refcounts.free(dataHosts[ci - first], 1); // already has a cluster
         }
-        const hosts = mode === 'metadata' ? await img.refcounts.allocMany(todo.length) : todo.map((ci) => dataHosts[ci - first]);
+        const hosts = todo.map((ci) => dataHosts[ci - first]);
         let lo = Infinity, hi = -1;
         todo.forEach((ci, j) => {
           const idx = ci % img.l2Entries;
@@ -232,8 +232,8 @@ async function preallocateRange(img: Qcow2Image, old: number, size: number, mode
           lo = Math.min(lo, idx);
           hi = Math.max(hi, idx);
         });
-        // falloc/full: the clusters hold zeros before an entry points at them.
-        if (mode !== 'metadata') await zeroClusters(img, hosts);
+        // The clusters hold zeros before an entry points at them.
+        await zeroClusters(img, hosts);
         if (hi >= 0) await img.writeL2Range(l2Off, table, lo, hi);
       });
     } finally {
