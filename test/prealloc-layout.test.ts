@@ -3,8 +3,9 @@
  * --preallocation=metadata`) lays the file out as qemu-img 7.2's preallocate_co does: the same
  * bytes (`cmp`), the same file length (the last cluster's copy-on-write ends at a subcluster with
  * extended L2 entries), the same written zeros where a partly covered cluster is copied on write
- * (so `qemu-img map` reports the same zero/data runs) and a clean `qemu-img check`. A few falloc/
- * full cases and a large metadata case guard the rest of the preallocation paths.
+ * (so `qemu-img map` reports the same zero/data runs) and a clean `qemu-img check`. falloc/full
+ * resizes move the old end's cluster into the new area as qcow2_co_truncate does, and over a longer
+ * backing file they leave no zero clusters (the grown file reads as zeroes).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -106,6 +107,10 @@ const RESIZE_CASES: Array<[opts: string, size: string, grow: string, mode: strin
   ['cluster_size=512', '1M', '+16M', 'metadata', 'write -P 5 0 64k'],
   ['cluster_size=64k,preallocation=metadata', '1G', '+2G', 'metadata', 'write -P 5 0 64k'],
   ['cluster_size=64k', '1M', '+63M', 'falloc', 'write -P 5 0 64k'],
+  // falloc/full move the old end's cluster into the new data area (its head copied on write).
+  ['cluster_size=64k', '1049088', '+10M', 'falloc', 'write -P 6 1M 512'],
+  ['extended_l2=on', '1049088', '+10M', 'falloc', 'write -P 6 1M 512'],
+  ['cluster_size=64k,preallocation=metadata', '1049088', '+10M', 'full', null],
   ['cluster_size=4k,preallocation=metadata', '8M', '+8M', 'full', 'write -P 5 0 64k'],
 ];
 
@@ -127,6 +132,39 @@ test('resize --preallocation: the same file as qemu-img', oracle(), async (t) =>
       } finally {
         fs.rmSync(q);
         fs.rmSync(c);
+      }
+    });
+  }
+});
+
+test('resize --preallocation over a longer backing file: the same file as qemu-img', oracle(), async (t) => {
+  const dir = scratch('qchain-prealloc-layout-');
+  const base = path.join(dir, 'base.qcow2');
+  assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', base, '20M'], dir)).code, 0);
+  assert.equal((await qemuIo(['-c', 'write -P 9 0 20M', base], dir)).code, 0);
+  // falloc/full: the new area reads as zeroes already (no zero clusters; v2 images can do it too);
+  // metadata: preallocated, then zeroed. The head of the old end's cluster comes from the backing file.
+  for (const [i, [opts, mode]] of ([
+    ['cluster_size=64k', 'falloc'], ['cluster_size=64k,compat=0.10', 'full'], ['extended_l2=on', 'falloc'],
+    ['cluster_size=64k', 'metadata'], ['cluster_size=4k', 'metadata'],
+  ] as Array<[string, string]>).entries()) {
+    const what = `${opts} over a backing file, resize +10M ${mode}`;
+    await t.test(what, async () => {
+      const q = path.join(dir, `b${i}-q.qcow2`), c = path.join(dir, `b${i}-c.qcow2`);
+      try {
+        for (const f of [q, c]) {
+          assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', '-o', opts, f, '1049088'], dir)).code, 0);
+          assert.equal((await qemuIo(['-c', 'write -P 5 0 64k', f], dir)).code, 0);
+        }
+        const rq = await qemuImg(['resize', `--preallocation=${mode}`, q, '+10M'], dir);
+        const rc = await qchain(['img', 'resize', `--preallocation=${mode}`, c, '+10M'], dir);
+        assert.equal(rq.code, 0, `${what}: qemu-img resize\n${rq.stderr}`);
+        assert.equal(rc.code, rq.code, `${what}: exit code\n${rc.stderr}`);
+        assertSameFile(q, c, what);
+        await sameMapAndCheck(dir, q, c, what);
+      } finally {
+        fs.rmSync(q, { force: true });
+        fs.rmSync(c, { force: true });
       }
     });
   }

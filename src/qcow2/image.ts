@@ -1249,7 +1249,7 @@ export class Qcow2Image implements BlockDriver {
    */
   async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
     if (mode === 'metadata') await (await import('./preallocate.js')).preallocateMetadata(this, 0, this.size);
-    else await (await import('./resize.js')).preallocateArea(this, 0, this.size, mode);
+    else await (await import('./resize.js')).preallocateArea(this, 0, this.size);
   }
 
   /** Change the virtual size (qemu-img resize, qemu-io truncate); see resize.ts. */
