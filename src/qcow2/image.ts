@@ -324,7 +324,7 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /** Whether validateEntry has nothing to report (checked synchronously; no await per entry). */
-  private entryValid(e: L2Entry): boolean {
+  /** @internal */ entryValid(e: L2Entry): boolean {
     if ((e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc) && (e.host % this.clusterSize) !== 0) return false;
     return !this.extL2 || e.type === ClusterType.Compressed || ((e.allocBits & e.zeroBits) === 0 && (e.host !== 0 || e.allocBits === 0));
   }
@@ -831,7 +831,7 @@ export class Qcow2Image implements BlockDriver {
           const whole = p.wb - p.wa === cs;
           piece = (whole ? this.fillPool.pop() : undefined) ?? Buffer.allocUnsafe(p.wb - p.wa);
           if (whole) pooled.push(piece);
-          await this.fillOld(piece, p, p.wa);
+          await this.fillOld(piece, p.old, p.guest, p.wa);
           data.copy(piece, p.da - p.wa, p.guest + p.da - pos, p.guest + p.db - pos);
         }
         const last = pieces[pieces.length - 1];
@@ -899,10 +899,12 @@ export class Qcow2Image implements BlockDriver {
     return { lo, hi, frees };
   }
 
-  /** Fill `dst` with this layer's old view of cluster p (from byte `from`), including backing data where unallocated. */
-  private async fillOld(dst: Buffer, p: ClusterPlan, from: number): Promise<void> {
-    const e = p.old;
-    const g = p.guest + from;
+  /**
+   * Fill `dst` with this layer's old view of the cluster at guest offset `guest` whose entry is
+   * `e` (from byte `from` of it), including backing data where unallocated.
+   */
+  /** @internal */ async fillOld(dst: Buffer, e: L2Entry, guest: number, from: number): Promise<void> {
+    const g = guest + from;
     switch (e.type) {
       case ClusterType.Normal:
         if (!this.extL2) return this.storage.read(dst, e.host + from);
@@ -930,7 +932,7 @@ export class Qcow2Image implements BlockDriver {
       const part = dst.subarray(q, q + n);
       if ((e.allocBits >>> s) & 1) await this.storage.read(part, e.host + inner);
       else if ((e.zeroBits >>> s) & 1) part.fill(0);
-      else await this.readBacking(part, p.guest + inner);
+      else await this.readBacking(part, guest + inner);
       q += n;
     }
   }
@@ -1309,42 +1311,12 @@ export class Qcow2Image implements BlockDriver {
   }
 
   /**
-   * Allocate every cluster (metadata) and, for falloc/full, the file space too. Each L2 table is
-   * allocated just before the data clusters it maps, as QEMU lays it out.
+   * Preallocate the whole image (qcow2_co_create's truncate): metadata as preallocate_co
+   * (`preallocate.ts`), falloc/full as qcow2_co_truncate (`resize.ts` preallocateArea).
    */
   async preallocate(mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
-    // falloc/full: qcow2_co_truncate's layout (refcount structures, then the data area, then L2 tables).
-    if (mode !== 'metadata' && (await (await import('./resize.js')).preallocateArea(this, 0, this.size, mode))) return;
-    const cs = this.clusterSize;
-    const total = Math.ceil(this.size / cs);
-    let end = 0;
-    for (let l1i = 0; l1i * this.l2Entries < total; l1i++) {
-      const first = l1i * this.l2Entries;
-      const n = Math.min(this.l2Entries, total - first);
-      const { offset: l2Off, table } = await this.writableL2(l1i);
-      try {
-        await this.meta.run(async () => {
-          const hosts = await this.refcounts.allocMany(n);
-          for (let k = 0; k < n; k++) {
-            // Extended L2: the clusters are reserved but their subclusters stay unallocated (as QEMU does).
-            writeL2(table, k, this.geo, hosts[k], { copied: true, allocBits: 0, zeroBits: 0 });
-            end = Math.max(end, hosts[k] + cs);
-          }
-          await this.writeL2Range(l2Off, table, 0, n - 1);
-        });
-      } finally {
-        this.l2.unpin(l2Off);
-      }
-    }
-    // Without fallocate in Node, falloc reserves space the portable way: by writing zeros (as
-    // posix_fallocate does on file systems without fallocate).
-    if (mode === 'full' || mode === 'falloc') {
-      const zero = Buffer.alloc(Math.min(end, 4 * 1024 * 1024));
-      const size = await this.storage.size();
-      for (let p = size; p < end; p += zero.length) await this.storage.write(zero.subarray(0, Math.min(zero.length, end - p)), p);
-    } else if ((await this.storage.size()) < end) {
-      await this.storage.truncate(end);
-    }
+    if (mode === 'metadata') await (await import('./preallocate.js')).preallocateMetadata(this, 0, this.size);
+    else await (await import('./resize.js')).preallocateArea(this, 0, this.size);
   }
 
   /** Change the virtual size (qemu-img resize, qemu-io truncate); see resize.ts. */

@@ -22,6 +22,7 @@ import type { Qcow2Image } from './image.js';
 import { growL1Table, writeVirtualSize } from './l1-table.js';
 import { MAX_L1_SIZE } from './constants.js';
 import { Qcow2Bitmaps } from './bitmaps.js';
+import { preallocateMetadata } from './preallocate.js';
 
 export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOptions = {}): Promise<void> {
   await img.flushMetadata();
@@ -42,12 +43,12 @@ export async function resizeQcow2(img: Qcow2Image, size: number, opts: ResizeOpt
     await shrink(img, size, newL1);
   } else {
     await growL1(img, newL1);
-    if (prealloc === 'metadata' || (prealloc !== 'off' && !(await preallocateArea(img, old, size, prealloc)))) {
-      await preallocateRange(img, old, size, prealloc);
-    }
-    const backingLen = img.backing?.size ?? 0;
-    if (size > old && backingLen > old) {
-      // The block layer asks for zeroes when the backing file would show through the new area.
+    // The block layer asks for zeroes when the backing file would show through the new area.
+    const zeroWrite = size > old && (img.backing?.size ?? 0) > old;
+    if (prealloc === 'metadata') await preallocateMetadata(img, old, size);
+    else if (prealloc !== 'off') await preallocateArea(img, old, size, zeroWrite);
+    // falloc/full: the new area already reads as zeroes (the file grew, BDRV_REQ_ZERO_WRITE).
+    if (zeroWrite && (prealloc === 'off' || prealloc === 'metadata')) {
       if (img.version < 3) throw new ImageError('Failed to zero out new clusters: Operation not supported', 'ENOTSUP');
       img.header.size = size;
       try {
@@ -142,30 +143,20 @@ async function clearEntries(img: Qcow2Image, l1i: number, from: number, to: numb
 /**
  * preallocation=falloc/full as qcow2_co_truncate: refcount structures covering everything new
  * are laid out first, past the last cluster in use (qcow2_refcount_area with exact size: a new
- * table), the data clusters follow them as one area (written with zeros: Node has no
- * fallocate), then the L2 entries are linked table by table; new L2 tables come from the free
- * cluster index, so they go where the old refcount table was first. With extended L2 the
- * entries are allocated with every subcluster unallocated, as QEMU links them. Only with every
- * cluster from the one holding the old end on unallocated; false (nothing done) otherwise.
+ * table), the data clusters (from the one holding the old end) follow them as one area (written
+ * with zeros: Node has no fallocate), then the L2 entries are linked table by table; new L2
+ * tables come from the free cluster index, so they go where the old refcount table was first.
+ * The old end's cluster moves into the area: its head is copied on write (the old view, backing
+ * data where unallocated) and whatever the entries held is released, as qcow2_alloc_cluster_link_l2
+ * does. Subcluster bitmaps are left as they were (every subcluster unallocated for new clusters),
+ * unless the area must read as zeroes over a longer backing file (`zeroWrite`: QEMU's
+ * subclusters_need_allocation): then every subcluster is allocated.
  */
-export async function preallocateArea(img: Qcow2Image, old: number, size: number, mode: 'falloc' | 'full'): Promise<boolean> {
+export async function preallocateArea(img: Qcow2Image, old: number, size: number, zeroWrite = false): Promise<void> {
   const cs = img.clusterSize;
   const first = Math.floor(old / cs);
   const nData = Math.ceil(size / cs) - first;
-  if (nData <= 0) return false;
-  for (let l1i = Math.floor(first / img.l2Entries); l1i * img.l2Entries < first + nData; l1i++) {
-    const l2 = l1i < img.header.l1Size ? readL1(img.l1, l1i).offset : 0;
-    if (!l2) continue;
-    const table = await img.l2.pin(l2);
-    try {
-      for (let ci = Math.max(first, l1i * img.l2Entries); ci < Math.min(first + nData, (l1i + 1) * img.l2Entries); ci++) {
-        const e = readL2(table, ci % img.l2Entries, img.geo);
-        if (e.type !== ClusterType.Unallocated || e.host !== 0 || e.zeroBits !== 0) return false;
-      }
-    } finally {
-      img.l2.unpin(l2);
-    }
-  }
+  if (nData <= 0) return;
   const fileClusters = Math.ceil((await img.storage.size()) / cs);
   const last = await img.refcounts.lastUsedCluster(fileClusters);
   const start = last >= 0 ? last + 1 : fileClusters;
@@ -185,9 +176,22 @@ export async function preallocateArea(img: Qcow2Image, old: number, size: number
     const nb = Math.min(left, img.l2Entries - idx);
     const { offset: l2Off, table } = await img.writableL2(l1i);
     try {
+      const olds: L2Entry[] = [];
+      for (let k = 0; k < nb; k++) olds.push(readL2(table, idx + k, img.geo));
+      // perform_cow: the part of the old end's cluster before the old end.
+      const head = guest === first ? old - first * cs : 0;
+      if (head > 0) {
+        const buf = Buffer.alloc(head);
+        await img.fillOld(buf, olds[0], first * cs, 0);
+        await img.storage.write(buf, host * cs);
+      }
       await img.meta.run(async () => {
-        for (let k = 0; k < nb; k++) writeL2(table, idx + k, img.geo, (host + k) * cs, { copied: true, allocBits: 0, zeroBits: 0 });
+        for (let k = 0; k < nb; k++) {
+          const bits = zeroWrite ? { allocBits: 0xffffffff, zeroBits: 0 } : { allocBits: olds[k].allocBits, zeroBits: olds[k].zeroBits };
+          writeL2(table, idx + k, img.geo, (host + k) * cs, { copied: true, ...bits });
+        }
         await img.writeL2Range(l2Off, table, idx, idx + nb - 1);
+        for (const e of olds) await img.freeEntryClusters(e);
       });
     } finally {
       img.l2.unpin(l2Off);
@@ -196,66 +200,5 @@ export async function preallocateArea(img: Qcow2Image, old: number, size: number
     host += nb;
     left -= nb;
   }
-  return true;
 }
 
-/**
- * Allocate the clusters of [old, size) that have none (preallocate_co / the falloc and full
- * branch): entries become normal allocated clusters; for falloc and full the clusters are
- * written with zeros first (Node has no fallocate). With extended L2 the subclusters stay unallocated,
- * as for metadata preallocation at create time.
- */
-async function preallocateRange(img: Qcow2Image, old: number, size: number, mode: 'metadata' | 'falloc' | 'full'): Promise<void> {
-  const cs = img.clusterSize;
-  let end = 0;
-  const first = Math.floor(old / cs), last = Math.ceil(size / cs);
-  // falloc/full: the data clusters first, as one area after everything in use (QEMU's allocation_start).
-  const dataHosts = mode === 'metadata' ? [] : await img.meta.run(() => img.refcounts.allocMany(last - first));
-  for (let c = first; c < last;) {
-    const l1i = Math.floor((c * cs) / img.l2Coverage);
-    const stop = Math.min(last, (l1i + 1) * img.l2Entries);
-    const { offset: l2Off, table } = await img.writableL2(l1i);
-    try {
-      await img.meta.run(async () => {
-        const todo: number[] = [];
-        for (let ci = c; ci < stop; ci++) {
-          const e = readL2(table, ci % img.l2Entries, img.geo);
-          if (e.type === ClusterType.Unallocated && e.host === 0 && e.zeroBits === 0) todo.push(ci);
-          else if (mode !== 'metadata') await img.refcounts.free(dataHosts[ci - first], 1); // already has a cluster
-        }
-        const hosts = mode === 'metadata' ? await img.refcounts.allocMany(todo.length) : todo.map((ci) => dataHosts[ci - first]);
-        let lo = Infinity, hi = -1;
-        todo.forEach((ci, j) => {
-          const idx = ci % img.l2Entries;
-          writeL2(table, idx, img.geo, hosts[j], { copied: true, allocBits: 0, zeroBits: 0 });
-          end = Math.max(end, hosts[j] + cs);
-          lo = Math.min(lo, idx);
-          hi = Math.max(hi, idx);
-        });
-        // falloc/full: the clusters hold zeros before an entry points at them.
-        if (mode !== 'metadata') await zeroClusters(img, hosts);
-        if (hi >= 0) await img.writeL2Range(l2Off, table, lo, hi);
-      });
-    } finally {
-      img.l2.unpin(l2Off);
-    }
-    c = stop;
-  }
-  const fileSize = await img.storage.size();
-  if (fileSize < end) await img.storage.truncate(end);
-}
-
-/** Write zeros over the given clusters, one write per contiguous run (at most 4 MiB each). */
-async function zeroClusters(img: Qcow2Image, hosts: number[]): Promise<void> {
-  const cs = img.clusterSize;
-  const sorted = [...hosts].sort((a, b) => a - b);
-  const zero = Buffer.alloc(Math.min(4 * 1024 * 1024, Math.max(cs, sorted.length * cs)));
-  let i = 0;
-  while (i < sorted.length) {
-    let j = i + 1;
-    while (j < sorted.length && sorted[j] === sorted[j - 1] + cs) j++;
-    const start = sorted[i], len = (j - i) * cs;
-    for (let p = 0; p < len; p += zero.length) await img.storage.write(zero.subarray(0, Math.min(zero.length, len - p)), start + p);
-    i = j;
-  }
-}
