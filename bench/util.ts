@@ -62,15 +62,15 @@ function childCpu(): { user: number; sys: number } {
 }
 
 /**
- * Each command's best wall-clock seconds over `reps` rounds, and its least user and kernel CPU
- * time, the commands interleaved (the order rotating each round) and the page cache's dirty data
+ * Each command's best (or, with `pick` 'median', middle) wall-clock seconds over `reps` rounds,
+ * and likewise its user and kernel CPU time, the commands interleaved (the order rotating each round) and the page cache's dirty data
  * written back before every timed run, so no command pays for another's writeback and slow
  * phases of the machine hit all of them alike. On this project's VM the kernel time of writing
  * new data (page-cache pages the hypervisor must back) varies several-fold from run to run, so
  * for I/O-bound commands the user CPU time is the stable part of the comparison.
  */
-export function timeInterleavedDetailed(cmds: TimedCommand[], reps: number, cwd?: string): Timing[] {
-  const best = cmds.map(() => ({ wall: Infinity, user: Infinity, sys: Infinity }));
+export function timeInterleavedDetailed(cmds: TimedCommand[], reps: number, cwd?: string, pick: 'best' | 'median' = 'best'): Timing[] {
+  const runs: Timing[][] = cmds.map(() => []);
   for (let r = 0; r < reps; r++) {
     for (let k = 0; k < cmds.length; k++) {
       const i = (k + r) % cmds.length;
@@ -81,13 +81,15 @@ export function timeInterleavedDetailed(cmds: TimedCommand[], reps: number, cwd?
       sh(cmds[i].cmd, cmds[i].args, cmds[i].cwd ?? cwd);
       const wall = Number(process.hrtime.bigint() - t0) / 1e9;
       const c1 = childCpu();
-      const b = best[i];
-      b.wall = Math.min(b.wall, wall);
-      b.user = Math.min(b.user, c1.user - c0.user);
-      b.sys = Math.min(b.sys, c1.sys - c0.sys);
+      runs[i].push({ wall, user: c1.user - c0.user, sys: c1.sys - c0.sys });
     }
   }
-  return best;
+  // Each figure on its own: the least (best) or the middle one over the rounds.
+  const reduce = (xs: number[]): number => {
+    const v = [...xs].sort((a, b) => a - b);
+    return pick === 'best' ? v[0] : v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
+  };
+  return runs.map((r) => ({ wall: reduce(r.map((t) => t.wall)), user: reduce(r.map((t) => t.user)), sys: reduce(r.map((t) => t.sys)) }));
 }
 
 /** "user / sys" CPU seconds. */

@@ -136,12 +136,14 @@ export async function copyChains(sources: Chain[], target: BlockDriver, opts: Co
   let failure: unknown = null;
   // In-order mode: job n allocates only after job n-1 has allocated (reads still overlap).
   const turns = new Turns(opts.outOfOrder);
-  // In order, one data write at a time: buffered writes to one file serialise in the kernel
-  // anyway (measured: concurrent ones made a raw flatten ~1.5x slower); the slot is taken after
-  // placement, so the next job's allocation still overlaps the write in flight. -W lets them all
-  // go, and so do direct writes (the device takes several at once). Buffers are page-aligned so
-  // that a direct target can take them as they are.
-  const writeSlots = new Semaphore(opts.outOfOrder || target.storage.direct ? parallel : 1);
+  // In order, two buffered data writes at a time: buffered writes to one file serialise in the
+  // kernel anyway (measured: eight at once made a raw flatten ~1.5x slower), but the second one,
+  // waiting in the thread pool, hides the event-loop round trip between them (medians of
+  // alternating runs: 2.87 -> 2.42 s raw, 2.54 -> 2.32 s qcow2 with one). The slot is taken after
+  // placement, so the next job's allocation still overlaps the writes in flight and the layout
+  // stays in guest order. -W lets them all go, and so do direct writes. Buffers are page-aligned
+  // so that a direct target can take them as they are.
+  const writeSlots = new Semaphore(opts.outOfOrder || target.storage.direct ? parallel : 2);
   const worker = async (): Promise<void> => {
     const buf = alignedBuffer(chunk);
     await work(buf);
