@@ -1222,7 +1222,9 @@ export class Qcow2Image implements BlockDriver {
               // As QEMU: discarding an unallocated cluster without a backing file leaves its entry alone.
               if (isDiscard && !this.backing && old.type !== ClusterType.Compressed && old.type !== ClusterType.Normal && old.type !== ClusterType.ZeroAlloc) continue;
               if (this.extL2) {
-                if (a === 0 && b === cs) {
+                // A range from a cluster's start to the image's end zeroes that last, partial
+                // cluster whole (qcow2_subcluster_zeroize: no tail at the end of the image).
+                if (a === 0 && (b === cs || c + b >= this.size)) {
                   // As QEMU's zero_in_l2_slice: without unmap an allocated cluster keeps its host
                   // cluster (and its COPIED flag: a snapshot's shared cluster stays shared).
                   const keep = !unmap && old.host !== 0 && old.type !== ClusterType.Compressed;
