@@ -43,10 +43,8 @@ export async function bitmapAction(reg: BitmapRegistry, type: string, a: Args): 
     }
     case 'block-dirty-bitmap-merge': {
       const { node, bitmap } = await reg.lookup(str(a, 'node'), str(a, 'target'));
-      // QEMU's block_dirty_bitmap_merge: the sources are found (into an anonymous bitmap) before
-      // the target is checked, as the last merge is into it.
-      const srcs = await reg.sources(node, a.bitmaps);
-      reg.check(node, bitmap, DEFAULT);
+      // QEMU's block_dirty_bitmap_merge: each source found and checked with the target in turn.
+      const srcs = await reg.sources(node, bitmap, a.bitmaps);
       const backup = cloneBitmap(bitmap.data);
       // A source frozen by a backup merges as it was frozen (QEMU's parent bitmap).
       for (const s of srcs) bitmap.data.merge(s.frozen ?? s.data);

@@ -4,8 +4,16 @@
  * memory and track the node's writes here. QMP's block-dirty-bitmap-* commands, the checks and
  * messages of QEMU 7.2, and the "frozen" state a backup job puts a bitmap in (a successor records
  * writes meanwhile; the job decides at its end what the bitmap becomes).
+ *
+ * Protocol (file) nodes hold in-memory bitmaps too, as QEMU allows them on any node: they track
+ * the writes that reach the file, i.e. the host writes (data and metadata) of every format node
+ * sitting on it, and the guest writes of an export of the file node itself (its raw view, see
+ * BlockGraph.fileView). They grow with the file, as QEMU's bdrv_dirty_bitmap_truncate when a
+ * write ends past the end.
  */
-import { QmpError, type BlockGraph, type FormatNode } from './graph.js';
+import fs from 'node:fs';
+import { QmpError, type BlockGraph, type FileNode, type FormatNode } from './graph.js';
+import type { Storage } from '../storage/storage.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { Qcow2Image } from '../qcow2/image.js';
 import { BitmapError, type MemBitmap } from '../qcow2/bitmaps.js';
@@ -81,17 +89,51 @@ export function dirtyBytes(d: DirtyBitmap, granularity: number): number {
 export const BUSY = 1, RO = 2, INCONSISTENT = 4;
 export const DEFAULT = BUSY | RO | INCONSISTENT, ALLOW_RO = BUSY | INCONSISTENT;
 
+/** A node that may hold dirty bitmaps: a format node, or a protocol node (in-memory bitmaps only). */
+export type BitmapNode = FormatNode | FileNode;
+
+/** A protocol node's length as QEMU's file-posix has it: the open file's, in whole sectors. */
+async function fileLength(graph: BlockGraph, n: FileNode): Promise<number> {
+  const st = fileStorages(graph, n)[0];
+  const size = st ? await st.size() : (await fs.promises.stat(n.filename)).size;
+  return Math.ceil(size / 512) * 512;
+}
+
+/** The open files a protocol node's writes go through: its format nodes' storages and its own export view's. */
+function fileStorages(graph: BlockGraph, n: FileNode): Storage[] {
+  const out: Storage[] = [];
+  for (const x of graph.nodes.values()) if (x.kind === 'format' && x.fileNode === n.name) out.push(x.driver.storage);
+  const v = graph.fileViews.get(n.name);
+  if (v) out.push(v.driver.storage);
+  return out;
+}
+
 const INCONSISTENT_HINT = 'Try block-dirty-bitmap-remove to delete this bitmap from disk';
 
 export class BitmapRegistry {
-  private readonly lists = new WeakMap<FormatNode, NodeBitmap[]>();
-  private readonly loading = new WeakMap<FormatNode, Promise<NodeBitmap[]>>();
+  private readonly lists = new WeakMap<BitmapNode, NodeBitmap[]>();
+  private readonly loading = new WeakMap<BitmapNode, Promise<NodeBitmap[]>>();
 
   /** Each node's write tracker for its in-memory bitmaps (bound to its driver handle). */
-  private readonly trackers = new WeakMap<FormatNode, (offset: number, length: number) => void>();
+  private readonly trackers = new WeakMap<BitmapNode, (offset: number, length: number) => void>();
 
   constructor(private readonly graph: BlockGraph) {
     graph.reopenHooks.push((node) => this.rebind(node));
+  }
+
+  /**
+   * A format node got a driver handle (added over a protocol node, reopened) or a protocol node
+   * an export view: the protocol node's bitmaps watch that file too.
+   */
+  bindFile(fileNodeName: string | null): void {
+    if (fileNodeName === null) return;
+    const f = this.graph.nodes.get(fileNodeName);
+    if (f?.kind !== 'file') return;
+    const track = this.trackers.get(f);
+    if (!track) return;
+    for (const st of fileStorages(this.graph, f)) {
+      if (st.writeObservers && !st.writeObservers.includes(track)) st.writeObservers.push(track);
+    }
   }
 
   /**
@@ -99,6 +141,7 @@ export class BitmapRegistry {
    * (stored by the old one, loaded by the new), in-memory bitmaps keep recording through it.
    */
   private async rebind(node: FormatNode): Promise<void> {
+    this.bindFile(node.fileNode);
     const l = this.lists.get(node);
     const track = this.trackers.get(node);
     if (!l || !track) return;
@@ -117,7 +160,7 @@ export class BitmapRegistry {
   }
 
   /** The node's bitmaps, newest first (the driver's persistent ones picked up on first use). */
-  list(node: FormatNode): Promise<NodeBitmap[]> {
+  list(node: BitmapNode): Promise<NodeBitmap[]> {
     const l = this.lists.get(node);
     if (l) return Promise.resolve(l);
     // Concurrent first uses share one load (and one write tracker).
@@ -129,8 +172,21 @@ export class BitmapRegistry {
     return p;
   }
 
-  private async load(node: FormatNode): Promise<NodeBitmap[]> {
+  private async load(node: BitmapNode): Promise<NodeBitmap[]> {
     const l: NodeBitmap[] = [];
+    if (node.kind === 'file') {
+      this.lists.set(node, l);
+      // Writes past the end grow the file and its bitmaps (QEMU's bdrv_co_write_req_finish).
+      this.trackers.set(node, (offset: number, length: number): void => {
+        const end = Math.ceil((offset + length) / 512) * 512;
+        for (const b of l) {
+          if (end > b.data.size) b.data = b.data.resized(end);
+          if (b.enabled) b.data.set(offset, length);
+        }
+      });
+      this.bindFile(node.name);
+      return l;
+    }
     const d = node.driver;
     if (d instanceof Qcow2Image && d.bitmaps) {
       d.bitmaps.nodeName = node.name;
@@ -156,14 +212,14 @@ export class BitmapRegistry {
    * A backup's successor takes the bitmap's place (bdrv_dirty_bitmap_abdicate): the bitmap now
    * dates from the successor's creation (`seq`), among the node's bitmaps newest first.
    */
-  takeSuccessorPlace(node: FormatNode, b: NodeBitmap, seq: number): void {
+  takeSuccessorPlace(node: BitmapNode, b: NodeBitmap, seq: number): void {
     b.seq = seq;
     this.lists.get(node)?.sort((x, y) => y.seq - x.seq);
   }
 
   /** A bitmap of a node (block_dirty_bitmap_lookup). */
-  async lookup(nodeName: string, name: string): Promise<{ node: FormatNode; bitmap: NodeBitmap }> {
-    const node = this.formatNode(nodeName);
+  async lookup(nodeName: string, name: string): Promise<{ node: BitmapNode; bitmap: NodeBitmap }> {
+    const node = this.bitmapNode(nodeName);
     const bitmap = (await this.list(node)).find((b) => b.name === name);
     if (!bitmap) throw new QmpError(`Dirty bitmap '${name}' not found`);
     return { node, bitmap };
@@ -178,20 +234,25 @@ export class BitmapRegistry {
     return null;
   }
 
-  private formatNode(name: string): FormatNode {
+  private bitmapNode(name: string): BitmapNode {
     const n = this.graph.node(name);
-    if (n.kind !== 'format') throw new QmpError(`Dirty bitmap '${name}' not found`);
+    if (n.kind === 'filter') throw new QmpError(`Dirty bitmap '${name}' not found`);
     return n;
   }
 
+  /** A node's length (what merge compares): the image's virtual size, or the file's. */
+  async size(node: BitmapNode): Promise<number> {
+    return node.kind === 'format' ? node.driver.size : fileLength(this.graph, node);
+  }
+
   /** Persistent bitmaps loaded from a read-only image (or of a node reopened read-only under an overlay) are read-only. */
-  readOnly(node: FormatNode, b: NodeBitmap): boolean {
+  readOnly(node: BitmapNode, b: NodeBitmap): boolean {
     if (!b.persistent) return false;
     return (b.mem?.readOnly ?? false) || this.graph.parentsOf(node).some((p) => p.backing === node);
   }
 
   /** bdrv_dirty_bitmap_check. */
-  check(node: FormatNode, b: NodeBitmap, flags: number): void {
+  check(node: BitmapNode, b: NodeBitmap, flags: number): void {
     if (flags & BUSY && b.busy) throw new QmpError(`Bitmap '${b.name}' is currently in use by another operation and cannot be used`);
     if (flags & RO && this.readOnly(node, b)) throw new QmpError(`Bitmap '${b.name}' is readonly and cannot be modified`);
     if (flags & INCONSISTENT && b.inconsistent) throw new QmpError(`Bitmap '${b.name}' is inconsistent and cannot be used\n${INCONSISTENT_HINT}`);
@@ -208,8 +269,17 @@ export class BitmapRegistry {
     if (persistent && !(any.kind === 'format' && any.driver instanceof Qcow2Image && any.driver.bitmaps)) {
       throw new QmpError(`Can't store persistent bitmaps to ${any.name}: Operation not supported`);
     }
-    if (any.kind !== 'format') throw new QmpError(`Node '${any.name}' is not a format node`);
+    if (any.kind === 'filter') throw new QmpError(`Node '${any.name}' is not a format node`);
     const node = any;
+    if (node.kind === 'file') {
+      // file-posix has no bdrv_get_info: QEMU's default granularity is 64 KiB.
+      const list = await this.list(node);
+      if (list.some((b) => b.name === name)) throw new QmpError(`Bitmap already exists: ${name}`);
+      const g = granularity ?? 65536;
+      const b = new NodeBitmap(name, g, false, null, new DirtyBitmap(await fileLength(this.graph, node), Math.log2(g), 65536), !disabled);
+      list.unshift(b);
+      return b;
+    }
     const d = node.driver;
     const gran = granularity ?? (d instanceof Qcow2Image ? Math.min(65536, Math.max(4096, d.clusterSize)) : 4096);
     const list = await this.list(node);
@@ -233,10 +303,11 @@ export class BitmapRegistry {
   }
 
   /** Forget a bitmap (and its on-disk entry if persistent). */
-  async drop(node: FormatNode, b: NodeBitmap): Promise<void> {
+  async drop(node: BitmapNode, b: NodeBitmap): Promise<void> {
     const list = await this.list(node);
     const i = list.indexOf(b);
     if (i >= 0) list.splice(i, 1);
+    if (node.kind === 'file') return;
     const d = node.driver;
     if (b.persistent && d instanceof Qcow2Image && d.bitmaps) {
       try {
@@ -255,36 +326,47 @@ export class BitmapRegistry {
     await this.drop(node, bitmap);
   }
 
-  /** The sources of a merge: names on the target's node, or {node, name}. */
-  async sources(node: FormatNode, list: unknown): Promise<NodeBitmap[]> {
+  /** A bitmap's length (bdrv_dirty_bitmap_size): its node's virtual size, or its file's as it grew. */
+  private bitmapSize(node: BitmapNode, b: NodeBitmap): number {
+    return node.kind === 'format' ? node.driver.size : b.data.size;
+  }
+
+  /**
+   * The sources of a merge into `target` on `node`: names on the target's node, or {node, name}.
+   * QEMU 7.2's block_dirty_bitmap_merge merges each source straight into the target
+   * (bdrv_merge_dirty_bitmap): per source, the lookup, the target's state, the source's state
+   * (in use, inconsistent), then the sizes; with no source the target is not checked at all.
+   */
+  async sources(node: BitmapNode, target: NodeBitmap, list: unknown): Promise<NodeBitmap[]> {
     if (!Array.isArray(list)) throw new QmpError("Parameter 'bitmaps' is missing");
     const out: NodeBitmap[] = [];
     for (const s of list) {
-      let b: NodeBitmap;
+      let found: { node: BitmapNode; bitmap: NodeBitmap };
       if (typeof s === 'string') {
-        b = (await this.lookup(node.name, s)).bitmap;
+        found = await this.lookup(node.name, s);
       } else if (s && typeof s === 'object') {
         const o = s as { node?: unknown; name?: unknown };
         if (typeof o.node !== 'string') throw new QmpError("Parameter 'node' is missing");
         if (typeof o.name !== 'string') throw new QmpError("Parameter 'name' is missing");
         const n = this.graph.node(o.node);
-        if (n.kind !== 'format') throw new QmpError(`Dirty bitmap '${o.name}' not found`);
-        const found = await this.lookup(n.name, o.name);
-        if (found.node.driver.size !== node.driver.size) {
-          throw new QmpError(`Bitmaps are of different sizes (destination size is ${node.driver.size}, source size is ${found.node.driver.size}) and can't be merged`);
-        }
-        b = found.bitmap;
+        if (n.kind === 'filter') throw new QmpError(`Dirty bitmap '${o.name}' not found`);
+        found = await this.lookup(n.name, o.name);
       } else {
         throw new QmpError("Invalid parameter type for 'bitmaps[0]', expected: object");
       }
-      this.check(node, b, INCONSISTENT);
-      out.push(b);
+      this.check(node, target, DEFAULT);
+      this.check(found.node, found.bitmap, ALLOW_RO);
+      const dst = this.bitmapSize(node, target), src = this.bitmapSize(found.node, found.bitmap);
+      if (dst !== src) {
+        throw new QmpError(`Bitmaps are of different sizes (destination size is ${dst}, source size is ${src}) and can't be merged`);
+      }
+      out.push(found.bitmap);
     }
     return out;
   }
 
   /** Query entries (BlockDirtyInfo), newest first. */
-  async info(node: FormatNode): Promise<Array<Record<string, unknown>>> {
+  async info(node: BitmapNode): Promise<Array<Record<string, unknown>>> {
     return (await this.list(node)).map((b) => ({
       name: b.name, recording: b.enabled, persistent: b.persistent, busy: b.busy, granularity: b.granularity, count: b.count(),
       ...(b.inconsistent ? { inconsistent: true } : {}),

@@ -64,7 +64,10 @@ export class Daemon {
     this.nbd = new NbdServer(log);
     this.bitmaps = new BitmapRegistry(this.graph);
     // Detect-zeroes and write thresholds follow each format node to every driver handle it gets.
-    this.graph.onDriver = (n) => bindNode(this.graph, n, (name, data) => this.emit(name, data));
+    this.graph.onDriver = (n) => {
+      bindNode(this.graph, n, (name, data) => this.emit(name, data));
+      this.bitmaps.bindFile(n.fileNode);
+    };
     this.jobs = new JobManager(this.graph, { emit: (n, d) => this.emit(n, d) }, {
       drain: (node) => this.drainNode(node),
       drainAll: () => this.drainAll(),
@@ -106,7 +109,12 @@ export class Daemon {
       if (e.writable && filter.readOnly) throw new QmpError('Cannot export read-only node as writable');
       e = { ...e, nodeName: filter.child.name, on: filter };
     }
-    const node = this.graph.formatNode(e.nodeName);
+    // A protocol node is served as its file (QEMU exports the node itself): its raw view.
+    const own = this.graph.node(e.nodeName);
+    if (own.kind === 'file' && !this.nbdRunning) throw new QmpError('NBD server not running');
+    const node = own.kind === 'file' ? await this.graph.fileView(own) : this.graph.formatNode(e.nodeName);
+    if (own.kind === 'file') this.bitmaps.bindFile(own.name);
+    const exportNode = (): FormatNode => this.graph.fileViews.get(entry.nodeName) ?? this.graph.formatNode(entry.nodeName);
     if (e.writable && node.driver.readOnly) throw new QmpError('Cannot export read-only node as writable');
     if (!this.nbdRunning) throw new QmpError('NBD server not running');
     // nbd_export_create: NBD strings are at most 4096 bytes.
@@ -116,10 +124,12 @@ export class Daemon {
     const views = new Map<string, DirtyBitmapView>();
     const held: NodeBitmap[] = [];
     for (const name of e.bitmaps ?? []) {
-      const found = await this.bitmaps.findInChain(node, name);
+      const found = own.kind === 'file'
+        ? await this.bitmaps.list(own).then((l) => { const b = l.find((x) => x.name === name); return b ? { node: own, bitmap: b } : null; })
+        : await this.bitmaps.findInChain(node, name);
       if (!found) throw new QmpError(`Bitmap '${name}' is not found`);
       // QEMU 7.2 refuses an enabled bitmap on a read-only export before it looks at the bitmap's state.
-      if (!e.writable && !found.node.driver.readOnly && !this.graph.parentsOf(found.node).some((p) => p.backing === found.node) && found.bitmap.enabled) {
+      if (!e.writable && !(found.node.kind === 'file' ? node.driver.readOnly : found.node.driver.readOnly) && !this.graph.parentsOf(found.node).some((p) => p.backing === found.node) && found.bitmap.enabled) {
         throw new QmpError(`Enabled bitmap '${name}' incompatible with readonly export`);
       }
       this.bitmaps.check(found.node, found.bitmap, ALLOW_RO);
@@ -135,8 +145,8 @@ export class Daemon {
       tryEnter: () => drain.tryEnter(),
       name: e.name, description: e.description, writable: e.writable, allocationDepth: e.allocationDepth,
       get discard() { return node.discard; },
-      chain: () => this.graph.chain(this.graph.formatNode(entry.nodeName)),
-      cache: (offset, length) => cacheRange(this.graph, this.graph.formatNode(entry.nodeName), offset, length),
+      chain: () => this.graph.chain(exportNode()),
+      cache: (offset, length) => cacheRange(this.graph, exportNode(), offset, length),
       bitmaps: views,
     });
   }
@@ -163,6 +173,9 @@ export class Daemon {
     this.exports.delete(id);
     this.nbd.removeExport(e.name);
     for (const b of e.held ?? []) b.busy = false;
+    if (this.graph.fileViews.has(e.nodeName) && ![...this.exports.values()].some((x) => x.nodeName === e.nodeName)) {
+      void this.graph.closeFileView(e.nodeName);
+    }
     this.emit('BLOCK_EXPORT_DELETED', { id });
   }
 

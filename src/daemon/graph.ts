@@ -278,6 +278,46 @@ export class BlockGraph {
     }
   }
 
+  /**
+   * Raw views of protocol nodes exported themselves (an export of a file node serves the file as
+   * QEMU serves the node): opened with the first such export, not listed, closed with the last.
+   */
+  readonly fileViews = new Map<string, FormatNode>();
+
+  /** The raw view of protocol node `f` (opened on first use). */
+  async fileView(f: FileNode): Promise<FormatNode> {
+    const v = this.fileViews.get(f.name);
+    if (v) return v;
+    let img;
+    try {
+      // No locks of its own: the file node holds none in qchain, and a format node over the same
+      // file may hold them (QEMU shares the one node).
+      img = await openImage(f.filename, { format: 'raw', readOnly: f.readOnly, log: this.log, noFlush: f.noFlush, lock: 'none' });
+    } catch (e) {
+      if (e instanceof ImageError) throw new QmpError(e.message);
+      throw e;
+    }
+    const again = this.fileViews.get(f.name);
+    if (again) {
+      await img.driver.close();
+      return again;
+    }
+    const n: FormatNode = { kind: 'format', name: f.name, format: 'raw', driver: img.driver, filename: f.filename, fileNode: f.name, backing: null,
+      autoBacking: '', implicit: true, discard: f.discard, detectZeroes: f.detectZeroes, noFlush: f.noFlush, writeThreshold: 0 };
+    this.fileViews.set(f.name, n);
+    return n;
+  }
+
+  /** Close protocol node `name`'s export view (its last export is gone). */
+  async closeFileView(name: string): Promise<void> {
+    const v = this.fileViews.get(name);
+    if (!v) return;
+    this.fileViews.delete(name);
+    this.chains.delete(v);
+    await v.driver.flush().catch(() => {});
+    await v.driver.close().catch(() => {});
+  }
+
   /** The chain seen through a format node (cached until the graph changes). */
   chain(node: FormatNode): Chain {
     let c = this.chains.get(node);
@@ -451,6 +491,7 @@ export class BlockGraph {
 
   /** Flush and close every image (daemon shutdown). */
   async closeAll(): Promise<void> {
+    for (const name of [...this.fileViews.keys()]) await this.closeFileView(name);
     for (const n of this.nodes.values()) {
       if (n.kind !== 'format') continue;
       await n.driver.flush().catch(() => {});

@@ -1,7 +1,7 @@
 /**
  * query-named-block-nodes: every node of the graph, newest first (as qemu-storage-daemon lists
  * them), format nodes with their image info and dirty bitmaps, protocol (file) nodes with the
- * file's size and allocation, whether or not a format node sits on them. Unless `flat`, a format
+ * file's size, allocation and dirty bitmaps, whether or not a format node sits on them. Unless `flat`, a format
  * node's image info nests its backing nodes' (`backing-image`, top down) and `backing_file_depth`
  * counts them; flat listings have neither (depth 0), as QEMU's bdrv_block_device_info. Format
  * nodes show the names of node-filename.ts (json:{...} where the backing is overridden), and
@@ -37,7 +37,7 @@ async function fileSizes(user: FormatNode | undefined, n: FileNode): Promise<{ s
   return { size: st.size, allocated: st.blocks * 512 };
 }
 
-async function fileEntry(graph: BlockGraph, n: FileNode): Promise<Info> {
+async function fileEntry(graph: BlockGraph, n: FileNode, bitmaps: BitmapRegistry): Promise<Info> {
   const user = [...graph.nodes.values()].find((x): x is FormatNode => x.kind === 'format' && x.fileNode === n.name);
   const { size, allocated } = await fileSizes(user, n);
   // file-posix reports its length in whole sectors (bdrv_getlength).
@@ -45,7 +45,8 @@ async function fileEntry(graph: BlockGraph, n: FileNode): Promise<Info> {
   const image = { 'virtual-size': virtual, filename: n.filename, format: 'file', 'actual-size': allocated, 'dirty-flag': false };
   // An implicit protocol node is opened (and reopened) in its format node's mode; a named one keeps its own.
   const ro = n.implicit && user ? user.driver.readOnly : n.readOnly;
-  return entry(image, ro, n.name, 'file', n.filename, 0, {}, n);
+  const dirty = await bitmaps.info(n);
+  return entry(image, ro, n.name, 'file', n.filename, 0, dirty.length ? { 'dirty-bitmaps': dirty } : {}, n);
 }
 
 /**
@@ -140,7 +141,7 @@ export async function namedNodes(graph: BlockGraph, bitmaps: BitmapRegistry, fla
   const below = belowOf(graph);
   // Newest node first, as QEMU lists its graph.
   for (const n of [...graph.nodes.values()].reverse()) {
-    out.push(n.kind === 'file' ? await fileEntry(graph, n) : n.kind === 'filter' ? await filterEntry(n, flat, shown, below) : await formatEntry(graph, n, bitmaps, flat, shown, below));
+    out.push(n.kind === 'file' ? await fileEntry(graph, n, bitmaps) : n.kind === 'filter' ? await filterEntry(n, flat, shown, below) : await formatEntry(graph, n, bitmaps, flat, shown, below));
   }
   return out;
 }

@@ -228,6 +228,12 @@ export class FileStorage implements Storage {
   private writeLimit = Infinity;
   private onAbove: ((end: number) => void) | null = null;
 
+  /**
+   * Called with each write's range (data, vector, hole punch) as it is issued: the dirty bitmaps
+   * of the daemon's protocol node over this file (host writes, data and metadata alike).
+   */
+  readonly writeObservers: Array<(offset: number, length: number) => void> = [];
+
   /** Set when writes of one event-loop turn are coalesced (see WriteBatcher). */
   private readonly batcher: WriteBatcher | null;
 
@@ -318,6 +324,7 @@ export class FileStorage implements Storage {
     // Past 2^53 no file system of a real installation holds data (ext4: 16 TiB): EFBIG, as pwrite.
     if (!Number.isSafeInteger(offset + buf.length)) throw new StorageError(`${this.name}: ${errnoText('EFBIG')}`, 'EFBIG');
     if (offset + buf.length > this.writeLimit) this.above(offset + buf.length);
+    if (this.writeObservers.length) for (const o of this.writeObservers) o(offset, buf.length);
     if (this.batcher) return this.batcher.write(buf, offset);
     return this.writeNow(buf, offset);
   }
@@ -378,6 +385,11 @@ export class FileStorage implements Storage {
       for (const b of bufs) end += b.length;
       if (end > this.writeLimit) this.above(end);
     }
+    if (this.writeObservers.length) {
+      let len = 0;
+      for (const b of bufs) len += b.length;
+      for (const o of this.writeObservers) o(offset, len);
+    }
     return this.writevNow(bufs, offset);
   }
 
@@ -419,6 +431,7 @@ export class FileStorage implements Storage {
       if (this.readOnly) throw new StorageError(`${this.name}: read-only`, 'EROFS');
       // The request as made counts, even the part past the end of the file.
       if (offset + length > this.writeLimit) this.above(offset + length);
+      for (const o of this.writeObservers) o(offset, length);
       const end = Math.min(offset + length, await this.size());
       if (end <= offset) return;
       try {

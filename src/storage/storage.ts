@@ -42,6 +42,8 @@ export interface Storage {
    * a protocol node).
    */
   watchWritesAbove?(limit: number, fn: ((end: number) => void) | null): void;
+  /** Told each write's range (data, vector, hole punch) as it is issued (optional: the daemon's protocol-node bitmaps). */
+  readonly writeObservers?: Array<(offset: number, length: number) => void>;
   /** Bytes actually allocated on the host (st_blocks*512 for files). */
   allocatedSize(): Promise<number>;
   close(): Promise<void>;
