@@ -98,6 +98,38 @@ describe('backup compress=true vs qemu-storage-daemon', oracle(), () => {
     assert.equal(res.qchain.compressedPct, res.qemu.compressedPct, res.qchain.check + res.qemu.check);
   });
 
+  test('targets with 128 KiB and 4 KiB clusters: whole target clusters compressed, the source\'s view, QSD\'s map', async () => {
+    const res = await onBoth(scratch('qchain-backup-compress-cs-'), async (tool: Tool, dir: string) => {
+      await images(dir);
+      for (const [f, cs] of [['big.qcow2', '131072'], ['small.qcow2', '4096']]) {
+        assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cs}`, f, String(SIZE)], dir)).code, 0);
+      }
+      return withDaemon(tool, dir, [...qcow2Node('src'), ...qcow2Node('big'), ...qcow2Node('small'), ...MONITOR], async (d) => {
+        const { q } = d;
+        await q.execute('qmp_capabilities', undefined, 'caps');
+        for (const t of ['big', 'small']) {
+          const r = await q.execute('blockdev-backup', { 'job-id': t, device: 'src', target: t, sync: 'full', compress: true }, t);
+          assert.ok('return' in r, JSON.stringify(r));
+          await q.waitFor(jobEvent(t, 'null'), 60000);
+        }
+        await quit(d, 'quit');
+        const events = q.received.filter((m) => m.event === 'BLOCK_JOB_COMPLETED').map(norm);
+        return { events, big: await inspect(dir, 'big.qcow2'), small: await inspect(dir, 'small.qcow2') };
+      });
+    });
+    for (const tool of ['qemu', 'qchain'] as const) {
+      for (const t of ['big', 'small'] as const) {
+        assert.equal(res[tool][t].same, 'same', `${tool} ${t}`);
+        assert.ok(res[tool][t].compressedPct > 0, `${tool} ${t}: ${res[tool][t].check}`);
+      }
+    }
+    assert.deepEqual(res.qchain.events, res.qemu.events);
+    for (const t of ['big', 'small'] as const) {
+      assert.deepEqual(res.qchain[t].map, res.qemu[t].map, t);
+      assert.equal(res.qchain[t].compressedPct, res.qemu[t].compressedPct, res.qchain[t].check + res.qemu[t].check);
+    }
+  });
+
   test('guest writes during a slow backup are copied first (compressed): the target shows the start-time view', async () => {
     const res = await onBoth(scratch('qchain-backup-compress-cbw-'), async (tool: Tool, dir: string) => {
       await images(dir);
