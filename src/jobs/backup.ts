@@ -7,6 +7,13 @@
  * the command (or transaction) that starts it. sync=none (image fleecing) copies nothing by
  * itself: only copy-before-write fills the target (usually an overlay whose backing is the live
  * source, exported read-only), until the job is cancelled.
+ *
+ * compress=true (QEMU's BDRV_REQ_WRITE_COMPRESSED through block-copy's COPY_READ_WRITE_CLUSTER):
+ * every granule that holds any data is read whole (the source's full view) and written to the
+ * qcow2 target as compressed clusters, by the job and by copy-before-write alike; a granule that
+ * is all zeroes (or skipped) is zeroed as without compression (block-copy's write-zeroes drops
+ * the compressed flag). The granule is then QEMU's block-copy cluster size, the larger of 64 KiB
+ * and the target's cluster size, so every compressed write covers whole target clusters.
  */
 import type { Job } from './job.js';
 import { copyLayers } from './copy.js';
@@ -14,6 +21,8 @@ import { tagged } from './errors.js';
 import type { BlockGraph, FormatNode } from '../daemon/graph.js';
 import { beforeWrites, writeGate, type Chain } from '../chain/chain.js';
 import type { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
+import type { BlockDriver } from '../image/driver.js';
+import { ImageError } from '../image/errors.js';
 
 export interface BackupPlan {
   source: FormatNode;
@@ -27,13 +36,31 @@ export interface BackupPlan {
    * the target usually has the source as backing), until the job is cancelled.
    */
   none?: boolean;
+  /** compress=true: data granules go to the (qcow2) target as compressed clusters. */
+  compress?: boolean;
+  /** The copy granule (default BACKUP_GRANULE). */
+  granule?: number;
 }
 
 /** The job's copy granule (QEMU's default backup cluster size). */
 export const BACKUP_GRANULE = 64 * 1024;
-const G = BACKUP_GRANULE;
+
+/** The target driver's compressed write (qcow2), or null when it has none. */
+type CompressingDriver = BlockDriver & { writeCompressed?: (buf: Buffer, offset: number) => Promise<void>; clusterSize?: number };
+
+/** Whether a backup target takes compressed writes (QEMU's bdrv_supports_compressed_writes). */
+export function supportsCompressedWrites(target: FormatNode): boolean {
+  return target.format === 'qcow2' && typeof (target.driver as CompressingDriver).writeCompressed === 'function';
+}
+
+/** QEMU's block-copy cluster size for a compressing backup: max(64 KiB, the target's cluster size). */
+export function compressGranule(target: FormatNode): number {
+  return Math.max(BACKUP_GRANULE, (target.driver as CompressingDriver).clusterSize ?? 0);
+}
 
 export interface Backup {
+  /** The copy granule in bytes. */
+  granule: number;
   work: (job: Job) => Promise<void>;
   /** Granules not copied yet (1 = still to copy), for bitmap-mode=always after a failure. */
   pending: Uint8Array;
@@ -46,7 +73,7 @@ export interface Backup {
 }
 
 /** Granules (of G bytes) a bitmap touches, 1 = to copy. */
-export function granulesOf(bm: DirtyBitmap, size: number): Uint8Array {
+export function granulesOf(bm: DirtyBitmap, size: number, G = BACKUP_GRANULE): Uint8Array {
   const n = Math.ceil(size / G);
   const out = new Uint8Array(n);
   for (const [off, len] of bm.dirtyRanges()) out.fill(1, Math.floor(off / G), Math.min(n, Math.ceil((off + len) / G)));
@@ -67,12 +94,39 @@ async function copyView(chain: Chain, target: FormatNode, offset: number, length
   return length;
 }
 
+/**
+ * One granule of a compressing backup: if any of it is data (within the layers copied: depth
+ * `toDepth`, or the whole view with `view`), the whole granule is read through the chain and
+ * written compressed; otherwise it is copied as without compression (zeroes, or skipped).
+ */
+async function copyCompressed(chain: Chain, target: FormatNode, offset: number, length: number, buf: Buffer,
+  toDepth: number, view: boolean): Promise<number> {
+  const exts = await tagged('read', () => chain.statusFrom(0, offset, length));
+  if (!exts.some((x) => x.kind === 'data' && (view || x.depth < toDepth))) {
+    // The whole chain (sync=full, bitmap, none): what reads as zeroes is zeroed on the target,
+    // unallocated areas too (QEMU's block status reports them as zero below a chain without
+    // backing, and block-copy writes zeroes); sync=top skips what its top does not hold.
+    return view || toDepth >= chain.layers.length ? copyView(chain, target, offset, length, buf)
+      : copyLayers(chain, 0, toDepth, target.driver, offset, length, buf);
+  }
+  const drv = target.driver as CompressingDriver;
+  const b = buf.subarray(0, length);
+  await tagged('read', () => chain.readFrom(0, b, offset));
+  await tagged('write', async () => {
+    if (typeof drv.writeCompressed !== 'function') throw new ImageError('Operation not supported', 'ENOTSUP');
+    await drv.writeCompressed(b, offset);
+  });
+  return length;
+}
+
 export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
+  const G = p.granule ?? BACKUP_GRANULE;
   const size = p.source.driver.size;
   const n = Math.ceil(size / G);
-  const pending = p.bitmap ? granulesOf(p.bitmap, size) : new Uint8Array(n).fill(1);
+  const pending = p.bitmap ? granulesOf(p.bitmap, size, G) : new Uint8Array(n).fill(1);
   let len = 0;
-  for (let i = 0; i < n; i++) if (pending[i]) len += Math.min(G, size - i * G);
+  // Whole granules, the image's last partial one too (QEMU counts its copy bitmap's granules).
+  for (let i = 0; i < n; i++) if (pending[i]) len += G;
   let job: Job | null = null;
   let progress = 0;
   const copyGranule = async (i: number): Promise<number> => {
@@ -87,12 +141,14 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
       // reopen and relink nodes while the job runs. The view through the source stays the same
       // (only guest writes change it, and they copy first); the handles do not.
       const chain = graph.chain(p.source);
-      copied = p.bitmap || p.none ? await copyView(chain, p.target, off, glen, buf) : await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, glen, buf);
+      const view = !!(p.bitmap || p.none);
+      if (p.compress) copied = await copyCompressed(chain, p.target, off, glen, buf, view ? chain.layers.length : p.depth(chain), view);
+      else copied = view ? await copyView(chain, p.target, off, glen, buf) : await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, glen, buf);
     } catch (e) {
       pending[i] = 1; // not copied: a retry (or bitmap-mode=always) must still see it
       throw e;
     }
-    progress += glen;
+    progress += G;
     if (job) job.offset = progress;
     return copied;
   };
@@ -147,5 +203,5 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
   };
   const count = (): number => pending.reduce((a, x) => a + x, 0) * G;
   // The access bitmap covers the whole disk (only discards through the filter would clear it).
-  return { work, pending, len, copyBytes: count, accessBytes: n * G, cbwBytes: () => doneCount * G };
+  return { granule: G, work, pending, len, copyBytes: count, accessBytes: n * G, cbwBytes: () => doneCount * G };
 }

@@ -10,7 +10,7 @@ import { mirrorStart } from './mirror-init.js';
 import { mirrorSyncSupported, mirrorArgTypes, mirrorGranularity } from './mirror-args.js';
 import { verbCommands } from './verbs.js';
 import { drainAllJobs, drainSection, drains } from '../daemon/job-drain.js';
-import { BACKUP_GRANULE, backupWork, type Backup } from './backup.js';
+import { backupWork, compressGranule, supportsCompressedWrites, type Backup } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, dirtyBytes, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
@@ -414,30 +414,28 @@ export class JobManager {
       throw new QmpError('Cannot specify bitmap sync mode without a bitmap');
     }
     if (target === device) throw new QmpError("Can't back up node into itself");
-    // backup_job_create: compression before the op blockers. A raw target has no compressed
-    // writes (QEMU's text, the target's empty device name at its end); qchain's backup writes no
-    // compressed clusters, so it refuses compress on qcow2 too rather than ignore it.
-    if (optBool(a, 'compress', false)) {
-      if (target.format !== 'qcow2') throw new QmpError('Compression is not supported for this drive ');
-      throw new QmpError('compress=true is not supported by qchain\'s backup (the target would be written uncompressed)');
-    }
+    // backup_job_create: compression before the op blockers. QEMU names the target's device (its
+    // BlockBackend's name), which a daemon's node does not have: the text ends in a space.
+    const compress = optBool(a, 'compress', false);
+    if (compress && !supportsCompressedWrites(target)) throw new QmpError('Compression is not supported for this drive ');
     // backup_job_create: the op blockers (busy nodes) before the sizes.
     this.checkNodes('backup', device, [device.name, target.name]);
     if (target.driver.size !== device.driver.size) throw new QmpError('Source and target image have different sizes');
     if (bm && mode !== 'never') this.host.bitmaps.check(device, bm, DEFAULT);
     this.checkFree(a, device, target);
     const bitmap = bm, bitmapMode = mode;
+    const opts = compress ? { compress, granule: compressGranule(target) } : {};
     return () => {
       const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')], undefined, { drv: 'copy-before-write', child: device, prefixed: true });
       job.filterOn = device.name;
       const depth = (chain: { layers: unknown[] }): number => (sync === 'top' ? 1 : chain.layers.length);
       /** QEMU's block-copy bitmap on the source, and copy-before-write's access and done bitmaps on its filter. */
       const listed = (b: Backup): void => {
-        attachJobBitmap(this.graph, job, device, false, BACKUP_GRANULE, b.copyBytes);
-        if (job.filter) job.filter.bitmaps = () => [anonymousBitmap(false, BACKUP_GRANULE, b.accessBytes), anonymousBitmap(false, BACKUP_GRANULE, b.cbwBytes())];
+        attachJobBitmap(this.graph, job, device, false, b.granule, b.copyBytes);
+        if (job.filter) job.filter.bitmaps = () => [anonymousBitmap(false, b.granule, b.accessBytes), anonymousBitmap(false, b.granule, b.cbwBytes())];
       };
       if (!bitmap) {
-        const b = backupWork(this.graph, { source: device, target, depth, none: sync === 'none' });
+        const b = backupWork(this.graph, { source: device, target, depth, none: sync === 'none', ...opts });
         listed(b);
         job.start(b.work, async () => {});
         return job;
@@ -451,7 +449,7 @@ export class JobManager {
       // below the job's copy bitmap (created after it).
       const fresh = bitmap.data;
       const successorSeq = attachJobBitmap(this.graph, job, device, bitmap.enabled, bitmap.granularity, () => dirtyBytes(fresh, bitmap.granularity));
-      const b = backupWork(this.graph, { source: device, target, depth, bitmap: sync === 'bitmap' ? frozen : undefined });
+      const b = backupWork(this.graph, { source: device, target, depth, bitmap: sync === 'bitmap' ? frozen : undefined, ...opts });
       listed(b);
       const end = (ok: boolean): void => {
         const successor = bitmap.data;
@@ -459,7 +457,7 @@ export class JobManager {
         if ((ok || bitmapMode === 'always') && bitmapMode !== 'never') this.host.bitmaps.takeSuccessorPlace(device, bitmap, successorSeq);
         else successor.merge(frozen);
         if (!ok && bitmapMode === 'always') {
-          for (let i = 0; i < b.pending.length; i++) if (b.pending[i]) successor.set(i * BACKUP_GRANULE, BACKUP_GRANULE);
+          for (let i = 0; i < b.pending.length; i++) if (b.pending[i]) successor.set(i * b.granule, b.granule);
         }
         bitmap.frozen = null;
         bitmap.busy = false;
