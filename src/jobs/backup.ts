@@ -95,6 +95,23 @@ async function copyView(chain: Chain, target: FormatNode, offset: number, length
 }
 
 /**
+ * One granule of sync=full without compression (QEMU's block-copy over the whole chain): a granule
+ * that reads as zeroes throughout (zero or unallocated) is zeroed on the target, one that holds
+ * any data is read whole and written whole (its zero parts as data, as QEMU's chunks).
+ */
+async function copyFull(chain: Chain, target: FormatNode, offset: number, length: number, buf: Buffer): Promise<number> {
+  const exts = await tagged('read', () => chain.statusFrom(0, offset, length));
+  if (!exts.some((x) => x.kind === 'data')) {
+    await tagged('write', () => target.driver.writeZeroes(offset, length));
+    return length;
+  }
+  const b = buf.subarray(0, length);
+  await tagged('read', () => chain.readFrom(0, b, offset));
+  await tagged('write', () => target.driver.write(b, offset));
+  return length;
+}
+
+/**
  * One granule of a compressing backup: if any of it is data (within the layers copied: depth
  * `toDepth`, or the whole view with `view`), the whole granule is read through the chain and
  * written compressed; otherwise it is copied as without compression (zeroes, or skipped).
@@ -143,7 +160,9 @@ export function backupWork(graph: BlockGraph, p: BackupPlan): Backup {
       const chain = graph.chain(p.source);
       const view = !!(p.bitmap || p.none);
       if (p.compress) copied = await copyCompressed(chain, p.target, off, glen, buf, view ? chain.layers.length : p.depth(chain), view);
-      else copied = view ? await copyView(chain, p.target, off, glen, buf) : await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, glen, buf);
+      else if (view) copied = await copyView(chain, p.target, off, glen, buf);
+      else if (p.depth(chain) >= chain.layers.length) copied = await copyFull(chain, p.target, off, glen, buf);
+      else copied = await copyLayers(chain, 0, p.depth(chain), p.target.driver, off, glen, buf);
     } catch (e) {
       pending[i] = 1; // not copied: a retry (or bitmap-mode=always) must still see it
       throw e;

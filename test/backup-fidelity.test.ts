@@ -1,0 +1,87 @@
+/**
+ * blockdev-backup / drive-backup details against qemu-storage-daemon 7.2, each with the same QMP
+ * sequence on both: sync=full writes the source's unallocated areas as zeroes (zero clusters on a
+ * qcow2 target); the copy granule is max(64 KiB, the target's cluster size) (job len/offset and
+ * the target's layout); a protocol (file) node is accepted as target (written as raw);
+ * drive-backup mode=existing may open a file another node already has open. Each target must read
+ * back the source as it was at job start, and its map kinds (data/zero/unallocated) must be QSD's.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import type { QmpMessage } from './helpers/qmp-client.js';
+import { M, MONITOR, jobEvent, onBoth, qcow2Node, quit, withDaemon, type Tool } from './helpers/live-qmp.js';
+
+/** Not a multiple of 64 KiB (nor 128 KiB): the last granule is partial. */
+const SIZE = 16 * M + 40960;
+
+/**
+ * src.qcow2: data, a granule only partly data (4 KiB of 64 KiB, the rest unallocated), zero
+ * clusters, a zeroed hole in data, data up to the unaligned end, the rest unallocated.
+ */
+async function source(dir: string): Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', 'src.qcow2', String(SIZE)], dir)).code, 0);
+  const w = await qemuIo(['-c', 'write -q -P 0x11 0 1M', '-c', `write -q -P 0x22 ${2 * M} 4k`, '-c', `write -q -P 0x23 ${3 * M + 65536 + 8192} 4k`,
+    '-c', 'write -q -z 4M 1M', '-c', 'write -q -P 0x33 6M 2M', '-c', `write -q -z ${7 * M} 256k`,
+    '-c', `write -q -P 0x44 ${16 * M - 65536} ${65536 + 40960}`, 'src.qcow2'], dir);
+  assert.equal(w.code, 0, w.stderr);
+}
+
+function norm(m: QmpMessage): Record<string, unknown> {
+  const c = JSON.parse(JSON.stringify(m)) as Record<string, unknown>;
+  delete c.timestamp;
+  return c;
+}
+
+/** A qcow2 file's map kinds (host offsets left out, adjacent extents of a kind merged). */
+async function kinds(dir: string, file: string, fmt = 'qcow2'): Promise<unknown[]> {
+  const m = await qemuImg(['map', '--output=json', '-f', fmt, file], dir);
+  assert.equal(m.code, 0, m.stderr);
+  const map: Array<Record<string, unknown>> = [];
+  for (const e of JSON.parse(m.stdout) as Array<Record<string, unknown>>) {
+    const last = map[map.length - 1];
+    const key = (x: Record<string, unknown>): string => JSON.stringify([x.depth, x.present, x.zero, x.data]);
+    if (last && key(last) === key(e)) (last.length as number) += e.length as number;
+    else map.push({ start: e.start, length: e.length, depth: e.depth, present: e.present, zero: e.zero, data: e.data });
+  }
+  return map;
+}
+
+/** `qemu-img compare` of the source and a target (0: same contents). */
+async function same(dir: string, target: string, fmt = 'qcow2'): Promise<string> {
+  const c = await qemuImg(['compare', '-f', 'qcow2', '-F', fmt, 'src.qcow2', target], dir);
+  return c.code === 0 ? 'same' : `${c.code}: ${c.stdout}${c.stderr}`;
+}
+
+/** Run blockdev-backups one after another; the replies and the BLOCK_JOB_COMPLETED events. */
+async function backups(q: { execute: (c: string, a?: Record<string, unknown>, id?: unknown) => Promise<QmpMessage>; waitFor: (p: (m: QmpMessage) => boolean, t?: number) => Promise<QmpMessage>; received: QmpMessage[] },
+  cmds: Array<[string, Record<string, unknown>]>): Promise<unknown[]> {
+  const out: unknown[] = [];
+  for (const [cmd, args] of cmds) {
+    const r = await q.execute(cmd, args, args['job-id']);
+    out.push(norm(r));
+    if ('return' in r) await q.waitFor(jobEvent(String(args['job-id']), 'null'), 60000);
+  }
+  return [...out, ...q.received.filter((m) => m.event === 'BLOCK_JOB_COMPLETED').map(norm)];
+}
+
+describe('backup fidelity vs qemu-storage-daemon', oracle(), () => {
+  test('sync=full writes unallocated areas as zeroes: QSD\'s replies, events and target map', async () => {
+    const res = await onBoth(scratch('qchain-backup-fid-full-'), async (tool: Tool, dir: string) => {
+      await source(dir);
+      assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', 'tgt.qcow2', String(SIZE)], dir)).code, 0);
+      return withDaemon(tool, dir, [...qcow2Node('src'), ...qcow2Node('tgt'), ...MONITOR], async (d) => {
+        await d.q.execute('qmp_capabilities', undefined, 'caps');
+        const msgs = await backups(d.q, [['blockdev-backup', { 'job-id': 'b', device: 'src', target: 'tgt', sync: 'full' }]]);
+        await quit(d, 'quit');
+        return { msgs, same: await same(dir, 'tgt.qcow2'), map: await kinds(dir, 'tgt.qcow2') };
+      });
+    });
+    for (const tool of ['qemu', 'qchain'] as const) assert.equal(res[tool].same, 'same', tool);
+    assert.deepEqual(res.qchain.msgs, res.qemu.msgs);
+    assert.deepEqual(res.qchain.map, res.qemu.map);
+  });
+
+});
