@@ -84,4 +84,22 @@ describe('backup fidelity vs qemu-storage-daemon', oracle(), () => {
     assert.deepEqual(res.qchain.map, res.qemu.map);
   });
 
+  test('the copy granule is max(64 KiB, the target\'s cluster size): job len/offset and target maps as QSD\'s', async () => {
+    const res = await onBoth(scratch('qchain-backup-fid-cs-'), async (tool: Tool, dir: string) => {
+      await source(dir);
+      for (const [f, cs] of [['big.qcow2', '262144'], ['small.qcow2', '4096']]) {
+        assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cs}`, f, String(SIZE)], dir)).code, 0);
+      }
+      return withDaemon(tool, dir, [...qcow2Node('src'), ...qcow2Node('big'), ...qcow2Node('small'), ...MONITOR], async (d) => {
+        await d.q.execute('qmp_capabilities', undefined, 'caps');
+        const msgs = await backups(d.q, [['blockdev-backup', { 'job-id': 'big', device: 'src', target: 'big', sync: 'full' }],
+          ['blockdev-backup', { 'job-id': 'small', device: 'src', target: 'small', sync: 'full' }]]);
+        await quit(d, 'quit');
+        return { msgs, same: [await same(dir, 'big.qcow2'), await same(dir, 'small.qcow2')], maps: [await kinds(dir, 'big.qcow2'), await kinds(dir, 'small.qcow2')] };
+      });
+    });
+    for (const tool of ['qemu', 'qchain'] as const) assert.deepEqual(res[tool].same, ['same', 'same'], tool);
+    assert.deepEqual(res.qchain.msgs, res.qemu.msgs);
+    assert.deepEqual(res.qchain.maps, res.qemu.maps);
+  });
 });

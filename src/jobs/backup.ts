@@ -12,8 +12,9 @@
  * every granule that holds any data is read whole (the source's full view) and written to the
  * qcow2 target as compressed clusters, by the job and by copy-before-write alike; a granule that
  * is all zeroes (or skipped) is zeroed as without compression (block-copy's write-zeroes drops
- * the compressed flag). The granule is then QEMU's block-copy cluster size, the larger of 64 KiB
- * and the target's cluster size, so every compressed write covers whole target clusters.
+ * the compressed flag). The granule (with or without compression) is QEMU's block-copy cluster
+ * size, the larger of 64 KiB and the target's cluster size, so every compressed write covers
+ * whole target clusters.
  */
 import type { Job } from './job.js';
 import { copyLayers } from './copy.js';
@@ -53,8 +54,12 @@ export function supportsCompressedWrites(target: FormatNode): boolean {
   return target.format === 'qcow2' && typeof (target.driver as CompressingDriver).writeCompressed === 'function';
 }
 
-/** QEMU's block-copy cluster size for a compressing backup: max(64 KiB, the target's cluster size). */
-export function compressGranule(target: FormatNode): number {
+/**
+ * QEMU's block-copy cluster size (block_copy_calculate_cluster_size), the backup's copy granule
+ * with or without compression: max(64 KiB, the target's cluster size); 64 KiB for a target that
+ * reports none (raw, a protocol node).
+ */
+export function copyGranule(target: FormatNode): number {
   return Math.max(BACKUP_GRANULE, (target.driver as CompressingDriver).clusterSize ?? 0);
 }
 

@@ -10,7 +10,7 @@ import { mirrorStart } from './mirror-init.js';
 import { mirrorSyncSupported, mirrorArgTypes, mirrorGranularity } from './mirror-args.js';
 import { verbCommands } from './verbs.js';
 import { drainAllJobs, drainSection, drains } from '../daemon/job-drain.js';
-import { backupWork, compressGranule, supportsCompressedWrites, type Backup } from './backup.js';
+import { backupWork, copyGranule, supportsCompressedWrites, type Backup } from './backup.js';
 import { DirtyBitmap } from '../qcow2/dirty-bitmap.js';
 import { ALLOW_RO, DEFAULT, dirtyBytes, type BitmapRegistry, type NodeBitmap } from '../daemon/bitmaps.js';
 import { QmpError, type BlockGraph, type FormatNode } from '../daemon/graph.js';
@@ -424,7 +424,7 @@ export class JobManager {
     if (bm && mode !== 'never') this.host.bitmaps.check(device, bm, DEFAULT);
     this.checkFree(a, device, target);
     const bitmap = bm, bitmapMode = mode;
-    const opts = compress ? { compress, granule: compressGranule(target) } : {};
+    const opts = { granule: copyGranule(target), ...(compress ? { compress } : {}) };
     return () => {
       const job = this.common(a, device, 'backup', [device.name, target.name], [onErrorArg(a, 'on-source-error'), onErrorArg(a, 'on-target-error')], undefined, { drv: 'copy-before-write', child: device, prefixed: true });
       job.filterOn = device.name;
