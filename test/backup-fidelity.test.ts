@@ -32,7 +32,8 @@ async function source(dir: string): Promise<void> {
 function norm(m: QmpMessage): Record<string, unknown> {
   const c = JSON.parse(JSON.stringify(m)) as Record<string, unknown>;
   delete c.timestamp;
-  return c;
+  // QEMU's implicit node names end in two random digits.
+  return JSON.parse(JSON.stringify(c).replace(/#block\d+/g, '#blockN')) as Record<string, unknown>;
 }
 
 /** A qcow2 file's map kinds (host offsets left out, adjacent extents of a kind merged). */
@@ -101,5 +102,30 @@ describe('backup fidelity vs qemu-storage-daemon', oracle(), () => {
     for (const tool of ['qemu', 'qchain'] as const) assert.deepEqual(res[tool].same, ['same', 'same'], tool);
     assert.deepEqual(res.qchain.msgs, res.qemu.msgs);
     assert.deepEqual(res.qchain.maps, res.qemu.maps);
+  });
+  test('a protocol (file) node as target: written as raw, QSD\'s replies and map; one under raw taken, one under qcow2 refused, as QSD', async () => {
+    const res = await onBoth(scratch('qchain-backup-fid-file-'), async (tool: Tool, dir: string) => {
+      await source(dir);
+      for (const f of ['tgt.raw', 'blk.raw']) assert.equal((await qemuImg(['create', '-q', '-f', 'raw', f, String(SIZE)], dir)).code, 0);
+      for (const f of ['q.qcow2', 'p.qcow2']) assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', f, String(SIZE)], dir)).code, 0);
+      // p.qcow2's file as long as the source's disk: the size check passes, the permissions do not.
+      fs.truncateSync(`${dir}/p.qcow2`, SIZE);
+      const args = [...qcow2Node('src'), '--blockdev', 'driver=file,node-name=tf,filename=tgt.raw',
+        '--blockdev', 'driver=file,node-name=bf,filename=blk.raw', '--blockdev', 'driver=raw,node-name=braw,file=bf', ...qcow2Node('q'), ...qcow2Node('p'), ...MONITOR];
+      return withDaemon(tool, dir, args, async (d) => {
+        await d.q.execute('qmp_capabilities', undefined, 'caps');
+        const msgs = await backups(d.q, [['blockdev-backup', { 'job-id': 'underq', device: 'src', target: 'q-file', sync: 'full' }],
+          ['blockdev-backup', { 'job-id': 'underp', device: 'src', target: 'p-file', sync: 'full' }],
+          ['blockdev-backup', { 'job-id': 'under', device: 'src', target: 'bf', sync: 'full' }],
+          ['blockdev-backup', { 'job-id': 'f', device: 'src', target: 'tf', sync: 'full' }]]);
+        // The job is gone: the file node can go too.
+        msgs.push(norm(await d.q.execute('blockdev-del', { 'node-name': 'tf' }, 'del')));
+        await quit(d, 'quit');
+        return { msgs, same: [await same(dir, 'tgt.raw', 'raw'), await same(dir, 'blk.raw', 'raw')], map: await kinds(dir, 'tgt.raw', 'raw') };
+      });
+    });
+    for (const tool of ['qemu', 'qchain'] as const) assert.deepEqual(res[tool].same, ['same', 'same'], tool);
+    assert.deepEqual(res.qchain.msgs, res.qemu.msgs);
+    assert.deepEqual(res.qchain.map, res.qemu.map);
   });
 });

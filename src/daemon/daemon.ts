@@ -173,7 +173,7 @@ export class Daemon {
     this.exports.delete(id);
     this.nbd.removeExport(e.name);
     for (const b of e.held ?? []) b.busy = false;
-    if (this.graph.fileViews.has(e.nodeName) && ![...this.exports.values()].some((x) => x.nodeName === e.nodeName)) {
+    if (this.graph.fileViews.has(e.nodeName) && ![...this.exports.values()].some((x) => x.nodeName === e.nodeName) && !this.jobs.jobOn(e.nodeName)) {
       void this.graph.closeFileView(e.nodeName);
     }
     this.emit('BLOCK_EXPORT_DELETED', { id });
@@ -203,6 +203,10 @@ export class Daemon {
    * overlay uses one, it is closed and leaves the graph (an overlay nobody uses goes at once).
    */
   async releaseUnused(): Promise<void> {
+    // A protocol node's raw view a backup wrote through (its target) goes with the job, unless exported.
+    for (const name of [...this.graph.fileViews.keys()]) {
+      if (![...this.exports.values()].some((x) => x.nodeName === name) && !this.jobs.jobOn(name)) await this.graph.closeFileView(name);
+    }
     for (;;) {
       const n = [...this.graph.nodes.values()].find((x): x is FormatNode => x.kind === 'format' && !!x.unowned &&
         this.userOf(x) === null && !this.jobs.filterOn(x.name) && this.graph.parentsOf(x).length === 0);

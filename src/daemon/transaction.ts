@@ -52,7 +52,7 @@ async function prepare(d: Daemon, s: Step, group?: JobGroup): Promise<Action> {
     case 'drive-backup':
       return d.driveBackup(s.data, group);
     case 'blockdev-backup': {
-      const start = await d.jobs.prepareBackup(s.data, d.jobs.backupTarget(s.data));
+      const start = await d.jobs.prepareBackup(s.data, await d.jobs.backupTarget(s.data));
       return { commit: () => { const job = start(); group?.add(job); }, abort: () => {} };
     }
   }

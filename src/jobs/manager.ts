@@ -374,10 +374,21 @@ export class JobManager {
     target.backing = b;
   }
 
-  /** blockdev-backup's target (a filter as the device is refused first, as qmp_blockdev_backup looks both up before it checks them). */
-  backupTarget(a: Args): FormatNode {
+  /**
+   * blockdev-backup's target (a filter as the device is refused first, as qmp_blockdev_backup
+   * looks both up before it checks them). A protocol node is taken as QEMU does (the job writes
+   * the file as raw, through the node's raw view); one a format node other than raw stands on is
+   * refused as QEMU's permission check does (qcow2 unshares write on its file child).
+   */
+  async backupTarget(a: Args): Promise<FormatNode> {
     refuseFilterUse(this.graph, this.jobs.values(), str(a, 'device'), 'backup-source');
-    return this.node(str(a, 'target'), 'backup-target');
+    const name = str(a, 'target');
+    const n = this.graph.nodes.get(name);
+    if (n?.kind === 'file') {
+      this.node(str(a, 'device'), 'backup-source');
+      return this.graph.fileView(n);
+    }
+    return this.node(name, 'backup-target');
   }
 
   /** blockdev-backup / drive-backup: check everything, then start at once. */
@@ -472,6 +483,17 @@ export class JobManager {
     this.checkNodes('backup', device, [device.name, target.name]);
     const filterName = optStr(a, 'filter-node-name');
     checkFilterName(this.graph, filterName, true);
+    // A protocol node as target: raw shares write on its file child (QEMU treats it as a filter
+    // there); qcow2 does not.
+    const file = this.graph.nodes.get(target.name);
+    const user = file?.kind === 'file' ? this.graph.parentsOf(file).find((p) => p.format !== 'raw') : undefined;
+    if (user) {
+      const filter = filterName ?? this.graph.implicitName();
+      // A writable qcow2 holds resize on its file, which the filter's target child unshares;
+      // a read-only one unshares the write the filter needs.
+      if (!user.driver.readOnly) throw new QmpError(`Could not create node: Permission conflict on node '${target.name}': permissions 'resize' are both required by node '${user.name}' (uses node '${target.name}' as 'file' child) and unshared by node '${filter}' (uses node '${target.name}' as 'target' child).`);
+      throw new QmpError(`Could not create node: Permission conflict on node '${target.name}': permissions 'write' are both required by node '${filter}' (uses node '${target.name}' as 'target' child) and unshared by node '${user.name}' (uses node '${target.name}' as 'file' child).`);
+    }
     // The filter takes write on its target child: refused where the target is the backing of an
     // overlay that a backup reads from (its copy-before-write filter unshares write down the
     // chain). Without such a backup QEMU 7.2 lets a backup write into a backing node.
@@ -580,8 +602,8 @@ export class JobManager {
       return this.mirror(a, this.node(str(a, 'target'), 'mirror-target'));
     }]);
     // A one-action transaction in QEMU: all jobs are drained first.
-    out.push(['blockdev-backup', (a) => {
-      const target = this.backupTarget(a);
+    out.push(['blockdev-backup', async (a) => {
+      const target = await this.backupTarget(a);
       drainAllJobs([...this.jobs.values()]);
       return this.backup(a, target);
     }]);
