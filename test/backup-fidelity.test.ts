@@ -3,7 +3,8 @@
  * sequence on both: sync=full writes the source's unallocated areas as zeroes (zero clusters on a
  * qcow2 target); the copy granule is max(64 KiB, the target's cluster size) (job len/offset and
  * the target's layout); a protocol (file) node is accepted as target (written as raw);
- * drive-backup mode=existing may open a file another node already has open. Each target must read
+ * drive-backup mode=existing may open a file another node already has open when that node does
+ * not unshare write (a protocol node, a read-only raw node; a qcow2 node does, read-only or not). Each target must read
  * back the source as it was at job start, and its map kinds (data/zero/unallocated) must be QSD's.
  */
 import { describe, test } from 'node:test';
@@ -127,5 +128,28 @@ describe('backup fidelity vs qemu-storage-daemon', oracle(), () => {
     for (const tool of ['qemu', 'qchain'] as const) assert.deepEqual(res[tool].same, ['same', 'same'], tool);
     assert.deepEqual(res.qchain.msgs, res.qemu.msgs);
     assert.deepEqual(res.qchain.map, res.qemu.map);
+  });
+});
+
+describe('drive-backup mode=existing on an open file vs qemu-storage-daemon', oracle(), () => {
+  test('a file a qcow2 node has open (read-write or read-only) is refused with QSD\'s error; one a protocol node or a read-only raw node has open is taken', async () => {
+    const res = await onBoth(scratch('qchain-backup-fid-open-'), async (tool: Tool, dir: string) => {
+      await source(dir);
+      for (const f of ['rw.qcow2', 'ro.qcow2', 'fo.qcow2', 'rr.qcow2']) assert.equal((await qemuImg(['create', '-q', '-f', 'qcow2', f, String(SIZE)], dir)).code, 0);
+      // fo.qcow2 open as a protocol node only; rr.qcow2 as a read-only raw node over its file.
+      const args = [...qcow2Node('src'), ...qcow2Node('rw'), ...qcow2Node('ro', ',read-only=on'), '--blockdev', 'driver=file,node-name=fo,filename=fo.qcow2',
+        '--blockdev', 'driver=file,node-name=rr-file,filename=rr.qcow2', '--blockdev', 'driver=raw,node-name=rr,file=rr-file,read-only=on', ...MONITOR];
+      return withDaemon(tool, dir, args, async (d) => {
+        await d.q.execute('qmp_capabilities', undefined, 'caps');
+        const msgs = await backups(d.q, [['drive-backup', { 'job-id': 'rw', device: 'src', target: 'rw.qcow2', format: 'qcow2', mode: 'existing', sync: 'full' }],
+          ['drive-backup', { 'job-id': 'ro', device: 'src', target: 'ro.qcow2', format: 'qcow2', mode: 'existing', sync: 'full' }],
+          ['drive-backup', { 'job-id': 'fo', device: 'src', target: 'fo.qcow2', format: 'qcow2', mode: 'existing', sync: 'full' }],
+          ['drive-backup', { 'job-id': 'rr', device: 'src', target: 'rr.qcow2', format: 'qcow2', mode: 'existing', sync: 'full' }]]);
+        await quit(d, 'quit');
+        return { msgs, same: [await same(dir, 'fo.qcow2'), await same(dir, 'rr.qcow2')] };
+      });
+    });
+    for (const tool of ['qemu', 'qchain'] as const) assert.deepEqual(res[tool].same, ['same', 'same'], tool);
+    assert.deepEqual(res.qchain.msgs, res.qemu.msgs);
   });
 });

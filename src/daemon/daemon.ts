@@ -415,7 +415,11 @@ export class Daemon {
       throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
     }
     const name = optStr(a, 'node-name') ?? this.graph.implicitName();
-    const target = await this.graph.addFormat({ name, format: formatArg(format), file, fileIsNode: false, backing: null });
+    // A lock refusal over QMP carries no hint (QEMU's error_append_hint text is not sent).
+    const target = await this.graph.addFormat({ name, format: formatArg(format), file, fileIsNode: false, backing: null }).catch((e: unknown) => {
+      if (e instanceof QmpError && e.message.includes('\nIs another process using the image')) throw new QmpError(e.message.slice(0, e.message.indexOf('\n')), e.errorClass);
+      throw e;
+    });
     try {
       await start(a, target);
     } catch (e) {

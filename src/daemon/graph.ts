@@ -225,7 +225,11 @@ export class BlockGraph {
       if (opts.backing === undefined) {
         // locking=off reaches the backing files opened from the header too (QEMU would lock those:
         // read locks only, so nothing a writer elsewhere is refused for is lost).
-        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush, noLock });
+        // A read-only raw node unshares nothing on its file (QEMU's raw passes its parents'
+        // permissions through, and shares all): a writer elsewhere, drive-backup's own target
+        // node included, may open the file; a qcow2 node unshares write.
+        const chain = await openChain(filename, { format, readOnly: opts.readOnly, log: this.log, cache: opts.cache, defaultL2CacheBytes: DAEMON_L2_CACHE_BYTES, noFlush: storageNoFlush, noLock,
+          forceShare: format === 'raw' && !!opts.readOnly });
         // The top becomes the named node, the rest implicit read-only nodes.
         const layers = chain.layers.map((l, d): FormatNode => ({
           kind: 'format', name: d === 0 ? name : '', format: l.driver.format, driver: l.driver,
