@@ -49,6 +49,15 @@ export interface ExportEntry {
   seq?: number;
 }
 
+/**
+ * A lock refusal as QMP reports it: without the "Is another process using the image" hint
+ * (QEMU's error_append_hint text is for the command line only, where qchain keeps it).
+ */
+function withoutHint(e: unknown): unknown {
+  if (!(e instanceof QmpError) || !e.message.includes('\nIs another process using the image')) return e;
+  return new QmpError(e.message.slice(0, e.message.indexOf('\n')), e.errorClass);
+}
+
 export class Daemon {
   readonly graph: BlockGraph;
   readonly nbd: NbdServer;
@@ -173,9 +182,6 @@ export class Daemon {
     this.exports.delete(id);
     this.nbd.removeExport(e.name);
     for (const b of e.held ?? []) b.busy = false;
-    if (this.graph.fileViews.has(e.nodeName) && ![...this.exports.values()].some((x) => x.nodeName === e.nodeName) && !this.jobs.jobOn(e.nodeName)) {
-      void this.graph.closeFileView(e.nodeName);
-    }
     this.emit('BLOCK_EXPORT_DELETED', { id });
   }
 
@@ -350,9 +356,7 @@ export class Daemon {
     try {
       await this.blockdevAddNode(a);
     } catch (e) {
-      // QMP shows no hints (QEMU's error_append_hint text is for the command line only).
-      if (e instanceof QmpError && e.message.includes('\nIs another process using the image')) throw new QmpError(e.message.slice(0, e.message.indexOf('\n')), e.errorClass);
-      throw e;
+      throw withoutHint(e);
     }
   }
 
@@ -415,10 +419,8 @@ export class Daemon {
       throw new QmpError(`Parameter 'mode' does not accept value '${mode}'`);
     }
     const name = optStr(a, 'node-name') ?? this.graph.implicitName();
-    // A lock refusal over QMP carries no hint (QEMU's error_append_hint text is not sent).
     const target = await this.graph.addFormat({ name, format: formatArg(format), file, fileIsNode: false, backing: null }).catch((e: unknown) => {
-      if (e instanceof QmpError && e.message.includes('\nIs another process using the image')) throw new QmpError(e.message.slice(0, e.message.indexOf('\n')), e.errorClass);
-      throw e;
+      throw withoutHint(e);
     });
     try {
       await start(a, target);

@@ -138,14 +138,6 @@ async function lanes(pieces: number, write: (i: number) => Promise<void>): Promi
   await Promise.all([lane(), lane()]);
 }
 
-function pwritePieces(fd: number, buf: Buffer, offset: number): Promise<void> {
-  if (buf.length <= BUFFERED_PIECE) return pwriteFull(fd, buf, offset);
-  return lanes(Math.ceil(buf.length / BUFFERED_PIECE), (i) => {
-    const a = i * BUFFERED_PIECE;
-    return pwriteFull(fd, buf.subarray(a, Math.min(buf.length, a + BUFFERED_PIECE)), offset + a);
-  });
-}
-
 function pwritevPieces(fd: number, bufs: Buffer[], offset: number): Promise<void> {
   // Cut the vector into groups of at most BUFFERED_PIECE bytes (and IOV_MAX buffers).
   const groups: Array<{ at: number; bufs: Buffer[] }> = [];
@@ -372,7 +364,8 @@ export class FileStorage implements Storage {
           return;
         }
       }
-      await pwritePieces(this.fd, buf, offset);
+      if (buf.length <= BUFFERED_PIECE) await pwriteFull(this.fd, buf, offset);
+      else await pwritevPieces(this.fd, [buf], offset);
     } catch (e) {
       throw wrap(this.name, e);
     }
