@@ -99,3 +99,8 @@ export function encodeU64(buf: Buffer, at: number, value: number, copied = false
   buf.writeUInt32BE(((Math.floor(value / TWO32) & 0x7fffffff) | (copied ? HI_COPIED : 0)) >>> 0, at);
   buf.writeUInt32BE(value >>> 0, at + 4);
 }
+
+/** Whether the entry holds host clusters to release (a data, preallocated-zero or compressed one). */
+export function hasClusters(e: L2Entry): boolean {
+  return e.type === ClusterType.Compressed || e.host !== 0;
+}

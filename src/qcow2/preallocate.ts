@@ -15,7 +15,7 @@
  * All clusters come from the image's allocator (Refcounts.alloc/allocAt, writableL2), so refcount
  * blocks and refcount table growth happen where QEMU's allocator puts them.
  */
-import { ClusterType, readL2, writeL2, type L2Entry } from './entry.js';
+import { ClusterType, hasClusters, readL2, writeL2, type L2Entry } from './entry.js';
 import type { Qcow2Image } from './image.js';
 
 const INT_MAX = 0x7fffffff;
@@ -231,7 +231,8 @@ async function link(img: Qcow2Image, m: Meta): Promise<void> {
         hi = Math.max(hi, m.idx + i);
       }
       if (hi >= 0) await img.writeL2Range(l2Off, table, lo, hi);
-      if (!m.keepOld) for (const e of m.olds) await img.freeEntryClusters(e);
+      // Only entries that held a cluster have one to release (no await per unallocated entry).
+      if (!m.keepOld) for (const e of m.olds) if (hasClusters(e)) await img.freeEntryClusters(e);
     });
   } finally {
     img.l2.unpin(l2Off);

@@ -17,7 +17,7 @@
  */
 import type { ResizeOptions } from '../image/driver.js';
 import { ImageError } from '../image/errors.js';
-import { ClusterType, readL1, readL2, writeL2, type L2Entry } from './entry.js';
+import { ClusterType, hasClusters, readL1, readL2, writeL2, type L2Entry } from './entry.js';
 import type { Qcow2Image } from './image.js';
 import { growL1Table, writeVirtualSize } from './l1-table.js';
 import { MAX_L1_SIZE } from './constants.js';
@@ -111,10 +111,6 @@ async function shrink(img: Qcow2Image, size: number, newL1: number): Promise<voi
   });
 }
 
-function hasClusters(e: L2Entry): boolean {
-  return e.type === ClusterType.Compressed || e.host !== 0;
-}
-
 /** Full discard of [from, to) inside one L2 table: entries become 0, then their clusters are freed. */
 async function clearEntries(img: Qcow2Image, l1i: number, from: number, to: number): Promise<void> {
   const cs = img.clusterSize;
@@ -191,7 +187,7 @@ export async function preallocateArea(img: Qcow2Image, old: number, size: number
           writeL2(table, idx + k, img.geo, (host + k) * cs, { copied: true, ...bits });
         }
         await img.writeL2Range(l2Off, table, idx, idx + nb - 1);
-        for (const e of olds) await img.freeEntryClusters(e);
+        for (const e of olds) if (hasClusters(e)) await img.freeEntryClusters(e);
       });
     } finally {
       img.l2.unpin(l2Off);
