@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import { mapKinds, oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
 import { M, MONITOR, firstDiff, guest, jobEvent, onBoth, qcow2Node, quit, serve, withDaemon, type Tool } from './helpers/live-qmp.js';
 
@@ -51,17 +51,9 @@ function norm(m: QmpMessage): Record<string, unknown> {
 
 /** The target's map without host offsets, its check output (leaks/corruptions) and whether it shows the wanted view. */
 async function inspect(dir: string, file: string): Promise<{ map: unknown; check: string; compressedPct: number; same: string }> {
-  const m = await qemuImg(['map', '--output=json', '-f', 'qcow2', file], dir);
-  assert.equal(m.code, 0, m.stderr);
   // Host offsets and how the data extents split depend on allocation order (QEMU copies with up
   // to 64 workers): adjacent extents of the same kind are merged.
-  const map: Array<Record<string, unknown>> = [];
-  for (const e of JSON.parse(m.stdout) as Array<Record<string, unknown>>) {
-    const last = map[map.length - 1];
-    const key = (x: Record<string, unknown>): string => JSON.stringify([x.depth, x.present, x.zero, x.data]);
-    if (last && key(last) === key(e)) (last.length as number) += e.length as number;
-    else map.push({ start: e.start, length: e.length, depth: e.depth, present: e.present, zero: e.zero, data: e.data });
-  }
+  const map = await mapKinds(dir, file);
   const c = await qemuImg(['check', '-f', 'qcow2', file], dir);
   assert.equal(c.code, 0, `qemu-img check ${file}: ${c.stdout}${c.stderr}`);
   const pct = /([\d.]+)% compressed clusters/.exec(c.stdout);

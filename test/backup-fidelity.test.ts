@@ -10,7 +10,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
+import { mapKinds, oracle, qemuImg, qemuIo, scratch } from './helpers/qemu.js';
 import type { QmpMessage } from './helpers/qmp-client.js';
 import { M, MONITOR, jobEvent, onBoth, qcow2Node, quit, withDaemon, type Tool } from './helpers/live-qmp.js';
 
@@ -35,20 +35,6 @@ function norm(m: QmpMessage): Record<string, unknown> {
   delete c.timestamp;
   // QEMU's implicit node names end in two random digits.
   return JSON.parse(JSON.stringify(c).replace(/#block\d+/g, '#blockN')) as Record<string, unknown>;
-}
-
-/** A qcow2 file's map kinds (host offsets left out, adjacent extents of a kind merged). */
-async function kinds(dir: string, file: string, fmt = 'qcow2'): Promise<unknown[]> {
-  const m = await qemuImg(['map', '--output=json', '-f', fmt, file], dir);
-  assert.equal(m.code, 0, m.stderr);
-  const map: Array<Record<string, unknown>> = [];
-  for (const e of JSON.parse(m.stdout) as Array<Record<string, unknown>>) {
-    const last = map[map.length - 1];
-    const key = (x: Record<string, unknown>): string => JSON.stringify([x.depth, x.present, x.zero, x.data]);
-    if (last && key(last) === key(e)) (last.length as number) += e.length as number;
-    else map.push({ start: e.start, length: e.length, depth: e.depth, present: e.present, zero: e.zero, data: e.data });
-  }
-  return map;
 }
 
 /** `qemu-img compare` of the source and a target (0: same contents). */
@@ -78,7 +64,7 @@ describe('backup fidelity vs qemu-storage-daemon', oracle(), () => {
         await d.q.execute('qmp_capabilities', undefined, 'caps');
         const msgs = await backups(d.q, [['blockdev-backup', { 'job-id': 'b', device: 'src', target: 'tgt', sync: 'full' }]]);
         await quit(d, 'quit');
-        return { msgs, same: await same(dir, 'tgt.qcow2'), map: await kinds(dir, 'tgt.qcow2') };
+        return { msgs, same: await same(dir, 'tgt.qcow2'), map: await mapKinds(dir, 'tgt.qcow2') };
       });
     });
     for (const tool of ['qemu', 'qchain'] as const) assert.equal(res[tool].same, 'same', tool);
@@ -97,7 +83,7 @@ describe('backup fidelity vs qemu-storage-daemon', oracle(), () => {
         const msgs = await backups(d.q, [['blockdev-backup', { 'job-id': 'big', device: 'src', target: 'big', sync: 'full' }],
           ['blockdev-backup', { 'job-id': 'small', device: 'src', target: 'small', sync: 'full' }]]);
         await quit(d, 'quit');
-        return { msgs, same: [await same(dir, 'big.qcow2'), await same(dir, 'small.qcow2')], maps: [await kinds(dir, 'big.qcow2'), await kinds(dir, 'small.qcow2')] };
+        return { msgs, same: [await same(dir, 'big.qcow2'), await same(dir, 'small.qcow2')], maps: [await mapKinds(dir, 'big.qcow2'), await mapKinds(dir, 'small.qcow2')] };
       });
     });
     for (const tool of ['qemu', 'qchain'] as const) assert.deepEqual(res[tool].same, ['same', 'same'], tool);
@@ -122,7 +108,7 @@ describe('backup fidelity vs qemu-storage-daemon', oracle(), () => {
         // The job is gone: the file node can go too.
         msgs.push(norm(await d.q.execute('blockdev-del', { 'node-name': 'tf' }, 'del')));
         await quit(d, 'quit');
-        return { msgs, same: [await same(dir, 'tgt.raw', 'raw'), await same(dir, 'blk.raw', 'raw')], map: await kinds(dir, 'tgt.raw', 'raw') };
+        return { msgs, same: [await same(dir, 'tgt.raw', 'raw'), await same(dir, 'blk.raw', 'raw')], map: await mapKinds(dir, 'tgt.raw', 'raw') };
       });
     });
     for (const tool of ['qemu', 'qchain'] as const) assert.deepEqual(res[tool].same, ['same', 'same'], tool);

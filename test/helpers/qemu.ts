@@ -95,6 +95,23 @@ export function qemuIoSync(args: string[], cwd?: string): string {
   return execFileSync(QEMU_IO, args, { cwd, encoding: 'utf8' });
 }
 
+/**
+ * `qemu-img map --output=json` of `file` without host offsets, adjacent entries of one kind
+ * merged: what two images show alike when only their allocation order differs.
+ */
+export async function mapKinds(dir: string, file: string, fmt = 'qcow2'): Promise<Array<Record<string, unknown>>> {
+  const m = await qemuImg(['map', '--output=json', '-f', fmt, file], dir);
+  if (m.code !== 0) throw new Error(`qemu-img map ${file}: ${m.stderr}`);
+  const map: Array<Record<string, unknown>> = [];
+  const key = (x: Record<string, unknown>): string => JSON.stringify([x.depth, x.present, x.zero, x.data]);
+  for (const e of JSON.parse(m.stdout) as Array<Record<string, unknown>>) {
+    const last = map[map.length - 1];
+    if (last && key(last) === key(e)) (last.length as number) += e.length as number;
+    else map.push({ start: e.start, length: e.length, depth: e.depth, present: e.present, zero: e.zero, data: e.data });
+  }
+  return map;
+}
+
 /** Scratch folders to remove when the process exits (one exit listener for all of them). */
 const scratchDirs: string[] = [];
 
